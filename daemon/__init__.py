@@ -1,0 +1,1 @@
+"""rastosd: the host daemon on the system bus as org.rastos.Daemon1 (issue: daemon)."""

@@ -1,0 +1,1 @@
+"""rastos-hub: the fleet server (issue: hub)."""

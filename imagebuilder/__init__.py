@@ -1,0 +1,1 @@
+"""rastos-image: turns a TOML profile into a bootable btrfs disk image."""

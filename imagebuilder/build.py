@@ -1,0 +1,201 @@
+"""The build: named stages run in order, each timed and reported, inside a scratch directory that
+is removed whatever happens. Outputs are written to a staging directory and moved beside any older
+outputs only when every stage succeeded, so a failed or interrupted build leaves no half-written
+image. Nothing is mounted and no loop device is attached along the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from imagebuilder.context import BuildContext
+from imagebuilder.events import BuildEvents
+from imagebuilder.host import check_build_host
+from imagebuilder.profile import Profile
+from imagebuilder.stages.bootloader import build_esp, configure_kernel
+from imagebuilder.stages.bootstrap import bootstrap
+from imagebuilder.stages.configure import configure
+from imagebuilder.stages.disk import assemble_disk, build_btrfs
+from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
+from imagebuilder.stages.rastos import install_rastos
+from rastos.errors import RastosError
+
+log = logging.getLogger("rastos.build")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[BuildContext], str]
+
+
+def _inventory(ctx: BuildContext) -> str:
+    ctx.packages = installed_packages(ctx)
+    return f"{len(ctx.packages)} packages"
+
+
+def _images(ctx: BuildContext) -> str:
+    ctx.images = write_images(ctx)
+    return ", ".join(f"{kind} {path.stat().st_size // (1024 * 1024)} MiB" for kind, path in ctx.images.items())
+
+
+STAGES = (
+    Stage("bootstrap", bootstrap),
+    Stage("configure", configure),
+    Stage("install-rastos", install_rastos),
+    Stage("kernel", configure_kernel),
+    Stage("inventory", _inventory),
+    Stage("esp", build_esp),
+    Stage("btrfs", build_btrfs),
+    Stage("disk", assemble_disk),
+    Stage("images", _images),
+)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    outputs: dict[str, Path]
+    seconds: float
+
+
+def default_output_dir(profile: Profile) -> Path:
+    return Path("build") / profile.name
+
+
+def build_image(
+    profile: Profile,
+    *,
+    output_dir: Path,
+    cache_dir: Path,
+    events: BuildEvents,
+    refresh_bootstrap: bool = False,
+) -> BuildResult:
+    host = check_build_host()  # before anything is created on disk
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with _locked(output_dir / ".lock"), _build_log(output_dir / "build.log"), _interruptible(), \
+            _scratch(cache_dir / "work") as work, _scratch(output_dir, prefix=".staging-") as staging:  # fmt: skip
+        ctx = BuildContext(
+            profile=profile,
+            cache_dir=cache_dir,
+            work_dir=work,
+            staging_dir=staging,
+            output_dir=output_dir,
+            image_name=f"rastos-{profile.name}",
+            refresh_bootstrap=refresh_bootstrap,
+        )
+        log.info("building profile %s from %s on a host with %s", profile.name, ", ".join(profile.sources), host)
+        events.build_started(profile.name, [s.name for s in STAGES])
+        for stage in STAGES:
+            _run_stage(stage, ctx, events)
+        manifest = write_manifest(ctx, ctx.images, ctx.packages)
+        outputs = _publish([*ctx.images.values(), manifest], output_dir)
+        outputs["log"] = output_dir / "build.log"
+        seconds = time.monotonic() - started
+        log.info("build finished in %.1fs", seconds)
+        events.build_finished({k: str(v) for k, v in outputs.items()}, seconds)
+        return BuildResult(outputs, seconds)
+
+
+def _run_stage(stage: Stage, ctx: BuildContext, events: BuildEvents) -> None:
+    events.stage_started(stage.name)
+    log.info("stage %s: started", stage.name)
+    started = time.monotonic()
+    try:
+        note = stage.run(ctx)
+    except BaseException as e:
+        seconds = time.monotonic() - started
+        log.error("stage %s: failed after %.1fs: %s", stage.name, seconds, e)
+        events.stage_failed(stage.name, seconds, str(e) or type(e).__name__)
+        raise
+    seconds = time.monotonic() - started
+    ctx.stage_seconds[stage.name] = seconds
+    log.info("stage %s: done in %.1fs: %s", stage.name, seconds, note)
+    events.stage_finished(stage.name, seconds, note)
+
+
+def _publish(files: list[Path], output_dir: Path) -> dict[str, Path]:
+    """Move finished files into the output directory, each replacing its older version at once."""
+    published = {}
+    for path in files:
+        target = output_dir / path.name
+        path.replace(target)
+        kind = "manifest" if path.suffix == ".json" else path.suffix.lstrip(".")
+        published[kind] = target
+    return published
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RastosError(
+                f"another build is writing to {path.parent}", hint="wait for it, or use --output-dir"
+            ) from None
+        yield
+
+
+@contextlib.contextmanager
+def _build_log(path: Path) -> Iterator[None]:
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("rastos")
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the same cleanup runs."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _scratch(parent: Path, prefix: str = "") -> Iterator[Path]:
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(parent, prefix)
+    path = parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Scratch directories of builds that were killed (their process is gone)."""
+    for path in parent.glob(f"{prefix}[0-9]*"):
+        pid = path.name.removeprefix(prefix)
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)

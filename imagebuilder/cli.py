@@ -1,0 +1,210 @@
+"""rastos-image: list, show, build and boot image profiles."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from imagebuilder.build import build_image, default_output_dir
+from imagebuilder.events import BuildEvents, ConsoleEvents, JsonEvents
+from imagebuilder.profile import available_profiles, load_profile
+from imagebuilder.profile.load import PROFILE_DIR, profile_to_dict
+from imagebuilder.vm import (
+    VmOptions,
+    choose_accel,
+    efivars_path,
+    find_firmware,
+    prepare_vars,
+    qemu_argv,
+    running_vm,
+)
+from rastos.errors import RastosError
+from rastos.process import run_foreground
+
+DEFAULT_PROFILE = "minimal"
+DEFAULT_CACHE = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
+READY_TIMEOUT = 300.0
+
+log = logging.getLogger("rastos")
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    for path in available_profiles(args.profile_dir):
+        profile = load_profile(path.stem, args.profile_dir)
+        marker = " (default)" if profile.name == DEFAULT_PROFILE else ""
+        print(f"{profile.name:16} {profile.description}{marker}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile, args.profile_dir)
+    data = profile_to_dict(profile)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        _print_toml_like(data)
+    return 0
+
+
+def _print_toml_like(data: dict[str, Any]) -> None:
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+    for key, value in data.items():
+        if key not in tables and key not in arrays:
+            print(f"{key} = {json.dumps(value)}")
+    for name, table in tables.items():
+        print(f"\n[{name}]")
+        for key, value in table.items():
+            print(f"{key} = {json.dumps(value)}")
+    for name, items in arrays.items():
+        for item in items:
+            print(f"\n[[{name}]]")
+            for key, value in item.items():
+                print(f"{key} = {json.dumps(value)}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile, args.profile_dir)
+    output_dir = args.output_dir or default_output_dir(profile)
+    events: BuildEvents = JsonEvents() if args.json else ConsoleEvents()
+    try:
+        result = build_image(
+            profile,
+            output_dir=output_dir,
+            cache_dir=args.cache_dir,
+            events=events,
+            refresh_bootstrap=args.refresh_bootstrap,
+        )
+    finally:
+        events.close()
+    image = result.outputs.get("qcow2") or result.outputs["raw"]
+    if not args.json:
+        print(f"\nimage: {image}")
+        print(f"boot it again: rastos-image boot {shlex.quote(str(image))}")
+    if args.boot:
+        return _boot_until_ready(VmOptions(image=image, accel=args.accel, snapshot=True), args.json)
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    options = VmOptions(
+        image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot
+    )
+    if args.until_ready:
+        return _boot_until_ready(options, args.json, args.timeout)
+    return _boot_interactive(options)
+
+
+def _boot_interactive(options: VmOptions) -> int:
+    firmware = find_firmware()
+    accel = choose_accel(options.accel, firmware)
+    with tempfile.TemporaryDirectory(prefix="rastos-vm-") as tmp:
+        scratch = Path(tmp)
+        vars_file = prepare_vars(options, firmware, scratch)
+        argv = qemu_argv(
+            options,
+            accel=accel,
+            firmware=firmware,
+            vars_file=vars_file,
+            qmp_socket=scratch / "qmp.sock",
+            status_socket=scratch / "status.sock",
+            console=["-serial", "mon:stdio"],
+        )
+        print(f"booting {options.image} with {accel.upper()}{' (changes discarded)' if options.snapshot else ''}")
+        print(f"  ssh:  ssh -p {options.ssh_port} root@127.0.0.1   QMP: {scratch / 'qmp.sock'}")
+        print("  quit: Ctrl-A X")
+        return run_foreground(argv)
+
+
+def _boot_until_ready(options: VmOptions, as_json: bool, timeout: float = READY_TIMEOUT) -> int:
+    console_log = options.image.with_name(options.image.name + ".console.log")
+    report = asyncio.run(_wait_ready(options, console_log, timeout))
+    healthy = report["state"] == "running" and not report["failed_units"]
+    if as_json:
+        print(json.dumps({"event": "boot-report", **report}))
+        return 0 if healthy else 1
+    console = Console()
+    style = "green" if healthy else "red"
+    console.print(
+        f"[{style}]guest is {report['state']}[/{style}] after {report['host_seconds_to_ready']}s "
+        f"(root {report['root'].get('fsroot')}, entry {report['loader']['selected']})"
+    )
+    if report["failed_units"]:
+        console.print(f"[red]failed units:[/red] {' '.join(report['failed_units'])}")
+        console.print(f"console log: {console_log}")
+    return 0 if healthy else 1
+
+
+async def _wait_ready(options: VmOptions, console_log: Path, timeout: float) -> dict[str, Any]:
+    async with running_vm(options, console_log) as vm:
+        report = await vm.wait_ready(timeout)
+        report["accel"] = vm.accel
+        await vm.powerdown()
+        return report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rastos-image", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and log commands to stderr")
+    p.add_argument("--profile-dir", type=Path, default=PROFILE_DIR, help="where profiles are (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("profiles", help="list profiles with a one-line description").set_defaults(func=cmd_profiles)
+
+    show = sub.add_parser("show", help="print a profile's resolved configuration")
+    show.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+    build = sub.add_parser("build", help="build a profile's image")
+    build.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="name or .toml path (default: %(default)s)")
+    build.add_argument("--output-dir", type=Path, help="default: build/PROFILE")
+    build.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="default: %(default)s")
+    build.add_argument("--refresh-bootstrap", action="store_true", help="ignore the cached bootstrap")
+    build.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    build.add_argument("--boot", action="store_true", help="then boot it until the system inside is up")
+    build.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    build.set_defaults(func=cmd_build)
+
+    boot = sub.add_parser("boot", help="boot an image in QEMU (UEFI, serial console on this terminal)")
+    boot.add_argument("image", type=Path)
+    boot.add_argument("--snapshot", action="store_true", help="discard every change when the VM stops")
+    boot.add_argument("--until-ready", action="store_true", help="wait for the guest's boot report, then power off")
+    boot.add_argument("--timeout", type=float, default=READY_TIMEOUT, help="with --until-ready (seconds)")
+    boot.add_argument("--json", action="store_true", help="with --until-ready: print the report as JSON")
+    boot.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
+    boot.add_argument("--memory", default="1G")
+    boot.add_argument("--cpus", type=int, default=2)
+    boot.set_defaults(func=cmd_boot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.debug:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.DEBUG)
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    try:
+        return int(args.func(args))
+    except RastosError as e:
+        if args.debug:
+            raise
+        print(f"rastos-image: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rastos-image: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130

@@ -1,0 +1,98 @@
+"""The state one build carries from stage to stage."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagebuilder.profile import Profile
+
+# The project checkout the builder runs from: the daemon, units and guest files come from here.
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DiskIds:
+    """Identifiers chosen before any file system exists, so fstab and boot entries can name them."""
+
+    disk_guid: str
+    esp_partuuid: str
+    root_partuuid: str
+    esp_volume_id: str  # vfat serial, as 8 hex digits; shown as XXXX-XXXX
+    root_fs_uuid: str
+
+    @classmethod
+    def new(cls) -> DiskIds:
+        return cls(
+            disk_guid=str(uuid.uuid4()),
+            esp_partuuid=str(uuid.uuid4()),
+            root_partuuid=str(uuid.uuid4()),
+            esp_volume_id=secrets.token_hex(4).upper(),
+            root_fs_uuid=str(uuid.uuid4()),
+        )
+
+    @property
+    def esp_fs_uuid(self) -> str:
+        """The ESP's UUID as blkid and /dev/disk/by-uuid spell it."""
+        return f"{self.esp_volume_id[:4]}-{self.esp_volume_id[4:]}"
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    version: str
+    vmlinuz: Path  # inside the root file system
+    initrd: Path
+
+
+@dataclass
+class BuildContext:
+    profile: Profile
+    cache_dir: Path
+    work_dir: Path  # scratch space, removed when the build ends
+    staging_dir: Path  # outputs are written here and moved into output_dir only when complete
+    output_dir: Path
+    image_name: str
+    refresh_bootstrap: bool = False
+    ids: DiskIds = field(default_factory=DiskIds.new)
+    kernel: KernelInfo | None = None
+    cmdline: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    bootstrap_key: str = ""
+    packages: list[dict[str, str]] = field(default_factory=list)
+    images: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def fs_tree(self) -> Path:
+        """The top level of the btrfs file system; each subvolume is a directory in it."""
+        return self.work_dir / "btrfs"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.fs_tree / self.profile.btrfs.root
+
+    @property
+    def esp_tree(self) -> Path:
+        return self.work_dir / "esp"
+
+    @property
+    def esp_image(self) -> Path:
+        return self.work_dir / "esp.vfat"
+
+    @property
+    def btrfs_image(self) -> Path:
+        return self.work_dir / "root.btrfs"
+
+    @property
+    def raw_image(self) -> Path:
+        return self.staging_dir / f"{self.image_name}.raw"
+
+    @property
+    def entry_id(self) -> str:
+        """Boot Loader Specification entry name of the image's first deployment."""
+        return "rastos-0"
+
+    @property
+    def entry_token(self) -> str:
+        return "rastos"

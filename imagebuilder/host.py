@@ -1,0 +1,50 @@
+"""What the build host must provide, checked before any work starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from rastos.errors import RastosError
+from rastos.process import missing_program_error, run
+
+BUILD_PROGRAMS = ("mmdebstrap", "unshare", "bwrap", "mkfs.btrfs", "mkfs.vfat", "mcopy", "sfdisk", "qemu-img", "cp")
+# mkfs.btrfs learned --subvol (subvolumes without mounting) in 6.7 and --compress in 6.11.
+MIN_BTRFS_PROGS = (6, 11)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise RastosError(
+            f"{what} needs root (it creates device nodes and files owned by other users)",
+            hint="run it with sudo",
+        )
+
+
+def require_programs(programs: tuple[str, ...]) -> None:
+    for program in programs:
+        if shutil.which(program) is None:
+            raise missing_program_error(program)
+
+
+def btrfs_progs_version() -> tuple[int, ...]:
+    out = run(["mkfs.btrfs", "--version"], capture=True).stdout
+    match = re.search(r"v(\d+)\.(\d+)", out)
+    if not match:
+        raise RastosError(f"cannot read the btrfs-progs version from: {out.strip()!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_build_host() -> str:
+    require_root("building an image")
+    require_programs(BUILD_PROGRAMS)
+    version = btrfs_progs_version()
+    if version < MIN_BTRFS_PROGS:
+        shown = ".".join(map(str, version))
+        raise RastosError(
+            f"btrfs-progs {shown} cannot build a btrfs image with subvolumes without mounting it; "
+            f"{'.'.join(map(str, MIN_BTRFS_PROGS))} or newer is needed",
+            hint="on Debian bookworm, install btrfs-progs from bookworm-backports (./setup-host does)",
+        )
+    return f"btrfs-progs {'.'.join(map(str, version))}"

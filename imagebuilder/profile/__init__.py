@@ -1,0 +1,6 @@
+"""Image profiles: typed, validated configuration read from TOML files with inheritance."""
+
+from imagebuilder.profile.load import ProfileError, available_profiles, load_profile
+from imagebuilder.profile.model import Profile
+
+__all__ = ["Profile", "ProfileError", "available_profiles", "load_profile"]

@@ -1,0 +1,284 @@
+"""The resolved image profile: frozen dataclasses, one per TOML table.
+
+Each field's metadata can carry:
+  - "help":   one line shown by `rastos-image show --explain` and in docs/profiles.md;
+  - "parse":  a pure function turning the TOML value into the field's value (sizes, for example);
+  - "check":  a pure function returning an error message for an impossible value, or None;
+  - "merge":  "append" when a child profile adds to its parent's list instead of replacing it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+class DistributionName(StrEnum):
+    debian = "debian"
+    arch = "arch"
+
+
+class ImageFormat(StrEnum):
+    raw = "raw"
+    qcow2 = "qcow2"
+
+
+class InitramfsModules(StrEnum):
+    # Only the drivers a QEMU guest needs to find its root: a small initramfs, quick to unpack.
+    virtio = "virtio"
+    # Every storage driver Debian knows: boots on real hardware too.
+    generic = "generic"
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
+
+
+def parse_size(value: object) -> int:
+    """A size in bytes from an integer or a string such as "4G", "512M" or "300MiB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"4G\" or \"512M\"")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    raise ValueError(f"expected a size such as \"4G\" or \"512M\", got {value!r}")
+
+
+def format_size(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
+_SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
+_MODULE = re.compile(r"^[a-z0-9_-]+$")
+_UNIT = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|socket|timer|target|path|mount)$")
+
+
+def _check_all(pattern: re.Pattern[str], what: str) -> Any:
+    def check(values: tuple[str, ...]) -> str | None:
+        bad = [v for v in values if not pattern.match(v)]
+        return f"not a valid {what}: {', '.join(map(repr, bad))}" if bad else None
+
+    return check
+
+
+def _check_one(pattern: re.Pattern[str], what: str) -> Any:
+    def check(value: str) -> str | None:
+        return None if pattern.match(value) else f"not a valid {what}: {value!r}"
+
+    return check
+
+
+def _meta(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass(frozen=True)
+class DistributionConfig:
+    name: DistributionName = field(
+        default=DistributionName.debian, metadata=_meta("package-based distribution")
+    )
+    suite: str = field(default="trixie", metadata=_meta("release to install, e.g. trixie"))
+    mirror: str = field(
+        default="http://deb.debian.org/debian",
+        metadata=_meta(
+            "package repository URL",
+            check=lambda v: None if re.match(r"^(https?|file)://", v) else f"not a URL: {v!r}",
+        ),
+    )
+    components: tuple[str, ...] = field(
+        default=("main",), metadata=_meta("archive components", check=lambda v: None if v else "must not be empty")
+    )
+    architecture: str = field(
+        default="amd64",
+        metadata=_meta(
+            "CPU architecture",
+            check=lambda v: None if v == "amd64" else f"only amd64 is supported, not {v!r}",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class PackagesConfig:
+    include: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("packages to install", merge="append", check=_check_all(_PACKAGE, "package name")),
+    )
+    docs: bool = field(
+        default=True, metadata=_meta("keep /usr/share/doc, man pages and translations")
+    )
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    package: str = field(
+        default="linux-image-amd64",
+        metadata=_meta("distribution kernel package", check=_check_one(_PACKAGE, "package name")),
+    )
+    cmdline: tuple[str, ...] = field(
+        default=(), metadata=_meta("kernel command line arguments", merge="append")
+    )
+    sysctl: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata=_meta(
+            "sysctl settings written to /etc/sysctl.d",
+            merge="append",
+            check=lambda v: _check_all(_SYSCTL_KEY, "sysctl key")(tuple(v)),
+        ),
+    )
+    blacklist: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "kernel modules that must never load", merge="append", check=_check_all(_MODULE, "module name")
+        ),
+    )
+    initramfs: InitramfsModules = field(
+        default=InitramfsModules.virtio,
+        metadata=_meta("drivers in the initramfs: 'virtio' (VMs, small) or 'generic' (hardware)"),
+    )
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str = field(default="", metadata=_meta("login name", check=_check_one(_USERNAME, "user name")))
+    uid: int | None = field(
+        default=None,
+        metadata=_meta(
+            "numeric user id (chosen by useradd when absent)",
+            check=lambda v: None if v is None or 0 <= v < 60000 else f"uid {v} is out of range 0-59999",
+        ),
+    )
+    groups: tuple[str, ...] = field(default=(), metadata=_meta("supplementary groups"))
+    shell: str = field(default="/bin/bash", metadata=_meta("login shell"))
+    sudo: bool = field(default=False, metadata=_meta("may use sudo (adds the package sudo)"))
+    ssh_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "authorized ssh public keys",
+            check=lambda keys: next(
+                (f"not an ssh public key: {k[:40]!r}" for k in keys if not re.match(r"^(ssh-|ecdsa-|sk-)\S+ \S+", k)),
+                None,
+            ),
+        ),
+    )
+    password_hash: str | None = field(
+        default=None,
+        metadata=_meta(
+            "crypt(3) hash; absent means the password is locked (ssh keys only)",
+            check=lambda v: None if v is None or v.startswith("$") or v == "" else "must be a crypt(3) hash starting with '$' (or empty for no password)",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    hostname: str = field(default="rastos", metadata=_meta("host name", check=_check_one(_HOSTNAME, "host name")))
+    timezone: str = field(default="UTC", metadata=_meta("time zone, e.g. Europe/Berlin"))
+    autologin: bool = field(
+        default=False, metadata=_meta("log root in on the serial console without a password")
+    )
+    enable: tuple[str, ...] = field(
+        default=(), metadata=_meta("systemd units to enable", merge="append", check=_check_all(_UNIT, "unit name"))
+    )
+    mask: tuple[str, ...] = field(
+        default=(), metadata=_meta("systemd units to mask", merge="append", check=_check_all(_UNIT, "unit name"))
+    )
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    size: int = field(
+        default=4 * GiB,
+        metadata=_meta(
+            "whole disk size",
+            parse=parse_size,
+            check=lambda v: None if v >= 512 * MiB else "must be at least 512M",
+        ),
+    )
+    esp_size: int = field(
+        default=256 * MiB,
+        metadata=_meta(
+            "EFI system partition size (holds a kernel and initrd per bootable deployment)",
+            parse=parse_size,
+            check=lambda v: None if 64 * MiB <= v <= 4 * GiB else "must be between 64M and 4G",
+        ),
+    )
+    formats: tuple[ImageFormat, ...] = field(
+        default=(ImageFormat.qcow2,), metadata=_meta("output formats: raw, qcow2", check=lambda v: None if v else "must not be empty")
+    )
+
+
+@dataclass(frozen=True)
+class BtrfsConfig:
+    root: str = field(default="@", metadata=_meta("subvolume of the first deployment's root", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    snapshots: str = field(default="@snapshots", metadata=_meta("subvolume holding snapshots, at /.snapshots", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    home: str = field(default="@home", metadata=_meta("subvolume for /home (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    var_log: str = field(default="@var_log", metadata=_meta("subvolume for /var/log (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    state: str = field(default="@rastos", metadata=_meta("subvolume for the daemon's state, /var/lib/rastos (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    compression: str = field(
+        default="zstd:1",
+        metadata=_meta(
+            "mount-time compression ('' for none)",
+            check=lambda v: None if re.match(r"^((zstd|zlib)(:\d+)?|lzo|)$", v) else f"unknown compression {v!r}",
+        ),
+    )
+
+    def subvolumes(self) -> dict[str, str]:
+        """Subvolume name -> where it is mounted. The root comes first."""
+        return {
+            self.root: "/",
+            self.snapshots: "/.snapshots",
+            self.home: "/home",
+            self.var_log: "/var/log",
+            self.state: "/var/lib/rastos",
+        }
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    tries: int = field(
+        default=3,
+        metadata=_meta(
+            "boot attempts of a new entry before falling back (0 turns boot counting off)",
+            check=lambda v: None if 0 <= v <= 9 else "must be between 0 and 9",
+        ),
+    )
+    menu_timeout: int = field(
+        default=0,
+        metadata=_meta(
+            "seconds the boot menu waits (0: hidden, shown while a key is held)",
+            check=lambda v: None if 0 <= v <= 60 else "must be between 0 and 60",
+        ),
+    )
+    console: str = field(
+        default="ttyS0", metadata=_meta("serial console device ('' for none)", check=lambda v: None if re.match(r"^(ttyS\d+|hvc\d+|)$", v) else f"not a console device: {v!r}")
+    )
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = field(default="", metadata=_meta("one line shown by `rastos-image profiles`"))
+    extends: str | None = field(default=None, metadata=_meta("profile this one builds on"))
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    packages: PackagesConfig = field(default_factory=PackagesConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    users: tuple[UserConfig, ...] = field(default=(), metadata=_meta("user accounts", merge="append"))
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    btrfs: BtrfsConfig = field(default_factory=BtrfsConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+    sources: tuple[str, ...] = field(default=(), metadata={"internal": True})

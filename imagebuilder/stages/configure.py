@@ -1,0 +1,170 @@
+"""Stage `configure`: turn the bootstrapped tree into this profile's system.
+
+Host name, time zone, fstab by UUID for the btrfs subvolumes and the ESP, kernel tuning (sysctl,
+module blacklist), networking, users and their keys, console autologin, and units to enable or mask.
+Files are written from the host; programs that must run inside the image (useradd, systemctl) run
+there through bubblewrap.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imagebuilder.chroot import chroot_run
+from imagebuilder.context import BuildContext
+from imagebuilder.profile.model import Profile, UserConfig
+from rastos.errors import RastosError
+
+
+def write_file(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def configure(ctx: BuildContext) -> str:
+    root, profile = ctx.rootfs, ctx.profile
+    write_hostname(root, profile.system.hostname)
+    write_timezone(root, profile.system.timezone)
+    write_file(root / "etc/fstab", fstab(ctx))
+    write_kernel_tuning(root, profile)
+    write_network(root)
+    if profile.system.autologin and profile.boot.console:
+        write_autologin(root, profile.boot.console)
+    for user in profile.users:
+        add_user(root, user)
+    units = apply_units(root, profile)
+    return f"{len(profile.users)} users, {units} units enabled or masked"
+
+
+def write_hostname(root: Path, hostname: str) -> None:
+    write_file(root / "etc/hostname", hostname + "\n")
+    write_file(
+        root / "etc/hosts",
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
+        "::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+        "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n",
+    )
+
+
+def write_timezone(root: Path, timezone: str) -> None:
+    zone = Path("/usr/share/zoneinfo") / timezone
+    localtime = root / "etc/localtime"
+    if not (root / zone.relative_to("/")).exists():
+        if timezone == "UTC":
+            # Without tzdata the system clock is UTC anyway; there is nothing to link to.
+            localtime.unlink(missing_ok=True)
+            return
+        raise RastosError(
+            f"time zone {timezone!r} is not in the image's /usr/share/zoneinfo",
+            hint="add 'tzdata' to packages.include, or check the zone's spelling",
+        )
+    localtime.unlink(missing_ok=True)
+    localtime.symlink_to(Path("..") / zone.relative_to("/"))
+    write_file(root / "etc/timezone", timezone + "\n")
+
+
+def fstab(ctx: BuildContext) -> str:
+    btrfs = ctx.profile.btrfs
+    uuid = ctx.ids.root_fs_uuid
+    options = "noatime" + (f",compress={btrfs.compression}" if btrfs.compression else "")
+    lines = [
+        "# Written by rastos-image. The root subvolume is chosen by the boot entry",
+        "# (rootflags=subvol=...), so / names none here: any deployment or snapshot can boot.",
+        f"UUID={uuid}\t/\tbtrfs\t{options}\t0 0",
+    ]
+    for subvolume, mountpoint in btrfs.subvolumes().items():
+        if mountpoint != "/":
+            lines.append(f"UUID={uuid}\t{mountpoint}\tbtrfs\tsubvol=/{subvolume},{options}\t0 0")
+    # The ESP is mounted on first use only: nothing at boot waits for it.
+    lines.append(
+        f"UUID={ctx.ids.esp_fs_uuid}\t/efi\tvfat\t"
+        "umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60\t0 0"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_kernel_tuning(root: Path, profile: Profile) -> None:
+    kernel = profile.kernel
+    sysctl_file = root / "etc/sysctl.d/50-rastos-profile.conf"
+    if kernel.sysctl:
+        body = "".join(f"{k} = {v}\n" for k, v in sorted(kernel.sysctl.items()))
+        write_file(sysctl_file, f"# From profile {profile.name}\n{body}")
+    blacklist_file = root / "etc/modprobe.d/rastos-blacklist.conf"
+    if kernel.blacklist:
+        # `blacklist` only stops loading by alias; `install ... /bin/false` also stops explicit loads.
+        body = "".join(f"blacklist {m}\ninstall {m} /bin/false\n" for m in kernel.blacklist)
+        write_file(blacklist_file, f"# From profile {profile.name}\n{body}")
+
+
+def write_network(root: Path) -> None:
+    write_file(
+        root / "etc/systemd/network/80-rastos-dhcp.network",
+        "# Written by rastos-image: DHCP on every wired interface.\n"
+        "[Match]\nType=ether\nKind=!*\n\n[Network]\nDHCP=yes\n\n[DHCPv4]\nUseDomains=yes\n",
+    )
+
+
+def write_autologin(root: Path, console: str) -> None:
+    write_file(
+        root / f"etc/systemd/system/serial-getty@{console}.service.d/autologin.conf",
+        "[Service]\nExecStart=\n"
+        "ExecStart=-/sbin/agetty -o '-f -- \\\\u' --noreset --noclear --keep-baud "
+        "--autologin root 115200,57600,38400,9600 - $TERM\n",
+    )
+
+
+def add_user(root: Path, user: UserConfig) -> None:
+    if user.name == "root":
+        home = root / "root"
+        uid = gid = 0
+    else:
+        argv = ["useradd", "--create-home", "--user-group", "--shell", user.shell]
+        if user.uid is not None:
+            argv += ["--uid", str(user.uid)]
+        if user.groups:
+            argv += ["--groups", ",".join(user.groups)]
+        chroot_run(root, [*argv, user.name])
+        uid, gid, home = _passwd_entry(root, user.name)
+    if user.password_hash is not None:
+        chroot_run(root, ["chpasswd", "--encrypted"], input=f"{user.name}:{user.password_hash}\n")
+    if user.ssh_keys:
+        ssh = home / ".ssh"
+        write_file(ssh / "authorized_keys", "\n".join(user.ssh_keys) + "\n", mode=0o600)
+        ssh.chmod(0o700)
+        for path in (ssh, ssh / "authorized_keys"):
+            os.chown(path, uid, gid)
+    if user.sudo:
+        # A user without a password cannot answer sudo's prompt: let it in by its ssh key alone.
+        tag = "NOPASSWD: " if not user.password_hash else ""
+        write_file(root / f"etc/sudoers.d/rastos-{user.name}", f"{user.name} ALL=(ALL:ALL) {tag}ALL\n", mode=0o440)
+
+
+def _passwd_entry(root: Path, name: str) -> tuple[int, int, Path]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2]), int(fields[3]), root / fields[5].lstrip("/")
+    raise RastosError(f"user {name!r} was not created in the image")
+
+
+def apply_units(root: Path, profile: Profile) -> int:
+    system = profile.system
+    missing = [u for u in system.enable if not _unit_exists(root, u)]
+    if missing:
+        raise RastosError(
+            f"profile {profile.name}: system.enable names units the image does not have: "
+            f"{', '.join(missing)}",
+            hint="add the package that ships them to packages.include",
+        )
+    if system.enable:
+        chroot_run(root, ["systemctl", "--root=/", "--quiet", "enable", *system.enable])
+    if system.mask:
+        chroot_run(root, ["systemctl", "--root=/", "--quiet", "mask", *system.mask])
+    return len(system.enable) + len(system.mask)
+
+
+def _unit_exists(root: Path, unit: str) -> bool:
+    dirs = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+    return any((root / d / unit).exists() for d in dirs)

@@ -1,0 +1,158 @@
+"""Stages `btrfs` and `disk`: the root file system as a file, then the GPT disk around it.
+
+The btrfs file system is made with `mkfs.btrfs --rootdir --subvol` (btrfs-progs >= 6.7): every
+subvolume is a directory of the staged tree, and no loop device or mount is involved. The disk is a
+sparse file: sfdisk writes the GPT, and the two file system images are copied in at their offsets,
+data extents only, so holes stay holes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebuilder.context import BuildContext
+from imagebuilder.profile.model import MiB, Profile, format_size
+from rastos.errors import RastosError
+from rastos.process import run
+
+ALIGN = MiB
+SECTOR = 512
+# Discoverable Partitions Specification type GUIDs.
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+# Room btrfs needs beyond the files themselves (metadata, system chunks, a little slack), and the
+# fraction of the files' size allowed on top for metadata and fragmentation.
+BTRFS_FIXED_OVERHEAD = 160 * MiB
+BTRFS_OVERHEAD_RATIO = 1.10
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    total: int
+    esp_start: int
+    esp_size: int
+    root_start: int
+    root_size: int
+
+
+def plan_layout(profile: Profile) -> DiskLayout:
+    esp_start = ALIGN
+    esp_size = profile.disk.esp_size
+    root_start = esp_start + esp_size
+    # The backup GPT lives in the last 33 sectors; keep the final MiB free for it.
+    root_size = profile.disk.size - root_start - ALIGN
+    return DiskLayout(profile.disk.size, esp_start, esp_size, root_start, root_size)
+
+
+def _move_contents(source: Path, destination: Path) -> None:
+    destination.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        for child in source.iterdir():
+            child.rename(destination / child.name)
+    source.mkdir(parents=True, exist_ok=True)
+
+
+def stage_subvolumes(ctx: BuildContext) -> None:
+    """Give each subvolume its directory at the top of the tree, moving its files out of the root."""
+    rootfs = ctx.rootfs
+    for subvolume, mountpoint in ctx.profile.btrfs.subvolumes().items():
+        if mountpoint != "/":
+            _move_contents(rootfs / mountpoint.lstrip("/"), ctx.fs_tree / subvolume)
+    (rootfs / "efi").mkdir(exist_ok=True)
+
+
+def tree_size(path: Path) -> int:
+    """Bytes the files under `path` occupy (allocated blocks, hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(directory, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def build_btrfs(ctx: BuildContext) -> str:
+    stage_subvolumes(ctx)
+    layout = plan_layout(ctx.profile)
+    needed = int(tree_size(ctx.fs_tree) * BTRFS_OVERHEAD_RATIO) + BTRFS_FIXED_OVERHEAD
+    if needed > layout.root_size:
+        raise RastosError(
+            f"disk too small for the root file system: it needs about {needed // MiB} MiB, but the "
+            f"root partition of a {format_size(ctx.profile.disk.size)} disk "
+            f"(disk.size in profile {ctx.profile.name}) holds {layout.root_size // MiB} MiB",
+            hint=f"set disk.size to at least {(needed + layout.root_start + ALIGN) // MiB + 1}M",
+        )
+    image = ctx.btrfs_image
+    image.unlink(missing_ok=True)
+    with image.open("wb") as f:
+        f.truncate(layout.root_size)
+    btrfs = ctx.profile.btrfs
+    argv: list[str | Path] = [
+        "mkfs.btrfs", "--quiet", "--force",
+        "--label", "rastos-root",
+        "--uuid", ctx.ids.root_fs_uuid,
+        "--rootdir", ctx.fs_tree,
+        "--subvol", f"default:{btrfs.root}",
+    ]  # fmt: skip
+    for subvolume in btrfs.subvolumes():
+        if subvolume != btrfs.root:
+            argv += ["--subvol", f"rw:{subvolume}"]
+    if btrfs.compression:
+        argv += ["--compress", btrfs.compression]
+    run([*argv, image])
+    return f"{len(btrfs.subvolumes())} subvolumes, {needed // MiB} MiB of files and headroom"
+
+
+def write_partition_table(disk: Path, ctx: BuildContext, layout: DiskLayout) -> None:
+    ids = ctx.ids
+    script = (
+        "label: gpt\n"
+        f"label-id: {ids.disk_guid}\n"
+        "unit: sectors\n"
+        f"start={layout.esp_start // SECTOR}, size={layout.esp_size // SECTOR}, "
+        f'type={ESP_TYPE}, uuid={ids.esp_partuuid}, name="esp"\n'
+        f"start={layout.root_start // SECTOR}, size={layout.root_size // SECTOR}, "
+        f'type={ROOT_X86_64_TYPE}, uuid={ids.root_partuuid}, name="root-x86-64"\n'
+    )
+    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", disk], input=script)
+
+
+def copy_sparse(source: Path, destination: Path, offset: int) -> None:
+    """Copy `source` into `destination` at `offset`, skipping holes so the result stays sparse."""
+    with source.open("rb") as src, destination.open("r+b") as dst:
+        size = os.fstat(src.fileno()).st_size
+        position = 0
+        while position < size:
+            try:
+                data_start = os.lseek(src.fileno(), position, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            data_end = os.lseek(src.fileno(), data_start, os.SEEK_HOLE)
+            remaining, at = data_end - data_start, data_start
+            while remaining:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), remaining, at, offset + at)
+                if copied == 0:
+                    raise RastosError(f"short copy from {source} into {destination}")
+                remaining -= copied
+                at += copied
+            position = data_end
+
+
+def assemble_disk(ctx: BuildContext) -> str:
+    layout = plan_layout(ctx.profile)
+    disk = ctx.raw_image
+    disk.parent.mkdir(parents=True, exist_ok=True)
+    with disk.open("wb") as f:
+        f.truncate(layout.total)
+    write_partition_table(disk, ctx, layout)
+    copy_sparse(ctx.esp_image, disk, layout.esp_start)
+    copy_sparse(ctx.btrfs_image, disk, layout.root_start)
+    # The file system images are inside the disk now; free their space before the outputs stage.
+    for image in (ctx.esp_image, ctx.btrfs_image):
+        image.unlink()
+    return f"GPT: esp {format_size(layout.esp_size)}, root {layout.root_size // MiB} MiB"

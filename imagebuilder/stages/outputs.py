@@ -1,0 +1,114 @@
+"""Stage `outputs`: qcow2 and raw files, their checksums, and the manifest that describes them."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from imagebuilder.chroot import chroot_run
+from imagebuilder.context import BuildContext
+from imagebuilder.profile.load import profile_to_dict
+from imagebuilder.profile.model import ImageFormat
+from imagebuilder.stages.bootloader import entry_filename
+from imagebuilder.stages.disk import ESP_TYPE, ROOT_X86_64_TYPE, plan_layout
+from rastos import __version__
+from rastos.process import run
+
+
+def installed_packages(ctx: BuildContext) -> list[dict[str, str]]:
+    out = chroot_run(
+        ctx.rootfs,
+        ["dpkg-query", "--show", "--showformat=${Package}\\t${Version}\\t${Architecture}\\n"],
+        capture=True,
+    ).stdout
+    packages = []
+    for line in sorted(out.splitlines()):
+        name, version, arch = line.split("\t")
+        packages.append({"name": name, "version": version, "architecture": arch})
+    return packages
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_images(ctx: BuildContext) -> dict[str, Path]:
+    """Convert the raw disk into every requested format; returns format -> file in staging."""
+    formats = ctx.profile.disk.formats
+    produced: dict[str, Path] = {}
+    if ImageFormat.qcow2 in formats:
+        qcow2 = ctx.staging_dir / f"{ctx.image_name}.qcow2"
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", ctx.raw_image, qcow2])
+        produced["qcow2"] = qcow2
+    if ImageFormat.raw in formats:
+        produced["raw"] = ctx.raw_image
+    else:
+        ctx.raw_image.unlink()
+    return produced
+
+
+def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str, str]]) -> dict[str, Any]:
+    assert ctx.kernel is not None
+    layout = plan_layout(ctx.profile)
+    btrfs = ctx.profile.btrfs
+    return {
+        "rastos_version": __version__,
+        "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "profile": profile_to_dict(ctx.profile),
+        "bootstrap_cache_key": ctx.bootstrap_key,
+        "packages": packages,
+        "kernel": {
+            "version": ctx.kernel.version,
+            "cmdline": ctx.cmdline,
+            "boot_entry": entry_filename(ctx),
+        },
+        "disk": {
+            "size": layout.total,
+            "label": "gpt",
+            "guid": ctx.ids.disk_guid,
+            "partitions": [
+                {
+                    "name": "esp",
+                    "type": ESP_TYPE,
+                    "partuuid": ctx.ids.esp_partuuid,
+                    "start": layout.esp_start,
+                    "size": layout.esp_size,
+                    "filesystem": "vfat",
+                    "fs_uuid": ctx.ids.esp_fs_uuid,
+                    "mountpoint": "/efi",
+                },
+                {
+                    "name": "root-x86-64",
+                    "type": ROOT_X86_64_TYPE,
+                    "partuuid": ctx.ids.root_partuuid,
+                    "start": layout.root_start,
+                    "size": layout.root_size,
+                    "filesystem": "btrfs",
+                    "fs_uuid": ctx.ids.root_fs_uuid,
+                },
+            ],
+        },
+        "btrfs": {
+            "default_subvolume": btrfs.root,
+            "compression": btrfs.compression,
+            "subvolumes": [{"name": name, "mountpoint": mp} for name, mp in btrfs.subvolumes().items()],
+        },
+        "outputs": {
+            kind: {"file": path.name, "size": path.stat().st_size, "sha256": sha256(path)}
+            for kind, path in images.items()
+        },
+        "stage_seconds": {k: round(v, 3) for k, v in ctx.stage_seconds.items()},
+    }
+
+
+def write_manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str, str]]) -> Path:
+    path = ctx.staging_dir / "manifest.json"
+    path.write_text(json.dumps(manifest(ctx, images, packages), indent=2) + "\n")
+    return path

@@ -1,0 +1,96 @@
+"""Stage `install-rastos`: the project's own code, from this checkout, into the image.
+
+The Python packages go where Debian's python3 finds them (its dependencies were installed from the
+distribution by the bootstrap stage; no pip inside an image), the units and D-Bus files go where
+systemd and dbus look, and every unit with an [Install] section is enabled.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import shutil
+from pathlib import Path
+
+from imagebuilder.chroot import chroot_run
+from imagebuilder.context import CHECKOUT, BuildContext
+from imagebuilder.stages.configure import write_file
+from rastos import __version__
+
+PYTHON_PACKAGES = ("rastos", "daemon")
+GUEST_FILES = CHECKOUT / "imagebuilder" / "guest"
+SITE_PACKAGES = "usr/lib/python3/dist-packages"
+
+# Where each kind of file in units/ belongs inside the image.
+UNIT_DESTINATIONS = {
+    ".service": "usr/lib/systemd/system",
+    ".target": "usr/lib/systemd/system",
+    ".timer": "usr/lib/systemd/system",
+    ".socket": "usr/lib/systemd/system",
+    ".path": "usr/lib/systemd/system",
+    ".conf": "usr/share/dbus-1/system.d",
+    ".dbus-service": "usr/share/dbus-1/system-services",
+}
+
+ENTRY_POINTS = {
+    "rastosd": ("daemon.cli", "daemon_main"),
+    "rastosctl": ("daemon.cli", "ctl_main"),
+}
+
+
+def install_rastos(ctx: BuildContext) -> str:
+    root = ctx.rootfs
+    for package in PYTHON_PACKAGES:
+        target = root / SITE_PACKAGES / package
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CHECKOUT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, (module, function) in ENTRY_POINTS.items():
+        write_file(
+            root / "usr/bin" / name,
+            f"#!/usr/bin/python3\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
+            mode=0o755,
+        )
+    for helper in sorted(GUEST_FILES.iterdir()):
+        if helper.is_file():
+            write_file(root / "usr/lib/rastos" / helper.name, helper.read_text(), mode=0o755)
+    enabled = install_units(root, CHECKOUT / "units")
+    write_file(root / "etc/rastos/image.json", image_info(ctx))
+    # Byte-compile now: the first start of the daemon on a slow VM should not pay for it.
+    chroot_run(root, ["python3", "-m", "compileall", "-q", *[f"/{SITE_PACKAGES}/{p}" for p in PYTHON_PACKAGES]])
+    return f"rastos {__version__}, {len(enabled)} units enabled"
+
+
+def install_units(root: Path, units_dir: Path) -> list[str]:
+    enabled = []
+    for source in sorted(units_dir.iterdir()):
+        destination = UNIT_DESTINATIONS.get(source.suffix)
+        if destination is None or not source.is_file():
+            continue
+        write_file(root / destination / source.name, source.read_text())
+        if destination.endswith("systemd/system") and _has_install_section(source):
+            enabled.append(source.name)
+    if enabled:
+        chroot_run(root, ["systemctl", "--root=/", "--quiet", "enable", *enabled])
+    return enabled
+
+
+def _has_install_section(unit: Path) -> bool:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(unit.read_text())
+    return parser.has_section("Install")
+
+
+def image_info(ctx: BuildContext) -> str:
+    """What the daemon reads to know which image and deployment it runs on."""
+    return json.dumps(
+        {
+            "profile": ctx.profile.name,
+            "builder_version": __version__,
+            "root_subvolume": ctx.profile.btrfs.root,
+            "snapshots_subvolume": ctx.profile.btrfs.snapshots,
+            "entry_id": ctx.entry_id,
+            "boot_tries": ctx.profile.boot.tries,
+        },
+        indent=2,
+    ) + "\n"

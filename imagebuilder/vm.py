@@ -1,0 +1,307 @@
+"""Booting images in QEMU: firmware, accelerator choice, and a supervised VM for tests and --wait.
+
+KVM is used when it really works. `/dev/kvm` can exist and still fail (nested virtualisation that
+cannot run OVMF's flash code: "KVM internal error"), so a short probe boots the firmware under KVM
+once per host boot and QEMU version, and falls back to TCG when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from rastos.errors import RastosError
+from rastos.process import run, start
+
+log = logging.getLogger("rastos.vm")
+
+QEMU = "qemu-system-x86_64"
+FIRMWARE_PAIRS = (
+    (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+)
+STATUS_PORT = "org.rastos.status"
+KVM_PROBE_SECONDS = 2.0
+PROBE_CACHE = Path("/run/rastos")
+
+
+@dataclass(frozen=True)
+class Firmware:
+    code: Path
+    vars_template: Path
+
+
+def find_firmware() -> Firmware:
+    for code, template in FIRMWARE_PAIRS:
+        if code.is_file() and template.is_file():
+            return Firmware(code, template)
+    raise RastosError("no OVMF UEFI firmware found in /usr/share/OVMF", hint="install the Debian package 'ovmf'")
+
+
+def qemu_version() -> str:
+    return run([QEMU, "--version"], capture=True).stdout.splitlines()[0]
+
+
+def kvm_works(firmware: Firmware) -> bool:
+    """Whether KVM can run this firmware here. The answer is kept until the host reboots."""
+    if not Path("/dev/kvm").exists():
+        return False
+    key = hashlib.sha256(f"{qemu_version()}|{firmware.code}".encode()).hexdigest()[:16]
+    cached = PROBE_CACHE / f"kvm-probe-{key}"
+    if cached.is_file():
+        return cached.read_text().strip() == "works"
+    works = _probe_kvm(firmware)
+    with contextlib.suppress(OSError):
+        PROBE_CACHE.mkdir(parents=True, exist_ok=True)
+        cached.write_text("works\n" if works else "fails\n")
+    log.info("KVM probe: %s", "works" if works else "fails, using TCG")
+    return works
+
+
+def _probe_kvm(firmware: Firmware) -> bool:
+    with tempfile.TemporaryDirectory(prefix="rastos-kvm-probe-") as tmp:
+        vars_file = Path(tmp) / "vars.fd"
+        shutil.copyfile(firmware.vars_template, vars_file)
+        argv = [
+            QEMU, "-accel", "kvm", "-machine", "q35,smm=off", "-m", "256", "-nodefaults",
+            "-display", "none", "-serial", "none", "-monitor", "none",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+        ]  # fmt: skip
+        proc = start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=KVM_PROBE_SECONDS)
+            return False  # QEMU must not exit by itself: it failed to start under KVM
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            proc.kill()
+            _, stderr = proc.communicate()
+        return b"KVM internal error" not in stderr and b"emulation failure" not in stderr
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def image_format(image: Path) -> str:
+    return "qcow2" if image.suffix == ".qcow2" else "raw"
+
+
+def efivars_path(image: Path) -> Path:
+    """Each image keeps its own UEFI variables (boot counting, one-shot entries) beside it."""
+    return image.with_name(image.name + ".efivars")
+
+
+@dataclass
+class VmOptions:
+    image: Path
+    accel: str = "auto"  # auto, kvm or tcg
+    memory: str = "1G"
+    cpus: int = 2
+    snapshot: bool = False  # leave the image (and its UEFI variables) unchanged
+    ssh_port: int = field(default_factory=free_port)
+
+
+def choose_accel(requested: str, firmware: Firmware) -> str:
+    if requested == "auto":
+        return "kvm" if kvm_works(firmware) else "tcg"
+    if requested not in ("kvm", "tcg"):
+        raise RastosError(f"unknown accelerator {requested!r}", hint="use auto, kvm or tcg")
+    return requested
+
+
+def qemu_argv(
+    options: VmOptions,
+    *,
+    accel: str,
+    firmware: Firmware,
+    vars_file: Path,
+    qmp_socket: Path,
+    status_socket: Path,
+    console: list[str],
+) -> list[str]:
+    if not options.image.is_file():
+        raise RastosError(f"image {options.image} does not exist")
+    drive = f"if=none,id=root,file={options.image},format={image_format(options.image)},discard=unmap"
+    if options.snapshot:
+        drive += ",snapshot=on"
+    accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else [
+        # Multi-threaded TCG with a larger translation cache: the two biggest wins under emulation.
+        "-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max",
+    ]  # fmt: skip
+    return [
+        QEMU,
+        "-name", f"rastos,process=rastos-vm",
+        "-machine", "q35,smm=off,vmport=off",
+        *accel_args,
+        "-smp", str(options.cpus),
+        "-m", options.memory,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+        "-drive", drive,
+        "-device", "virtio-blk-pci,drive=root,bootindex=0",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22",
+        # No option ROM: OVMF would otherwise load iPXE and offer network boot first.
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
+        "-device", "virtio-rng-pci",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=status,path={status_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=status,name={STATUS_PORT}",
+        "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        *console,
+    ]  # fmt: skip
+
+
+def prepare_vars(options: VmOptions, firmware: Firmware, scratch: Path) -> Path:
+    if options.snapshot:
+        vars_file = scratch / "efivars.fd"
+        source = efivars_path(options.image)
+        shutil.copyfile(source if source.is_file() else firmware.vars_template, vars_file)
+        return vars_file
+    vars_file = efivars_path(options.image)
+    if not vars_file.is_file():
+        shutil.copyfile(firmware.vars_template, vars_file)
+    return vars_file
+
+
+class VirtualMachine:
+    """A QEMU guest driven through QMP, with its console in a file and its boot report on a socket."""
+
+    def __init__(self, options: VmOptions, scratch: Path, console_log: Path) -> None:
+        self.options = options
+        self.scratch = scratch
+        self.console_log = console_log
+        self.qmp_socket = scratch / "qmp.sock"
+        self.status_socket = scratch / "status.sock"
+        self.firmware = find_firmware()
+        self.accel = choose_accel(options.accel, self.firmware)
+        self.vars_file = prepare_vars(options, self.firmware, scratch)
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient("rastos-vm")
+        self.started_at = 0.0
+        self._status: asyncio.StreamReader | None = None
+        self._status_writer: asyncio.StreamWriter | None = None
+
+    def argv(self) -> list[str]:
+        console = ["-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console"]
+        return qemu_argv(
+            self.options,
+            accel=self.accel,
+            firmware=self.firmware,
+            vars_file=self.vars_file,
+            qmp_socket=self.qmp_socket,
+            status_socket=self.status_socket,
+            console=console,
+        )
+
+    async def start(self) -> None:
+        argv = self.argv()
+        log.debug("+ %s &", " ".join(argv))
+        self.started_at = time.monotonic()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            )
+        except FileNotFoundError:
+            raise RastosError(f"{QEMU} was not found", hint="install the Debian package 'qemu-system-x86'") from None
+        await self._wait_for_socket(self.qmp_socket)
+        await self.qmp.connect(str(self.qmp_socket))
+        self._status, self._status_writer = await asyncio.open_unix_connection(str(self.status_socket))
+
+    async def _wait_for_socket(self, path: Path, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            await self._check_alive()
+            if time.monotonic() > deadline:
+                raise RastosError(f"QEMU did not create {path} within {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+
+    async def _check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            stderr = await self.process.stderr.read() if self.process.stderr else b""
+            raise RastosError(
+                f"QEMU exited with status {self.process.returncode}: {stderr.decode(errors='replace').strip()}"
+            )
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """The guest's boot report: waits until the guest has finished booting and sent it."""
+        assert self._status is not None and self.process is not None
+        line_task = asyncio.ensure_future(self._status.readline())
+        exit_task = asyncio.ensure_future(self.process.wait())
+        done, _ = await asyncio.wait({line_task, exit_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if line_task in done and line_task.result():
+            exit_task.cancel()
+            report: dict[str, Any] = json.loads(line_task.result())
+            report["host_seconds_to_ready"] = round(time.monotonic() - self.started_at, 2)
+            return report
+        line_task.cancel()
+        exit_task.cancel()
+        tail = self.console_tail()
+        if exit_task in done:
+            raise RastosError(f"the VM stopped before it finished booting; console:\n{tail}")
+        raise RastosError(f"the VM did not finish booting within {timeout:.0f}s; console:\n{tail}")
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return "(no console output)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def powerdown(self, timeout: float = 60) -> int:
+        """ACPI power button; waits for the guest to shut down and QEMU to exit."""
+        assert self.process is not None
+        await self.qmp.execute("system_powerdown")
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            raise RastosError(f"the VM did not power off within {timeout:.0f}s") from None
+
+    async def kill(self) -> None:
+        """Stop QEMU at once, as a power cut would."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+    async def close(self) -> None:
+        await self.kill()
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self._status_writer is not None:
+            self._status_writer.close()
+
+
+@contextlib.asynccontextmanager
+async def running_vm(options: VmOptions, console_log: Path) -> AsyncIterator[VirtualMachine]:
+    with tempfile.TemporaryDirectory(prefix="rastos-vm-") as tmp:
+        vm = VirtualMachine(options, Path(tmp), console_log)
+        try:
+            await vm.start()
+            yield vm
+        finally:
+            await vm.close()

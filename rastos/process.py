@@ -1,0 +1,177 @@
+"""The single place that starts external processes.
+
+Every command is an argv list (never a shell string), is logged as `+ cmd` at debug level, has its
+output streamed into the log as it runs, and turns a failure into one `CommandError` that carries the
+tail of the output. A missing program becomes an error naming the Debian package that provides it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rastos.errors import CommandError, RastosError
+
+log = logging.getLogger("rastos.run")
+
+# Which Debian package provides each program we run, so a missing one can be named.
+PACKAGE_OF_PROGRAM: dict[str, str] = {
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.btrfs": "btrfs-progs",
+    "btrfs": "btrfs-progs",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "mdir": "mtools",
+    "mtype": "mtools",
+    "sfdisk": "fdisk",
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "bwrap": "bubblewrap",
+    "unshare": "util-linux",
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "dpkg-query": "dpkg",
+    "dbus-daemon": "dbus",
+    "busctl": "systemd",
+}
+
+TAIL_LINES = 25
+
+Argv = Sequence[str | os.PathLike[str]]
+
+
+def missing_program_error(program: str) -> RastosError:
+    package = PACKAGE_OF_PROGRAM.get(program)
+    hint = (
+        f"install the Debian package '{package}' (or run ./setup-host)"
+        if package
+        else "install it, or run ./setup-host"
+    )
+    return RastosError(f"required program '{program}' was not found", hint=hint)
+
+
+def run(
+    argv: Argv,
+    *,
+    check: bool = True,
+    capture: bool = False,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion.
+
+    With `capture`, stdout is returned in `.stdout` and stderr goes to the log; otherwise stdout and
+    stderr are merged and streamed into the log line by line (so a long command's progress is in the
+    build log while it runs, and its last lines are in the error if it fails).
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        if capture:
+            return _run_captured(args, check=check, input=input, env=full_env, cwd=cwd)
+        return _run_streamed(args, check=check, input=input, env=full_env, cwd=cwd)
+    except FileNotFoundError as e:
+        if e.filename == args[0]:
+            raise missing_program_error(args[0]) from None
+        raise
+
+
+def _run_captured(
+    args: list[str],
+    *,
+    check: bool,
+    input: str | None,
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        args, input=input, capture_output=True, text=True, env=env, cwd=cwd, check=False
+    )
+    for line in result.stderr.splitlines():
+        log.debug("  %s", line)
+    if check and result.returncode != 0:
+        tail = "\n".join(result.stderr.splitlines()[-TAIL_LINES:])
+        raise CommandError(args, result.returncode, tail)
+    return result
+
+
+def _run_streamed(
+    args: list[str],
+    *,
+    check: bool,
+    input: str | None,
+    env: Mapping[str, str] | None,
+    cwd: Path | None,
+) -> subprocess.CompletedProcess[str]:
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    with subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        cwd=cwd,
+    ) as proc:
+        if input is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(input)
+            proc.stdin.close()
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                log.debug("  %s", line)
+            returncode = proc.wait()
+        except BaseException:
+            # Ctrl-C or an error in this process: the child must not outlive us, since it may hold
+            # mounts or half-written files that our cleanup is about to remove.
+            _stop(proc)
+            raise
+    if check and returncode != 0:
+        raise CommandError(args, returncode, "\n".join(tail))
+    return subprocess.CompletedProcess(args, returncode, "", "")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_foreground(argv: Argv) -> int:
+    """Run an interactive command attached to this terminal; returns its exit status."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    try:
+        return subprocess.call(args)
+    except FileNotFoundError as e:
+        if e.filename == args[0]:
+            raise missing_program_error(args[0]) from None
+        raise
+
+
+def start(argv: Argv, **popen: object) -> subprocess.Popen[bytes]:
+    """Start a long-running command (a VM, a probe) that the caller supervises."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ %s &", shlex.join(args))
+    try:
+        return subprocess.Popen(args, **popen)  # type: ignore[call-overload,no-any-return]
+    except FileNotFoundError as e:
+        if e.filename == args[0]:
+            raise missing_program_error(args[0]) from None
+        raise
