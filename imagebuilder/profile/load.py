@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from imagebuilder.profile.model import Profile
+from imagebuilder.profile.model import DistributionName, MiB, Profile, format_size
 from rastos.errors import RastosError
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -37,7 +37,7 @@ def available_profiles(directory: Path = PROFILE_DIR) -> list[Path]:
 def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Profile:
     """Load a profile by name (from `directory`) or by path to a .toml file."""
     path = _locate(str(name_or_path), directory)
-    chain = _read_chain(path)
+    chain = _read_chain(path, directory)
     merged: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     for source, raw in chain:
@@ -46,7 +46,34 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     merged["sources"] = [str(p) for p, _ in chain]
     origins["name"] = path
     origins["sources"] = path
-    return _build(Profile, merged, "", _Origins(origins, path))
+    found = _Origins(origins, path)
+    profile: Profile = _build(Profile, merged, "", found)
+    _check_whole(profile, found)
+    return profile
+
+
+def _check_whole(profile: Profile, origins: _Origins) -> None:
+    """Checks that span several keys; the error names the file of the key that must change."""
+    if profile.distribution.name is not DistributionName.debian:
+        raise ProfileError(
+            f"{origins.of('distribution.name')}: key 'distribution.name': "
+            f"'{profile.distribution.name}' images cannot be built yet; only 'debian' can"
+        )
+    if profile.disk.esp_size + 512 * MiB > profile.disk.size:
+        raise ProfileError(
+            f"{origins.of('disk.size')}: key 'disk.size': {format_size(profile.disk.size)} leaves less "
+            f"than 512M for the root file system beside a {format_size(profile.disk.esp_size)} ESP"
+        )
+    b = profile.btrfs
+    names = [b.root, b.snapshots, b.home, b.var_log, b.state]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ProfileError(
+            f"{origins.of('btrfs')}: table 'btrfs': subvolume '{duplicate}' is named for two mount points"
+        )
+    users = [u.name for u in profile.users]
+    if len(set(users)) != len(users):
+        raise ProfileError(f"{origins.of('users')}: key 'users': a user is listed twice")
 
 
 def _locate(name: str, directory: Path) -> Path:
@@ -64,7 +91,16 @@ def _locate(name: str, directory: Path) -> Path:
     return path.resolve()
 
 
-def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+def _find_parent(child: Path, parent: str, directory: Path) -> Path:
+    """A parent is looked up beside its child first, then among the shipped profiles."""
+    for folder in dict.fromkeys([child.parent, directory]):
+        candidate = folder / f"{parent}.toml"
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ProfileError(f"{child}: key 'extends': no profile named '{parent}' in {child.parent} or {directory}")
+
+
+def _read_chain(path: Path, directory: Path) -> list[tuple[Path, dict[str, Any]]]:
     """The profile and its ancestors, the most distant ancestor first."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     seen: list[Path] = []
@@ -84,12 +120,7 @@ def _read_chain(path: Path) -> list[tuple[Path, dict[str, Any]]]:
         elif not isinstance(parent, str) or not parent:
             raise ProfileError(f"{current}: key 'extends': expected a profile name, got {parent!r}")
         else:
-            parent_path = current.parent / f"{parent}.toml"
-            if not parent_path.is_file():
-                raise ProfileError(
-                    f"{current}: key 'extends': no profile named '{parent}' in {current.parent}"
-                )
-            current = parent_path.resolve()
+            current = _find_parent(current, parent, directory)
     return list(reversed(chain))
 
 

@@ -158,6 +158,8 @@ def apply_units(root: Path, profile: Profile) -> int:
             f"{', '.join(missing)}",
             hint="add the package that ships them to packages.include",
         )
+    # No image has a display manager; graphical.target would only add a step to every boot.
+    chroot_run(root, ["systemctl", "--root=/", "--quiet", "set-default", "multi-user.target"])
     if system.enable:
         chroot_run(root, ["systemctl", "--root=/", "--quiet", "enable", *system.enable])
     if system.mask:

@@ -1,0 +1,193 @@
+"""Profiles: parsing, inheritance, validation messages (each names the file, the key and why)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from imagebuilder.profile import ProfileError, available_profiles, load_profile
+from imagebuilder.profile.load import PROFILE_DIR, profile_from_dict, profile_to_dict
+from imagebuilder.profile.model import GiB, MiB, ImageFormat, InitramfsModules, parse_size
+
+SHIPPED = {"base", "minimal", "server", "container-host", "development", "hardened"}
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path | str, directory: Path = PROFILE_DIR) -> str:
+    with pytest.raises(ProfileError) as info:
+        load_profile(path, directory)
+    return str(info.value)
+
+
+def test_every_shipped_profile_loads_and_round_trips_through_json() -> None:
+    names = {p.stem for p in available_profiles()}
+    assert SHIPPED <= names
+    for name in names:
+        profile = load_profile(name)
+        assert profile.description, f"{name} needs a description"
+        data = json.loads(json.dumps(profile_to_dict(profile)))
+        assert profile_from_dict(data) == profile
+
+
+def test_minimal_is_small_and_for_vms() -> None:
+    minimal = load_profile("minimal")
+    assert minimal.packages.docs is False
+    assert minimal.kernel.initramfs is InitramfsModules.virtio
+    assert minimal.disk.formats == (ImageFormat.qcow2,)
+    assert minimal.distribution.suite == "trixie"
+
+
+def test_child_appends_lists_and_replaces_scalars(tmp_path: Path) -> None:
+    write(tmp_path, "parent", """
+description = "parent"
+[packages]
+include = ["less", "curl"]
+[kernel]
+cmdline = ["quiet"]
+[kernel.sysctl]
+"vm.swappiness" = 60
+"kernel.sysrq" = 1
+[disk]
+size = "8G"
+formats = ["raw"]
+[[users]]
+name = "alice"
+shell = "/bin/sh"
+""")
+    child = write(tmp_path, "child", """
+description = "child"
+extends = "parent"
+[packages]
+include = ["curl", "htop"]
+[kernel]
+cmdline = ["loglevel=3"]
+[kernel.sysctl]
+"vm.swappiness" = 10
+[disk]
+formats = ["qcow2"]
+[[users]]
+name = "alice"
+shell = "/bin/bash"
+[[users]]
+name = "bob"
+""")
+    profile = load_profile(child, tmp_path)
+    assert profile.packages.include == ("less", "curl", "htop")
+    assert profile.kernel.cmdline == ("quiet", "loglevel=3")
+    assert profile.kernel.sysctl == {"vm.swappiness": "10", "kernel.sysrq": "1"}
+    assert profile.disk.size == 8 * GiB
+    assert profile.disk.formats == (ImageFormat.qcow2,)  # replaced, not appended
+    assert [(u.name, u.shell) for u in profile.users] == [("alice", "/bin/bash"), ("bob", "/bin/bash")]
+    assert profile.description == "child"
+    assert profile.sources == (str(tmp_path / "parent.toml"), str(child))
+
+
+def test_a_profile_outside_the_tree_can_extend_a_shipped_one(tmp_path: Path) -> None:
+    mine = write(tmp_path, "mine", 'extends = "minimal"\n[system]\nhostname = "box"\n')
+    profile = load_profile(mine)
+    assert profile.system.hostname == "box"
+    assert profile.packages.docs is False
+
+
+def test_unknown_key_names_file_key_and_suggests(tmp_path: Path) -> None:
+    path = write(tmp_path, "typo", '[kernel]\ncmdlnie = ["quiet"]\n')
+    message = error_of(path)
+    assert str(path) in message
+    assert "unknown key 'kernel.cmdlnie'" in message
+    assert "did you mean 'cmdline'" in message
+
+
+def test_unknown_top_level_table(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, "t", "[kernal]\npackage = 'x'\n"))
+    assert "unknown key 'kernal'" in message and "did you mean 'kernel'" in message
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "reason"),
+    [
+        ('[disk]\nsize = "4X"\n', "disk.size", 'expected a size such as "4G"'),
+        ("[disk]\nsize = true\n", "disk.size", "expected a size"),
+        ('[disk]\nsize = "100M"\n', "disk.size", "must be at least 512M"),
+        ('[boot]\ntries = "3"\n', "boot.tries", "expected an integer, got a string"),
+        ("[boot]\ntries = 12\n", "boot.tries", "between 0 and 9"),
+        ('[packages]\ninclude = "vim"\n', "packages.include", "expected a list"),
+        ('[packages]\ninclude = ["Bad Name"]\n', "packages.include", "not a valid package name"),
+        ('[system]\nhostname = "-bad-"\n', "system.hostname", "not a valid host name"),
+        ('[disk]\nformats = ["vmdk"]\n', "disk.formats[0]", "'vmdk' is not one of raw, qcow2"),
+        ('[kernel]\ninitramfs = "tiny"\n', "kernel.initramfs", "is not one of virtio, generic"),
+        ('[btrfs]\nhome = "home"\n', "btrfs.home", "must start with @"),
+        ('[distribution]\nmirror = "deb.debian.org"\n', "distribution.mirror", "not a URL"),
+        ('[[users]]\nname = "Root!"\n', "users[0].name", "not a valid user name"),
+        ('[[users]]\nname = "a"\nssh_keys = ["hello"]\n', "users[0].ssh_keys", "not an ssh public key"),
+        ('[system]\nenable = ["sshd"]\n', "system.enable", "not a valid unit name"),
+        ('[kernel.sysctl]\n"vm.swappiness" = [1]\n', "kernel.sysctl.vm.swappiness", "expected a string or integer"),
+        ("[disk]\nsize = \"600M\"\nesp_size = \"256M\"\n", "disk.size", "leaves less than 512M"),
+        ('[distribution]\nname = "arch"\n', "distribution.name", "cannot be built yet"),
+        ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
+    ],
+)
+def test_impossible_values_are_refused_naming_file_and_key(
+    tmp_path: Path, toml: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, "bad", 'extends = "base"\n' + toml)
+    message = error_of(path)
+    assert message.startswith(f"{path}: "), message
+    assert f"'{key}'" in message, message
+    assert reason in message, message
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path: Path) -> None:
+    """A bad value inherited from a parent is blamed on the parent, not on the child."""
+    parent = write(tmp_path, "parent", '[boot]\ntries = 42\n')
+    child = write(tmp_path, "child", 'extends = "parent"\n[system]\nhostname = "ok"\n')
+    message = error_of(child, tmp_path)
+    assert message.startswith(f"{parent}: key 'boot.tries'")
+
+
+def test_extends_cycle_and_missing_parent(tmp_path: Path) -> None:
+    write(tmp_path, "a", 'extends = "b"\n')
+    write(tmp_path, "b", 'extends = "a"\n')
+    assert "cycle: a -> b -> a" in error_of(tmp_path / "a.toml", tmp_path)
+    orphan = write(tmp_path, "orphan", 'extends = "nowhere"\n')
+    assert "no profile named 'nowhere'" in error_of(orphan, tmp_path)
+
+
+def test_invalid_toml_and_unknown_profile_name(tmp_path: Path) -> None:
+    broken = write(tmp_path, "broken", "[disk\nsize=1")
+    assert f"{broken}: not valid TOML" in error_of(broken)
+    assert "did you mean 'minimal'" in error_of("minimall")
+
+
+def test_name_comes_from_the_file_not_the_contents(tmp_path: Path) -> None:
+    assert "unknown key 'name'" in error_of(write(tmp_path, "n", 'name = "other"\n'))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4G", 4 * GiB), ("512M", 512 * MiB), ("300MiB", 300 * MiB), ("1024", 1024), (2048, 2048), ("2g", 2 * GiB)],
+)
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_profile_field_help_is_documented() -> None:
+    """Every profile key has a help line, and docs/profiles.md mentions each key."""
+    import dataclasses
+
+    from imagebuilder.profile import model
+
+    docs = (PROFILE_DIR.parent / "docs" / "profiles.md").read_text()
+    tables = [model.DistributionConfig, model.PackagesConfig, model.KernelConfig, model.UserConfig,
+              model.SystemConfig, model.DiskConfig, model.BtrfsConfig, model.BootConfig]
+    for table in tables:
+        for field in dataclasses.fields(table):
+            assert field.metadata.get("help"), f"{table.__name__}.{field.name} has no help"
+            assert re.search(rf"`{field.name}`", docs), f"docs/profiles.md does not mention {field.name}"

@@ -1,0 +1,102 @@
+"""The pure parts of the build: cache keys and their explanations, fstab, boot entries, disk layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagebuilder.context import BuildContext, KernelInfo
+from imagebuilder.profile import load_profile
+from imagebuilder.profile.model import MiB
+from imagebuilder.stages.bootloader import boot_entry, entry_filename, kernel_cmdline, loader_conf
+from imagebuilder.stages.bootstrap import cache_key, describe_change, package_set
+from imagebuilder.stages.configure import fstab
+from imagebuilder.stages.disk import plan_layout
+
+
+def context(profile_name: str = "minimal") -> BuildContext:
+    ctx = BuildContext(
+        profile=load_profile(profile_name),
+        cache_dir=Path("/nonexistent/cache"),
+        work_dir=Path("/nonexistent/work"),
+        staging_dir=Path("/nonexistent/staging"),
+        output_dir=Path("/nonexistent/out"),
+        image_name="rastos-test",
+    )
+    ctx.kernel = KernelInfo("6.12.0-test", Path("/boot/vmlinuz-6.12.0-test"), Path("/boot/initrd.img-6.12.0-test"))
+    ctx.cmdline = kernel_cmdline(ctx)
+    return ctx
+
+
+def test_cache_key_changes_with_bootstrap_inputs_only() -> None:
+    inputs = {"suite": "trixie", "packages": ["a", "b"], "docs": False}
+    assert cache_key(inputs) == cache_key(dict(reversed(list(inputs.items()))))
+    assert cache_key(inputs) != cache_key({**inputs, "packages": ["a", "b", "c"]})
+
+
+def test_late_stage_settings_do_not_reach_the_bootstrap(tmp_path: Path) -> None:
+    """A sysctl, a user or the host name changes the image but not the package set."""
+    changed = tmp_path / "tuned.toml"
+    changed.write_text('extends = "minimal"\n[kernel.sysctl]\n"vm.swappiness" = 5\n[system]\nhostname = "x"\n')
+    assert package_set(load_profile(changed)) == package_set(load_profile("minimal"))
+
+
+def test_sudo_user_brings_sudo(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('extends = "minimal"\n[[users]]\nname = "ops"\nsudo = true\n')
+    assert "sudo" in package_set(load_profile(path))
+    assert "sudo" not in package_set(load_profile("minimal"))
+
+
+def test_describe_change_names_what_changed() -> None:
+    old = {"suite": "bookworm", "packages": ["a", "b"], "docs": True}
+    new = {"suite": "trixie", "packages": ["b", "c"], "docs": True}
+    assert describe_change(old, new) == "packages: +c -a; suite: bookworm -> trixie"
+    assert describe_change(None, new) == "no earlier build of this profile"
+
+
+def test_fstab_mounts_every_subvolume_by_uuid_and_leaves_root_to_the_boot_entry() -> None:
+    ctx = context()
+    lines = [line.split("\t") for line in fstab(ctx).splitlines() if not line.startswith("#")]
+    by_mountpoint = {fields[1]: fields for fields in lines}
+    uuid = f"UUID={ctx.ids.root_fs_uuid}"
+    assert by_mountpoint["/"][0] == uuid and "subvol=" not in by_mountpoint["/"][3]
+    for mountpoint, subvolume in [("/home", "@home"), ("/var/log", "@var_log"),
+                                  ("/var/lib/rastos", "@rastos"), ("/.snapshots", "@snapshots")]:
+        assert by_mountpoint[mountpoint][0] == uuid
+        assert f"subvol=/{subvolume}," in by_mountpoint[mountpoint][3]
+    assert by_mountpoint["/efi"][0] == f"UUID={ctx.ids.esp_fs_uuid}"
+    assert "x-systemd.automount" in by_mountpoint["/efi"][3]
+
+
+def test_boot_entry_names_its_subvolume_and_counts_tries() -> None:
+    ctx = context()
+    assert entry_filename(ctx) == "rastos-0+3.conf"
+    entry = dict(line.split(None, 1) for line in boot_entry(ctx).splitlines())
+    assert entry["linux"] == "/rastos/6.12.0-test/linux"
+    assert entry["initrd"] == "/rastos/6.12.0-test/initrd"
+    options = entry["options"].split()
+    assert f"root=UUID={ctx.ids.root_fs_uuid}" in options
+    assert "rootflags=subvol=@" in options
+    assert "module_blacklist=floppy,pcspkr,joydev" in options
+    assert "console=ttyS0,115200" in options
+    assert "timeout 0" in loader_conf(ctx)
+
+
+def test_no_boot_counting_when_tries_is_zero(tmp_path: Path) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text('extends = "minimal"\n[boot]\ntries = 0\n')
+    ctx = context()
+    ctx.profile = load_profile(path)
+    assert entry_filename(ctx) == "rastos-0.conf"
+
+
+@pytest.mark.parametrize("name", ["minimal", "server", "hardened"])
+def test_disk_layout_is_aligned_and_fits(name: str) -> None:
+    profile = load_profile(name)
+    layout = plan_layout(profile)
+    assert layout.esp_start == MiB
+    assert layout.root_start == layout.esp_start + layout.esp_size
+    assert layout.root_start % MiB == 0 and layout.root_size % MiB == 0
+    assert layout.root_start + layout.root_size <= layout.total - MiB  # room for the backup GPT
