@@ -129,7 +129,7 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ('[[users]]\nname = "a"\nssh_keys = ["hello"]\n', "users[0].ssh_keys", "not an ssh public key"),
         ('[system]\nenable = ["sshd"]\n', "system.enable", "not a valid unit name"),
         ('[kernel.sysctl]\n"vm.swappiness" = [1]\n', "kernel.sysctl.vm.swappiness", "expected a string or integer"),
-        ("[disk]\nsize = \"600M\"\nesp_size = \"256M\"\n", "disk.size", "leaves less than 512M"),
+        ("[disk]\nsize = \"600M\"\nesp_size = \"400M\"\n", "disk.size", "leaves less than 256M"),
         ('[distribution]\nname = "arch"\n', "distribution.name", "cannot be built yet"),
         ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
     ],

@@ -59,10 +59,10 @@ def _check_whole(profile: Profile, origins: _Origins) -> None:
             f"{origins.of('distribution.name')}: key 'distribution.name': "
             f"'{profile.distribution.name}' images cannot be built yet; only 'debian' can"
         )
-    if profile.disk.esp_size + 512 * MiB > profile.disk.size:
+    if profile.disk.esp_size + 256 * MiB > profile.disk.size:
         raise ProfileError(
             f"{origins.of('disk.size')}: key 'disk.size': {format_size(profile.disk.size)} leaves less "
-            f"than 512M for the root file system beside a {format_size(profile.disk.esp_size)} ESP"
+            f"than 256M for the root file system beside a {format_size(profile.disk.esp_size)} ESP"
         )
     b = profile.btrfs
     names = [b.root, b.snapshots, b.home, b.var_log, b.state]

@@ -155,7 +155,7 @@ def _build_entry(ctx: BuildContext, entry: Path, inputs: dict[str, Any]) -> None
         argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs)
         try:
             # A private mount namespace: whatever mmdebstrap mounts vanishes with it, even on SIGKILL.
-            run(["unshare", "--mount", "--propagation", "private", "--fork", "--", *argv])
+            run(["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--", *argv])
         except CommandError as e:
             raise RastosError(
                 f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n"

@@ -1,0 +1,5 @@
+import sys
+
+from imagebuilder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""Fixtures for tests that run the real builder (root, Debian's registry, real files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
+
+
+@dataclass
+class BuildRun:
+    returncode: int
+    events: list[dict[str, Any]]
+    stderr: str
+    output_dir: Path
+
+
+def rastos_image(*args: str | Path, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imagebuilder", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=CHECKOUT, check=False,
+    )  # fmt: skip
+
+
+def build(profile: str | Path, output_dir: Path, *extra: str) -> BuildRun:
+    result = rastos_image("build", profile, "--json", "--output-dir", output_dir, "--cache-dir", CACHE_DIR, *extra)
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return BuildRun(result.returncode, events, result.stderr, output_dir)
+
+
+def host_state() -> dict[str, Any]:
+    """Mounts and loop devices on the host: a build must leave both as it found them."""
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    loops = subprocess.run(["losetup", "--list", "--noheadings"], capture_output=True, text=True, check=False)
+    return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops.stdout}
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+@pytest.fixture(scope="session")
+def minimal_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildRun]:
+    """A real build of the shipped `minimal` profile, with a raw image too, shared by the tests."""
+    require_root()
+    directory = tmp_path_factory.mktemp("minimal")
+    profile = directory / "minimal-raw.toml"
+    profile.write_text('extends = "minimal"\n[disk]\nformats = ["raw", "qcow2"]\n')
+    run = build(profile, directory / "out")
+    assert run.returncode == 0, run.stderr
+    yield run
