@@ -22,7 +22,6 @@ from imagebuilder.profile.load import PROFILE_DIR, profile_to_dict
 from imagebuilder.vm import (
     VmOptions,
     choose_accel,
-    efivars_path,
     find_firmware,
     prepare_vars,
     qemu_argv,
@@ -97,9 +96,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    options = VmOptions(
-        image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot
-    )
+    options = VmOptions(image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot)
     if args.until_ready:
         return _boot_until_ready(options, args.json, args.timeout)
     return _boot_interactive(options)

@@ -91,7 +91,9 @@ class ConsoleEvents:
                 mark = {"waiting": Text("·", "dim"), "done": Text("✓", "green"), "failed": Text("✗", "red")}[row.state]
                 seconds = row.seconds
             time_text = Text(f"{seconds:6.1f}s" if row.state != "waiting" else "", "dim")
-            table.add_row(mark, Text(row.stage, "bold" if row.state == "running" else ""), time_text, Text(row.note, "dim"))
+            table.add_row(
+                mark, Text(row.stage, "bold" if row.state == "running" else ""), time_text, Text(row.note, "dim")
+            )
         return table
 
     def _refresh(self) -> None:

@@ -148,7 +148,7 @@ def qemu_argv(
     ]  # fmt: skip
     return [
         QEMU,
-        "-name", f"rastos,process=rastos-vm",
+        "-name", "rastos,process=rastos-vm",
         "-machine", "q35,smm=off,vmport=off",
         *accel_args,
         "-smp", str(options.cpus),

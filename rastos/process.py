@@ -93,9 +93,7 @@ def _run_captured(
     env: Mapping[str, str] | None,
     cwd: Path | None,
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        args, input=input, capture_output=True, text=True, env=env, cwd=cwd, check=False
-    )
+    result = subprocess.run(args, input=input, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     for line in result.stderr.splitlines():
         log.debug("  %s", line)
     if check and result.returncode != 0:

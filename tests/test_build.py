@@ -139,7 +139,9 @@ def test_rebuild_reuses_the_bootstrap_and_says_so(minimal_build: BuildRun, tmp_p
 
 
 def leftovers(output_dir: Path) -> list[str]:
-    found = [p.name for p in output_dir.iterdir() if p.name not in ("build.log", ".lock")] if output_dir.exists() else []
+    found = (
+        [p.name for p in output_dir.iterdir() if p.name not in ("build.log", ".lock")] if output_dir.exists() else []
+    )
     found += [str(p) for p in (CACHE_DIR / "work").glob("*")]
     found += [str(p) for p in (CACHE_DIR / "bootstrap").glob("*.partial")]
     return found

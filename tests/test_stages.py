@@ -62,8 +62,12 @@ def test_fstab_mounts_every_subvolume_by_uuid_and_leaves_root_to_the_boot_entry(
     by_mountpoint = {fields[1]: fields for fields in lines}
     uuid = f"UUID={ctx.ids.root_fs_uuid}"
     assert by_mountpoint["/"][0] == uuid and "subvol=" not in by_mountpoint["/"][3]
-    for mountpoint, subvolume in [("/home", "@home"), ("/var/log", "@var_log"),
-                                  ("/var/lib/rastos", "@rastos"), ("/.snapshots", "@snapshots")]:
+    for mountpoint, subvolume in [
+        ("/home", "@home"),
+        ("/var/log", "@var_log"),
+        ("/var/lib/rastos", "@rastos"),
+        ("/.snapshots", "@snapshots"),
+    ]:
         assert by_mountpoint[mountpoint][0] == uuid
         assert f"subvol=/{subvolume}," in by_mountpoint[mountpoint][3]
     assert by_mountpoint["/efi"][0] == f"UUID={ctx.ids.esp_fs_uuid}"

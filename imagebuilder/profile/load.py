@@ -165,7 +165,7 @@ def _merge_table(
     hints = _hints(cls)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if key not in fields or key == "name" and cls is Profile:
+        if key not in fields or (key == "name" and cls is Profile):
             raise _unknown_key(source, dotted, cls)
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
@@ -292,9 +292,7 @@ def _convert(kind: Any, spec: dataclasses.Field[Any] | None, value: Any, dotted:
     if isinstance(kind, type) and issubclass(kind, Enum):
         choices = [m.value for m in kind]
         if value not in choices:
-            raise ProfileError(
-                f"{origins.of(dotted)}: key '{dotted}': {value!r} is not one of {', '.join(choices)}"
-            )
+            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': {value!r} is not one of {', '.join(choices)}")
         return kind(value)
     if kind is bool:
         if not isinstance(value, bool):

@@ -43,12 +43,12 @@ _UNITS = {"": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
 def parse_size(value: object) -> int:
     """A size in bytes from an integer or a string such as "4G", "512M" or "300MiB"."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as \"4G\" or \"512M\"")
+        raise ValueError('expected a size such as "4G" or "512M"')
     if isinstance(value, int):
         return value
     if isinstance(value, str) and (m := _SIZE.match(value)):
         return int(m.group(1)) * _UNITS[m.group(2).upper()]
-    raise ValueError(f"expected a size such as \"4G\" or \"512M\", got {value!r}")
+    raise ValueError(f'expected a size such as "4G" or "512M", got {value!r}')
 
 
 def format_size(size: int) -> str:
@@ -88,9 +88,7 @@ def _meta(help: str, **extra: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class DistributionConfig:
-    name: DistributionName = field(
-        default=DistributionName.debian, metadata=_meta("package-based distribution")
-    )
+    name: DistributionName = field(default=DistributionName.debian, metadata=_meta("package-based distribution"))
     suite: str = field(default="trixie", metadata=_meta("release to install, e.g. trixie"))
     mirror: str = field(
         default="http://deb.debian.org/debian",
@@ -117,9 +115,7 @@ class PackagesConfig:
         default=(),
         metadata=_meta("packages to install", merge="append", check=_check_all(_PACKAGE, "package name")),
     )
-    docs: bool = field(
-        default=True, metadata=_meta("keep /usr/share/doc, man pages and translations")
-    )
+    docs: bool = field(default=True, metadata=_meta("keep /usr/share/doc, man pages and translations"))
 
 
 @dataclass(frozen=True)
@@ -128,9 +124,7 @@ class KernelConfig:
         default="linux-image-amd64",
         metadata=_meta("distribution kernel package", check=_check_one(_PACKAGE, "package name")),
     )
-    cmdline: tuple[str, ...] = field(
-        default=(), metadata=_meta("kernel command line arguments", merge="append")
-    )
+    cmdline: tuple[str, ...] = field(default=(), metadata=_meta("kernel command line arguments", merge="append"))
     sysctl: Mapping[str, str] = field(
         default_factory=dict,
         metadata=_meta(
@@ -141,9 +135,7 @@ class KernelConfig:
     )
     blacklist: tuple[str, ...] = field(
         default=(),
-        metadata=_meta(
-            "kernel modules that must never load", merge="append", check=_check_all(_MODULE, "module name")
-        ),
+        metadata=_meta("kernel modules that must never load", merge="append", check=_check_all(_MODULE, "module name")),
     )
     initramfs: InitramfsModules = field(
         default=InitramfsModules.virtio,
@@ -178,7 +170,11 @@ class UserConfig:
         default=None,
         metadata=_meta(
             "crypt(3) hash; absent means the password is locked (ssh keys only)",
-            check=lambda v: None if v is None or v.startswith("$") or v == "" else "must be a crypt(3) hash starting with '$' (or empty for no password)",
+            check=lambda v: (
+                None
+                if v is None or v.startswith("$") or v == ""
+                else "must be a crypt(3) hash starting with '$' (or empty for no password)"
+            ),
         ),
     )
 
@@ -187,9 +183,7 @@ class UserConfig:
 class SystemConfig:
     hostname: str = field(default="rastos", metadata=_meta("host name", check=_check_one(_HOSTNAME, "host name")))
     timezone: str = field(default="UTC", metadata=_meta("time zone, e.g. Europe/Berlin"))
-    autologin: bool = field(
-        default=False, metadata=_meta("log root in on the serial console without a password")
-    )
+    autologin: bool = field(default=False, metadata=_meta("log root in on the serial console without a password"))
     enable: tuple[str, ...] = field(
         default=(), metadata=_meta("systemd units to enable", merge="append", check=_check_all(_UNIT, "unit name"))
     )
@@ -217,17 +211,48 @@ class DiskConfig:
         ),
     )
     formats: tuple[ImageFormat, ...] = field(
-        default=(ImageFormat.qcow2,), metadata=_meta("output formats: raw, qcow2", check=lambda v: None if v else "must not be empty")
+        default=(ImageFormat.qcow2,),
+        metadata=_meta("output formats: raw, qcow2", check=lambda v: None if v else "must not be empty"),
     )
 
 
 @dataclass(frozen=True)
 class BtrfsConfig:
-    root: str = field(default="@", metadata=_meta("subvolume of the first deployment's root", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
-    snapshots: str = field(default="@snapshots", metadata=_meta("subvolume holding snapshots, at /.snapshots", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
-    home: str = field(default="@home", metadata=_meta("subvolume for /home (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
-    var_log: str = field(default="@var_log", metadata=_meta("subvolume for /var/log (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
-    state: str = field(default="@rastos", metadata=_meta("subvolume for the daemon's state, /var/lib/rastos (never rolled back)", check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")))
+    root: str = field(
+        default="@",
+        metadata=_meta(
+            "subvolume of the first deployment's root",
+            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
+        ),
+    )
+    snapshots: str = field(
+        default="@snapshots",
+        metadata=_meta(
+            "subvolume holding snapshots, at /.snapshots",
+            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
+        ),
+    )
+    home: str = field(
+        default="@home",
+        metadata=_meta(
+            "subvolume for /home (never rolled back)",
+            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
+        ),
+    )
+    var_log: str = field(
+        default="@var_log",
+        metadata=_meta(
+            "subvolume for /var/log (never rolled back)",
+            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
+        ),
+    )
+    state: str = field(
+        default="@rastos",
+        metadata=_meta(
+            "subvolume for the daemon's state, /var/lib/rastos (never rolled back)",
+            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
+        ),
+    )
     compression: str = field(
         default="zstd:1",
         metadata=_meta(
@@ -264,7 +289,11 @@ class BootConfig:
         ),
     )
     console: str = field(
-        default="ttyS0", metadata=_meta("serial console device ('' for none)", check=lambda v: None if re.match(r"^(ttyS\d+|hvc\d+|)$", v) else f"not a console device: {v!r}")
+        default="ttyS0",
+        metadata=_meta(
+            "serial console device ('' for none)",
+            check=lambda v: None if re.match(r"^(ttyS\d+|hvc\d+|)$", v) else f"not a console device: {v!r}",
+        ),
     )
 
 

@@ -158,10 +158,8 @@ def _build_entry(ctx: BuildContext, entry: Path, inputs: dict[str, Any]) -> None
             run(["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--", *argv])
         except CommandError as e:
             raise RastosError(
-                f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n"
-                f"{e.output_tail}",
-                hint="a package name in the profile may not exist in this suite; "
-                "the full log is in build.log",
+                f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n{e.output_tail}",
+                hint="a package name in the profile may not exist in this suite; the full log is in build.log",
             ) from None
         shutil.rmtree(overlay)
         (partial / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
@@ -177,8 +175,7 @@ def _write_bootstrap_overlay(overlay: Path, profile: Profile) -> Path:
     conf.mkdir(parents=True)
     if profile.kernel.initramfs is InitramfsModules.virtio:
         (conf / "rastos.conf").write_text(
-            "# Written by rastos-image: only the drivers listed in modules.d/rastos-vm\n"
-            "MODULES=list\nCOMPRESS=zstd\n"
+            "# Written by rastos-image: only the drivers listed in modules.d/rastos-vm\nMODULES=list\nCOMPRESS=zstd\n"
         )
         modules = overlay / "usr/share/initramfs-tools/modules.d"
         modules.mkdir(parents=True)
@@ -198,15 +195,15 @@ def mmdebstrap_argv(profile: Profile, target: Path, overlay: Path, debs: Path) -
         f"--architectures={d.architecture}",
         f"--components={','.join(d.components)}",
         f"--include={','.join(package_set(profile))}",
-        "--aptopt=Acquire::Retries \"3\"",
+        '--aptopt=Acquire::Retries "3"',
         # Downloaded packages are kept between builds, so a changed package list only fetches the
         # difference (the recipe from mmdebstrap's manual).
         "--skip=download/empty",
         "--skip=essential/unlink",
-        f"--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/ && cp -a {shlex.quote(str(overlay))}/. \"$1\"/",
+        f'--setup-hook=mkdir -p "$1"/var/cache/apt/archives/ && cp -a {shlex.quote(str(overlay))}/. "$1"/',
         f"--setup-hook=sync-in {shlex.quote(str(debs))} /var/cache/apt/archives/",
         f"--customize-hook=sync-out /var/cache/apt/archives {shlex.quote(str(debs))}",
-        "--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb",
+        '--customize-hook=rm -f "$1"/var/cache/apt/archives/*.deb',
     ]
     if not profile.packages.docs:
         argv += [f"--dpkgopt={opt}" for opt in DOCS_EXCLUDES]

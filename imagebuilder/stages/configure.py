@@ -79,8 +79,7 @@ def fstab(ctx: BuildContext) -> str:
             lines.append(f"UUID={uuid}\t{mountpoint}\tbtrfs\tsubvol=/{subvolume},{options}\t0 0")
     # The ESP is mounted on first use only: nothing at boot waits for it.
     lines.append(
-        f"UUID={ctx.ids.esp_fs_uuid}\t/efi\tvfat\t"
-        "umask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60\t0 0"
+        f"UUID={ctx.ids.esp_fs_uuid}\t/efi\tvfat\tumask=0077,noauto,x-systemd.automount,x-systemd.idle-timeout=60\t0 0"
     )
     return "\n".join(lines) + "\n"
 
@@ -154,8 +153,7 @@ def apply_units(root: Path, profile: Profile) -> int:
     missing = [u for u in system.enable if not _unit_exists(root, u)]
     if missing:
         raise RastosError(
-            f"profile {profile.name}: system.enable names units the image does not have: "
-            f"{', '.join(missing)}",
+            f"profile {profile.name}: system.enable names units the image does not have: {', '.join(missing)}",
             hint="add the package that ships them to packages.include",
         )
     # No image has a display manager; graphical.target would only add a step to every boot.

@@ -69,7 +69,7 @@ def tree_size(path: Path) -> int:
     total = 0
     for directory, _, files in os.walk(path):
         for name in files:
-            st = os.lstat(os.path.join(directory, name))
+            st = os.lstat(Path(directory) / name)
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512

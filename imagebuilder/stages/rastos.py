@@ -83,14 +83,17 @@ def _has_install_section(unit: Path) -> bool:
 
 def image_info(ctx: BuildContext) -> str:
     """What the daemon reads to know which image and deployment it runs on."""
-    return json.dumps(
-        {
-            "profile": ctx.profile.name,
-            "builder_version": __version__,
-            "root_subvolume": ctx.profile.btrfs.root,
-            "snapshots_subvolume": ctx.profile.btrfs.snapshots,
-            "entry_id": ctx.entry_id,
-            "boot_tries": ctx.profile.boot.tries,
-        },
-        indent=2,
-    ) + "\n"
+    return (
+        json.dumps(
+            {
+                "profile": ctx.profile.name,
+                "builder_version": __version__,
+                "root_subvolume": ctx.profile.btrfs.root,
+                "snapshots_subvolume": ctx.profile.btrfs.snapshots,
+                "entry_id": ctx.entry_id,
+                "boot_tries": ctx.profile.boot.tries,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

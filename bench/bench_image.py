@@ -1,0 +1,110 @@
+"""Benchmark of the image builder and the boot (printed, never asserted).
+
+Measures, on this machine, in one run:
+  - cold build of `minimal` (empty cache: mmdebstrap downloads everything),
+  - warm rebuild after a late-stage change (a sysctl),
+  - qcow2 size,
+  - QEMU start to the guest's boot report (multi-user reached), with the guest's own breakdown,
+and a baseline measured in the same run: a bare mmdebstrap of the same package set, the part of a
+cold build no builder can avoid. Run as root: `.venv/bin/python -m bench.bench_image`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from imagebuilder.profile import load_profile
+from imagebuilder.stages.bootstrap import package_set
+from imagebuilder.vm import VmOptions, running_vm
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+TARGETS = {"cold": 60.0, "warm": 10.0, "qcow2_mb": 400.0, "boot": 15.0}
+
+
+def timed_build(profile: Path | str, out: Path, cache: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "imagebuilder", "build", str(profile), "--json",
+         "--output-dir", str(out), "--cache-dir", str(cache)],
+        cwd=CHECKOUT, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
+def bare_mmdebstrap(target: Path) -> float:
+    profile = load_profile("minimal")
+    started = time.monotonic()
+    subprocess.run(
+        ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(package_set(profile))}",
+         profile.distribution.suite, str(target), profile.distribution.mirror],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
+async def boot(image: Path, console: Path) -> dict[str, object]:
+    async with running_vm(VmOptions(image=image, snapshot=True), console) as vm:
+        report = await vm.wait_ready(600)
+        report["accel"] = vm.accel
+        await vm.powerdown()
+        return report
+
+
+def main() -> int:
+    args = argparse.ArgumentParser(description=__doc__).parse_args()
+    del args
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="rastos-bench-") as tmp:
+        work = Path(tmp)
+        baseline = bare_mmdebstrap(work / "baseline.tar")
+        cold = timed_build("minimal", work / "out", work / "cache")
+        tuned = work / "tuned.toml"
+        tuned.write_text('extends = "minimal"\n[kernel.sysctl]\n"vm.swappiness" = 7\n')
+        warm = timed_build(tuned, work / "out-warm", work / "cache")
+        manifest = json.loads((work / "out" / "manifest.json").read_text())
+        qcow2 = work / "out" / manifest["outputs"]["qcow2"]["file"]
+        qcow2_mb = qcow2.stat().st_size / 1e6
+        report = asyncio.run(boot(qcow2, work / "console.log"))
+    stamps = report["timestamps"]
+    assert isinstance(stamps, dict)
+    to_ready = float(report["host_seconds_to_ready"])  # type: ignore[arg-type]
+
+    table = Table(title=f"rastos-image, profile minimal ({report['accel']})")
+    for column in ("measure", "value", "target", "baseline", "ratio"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    table.add_row(
+        "cold build",
+        f"{cold:.1f} s",
+        f"<= {TARGETS['cold']:.0f} s",
+        f"{baseline:.1f} s (bare mmdebstrap)",
+        f"{cold / baseline:.2f}x",
+    )
+    table.add_row(
+        "warm rebuild (sysctl changed)",
+        f"{warm:.1f} s",
+        f"<= {TARGETS['warm']:.0f} s",
+        f"{cold:.1f} s (cold build)",
+        f"{warm / cold:.2f}x",
+    )
+    table.add_row("qcow2 size", f"{qcow2_mb:.0f} MB", f"<= {TARGETS['qcow2_mb']:.0f} MB", "", "")
+    table.add_row("QEMU start to boot report", f"{to_ready:.1f} s", f"<= {TARGETS['boot']:.0f} s", "", "")
+    userspace = stamps.get("userspace_usec", 0) / 1e6
+    finish = stamps.get("finish_usec", 0) / 1e6
+    table.add_row("  guest: kernel + initrd", f"{userspace:.1f} s", "", "", "")
+    table.add_row("  guest: userspace to multi-user", f"{finish - userspace:.1f} s", "", "", "")
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Boot tests: a real image, built once per session, booted under UEFI in QEMU and driven over QMP.
+
+When a test fails, the guest's console log (and, in the boot report of an unhealthy boot, its
+journal) is kept under $RASTOS_TEST_ARTIFACTS (default: qemu-tests/artifacts) and its path printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
+ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def minimal_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("building an image needs root")
+    out = tmp_path_factory.mktemp("image")
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebuilder", "build", "minimal", "--json",
+         "--output-dir", str(out), "--cache-dir", str(CACHE_DIR)],
+        capture_output=True, text=True, cwd=CHECKOUT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    return out / str(manifest["outputs"]["qcow2"]["file"])
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A folder for the test's console log and journal, kept only if the test fails."""
+    yield tmp_path
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        keep = ARTIFACTS / request.node.name
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.copytree(tmp_path, keep)
+        print(f"\nguest logs of the failed boot kept in {keep}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)  # type: ignore[attr-defined]
+    return report
