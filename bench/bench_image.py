@@ -56,6 +56,7 @@ async def boot(image: Path, console: Path) -> dict[str, object]:
     async with running_vm(VmOptions(image=image, snapshot=True), console) as vm:
         report = await vm.wait_ready(600)
         report["accel"] = vm.accel
+        report.update(await vm.diagnostics())
         await vm.powerdown()
         return report
 

@@ -138,7 +138,7 @@ def _boot_until_ready(options: VmOptions, as_json: bool, timeout: float = READY_
     )
     if report["failed_units"]:
         console.print(f"[red]failed units:[/red] {' '.join(report['failed_units'])}")
-        console.print(f"console log: {console_log}")
+        console.print(f"console log: {console_log}\njournal: {report.get('journal_file')}")
     return 0 if healthy else 1
 
 
@@ -146,6 +146,11 @@ async def _wait_ready(options: VmOptions, console_log: Path, timeout: float) -> 
     async with running_vm(options, console_log) as vm:
         report = await vm.wait_ready(timeout)
         report["accel"] = vm.accel
+        if report["state"] != "running" or report["failed_units"]:
+            journal = (await vm.diagnostics()).get("journal", "")
+            journal_file = console_log.with_name(console_log.name.replace(".console.log", ".journal.txt"))
+            journal_file.write_text(journal)
+            report["journal_file"] = str(journal_file)
         await vm.powerdown()
         return report
 

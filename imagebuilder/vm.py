@@ -260,6 +260,16 @@ class VirtualMachine:
             raise RastosError(f"the VM stopped before it finished booting; console:\n{tail}")
         raise RastosError(f"the VM did not finish booting within {timeout:.0f}s; console:\n{tail}")
 
+    async def diagnostics(self, timeout: float = 120) -> dict[str, Any]:
+        """The second line of the boot report: slowest units, critical chain, journal if unhealthy."""
+        assert self._status is not None
+        try:
+            line = await asyncio.wait_for(self._status.readline(), timeout)
+        except TimeoutError:
+            raise RastosError(f"the guest sent no boot diagnostics within {timeout:.0f}s") from None
+        result: dict[str, Any] = json.loads(line)
+        return result
+
     def console_tail(self, lines: int = 40) -> str:
         try:
             text = self.console_log.read_text(errors="replace")

@@ -22,9 +22,10 @@ BOOT_TIMEOUT = 300.0
 async def boot_and_report(options: VmOptions, folder: Path) -> tuple[dict[str, Any], int]:
     async with running_vm(options, folder / "console.log") as vm:
         report = await vm.wait_ready(BOOT_TIMEOUT)
-        (folder / "boot-report.json").write_text(json.dumps(report, indent=2))
-        if "journal" in report:
-            (folder / "journal.txt").write_text(report["journal"])
+        diagnostics = await vm.diagnostics()
+        (folder / "boot-report.json").write_text(json.dumps({**report, **diagnostics}, indent=2))
+        if "journal" in diagnostics:
+            (folder / "journal.txt").write_text(diagnostics["journal"])
         status = await vm.powerdown()
         return report, status
 

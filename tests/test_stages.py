@@ -83,7 +83,7 @@ def test_boot_entry_names_its_subvolume_and_counts_tries() -> None:
     options = entry["options"].split()
     assert f"root=UUID={ctx.ids.root_fs_uuid}" in options
     assert "rootflags=subvol=@" in options
-    assert "module_blacklist=floppy,pcspkr,joydev" in options
+    assert "module_blacklist=floppy,pcspkr,joydev,ahci," in entry["options"]
     assert "console=ttyS0,115200" in options
     assert "timeout 0" in loader_conf(ctx)
 

@@ -63,7 +63,7 @@ _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
 _SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
-_MODULE = re.compile(r"^[a-z0-9_-]+$")
+_MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|socket|timer|target|path|mount)$")
 
 

@@ -35,6 +35,7 @@ def configure(ctx: BuildContext) -> str:
     for user in profile.users:
         add_user(root, user)
     units = apply_units(root, profile)
+    mark_updated(root)
     return f"{len(profile.users)} users, {units} units enabled or masked"
 
 
@@ -168,3 +169,17 @@ def apply_units(root: Path, profile: Profile) -> int:
 def _unit_exists(root: Path, unit: str) -> bool:
     dirs = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
     return any((root / d / unit).exists() for d in dirs)
+
+
+def mark_updated(root: Path) -> None:
+    """Tell systemd that /etc and /var are up to date with /usr.
+
+    Units with ConditionNeedsUpdate= (ldconfig, hwdb and catalog rebuilds, systemd-update-done)
+    compare /usr's modification time with these files; without them every first boot redoes work
+    the build already did, which costs seconds in an emulated VM.
+    """
+    usr = (root / "usr").stat()
+    for directory in ("etc", "var"):
+        stamp = root / directory / ".updated"
+        write_file(stamp, f"# Written by rastos-image\nTIMESTAMP_NSEC={usr.st_mtime_ns}\n")
+        os.utime(stamp, ns=(usr.st_atime_ns, usr.st_mtime_ns))
