@@ -79,6 +79,7 @@ def build_image(
     cache_dir: Path,
     events: BuildEvents,
     refresh_bootstrap: bool = False,
+    loop_fallback: bool = False,
 ) -> BuildResult:
     host = check_build_host()  # before anything is created on disk
     output_dir = output_dir.resolve()
@@ -95,8 +96,15 @@ def build_image(
             output_dir=output_dir,
             image_name=f"rastos-{profile.name}",
             refresh_bootstrap=refresh_bootstrap,
+            btrfs_progs=host,
+            loop_fallback=loop_fallback,
         )
-        log.info("building profile %s from %s on a host with %s", profile.name, ", ".join(profile.sources), host)
+        log.info(
+            "building profile %s from %s; btrfs-progs %s",
+            profile.name,
+            ", ".join(profile.sources),
+            ".".join(map(str, host)),
+        )
         events.build_started(profile.name, [s.name for s in STAGES])
         for stage in STAGES:
             _run_stage(stage, ctx, events)

@@ -83,6 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             events=events,
             refresh_bootstrap=args.refresh_bootstrap,
+            loop_fallback=args.loop_fallback,
         )
     finally:
         events.close()
@@ -174,6 +175,11 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="default: %(default)s")
     build.add_argument("--refresh-bootstrap", action="store_true", help="ignore the cached bootstrap")
     build.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    build.add_argument(
+        "--loop-fallback",
+        action="store_true",
+        help="fill the root file system through a loop mount, as hosts with btrfs-progs < 6.7 do",
+    )
     build.add_argument("--boot", action="store_true", help="then boot it until the system inside is up")
     build.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     build.set_defaults(func=cmd_build)

@@ -55,6 +55,9 @@ class BuildContext:
     output_dir: Path
     image_name: str
     refresh_bootstrap: bool = False
+    btrfs_progs: tuple[int, ...] = (0,)
+    # Fill the root file system by mounting it, as hosts with btrfs-progs < 6.7 must (a test seam).
+    loop_fallback: bool = False
     ids: DiskIds = field(default_factory=DiskIds.new)
     kernel: KernelInfo | None = None
     cmdline: list[str] = field(default_factory=list)

@@ -50,13 +50,27 @@ def require_root() -> None:
         pytest.skip("needs root")
 
 
+def build_minimal_with_raw(directory: Path, *extra: str) -> BuildRun:
+    profile = directory / "minimal-raw.toml"
+    profile.write_text('extends = "minimal"\n[disk]\nformats = ["raw", "qcow2"]\n')
+    run = build(profile, directory / "out", *extra)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 @pytest.fixture(scope="session")
 def minimal_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildRun]:
     """A real build of the shipped `minimal` profile, with a raw image too, shared by the tests."""
     require_root()
-    directory = tmp_path_factory.mktemp("minimal")
-    profile = directory / "minimal-raw.toml"
-    profile.write_text('extends = "minimal"\n[disk]\nformats = ["raw", "qcow2"]\n')
-    run = build(profile, directory / "out")
-    assert run.returncode == 0, run.stderr
+    yield build_minimal_with_raw(tmp_path_factory.mktemp("minimal"))
+
+
+@pytest.fixture(scope="session")
+def minimal_build_via_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildRun]:
+    """The same build through the fallback for old btrfs-progs: a loop mount in a private namespace.
+    Whatever it mounted and attached must be gone afterwards."""
+    require_root()
+    before = host_state()
+    run = build_minimal_with_raw(tmp_path_factory.mktemp("minimal-loop"), "--loop-fallback")
+    assert host_state() == before
     yield run

@@ -71,7 +71,24 @@ def test_build_reports_every_stage_with_timings(minimal_build: BuildRun) -> None
     assert "stage images: done" in log
 
 
-def test_manifest_matches_the_image(minimal_build: BuildRun, tmp_path: Path) -> None:
+@pytest.fixture(params=["mkfs-rootdir", "loop-fallback"])
+def any_build(request: pytest.FixtureRequest) -> BuildRun:
+    """Both ways of making the root file system must give the same image."""
+    name = "minimal_build" if request.param == "mkfs-rootdir" else "minimal_build_via_loop"
+    run: BuildRun = request.getfixturevalue(name)
+    return run
+
+
+def test_loop_fallback_says_how_it_built(minimal_build_via_loop: BuildRun, minimal_build: BuildRun) -> None:
+    def note(run: BuildRun) -> str:
+        return str(next(e["note"] for e in run.events if e.get("stage") == "btrfs" and e["event"] == "stage-finished"))
+
+    assert "mounted through a loop device" in note(minimal_build_via_loop)
+    assert "nothing mounted" in note(minimal_build)
+
+
+def test_manifest_matches_the_image(any_build: BuildRun, tmp_path: Path) -> None:
+    minimal_build = any_build
     manifest = manifest_of(minimal_build)
     outputs = manifest["outputs"]
     assert set(outputs) == {"raw", "qcow2"}

@@ -9,10 +9,11 @@ data extents only, so holes stay holes.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagebuilder.context import BuildContext
+from imagebuilder.context import CHECKOUT, BuildContext
 from imagebuilder.profile.model import MiB, Profile, format_size
 from rastos.errors import RastosError
 from rastos.process import run
@@ -26,6 +27,9 @@ ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 # fraction of the files' size allowed on top for metadata and fragmentation.
 BTRFS_FIXED_OVERHEAD = 160 * MiB
 BTRFS_OVERHEAD_RATIO = 1.10
+# btrfs-progs versions that can make subvolumes (6.7) and compress files (6.11) without mounting.
+MKFS_SUBVOL_VERSION = (6, 7)
+MKFS_COMPRESS_VERSION = (6, 11)
 
 
 @dataclass(frozen=True)
@@ -91,21 +95,42 @@ def build_btrfs(ctx: BuildContext) -> str:
     image.unlink(missing_ok=True)
     with image.open("wb") as f:
         f.truncate(layout.root_size)
+    if ctx.loop_fallback or ctx.btrfs_progs < MKFS_SUBVOL_VERSION:
+        method = "mounted through a loop device"
+        _fill_by_mounting(ctx, image)
+    else:
+        method = "made by mkfs.btrfs --rootdir, nothing mounted"
+        _make_with_rootdir(ctx, image)
+    return f"{len(ctx.profile.btrfs.subvolumes())} subvolumes, {needed // MiB} MiB, {method}"
+
+
+def _mkfs_argv(ctx: BuildContext) -> list[str | Path]:
+    return ["mkfs.btrfs", "--quiet", "--force", "--label", "rastos-root", "--uuid", ctx.ids.root_fs_uuid]
+
+
+def _make_with_rootdir(ctx: BuildContext, image: Path) -> None:
     btrfs = ctx.profile.btrfs
-    argv: list[str | Path] = [
-        "mkfs.btrfs", "--quiet", "--force",
-        "--label", "rastos-root",
-        "--uuid", ctx.ids.root_fs_uuid,
-        "--rootdir", ctx.fs_tree,
-        "--subvol", f"default:{btrfs.root}",
-    ]  # fmt: skip
+    argv = [*_mkfs_argv(ctx), "--rootdir", ctx.fs_tree, "--subvol", f"default:{btrfs.root}"]
     for subvolume in btrfs.subvolumes():
         if subvolume != btrfs.root:
             argv += ["--subvol", f"rw:{subvolume}"]
-    if btrfs.compression:
+    # --compress arrived in 6.11; before it, files land uncompressed and later writes compress.
+    if btrfs.compression and ctx.btrfs_progs >= MKFS_COMPRESS_VERSION:
         argv += ["--compress", btrfs.compression]
     run([*argv, image])
-    return f"{len(btrfs.subvolumes())} subvolumes, {needed // MiB} MiB of files and headroom"
+
+
+def _fill_by_mounting(ctx: BuildContext, image: Path) -> None:
+    btrfs = ctx.profile.btrfs
+    run([*_mkfs_argv(ctx), image])
+    argv: list[str | Path] = [
+        "unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--",
+        sys.executable, "-m", "imagebuilder.loopfill", image, ctx.fs_tree,
+        "--default", btrfs.root, "--compression", btrfs.compression,
+    ]  # fmt: skip
+    for subvolume in btrfs.subvolumes():
+        argv += ["--subvolume", subvolume]
+    run(argv, cwd=CHECKOUT)
 
 
 def write_partition_table(disk: Path, ctx: BuildContext, layout: DiskLayout) -> None:
