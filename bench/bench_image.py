@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +29,7 @@ from imagebuilder.stages.bootstrap import package_set
 from imagebuilder.vm import VmOptions, running_vm
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+BOOTS = 3
 TARGETS = {"cold": 60.0, "warm": 10.0, "qcow2_mb": 400.0, "boot": 15.0}
 
 
@@ -52,7 +54,7 @@ def bare_mmdebstrap(target: Path) -> float:
     return time.monotonic() - started
 
 
-async def boot(image: Path, console: Path) -> dict[str, object]:
+async def boot(image: Path, console: Path) -> dict[str, Any]:
     async with running_vm(VmOptions(image=image, snapshot=True), console) as vm:
         report = await vm.wait_ready(600)
         report["accel"] = vm.accel
@@ -75,10 +77,15 @@ def main() -> int:
         manifest = json.loads((work / "out" / "manifest.json").read_text())
         qcow2 = work / "out" / manifest["outputs"]["qcow2"]["file"]
         qcow2_mb = qcow2.stat().st_size / 1e6
-        report = asyncio.run(boot(qcow2, work / "console.log"))
+        # Boot times under emulation vary by a third between runs on this machine: take the median.
+        reports = sorted(
+            (asyncio.run(boot(qcow2, work / "console.log")) for _ in range(BOOTS)),
+            key=lambda r: float(r["host_seconds_to_ready"]),
+        )
+    report = reports[len(reports) // 2]
     stamps = report["timestamps"]
-    assert isinstance(stamps, dict)
-    to_ready = float(report["host_seconds_to_ready"])  # type: ignore[arg-type]
+    to_ready = float(report["host_seconds_to_ready"])
+    all_boots = ", ".join(f"{float(r['host_seconds_to_ready']):.1f}" for r in reports)
 
     table = Table(title=f"rastos-image, profile minimal ({report['accel']})")
     for column in ("measure", "value", "target", "baseline", "ratio"):
@@ -98,12 +105,20 @@ def main() -> int:
         f"{warm / cold:.2f}x",
     )
     table.add_row("qcow2 size", f"{qcow2_mb:.0f} MB", f"<= {TARGETS['qcow2_mb']:.0f} MB", "", "")
-    table.add_row("QEMU start to boot report", f"{to_ready:.1f} s", f"<= {TARGETS['boot']:.0f} s", "", "")
+    table.add_row(
+        f"QEMU start to boot report (median of {BOOTS})",
+        f"{to_ready:.1f} s",
+        f"<= {TARGETS['boot']:.0f} s",
+        all_boots,
+        "",
+    )
     userspace = stamps.get("userspace_usec", 0) / 1e6
     finish = stamps.get("finish_usec", 0) / 1e6
     table.add_row("  guest: kernel + initrd", f"{userspace:.1f} s", "", "", "")
     table.add_row("  guest: userspace to multi-user", f"{finish - userspace:.1f} s", "", "", "")
     console.print(table)
+    console.print("slowest units (median boot):", *report.get("slowest_units", []), sep="\n  ")
+    console.print("critical chain (median boot):", *report.get("critical_chain", []), sep="\n  ")
     return 0
 
 

@@ -26,6 +26,7 @@ from imagebuilder.stages.bootloader import build_esp, configure_kernel
 from imagebuilder.stages.bootstrap import bootstrap
 from imagebuilder.stages.configure import configure
 from imagebuilder.stages.disk import assemble_disk, build_btrfs
+from imagebuilder.stages.initrd import build_initrd
 from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
 from imagebuilder.stages.rastos import install_rastos
 from rastos.errors import RastosError
@@ -54,6 +55,7 @@ STAGES = (
     Stage("configure", configure),
     Stage("install-rastos", install_rastos),
     Stage("kernel", configure_kernel),
+    Stage("initrd", build_initrd),
     Stage("inventory", _inventory),
     Stage("esp", build_esp),
     Stage("btrfs", build_btrfs),

@@ -88,6 +88,11 @@ class BuildContext:
         return self.work_dir / "root.btrfs"
 
     @property
+    def initrd_image(self) -> Path:
+        """The initrd the boot entry uses: ours for virtio images, else the distribution's."""
+        return self.work_dir / "initrd"
+
+    @property
     def raw_image(self) -> Path:
         return self.staging_dir / f"{self.image_name}.raw"
 

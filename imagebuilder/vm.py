@@ -36,6 +36,7 @@ FIRMWARE_PAIRS = (
 )
 STATUS_PORT = "org.rastos.status"
 KVM_PROBE_SECONDS = 2.0
+POWER_BUTTON_REPEAT = 15.0
 PROBE_CACHE = Path("/run/rastos")
 
 
@@ -256,6 +257,8 @@ class VirtualMachine:
         line_task.cancel()
         exit_task.cancel()
         tail = self.console_tail()
+        if line_task in done:
+            raise RastosError(f"the boot report channel closed before a report arrived; console:\n{tail}")
         if exit_task in done:
             raise RastosError(f"the VM stopped before it finished booting; console:\n{tail}")
         raise RastosError(f"the VM did not finish booting within {timeout:.0f}s; console:\n{tail}")
@@ -277,14 +280,23 @@ class VirtualMachine:
             return "(no console output)"
         return "\n".join(text.splitlines()[-lines:])
 
-    async def powerdown(self, timeout: float = 60) -> int:
-        """ACPI power button; waits for the guest to shut down and QEMU to exit."""
+    async def powerdown(self, timeout: float = 120) -> int:
+        """Press the ACPI power button until the guest shuts down; returns QEMU's exit status.
+
+        The button is pressed again every few seconds: a guest still settling after its boot (the
+        input device for the button not yet watched by logind) misses a single press, and logind
+        ignores presses while a shutdown is already under way.
+        """
         assert self.process is not None
-        await self.qmp.execute("system_powerdown")
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            raise RastosError(f"the VM did not power off within {timeout:.0f}s") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # QMP goes away as QEMU exits
+                await self.qmp.execute("system_powerdown")
+            try:
+                return await asyncio.wait_for(asyncio.shield(self.process.wait()), POWER_BUTTON_REPEAT)
+            except TimeoutError:
+                continue
+        raise RastosError(f"the VM did not power off within {timeout:.0f}s; console:\n{self.console_tail()}")
 
     async def kill(self) -> None:
         """Stop QEMU at once, as a power cut would."""

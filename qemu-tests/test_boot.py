@@ -57,6 +57,13 @@ def test_boots_to_multi_user_on_its_subvolume_and_blesses_its_entry(minimal_imag
     assert report["root"]["fstype"] == "btrfs"
     assert report["root"]["fsroot"] == "/@"
     assert "subvol=/@" in report["root"]["options"]
+    assert report["btrfs_mounts"] == {
+        "/": "/@",
+        "/home": "/@home",
+        "/var/log": "/@var_log",
+        "/var/lib/rastos": "/@rastos",
+        "/.snapshots": "/@snapshots",
+    }
     assert report["loader"]["entries"] == ["rastos-0.conf"]
     assert report["loader"]["selected"] == "rastos-0.conf"
     assert "rootflags=subvol=@" in report["cmdline"].split()

@@ -89,7 +89,7 @@ def build_esp(ctx: BuildContext) -> str:
     kernel_dir = tree / ctx.entry_token / ctx.kernel.version
     kernel_dir.mkdir(parents=True)
     shutil.copyfile(ctx.kernel.vmlinuz, kernel_dir / "linux")
-    shutil.copyfile(ctx.kernel.initrd, kernel_dir / "initrd")
+    shutil.copyfile(ctx.initrd_image, kernel_dir / "initrd")
     write_file(tree / "loader/loader.conf", loader_conf(ctx))
     write_file(tree / "loader/entries.srel", "type1\n")
     write_file(tree / "loader/entries" / entry_filename(ctx), boot_entry(ctx))

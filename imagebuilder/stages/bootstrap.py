@@ -64,6 +64,8 @@ DOCS_EXCLUDES = (
 
 def package_set(profile: Profile) -> list[str]:
     extra = ["sudo"] if any(u.sudo for u in profile.users) else []
+    if profile.kernel.initramfs is InitramfsModules.virtio:
+        extra.append("busybox-static")  # the shell and tools of rastOS's own initrd
     wanted = [*BASE_PACKAGES, *DAEMON_PACKAGES, profile.kernel.package, *profile.packages.include, *extra]
     return sorted(set(wanted))
 

@@ -1,0 +1,153 @@
+"""Stage `initrd`: a small initramfs of our own for profiles with `kernel.initramfs = "virtio"`.
+
+Debian's initramfs-tools image runs udev, scripts and hooks for every kind of hardware: under
+emulation that costs many seconds. This one holds busybox (from the image's busybox-static), the
+modules a virtio disk with btrfs needs (resolved through the image's modules.dep, decompressed so
+busybox's insmod can load them), and `imagebuilder/initrd/init`, which also mounts the subvolumes
+that fstab names so that systemd does not wait for udev before mounting them. Written as a newc
+cpio archive with fixed timestamps, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebuilder.context import CHECKOUT, BuildContext
+from imagebuilder.profile.model import InitramfsModules
+from rastos.errors import RastosError
+
+INIT_SCRIPT = CHECKOUT / "imagebuilder" / "initrd" / "init"
+BUSYBOX = "usr/bin/busybox"
+APPLETS = (
+    "sh", "mount", "insmod", "findfs", "switch_root", "sleep", "cat", "reboot", "echo", "[", "test",
+)  # fmt: skip
+# What the root needs, in the order given; dependencies are added before each.
+REQUIRED_MODULES = ("virtio_blk", "btrfs")
+# crc32c must be available before btrfs asks the crypto API for it: there is no modprobe to load
+# it on demand. The accelerated one only loads on CPUs with SSE 4.2.
+OPTIONAL_MODULES = ("crc32c_intel",)
+FIRST_MODULES = ("crc32c_generic",)
+
+
+@dataclass(frozen=True)
+class KernelModules:
+    directory: Path
+    dependencies: dict[str, list[str]]  # relative path -> relative paths it needs
+    builtin: set[str]  # module names compiled into the kernel
+
+    @classmethod
+    def read(cls, directory: Path) -> KernelModules:
+        dependencies = {}
+        for line in (directory / "modules.dep").read_text().splitlines():
+            path, _, needs = line.partition(":")
+            dependencies[path] = needs.split()
+        builtin = {module_name(p) for p in (directory / "modules.builtin").read_text().split()}
+        return cls(directory, dependencies, builtin)
+
+    def path_of(self, name: str) -> str | None:
+        wanted = name.replace("-", "_")
+        return next((p for p in self.dependencies if module_name(p) == wanted), None)
+
+    def load_order(self, names: tuple[str, ...]) -> list[str]:
+        """Module files for `names` with their dependencies, each after what it needs."""
+        order: list[str] = []
+
+        def visit(path: str) -> None:
+            if path in order:
+                return
+            for dependency in self.dependencies.get(path, []):
+                visit(dependency)
+            order.append(path)
+
+        for name in names:
+            path = self.path_of(name)
+            if path is None:
+                if name.replace("-", "_") in self.builtin:
+                    continue
+                raise RastosError(f"kernel module {name} is neither in modules.dep nor built in ({self.directory})")
+            visit(path)
+        return order
+
+
+def module_name(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".xz", ".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+def decompressed(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        raise RastosError(f"{path.name}: zstd-compressed modules are not supported in the virtio initrd yet")
+    return data
+
+
+class CpioWriter:
+    """The newc format the kernel unpacks: a header per entry, then its name and data, 4-byte aligned."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.inode = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        header = b"070701" + b"".join(f"{value:08X}".encode() for value in fields)
+        self.chunks += [header, encoded, b"\0" * (-(len(header) + len(encoded)) % 4), data, b"\0" * (-len(data) % 4)]
+        self.inode += 1
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self.chunks)
+
+
+def build_initrd_archive(rootfs: Path, kernel_version: str) -> bytes:
+    modules = KernelModules.read(rootfs / "usr/lib/modules" / kernel_version)
+    busybox = rootfs / BUSYBOX
+    if not busybox.is_file():
+        raise RastosError("the image has no busybox for its initrd", hint="the bootstrap adds busybox-static")
+    cpio = CpioWriter()
+    for directory in ("bin", "dev", "proc", "sys", "root", "lib", "lib/modules"):
+        cpio.directory(directory)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in APPLETS:
+        cpio.symlink(f"bin/{applet}", "busybox")
+    cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+
+    required = modules.load_order(FIRST_MODULES + REQUIRED_MODULES)
+    optional = [p for p in modules.load_order(OPTIONAL_MODULES) if p not in required]
+    lines = []
+    for path in optional + required:
+        name = f"{module_name(path)}.ko"
+        cpio.file(f"lib/modules/{name}", decompressed(modules.directory / path))
+        lines.append(("?" if path in optional else "") + name)
+    cpio.file("lib/modules/load-order", ("\n".join(lines) + "\n").encode())
+    return cpio.finish()
+
+
+def build_initrd(ctx: BuildContext) -> str:
+    assert ctx.kernel is not None
+    if ctx.profile.kernel.initramfs is not InitramfsModules.virtio:
+        shutil.copyfile(ctx.kernel.initrd, ctx.initrd_image)
+        return f"the distribution's, {ctx.initrd_image.stat().st_size // 1024} KiB"
+    archive = build_initrd_archive(ctx.rootfs, ctx.kernel.version)
+    ctx.initrd_image.write_bytes(archive)
+    return f"rastos virtio initrd, {len(archive) // 1024} KiB"

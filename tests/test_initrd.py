@@ -1,0 +1,91 @@
+"""The virtio initrd: module load order from modules.dep, and the newc cpio the kernel unpacks."""
+
+from __future__ import annotations
+
+import lzma
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagebuilder.stages.initrd import CpioWriter, KernelModules, decompressed, module_name
+from rastos.errors import RastosError
+
+
+def read_newc(archive: bytes) -> dict[str, tuple[int, bytes]]:
+    """An independent reader: name -> (mode, data)."""
+    entries: dict[str, tuple[int, bytes]] = {}
+    offset = 0
+    while True:
+        assert archive[offset : offset + 6] == b"070701"
+        fields = [int(archive[offset + 6 + 8 * i : offset + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, name_size = fields[1], fields[6], fields[11]
+        name_start = offset + 110
+        name = archive[name_start : name_start + name_size - 1].decode()
+        data_start = name_start + name_size + (-(110 + name_size) % 4)
+        data = archive[data_start : data_start + size]
+        offset = data_start + size + (-size % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = (mode, data)
+
+
+def fake_modules(tmp_path: Path) -> KernelModules:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/fs/btrfs/btrfs.ko.xz: kernel/crypto/xor.ko.xz kernel/lib/raid6/raid6_pq.ko.xz "
+        "kernel/lib/libcrc32c.ko.xz\n"
+        "kernel/crypto/xor.ko.xz:\n"
+        "kernel/lib/raid6/raid6_pq.ko.xz:\n"
+        "kernel/lib/libcrc32c.ko.xz:\n"
+        "kernel/drivers/block/virtio_blk.ko.xz:\n"
+        "kernel/arch/x86/crypto/crc32c-intel.ko.xz:\n"
+    )
+    (tmp_path / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    return KernelModules.read(tmp_path)
+
+
+def test_dependencies_load_first_and_builtins_are_skipped(tmp_path: Path) -> None:
+    modules = fake_modules(tmp_path)
+    order = modules.load_order(("virtio_pci", "virtio_blk", "btrfs"))
+    assert [module_name(p) for p in order] == ["virtio_blk", "xor", "raid6_pq", "libcrc32c", "btrfs"]
+    assert modules.path_of("crc32c_intel") == "kernel/arch/x86/crypto/crc32c-intel.ko.xz"
+
+
+def test_a_missing_module_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(RastosError, match="kernel module nosuch is neither"):
+        fake_modules(tmp_path).load_order(("nosuch",))
+
+
+def test_modules_are_decompressed(tmp_path: Path) -> None:
+    module = tmp_path / "m.ko.xz"
+    module.write_bytes(lzma.compress(b"\x7fELF module"))
+    assert decompressed(module) == b"\x7fELF module"
+
+
+def test_cpio_holds_files_links_and_directories() -> None:
+    cpio = CpioWriter()
+    cpio.directory("bin")
+    cpio.file("bin/busybox", b"binary!", 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    cpio.file("init", b"#!/bin/sh\n", 0o755)
+    archive = cpio.finish()
+    assert len(archive) % 4 == 0
+    entries = read_newc(archive)
+    assert entries["bin"][0] == 0o040755
+    assert entries["bin/busybox"] == (0o100755, b"binary!")
+    assert entries["bin/sh"] == (0o120777, b"busybox")
+    assert entries["init"] == (0o100755, b"#!/bin/sh\n")
+    assert CpioWriter().finish() == CpioWriter().finish()  # no timestamps: reproducible
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed")
+def test_gnu_cpio_reads_it(tmp_path: Path) -> None:
+    cpio = CpioWriter()
+    cpio.directory("etc")
+    cpio.file("etc/hello", b"world\n")
+    (tmp_path / "a.cpio").write_bytes(cpio.finish())
+    listing = subprocess.run(
+        ["cpio", "-it", "-F", str(tmp_path / "a.cpio")], capture_output=True, text=True, check=True
+    )
+    assert listing.stdout.split() == ["etc", "etc/hello"]
