@@ -12,8 +12,8 @@ from __future__ import annotations
 import shutil
 
 from imagebuilder.context import BuildContext
+from imagebuilder.files import write_file
 from imagebuilder.profile.model import MiB
-from imagebuilder.stages.configure import write_file
 from rastos.errors import RastosError
 from rastos.process import run
 

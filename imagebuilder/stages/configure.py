@@ -13,14 +13,9 @@ from pathlib import Path
 
 from imagebuilder.chroot import chroot_run
 from imagebuilder.context import BuildContext
+from imagebuilder.files import write_file
 from imagebuilder.profile.model import Profile, UserConfig
 from rastos.errors import RastosError
-
-
-def write_file(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
 
 
 def configure(ctx: BuildContext) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from imagebuilder.chroot import chroot_run
 from imagebuilder.context import CHECKOUT, BuildContext
-from imagebuilder.stages.configure import write_file
+from imagebuilder.files import write_file
 from rastos import __version__
 
 PYTHON_PACKAGES = ("rastos", "daemon")
