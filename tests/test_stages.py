@@ -104,3 +104,22 @@ def test_disk_layout_is_aligned_and_fits(name: str) -> None:
     assert layout.root_start == layout.esp_start + layout.esp_size
     assert layout.root_start % MiB == 0 and layout.root_size % MiB == 0
     assert layout.root_start + layout.root_size <= layout.total - MiB  # room for the backup GPT
+
+
+def test_sha256_of_a_sparse_file_equals_the_plain_digest(tmp_path: Path) -> None:
+    import hashlib
+
+    from imagebuilder.stages.outputs import checksums, sha256
+
+    sparse = tmp_path / "sparse.img"
+    with sparse.open("wb") as f:
+        f.truncate(64 * MiB + 123)  # holes at both ends and an odd size
+        f.seek(5 * MiB + 7)
+        f.write(b"data in the middle" * 1000)
+        f.seek(40 * MiB)
+        f.write(b"\x01" * (9 * MiB))
+    plain = hashlib.sha256(sparse.read_bytes()).hexdigest()
+    assert sha256(sparse) == plain
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    assert checksums([sparse, empty]) == {sparse: plain, empty: hashlib.sha256(b"").hexdigest()}

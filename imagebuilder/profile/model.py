@@ -64,7 +64,7 @@ _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
 _SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
-_UNIT = re.compile(r"^[A-Za-z0-9:_.@-]+\.(service|socket|timer|target|path|mount)$")
+_UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice)$")
 
 
 def _check_all(pattern: re.Pattern[str], what: str) -> Any:

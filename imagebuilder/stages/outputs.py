@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,40 @@ def installed_packages(ctx: BuildContext) -> list[dict[str, str]]:
     return packages
 
 
+CHUNK = 4 * 1024 * 1024
+ZEROS = bytes(CHUNK)
+
+
 def sha256(path: Path) -> str:
+    """The file's sha256, feeding holes from a zero buffer instead of reading them: a sparse 16 GiB
+    raw disk hashes at the speed of SHA-256, not at the speed of reading 16 GiB."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(4 * 1024 * 1024):
-            digest.update(chunk)
+        fd, size, position = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while position < size:
+            try:
+                data_start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole up to the end
+                data_start = size
+            for offset in range(position, data_start, CHUNK):
+                digest.update(ZEROS[: min(CHUNK, data_start - offset)])
+            if data_start >= size:
+                break
+            data_end = os.lseek(fd, data_start, os.SEEK_HOLE)
+            f.seek(data_start)
+            remaining = data_end - data_start
+            while remaining:
+                chunk = f.read(min(CHUNK, remaining))
+                digest.update(chunk)
+                remaining -= len(chunk)
+            position = data_end
     return digest.hexdigest()
+
+
+def checksums(paths: list[Path]) -> dict[Path, str]:
+    """sha256 of several files at once (hashlib releases the GIL, so threads use every core)."""
+    with ThreadPoolExecutor() as pool:
+        return dict(zip(paths, pool.map(sha256, paths), strict=True))
 
 
 def write_images(ctx: BuildContext) -> dict[str, Path]:
@@ -58,6 +88,7 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
     assert ctx.kernel is not None
     layout = plan_layout(ctx.profile)
     btrfs = ctx.profile.btrfs
+    digests = checksums(list(images.values()))
     return {
         "rastos_version": __version__,
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -101,7 +132,7 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
             "subvolumes": [{"name": name, "mountpoint": mp} for name, mp in btrfs.subvolumes().items()],
         },
         "outputs": {
-            kind: {"file": path.name, "size": path.stat().st_size, "sha256": sha256(path)}
+            kind: {"file": path.name, "size": path.stat().st_size, "sha256": digests[path]}
             for kind, path in images.items()
         },
         "stage_seconds": {k: round(v, 3) for k, v in ctx.stage_seconds.items()},
