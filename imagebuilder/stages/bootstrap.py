@@ -23,7 +23,7 @@ from rastos.process import run
 
 # Bump when the way the bootstrap is made changes, so older cache entries are not reused.
 RECIPE_VERSION = 2
-KEEP_ENTRIES = 3
+KEEP_ENTRIES = 6  # one per shipped profile: switching between them never rebuilds
 
 # What every image needs whatever its profile says: init, the boot loader and its boot counting
 # (systemd-boot provides systemd-bless-boot), btrfs tools, and the daemon's Python dependencies,
