@@ -19,9 +19,19 @@ pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 BOOT_TIMEOUT = 300.0
 
 
-async def boot_and_report(options: VmOptions, folder: Path) -> tuple[dict[str, Any], int]:
+async def ssh_banner(port: int) -> bytes:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+    try:
+        return await asyncio.wait_for(reader.readline(), 60)
+    finally:
+        writer.close()
+
+
+async def boot_and_report(options: VmOptions, folder: Path, *, check_ssh: bool = False) -> tuple[dict[str, Any], int]:
     async with running_vm(options, folder / "console.log") as vm:
         report = await vm.wait_ready(BOOT_TIMEOUT)
+        if check_ssh:
+            report["ssh_banner"] = (await ssh_banner(options.ssh_port)).decode(errors="replace")
         diagnostics = await vm.diagnostics()
         (folder / "boot-report.json").write_text(json.dumps({**report, **diagnostics}, indent=2))
         if "journal" in diagnostics:
@@ -82,3 +92,13 @@ def test_snapshot_mode_leaves_the_image_unchanged(minimal_image: Path, artifacts
     assert image.read_bytes() == before
     assert esp_entries(image) == ["rastos-0+3.conf"]
     assert not image.with_name(image.name + ".efivars").exists()
+
+
+def test_server_profile_boots_with_debians_initramfs_and_answers_ssh(server_image: Path, artifacts: Path) -> None:
+    options = VmOptions(image=server_image, snapshot=True)
+    report, status = asyncio.run(boot_and_report(options, artifacts, check_ssh=True))
+    assert report["state"] == "running", f"failed units: {report['failed_units']}"
+    assert report["btrfs_mounts"]["/var/log"] == "/@var_log"
+    # Through QEMU's user networking and the forwarded port, to the guest's sshd.
+    assert report["ssh_banner"].startswith("SSH-2.0-OpenSSH")
+    assert status == 0
