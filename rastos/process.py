@@ -8,11 +8,12 @@ tail of the output. A missing program becomes an error naming the Debian package
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from rastos.errors import CommandError, RastosError
@@ -57,6 +58,17 @@ def missing_program_error(program: str) -> RastosError:
     return RastosError(f"required program '{program}' was not found", hint=hint)
 
 
+@contextlib.contextmanager
+def _program_lookup(program: str) -> Iterator[None]:
+    """Turn "no such program" into an error that names the package to install."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        if e.filename == program:
+            raise missing_program_error(program) from None
+        raise
+
+
 def run(
     argv: Argv,
     *,
@@ -75,14 +87,10 @@ def run(
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
     full_env = None if env is None else {**os.environ, **env}
-    try:
+    with _program_lookup(args[0]):
         if capture:
             return _run_captured(args, check=check, input=input, env=full_env, cwd=cwd)
         return _run_streamed(args, check=check, input=input, env=full_env, cwd=cwd)
-    except FileNotFoundError as e:
-        if e.filename == args[0]:
-            raise missing_program_error(args[0]) from None
-        raise
 
 
 def _run_captured(
@@ -155,21 +163,13 @@ def run_foreground(argv: Argv) -> int:
     """Run an interactive command attached to this terminal; returns its exit status."""
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
-    try:
+    with _program_lookup(args[0]):
         return subprocess.call(args)
-    except FileNotFoundError as e:
-        if e.filename == args[0]:
-            raise missing_program_error(args[0]) from None
-        raise
 
 
 def start(argv: Argv, **popen: object) -> subprocess.Popen[bytes]:
     """Start a long-running command (a VM, a probe) that the caller supervises."""
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s &", shlex.join(args))
-    try:
+    with _program_lookup(args[0]):
         return subprocess.Popen(args, **popen)  # type: ignore[call-overload,no-any-return]
-    except FileNotFoundError as e:
-        if e.filename == args[0]:
-            raise missing_program_error(args[0]) from None
-        raise

@@ -216,43 +216,20 @@ class DiskConfig:
     )
 
 
+def _subvolume(default: str, help: str) -> Any:
+    return field(
+        default=default,
+        metadata=_meta(help, check=_check_one(_SUBVOLUME, "subvolume name (must start with @)")),
+    )
+
+
 @dataclass(frozen=True)
 class BtrfsConfig:
-    root: str = field(
-        default="@",
-        metadata=_meta(
-            "subvolume of the first deployment's root",
-            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
-        ),
-    )
-    snapshots: str = field(
-        default="@snapshots",
-        metadata=_meta(
-            "subvolume holding snapshots, at /.snapshots",
-            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
-        ),
-    )
-    home: str = field(
-        default="@home",
-        metadata=_meta(
-            "subvolume for /home (never rolled back)",
-            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
-        ),
-    )
-    var_log: str = field(
-        default="@var_log",
-        metadata=_meta(
-            "subvolume for /var/log (never rolled back)",
-            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
-        ),
-    )
-    state: str = field(
-        default="@rastos",
-        metadata=_meta(
-            "subvolume for the daemon's state, /var/lib/rastos (never rolled back)",
-            check=_check_one(_SUBVOLUME, "subvolume name (must start with @)"),
-        ),
-    )
+    root: str = _subvolume("@", "subvolume of the first deployment's root")
+    snapshots: str = _subvolume("@snapshots", "subvolume holding snapshots, at /.snapshots")
+    home: str = _subvolume("@home", "subvolume for /home (never rolled back)")
+    var_log: str = _subvolume("@var_log", "subvolume for /var/log (never rolled back)")
+    state: str = _subvolume("@rastos", "subvolume for the daemon's state, /var/lib/rastos (never rolled back)")
     compression: str = field(
         default="zstd:1",
         metadata=_meta(
