@@ -152,7 +152,10 @@ async def _wait_ready(options: VmOptions, console_log: Path, timeout: float) -> 
             journal_file = console_log.with_name(console_log.name.replace(".console.log", ".journal.txt"))
             journal_file.write_text(journal)
             report["journal_file"] = str(journal_file)
-        await vm.powerdown()
+        if options.snapshot:
+            await vm.kill()  # every change is discarded anyway: no need to wait for a shutdown
+        else:
+            await vm.powerdown()
         return report
 
 
