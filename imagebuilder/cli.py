@@ -219,3 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rastos-image: interrupted; nothing was left half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rastos-image show | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
