@@ -145,6 +145,16 @@ def main() -> int:
         f"{firmware:.1f} s (OVMF alone)",
         f"{to_ready / firmware:.1f}x",
     )
+    table.add_row(
+        "  QEMU start to multi-user.target", f"{float(report['host_seconds_to_multi_user']):.1f} s", "", "", ""
+    )
+    table.add_row(
+        "  QEMU start to the kernel (OVMF, systemd-boot)",
+        f"{float(report['host_seconds_to_kernel']):.1f} s",
+        "",
+        "",
+        "",
+    )
     userspace = stamps.get("userspace_usec", 0) / 1e6
     finish = stamps.get("finish_usec", 0) / 1e6
     table.add_row("  guest: kernel + initrd", f"{userspace:.1f} s", "", "", "")

@@ -252,7 +252,13 @@ class VirtualMachine:
         if line_task in done and line_task.result():
             exit_task.cancel()
             report: dict[str, Any] = json.loads(line_task.result())
-            report["host_seconds_to_ready"] = round(time.monotonic() - self.started_at, 2)
+            to_report = time.monotonic() - self.started_at
+            report["host_seconds_to_ready"] = round(to_report, 2)
+            # QEMU start to the kernel's start: the wall time to the report less the guest's uptime.
+            to_kernel = to_report - report.get("sent_usec", 0) / 1e6
+            report["host_seconds_to_kernel"] = round(to_kernel, 2)
+            multi_user = report.get("timestamps", {}).get("multi_user_usec", 0)
+            report["host_seconds_to_multi_user"] = round(to_kernel + multi_user / 1e6, 2) if multi_user else None
             return report
         line_task.cancel()
         exit_task.cancel()

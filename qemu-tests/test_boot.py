@@ -77,6 +77,9 @@ def test_boots_to_multi_user_on_its_subvolume_and_blesses_its_entry(minimal_imag
     assert report["loader"]["entries"] == ["rastos-0.conf"]
     assert report["loader"]["selected"] == "rastos-0.conf"
     assert "rootflags=subvol=@" in report["cmdline"].split()
+    assert (
+        0 < report["host_seconds_to_kernel"] < report["host_seconds_to_multi_user"] <= report["host_seconds_to_ready"]
+    )
     assert status == 0, "QEMU should exit cleanly after an ACPI power-off"
     # systemd-boot counted the try, and systemd-bless-boot marked the entry good once the boot
     # reached boot-complete.target: the counter is gone from its name.
