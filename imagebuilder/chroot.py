@@ -14,6 +14,12 @@ from rastos.process import Argv, run
 GUEST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def in_private_mount_namespace(argv: Argv) -> list[str]:
+    """`argv` run in a mount namespace of its own: whatever it mounts vanishes with it, even on
+    SIGKILL, and it is stopped when the build stops it (--kill-child)."""
+    return ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--", *map(str, argv)]
+
+
 def chroot_argv(root: Path, argv: Argv) -> list[str]:
     return [
         "bwrap",

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from imagebuilder.chroot import in_private_mount_namespace
 from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.profile.model import InitramfsModules, Profile
 from rastos.errors import CommandError, RastosError
@@ -156,8 +157,7 @@ def _build_entry(ctx: BuildContext, entry: Path, inputs: dict[str, Any]) -> None
         debs.mkdir(parents=True, exist_ok=True)
         argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs)
         try:
-            # A private mount namespace: whatever mmdebstrap mounts vanishes with it, even on SIGKILL.
-            run(["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--", *argv])
+            run(in_private_mount_namespace(argv))
         except CommandError as e:
             raise RastosError(
                 f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n{e.output_tail}",

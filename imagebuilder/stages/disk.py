@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagebuilder.chroot import in_private_mount_namespace
 from imagebuilder.context import CHECKOUT, BuildContext
 from imagebuilder.profile.model import MiB, Profile, format_size
 from rastos.errors import RastosError
@@ -124,13 +125,12 @@ def _fill_by_mounting(ctx: BuildContext, image: Path) -> None:
     btrfs = ctx.profile.btrfs
     run([*_mkfs_argv(ctx), image])
     argv: list[str | Path] = [
-        "unshare", "--mount", "--propagation", "private", "--fork", "--kill-child=SIGTERM", "--",
         sys.executable, "-m", "imagebuilder.loopfill", image, ctx.fs_tree,
         "--default", btrfs.root, "--compression", btrfs.compression,
     ]  # fmt: skip
     for subvolume in btrfs.subvolumes():
         argv += ["--subvolume", subvolume]
-    run(argv, cwd=CHECKOUT)
+    run(in_private_mount_namespace(argv), cwd=CHECKOUT)
 
 
 def write_partition_table(disk: Path, ctx: BuildContext, layout: DiskLayout) -> None:
