@@ -27,7 +27,15 @@ from rich.table import Table
 
 from imagebuilder.profile import load_profile
 from imagebuilder.stages.bootstrap import package_set
-from imagebuilder.vm import VmOptions, choose_accel, find_firmware, running_vm
+from imagebuilder.vm import (
+    MACHINE,
+    VmOptions,
+    accelerator_args,
+    choose_accel,
+    find_firmware,
+    firmware_args,
+    running_vm,
+)
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 BOOTS = 3
@@ -63,12 +71,9 @@ def firmware_seconds() -> float:
     with tempfile.TemporaryDirectory() as tmp:
         vars_file = Path(tmp) / "vars.fd"
         vars_file.write_bytes(firmware.vars_template.read_bytes())
-        accel_args = ["-accel", "kvm"] if accel == "kvm" else ["-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max"]
         argv = [
-            "qemu-system-x86_64", "-machine", "q35,smm=off,vmport=off", *accel_args, "-smp", "2", "-m", "1G",
-            "-nodefaults", "-display", "none", "-serial", "stdio",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+            "qemu-system-x86_64", *MACHINE, *accelerator_args(accel), "-smp", "2", "-m", "1G",
+            "-nodefaults", "-display", "none", "-serial", "stdio", *firmware_args(firmware, vars_file),
         ]  # fmt: skip
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

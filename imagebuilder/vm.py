@@ -78,10 +78,9 @@ def _probe_kvm(firmware: Firmware) -> bool:
         vars_file = Path(tmp) / "vars.fd"
         shutil.copyfile(firmware.vars_template, vars_file)
         argv = [
-            QEMU, "-accel", "kvm", "-machine", "q35,smm=off", "-m", "256", "-nodefaults",
+            QEMU, *MACHINE, "-accel", "kvm", "-m", "256", "-nodefaults",
             "-display", "none", "-serial", "none", "-monitor", "none",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+            *firmware_args(firmware, vars_file),
         ]  # fmt: skip
         proc = start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -128,6 +127,23 @@ def choose_accel(requested: str, firmware: Firmware) -> str:
     return requested
 
 
+MACHINE = ["-machine", "q35,smm=off,vmport=off"]
+
+
+def accelerator_args(accel: str) -> list[str]:
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    # Multi-threaded TCG with a larger translation cache: the two biggest wins under emulation.
+    return ["-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max"]
+
+
+def firmware_args(firmware: Firmware, vars_file: Path) -> list[str]:
+    return [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+    ]  # fmt: skip
+
+
 def qemu_argv(
     options: VmOptions,
     *,
@@ -143,20 +159,15 @@ def qemu_argv(
     drive = f"if=none,id=root,file={options.image},format={image_format(options.image)},discard=unmap"
     if options.snapshot:
         drive += ",snapshot=on"
-    accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else [
-        # Multi-threaded TCG with a larger translation cache: the two biggest wins under emulation.
-        "-accel", "tcg,thread=multi,tb-size=512", "-cpu", "max",
-    ]  # fmt: skip
     return [
         QEMU,
         "-name", "rastos,process=rastos-vm",
-        "-machine", "q35,smm=off,vmport=off",
-        *accel_args,
+        *MACHINE,
+        *accelerator_args(accel),
         "-smp", str(options.cpus),
         "-m", options.memory,
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
-        "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
+        *firmware_args(firmware, vars_file),
         "-drive", drive,
         "-device", "virtio-blk-pci,drive=root,bootindex=0",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22",
