@@ -64,8 +64,7 @@ def _check_whole(profile: Profile, origins: _Origins) -> None:
             f"{origins.of('disk.size')}: key 'disk.size': {format_size(profile.disk.size)} leaves less "
             f"than 256M for the root file system beside a {format_size(profile.disk.esp_size)} ESP"
         )
-    b = profile.btrfs
-    names = [b.root, b.snapshots, b.home, b.var_log, b.state]
+    names = [name for name, _ in profile.btrfs.layout()]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise ProfileError(

@@ -238,15 +238,19 @@ class BtrfsConfig:
         ),
     )
 
+    def layout(self) -> list[tuple[str, str]]:
+        """(subvolume, mount point) pairs, the root first; names may repeat in an invalid profile."""
+        return [
+            (self.root, "/"),
+            (self.snapshots, "/.snapshots"),
+            (self.home, "/home"),
+            (self.var_log, "/var/log"),
+            (self.state, "/var/lib/rastos"),
+        ]
+
     def subvolumes(self) -> dict[str, str]:
         """Subvolume name -> where it is mounted. The root comes first."""
-        return {
-            self.root: "/",
-            self.snapshots: "/.snapshots",
-            self.home: "/home",
-            self.var_log: "/var/log",
-            self.state: "/var/lib/rastos",
-        }
+        return dict(self.layout())
 
 
 @dataclass(frozen=True)
