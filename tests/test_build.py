@@ -200,6 +200,9 @@ def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path) -> None:
         [sys.executable, "-m", "imagebuilder", "build", str(profile), "--json", "--refresh-bootstrap",
          "--output-dir", str(tmp_path / "out"), "--cache-dir", str(CACHE_DIR)],
         cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # A shell's background job inherits SIGINT ignored, and Python then keeps ignoring it:
+        # give the build the disposition an interactive terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
