@@ -1,16 +1,50 @@
-"""Entry points of the daemon and its client. The daemon itself lands with its own issue."""
+"""Entry points: `rastosd` (the service) and `rastosctl` (its client, in daemon/ctl.py)."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
 import sys
+from dataclasses import replace
+from pathlib import Path
+
+from rastos.errors import RastosError
 
 
-def _not_yet(name: str) -> int:
-    print(f"{name}: not yet available in this version of rastOS", file=sys.stderr)
-    return 2
+def daemon_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rastosd", description="rastOS host daemon (org.rastos.Daemon1)")
+    parser.add_argument("--config", type=Path, help="configuration file (default /etc/rastos/daemon.toml)")
+    # Test seams: run the real daemon against a scratch root, a private state and a private bus.
+    parser.add_argument("--root", type=Path, help="root the ops change and snapshots copy (default /)")
+    parser.add_argument("--state-dir", type=Path, help="where state.db lives (default /var/lib/rastos)")
+    parser.add_argument("--snapshots-dir", type=Path, help="where snapshots live (default ROOT/.snapshots)")
+    parser.add_argument("--esp", type=Path, help="the EFI system partition (default /efi)")
+    parser.add_argument("--bus-address", help="D-Bus address to serve on instead of the system bus")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+
+    from daemon.config import load_config
+    from daemon.logs import setup_logging
+
+    setup_logging(args.debug)
+    try:
+        config = load_config(args.config)
+        overrides = {
+            "root": args.root, "state_dir": args.state_dir, "snapshots_dir": args.snapshots_dir,
+            "esp": args.esp, "bus_address": args.bus_address,
+        }  # fmt: skip
+        config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
+        from daemon.service import serve
+
+        asyncio.run(serve(config))
+    except RastosError as error:
+        logging.getLogger("rastosd").error("%s", error)
+        return 1
+    return 0
 
 
-def daemon_main() -> int:
-    return _not_yet("rastosd")
+def ctl_main(argv: list[str] | None = None) -> int:
+    from daemon.ctl import main
 
-
-def ctl_main() -> int:
-    return _not_yet("rastosctl")
+    return main(sys.argv[1:] if argv is None else argv)

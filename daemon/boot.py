@@ -1,0 +1,165 @@
+"""Boot loader entries for deployments, and what this boot is.
+
+A rollback makes a writable copy of a snapshot (`/.snapshots/N/deployment`) and a Boot Loader
+Specification entry that names that subvolume explicitly (`rootflags=subvol=@snapshots/N/deployment`),
+with a boot counter in its file name (`rastos-snapshot-N+3.conf`), made the default in loader.conf.
+The entry is made from the entry of the running deployment, so kernel, initrd and options stay those
+the image was built with. Deleting the snapshot deletes its entry: the menu and the snapshots never
+disagree (the failure grub-btrfs is known for).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.errors import BootConfigError
+from daemon.ops.base import write_atomically
+
+log = logging.getLogger("rastosd.boot")
+
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+EFIVARS = Path("/sys/firmware/efi/efivars")
+COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
+DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
+
+
+def entry_id(file_name: str) -> str:
+    """The entry's id as systemd-boot sees it: the file name without the boot counter."""
+    return COUNTER.sub("", file_name)
+
+
+def snapshot_of_root(root_subvolume: str) -> int | None:
+    """The snapshot a deployment root was made from, or None for the image's own root."""
+    match = DEPLOYMENT_SUBVOL.search(root_subvolume)
+    return int(match.group(1)) if match else None
+
+
+def read_loader_variable(name: str) -> str | None:
+    """A systemd-boot EFI variable (UTF-16 after 4 bytes of attributes), None where there is none."""
+    try:
+        raw = (EFIVARS / f"{name}-{LOADER_GUID}").read_bytes()
+    except OSError:
+        return None
+    return raw[4:].decode("utf-16-le", errors="replace").rstrip("\0")
+
+
+@dataclass(frozen=True)
+class BootEntries:
+    esp: Path
+    tries: int
+
+    @property
+    def entries_dir(self) -> Path:
+        return self.esp / "loader" / "entries"
+
+    def entry_files(self) -> list[Path]:
+        try:
+            return sorted(self.entries_dir.glob("*.conf"))
+        except OSError as error:
+            raise BootConfigError(f"cannot read boot entries in {self.entries_dir}: {error}") from None
+
+    def template_for(self, root_subvolume: str) -> tuple[Path, dict[str, list[str]]]:
+        """The entry that boots `root_subvolume` (or, failing that, the image's first entry)."""
+        files = self.entry_files()
+        if not files:
+            raise BootConfigError(f"no boot entries in {self.entries_dir}", hint="is the ESP mounted at /efi?")
+        parsed = [(path, parse_entry(path.read_text())) for path in files]
+        for path, entry in parsed:
+            if f"rootflags=subvol={root_subvolume}" in " ".join(entry.get("options", [])).split():
+                return path, entry
+        return parsed[0]
+
+    def add_for_snapshot(self, snapshot_id: int, description: str, deployment: str, running_root: str) -> str:
+        """Write the snapshot's entry with its tries and make it the default. Returns its id."""
+        _, template = self.template_for(running_root)
+        self.remove_for_snapshot(snapshot_id)
+        name = f"rastos-snapshot-{snapshot_id}"
+        options = [
+            f"rootflags=subvol={deployment}" if option.startswith("rootflags=") else option
+            for option in " ".join(template.get("options", [])).split()
+        ]
+        if not any(option.startswith("rootflags=") for option in options):
+            options.append(f"rootflags=subvol={deployment}")
+        lines = [f"title rastOS, rollback to snapshot {snapshot_id}: {description}"[:200]]
+        for key in ("version", "machine-id", "sort-key", "linux", "efi"):
+            lines += [f"{key} {value}" for value in template.get(key, [])]
+        lines += [f"initrd {value}" for value in template.get("initrd", [])]
+        lines.append("options " + " ".join(options))
+        path = self.entries_dir / f"{name}+{self.tries}.conf"
+        write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
+        self.set_default(f"{name}.conf")
+        log.info("boot entry %s for snapshot %d is the default now", path.name, snapshot_id)
+        return f"{name}.conf"
+
+    def remove_for_snapshot(self, snapshot_id: int) -> None:
+        wanted = f"rastos-snapshot-{snapshot_id}.conf"
+        for path in self.entry_files():
+            if entry_id(path.name) == wanted:
+                path.unlink()
+        if self.default() == wanted:
+            self.set_default(None)
+
+    def loader_conf(self) -> Path:
+        return self.esp / "loader" / "loader.conf"
+
+    def default(self) -> str | None:
+        try:
+            text = self.loader_conf().read_text()
+        except FileNotFoundError:
+            return None
+        for line in text.splitlines():
+            words = line.split(maxsplit=1)
+            if len(words) == 2 and words[0] == "default":
+                return words[1].strip()
+        return None
+
+    def set_default(self, entry: str | None) -> None:
+        path = self.loader_conf()
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        lines = [line for line in lines if not line.startswith("default ")]
+        if entry is not None:
+            lines.insert(0, f"default {entry}")
+        write_atomically(path, "".join(line + "\n" for line in lines), 0o644, 0, 0)
+
+
+def parse_entry(text: str) -> dict[str, list[str]]:
+    entry: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.strip().split(maxsplit=1)
+        if len(words) == 2 and not words[0].startswith("#"):
+            entry.setdefault(words[0], []).append(words[1])
+    return entry
+
+
+@dataclass(frozen=True)
+class BootState:
+    root: str  # the root subvolume, from the top of the filesystem
+    snapshot: int | None  # the snapshot it was rolled back to, if any
+    entry: str  # the boot entry systemd-boot selected ("" when not booted by it)
+    health: str  # good, pending
+
+    def as_dbus(self) -> dict[str, str]:
+        return {
+            "root": self.root,
+            "snapshot": "" if self.snapshot is None else str(self.snapshot),
+            "kind": "deployment" if self.snapshot is None else "rollback",
+            "entry": self.entry,
+            "health": self.health,
+        }
+
+
+def current_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def booted_entry_blessed(esp: Path, entry: str) -> bool:
+    """True when the selected entry carries no boot counter any more (systemd-bless-boot renamed it)."""
+    if not entry:
+        return False
+    return (esp / "loader" / "entries" / entry).exists()

@@ -1,0 +1,95 @@
+"""rastosd's configuration: /etc/rastos/daemon.toml, then command-line overrides (the test seams).
+
+Every key is consumed; an unknown key or a wrong type is an error naming it, never a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rastos.errors import RastosError
+
+DEFAULT_CONFIG = Path("/etc/rastos/daemon.toml")
+IMAGE_INFO = Path("/etc/rastos/image.json")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    root: Path = Path("/")  # the root subvolume the ops change and the snapshots copy
+    snapshots_dir: Path | None = None  # default: ROOT/.snapshots
+    state_dir: Path = Path("/var/lib/rastos")
+    esp: Path = Path("/efi")
+    admin_group: str = "rastos"  # members may call mutating methods, as root may
+    keep_pairs: int = 10  # pre/post snapshot pairs kept by retention
+    boot_tries: int = 3  # tries a rollback entry gets
+    bus_address: str | None = None  # default: the system bus
+
+    @property
+    def snapshot_directory(self) -> Path:
+        return self.snapshots_dir if self.snapshots_dir is not None else self.root / ".snapshots"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "state.db"
+
+
+# file key -> (field, type, check)
+_KEYS: dict[str, tuple[str, type]] = {
+    "access.admin_group": ("admin_group", str),
+    "snapshots.keep_pairs": ("keep_pairs", int),
+    "boot.tries": ("boot_tries", int),
+    "boot.esp": ("esp", Path),
+    "paths.root": ("root", Path),
+    "paths.state_dir": ("state_dir", Path),
+    "paths.snapshots_dir": ("snapshots_dir", Path),
+}
+
+
+def load_config(path: Path | None) -> DaemonConfig:
+    config = DaemonConfig(boot_tries=_image_boot_tries())
+    source = path if path is not None else DEFAULT_CONFIG
+    if path is None and not source.exists():
+        return config
+    try:
+        document = tomllib.loads(source.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise RastosError(f"{source}: cannot read the daemon configuration: {error}") from None
+    changes: dict[str, Any] = {}
+    for key, value in _flatten(document):
+        if key not in _KEYS:
+            raise RastosError(f"{source}: unknown key {key!r}", hint=f"known keys: {', '.join(_KEYS)}")
+        field, kind = _KEYS[key]
+        if kind is Path:
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise RastosError(f"{source}: {key} must be an absolute path, got {value!r}")
+            value = Path(value)
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            raise RastosError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+        changes[field] = value
+    config = replace(config, **changes)
+    if config.keep_pairs < 1 or not 1 <= config.boot_tries <= 9:
+        raise RastosError(f"{source}: snapshots.keep_pairs must be >= 1 and boot.tries between 1 and 9")
+    return config
+
+
+def _flatten(document: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in document.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _image_boot_tries() -> int:
+    """The image profile's boot.tries, recorded by the image builder."""
+    try:
+        tries = json.loads(IMAGE_INFO.read_text()).get("boot_tries", 3)
+    except (OSError, ValueError):
+        return 3
+    return tries if isinstance(tries, int) and 1 <= tries <= 9 else 3

@@ -1,0 +1,353 @@
+"""rastosctl: the command-line client of org.rastos.Daemon1.
+
+Readable tables by default, `--json` on every command. A D-Bus error prints its name and text and
+exits 1; a job that ends other than `done` exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sdbus import DbusFailedError, SdBus, SdBusBaseError, sd_bus_open_system
+
+import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
+from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, JobInterface, ManagerInterface, SnapshotsInterface, job_path
+from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
+from rastos.errors import RastosError
+
+EXIT_BUS_ERROR = 1
+EXIT_USAGE = 2
+EXIT_JOB_FAILED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rastosctl", description="control rastosd (org.rastos.Daemon1)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--bus-address", help="D-Bus address of the daemon's bus (default: the system bus)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("status", help="version, host name, boot state, jobs and snapshots")
+    ops = commands.add_parser("ops", help="the ops the daemon offers, or one op's parameters")
+    ops.add_argument("op", nargs="?")
+    for name, helptext in (("plan", "what an op would change, changing nothing"), ("apply", "run an op as a job")):
+        command = commands.add_parser(name, help=helptext)
+        command.add_argument("op")
+        command.add_argument("params", nargs="*", help="a JSON object, or KEY=VALUE pairs (VALUE is JSON or text)")
+        if name == "apply":
+            add_job_flags(command)
+    pipeline = commands.add_parser("pipeline", help="run a pipeline of ops")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    pipeline_run = pipeline_commands.add_parser("run", help="run the steps in FILE (.json list or .toml [[step]])")
+    pipeline_run.add_argument("file", type=Path)
+    add_job_flags(pipeline_run)
+    commands.add_parser("jobs", help="recent jobs")
+    job = commands.add_parser("job", help="show a job; follow its progress until it ends")
+    job.add_argument("id", type=int)
+    snapshot = commands.add_parser("snapshot", help="list, create, delete snapshots; roll back; mark good")
+    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    snapshot_commands.add_parser("list")
+    snapshot_commands.add_parser("create").add_argument("description")
+    snapshot_commands.add_parser("delete").add_argument("id", type=int)
+    snapshot_commands.add_parser("rollback", help="boot a writable copy of snapshot ID next").add_argument(
+        "id", type=int
+    )
+    snapshot_commands.add_parser("mark-good", help="mark this boot good")
+    log = commands.add_parser("log", help="the event log: every change, who asked for it, and the job")
+    log.add_argument("--since", type=int, default=0, help="only events after this id")
+    log.add_argument("--limit", type=int, default=100)
+    return parser
+
+
+def add_job_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dry-run", action="store_true", help="plan every step, change nothing")
+    command.add_argument("--no-snapshot", action="store_true", help="take no pre/post snapshots")
+    command.add_argument("--restore-on-failure", action="store_true", help="put changed files back if a step fails")
+    command.add_argument("--no-wait", action="store_true", help="print the job and return at once")
+
+
+def job_flags(args: argparse.Namespace) -> int:
+    return (
+        (FLAG_DRY_RUN if args.dry_run else 0)
+        | (FLAG_NO_SNAPSHOT if args.no_snapshot else 0)
+        | (FLAG_RESTORE_ON_FAILURE if args.restore_on_failure else 0)
+    )
+
+
+def params_from(arguments: Sequence[str]) -> str:
+    if len(arguments) == 1 and arguments[0].lstrip().startswith("{"):
+        return arguments[0]
+    params: dict[str, Any] = {}
+    for argument in arguments:
+        key, separator, value = argument.partition("=")
+        if not separator:
+            raise RastosError(f"parameter {argument!r}: write KEY=VALUE or one JSON object")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return json.dumps(params)
+
+
+def steps_from_file(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RastosError(f"{path}: {error.strerror}") from None
+    if path.suffix == ".toml":
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise RastosError(f"{path}: {error}") from None
+        return json.dumps(document.get("step", []))
+    return text
+
+
+class Client:
+    def __init__(self, bus: SdBus, as_json: bool) -> None:
+        self.bus = bus
+        self.as_json = as_json
+        self.manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+        self.snapshots = SnapshotsInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+
+    def emit(self, document: Any, text: str) -> None:
+        print(json.dumps(document, indent=2) if self.as_json else text)
+
+    async def status(self) -> int:
+        boot = await self.manager.boot_state
+        jobs = await self.manager.list_jobs()
+        try:
+            snapshots: list[Any] = await self.snapshots.list_snapshots()
+        except DbusFailedError:
+            snapshots = []
+        active = [job[0] for job in jobs if job[2] not in FINAL_STATES]
+        document = {
+            "version": await self.manager.version, "hostname": await self.manager.hostname, "boot": boot,
+            "active_jobs": active, "snapshots": len(snapshots),
+        }  # fmt: skip
+        lines = [
+            f"version:     {document['version']}",
+            f"host name:   {document['hostname']}",
+            f"root:        {boot.get('root') or '-'} ({boot.get('kind')}, {boot.get('health')})",
+            f"boot entry:  {boot.get('entry') or '-'}",
+            f"active jobs: {', '.join(map(str, active)) or 'none'}",
+            f"snapshots:   {len(snapshots)}",
+        ]
+        self.emit(document, "\n".join(lines))
+        return 0
+
+    async def ops(self, name: str | None) -> int:
+        ops = await self.manager.list_ops()
+        if name is None:
+            document = [{"name": n, "description": d, "schema": json.loads(s)} for n, d, s in ops]
+            self.emit(document, table(["OP", "DESCRIPTION"], [[n, d] for n, d, _ in ops]))
+            return 0
+        for op_name, description, schema_json in ops:
+            if op_name == name:
+                schema = json.loads(schema_json)
+                rows = [
+                    [key, spec.get("type", ""), "yes" if key in schema["required"] else "", spec.get("description", "")]
+                    for key, spec in schema["properties"].items()
+                ]
+                self.emit(schema, f"{name}: {description}\n\n" + table(["PARAM", "TYPE", "REQUIRED", "MEANING"], rows))
+                return 0
+        raise RastosError(f"no op named {name!r}")
+
+    async def plan(self, op: str, params: list[str]) -> int:
+        plan = json.loads(await self.manager.plan(op, params_from(params)))
+        self.emit(plan, format_changes(plan["changes"]) if plan["changes"] else f"{op}: nothing to change")
+        return 0
+
+    async def apply(self, op: str, params: list[str], args: argparse.Namespace) -> int:
+        path = await self.manager.apply(op, params_from(params), job_flags(args))
+        return await self.after_submit(path, args.no_wait)
+
+    async def pipeline(self, file: Path, args: argparse.Namespace) -> int:
+        path = await self.manager.run_pipeline(steps_from_file(file), job_flags(args))
+        return await self.after_submit(path, args.no_wait)
+
+    async def after_submit(self, path: str, no_wait: bool) -> int:
+        job_id = int(path.rsplit("/", 1)[1])
+        if no_wait:
+            self.emit({"id": job_id, "path": path}, f"job {job_id} queued ({path})")
+            return 0
+        return await self.job(job_id)
+
+    async def jobs(self) -> int:
+        jobs = await self.manager.list_jobs()
+        document = [{"id": i, "kind": k, "state": s, "created": c, "path": p} for i, k, s, c, p in jobs]
+        rows = [[str(i), k, s, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c))] for i, k, s, c, _ in jobs]
+        self.emit(document, table(["ID", "KIND", "STATE", "CREATED"], rows))
+        return 0
+
+    async def job(self, job_id: int) -> int:
+        paths = {row[0]: row[4] for row in await self.manager.list_jobs()}
+        if paths.get(job_id, "/") != "/":
+            await self.follow(JobInterface.new_proxy(BUS_NAME, job_path(job_id), self.bus))
+        document = json.loads(await self.manager.get_job(job_id))
+        self.emit(document, format_job(document))
+        return 0 if document["state"] == "done" else EXIT_JOB_FAILED
+
+    async def follow(self, job: JobInterface) -> None:
+        """Print the job's output and progress as they come, until it reaches a final state."""
+        finished = asyncio.Event()
+
+        async def output() -> None:
+            async for line in job.output:
+                if not self.as_json:
+                    print(f"  | {line}", flush=True)
+
+        async def completed() -> None:
+            async for _ in job.completed:
+                finished.set()
+
+        tasks = [asyncio.create_task(output()), asyncio.create_task(completed())]
+        last_progress: tuple[int, str] | None = None
+        try:
+            while True:
+                # Signals carry the news; the property read covers a job that ended before we listened.
+                state = await job.state
+                if state in FINAL_STATES:
+                    break
+                progress = await job.progress
+                if progress != last_progress and not self.as_json:
+                    print(f"[{progress[0]:3d}%] {progress[1]}", file=sys.stderr, flush=True)
+                    last_progress = progress
+                try:
+                    await asyncio.wait_for(finished.wait(), 0.25)
+                except TimeoutError:
+                    continue
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def snapshot(self, args: argparse.Namespace) -> int:
+        action = args.snapshot_command
+        if action == "list":
+            rows = await self.snapshots.list_snapshots()
+            document = [
+                {"id": i, "time": t, "description": d, "kind": k, "job": j or None, "pre": p or None, "known_good": g}
+                for i, t, d, k, j, p, g in rows
+            ]
+            shown = [
+                [str(i), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)), k, str(j or ""), "yes" if g else "", d]
+                for i, t, d, k, j, _, g in rows
+            ]
+            self.emit(document, table(["ID", "TIME", "KIND", "JOB", "GOOD", "DESCRIPTION"], shown))
+        elif action == "create":
+            snapshot_id = await self.snapshots.create_snapshot(args.description)
+            self.emit({"id": snapshot_id}, f"created snapshot {snapshot_id}")
+        elif action == "delete":
+            await self.snapshots.delete_snapshot(args.id)
+            self.emit({"deleted": args.id}, f"deleted snapshot {args.id}")
+        elif action == "rollback":
+            entry = await self.snapshots.rollback(args.id)
+            self.emit({"snapshot": args.id, "entry": entry}, f"the next boot starts snapshot {args.id} ({entry})")
+        else:
+            await self.snapshots.mark_good()
+            self.emit({"marked_good": True}, "this boot is marked good")
+        return 0
+
+    async def log(self, since: int, limit: int) -> int:
+        events = await self.manager.get_event_log(since, limit)
+        document = [
+            {"id": i, "time": t, "uid": u, "method": m, "job": j or None, "detail": json.loads(d)}
+            for i, t, u, m, j, d in events
+        ]
+        rows = [
+            [str(i), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)), str(u), m, str(j or ""), d]
+            for i, t, u, m, j, d in events
+        ]
+        self.emit(document, table(["ID", "TIME", "UID", "METHOD", "JOB", "DETAIL"], rows))
+        return 0
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_changes(changes: list[dict[str, str]]) -> str:
+    lines = []
+    for change in changes:
+        lines.append(f"{change['action']:>7} {change['subject']}")
+        lines += [f"          {line}" for line in change.get("detail", "").splitlines() if change["action"] != "run"]
+        if change["action"] == "run":
+            lines.append(f"          $ {change['detail']}")
+    return "\n".join(lines)
+
+
+def format_job(document: dict[str, Any]) -> str:
+    lines = [f"job {document['id']} ({document['kind']}): {document['state']}"]
+    for position, step in enumerate(document["steps"], 1):
+        lines.append(f"  step {position}: {step['op']} {step['state']}")
+        result = step.get("result") or {}
+        if step["state"] == "planned":
+            lines += [f"    would {c['action']} {c['subject']}" for c in result.get("changes", [])] or [
+                "    nothing to change"
+            ]
+        if result.get("error"):
+            lines.append(f"    error: {result['error']}")
+    result = document.get("result") or {}
+    if result.get("snapshots"):
+        lines.append(f"  snapshots: pre {result['snapshots']['pre']}, post {result['snapshots']['post']}")
+    if result.get("restored"):
+        lines.append(f"  restored: {', '.join(result['restored'])}")
+    if result.get("error"):
+        lines.append(f"  error: {result['error']}")
+    return "\n".join(lines)
+
+
+async def dispatch(args: argparse.Namespace) -> int:
+    if args.bus_address:
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = args.bus_address
+    client = Client(sd_bus_open_system(), args.json)
+    command = args.command
+    if command == "status":
+        return await client.status()
+    if command == "ops":
+        return await client.ops(args.op)
+    if command == "plan":
+        return await client.plan(args.op, args.params)
+    if command == "apply":
+        return await client.apply(args.op, args.params, args)
+    if command == "pipeline":
+        return await client.pipeline(args.file, args)
+    if command == "jobs":
+        return await client.jobs()
+    if command == "job":
+        return await client.job(args.id)
+    if command == "snapshot":
+        return await client.snapshot(args)
+    return await client.log(args.since, args.limit)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(dispatch(args))
+    except DbusFailedError as error:
+        print(f"rastosctl: {error.dbus_error_name}: {error.args[0] if error.args else ''}", file=sys.stderr)
+        return EXIT_BUS_ERROR
+    except SdBusBaseError as error:
+        print(f"rastosctl: {error}", file=sys.stderr)
+        return EXIT_BUS_ERROR
+    except RastosError as error:
+        print(f"rastosctl: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0

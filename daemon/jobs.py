@@ -1,0 +1,307 @@
+"""Jobs: Apply and RunPipeline return at once with a job; one worker runs jobs in order.
+
+Pipeline semantics (docs/daemon.md says the same for users):
+- Every step's params are validated before the job exists; one bad step refuses the whole pipeline.
+- Steps run in order with `&&` semantics: the first step that fails stops the pipeline; later steps
+  are `skipped`. A step whose plan is empty is `unchanged` and changes nothing.
+- Before the first step that would change something, a read-only `pre` snapshot of the root is taken
+  (unless FLAG_NO_SNAPSHOT); after the last step that ran, a `post` snapshot paired with it.
+- With FLAG_RESTORE_ON_FAILURE, a failure puts every file that the steps so far changed back as it was
+  in the pre snapshot (files the snapshot lacks are removed). Runtime state (the kernel's host name,
+  /proc/sys) is not rolled back by this; it returns to the files' values at the next boot.
+- FLAG_DRY_RUN plans every step against the system as it is now and changes nothing, takes no
+  snapshot. A step that depends on an earlier one is planned without that earlier change.
+- Cancel() stops a queued job before it starts and a running one between steps; a step that has
+  begun runs to its end (ops write files atomically), so nothing is left half-changed.
+Jobs run one at a time: two concurrent Apply calls queue, they never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob, OpFailed
+from daemon.ops import get_op
+from daemon.ops.base import Op, Target, execute
+from daemon.ops.params import Params, validate
+from daemon.snapshots import Snapshots
+from daemon.store import StateStore
+
+log = logging.getLogger("rastosd.jobs")
+
+FLAG_DRY_RUN = 1 << 0
+FLAG_NO_SNAPSHOT = 1 << 1
+FLAG_RESTORE_ON_FAILURE = 1 << 2
+KNOWN_FLAGS = FLAG_DRY_RUN | FLAG_NO_SNAPSHOT | FLAG_RESTORE_ON_FAILURE
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+MAX_STEPS = 256
+MAX_OUTPUT_LINES = 2000  # kept per step in the result; every line is also sent as a signal
+
+
+@dataclass(frozen=True)
+class Step:
+    op: Op
+    params: Params
+
+    def as_json(self) -> dict[str, Any]:
+        return {"op": self.op.name, "params": self.params}
+
+
+def check_flags(flags: int) -> None:
+    if flags & ~KNOWN_FLAGS:
+        raise InvalidParams(
+            "flags", f"unknown bits {flags & ~KNOWN_FLAGS:#x}; known: dry-run 1, no-snapshot 2, restore 4"
+        )
+
+
+def parse_params(params_json: str, where: str = "params") -> object:
+    try:
+        return json.loads(params_json)
+    except json.JSONDecodeError as error:
+        raise InvalidParams(where, f"is not valid JSON: {error}") from None
+
+
+def step_from(target: Target, op_name: object, params: object, where: str) -> Step:
+    if not isinstance(op_name, str):
+        raise InvalidParams(f"{where}.op" if where else "op", "must be the name of an op")
+    op = get_op(op_name, f"{where}.op" if where else "op")
+    checked = validate(op.schema, params, f"{where}.params" if where else "params")
+    try:
+        op.check(target, checked)
+    except InvalidParams as error:
+        if where:
+            raise InvalidParams(f"{where}.{error.field}", str(error).split(": ", 1)[1]) from None
+        raise
+    return Step(op, checked)
+
+
+def parse_steps(target: Target, steps_json: str) -> list[Step]:
+    document = parse_params(steps_json, "steps")
+    if not isinstance(document, list) or not document:
+        raise InvalidParams("steps", 'must be a non-empty JSON list of {"op": ..., "params": {...}}')
+    if len(document) > MAX_STEPS:
+        raise InvalidParams("steps", f"at most {MAX_STEPS} steps, got {len(document)}")
+    steps = []
+    for index, item in enumerate(document):
+        where = f"steps[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidParams(where, "must be an object with keys op and params")
+        unknown = set(item) - {"op", "params"}
+        if unknown:
+            raise InvalidParams(f"{where}.{sorted(unknown)[0]}", "unknown key; a step has op and params")
+        steps.append(step_from(target, item.get("op"), item.get("params", {}), where))
+    return steps
+
+
+class JobListener(Protocol):
+    """What the bus layer hears about jobs; always called on the event loop's thread."""
+
+    def job_added(self, job: Job) -> None: ...
+    def job_changed(self, job: Job, what: str) -> None: ...
+    def job_output(self, job: Job, line: str) -> None: ...
+    def job_finished(self, job: Job) -> None: ...
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    steps: list[Step]
+    flags: int
+    uid: int
+    state: str = "queued"
+    progress: tuple[int, str] = (0, "queued")
+    result: dict[str, Any] = field(default_factory=dict)
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def description(self) -> str:
+        names = [step.op.name for step in self.steps]
+        return f"{self.kind} {' && '.join(names)}"
+
+
+class JobManager:
+    def __init__(
+        self,
+        target: Target,
+        store: StateStore,
+        snapshots: Snapshots | None,
+        listener: JobListener,
+        booted_snapshot: Callable[[], int | None],
+    ) -> None:
+        self.target = target
+        self.store = store
+        self.snapshots = snapshots
+        self.listener = listener
+        self.booted_snapshot = booted_snapshot
+        self.jobs: dict[int, Job] = {}
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def submit(self, kind: str, steps: list[Step], flags: int, uid: int, method: str) -> Job:
+        """Record the job and queue it; the caller gets it back at once."""
+        check_flags(flags)
+        job_id = self.store.add_job(kind, [step.as_json() for step in steps], flags, uid, method)
+        job = Job(job_id, kind, steps, flags, uid)
+        self.jobs[job_id] = job
+        self.listener.job_added(job)
+        self._queue.put_nowait(job)
+        return job
+
+    def get(self, job_id: int) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NoSuchJob(f"job {job_id} is not known to this daemon run") from None
+
+    def cancel(self, job_id: int, uid: int) -> None:
+        job = self.get(job_id)
+        if job.state in FINAL_STATES:
+            raise JobNotCancellable(f"job {job_id} is already {job.state}")
+        job.cancel_requested.set()
+        self.store.record(uid, "Cancel", job_id, state=job.state)
+
+    async def run_forever(self) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                await asyncio.to_thread(self._run, job)
+            except Exception:  # the worker must outlive any one job
+                log.exception("job %d: the worker failed", job.id)
+
+    # Everything below runs on the worker thread; it talks to the loop only through notify.
+
+    def notify(self, method: Callable[..., None], *args: Any) -> None:
+        self._loop.call_soon_threadsafe(method, *args)
+
+    def set_state(self, job: Job, state: str) -> None:
+        job.state = state
+        self.notify(self.listener.job_changed, job, "State")
+
+    def set_progress(self, job: Job, percent: int, message: str) -> None:
+        job.progress = (percent, message)
+        self.notify(self.listener.job_changed, job, "Progress")
+
+    def _run(self, job: Job) -> None:
+        if job.cancel_requested.is_set():
+            self._finish(job, "cancelled", {"steps": [], "error": "cancelled before it started"})
+            return
+        self.store.set_job_state(job.id, "running")
+        self.set_state(job, "running")
+        runner = _PipelineRun(self, job)
+        state, result = runner.run()
+        self._finish(job, state, result)
+
+    def _finish(self, job: Job, state: str, result: dict[str, Any]) -> None:
+        result["state"] = state
+        job.result = result
+        self.store.set_job_state(job.id, state, result)
+        job.progress = (100, state)
+        job.state = state
+        self.notify(self.listener.job_changed, job, "Progress")
+        self.notify(self.listener.job_changed, job, "Result")
+        self.notify(self.listener.job_changed, job, "State")
+        self.notify(self.listener.job_finished, job)
+        log.info("job %d (%s) %s", job.id, job.description, state)
+
+
+class _PipelineRun:
+    """One execution of a job's steps, with the semantics in this module's docstring."""
+
+    def __init__(self, manager: JobManager, job: Job) -> None:
+        self.manager = manager
+        self.job = job
+        self.dry_run = bool(job.flags & FLAG_DRY_RUN)
+        self.snapshots = None if job.flags & FLAG_NO_SNAPSHOT else manager.snapshots
+        self.pre_id: int | None = None
+        self.changed_paths: list[str] = []
+        self.steps: list[dict[str, Any]] = [{"op": s.op.name, "state": "pending"} for s in job.steps]
+
+    def run(self) -> tuple[str, dict[str, Any]]:
+        state, error = "done", None
+        for index, step in enumerate(self.job.steps):
+            if self.job.cancel_requested.is_set():
+                state, error = "cancelled", f"cancelled before step {index + 1}"
+                self._skip_from(index)
+                break
+            total = len(self.job.steps)
+            self.manager.set_progress(self.job, 100 * index // total, f"step {index + 1}/{total}: {step.op.name}")
+            try:
+                self._run_step(index, step)
+            except Exception as failure:
+                error = self._describe_failure(index, step, failure)
+                state = "failed"
+                self._skip_from(index + 1)
+                break
+        result: dict[str, Any] = {"steps": self.steps, "dry_run": self.dry_run}
+        if error is not None:
+            result["error"] = error
+        self._after(state, result)
+        return state, result
+
+    def _run_step(self, index: int, step: Step) -> None:
+        record = self.steps[index]
+        self.manager.store.set_step(self.job.id, index, "running")
+        plan = step.op.plan(self.manager.target, step.params)
+        record["changes"] = [change.as_json() for change in plan.changes]
+        if self.dry_run or not plan.actions:
+            record["state"] = "planned" if self.dry_run else "unchanged"
+            self.manager.store.set_step(self.job.id, index, record["state"], record)
+            return
+        if self.snapshots is not None and self.pre_id is None:
+            self.pre_id = self.snapshots.create(
+                f"before job {self.job.id}: {self.job.description}", "pre", uid=self.job.uid, method="Snapshot",
+                job_id=self.job.id,
+            )  # fmt: skip
+        output: list[str] = []
+        record["output"] = output
+        record["state"] = "running"
+        self.changed_paths += plan.paths
+        execute(plan, self.manager.target, lambda line: self._output(output, line))
+        problems = step.op.verify(self.manager.target, step.params)
+        if problems:
+            raise OpFailed(f"verify found: {'; '.join(problems)}")
+        record["state"] = "changed"
+        self.manager.store.set_step(self.job.id, index, "changed", record)
+
+    def _output(self, kept: list[str], line: str) -> None:
+        if len(kept) < MAX_OUTPUT_LINES:
+            kept.append(line)
+        self.manager.notify(self.manager.listener.job_output, self.job, line)
+
+    def _describe_failure(self, index: int, step: Step, failure: Exception) -> str:
+        if isinstance(failure, DaemonError):
+            message = str(failure)
+        else:
+            # Unexpected: the whole story goes to the journal, the caller gets the message only.
+            log.error("job %d step %d (%s) failed:\n%s", self.job.id, index, step.op.name, traceback.format_exc())
+            message = f"{type(failure).__name__}: {failure}"
+        record = self.steps[index]
+        record["state"] = "failed"
+        record["error"] = message
+        self.manager.store.set_step(self.job.id, index, "failed", record)
+        return f"step {index + 1} ({step.op.name}) failed: {message}"
+
+    def _skip_from(self, index: int) -> None:
+        for position in range(index, len(self.steps)):
+            self.steps[position]["state"] = "skipped"
+            self.manager.store.set_step(self.job.id, position, "skipped", self.steps[position])
+
+    def _after(self, state: str, result: dict[str, Any]) -> None:
+        if self.snapshots is None or self.pre_id is None:
+            return
+        if state == "failed" and self.job.flags & FLAG_RESTORE_ON_FAILURE:
+            result["restored"] = self.snapshots.restore_paths(self.pre_id, sorted(set(self.changed_paths)))
+        post_id = self.snapshots.create(
+            f"after job {self.job.id}: {self.job.description} ({state})", "post", uid=self.job.uid, method="Snapshot",
+            job_id=self.job.id, pre_id=self.pre_id,
+        )  # fmt: skip
+        result["snapshots"] = {"pre": self.pre_id, "post": post_id}
+        result["cleaned_up"] = self.snapshots.cleanup(booted_snapshot=self.manager.booted_snapshot())

@@ -1,0 +1,19 @@
+"""The registry: every op the daemon offers, by name. Adding an op is adding it to OPS."""
+
+from __future__ import annotations
+
+from daemon.errors import UnknownOp
+from daemon.ops.base import Op
+from daemon.ops.hostname import HostnameOp
+from daemon.ops.motd import MotdOp
+from daemon.ops.sysctl import SysctlOp
+from daemon.ops.user import UserOp
+
+OPS: dict[str, Op] = {op.name: op for op in (HostnameOp(), MotdOp(), SysctlOp(), UserOp())}
+
+
+def get_op(name: str, field: str = "op") -> Op:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise UnknownOp(f"{field}: no op named {name!r}; known: {', '.join(sorted(OPS))}") from None

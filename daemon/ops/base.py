@@ -1,0 +1,285 @@
+"""What an op is, and the one executor that carries out every op's plan.
+
+An op reads facts from its target root, turns facts and params into a plan (a list of actions; pure,
+so planning is tested from data), and the executor here applies exactly that plan. `verify` reads the
+facts again afterwards. An op whose plan is empty reports "unchanged": that is what makes a second
+apply idempotent, and it is checked for every op by the tests.
+
+Ops act on a `Target`: a root directory. On the live system it is `/` and actions with a runtime side
+(the kernel's host name, /proc/sys) take effect at once; aimed at a scratch root they only write files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from daemon.ops.params import Params, Schema
+from rastos.process import run
+
+Output = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    root: Path
+
+    @property
+    def live(self) -> bool:
+        return self.root == Path("/")
+
+    def path(self, absolute: str) -> Path:
+        return self.root / absolute.lstrip("/")
+
+    def read_text(self, absolute: str) -> str | None:
+        try:
+            return self.path(absolute).read_text()
+        except FileNotFoundError:
+            return None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of a plan or a result, as a client shows it."""
+
+    subject: str  # "/etc/hostname", "user alice", "kernel host name"
+    action: str  # create, modify, remove, set, run
+    detail: str = ""  # a unified diff for files, the command for commands
+
+    def as_json(self) -> dict[str, str]:
+        return {"subject": self.subject, "action": self.action, "detail": self.detail}
+
+
+class Action(ABC):
+    """One step of a plan. `paths` are the files it may change: what a restore puts back."""
+
+    @abstractmethod
+    def describe(self) -> Change: ...
+
+    @abstractmethod
+    def execute(self, target: Target, output: Output) -> None: ...
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class WriteFile(Action):
+    path: str
+    content: str
+    old_content: str | None
+    mode: int = 0o644
+    owner: str = "root"  # a user name, resolved in the target's /etc/passwd when applied
+
+    def describe(self) -> Change:
+        if self.old_content is None:
+            return Change(self.path, "create", _diff(self.path, "", self.content))
+        return Change(self.path, "modify", _diff(self.path, self.old_content, self.content))
+
+    def execute(self, target: Target, output: Output) -> None:
+        uid, gid = lookup_user(target, self.owner)
+        destination = target.path(self.path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(destination, self.content, self.mode, uid, gid)
+        output(f"wrote {self.path}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+
+@dataclass(frozen=True)
+class MakeDirectory(Action):
+    path: str
+    mode: int = 0o755
+    owner: str = "root"
+
+    def describe(self) -> Change:
+        return Change(self.path, "create", f"directory, mode {self.mode:o}, owner {self.owner}")
+
+    def execute(self, target: Target, output: Output) -> None:
+        uid, gid = lookup_user(target, self.owner)
+        directory = target.path(self.path)
+        directory.mkdir(mode=self.mode, parents=True, exist_ok=True)
+        os.chown(directory, uid, gid)
+        directory.chmod(self.mode)
+        output(f"created {self.path}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+
+@dataclass(frozen=True)
+class RemoveFile(Action):
+    path: str
+
+    def describe(self) -> Change:
+        return Change(self.path, "remove")
+
+    def execute(self, target: Target, output: Output) -> None:
+        target.path(self.path).unlink(missing_ok=True)
+        output(f"removed {self.path}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+
+@dataclass(frozen=True)
+class RunCommand(Action):
+    """A program run on the host against the target; `{root}` in argv becomes the target's root."""
+
+    subject: str
+    argv: tuple[str, ...]
+    touches: tuple[str, ...] = ()
+
+    def describe(self) -> Change:
+        return Change(self.subject, "run", " ".join(self.argv))
+
+    def execute(self, target: Target, output: Output) -> None:
+        argv = [arg.replace("{root}", str(target.root)) for arg in self.argv]
+        result = run(argv, capture=True)
+        for line in result.stdout.splitlines():
+            output(line)
+        output(f"ran {argv[0]} for {self.subject}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return self.touches
+
+
+@dataclass(frozen=True)
+class SetKernelHostname(Action):
+    """The running kernel's host name; only on the live system (a scratch root has no kernel)."""
+
+    hostname: str
+    old: str
+
+    def describe(self) -> Change:
+        return Change("kernel host name", "set", f"{self.old} -> {self.hostname}")
+
+    def execute(self, target: Target, output: Output) -> None:
+        socket.sethostname(self.hostname)
+        output(f"kernel host name is now {self.hostname}")
+
+
+@dataclass(frozen=True)
+class WriteSysctl(Action):
+    """A value written to /proc/sys at once; only on the live system."""
+
+    key: str
+    value: str
+    old: str
+
+    def describe(self) -> Change:
+        return Change(f"sysctl {self.key}", "set", f"{self.old} -> {self.value}")
+
+    def execute(self, target: Target, output: Output) -> None:
+        Path("/proc/sys", *self.key.split(".")).write_text(self.value + "\n")
+        output(f"{self.key} = {self.value}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    op: str
+    actions: tuple[Action, ...] = field(default_factory=tuple)
+
+    @property
+    def changes(self) -> list[Change]:
+        return [action.describe() for action in self.actions]
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({path for action in self.actions for path in action.paths})
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "changed": bool(self.actions),
+            "changes": [change.as_json() for change in self.changes],
+        }
+
+
+class Op(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    schema: ClassVar[Schema]
+
+    @abstractmethod
+    def plan(self, target: Target, params: Params) -> Plan:
+        """What apply would do now. Reads the target, changes nothing."""
+
+    def check(self, target: Target, params: Params) -> None:
+        """Checks that need the target (a kernel parameter exists); raise InvalidParams. Changes nothing."""
+        del target, params  # most ops need nothing beyond their schema
+
+    def verify(self, target: Target, params: Params) -> list[str]:
+        """Problems left after apply; by default, anything a fresh plan still wants to change."""
+        return [f"{change.subject}: still needs {change.action}" for change in self.plan(target, params).changes]
+
+
+def execute(plan: Plan, target: Target, output: Output) -> None:
+    """Carry out exactly the plan's actions, in order. Runtime actions are skipped off the live system."""
+    for action in plan.actions:
+        if isinstance(action, SetKernelHostname | WriteSysctl) and not target.live:
+            continue
+        action.execute(target, output)
+
+
+def write_atomically(path: Path, content: str, mode: int, uid: int, gid: int) -> None:
+    """Write through a temporary file in the same directory, fsync, rename: never a half-written file."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fchown(handle.fileno(), uid, gid)
+            os.fsync(handle.fileno())
+        Path(temporary).replace(path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def lookup_user(target: Target, name: str) -> tuple[int, int]:
+    """uid and gid of a user in the target's own /etc/passwd (not the host's: the target may differ)."""
+    if name == "root":
+        return 0, 0
+    for entry in read_colon_file(target, "/etc/passwd"):
+        if entry[0] == name and len(entry) >= 4:
+            return int(entry[2]), int(entry[3])
+    raise LookupError(f"user {name!r} does not exist in {target.path('/etc/passwd')}")
+
+
+def read_colon_file(target: Target, absolute: str) -> list[list[str]]:
+    text = target.read_text(absolute) or ""
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def file_action(target: Target, path: str, content: str, *, mode: int = 0o644, owner: str = "root") -> list[Action]:
+    """A write only when the file differs in content or mode: the building block of idempotent ops."""
+    old = target.read_text(path)
+    if old == content and (target.path(path).stat().st_mode & 0o7777) == mode:
+        return []
+    return [WriteFile(path, content, old, mode, owner)]
+
+
+def _diff(path: str, old: str, new: str) -> str:
+    lines = difflib.unified_diff(
+        old.splitlines(keepends=True), new.splitlines(keepends=True), f"a{path}", f"b{path}", n=1
+    )
+    return "".join(lines)
+
+
+def joined(values: Sequence[str]) -> str:
+    return ", ".join(values) if values else "none"

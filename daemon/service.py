@@ -1,0 +1,383 @@
+"""rastosd: the objects on the bus, wired to the job manager, the snapshots and the state store.
+
+Read-only methods answer from memory or the database. Mutating methods first establish the caller
+(`Callers.require_admin`), validate every argument, then act; long work becomes a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+from collections import deque
+from typing import Any
+
+from sdbus import (
+    DbusObjectManagerInterfaceAsync,
+    SdBus,
+    dbus_method_async_override,
+    dbus_property_async_override,
+    sd_bus_open_system,
+)
+
+from daemon.boot import (
+    BootEntries,
+    BootState,
+    booted_entry_blessed,
+    current_boot_id,
+    read_loader_variable,
+    snapshot_of_root,
+)
+from daemon.bus.callers import Callers
+from daemon.bus.errors import guarded
+from daemon.bus.interfaces import (
+    BUS_NAME,
+    JOB_INTERFACE,
+    MANAGER_INTERFACE,
+    ROOT_PATH,
+    JobInterface,
+    ManagerInterface,
+    SnapshotsInterface,
+    job_path,
+)
+from daemon.config import DaemonConfig
+from daemon.errors import InvalidParams, NoSuchJob, SnapshotsUnavailable
+from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
+from daemon.ops import OPS
+from daemon.ops.base import Target
+from daemon.ops.params import json_schema
+from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
+from daemon.store import StateStore
+from rastos import __version__
+
+log = logging.getLogger("rastosd")
+
+KEEP_FINISHED_JOB_OBJECTS = 32  # finished jobs stay on the bus this long so late clients read Result
+MAX_EVENTS = 10000
+
+
+def emit_changed(obj: Any, interface: str, name: str, signature: str, value: Any) -> None:
+    obj.properties_changed.emit((interface, {name: (signature, value)}, []))
+
+
+class JobObject(JobInterface):
+    def __init__(self, daemon: Daemon, job: Job) -> None:
+        super().__init__()
+        self._daemon = daemon
+        self.job = job
+
+    @dbus_property_async_override()
+    def id(self) -> int:
+        return self.job.id
+
+    @dbus_property_async_override()
+    def kind(self) -> str:
+        return self.job.kind
+
+    @dbus_property_async_override()
+    def description(self) -> str:
+        return self.job.description
+
+    @dbus_property_async_override()
+    def state(self) -> str:
+        return self.job.state
+
+    @dbus_property_async_override()
+    def progress(self) -> tuple[int, str]:
+        return self.job.progress
+
+    @dbus_property_async_override()
+    def result(self) -> str:
+        return json.dumps(self.job.result) if self.job.result else ""
+
+    @dbus_method_async_override()
+    @guarded
+    async def cancel(self) -> None:
+        caller = await self._daemon.callers.require_admin("Cancel")
+        self._daemon.jobs.cancel(self.job.id, caller.uid)
+
+
+class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInterface):
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
+        self._daemon = daemon
+
+    # Manager: properties
+
+    @dbus_property_async_override()
+    def version(self) -> str:
+        return __version__
+
+    @dbus_property_async_override()
+    def hostname(self) -> str:
+        return self._daemon.hostname()
+
+    @dbus_property_async_override()
+    def boot_state(self) -> dict[str, str]:
+        return self._daemon.boot_state().as_dbus()
+
+    # Manager: read-only methods
+
+    @dbus_method_async_override()
+    @guarded
+    async def list_ops(self) -> list[tuple[str, str, str]]:
+        return [(op.name, op.description, json.dumps(json_schema(op.schema))) for op in OPS.values()]
+
+    @dbus_method_async_override()
+    @guarded
+    async def plan(self, op: str, params_json: str) -> str:
+        target = self._daemon.target
+        step = step_from(target, op, parse_params(params_json), "")
+        plan = await asyncio.to_thread(step.op.plan, target, step.params)
+        return json.dumps(plan.as_json())
+
+    @dbus_method_async_override()
+    @guarded
+    async def list_jobs(self) -> list[tuple[int, str, str, float, str]]:
+        exported = self._daemon.job_objects
+        return [
+            (row.id, row.kind, row.state, row.created, job_path(row.id) if row.id in exported else "/")
+            for row in self._daemon.store.jobs()
+        ]
+
+    @dbus_method_async_override()
+    @guarded
+    async def get_job(self, job_id: int) -> str:
+        row = self._daemon.store.job(job_id)
+        if row is None:
+            raise NoSuchJob(f"id: no job {job_id}")
+        document = {
+            "id": row.id, "kind": row.kind, "state": row.state, "flags": row.flags, "uid": row.uid,
+            "created": row.created, "started": row.started, "finished": row.finished,
+            "steps": self._daemon.store.steps(job_id), "result": row.result,
+        }  # fmt: skip
+        return json.dumps(document)
+
+    @dbus_method_async_override()
+    @guarded
+    async def get_event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
+        if not 1 <= limit <= MAX_EVENTS:
+            raise InvalidParams("limit", f"must be between 1 and {MAX_EVENTS}, got {limit}")
+        events = self._daemon.store.events(since, limit)
+        return [(e.id, e.time, e.uid, e.method, e.job_id or 0, json.dumps(e.detail)) for e in events]
+
+    # Manager: mutating methods
+
+    @dbus_method_async_override()
+    @guarded
+    async def apply(self, op: str, params_json: str, flags: int) -> str:
+        caller = await self._daemon.callers.require_admin("Apply")
+        check_flags(flags)
+        step = step_from(self._daemon.target, op, parse_params(params_json), "")
+        job = self._daemon.jobs.submit("apply", [step], flags, caller.uid, "Apply")
+        return job_path(job.id)
+
+    @dbus_method_async_override()
+    @guarded
+    async def run_pipeline(self, steps_json: str, flags: int) -> str:
+        caller = await self._daemon.callers.require_admin("RunPipeline")
+        check_flags(flags)
+        steps = parse_steps(self._daemon.target, steps_json)
+        job = self._daemon.jobs.submit("pipeline", steps, flags, caller.uid, "RunPipeline")
+        return job_path(job.id)
+
+    # Snapshots
+
+    @dbus_method_async_override()
+    @guarded
+    async def list_snapshots(self) -> list[tuple[int, float, str, str, int, int, bool]]:
+        rows = await asyncio.to_thread(self._daemon.require_snapshots().existing)
+        return [(r.id, r.created, r.description, r.kind, r.job_id or 0, r.pre_id or 0, r.known_good) for r in rows]
+
+    @dbus_method_async_override()
+    @guarded
+    async def create_snapshot(self, description: str) -> int:
+        caller = await self._daemon.callers.require_admin("Create")
+        check_description(description)
+        snapshots = self._daemon.require_snapshots()
+        return await asyncio.to_thread(snapshots.create, description, "manual", uid=caller.uid, method="Create")
+
+    @dbus_method_async_override()
+    @guarded
+    async def delete_snapshot(self, snapshot_id: int) -> None:
+        caller = await self._daemon.callers.require_admin("Delete")
+        snapshots = self._daemon.require_snapshots()
+        booted = self._daemon.boot_state().snapshot
+        await asyncio.to_thread(snapshots.delete, snapshot_id, uid=caller.uid, method="Delete", booted_snapshot=booted)
+
+    @dbus_method_async_override()
+    @guarded
+    async def rollback(self, snapshot_id: int) -> str:
+        caller = await self._daemon.callers.require_admin("Rollback")
+        entry = await asyncio.to_thread(self._daemon.prepare_rollback, snapshot_id)
+        self._daemon.store.record(caller.uid, "Rollback", None, snapshot=snapshot_id, entry=entry)
+        return entry
+
+    @dbus_method_async_override()
+    @guarded
+    async def mark_good(self) -> None:
+        caller = await self._daemon.callers.require_admin("MarkGood")
+        self._daemon.mark_good(caller.uid)
+
+
+def check_description(description: str) -> None:
+    if not 1 <= len(description) <= 200:
+        raise InvalidParams("description", f"must be 1 to 200 characters, got {len(description)}")
+    if not description.isprintable():
+        raise InvalidParams("description", "must be one line of printable characters")
+
+
+class Daemon:
+    """Everything one rastosd process holds; also the job manager's listener."""
+
+    def __init__(self, config: DaemonConfig, bus: SdBus) -> None:
+        self.config = config
+        self.bus = bus
+        self.target = Target(config.root)
+        self.store = StateStore(config.database)
+        self.entries = BootEntries(config.esp, config.boot_tries)
+        layout = SnapshotLayout(config.root, config.snapshot_directory)
+        self.snapshots: Snapshots | None = Snapshots(layout, self.store, config.keep_pairs, self.entries)
+        try:
+            self.snapshots.check_available()
+        except SnapshotsUnavailable as error:
+            log.warning("snapshots are off: %s", error)
+            self.snapshots = None
+        self.boot_id = current_boot_id()
+        self._root_subvolume = self._read_root_subvolume()
+        self.callers = Callers(bus, config.admin_group)
+        self.root = RootObject(self)
+        self.jobs = JobManager(self.target, self.store, self.snapshots, self, lambda: self.boot_state().snapshot)
+        self.job_objects: dict[int, JobObject] = {}
+        self._finished: deque[int] = deque()
+        self._hostname = self.hostname()
+
+    def _read_root_subvolume(self) -> str:
+        if self.snapshots is None:
+            return ""
+        return subvolume_path(self.config.root)
+
+    # State the properties show
+
+    def hostname(self) -> str:
+        name = (self.target.read_text("/etc/hostname") or "").strip()
+        return name or socket.gethostname()
+
+    def boot_state(self) -> BootState:
+        entry = read_loader_variable("LoaderEntrySelected") or ""
+        if self.store.boot_marked_good(self.boot_id) or booted_entry_blessed(self.config.esp, entry):
+            health = "good"
+        else:
+            health = "pending" if entry else "unknown"
+        return BootState(self._root_subvolume, snapshot_of_root(self._root_subvolume), entry, health)
+
+    def require_snapshots(self) -> Snapshots:
+        if self.snapshots is None:
+            raise SnapshotsUnavailable(f"snapshots are off: {self.config.root} is not a btrfs subvolume")
+        return self.snapshots
+
+    def prepare_rollback(self, snapshot_id: int) -> str:
+        snapshots = self.require_snapshots()
+        row = snapshots.get(snapshot_id)
+        if self.boot_state().snapshot == snapshot_id:
+            from daemon.errors import SnapshotProtected
+
+            raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
+        deployment = snapshots.make_deployment(snapshot_id)
+        try:
+            return self.entries.add_for_snapshot(
+                snapshot_id, row.description, subvolume_path(deployment), self._root_subvolume
+            )
+        except BaseException:
+            snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
+            raise
+
+    def mark_good(self, uid: int) -> None:
+        newest = None
+        if self.snapshots is not None and (rows := self.snapshots.existing()):
+            newest = rows[-1].id
+        self.store.mark_known_good(newest, uid, self.boot_id)
+        emit_changed(self.root, MANAGER_INTERFACE, "BootState", "a{ss}", self.boot_state().as_dbus())
+
+    # JobListener
+
+    def job_added(self, job: Job) -> None:
+        job_object = JobObject(self, job)
+        self.root.export_with_manager(job_path(job.id), job_object, self.bus)
+        self.job_objects[job.id] = job_object
+        self.root.job_new.emit((job.id, job_path(job.id), job.kind))
+
+    def job_changed(self, job: Job, what: str) -> None:
+        job_object = self.job_objects.get(job.id)
+        if job_object is None:
+            return
+        value: Any = {"State": job.state, "Progress": job.progress, "Result": json.dumps(job.result)}[what]
+        emit_changed(job_object, JOB_INTERFACE, what, {"State": "s", "Progress": "(us)", "Result": "s"}[what], value)
+
+    def job_output(self, job: Job, line: str) -> None:
+        if (job_object := self.job_objects.get(job.id)) is not None:
+            job_object.output.emit(line)
+
+    def job_finished(self, job: Job) -> None:
+        job_object = self.job_objects[job.id]
+        job_object.completed.emit((job.state, json.dumps(job.result)))
+        self.root.job_removed.emit((job.id, job_path(job.id), job.kind, job.state))
+        hostname = self.hostname()
+        if hostname != self._hostname:
+            self._hostname = hostname
+            emit_changed(self.root, MANAGER_INTERFACE, "Hostname", "s", hostname)
+        self._finished.append(job.id)
+        while len(self._finished) > KEEP_FINISHED_JOB_OBJECTS:
+            old = self._finished.popleft()
+            self.root.remove_managed_object(self.job_objects.pop(old))
+            self.jobs.jobs.pop(old, None)
+
+
+async def serve(config: DaemonConfig) -> None:
+    if config.bus_address is not None:
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = config.bus_address  # sd-bus reads it when it connects
+    bus = sd_bus_open_system()
+    daemon = Daemon(config, bus)
+    interrupted = daemon.store.interrupt_unfinished_jobs()
+    if interrupted:
+        log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
+    daemon.store.record_boot(daemon.boot_id, daemon.boot_state().root)
+    daemon.root.export_to_dbus(ROOT_PATH, bus)
+    await bus.request_name_async(BUS_NAME, 0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    worker = asyncio.create_task(daemon.jobs.run_forever())
+    watchdog = asyncio.create_task(_watchdog())
+    _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OPS)} ops; snapshots {'on' if daemon.snapshots else 'off'}")
+    log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
+    await stop.wait()
+    _notify("STOPPING=1")
+    log.info("stopping")
+    for job in daemon.jobs.jobs.values():
+        job.cancel_requested.set()
+    watchdog.cancel()
+    worker.cancel()
+    daemon.store.close()
+
+
+async def _watchdog() -> None:
+    """Ping systemd's watchdog from the event loop: a loop that hangs stops the pings."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return
+    while True:
+        _notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 2 / 1_000_000)
+
+
+def _notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    from systemd import daemon as systemd_daemon
+
+    systemd_daemon.notify(message)

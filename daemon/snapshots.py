@@ -1,0 +1,187 @@
+"""Read-only btrfs snapshots of the root, with their metadata in the state store.
+
+Layout, inside the snapshot subvolume the image builder mounts at /.snapshots (as snapper does):
+    /.snapshots/N/snapshot     the read-only snapshot of the root subvolume
+    /.snapshots/N/info.json    what it is, so a human or a rescue system can tell without the database
+    /.snapshots/N/deployment   a writable copy made by a rollback: a root the boot loader can boot
+Other subvolumes (/home, /var/log, /var/lib/rastos) are separate and never part of a root snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import btrfsutil
+
+from daemon.boot import BootEntries
+from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
+from daemon.store import SnapshotRow, StateStore
+
+log = logging.getLogger("rastosd.snapshots")
+
+KINDS = ("pre", "post", "manual")
+
+
+@dataclass(frozen=True)
+class SnapshotLayout:
+    root: Path  # the root subvolume (/ on a host)
+    directory: Path  # where snapshots live (/.snapshots)
+
+    def snapshot(self, snapshot_id: int) -> Path:
+        return self.directory / str(snapshot_id) / "snapshot"
+
+    def deployment(self, snapshot_id: int) -> Path:
+        return self.directory / str(snapshot_id) / "deployment"
+
+
+class Snapshots:
+    def __init__(
+        self, layout: SnapshotLayout, store: StateStore, keep_pairs: int, entries: BootEntries | None = None
+    ) -> None:
+        self.layout = layout
+        self.store = store
+        self.keep_pairs = keep_pairs
+        self.entries = entries  # a snapshot's boot entry goes with it
+
+    def check_available(self) -> None:
+        for path, what in ((self.layout.root, "root"), (self.layout.directory, "snapshot directory")):
+            try:
+                if not btrfsutil.is_subvolume(path):
+                    raise SnapshotsUnavailable(f"the {what} {path} is not a btrfs subvolume")
+            except btrfsutil.BtrfsUtilError as error:
+                raise SnapshotsUnavailable(f"the {what} {path} is not on btrfs: {error}") from None
+
+    def create(
+        self,
+        description: str,
+        kind: str,
+        *,
+        uid: int,
+        method: str,
+        job_id: int | None = None,
+        pre_id: int | None = None,
+    ) -> int:
+        self.check_available()
+        started = time.monotonic()
+        snapshot_id = self.store.add_snapshot(uid, method, description, kind, job_id, pre_id)
+        path = self.layout.snapshot(snapshot_id)
+        try:
+            path.parent.mkdir(mode=0o750)
+            btrfsutil.create_snapshot(self.layout.root, path, read_only=True)
+            info = {"id": snapshot_id, "time": time.time(), "description": description, "kind": kind, "job": job_id}
+            (path.parent / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+        except BaseException:
+            # Nothing half-made: no directory without a snapshot, no record without a directory.
+            self._remove_directory(snapshot_id)
+            self.store.forget_snapshot(snapshot_id, uid, "SnapshotCreateFailed")
+            raise
+        log.info("created snapshot %d (%s) in %.1f ms", snapshot_id, kind, (time.monotonic() - started) * 1000)
+        return snapshot_id
+
+    def existing(self) -> list[SnapshotRow]:
+        return [row for row in self.store.snapshots() if self.layout.snapshot(row.id).is_dir()]
+
+    def get(self, snapshot_id: int) -> SnapshotRow:
+        for row in self.existing():
+            if row.id == snapshot_id:
+                return row
+        raise NoSuchSnapshot(f"snapshot {snapshot_id} does not exist")
+
+    def protected(self, booted_snapshot: int | None) -> dict[int, str]:
+        """Snapshots retention and Delete() must keep, with the reason."""
+        reasons: dict[int, str] = {}
+        good = [row.id for row in self.existing() if row.known_good]
+        if good:
+            reasons[good[-1]] = "it is the last known-good snapshot"
+        if booted_snapshot is not None:
+            reasons[booted_snapshot] = "the running system was booted from it"
+        return reasons
+
+    def delete(self, snapshot_id: int, *, uid: int, method: str, booted_snapshot: int | None) -> None:
+        self.get(snapshot_id)
+        if (reason := self.protected(booted_snapshot).get(snapshot_id)) is not None:
+            raise SnapshotProtected(f"snapshot {snapshot_id} is kept: {reason}")
+        self._remove_directory(snapshot_id)
+        self.store.forget_snapshot(snapshot_id, uid, method)
+        log.info("deleted snapshot %d", snapshot_id)
+
+    def cleanup(self, *, booted_snapshot: int | None) -> list[int]:
+        """Keep the newest `keep_pairs` pre/post pairs; manual snapshots are the user's to delete."""
+        rows = self.existing()
+        pres = [row.id for row in rows if row.kind == "pre"]
+        expired_pres = set(pres[: max(0, len(pres) - self.keep_pairs)])
+        expired = [
+            row.id
+            for row in rows
+            if (row.kind == "pre" and row.id in expired_pres) or (row.kind == "post" and row.pre_id in expired_pres)
+        ]
+        keep = self.protected(booted_snapshot)
+        deleted = []
+        for snapshot_id in expired:
+            if snapshot_id in keep:
+                continue
+            self._remove_directory(snapshot_id)
+            self.store.forget_snapshot(snapshot_id, 0, "SnapshotCleanup")
+            deleted.append(snapshot_id)
+        return deleted
+
+    def restore_paths(self, snapshot_id: int, paths: list[str]) -> list[str]:
+        """Put files back as they were in the snapshot; a file the snapshot lacks is removed.
+        Returns what was restored. Directories are not restored recursively: ops name files."""
+        source_root = self.layout.snapshot(snapshot_id)
+        restored = []
+        for path in paths:
+            source = source_root / path.lstrip("/")
+            destination = self.layout.root / path.lstrip("/")
+            if source.is_file() and not source.is_symlink():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                temporary = destination.with_name(f".{destination.name}.restore")
+                shutil.copy2(source, temporary)  # content, mode and times
+                status = source.stat()
+                os.chown(temporary, status.st_uid, status.st_gid)
+                temporary.replace(destination)
+                restored.append(path)
+            elif not source.exists() and (destination.is_file() or destination.is_symlink()):
+                destination.unlink()
+                restored.append(path)
+        return restored
+
+    def make_deployment(self, snapshot_id: int) -> Path:
+        """A writable copy of the snapshot that a boot entry can name as its root."""
+        self.get(snapshot_id)
+        deployment = self.layout.deployment(snapshot_id)
+        if deployment.exists():
+            btrfsutil.delete_subvolume(deployment)
+        btrfsutil.create_snapshot(self.layout.snapshot(snapshot_id), deployment, read_only=False)
+        return deployment
+
+    def remove_deployment(self, snapshot_id: int) -> None:
+        deployment = self.layout.deployment(snapshot_id)
+        if deployment.exists():
+            btrfsutil.delete_subvolume(deployment)
+
+    def _remove_directory(self, snapshot_id: int) -> None:
+        if self.entries is not None:
+            try:
+                self.entries.remove_for_snapshot(snapshot_id)
+            except (BootConfigError, OSError) as error:
+                log.warning("snapshot %d: its boot entry could not be checked: %s", snapshot_id, error)
+        directory = self.layout.directory / str(snapshot_id)
+        for child in (self.layout.snapshot(snapshot_id), self.layout.deployment(snapshot_id)):
+            with contextlib.suppress(btrfsutil.BtrfsUtilError):
+                if child.exists() and btrfsutil.is_subvolume(child):
+                    btrfsutil.delete_subvolume(child)
+        if directory.exists():
+            shutil.rmtree(directory)
+
+
+def subvolume_path(path: Path) -> str:
+    """The subvolume's path from the top of the filesystem, as rootflags=subvol= names it."""
+    return str(btrfsutil.subvolume_path(path))

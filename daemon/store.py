@@ -1,0 +1,300 @@
+"""The daemon's state: SQLite in WAL mode, schema versioned by `PRAGMA user_version` with migrations.
+
+Every mutation the daemon makes is recorded in `events` with time, the caller's uid, the method and the
+job, in the same transaction as the change it describes. Writes are synchronous=FULL: a SIGKILL or a
+power cut loses nothing that a caller was told had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Each entry moves the schema from version N to N+1. Never edit a shipped entry; append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,            -- apply, pipeline
+        request TEXT NOT NULL,         -- the steps as JSON
+        flags INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        state TEXT NOT NULL,           -- queued, running, done, failed, cancelled, interrupted
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        result TEXT                    -- JSON
+    );
+    CREATE TABLE steps (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        position INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL,           -- pending, running, changed, unchanged, planned, failed, skipped
+        result TEXT,
+        PRIMARY KEY (job_id, position)
+    );
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY,
+        created REAL NOT NULL,
+        description TEXT NOT NULL,
+        kind TEXT NOT NULL,            -- pre, post, manual
+        job_id INTEGER,
+        pre_id INTEGER,                -- for a post snapshot: its pre
+        known_good INTEGER NOT NULL DEFAULT 0,
+        deleted REAL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        uid INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        job_id INTEGER,
+        detail TEXT NOT NULL           -- JSON
+    );
+    CREATE TABLE boots (
+        boot_id TEXT PRIMARY KEY,
+        started REAL NOT NULL,
+        root TEXT NOT NULL,
+        marked_good REAL
+    );
+    """,
+)
+
+ACTIVE_STATES = ("queued", "running")
+DAEMON_UID = 0  # events the daemon records on its own behalf (start-up recovery, retention)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    kind: str
+    request: list[dict[str, Any]]
+    flags: int
+    uid: int
+    state: str
+    created: float
+    started: float | None
+    finished: float | None
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    id: int
+    created: float
+    description: str
+    kind: str
+    job_id: int | None
+    pre_id: int | None
+    known_good: bool
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    time: float
+    uid: int
+    method: str
+    job_id: int | None
+    detail: dict[str, Any]
+
+
+class StateStore:
+    """One connection shared by the event loop and the job worker thread, guarded by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self._lock:
+            for version in range(self.schema_version, len(MIGRATIONS)):
+                # executescript commits on its own, so the version bump goes inside the same script.
+                self._db.executescript(f"BEGIN; {MIGRATIONS[version]}; PRAGMA user_version = {version + 1}; COMMIT;")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _event(self, db: sqlite3.Connection, uid: int, method: str, job_id: int | None, **detail: Any) -> None:
+        db.execute(
+            "INSERT INTO events (time, uid, method, job_id, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), uid, method, job_id, json.dumps(detail, sort_keys=True)),
+        )
+
+    def record(self, uid: int, method: str, job_id: int | None = None, **detail: Any) -> None:
+        with self.transaction() as db:
+            self._event(db, uid, method, job_id, **detail)
+
+    # Jobs
+
+    def add_job(self, kind: str, steps: list[dict[str, Any]], flags: int, uid: int, method: str) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (kind, request, flags, uid, state, created) VALUES (?, ?, ?, ?, 'queued', ?)",
+                (kind, json.dumps(steps), flags, uid, time.time()),
+            )
+            job_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO steps (job_id, position, op, params, state) VALUES (?, ?, ?, ?, 'pending')",
+                [(job_id, i, step["op"], json.dumps(step["params"])) for i, step in enumerate(steps)],
+            )
+            self._event(db, uid, method, job_id, kind=kind, ops=[step["op"] for step in steps], flags=flags)
+        return job_id
+
+    def set_job_state(self, job_id: int, state: str, result: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            if state == "running":
+                db.execute("UPDATE jobs SET state = ?, started = ? WHERE id = ?", (state, now, job_id))
+                return
+            db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ?",
+                (state, now, None if result is None else json.dumps(result), job_id),
+            )
+            self._event(db, DAEMON_UID, "JobFinished", job_id, state=state)
+
+    def set_step(self, job_id: int, position: int, state: str, result: dict[str, Any] | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE steps SET state = ?, result = ? WHERE job_id = ? AND position = ?",
+                (state, None if result is None else json.dumps(result), job_id, position),
+            )
+
+    def job(self, job_id: int) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job_row(row)
+
+    def jobs(self, limit: int = 100) -> list[JobRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_job_row(row) for row in reversed(rows)]
+
+    def steps(self, job_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM steps WHERE job_id = ? ORDER BY position", (job_id,)).fetchall()
+        return [
+            {
+                "op": row["op"],
+                "params": json.loads(row["params"]),
+                "state": row["state"],
+                "result": None if row["result"] is None else json.loads(row["result"]),
+            }
+            for row in rows
+        ]
+
+    def interrupt_unfinished_jobs(self) -> list[int]:
+        """Jobs left queued or running by a daemon that died: they did not finish, say so."""
+        with self.transaction() as db:
+            ids = [int(row[0]) for row in db.execute("SELECT id FROM jobs WHERE state IN ('queued', 'running')")]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state = 'interrupted', finished = ? WHERE id = ?", (time.time(), job_id))
+                db.execute(
+                    "UPDATE steps SET state = 'interrupted' WHERE job_id = ? AND state IN ('pending', 'running')",
+                    (job_id,),
+                )
+                self._event(db, DAEMON_UID, "JobInterrupted", job_id, reason="daemon stopped during the job")
+        return ids
+
+    # Snapshots
+
+    def add_snapshot(
+        self, uid: int, method: str, description: str, kind: str, job_id: int | None, pre_id: int | None
+    ) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO snapshots (created, description, kind, job_id, pre_id) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), description, kind, job_id, pre_id),
+            )
+            snapshot_id = int(cursor.lastrowid or 0)
+            self._event(db, uid, method, job_id, snapshot=snapshot_id, kind=kind, description=description)
+        return snapshot_id
+
+    def forget_snapshot(self, snapshot_id: int, uid: int, method: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE snapshots SET deleted = ? WHERE id = ?", (time.time(), snapshot_id))
+            self._event(db, uid, method, None, snapshot=snapshot_id)
+
+    def snapshots(self) -> list[SnapshotRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM snapshots WHERE deleted IS NULL ORDER BY id").fetchall()
+        return [_snapshot_row(row) for row in rows]
+
+    def mark_known_good(self, snapshot_id: int | None, uid: int, boot_id: str) -> None:
+        with self.transaction() as db:
+            if snapshot_id is not None:
+                db.execute("UPDATE snapshots SET known_good = 1 WHERE id = ?", (snapshot_id,))
+            db.execute("UPDATE boots SET marked_good = ? WHERE boot_id = ?", (time.time(), boot_id))
+            self._event(db, uid, "MarkGood", None, snapshot=snapshot_id, boot=boot_id)
+
+    # Boots
+
+    def record_boot(self, boot_id: str, root: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO boots (boot_id, started, root) VALUES (?, ?, ?)", (boot_id, time.time(), root)
+            )
+
+    def boot_marked_good(self, boot_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT marked_good FROM boots WHERE boot_id = ?", (boot_id,)).fetchone()
+        return row is not None and row[0] is not None
+
+    # Event log
+
+    def events(self, since: int, limit: int) -> list[EventRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (since, limit)).fetchall()
+        return [EventRow(r["id"], r["time"], r["uid"], r["method"], r["job_id"], json.loads(r["detail"])) for r in rows]
+
+
+def _job_row(row: sqlite3.Row) -> JobRow:
+    return JobRow(
+        id=row["id"],
+        kind=row["kind"],
+        request=json.loads(row["request"]),
+        flags=row["flags"],
+        uid=row["uid"],
+        state=row["state"],
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+    )
+
+
+def _snapshot_row(row: sqlite3.Row) -> SnapshotRow:
+    return SnapshotRow(
+        row["id"], row["created"], row["description"], row["kind"], row["job_id"], row["pre_id"], row["known_good"] == 1
+    )
