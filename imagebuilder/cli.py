@@ -127,7 +127,7 @@ def _boot_interactive(options: VmOptions) -> int:
 def _boot_until_ready(options: VmOptions, as_json: bool, timeout: float = READY_TIMEOUT) -> int:
     console_log = options.image.with_name(options.image.name + ".console.log")
     report = asyncio.run(_wait_ready(options, console_log, timeout))
-    healthy = report["state"] == "running" and not report["failed_units"]
+    healthy = is_healthy(report)
     if as_json:
         print(json.dumps({"event": "boot-report", **report}))
         return 0 if healthy else 1
@@ -137,17 +137,28 @@ def _boot_until_ready(options: VmOptions, as_json: bool, timeout: float = READY_
         f"[{style}]guest is {report['state']}[/{style}] after {report['host_seconds_to_ready']}s "
         f"(root {report['root'].get('fsroot')}, entry {report['loader']['selected']})"
     )
+    daemon = report.get("daemon") or {}
+    if daemon.get("answered"):
+        console.print(f"rastosd {daemon['version']} answers on the system bus (org.rastos.Daemon1)")
+    elif daemon:
+        console.print(f"[red]rastosd does not answer:[/red] {daemon.get('error')}")
     if report["failed_units"]:
         console.print(f"[red]failed units:[/red] {' '.join(report['failed_units'])}")
         console.print(f"console log: {console_log}\njournal: {report.get('journal_file')}")
     return 0 if healthy else 1
 
 
+def is_healthy(report: dict[str, Any]) -> bool:
+    """Booted to `running`, no failed unit, and rastosd answering where the image has it."""
+    daemon = report.get("daemon") or {}
+    return report["state"] == "running" and not report["failed_units"] and (not daemon or daemon.get("answered", False))
+
+
 async def _wait_ready(options: VmOptions, console_log: Path, timeout: float) -> dict[str, Any]:
     async with running_vm(options, console_log) as vm:
         report = await vm.wait_ready(timeout)
         report["accel"] = vm.accel
-        if report["state"] != "running" or report["failed_units"]:
+        if not is_healthy(report):
             journal = (await vm.diagnostics()).get("journal", "")
             journal_file = console_log.with_name(console_log.name.replace(".console.log", ".journal.txt"))
             journal_file.write_text(journal)

@@ -138,7 +138,9 @@ def test_manifest_matches_the_image(any_build: BuildRun, tmp_path: Path) -> None
             if sub["mountpoint"] != "/":
                 assert f"UUID={root['fs_uuid']}\t{sub['mountpoint']}\tbtrfs\tsubvol=/{sub['name']}," in fstab
         assert f"UUID={esp['fs_uuid']}\t/efi\tvfat" in fstab
-        assert (rootfs / "usr/lib/python3/dist-packages/daemon/cli.py").is_file()
+        assert (rootfs / "usr/lib/rastos/python/daemon/cli.py").is_file()
+        assert (rootfs / "etc/systemd/system/multi-user.target.wants/rastosd.service").is_symlink()
+        assert "rastos:" in (rootfs / "etc/group").read_text()
         assert (rootfs / "etc/systemd/system/multi-user.target.wants/rastos-boot-report.service").is_symlink()
         assert not any((rootfs / "usr/share/man").glob("man1/*")), "minimal has docs = false"
         assert (top / "@var_log").is_dir() and not any((rootfs / "var/log").iterdir())

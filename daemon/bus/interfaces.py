@@ -12,6 +12,7 @@ from sdbus import (
     DbusInterfaceCommonAsync,
     DbusPropertyConstFlag,
     DbusPropertyEmitsChangeFlag,
+    DbusUnprivilegedFlag,
     dbus_method_async,
     dbus_property_async,
     dbus_signal_async,
@@ -23,6 +24,10 @@ JOB_PATH_PREFIX = ROOT_PATH + "/job/"
 MANAGER_INTERFACE = "org.rastos.Daemon1.Manager"
 SNAPSHOTS_INTERFACE = "org.rastos.Daemon1.Snapshots"
 JOB_INTERFACE = "org.rastos.Daemon1.Job"
+
+# sd-bus would refuse every method not flagged unprivileged to callers without CAP_SYS_ADMIN, which
+# shuts out both readers and the admin group. rastosd decides itself (daemon/bus/callers.py).
+OPEN = DbusUnprivilegedFlag
 
 
 def job_path(job_id: int) -> str:
@@ -42,31 +47,35 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFAC
     def boot_state(self) -> dict[str, str]:
         raise NotImplementedError
 
-    @dbus_method_async(result_signature="a(sss)", result_args_names=("ops",))
+    @dbus_method_async(result_signature="a(sss)", result_args_names=("ops",), flags=OPEN)
     async def list_ops(self) -> list[tuple[str, str, str]]:
         raise NotImplementedError
 
-    @dbus_method_async("ss", "s", input_args_names=("op", "params_json"), result_args_names=("plan_json",))
+    @dbus_method_async("ss", "s", input_args_names=("op", "params_json"), result_args_names=("plan_json",), flags=OPEN)
     async def plan(self, op: str, params_json: str) -> str:
         raise NotImplementedError
 
-    @dbus_method_async("sst", "o", input_args_names=("op", "params_json", "flags"), result_args_names=("job",))
+    @dbus_method_async(
+        "sst", "o", input_args_names=("op", "params_json", "flags"), result_args_names=("job",), flags=OPEN
+    )
     async def apply(self, op: str, params_json: str, flags: int) -> str:
         raise NotImplementedError
 
-    @dbus_method_async("st", "o", input_args_names=("steps_json", "flags"), result_args_names=("job",))
+    @dbus_method_async("st", "o", input_args_names=("steps_json", "flags"), result_args_names=("job",), flags=OPEN)
     async def run_pipeline(self, steps_json: str, flags: int) -> str:
         raise NotImplementedError
 
-    @dbus_method_async(result_signature="a(ussdo)", result_args_names=("jobs",))
+    @dbus_method_async(result_signature="a(ussdo)", result_args_names=("jobs",), flags=OPEN)
     async def list_jobs(self) -> list[tuple[int, str, str, float, str]]:
         raise NotImplementedError
 
-    @dbus_method_async("u", "s", input_args_names=("id",), result_args_names=("job_json",))
+    @dbus_method_async("u", "s", input_args_names=("id",), result_args_names=("job_json",), flags=OPEN)
     async def get_job(self, job_id: int) -> str:
         raise NotImplementedError
 
-    @dbus_method_async("tu", "a(tdusus)", input_args_names=("since", "limit"), result_args_names=("events",))
+    @dbus_method_async(
+        "tu", "a(tdusus)", input_args_names=("since", "limit"), result_args_names=("events",), flags=OPEN
+    )
     async def get_event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
         raise NotImplementedError
 
@@ -80,23 +89,25 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFAC
 
 
 class SnapshotsInterface(DbusInterfaceCommonAsync, interface_name=SNAPSHOTS_INTERFACE):
-    @dbus_method_async(result_signature="a(udssuub)", result_args_names=("snapshots",), method_name="List")
+    @dbus_method_async(result_signature="a(udssuub)", result_args_names=("snapshots",), method_name="List", flags=OPEN)
     async def list_snapshots(self) -> list[tuple[int, float, str, str, int, int, bool]]:
         raise NotImplementedError
 
-    @dbus_method_async("s", "u", input_args_names=("description",), result_args_names=("id",), method_name="Create")
+    @dbus_method_async(
+        "s", "u", input_args_names=("description",), result_args_names=("id",), method_name="Create", flags=OPEN
+    )
     async def create_snapshot(self, description: str) -> int:
         raise NotImplementedError
 
-    @dbus_method_async("u", input_args_names=("id",), method_name="Delete")
+    @dbus_method_async("u", input_args_names=("id",), method_name="Delete", flags=OPEN)
     async def delete_snapshot(self, snapshot_id: int) -> None:
         raise NotImplementedError
 
-    @dbus_method_async("u", "s", input_args_names=("id",), result_args_names=("entry",))
+    @dbus_method_async("u", "s", input_args_names=("id",), result_args_names=("entry",), flags=OPEN)
     async def rollback(self, snapshot_id: int) -> str:
         raise NotImplementedError
 
-    @dbus_method_async()
+    @dbus_method_async(flags=OPEN)
     async def mark_good(self) -> None:
         raise NotImplementedError
 
@@ -126,7 +137,7 @@ class JobInterface(DbusInterfaceCommonAsync, interface_name=JOB_INTERFACE):
     def result(self) -> str:
         raise NotImplementedError
 
-    @dbus_method_async()
+    @dbus_method_async(flags=OPEN)
     async def cancel(self) -> None:
         raise NotImplementedError
 

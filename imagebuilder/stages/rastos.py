@@ -1,8 +1,10 @@
 """Stage `install-rastos`: the project's own code, from this checkout, into the image.
 
-The Python packages go where Debian's python3 finds them (its dependencies were installed from the
-distribution by the bootstrap stage; no pip inside an image), the units and D-Bus files go where
-systemd and dbus look, and every unit with an [Install] section is enabled.
+The Python packages go to /usr/lib/rastos/python, a directory of our own that the /usr/bin wrappers put
+first on sys.path: a top-level package named `daemon` in dist-packages would collide with Debian's
+python3-daemon. Their dependencies come from the distribution (bootstrap stage; no pip inside an image).
+Units, D-Bus policy, activation and sysusers files go where systemd and dbus look, and every unit with
+an [Install] section is enabled.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from rastos import __version__
 
 PYTHON_PACKAGES = ("rastos", "daemon")
 GUEST_FILES = CHECKOUT / "imagebuilder" / "guest"
-SITE_PACKAGES = "usr/lib/python3/dist-packages"
+SITE_PACKAGES = "usr/lib/rastos/python"
+INTERFACE_XML = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"
 
-# Where each kind of file in units/ belongs inside the image.
+# Where each kind of file in units/ belongs inside the image, and the suffix it gets there.
 UNIT_DESTINATIONS = {
-    ".service": "usr/lib/systemd/system",
-    ".target": "usr/lib/systemd/system",
-    ".timer": "usr/lib/systemd/system",
-    ".socket": "usr/lib/systemd/system",
-    ".path": "usr/lib/systemd/system",
-    ".conf": "usr/share/dbus-1/system.d",
-    ".dbus-service": "usr/share/dbus-1/system-services",
+    ".service": ("usr/lib/systemd/system", ".service"),
+    ".target": ("usr/lib/systemd/system", ".target"),
+    ".timer": ("usr/lib/systemd/system", ".timer"),
+    ".socket": ("usr/lib/systemd/system", ".socket"),
+    ".path": ("usr/lib/systemd/system", ".path"),
+    ".conf": ("usr/share/dbus-1/system.d", ".conf"),
+    ".dbus-service": ("usr/share/dbus-1/system-services", ".service"),
+    ".sysusers": ("usr/lib/sysusers.d", ".conf"),
 }
 
 ENTRY_POINTS = {
@@ -47,13 +51,17 @@ def install_rastos(ctx: BuildContext) -> str:
     for name, (module, function) in ENTRY_POINTS.items():
         write_file(
             root / "usr/bin" / name,
-            f"#!/usr/bin/python3\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
+            f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/{SITE_PACKAGES}')\n"
+            f"from {module} import {function}\nsys.exit({function}())\n",
             mode=0o755,
         )
     for helper in sorted(GUEST_FILES.iterdir()):
         if helper.is_file():
             write_file(root / "usr/lib/rastos" / helper.name, helper.read_text(), mode=0o755)
+    write_file(root / "usr/share/dbus-1/interfaces" / INTERFACE_XML.name, INTERFACE_XML.read_text())
     enabled = install_units(root, CHECKOUT / "units")
+    # The admin group exists from the first boot on; sysusers would make it then, the policy needs it now.
+    chroot_run(root, ["systemd-sysusers", "/usr/lib/sysusers.d/rastos.conf"])
     write_file(root / "etc/rastos/image.json", image_info(ctx))
     # Byte-compile now: the first start of the daemon on a slow VM should not pay for it.
     chroot_run(root, ["python3", "-m", "compileall", "-q", *[f"/{SITE_PACKAGES}/{p}" for p in PYTHON_PACKAGES]])
@@ -63,10 +71,10 @@ def install_rastos(ctx: BuildContext) -> str:
 def install_units(root: Path, units_dir: Path) -> list[str]:
     enabled = []
     for source in sorted(units_dir.iterdir()):
-        destination = UNIT_DESTINATIONS.get(source.suffix)
-        if destination is None or not source.is_file():
+        if source.suffix not in UNIT_DESTINATIONS or not source.is_file():
             continue
-        write_file(root / destination / source.name, source.read_text())
+        destination, suffix = UNIT_DESTINATIONS[source.suffix]
+        write_file(root / destination / (source.stem + suffix), source.read_text())
         if destination.endswith("systemd/system") and _has_install_section(source):
             enabled.append(source.name)
     if enabled:
