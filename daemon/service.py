@@ -380,4 +380,7 @@ def _notify(message: str) -> None:
         return
     from systemd import daemon as systemd_daemon
 
-    systemd_daemon.notify(message)
+    try:
+        systemd_daemon.notify(message)
+    except OSError as error:  # the manager went away; serving matters more than telling it
+        log.debug("sd_notify %r failed: %s", message.split("=")[0], error)

@@ -74,3 +74,6 @@ def minimal_build_via_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     run = build_minimal_with_raw(tmp_path_factory.mktemp("minimal-loop"), "--loop-fallback")
     assert host_state() == before
     yield run
+
+
+from tests.daemon_fixtures import daemon_env, rastosd  # noqa: E402, F401  (fixtures for the daemon tests)

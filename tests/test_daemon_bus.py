@@ -1,0 +1,392 @@
+"""rastosd on a private system-like bus, driven by busctl (an independent client) and rastosctl."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import btrfsutil
+import pytest
+
+from tests.daemon_fixtures import (
+    ADMIN_GROUP,
+    ADMIN_USER,
+    BUS_NAME,
+    CHECKOUT,
+    JOB,
+    MANAGER,
+    PERMISSIVE_POLICY,
+    PLAIN_USER,
+    ROOT_PATH,
+    SNAPSHOTS,
+    PrivateBus,
+    Rastosd,
+    ScratchRoot,
+    ensure_test_users,
+    private_bus,
+)
+
+pytestmark = pytest.mark.root
+CONTRACT = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"
+STANDARD = {
+    "org.freedesktop.DBus.Peer",
+    "org.freedesktop.DBus.Introspectable",
+    "org.freedesktop.DBus.Properties",
+    "org.freedesktop.DBus.ObjectManager",
+}
+
+
+def interfaces(xml: str) -> dict[str | None, Any]:
+    """Interface -> its members with signatures, argument names and annotations (sd-bus's own
+    Privileged annotation aside), so two introspections compare member by member."""
+    result: dict[str | None, Any] = {}
+    for interface in ET.fromstring(xml).findall("interface"):
+        members = []
+        for member in interface:
+            args = tuple((a.get("name"), a.get("type"), a.get("direction")) for a in member.findall("arg"))
+            notes = tuple(
+                (n.get("name"), n.get("value"))
+                for n in member.findall("annotation")
+                if n.get("name") != "org.freedesktop.systemd1.Privileged"
+            )
+            members.append((member.tag, member.get("name"), member.get("type"), member.get("access"), args, notes))
+        result[interface.get("name")] = sorted(members, key=str)
+    return result
+
+
+def apply(daemon: Rastosd, op: str, params: dict[str, Any], flags: int = 0) -> tuple[str, str]:
+    path: str = daemon.call(MANAGER, "Apply", "sst", op, json.dumps(params), str(flags))[0]
+    return path, daemon.wait_job(path)
+
+
+def test_exports_exactly_the_interface_in_the_repository(rastosd: Rastosd) -> None:
+    contract = interfaces(CONTRACT.read_text())
+    root = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, ROOT_PATH).stdout)
+    assert set(root) == STANDARD | {MANAGER, SNAPSHOTS}
+    assert {name: root[name] for name in (MANAGER, SNAPSHOTS)} == {
+        name: contract[name] for name in (MANAGER, SNAPSHOTS)
+    }
+    path, _ = apply(rastosd, "motd", {"text": "contract"})
+    job = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, path).stdout)
+    assert job[JOB] == contract[JOB]
+
+
+def test_properties_and_read_only_methods(rastosd: Rastosd) -> None:
+    assert rastosd.get(MANAGER, "Version") == "0.1.0"
+    assert rastosd.get(MANAGER, "Hostname") == "rastos"
+    boot = rastosd.get(MANAGER, "BootState")
+    assert boot["root"] == "@" and boot["kind"] == "deployment" and boot["snapshot"] == ""
+    ops = {name: json.loads(schema) for name, _, schema in rastosd.call(MANAGER, "ListOps")[0]}
+    assert {"hostname", "sysctl", "motd", "user"} <= set(ops)
+    assert ops["hostname"]["required"] == ["hostname"]
+    plan = json.loads(rastosd.call(MANAGER, "Plan", "ss", "hostname", '{"hostname": "web-1"}')[0])
+    assert plan["changed"] and {c["subject"] for c in plan["changes"]} == {"/etc/hostname", "/etc/hosts"}
+    assert (rastosd.scratch.root / "etc/hostname").read_text() == "rastos\n", "Plan changed nothing"
+    managed = json.loads(rastosd.busctl("call", BUS_NAME, ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
+                                        "GetManagedObjects").stdout)  # fmt: skip
+    assert managed["data"] == [{}]
+
+
+def test_apply_changes_the_root_leaves_snapshots_and_is_idempotent(rastosd: Rastosd) -> None:
+    path, state = apply(rastosd, "hostname", {"hostname": "web-1"})
+    assert state == "done"
+    root = rastosd.scratch.root
+    assert (root / "etc/hostname").read_text() == "web-1\n"
+    assert "127.0.1.1\tweb-1" in (root / "etc/hosts").read_text()
+    result = json.loads(rastosd.get(JOB, "Result", path))
+    assert result["steps"][0]["state"] == "changed"
+    pre, post = result["snapshots"]["pre"], result["snapshots"]["post"]
+    pre_dir = rastosd.scratch.snapshots / str(pre) / "snapshot"
+    assert btrfsutil.is_subvolume(pre_dir) and btrfsutil.get_subvolume_read_only(pre_dir)
+    assert (pre_dir / "etc/hostname").read_text() == "rastos\n", "the pre snapshot holds the state before"
+    assert (rastosd.scratch.snapshots / str(post) / "snapshot/etc/hostname").read_text() == "web-1\n"
+    listed = {row[0]: row for row in rastosd.call(SNAPSHOTS, "List")[0]}
+    assert listed[pre][3] == "pre" and listed[post][3] == "post" and listed[post][5] == pre
+    assert rastosd.get(MANAGER, "Hostname") == "web-1"
+
+    path, state = apply(rastosd, "hostname", {"hostname": "web-1"})
+    again = json.loads(rastosd.get(JOB, "Result", path))
+    assert state == "done" and again["steps"][0]["state"] == "unchanged"
+    assert "snapshots" not in again, "nothing changed, so no snapshot was taken"
+
+
+def test_pipeline_stops_at_the_failing_step_and_restores_files(rastosd: Rastosd) -> None:
+    steps = [
+        {"op": "motd", "params": {"text": "first"}},
+        {"op": "user", "params": {"name": "svc", "groups": ["users"], "uid": 0 + 1500}},
+        {"op": "user", "params": {"name": "clash", "uid": 1500}},  # the uid is taken: useradd fails
+        {"op": "motd", "params": {"text": "never"}},
+    ]
+    path = rastosd.call(MANAGER, "RunPipeline", "st", json.dumps(steps), "4")[0]
+    assert rastosd.wait_job(path) == "failed"
+    result = json.loads(rastosd.get(JOB, "Result", path))
+    assert [s["state"] for s in result["steps"]] == ["changed", "changed", "failed", "skipped"]
+    assert "useradd" in result["steps"][2]["error"]
+    root = rastosd.scratch.root
+    assert not (root / "etc/motd").exists(), "restored: the snapshot had no motd"
+    assert "svc:" not in (root / "etc/passwd").read_text(), "restored: passwd as before the pipeline"
+    assert "/etc/passwd" in result["restored"] and "/etc/motd" in result["restored"]
+
+    dry = rastosd.call(MANAGER, "RunPipeline", "st", json.dumps(steps[:2]), "1")[0]
+    assert rastosd.wait_job(dry) == "done"
+    planned = json.loads(rastosd.get(JOB, "Result", dry))
+    assert [s["state"] for s in planned["steps"]] == ["planned", "planned"] and "snapshots" not in planned
+    assert not (root / "etc/motd").exists(), "a dry run changes nothing"
+
+
+def test_user_op_creates_the_account_with_keys(rastosd: Rastosd) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDx alice@laptop"
+    path, state = apply(rastosd, "user", {"name": "alice", "groups": ["sudo"], "authorized_keys": [key]})
+    assert state == "done", rastosd.get(JOB, "Result", path)
+    root = rastosd.scratch.root
+    passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    uid = int(passwd["alice"][2])
+    assert "alice" in next(line for line in (root / "etc/group").read_text().splitlines() if line.startswith("sudo:"))
+    keys = root / "home/alice/.ssh/authorized_keys"
+    assert key in keys.read_text() and keys.stat().st_uid == uid and keys.stat().st_mode & 0o777 == 0o600
+    assert (root / "home/alice/.ssh").stat().st_uid == uid
+    path, state = apply(rastosd, "user", {"name": "alice", "groups": ["sudo"], "authorized_keys": [key]})
+    assert json.loads(rastosd.get(JOB, "Result", path))["steps"][0]["state"] == "unchanged"
+    path, state = apply(rastosd, "user", {"name": "alice", "state": "absent"})
+    assert state == "done" and "alice:" not in (root / "etc/passwd").read_text()
+
+
+BAD_CALLS = [
+    (MANAGER, "Plan", "ss", ["nosuch", "{}"], "UnknownOp", "op: no op named 'nosuch'"),
+    (MANAGER, "Plan", "ss", ["motd", "{not json"], "InvalidArgs", "params: is not valid JSON"),
+    (MANAGER, "Plan", "ss", ["motd", "[]"], "InvalidArgs", "params: must be a JSON object"),
+    (MANAGER, "Plan", "ss", ["motd", '{"txt": "x"}'], "InvalidArgs", "params.txt: unknown parameter (did you mean"),
+    (MANAGER, "Plan", "ss", ["hostname", '{"hostname": "Bad Name"}'], "InvalidArgs", "params.hostname:"),
+    (MANAGER, "Plan", "ss", ["user", '{"name": "x", "uid": "7"}'], "InvalidArgs", "params.uid: must be an integer"),
+    (MANAGER, "Plan", "ss", ["user", '{"name": "x", "groups": ["nogroup9"]}'], "InvalidArgs", "params.groups[0]:"),
+    (MANAGER, "Plan", "ss", ["sysctl", '{"settings": {"vm": "1"}}'], "InvalidArgs", "params.settings.vm:"),
+    (MANAGER, "Apply", "sst", ["motd", '{"text": "x"}', "8"], "InvalidArgs", "flags: unknown bits 0x8"),
+    (MANAGER, "Apply", "sst", ["motd", "{}", "0"], "InvalidArgs", "params.text: is required"),
+    (MANAGER, "RunPipeline", "st", ["{}", "0"], "InvalidArgs", "steps: must be a non-empty JSON list"),
+    (MANAGER, "RunPipeline", "st", ["[]", "0"], "InvalidArgs", "steps: must be a non-empty JSON list"),
+    (MANAGER, "RunPipeline", "st", ['[{"op": "motd", "params": {"text": "a"}}, {"op": "motd", "params": {}}]', "0"],
+     "InvalidArgs", "steps[1].params.text: is required"),
+    (MANAGER, "RunPipeline", "st", ['[{"op": "motd", "parms": {}}]', "0"], "InvalidArgs", "steps[0].parms: unknown"),
+    (MANAGER, "RunPipeline", "st", ['[{"op": 7}]', "0"], "InvalidArgs", "steps[0].op: must be the name of an op"),
+    (MANAGER, "GetJob", "u", ["999"], "NoSuchJob", "id: no job 999"),
+    (MANAGER, "GetEventLog", "tu", ["0", "0"], "InvalidArgs", "limit: must be between 1 and 10000"),
+    (SNAPSHOTS, "Create", "s", [""], "InvalidArgs", "description: must be 1 to 200 characters"),
+    (SNAPSHOTS, "Create", "s", ["two\nlines"], "InvalidArgs", "description: must be one line"),
+    (SNAPSHOTS, "Delete", "u", ["999"], "NoSuchSnapshot", "snapshot 999 does not exist"),
+    (SNAPSHOTS, "Rollback", "u", ["999"], "NoSuchSnapshot", "snapshot 999 does not exist"),
+]  # fmt: skip
+
+
+def test_bad_arguments_get_named_errors_and_change_nothing(rastosd: Rastosd) -> None:
+    before = sorted(str(p) for p in rastosd.scratch.top.rglob("*"))
+    for interface, method, signature, args, error, message in BAD_CALLS:
+        text = rastosd.call_error(interface, method, signature, *args)
+        assert message in text, f"{method}{tuple(args)}: {text}"
+        # busctl prints the message only; gdbus shows the error's name as well.
+        name = f"org.freedesktop.DBus.Error.{error}" if error == "InvalidArgs" else f"org.rastos.Daemon1.Error.{error}"
+        typed = [f"uint64 {a}" if kind == "t" else a for kind, a in zip(signature, args, strict=True)]
+        named = rastosd.gdbus(interface, method, *typed)
+        assert f"GDBus.Error:{name}: {message}" in named.stderr, f"{method}{tuple(args)}: {named.stderr}"
+    assert sorted(str(p) for p in rastosd.scratch.top.rglob("*")) == before
+    assert rastosd.call(MANAGER, "ListJobs")[0] == [], "no job was created by a refused call"
+    ctl = rastosd.ctl("plan", "motd", "txt=x")
+    assert ctl.returncode == 1
+    assert ctl.stderr.strip() == (
+        "rastosctl: org.freedesktop.DBus.Error.InvalidArgs: params.txt: unknown parameter (did you mean 'text'?)"
+    )
+    assert "org.rastos.Daemon1.Error.NoSuchSnapshot" in rastosctl_error(rastosd, "snapshot", "delete", "999")
+    path, _ = apply(rastosd, "motd", {"text": "x"})
+    cancel = rastosd.busctl("call", BUS_NAME, path, JOB, "Cancel", check=False)
+    assert cancel.returncode != 0 and "already done" in cancel.stderr
+
+
+def rastosctl_error(daemon: Rastosd, *args: str) -> str:
+    result = daemon.ctl(*args)
+    assert result.returncode == 1, result
+    return result.stderr
+
+
+def test_rastosctl_commands(rastosd: Rastosd, tmp_path: Path) -> None:
+    status = json.loads(rastosd.ctl("--json", "status").stdout)
+    assert status["hostname"] == "rastos" and status["boot"]["root"] == "@"
+    assert "hostname" in rastosd.ctl("ops").stdout
+    assert "params" not in rastosd.ctl("ops", "user").stdout and "authorized_keys" in rastosd.ctl("ops", "user").stdout
+    plan = rastosd.ctl("plan", "motd", "text=hello")
+    assert plan.returncode == 0 and "+hello" in plan.stdout
+    applied = rastosd.ctl("apply", "motd", "text=hello")
+    assert applied.returncode == 0 and "step 1: motd changed" in applied.stdout, applied
+    assert "wrote /etc/motd" in applied.stdout, "the job's output is followed"
+    pipeline = tmp_path / "site.toml"
+    pipeline.write_text('[[step]]\nop = "motd"\nparams = { text = "from toml" }\n'
+                        '[[step]]\nop = "sysctl"\nparams = { settings = { "vm.swappiness" = "10" } }\n')  # fmt: skip
+    ran = rastosd.ctl("--json", "pipeline", "run", str(pipeline))
+    assert ran.returncode == 0, ran
+    assert [s["state"] for s in json.loads(ran.stdout)["steps"]] == ["changed", "changed"]
+    assert (rastosd.scratch.root / "etc/sysctl.d/90-rastos.conf").read_text().endswith("vm.swappiness = 10\n")
+    jobs = json.loads(rastosd.ctl("--json", "jobs").stdout)
+    assert [j["state"] for j in jobs] == ["done", "done"]
+    created = json.loads(rastosd.ctl("--json", "snapshot", "create", "before the upgrade").stdout)["id"]
+    listed = json.loads(rastosd.ctl("--json", "snapshot", "list").stdout)
+    assert {"id": created, "kind": "manual", "description": "before the upgrade"}.items() <= next(
+        s for s in listed if s["id"] == created
+    ).items()
+    assert rastosd.ctl("snapshot", "delete", str(created)).returncode == 0
+    assert not (rastosd.scratch.snapshots / str(created)).exists()
+    log = json.loads(rastosd.ctl("--json", "log").stdout)
+    assert [e["method"] for e in log if e["method"] in ("Create", "Delete")] == ["Create", "Delete"]
+    failed = rastosd.ctl("apply", "user", "name=x", "uid=0")
+    assert failed.returncode == 1 and "params.uid: must be at least 1" in failed.stderr
+
+
+def test_rollback_makes_a_boot_entry_and_delete_removes_it(rastosd: Rastosd) -> None:
+    _, _ = apply(rastosd, "motd", {"text": "v2"})
+    pre = min(row[0] for row in rastosd.call(SNAPSHOTS, "List")[0])
+    entry = rastosd.call(SNAPSHOTS, "Rollback", "u", str(pre))[0]
+    assert entry == f"rastos-snapshot-{pre}.conf"
+    esp = rastosd.scratch.esp / "loader"
+    text = (esp / f"entries/rastos-snapshot-{pre}+3.conf").read_text()
+    assert f"rootflags=subvol=@snapshots/{pre}/deployment" in text and "linux /rastos/vmlinuz" in text
+    assert (esp / "loader.conf").read_text().startswith(f"default {entry}\n")
+    deployment = rastosd.scratch.snapshots / str(pre) / "deployment"
+    assert btrfsutil.is_subvolume(deployment) and not btrfsutil.get_subvolume_read_only(deployment)
+    assert (rastosd.scratch.root / "etc/motd").read_text() == "v2\n", "the running root is untouched"
+    rastosd.call(SNAPSHOTS, "Delete", "u", str(pre))
+    assert sorted(p.name for p in (esp / "entries").iterdir()) == ["rastos-0.conf"]
+    assert "default" not in (esp / "loader.conf").read_text()
+
+
+def test_mark_good_protects_the_last_good_snapshot(rastosd: Rastosd) -> None:
+    snapshot = rastosd.call(SNAPSHOTS, "Create", "s", "known good")[0]
+    rastosd.call(SNAPSHOTS, "MarkGood")
+    assert rastosd.get(MANAGER, "BootState")["health"] == "good"
+    text = rastosd.call_error(SNAPSHOTS, "Delete", "u", str(snapshot))
+    assert "kept: it is the last known-good snapshot" in text
+    assert (rastosd.scratch.snapshots / str(snapshot) / "snapshot").is_dir()
+
+
+def test_concurrent_applies_run_one_at_a_time(rastosd: Rastosd) -> None:
+    texts = [f"writer {n}" for n in range(8)]
+    paths: list[str] = []
+    lock = threading.Lock()
+
+    def submit(text: str) -> None:
+        path = rastosd.call(MANAGER, "Apply", "sst", "motd", json.dumps({"text": text}), "2")[0]
+        with lock:
+            paths.append(path)
+
+    threads = [threading.Thread(target=submit, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(paths) == len(texts)
+    for path in paths:
+        assert rastosd.wait_job(path) == "done"
+    jobs = sorted((rastosd.job(int(p.rsplit("/", 1)[1])) for p in paths), key=lambda j: j["started"])
+    for earlier, later in itertools.pairwise(jobs):
+        assert earlier["finished"] <= later["started"], "two jobs overlapped"
+    assert (rastosd.scratch.root / "etc/motd").read_text() == jobs[-1]["steps"][0]["params"]["text"] + "\n"
+
+
+def test_sigkill_during_a_job_marks_it_interrupted_and_keeps_the_log(rastosd: Rastosd) -> None:
+    steps = [{"op": "user", "params": {"name": f"load{n}"}} for n in range(120)]
+    path = rastosd.call(MANAGER, "RunPipeline", "st", json.dumps(steps), "0")[0]
+    deadline = time.monotonic() + 60
+    while rastosd.get(JOB, "Progress", path)[0] < 3:
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.05)
+    events_before = rastosd.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]
+    assert rastosd.stop(signal.SIGKILL) == -signal.SIGKILL
+    rastosd.start()
+    job_id = int(path.rsplit("/", 1)[1])
+    job = rastosd.job(job_id)
+    assert job["state"] == "interrupted"
+    states = [step["state"] for step in job["steps"]]
+    assert states[0] == "changed" and "interrupted" in states and states.count("changed") < len(steps)
+    events_after = rastosd.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]
+    assert events_after[: len(events_before)] == events_before, "nothing recorded before the kill was lost"
+    assert any(e[3] == "JobInterrupted" and e[4] == job_id for e in events_after)
+    assert rastosd.call(MANAGER, "ListJobs")[0][0][2] == "interrupted"
+    _, state = apply(rastosd, "motd", {"text": "after the crash"})
+    assert state == "done", "the restarted daemon works"
+
+
+@pytest.fixture
+def permissive(daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path) -> Any:
+    """rastosd on a bus whose policy lets anyone call anything, configured with a test admin group."""
+    ensure_test_users()
+    _, scratch, state_dir = daemon_env
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[access]\nadmin_group = "{ADMIN_GROUP}"\n')
+    with private_bus(PERMISSIVE_POLICY) as bus:
+        daemon = Rastosd(bus, scratch, state_dir, config)
+        daemon.start()
+        yield daemon
+        daemon.stop()
+
+
+def test_unprivileged_user_may_read_but_not_change(rastosd: Rastosd) -> None:
+    ensure_test_users()
+    read = rastosd.busctl("get-property", BUS_NAME, ROOT_PATH, MANAGER, "Version", user=PLAIN_USER)
+    assert json.loads(read.stdout)["data"] == "0.1.0"
+    listed = rastosd.busctl("call", BUS_NAME, ROOT_PATH, MANAGER, "ListOps", user=PLAIN_USER)
+    assert "hostname" in listed.stdout
+    for interface, method, args in (
+        (MANAGER, "Apply", ["motd", '{"text": "x"}', "uint64 0"]),
+        (SNAPSHOTS, "MarkGood", []),
+    ):
+        refused = rastosd.gdbus(interface, method, *args, user=PLAIN_USER)
+        # Refused by the bus's policy, before the daemon sees the call.
+        assert "AccessDenied: Rejected send message" in refused.stderr, refused.stderr
+    assert not (rastosd.scratch.root / "etc/motd").exists()
+
+
+def test_the_daemon_refuses_mutations_even_under_a_loose_policy(permissive: Rastosd) -> None:
+    refused = permissive.gdbus(MANAGER, "Apply", "motd", '{"text": "x"}', "uint64 0", user=PLAIN_USER)
+    assert refused.returncode != 0
+    assert (
+        "org.freedesktop.DBus.Error.AccessDenied: Apply changes the host: "
+        f"only root or members of group '{ADMIN_GROUP}' may call it"
+    ) in refused.stderr
+    refused = permissive.gdbus(SNAPSHOTS, "Create", "mine", user=PLAIN_USER)
+    assert "AccessDenied: Create changes the host" in refused.stderr
+    assert not (permissive.scratch.root / "etc/motd").exists()
+    allowed = permissive.busctl(
+        "call", BUS_NAME, ROOT_PATH, MANAGER, "Apply", "sst", "motd", '{"text": "by an admin"}', "0", user=ADMIN_USER
+    )
+    path = json.loads(allowed.stdout)["data"][0]
+    assert permissive.wait_job(path) == "done"
+    uid = int(subprocess.run(["id", "-u", ADMIN_USER], capture_output=True, text=True, check=True).stdout)
+    events = permissive.call(MANAGER, "GetEventLog", "tu", "0", "100")[0]
+    assert any(e[3] == "Apply" and e[2] == uid for e in events), "the event log names the caller's uid"
+
+
+def test_unexpected_errors_reach_the_caller_without_a_traceback(rastosd: Rastosd) -> None:
+    # A root whose /etc/passwd is a directory makes the user op's fact reading fail in a way no op
+    # expects (IsADirectoryError): the caller must get a short message, the journal the traceback.
+    passwd = rastosd.scratch.root / "etc/passwd"
+    passwd.rename(passwd.with_name("passwd.moved"))
+    passwd.mkdir()
+    text = rastosd.call_error(MANAGER, "Plan", "ss", "user", '{"name": "bob"}')
+    assert "internal error in rastosd (IsADirectoryError)" in text
+    assert "Traceback" not in text and str(rastosd.scratch.root) not in text
+    assert "Traceback" in rastosd.log_text()
+    assert rastosd.get(MANAGER, "Version") == "0.1.0", "the daemon lives on"
+
+
+def test_sd_notify_ready_and_clean_stop(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> None:
+    bus, scratch, state_dir = daemon_env
+    daemon = Rastosd(bus, scratch, state_dir)
+    daemon.start()  # returns only after READY=1 arrived on the notify socket
+    owner = daemon.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                          "GetNameOwner", "s", BUS_NAME)  # fmt: skip
+    assert json.loads(owner.stdout)["data"][0].startswith(":")
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert (state_dir / "state.db").is_file()
