@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from guest_console import read_until
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
-
-
-def read_until(fd: int, wanted: bytes, timeout: float, seen: bytearray) -> bool:
-    deadline = time.monotonic() + timeout
-    while wanted not in seen:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the terminal closed: QEMU is gone
-                return wanted in seen
-            if not chunk:
-                return wanted in seen
-            seen += chunk
-    return True
 
 
 def test_interactive_console_logs_in_and_powers_off(minimal_image: Path, artifacts: Path) -> None:

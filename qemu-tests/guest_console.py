@@ -1,0 +1,86 @@
+"""Drive `rastos-image boot` through a pseudo-terminal, as a person at the serial console would."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+PROMPT = b"root@rastos:~#"
+
+
+def read_until(fd: int, wanted: bytes, timeout: float, seen: bytearray) -> bool:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the terminal closed: QEMU is gone
+                return wanted in seen
+            if not chunk:
+                return wanted in seen
+            seen += chunk
+    return True
+
+
+class GuestConsole:
+    """`rastos-image boot --snapshot IMAGE` on a pty; `seen` keeps everything the console printed."""
+
+    def __init__(self, image: Path) -> None:
+        self.controller, terminal = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imagebuilder", "boot", "--snapshot", str(image)],
+            stdin=terminal, stdout=terminal, stderr=terminal, cwd=CHECKOUT, start_new_session=True,
+        )  # fmt: skip
+        os.close(terminal)
+        self.seen = bytearray()
+
+    def wait_for(self, wanted: bytes, timeout: float) -> bool:
+        return read_until(self.controller, wanted, timeout, self.seen)
+
+    def type(self, line: str) -> None:
+        os.write(self.controller, line.encode() + b"\r")
+
+    def run(self, command: str, marker: str, timeout: float = 120) -> str:
+        """Type `command`, which must print `marker=` and its answer on one line; return the answer.
+        The echo of the typed line shows `marker=$(...`, the command's output does not: that tells them
+        apart. (bash's bracketed-paste sequences may precede the answer on its line.)"""
+        start = len(self.seen)
+        self.type(command)
+        needle = f"{marker}=".encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            tail = bytes(self.seen[start:])
+            answers = [
+                line.split(needle, 1)[1]
+                for line in tail.split(b"\n")
+                if needle in line and line.endswith(b"\r") and not line.split(needle, 1)[1].startswith(b"$(")
+            ]
+            if answers:
+                return answers[0].decode(errors="replace").strip()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {marker}= line within {timeout}s"
+            self._read_some(min(remaining, 5.0))
+
+    def _read_some(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.controller], [], [], timeout)
+        if ready:
+            with contextlib.suppress(OSError):  # QEMU is gone; the caller's deadline ends the wait
+                self.seen += os.read(self.controller, 4096)
+
+    def close(self, log: Path) -> None:
+        log.write_bytes(bytes(self.seen))
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.controller)
