@@ -165,8 +165,10 @@ class JobManager:
         job = self.get(job_id)
         if job.state in FINAL_STATES:
             raise JobNotCancellable(f"job {job_id} is already {job.state}")
-        job.cancel_requested.set()
         self.store.record(uid, "Cancel", job_id, state=job.state)
+        job.cancel_requested.set()
+        if job.state == "queued":  # it has not started: it ends now, and the worker skips it
+            self._finish(job, "cancelled", {"steps": [], "error": "cancelled before it started"})
 
     async def run_forever(self) -> None:
         while True:
@@ -190,8 +192,7 @@ class JobManager:
         self.notify(self.listener.job_changed, job, "Progress")
 
     def _run(self, job: Job) -> None:
-        if job.cancel_requested.is_set():
-            self._finish(job, "cancelled", {"steps": [], "error": "cancelled before it started"})
+        if job.state in FINAL_STATES:  # cancelled while it waited
             return
         self.store.set_job_state(job.id, "running")
         self.set_state(job, "running")
@@ -209,7 +210,7 @@ class JobManager:
         self.notify(self.listener.job_changed, job, "Result")
         self.notify(self.listener.job_changed, job, "State")
         self.notify(self.listener.job_finished, job)
-        log.info("job %d (%s) %s", job.id, job.description, state)
+        log.info("job %d (%s) %s", job.id, job.description, state, extra={"JOB_ID": job.id, "JOB_STATE": state})
 
 
 class _PipelineRun:
@@ -281,7 +282,10 @@ class _PipelineRun:
             message = str(failure)
         else:
             # Unexpected: the whole story goes to the journal, the caller gets the message only.
-            log.error("job %d step %d (%s) failed:\n%s", self.job.id, index, step.op.name, traceback.format_exc())
+            log.error(
+                "job %d step %d (%s) failed:\n%s", self.job.id, index, step.op.name, traceback.format_exc(),
+                extra={"JOB_ID": self.job.id, "OP": step.op.name},
+            )  # fmt: skip
             message = f"{type(failure).__name__}: {failure}"
         record = self.steps[index]
         record["state"] = "failed"

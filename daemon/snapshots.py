@@ -82,7 +82,10 @@ class Snapshots:
             self._remove_directory(snapshot_id)
             self.store.forget_snapshot(snapshot_id, uid, "SnapshotCreateFailed")
             raise
-        log.info("created snapshot %d (%s) in %.1f ms", snapshot_id, kind, (time.monotonic() - started) * 1000)
+        milliseconds = (time.monotonic() - started) * 1000
+        log.info(
+            "created snapshot %d (%s) in %.1f ms", snapshot_id, kind, milliseconds, extra={"SNAPSHOT": snapshot_id}
+        )
         return snapshot_id
 
     def existing(self) -> list[SnapshotRow]:

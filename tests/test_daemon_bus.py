@@ -390,3 +390,76 @@ def test_sd_notify_ready_and_clean_stop(daemon_env: tuple[PrivateBus, ScratchRoo
     assert json.loads(owner.stdout)["data"][0].startswith(":")
     assert daemon.stop(signal.SIGTERM) == 0
     assert (state_dir / "state.db").is_file()
+
+
+def slow_pipeline(count: int) -> str:
+    """Steps that each run useradd: slow enough to act on a job while it runs."""
+    return json.dumps([{"op": "user", "params": {"name": f"slow{n}"}} for n in range(count)])
+
+
+def test_cancel_stops_a_running_job_between_steps_and_a_queued_one_at_once(rastosd: Rastosd) -> None:
+    running = rastosd.call(MANAGER, "RunPipeline", "st", slow_pipeline(80), "0")[0]
+    queued = rastosd.call(MANAGER, "Apply", "sst", "motd", '{"text": "queued"}', "0")[0]
+    deadline = time.monotonic() + 60
+    while rastosd.get(JOB, "Progress", running)[0] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    rastosd.busctl("call", BUS_NAME, queued, JOB, "Cancel")
+    assert rastosd.get(JOB, "State", queued) == "cancelled", "a queued job ends at once"
+    rastosd.busctl("call", BUS_NAME, running, JOB, "Cancel")
+    assert rastosd.wait_job(running) == "cancelled"
+    result = json.loads(rastosd.get(JOB, "Result", running))
+    states = [step["state"] for step in result["steps"]]
+    assert states[0] == "changed" and states[-1] == "skipped" and "failed" not in states
+    changed = states.count("changed")
+    passwd = (rastosd.scratch.root / "etc/passwd").read_text()
+    created = sum(line.startswith("slow") for line in passwd.splitlines())
+    assert created == changed, "every step that began ran to its end, no later one ran"
+    assert "post" in [row[3] for row in rastosd.call(SNAPSHOTS, "List")[0]], "a post snapshot closes the pair"
+    assert not (rastosd.scratch.root / "etc/motd").exists(), "the cancelled queued job never ran"
+
+
+def test_retention_keeps_the_newest_pairs_and_the_known_good_snapshot(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    bus, scratch, state_dir = daemon_env
+    config = tmp_path / "daemon.toml"
+    config.write_text("[snapshots]\nkeep_pairs = 2\n")
+    daemon = Rastosd(bus, scratch, state_dir, config)
+    daemon.start()
+    try:
+        apply(daemon, "motd", {"text": "one"})
+        daemon.call(SNAPSHOTS, "MarkGood")  # the post snapshot of job 1 becomes the last known-good
+        for text in ("two", "three", "four"):
+            apply(daemon, "motd", {"text": text})
+        rows = daemon.call(SNAPSHOTS, "List")[0]
+        kinds = {row[0]: (row[3], row[6]) for row in rows}
+        assert kinds == {2: ("post", True), 5: ("pre", False), 6: ("post", False), 7: ("pre", False),
+                         8: ("post", False)}, kinds  # fmt: skip
+        assert sorted(int(p.name) for p in scratch.snapshots.iterdir()) == sorted(kinds)
+    finally:
+        daemon.stop()
+
+
+def test_changes_are_signalled(rastosd: Rastosd) -> None:
+    """PropertiesChanged for Hostname and a job's State, JobNew and JobRemoved, seen by a subscriber."""
+    monitor = subprocess.Popen(
+        ["gdbus", "monitor", "--address", rastosd.bus.address, "--dest", BUS_NAME],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        bufsize=1,
+    )  # fmt: skip
+    assert monitor.stdout is not None
+    try:
+        assert "Monitoring signals" in monitor.stdout.readline()
+        time.sleep(0.3)  # the match rule reaches the bus
+        path, _ = apply(rastosd, "hostname", {"hostname": "signalled"})
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        wanted = ("Manager.JobNew", "Manager.JobRemoved", "'Hostname': <'signalled'>", "'State': <'done'>")
+        while not all(any(w in line for line in seen) for w in wanted):
+            assert time.monotonic() < deadline, "\n".join(seen)
+            seen.append(monitor.stdout.readline())
+    finally:
+        monitor.terminate()
+        monitor.wait()
+    assert any(path in line and "Job.Completed" in line for line in seen)
