@@ -7,6 +7,7 @@ Read-only methods answer from memory or the database. Mutating methods first est
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -124,7 +125,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def list_ops(self) -> list[tuple[str, str, str]]:
-        return [(op.name, op.description, json.dumps(json_schema(op.schema))) for op in OPS.values()]
+        return published_ops()
 
     @dbus_method_async_override()
     @guarded
@@ -221,6 +222,12 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def mark_good(self) -> None:
         caller = await self._daemon.callers.require_admin("MarkGood")
         self._daemon.mark_good(caller.uid)
+
+
+@functools.cache
+def published_ops() -> list[tuple[str, str, str]]:
+    """The registry does not change while the daemon runs: its JSON Schemas are made once."""
+    return [(op.name, op.description, json.dumps(json_schema(op.schema))) for op in OPS.values()]
 
 
 def check_description(description: str) -> None:

@@ -156,3 +156,8 @@ class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus")
     @dbus_method_async("s", "a{sv}")
     async def get_connection_credentials(self, name: str) -> dict[str, tuple[str, Any]]:
         raise NotImplementedError
+
+    @dbus_method_async(result_signature="s")
+    async def get_id(self) -> str:
+        """The bus's id: answered by dbus-daemon itself, the floor of a round trip (bench/)."""
+        raise NotImplementedError

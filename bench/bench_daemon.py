@@ -1,0 +1,135 @@
+"""Benchmark of rastosd (printed, never asserted).
+
+Measures the real daemon on a private system-like bus with its root on btrfs on a loop file:
+  - idle RSS after start and a round of calls,
+  - p50 and p99 of a property Get (Manager.Version) and of ListOps(), from an sdbus client,
+  - snapshot creation through Snapshots.Create(), and what the same snapshot costs by itself,
+with baselines from the same run: the bus driver's own GetId() (dbus-daemon, in C: the floor of any
+round trip on this bus) and btrfsutil.create_snapshot() called directly (the floor of a snapshot).
+Run as root: `.venv/bin/python -m bench.bench_daemon`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import btrfsutil
+from rich.console import Console
+from rich.table import Table
+from sdbus import sd_bus_open_system
+
+from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, BusDriver, ManagerInterface, SnapshotsInterface
+from tests.daemon_fixtures import STRICT_POLICY, Rastosd, private_bus, scratch_root
+
+CALLS = 2000
+SNAPSHOTS = 30
+TARGETS = {"rss_mb": 40.0, "p50_ms": 0.5, "snapshot_ms": 50.0}
+
+
+async def latencies(call: Callable[[], Awaitable[Any]], count: int) -> list[float]:
+    for _ in range(50):  # warm up: first calls pay for match rules, caches, page faults
+        await call()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await call()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def measure(address: str, daemon: Rastosd) -> dict[str, Any]:
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    bus = sd_bus_open_system()
+    manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+    snapshots = SnapshotsInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+    driver = BusDriver.new_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", bus)
+
+    async def get_version() -> str:
+        return await manager.version
+
+    results: dict[str, Any] = {
+        "driver": await latencies(driver.get_id, CALLS),
+        "get": await latencies(get_version, CALLS),
+        "list_ops": await latencies(manager.list_ops, CALLS),
+    }
+    assert daemon.process is not None
+    results["rss_mb"] = rss_mb(daemon.process.pid)
+    creates = []
+    for number in range(SNAPSHOTS):
+        started = time.perf_counter()
+        await snapshots.create_snapshot(f"bench {number}")
+        creates.append((time.perf_counter() - started) * 1000)
+    results["create"] = creates
+    return results
+
+
+def direct_snapshots(root: Path, directory: Path) -> list[float]:
+    times = []
+    for number in range(SNAPSHOTS):
+        started = time.perf_counter()
+        btrfsutil.create_snapshot(root, directory / f"direct-{number}", read_only=True)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench_daemon: run as root (loop devices, a private bus)")
+        return 1
+    with (
+        tempfile.TemporaryDirectory() as scratch_dir,
+        private_bus(STRICT_POLICY) as bus,
+        scratch_root(Path(scratch_dir), "1G") as scratch,
+    ):
+        daemon = Rastosd(bus, scratch, Path(scratch_dir) / "state")
+        daemon.start()
+        try:
+            results = asyncio.run(measure(bus.address, daemon))
+        finally:
+            daemon.stop()
+        (scratch.top / "direct").mkdir()
+        direct = direct_snapshots(scratch.root, scratch.top / "direct")
+
+    table = Table(title=f"rastosd on a private bus ({CALLS} calls each, {SNAPSHOTS} snapshots)")
+    for column in ("measure", "p50", "p99", "target", "vs baseline"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    driver_p50 = statistics.median(results["driver"])
+    driver_p99 = percentile(results["driver"], 0.99)
+    table.add_row("baseline: bus driver GetId()", f"{driver_p50:.3f} ms", f"{driver_p99:.3f} ms", "", "1.0x")
+    for key, label in (("get", "Get Manager.Version"), ("list_ops", "ListOps()")):
+        p50 = statistics.median(results[key])
+        table.add_row(label, f"{p50:.3f} ms", f"{percentile(results[key], 0.99):.3f} ms",
+                      f"p50 <= {TARGETS['p50_ms']} ms", f"{p50 / driver_p50:.1f}x")  # fmt: skip
+    direct_p50 = statistics.median(direct)
+    create_p50 = statistics.median(results["create"])
+    table.add_row(
+        "baseline: btrfsutil snapshot", f"{direct_p50:.1f} ms", f"{percentile(direct, 0.99):.1f} ms", "", "1.0x"
+    )
+    table.add_row("Snapshots.Create()", f"{create_p50:.1f} ms", f"{percentile(results['create'], 0.99):.1f} ms",
+                  f"<= {TARGETS['snapshot_ms']:.0f} ms", f"{create_p50 / direct_p50:.1f}x")  # fmt: skip
+    table.add_row("idle RSS of rastosd", f"{results['rss_mb']:.1f} MB", "", f"<= {TARGETS['rss_mb']:.0f} MB", "")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
