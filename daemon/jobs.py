@@ -32,7 +32,7 @@ from daemon.ops import get_op
 from daemon.ops.base import Op, Target, execute
 from daemon.ops.params import Params, validate
 from daemon.snapshots import Snapshots
-from daemon.store import StateStore
+from daemon.store import DAEMON_UID, StateStore
 
 log = logging.getLogger("rastosd.jobs")
 
@@ -143,6 +143,7 @@ class JobManager:
         self.booted_snapshot = booted_snapshot
         self.jobs: dict[int, Job] = {}
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._current: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     def submit(self, kind: str, steps: list[Step], flags: int, uid: int, method: str) -> Job:
@@ -173,10 +174,24 @@ class JobManager:
     async def run_forever(self) -> None:
         while True:
             job = await self._queue.get()
+            self._current = asyncio.ensure_future(asyncio.to_thread(self._run, job))
             try:
-                await asyncio.to_thread(self._run, job)
+                await asyncio.shield(self._current)
+            except asyncio.CancelledError:
+                raise
             except Exception:  # the worker must outlive any one job
                 log.exception("job %d: the worker failed", job.id)
+
+    async def shutdown(self, timeout: float) -> None:
+        """On stop: queued jobs are cancelled, the running one stops after its current step.
+        The store must stay open until then, so the job's end is recorded, not left `running`."""
+        for job in list(self.jobs.values()):
+            if job.state == "queued":
+                self.cancel(job.id, DAEMON_UID)
+            elif job.state == "running":
+                job.cancel_requested.set()
+        if self._current is not None and not self._current.done():
+            await asyncio.wait({self._current}, timeout=timeout)
 
     # Everything below runs on the worker thread; it talks to the loop only through notify.
 

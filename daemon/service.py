@@ -58,6 +58,7 @@ log = logging.getLogger("rastosd")
 
 KEEP_FINISHED_JOB_OBJECTS = 32  # finished jobs stay on the bus this long so late clients read Result
 MAX_EVENTS = 10000
+STOP_TIMEOUT = 100.0  # a running step may finish; below the unit's TimeoutStopSec=120s
 
 
 def emit_changed(obj: Any, interface: str, name: str, signature: str, value: Any) -> None:
@@ -365,8 +366,7 @@ async def serve(config: DaemonConfig) -> None:
     await stop.wait()
     _notify("STOPPING=1")
     log.info("stopping")
-    for job in daemon.jobs.jobs.values():
-        job.cancel_requested.set()
+    await daemon.jobs.shutdown(STOP_TIMEOUT)
     watchdog.cancel()
     worker.cancel()
     daemon.store.close()

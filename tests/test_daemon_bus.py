@@ -463,3 +463,19 @@ def test_changes_are_signalled(rastosd: Rastosd) -> None:
         monitor.terminate()
         monitor.wait()
     assert any(path in line and "Job.Completed" in line for line in seen)
+
+
+def test_sigterm_lets_the_running_step_finish_and_records_the_end(rastosd: Rastosd) -> None:
+    running = rastosd.call(MANAGER, "RunPipeline", "st", slow_pipeline(80), "0")[0]
+    queued = rastosd.call(MANAGER, "Apply", "sst", "motd", '{"text": "queued"}', "0")[0]
+    deadline = time.monotonic() + 60
+    while rastosd.get(JOB, "Progress", running)[0] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert rastosd.stop(signal.SIGTERM) == 0
+    rastosd.start()
+    stopped = rastosd.job(int(running.rsplit("/", 1)[1]))
+    assert stopped["state"] == "cancelled", "a stop is recorded as such, not found later as interrupted"
+    assert {step["state"] for step in stopped["steps"]} == {"changed", "skipped"}
+    assert rastosd.job(int(queued.rsplit("/", 1)[1]))["state"] == "cancelled"
+    assert not any(e[3] == "JobInterrupted" for e in rastosd.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0])
