@@ -397,13 +397,19 @@ def slow_pipeline(count: int) -> str:
     return json.dumps([{"op": "user", "params": {"name": f"slow{n}"}} for n in range(count)])
 
 
-def test_cancel_stops_a_running_job_between_steps_and_a_queued_one_at_once(rastosd: Rastosd) -> None:
+def slow_job_and_a_queued_one(rastosd: Rastosd) -> tuple[str, str]:
+    """A pipeline that has run a few of its 80 slow steps, and a job queued behind it."""
     running = rastosd.call(MANAGER, "RunPipeline", "st", slow_pipeline(80), "0")[0]
     queued = rastosd.call(MANAGER, "Apply", "sst", "motd", '{"text": "queued"}', "0")[0]
     deadline = time.monotonic() + 60
     while rastosd.get(JOB, "Progress", running)[0] < 2:
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, "the pipeline made no progress"
         time.sleep(0.05)
+    return running, queued
+
+
+def test_cancel_stops_a_running_job_between_steps_and_a_queued_one_at_once(rastosd: Rastosd) -> None:
+    running, queued = slow_job_and_a_queued_one(rastosd)
     rastosd.busctl("call", BUS_NAME, queued, JOB, "Cancel")
     assert rastosd.get(JOB, "State", queued) == "cancelled", "a queued job ends at once"
     rastosd.busctl("call", BUS_NAME, running, JOB, "Cancel")
@@ -466,12 +472,7 @@ def test_changes_are_signalled(rastosd: Rastosd) -> None:
 
 
 def test_sigterm_lets_the_running_step_finish_and_records_the_end(rastosd: Rastosd) -> None:
-    running = rastosd.call(MANAGER, "RunPipeline", "st", slow_pipeline(80), "0")[0]
-    queued = rastosd.call(MANAGER, "Apply", "sst", "motd", '{"text": "queued"}', "0")[0]
-    deadline = time.monotonic() + 60
-    while rastosd.get(JOB, "Progress", running)[0] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    running, queued = slow_job_and_a_queued_one(rastosd)
     assert rastosd.stop(signal.SIGTERM) == 0
     rastosd.start()
     stopped = rastosd.job(int(running.rsplit("/", 1)[1]))
