@@ -2,10 +2,16 @@
 
 A rollback makes a writable copy of a snapshot (`/.snapshots/N/deployment`) and a Boot Loader
 Specification entry that names that subvolume explicitly (`rootflags=subvol=@snapshots/N/deployment`),
-with a boot counter in its file name (`rastos-snapshot-N+3.conf`), made the default in loader.conf.
-The entry is made from the entry of the running deployment, so kernel, initrd and options stay those
-the image was built with. Deleting the snapshot deletes its entry: the menu and the snapshots never
-disagree (the failure grub-btrfs is known for).
+with a boot counter in its file name (`rastos-snapshot-N+3.conf`). The entry is made from the entry of
+the running deployment, so kernel, initrd and options stay those the image was built with. Deleting
+the snapshot deletes its entry: the menu and the snapshots never disagree (grub-btrfs's known failure).
+
+Which entry boots is decided by order, never by naming one entry the default: systemd-boot boots the
+first entry matching loader.conf's `default rastos-*` in its sorted list, sorts entries by `sort-key`,
+and moves an entry whose tries are used up (`+0`) to the end. So the new entry gets sort-key
+`rastos-1`, the running (known to boot) entry `rastos-2`, every other `rastos-3`: the new deployment
+boots next, and if it fails its tries, the one that ran before boots again by itself. (Naming the new
+entry in `default` would defeat this: systemd-boot boots a default entry even with no tries left.)
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ log = logging.getLogger("rastosd.boot")
 
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 EFIVARS = Path("/sys/firmware/efi/efivars")
+SORT_NEW, SORT_RUNNING, SORT_OTHER = "rastos-1", "rastos-2", "rastos-3"
 COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
 DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
 
@@ -73,8 +80,8 @@ class BootEntries:
         return parsed[0]
 
     def add_for_snapshot(self, snapshot_id: int, description: str, deployment: str, running_root: str) -> str:
-        """Write the snapshot's entry with its tries and make it the default. Returns its id."""
-        _, template = self.template_for(running_root)
+        """Write the snapshot's entry with its tries, ordered to boot next. Returns its id."""
+        running, template = self.template_for(running_root)
         self.remove_for_snapshot(snapshot_id)
         name = f"rastos-snapshot-{snapshot_id}"
         options = [
@@ -83,49 +90,32 @@ class BootEntries:
         ]
         if not any(option.startswith("rootflags=") for option in options):
             options.append(f"rootflags=subvol={deployment}")
-        lines = [f"title rastOS, rollback to snapshot {snapshot_id}: {description}"[:200]]
-        for key in ("version", "machine-id", "sort-key", "linux", "efi"):
+        lines = [f"title rastOS, rollback to snapshot {snapshot_id}: {description}"[:200], f"sort-key {SORT_NEW}"]
+        for key in ("version", "machine-id", "linux", "efi"):
             lines += [f"{key} {value}" for value in template.get(key, [])]
         lines += [f"initrd {value}" for value in template.get("initrd", [])]
         lines.append("options " + " ".join(options))
+        # The others first: until the new entry exists, the order is the old one, whatever happens.
+        for other in self.entry_files():
+            if other.name.startswith("rastos"):
+                self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
         path = self.entries_dir / f"{name}+{self.tries}.conf"
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
-        self.set_default(f"{name}.conf")
-        log.info("boot entry %s for snapshot %d is the default now", path.name, snapshot_id)
+        log.info("boot entry %s for snapshot %d boots next", path.name, snapshot_id)
         return f"{name}.conf"
+
+    def set_sort_key(self, path: Path, key: str) -> None:
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.split(maxsplit=1)[:1] != ["sort-key"]]
+        wanted = [*kept[:1], f"sort-key {key}", *kept[1:]]
+        if wanted != lines:
+            write_atomically(path, "\n".join(wanted) + "\n", 0o644, 0, 0)
 
     def remove_for_snapshot(self, snapshot_id: int) -> None:
         wanted = f"rastos-snapshot-{snapshot_id}.conf"
         for path in self.entry_files():
             if entry_id(path.name) == wanted:
                 path.unlink()
-        if self.default() == wanted:
-            self.set_default(None)
-
-    def loader_conf(self) -> Path:
-        return self.esp / "loader" / "loader.conf"
-
-    def default(self) -> str | None:
-        try:
-            text = self.loader_conf().read_text()
-        except FileNotFoundError:
-            return None
-        for line in text.splitlines():
-            words = line.split(maxsplit=1)
-            if len(words) == 2 and words[0] == "default":
-                return words[1].strip()
-        return None
-
-    def set_default(self, entry: str | None) -> None:
-        path = self.loader_conf()
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
-            lines = []
-        lines = [line for line in lines if not line.startswith("default ")]
-        if entry is not None:
-            lines.insert(0, f"default {entry}")
-        write_atomically(path, "".join(line + "\n" for line in lines), 0o644, 0, 0)
 
 
 def parse_entry(text: str) -> dict[str, list[str]]:

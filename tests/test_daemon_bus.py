@@ -253,13 +253,15 @@ def test_rollback_makes_a_boot_entry_and_delete_removes_it(rastosd: Rastosd) -> 
     esp = rastosd.scratch.esp / "loader"
     text = (esp / f"entries/rastos-snapshot-{pre}+3.conf").read_text()
     assert f"rootflags=subvol=@snapshots/{pre}/deployment" in text and "linux /rastos/vmlinuz" in text
-    assert (esp / "loader.conf").read_text().startswith(f"default {entry}\n")
+    # It boots next by order (systemd-boot sorts by sort-key), the running entry right after it.
+    assert "sort-key rastos-1\n" in text
+    assert "sort-key rastos-2\n" in (esp / "entries/rastos-0.conf").read_text()
+    assert (esp / "loader.conf").read_text() == "timeout 0\n", "no entry is named the default"
     deployment = rastosd.scratch.snapshots / str(pre) / "deployment"
     assert btrfsutil.is_subvolume(deployment) and not btrfsutil.get_subvolume_read_only(deployment)
     assert (rastosd.scratch.root / "etc/motd").read_text() == "v2\n", "the running root is untouched"
     rastosd.call(SNAPSHOTS, "Delete", "u", str(pre))
     assert sorted(p.name for p in (esp / "entries").iterdir()) == ["rastos-0.conf"]
-    assert "default" not in (esp / "loader.conf").read_text()
 
 
 def test_mark_good_protects_the_last_good_snapshot(rastosd: Rastosd) -> None:
