@@ -38,6 +38,12 @@ def entry_id(file_name: str) -> str:
     return COUNTER.sub("", file_name)
 
 
+def tries_left(file_name: str) -> int | None:
+    """The boot counter's tries left (`NAME+LEFT.conf` or `NAME+LEFT-DONE.conf`); None when uncounted."""
+    match = COUNTER.search(file_name)
+    return None if match is None else int(match.group(0)[1:].split("-")[0])
+
+
 def snapshot_of_root(root_subvolume: str) -> int | None:
     """The snapshot a deployment root was made from, or None for the image's own root."""
     match = DEPLOYMENT_SUBVOL.search(root_subvolume)
@@ -111,6 +117,16 @@ class BootEntries:
         if wanted != lines:
             write_atomically(path, "\n".join(wanted) + "\n", 0o644, 0, 0)
 
+    def failed_entries(self) -> list[Path]:
+        """rastOS entries whose tries are used up: deployments that did not boot to a good state."""
+        return [path for path in self.entry_files() if path.name.startswith("rastos") and tries_left(path.name) == 0]
+
+    def root_of(self, path: Path) -> str:
+        for option in " ".join(parse_entry(path.read_text()).get("options", [])).split():
+            if option.startswith("rootflags=") and "subvol=" in option:
+                return option.split("subvol=", 1)[1].split(",")[0]
+        return ""
+
     def remove_for_snapshot(self, snapshot_id: int) -> None:
         wanted = f"rastos-snapshot-{snapshot_id}.conf"
         for path in self.entry_files():
@@ -128,20 +144,48 @@ def parse_entry(text: str) -> dict[str, list[str]]:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """This boot fell back: the entry ordered before ours used up its tries."""
+
+    failed_entry: str  # its id, e.g. rastos-snapshot-7.conf
+    failed_root: str  # the subvolume it names
+
+
+@dataclass(frozen=True)
 class BootState:
     root: str  # the root subvolume, from the top of the filesystem
     snapshot: int | None  # the snapshot it was rolled back to, if any
     entry: str  # the boot entry systemd-boot selected ("" when not booted by it)
-    health: str  # good, pending
+    health: str  # good, pending, unknown
+    fallback: Fallback | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.fallback is not None:
+            return "fallback"
+        return "deployment" if self.snapshot is None else "rollback"
 
     def as_dbus(self) -> dict[str, str]:
         return {
             "root": self.root,
             "snapshot": "" if self.snapshot is None else str(self.snapshot),
-            "kind": "deployment" if self.snapshot is None else "rollback",
+            "kind": self.kind,
             "entry": self.entry,
             "health": self.health,
+            "failed_entry": "" if self.fallback is None else self.fallback.failed_entry,
+            "failed_root": "" if self.fallback is None else self.fallback.failed_root,
         }
+
+
+def find_fallback(entries: BootEntries, booted_entry: str) -> Fallback | None:
+    """A rastOS entry with no tries left that is not the one we booted: it failed, and this boot is
+    what systemd-boot fell back to. (Not booted by systemd-boot, nothing can be said: None.)"""
+    if not booted_entry:
+        return None
+    for path in entries.failed_entries():
+        if entry_id(path.name) != entry_id(booted_entry):
+            return Fallback(entry_id(path.name), entries.root_of(path))
+    return None
 
 
 def current_boot_id() -> str:

@@ -21,6 +21,9 @@ def daemon_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshots-dir", type=Path, help="where snapshots live (default ROOT/.snapshots)")
     parser.add_argument("--esp", type=Path, help="the EFI system partition (default /efi)")
     parser.add_argument("--bus-address", help="D-Bus address to serve on instead of the system bus")
+    parser.add_argument(
+        "--booted-entry", help="the boot entry to take as booted (default: systemd-boot's EFI variable)"
+    )
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
 
@@ -32,7 +35,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         overrides = {
             "root": args.root, "state_dir": args.state_dir, "snapshots_dir": args.snapshots_dir,
-            "esp": args.esp, "bus_address": args.bus_address,
+            "esp": args.esp, "bus_address": args.bus_address, "booted_entry": args.booted_entry,
         }  # fmt: skip
         config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
         from daemon.service import serve

@@ -27,6 +27,8 @@ class DaemonConfig:
     keep_pairs: int = 10  # pre/post snapshot pairs kept by retention
     boot_tries: int = 3  # tries a rollback entry gets
     bus_address: str | None = None  # default: the system bus
+    booted_entry: str | None = None  # test seam: the entry systemd-boot selected (default: its EFI variable)
+    critical_units: tuple[str, ...] = ()  # a boot with one of these failed is not good (health check)
 
     @property
     def snapshot_directory(self) -> Path:
@@ -46,6 +48,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "paths.root": ("root", Path),
     "paths.state_dir": ("state_dir", Path),
     "paths.snapshots_dir": ("snapshots_dir", Path),
+    "health.critical_units": ("critical_units", tuple),
 }
 
 
@@ -63,7 +66,11 @@ def load_config(path: Path | None) -> DaemonConfig:
         if key not in _KEYS:
             raise RastosError(f"{source}: unknown key {key!r}", hint=f"known keys: {', '.join(_KEYS)}")
         field, kind = _KEYS[key]
-        if kind is Path:
+        if kind is tuple:
+            if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+                raise RastosError(f"{source}: {key} must be a list of unit names, got {value!r}")
+            value = tuple(value)
+        elif kind is Path:
             if not isinstance(value, str) or not value.startswith("/"):
                 raise RastosError(f"{source}: {key} must be an absolute path, got {value!r}")
             value = Path(value)

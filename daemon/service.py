@@ -27,8 +27,10 @@ from sdbus import (
 from daemon.boot import (
     BootEntries,
     BootState,
+    Fallback,
     booted_entry_blessed,
     current_boot_id,
+    find_fallback,
     read_loader_variable,
     snapshot_of_root,
 )
@@ -45,7 +47,7 @@ from daemon.bus.interfaces import (
     job_path,
 )
 from daemon.config import DaemonConfig
-from daemon.errors import InvalidParams, NoSuchJob, SnapshotsUnavailable
+from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotsUnavailable
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
@@ -53,6 +55,7 @@ from daemon.ops.params import json_schema
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from rastos import __version__
+from rastos.process import run
 
 log = logging.getLogger("rastosd")
 
@@ -166,6 +169,11 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
         events = self._daemon.store.events(since, limit)
         return [(e.id, e.time, e.uid, e.method, e.job_id or 0, json.dumps(e.detail)) for e in events]
 
+    @dbus_method_async_override()
+    @guarded
+    async def check_health(self) -> list[str]:
+        return await asyncio.to_thread(self._daemon.health_problems)
+
     # Manager: mutating methods
 
     @dbus_method_async_override()
@@ -255,6 +263,8 @@ class Daemon:
             log.warning("snapshots are off: %s", error)
             self.snapshots = None
         self.boot_id = current_boot_id()
+        self._booted_entry = config.booted_entry or read_loader_variable("LoaderEntrySelected") or ""
+        self.fallback = self._find_fallback()
         self._root_subvolume = self._read_root_subvolume()
         self.callers = Callers(bus, config.admin_group)
         self.root = RootObject(self)
@@ -275,12 +285,38 @@ class Daemon:
         return name or socket.gethostname()
 
     def boot_state(self) -> BootState:
-        entry = read_loader_variable("LoaderEntrySelected") or ""
+        entry = self._booted_entry
         if self.store.boot_marked_good(self.boot_id) or booted_entry_blessed(self.config.esp, entry):
             health = "good"
         else:
             health = "pending" if entry else "unknown"
-        return BootState(self._root_subvolume, snapshot_of_root(self._root_subvolume), entry, health)
+        return BootState(self._root_subvolume, snapshot_of_root(self._root_subvolume), entry, health, self.fallback)
+
+    def _find_fallback(self) -> Fallback | None:
+        try:
+            return find_fallback(self.entries, self._booted_entry)
+        except (BootConfigError, OSError) as error:
+            log.warning("cannot tell whether this boot fell back: %s", error)
+            return None
+
+    def report_fallback(self) -> None:
+        """Once per boot: the event log, the journal and a signal say what failed and what booted."""
+        if self.fallback is None:
+            return
+        failed, root = self.fallback.failed_entry, self.fallback.failed_root
+        if self.store.record_fallback(self.boot_id, failed, root):
+            log.warning("boot fell back: %s (root %s) used up its tries; booted %s", failed, root, self._booted_entry)
+        self.root.boot_fallback.emit((failed, root, self._booted_entry))
+
+    def health_problems(self) -> list[str]:
+        """What makes this boot not good: a critical unit that failed. (That the daemon answers is
+        the first check, made by calling this at all.)"""
+        problems = []
+        for unit in self.config.critical_units:
+            state = run(["systemctl", "is-failed", unit], check=False, capture=True).stdout.strip()
+            if state == "failed":
+                problems.append(f"critical unit {unit} failed")
+        return problems
 
     def require_snapshots(self) -> Snapshots:
         if self.snapshots is None:
@@ -355,6 +391,7 @@ async def serve(config: DaemonConfig) -> None:
     daemon.store.record_boot(daemon.boot_id, daemon.boot_state().root)
     daemon.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
+    daemon.report_fallback()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -66,6 +66,10 @@ MIGRATIONS: tuple[str, ...] = (
         marked_good REAL
     );
     """,
+    # 2: what a boot fell back from, recorded once per boot.
+    """
+    ALTER TABLE boots ADD COLUMN fallback_from TEXT;
+    """,
 )
 
 ACTIVE_STATES = ("queued", "running")
@@ -265,6 +269,16 @@ class StateStore:
             db.execute(
                 "INSERT OR IGNORE INTO boots (boot_id, started, root) VALUES (?, ?, ?)", (boot_id, time.time(), root)
             )
+
+    def record_fallback(self, boot_id: str, failed_entry: str, failed_root: str) -> bool:
+        """Record that this boot fell back from `failed_entry`; False if it was recorded already."""
+        with self.transaction() as db:
+            row = db.execute("SELECT fallback_from FROM boots WHERE boot_id = ?", (boot_id,)).fetchone()
+            if row is not None and row[0] is not None:
+                return False
+            db.execute("UPDATE boots SET fallback_from = ? WHERE boot_id = ?", (failed_entry, boot_id))
+            self._event(db, DAEMON_UID, "BootFallback", None, failed_entry=failed_entry, failed_root=failed_root)
+        return True
 
     def boot_marked_good(self, boot_id: str) -> bool:
         with self._lock:

@@ -151,6 +151,7 @@ class Rastosd:
     scratch: ScratchRoot
     state_dir: Path
     config: Path | None = None
+    extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -169,6 +170,7 @@ class Rastosd:
         ]  # fmt: skip
         if self.config is not None:
             argv += ["--config", str(self.config)]
+        argv += self.extra
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(CHECKOUT)}
         with log.open("w") as output:
             self.process = subprocess.Popen(

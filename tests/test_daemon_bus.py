@@ -482,3 +482,26 @@ def test_sigterm_lets_the_running_step_finish_and_records_the_end(rastosd: Rasto
     assert {step["state"] for step in stopped["steps"]} == {"changed", "skipped"}
     assert rastosd.job(int(queued.rsplit("/", 1)[1]))["state"] == "cancelled"
     assert not any(e[3] == "JobInterrupted" for e in rastosd.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0])
+
+
+def test_a_fallback_boot_is_reported_once(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> None:
+    """The entry ordered first used up its tries (`+0-3`), and systemd-boot booted the one after it."""
+    bus, scratch, state_dir = daemon_env
+    entries = scratch.esp / "loader" / "entries"
+    (entries / "rastos-snapshot-4+0-3.conf").write_text(
+        "title broken\nsort-key rastos-1\nlinux /rastos/vmlinuz\n"
+        "options root=UUID=0 rootflags=subvol=@snapshots/4/deployment rw\n"
+    )
+    daemon = Rastosd(bus, scratch, state_dir, extra=["--booted-entry", "rastos-0.conf"])
+    daemon.start()
+    try:
+        boot = daemon.get(MANAGER, "BootState")
+        assert boot["kind"] == "fallback" and boot["entry"] == "rastos-0.conf"
+        assert boot["failed_entry"] == "rastos-snapshot-4.conf" and boot["failed_root"] == "@snapshots/4/deployment"
+        daemon.stop()
+        daemon.start()  # the same boot: recorded once
+        events = [e for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "BootFallback"]
+        assert len(events) == 1 and json.loads(events[0][5])["failed_entry"] == "rastos-snapshot-4.conf"
+        assert daemon.call(MANAGER, "CheckHealth")[0] == []
+    finally:
+        daemon.stop()

@@ -147,3 +147,15 @@ def test_daemon_config_refuses_unknown_keys(tmp_path: Path) -> None:
     config.write_text('[snapshots]\nkeep_pairs = "4"\n')
     with pytest.raises(RastosError, match=r"snapshots\.keep_pairs must be int"):
         load_config(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "left", "identity"),
+    [("rastos-0+3.conf", 3, "rastos-0.conf"), ("rastos-snapshot-7+0-3.conf", 0, "rastos-snapshot-7.conf"),
+     ("rastos-0.conf", None, "rastos-0.conf"), ("rastos-1+2-1.conf", 2, "rastos-1.conf")],
+)  # fmt: skip
+def test_boot_counter_in_entry_names(name: str, left: int | None, identity: str) -> None:
+    from daemon.boot import entry_id, tries_left
+
+    assert tries_left(name) == left
+    assert entry_id(name) == identity

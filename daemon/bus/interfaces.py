@@ -79,6 +79,14 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFAC
     async def get_event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
         raise NotImplementedError
 
+    @dbus_method_async(result_signature="as", result_args_names=("problems",), flags=OPEN)
+    async def check_health(self) -> list[str]:
+        raise NotImplementedError
+
+    @dbus_signal_async("sss", signal_args_names=("failed_entry", "failed_root", "entry"))
+    def boot_fallback(self) -> tuple[str, str, str]:
+        raise NotImplementedError
+
     @dbus_signal_async("uos", signal_args_names=("id", "job", "kind"))
     def job_new(self) -> tuple[int, str, str]:
         raise NotImplementedError

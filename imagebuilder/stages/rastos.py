@@ -71,6 +71,10 @@ def install_rastos(ctx: BuildContext) -> str:
 def install_units(root: Path, units_dir: Path) -> list[str]:
     enabled = []
     for source in sorted(units_dir.iterdir()):
+        if source.is_dir() and source.name.endswith(".d"):  # a drop-in directory for a distribution unit
+            for dropin in sorted(source.glob("*.conf")):
+                write_file(root / "usr/lib/systemd/system" / source.name / dropin.name, dropin.read_text())
+            continue
         if source.suffix not in UNIT_DESTINATIONS or not source.is_file():
             continue
         destination, suffix = UNIT_DESTINATIONS[source.suffix]
