@@ -48,8 +48,30 @@ class GuestConsole:
     def wait_for(self, wanted: bytes, timeout: float) -> bool:
         return read_until(self.controller, wanted, timeout, self.seen)
 
-    def type(self, line: str) -> None:
-        os.write(self.controller, line.encode() + b"\r")
+    def wait_for_new(self, wanted: bytes, timeout: float) -> bool:
+        """Like wait_for, but only output from now on counts (a prompt after a reboot)."""
+        start = len(self.seen)
+        deadline = time.monotonic() + timeout
+        while wanted not in self.seen[start:]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None:
+                return False
+            self._read_some(min(remaining, 5.0))
+        return True
+
+    def type(self, line: str, echo_timeout: float = 45) -> None:
+        """Type a line and wait for the shell to echo it. Seen in CI: a line typed right after the
+        first prompt was lost (never echoed, as if the terminal's input was flushed); a line that is
+        not echoed within `echo_timeout` is typed once more."""
+        for _ in range(2):
+            start = len(self.seen)
+            os.write(self.controller, line.encode() + b"\r")
+            deadline = time.monotonic() + echo_timeout
+            while line[:24].encode() not in self.seen[start:] and time.monotonic() < deadline:
+                self._read_some(1.0)
+            if line[:24].encode() in self.seen[start:]:
+                return
+        raise AssertionError(f"the guest's shell never echoed {line[:40]!r}")
 
     def run(self, command: str, marker: str, timeout: float = 120) -> str:
         """Type `command`, which must print `marker=` and its answer on one line; return the answer.

@@ -1,0 +1,81 @@
+"""Rollback at boot, in a real guest driven through its serial console (one QEMU run per test; guest
+reboots happen inside it, so the disk and the ESP carry over from boot to boot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest_console import PROMPT, GuestConsole
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
+
+BOOT_STATE = (
+    'echo "STATE=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
+    'org.rastos.Daemon1.Manager BootState)"'
+)
+
+
+def settled(guest: GuestConsole) -> None:
+    """Wait until the boot is over: rastosd up, the health check run, the entry blessed."""
+    assert guest.run('systemctl is-system-running --wait; echo "UP=$(systemctl is-active rastos-health)"', "UP",
+                     300) == "active"  # fmt: skip
+
+
+def reboot(guest: GuestConsole, command: str) -> None:
+    """Type a command that reboots, and wait for the firmware to start again: until then the old
+    shell may still print prompts while the system goes down."""
+    guest.type(command)
+    assert guest.wait_for_new(b"BdsDxe: starting", 300), "the guest rebooted"
+
+
+def boot_state(guest: GuestConsole) -> dict[str, str]:
+    document: dict[str, Any] = json.loads(guest.run(BOOT_STATE, "STATE"))
+    return dict(document["data"])
+
+
+def test_rollback_takes_back_an_op_and_keeps_the_history(minimal_image: Path, artifacts: Path) -> None:
+    guest = GuestConsole(minimal_image)
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        assert boot_state(guest)["health"] == "good"
+        guest.type("rastosctl apply hostname hostname=changed > /dev/null")
+        answer = guest.run('echo "HOST=$(cat /etc/hostname) ENTRY=$(rastosctl snapshot rollback 1)"', "HOST")
+        assert answer == "changed ENTRY=the next boot starts snapshot 1 (rastos-snapshot-1.conf)"
+        reboot(guest, "systemctl reboot")
+        assert guest.wait_for_new(PROMPT, 400), "the rollback deployment boots (its host name is the old one)"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["root"] == "@snapshots/1/deployment" and state["kind"] == "rollback", state
+        assert state["entry"] == "rastos-snapshot-1.conf" and state["health"] == "good", state
+        history = guest.run('echo "JOBS=$(rastosctl --json jobs | grep -c \'\\"state\\": \\"done\\"\')"', "JOBS")
+        assert history == "1", "the state store (never rolled back) still has the job"
+        assert guest.run('echo "HOST=$(cat /etc/hostname)"', "HOST") == "rastos"
+    finally:
+        guest.close(artifacts / "console.log")
+
+
+def test_a_deployment_that_cannot_boot_falls_back_by_itself(minimal_image: Path, artifacts: Path) -> None:
+    guest = GuestConsole(minimal_image)
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
+        guest.type(f"rastosctl snapshot rollback {created}")
+        # Break the new deployment: no init, so every try ends in a reboot (initrd failure or panic).
+        reboot(guest, f"rm -f /.snapshots/{created}/deployment/usr/sbin/init "
+                      f"/.snapshots/{created}/deployment/usr/lib/systemd/systemd && systemctl reboot")  # fmt: skip
+        assert guest.wait_for_new(PROMPT, 900), "after the tries run out, the previous deployment boots"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["kind"] == "fallback" and state["entry"] == "rastos-0.conf", state
+        assert state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+        assert state["failed_root"] == f"@snapshots/{created}/deployment", state
+        logged = guest.run('echo "FALLBACKS=$(rastosctl --json log | grep -c \'\\"method\\": \\"BootFallback\\"\')"',
+                           "FALLBACKS")  # fmt: skip
+        assert logged == "1"
+    finally:
+        guest.close(artifacts / "console.log")
