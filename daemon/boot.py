@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,9 @@ class BootEntries:
                 return path, entry
         return parsed[0]
 
-    def add_for_snapshot(self, snapshot_id: int, description: str, deployment: str, running_root: str) -> str:
+    def add_for_snapshot(
+        self, snapshot_id: int, description: str, deployment: str, running_root: str, taken: float
+    ) -> str:
         """Write the snapshot's entry with its tries, ordered to boot next. Returns its id."""
         running, template = self.template_for(running_root)
         self.remove_for_snapshot(snapshot_id)
@@ -96,7 +99,9 @@ class BootEntries:
         ]
         if not any(option.startswith("rootflags=") for option in options):
             options.append(f"rootflags=subvol={deployment}")
-        lines = [f"title rastOS, rollback to snapshot {snapshot_id}: {description}"[:200], f"sort-key {SORT_NEW}"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(taken))
+        title = f"title rastOS snapshot {snapshot_id} of {when}: {description}"[:200]
+        lines = [title, f"sort-key {SORT_NEW}"]
         for key in ("version", "machine-id", "linux", "efi"):
             lines += [f"{key} {value}" for value in template.get(key, [])]
         lines += [f"initrd {value}" for value in template.get("initrd", [])]

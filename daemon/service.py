@@ -333,7 +333,7 @@ class Daemon:
         deployment = snapshots.make_deployment(snapshot_id)
         try:
             return self.entries.add_for_snapshot(
-                snapshot_id, row.description, subvolume_path(deployment), self._root_subvolume
+                snapshot_id, row.description, subvolume_path(deployment), self._root_subvolume, row.created
             )
         except BaseException:
             snapshots.remove_deployment(snapshot_id)  # no deployment without its entry

@@ -505,3 +505,23 @@ def test_a_fallback_boot_is_reported_once(daemon_env: tuple[PrivateBus, ScratchR
         assert daemon.call(MANAGER, "CheckHealth")[0] == []
     finally:
         daemon.stop()
+
+
+def test_entries_come_and_go_with_their_snapshots(rastosd: Rastosd) -> None:
+    """Many rollbacks leave one small entry each and no kernel copy; deleting the snapshots empties the
+    ESP of them again, so it cannot fill up with entries of snapshots that are gone."""
+    esp = rastosd.scratch.esp
+    before = {p.relative_to(esp): p.read_bytes() for p in esp.rglob("*") if p.is_file()}
+    ids = [rastosd.call(SNAPSHOTS, "Create", "s", f"state {n}")[0] for n in range(40)]
+    for snapshot in ids:
+        rastosd.call(SNAPSHOTS, "Rollback", "u", str(snapshot))
+    entries = sorted(p.name for p in (esp / "loader/entries").iterdir())
+    assert len(entries) == 41 and all(name.endswith("+3.conf") for name in entries if "snapshot" in name)
+    size = sum(p.stat().st_size for p in esp.rglob("*") if p.is_file())
+    assert size - sum(len(b) for b in before.values()) < 41 * 512, "entries only: kernels are shared"
+    first = [p for p in (esp / "loader/entries").iterdir() if "sort-key rastos-1\n" in p.read_text()]
+    assert [p.name for p in first] == [f"rastos-snapshot-{ids[-1]}+3.conf"], "only the newest boots next"
+    for snapshot in ids:
+        rastosd.call(SNAPSHOTS, "Delete", "u", str(snapshot))
+    assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-0.conf"]
+    assert sorted(p.name for p in rastosd.scratch.snapshots.iterdir()) == []
