@@ -4,6 +4,7 @@ reboots happen inside it, so the disk and the ESP carry over from boot to boot).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 from guest_console import PROMPT, GuestConsole
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
+
+TRIES = 3  # boot.tries of the minimal profile
 
 BOOT_STATE = (
     'echo "STATE=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
@@ -77,5 +80,31 @@ def test_a_deployment_that_cannot_boot_falls_back_by_itself(minimal_image: Path,
         logged = guest.run('echo "FALLBACKS=$(rastosctl --json log | grep -c \'\\"method\\": \\"BootFallback\\"\')"',
                            "FALLBACKS")  # fmt: skip
         assert logged == "1"
+    finally:
+        guest.close(artifacts / "console.log")
+
+
+def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, artifacts: Path) -> None:
+    """This deployment boots, but rastosd cannot start in it: the health check fails, so the trial boot
+    reboots by itself, the tries run out, and the deployment that ran before boots again."""
+    guest = GuestConsole(minimal_image)
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
+        guest.type(f"rastosctl snapshot rollback {created}")
+        reboot(guest, f"rm /.snapshots/{created}/deployment/usr/bin/rastosd && systemctl reboot")
+        # Each trial boot reaches a login prompt before its check fails: count the failures instead.
+        start = len(guest.seen)
+        deadline = time.monotonic() + 1200
+        while guest.seen[start:].count(b"trial boot failed (the health check failed)") < TRIES:
+            assert time.monotonic() < deadline, "the trial boots did not all fail their check in time"
+            guest.wait_for_new(b"the health check failed", deadline - time.monotonic())
+        assert guest.wait_for_new(b"BdsDxe: starting", 300), "the last trial boot rebooted"
+        assert guest.wait_for_new(PROMPT, 400), "after the tries run out, the previous deployment boots"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+        assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
     finally:
         guest.close(artifacts / "console.log")
