@@ -6,6 +6,7 @@ import contextlib
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -102,7 +103,8 @@ class GuestConsole:
 
     def close(self, log: Path) -> None:
         log.write_bytes(bytes(self.seen))
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        # The whole session: killing only `rastos-image boot` would leave its QEMU running, orphaned.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         os.close(self.controller)

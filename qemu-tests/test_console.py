@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,6 @@ def test_interactive_console_logs_in_and_powers_off(minimal_image: Path, artifac
     finally:
         (artifacts / "console.log").write_bytes(bytes(seen))
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the session: QEMU too, not only its parent
             proc.wait()
         os.close(controller)
