@@ -51,14 +51,9 @@ class GuestConsole:
 
     def wait_for_new(self, wanted: bytes, timeout: float) -> bool:
         """Like wait_for, but only output from now on counts (a prompt after a reboot)."""
-        start = len(self.seen)
-        deadline = time.monotonic() + timeout
-        while wanted not in self.seen[start:]:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.process.poll() is not None:
-                return False
-            self._read_some(min(remaining, 5.0))
-        return True
+        if self.process.poll() is not None:
+            return False
+        return self._wait_after(len(self.seen), wanted, timeout)
 
     def type(self, line: str, echo_timeout: float = 45) -> None:
         """Type a line and wait for the shell to echo it. Seen in CI: a line typed right after the
@@ -75,25 +70,35 @@ class GuestConsole:
         raise AssertionError(f"the guest's shell never echoed {line[:40]!r}")
 
     def run(self, command: str, marker: str, timeout: float = 120) -> str:
-        """Type `command`, which must print `marker=` and its answer on one line; return the answer.
-        The echo of the typed line shows `marker=$(...`, the command's output does not: that tells them
-        apart. (bash's bracketed-paste sequences may precede the answer on its line.)"""
+        """Type `command`, which must print `marker=` and its answer on one line; return the answer,
+        once the shell's prompt is back (so the next line typed goes to the shell, not to the terminal's
+        raw echo). The echo of the typed line shows `marker=$(...`, the command's output does not: the
+        text after a line's last `marker=` tells them apart, also when the terminal echoed the typed
+        line raw in front of the prompt. (bash's bracketed-paste sequences may precede the answer.)"""
         start = len(self.seen)
         self.type(command)
         needle = f"{marker}=".encode()
         deadline = time.monotonic() + timeout
         while True:
-            tail = bytes(self.seen[start:])
-            answers = [
-                line.split(needle, 1)[1]
-                for line in tail.split(b"\n")
-                if needle in line and line.endswith(b"\r") and not line.split(needle, 1)[1].startswith(b"$(")
-            ]
-            if answers:
-                return answers[0].decode(errors="replace").strip()
+            offset = start
+            for line in bytes(self.seen[start:]).split(b"\n"):
+                answer = line.rsplit(needle, 1)[1] if needle in line else b"$("
+                offset += len(line) + 1
+                if line.endswith(b"\r") and not answer.startswith(b"$("):
+                    self._wait_after(offset, PROMPT, 60)
+                    return answer.decode(errors="replace").strip()
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"no {marker}= line within {timeout}s"
             self._read_some(min(remaining, 5.0))
+
+    def _wait_after(self, position: int, wanted: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while wanted not in self.seen[position:]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._read_some(min(remaining, 5.0))
+        return True
 
     def _read_some(self, timeout: float) -> None:
         ready, _, _ = select.select([self.controller], [], [], timeout)
