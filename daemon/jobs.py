@@ -134,7 +134,7 @@ class JobManager:
         store: StateStore,
         snapshots: Snapshots | None,
         listener: JobListener,
-        booted_snapshot: Callable[[], int | None],
+        booted_snapshot: int | None,  # never cleaned up: the running root was made from it
     ) -> None:
         self.target = target
         self.store = store
@@ -323,4 +323,4 @@ class _PipelineRun:
             job_id=self.job.id, pre_id=self.pre_id,
         )  # fmt: skip
         result["snapshots"] = {"pre": self.pre_id, "post": post_id}
-        result["cleaned_up"] = self.snapshots.cleanup(booted_snapshot=self.manager.booted_snapshot())
+        result["cleaned_up"] = self.snapshots.cleanup(booted_snapshot=self.manager.booted_snapshot)

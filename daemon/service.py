@@ -47,7 +47,7 @@ from daemon.bus.interfaces import (
     job_path,
 )
 from daemon.config import DaemonConfig
-from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotsUnavailable
+from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotProtected, SnapshotsUnavailable
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
@@ -215,7 +215,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def delete_snapshot(self, snapshot_id: int) -> None:
         caller = await self._daemon.callers.require_admin("Delete")
         snapshots = self._daemon.require_snapshots()
-        booted = self._daemon.boot_state().snapshot
+        booted = self._daemon.booted_snapshot
         await asyncio.to_thread(snapshots.delete, snapshot_id, uid=caller.uid, method="Delete", booted_snapshot=booted)
 
     @dbus_method_async_override()
@@ -265,10 +265,12 @@ class Daemon:
         self.boot_id = current_boot_id()
         self._booted_entry = config.booted_entry or read_loader_variable("LoaderEntrySelected") or ""
         self.fallback = self._find_fallback()
-        self._root_subvolume = self._read_root_subvolume()
+        self.root_subvolume = self._read_root_subvolume()
+        # What the root was made from is fixed for this boot: derived once, not per call.
+        self.booted_snapshot = snapshot_of_root(self.root_subvolume)
         self.callers = Callers(bus, config.admin_group)
         self.root = RootObject(self)
-        self.jobs = JobManager(self.target, self.store, self.snapshots, self, lambda: self.boot_state().snapshot)
+        self.jobs = JobManager(self.target, self.store, self.snapshots, self, self.booted_snapshot)
         self.job_objects: dict[int, JobObject] = {}
         self._finished: deque[int] = deque()
         self._hostname = self.hostname()
@@ -290,7 +292,7 @@ class Daemon:
             health = "good"
         else:
             health = "pending" if entry else "unknown"
-        return BootState(self._root_subvolume, snapshot_of_root(self._root_subvolume), entry, health, self.fallback)
+        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback)
 
     def _find_fallback(self) -> Fallback | None:
         try:
@@ -326,14 +328,12 @@ class Daemon:
     def prepare_rollback(self, snapshot_id: int) -> str:
         snapshots = self.require_snapshots()
         row = snapshots.get(snapshot_id)
-        if self.boot_state().snapshot == snapshot_id:
-            from daemon.errors import SnapshotProtected
-
+        if self.booted_snapshot == snapshot_id:
             raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
         deployment = snapshots.make_deployment(snapshot_id)
         try:
             return self.entries.add_for_snapshot(
-                snapshot_id, row.description, subvolume_path(deployment), self._root_subvolume, row.created
+                snapshot_id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
             )
         except BaseException:
             snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
@@ -388,7 +388,7 @@ async def serve(config: DaemonConfig) -> None:
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
-    daemon.store.record_boot(daemon.boot_id, daemon.boot_state().root)
+    daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
     daemon.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
     daemon.report_fallback()
