@@ -34,6 +34,15 @@ def reboot(guest: GuestConsole, command: str) -> None:
     assert guest.wait_for_new(b"BdsDxe: starting", 300), "the guest rebooted"
 
 
+def rollback_to_a_new_snapshot(guest: GuestConsole) -> str:
+    """After the first boot: snapshot the root and roll back to it; returns the snapshot's id."""
+    assert guest.wait_for(PROMPT, 300)
+    settled(guest)
+    created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
+    guest.type(f"rastosctl snapshot rollback {created}")
+    return created
+
+
 def boot_state(guest: GuestConsole) -> dict[str, str]:
     document: dict[str, Any] = json.loads(guest.run(BOOT_STATE, "STATE"))
     return dict(document["data"])
@@ -64,10 +73,7 @@ def test_rollback_takes_back_an_op_and_keeps_the_history(minimal_image: Path, ar
 def test_a_deployment_that_cannot_boot_falls_back_by_itself(minimal_image: Path, artifacts: Path) -> None:
     guest = GuestConsole(minimal_image)
     try:
-        assert guest.wait_for(PROMPT, 300)
-        settled(guest)
-        created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
-        guest.type(f"rastosctl snapshot rollback {created}")
+        created = rollback_to_a_new_snapshot(guest)
         # Break the new deployment: no init, so every try ends in a reboot (initrd failure or panic).
         reboot(guest, f"rm -f /.snapshots/{created}/deployment/usr/sbin/init "
                       f"/.snapshots/{created}/deployment/usr/lib/systemd/systemd && systemctl reboot")  # fmt: skip
@@ -89,10 +95,7 @@ def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, a
     reboots by itself, the tries run out, and the deployment that ran before boots again."""
     guest = GuestConsole(minimal_image)
     try:
-        assert guest.wait_for(PROMPT, 300)
-        settled(guest)
-        created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
-        guest.type(f"rastosctl snapshot rollback {created}")
+        created = rollback_to_a_new_snapshot(guest)
         reboot(guest, f"rm /.snapshots/{created}/deployment/usr/bin/rastosd && systemctl reboot")
         # Each trial boot reaches a login prompt before its check fails: count the failures instead.
         start = len(guest.seen)
