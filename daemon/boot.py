@@ -12,6 +12,12 @@ and moves an entry whose tries are used up (`+0`) to the end. So the new entry g
 `rastos-1`, the running (known to boot) entry `rastos-2`, every other `rastos-3`: the new deployment
 boots next, and if it fails its tries, the one that ran before boots again by itself. (Naming the new
 entry in `default` would defeat this: systemd-boot boots a default entry even with no tries left.)
+
+Every snapshot also has a read-only entry (`readonly-snapshot-N.conf`, sort-key `rastos-4`, no boot
+counter), so the menu lists each one with its date and description. It boots the read-only snapshot
+under a writable overlay held in memory (`rastos.overlay`, set up by the initrd): the system runs as the
+snapshot was, and what it writes is gone at the next boot. Its id does not match `default rastos-*`,
+so it only ever boots when chosen: from the menu, or once through `BootOnce()` (LoaderEntryOneShot).
 """
 
 from __future__ import annotations
@@ -29,9 +35,14 @@ log = logging.getLogger("rastosd.boot")
 
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 EFIVARS = Path("/sys/firmware/efi/efivars")
-SORT_NEW, SORT_RUNNING, SORT_OTHER = "rastos-1", "rastos-2", "rastos-3"
+SORT_NEW, SORT_RUNNING, SORT_OTHER, SORT_READONLY = "rastos-1", "rastos-2", "rastos-3", "rastos-4"
 COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
 DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
+READONLY_SUBVOL = re.compile(r"(?:^|/)(\d+)/snapshot$")
+# Kernel command line words of a read-only snapshot boot: the initrd puts an overlay over the root,
+# and systemd must not remount that overlay with the btrfs options fstab gives "/".
+OVERLAY = "rastos.overlay"
+READONLY_OPTIONS = (OVERLAY, "systemd.mask=systemd-remount-fs.service")
 
 
 def entry_id(file_name: str) -> str:
@@ -46,9 +57,40 @@ def tries_left(file_name: str) -> int | None:
 
 
 def snapshot_of_root(root_subvolume: str) -> int | None:
-    """The snapshot a deployment root was made from, or None for the image's own root."""
-    match = DEPLOYMENT_SUBVOL.search(root_subvolume)
+    """The snapshot a deployment root was made from, or that a read-only boot runs; None for the
+    image's own root."""
+    match = DEPLOYMENT_SUBVOL.search(root_subvolume) or READONLY_SUBVOL.search(root_subvolume)
     return int(match.group(1)) if match else None
+
+
+def readonly_entry_id(snapshot_id: int) -> str:
+    return f"readonly-snapshot-{snapshot_id}.conf"
+
+
+def deployment_entry_id(snapshot_id: int) -> str:
+    return f"rastos-snapshot-{snapshot_id}.conf"
+
+
+def entry_options(template: dict[str, list[str]], root_subvolume: str, *, readonly: bool) -> list[str]:
+    """The template entry's kernel options, naming `root_subvolume`; `ro` under an overlay for a
+    read-only snapshot, `rw` and no overlay for a deployment (whichever kind the template was)."""
+    kept = [
+        option
+        for option in " ".join(template.get("options", [])).split()
+        if not option.startswith("rootflags=") and option not in ("ro", "rw", *READONLY_OPTIONS)
+    ]
+    return [*kept, f"rootflags=subvol={root_subvolume}", *(("ro", *READONLY_OPTIONS) if readonly else ("rw",))]
+
+
+def overlay_boot(cmdline: str) -> str | None:
+    """The root subvolume of a read-only snapshot boot, from the kernel command line; else None."""
+    words = cmdline.split()
+    if OVERLAY not in words:
+        return None
+    for word in words:
+        if word.startswith("rootflags=") and "subvol=" in word:
+            return word.split("subvol=", 1)[1].split(",")[0].lstrip("/")
+    return None
 
 
 def read_loader_variable(name: str) -> str | None:
@@ -89,31 +131,41 @@ class BootEntries:
     def add_for_snapshot(
         self, snapshot_id: int, description: str, deployment: str, running_root: str, taken: float
     ) -> str:
-        """Write the snapshot's entry with its tries, ordered to boot next. Returns its id."""
+        """Write the deployment's entry with its tries, ordered to boot next. Returns its id."""
         running, template = self.template_for(running_root)
-        self.remove_for_snapshot(snapshot_id)
-        name = f"rastos-snapshot-{snapshot_id}"
-        options = [
-            f"rootflags=subvol={deployment}" if option.startswith("rootflags=") else option
-            for option in " ".join(template.get("options", [])).split()
-        ]
-        if not any(option.startswith("rootflags=") for option in options):
-            options.append(f"rootflags=subvol={deployment}")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(taken))
-        title = f"title rastOS snapshot {snapshot_id} of {when}: {description}"[:200]
-        lines = [title, f"sort-key {SORT_NEW}"]
-        for key in ("version", "machine-id", "linux", "efi"):
-            lines += [f"{key} {value}" for value in template.get(key, [])]
-        lines += [f"initrd {value}" for value in template.get("initrd", [])]
-        lines.append("options " + " ".join(options))
+        self.remove_for_snapshot(snapshot_id, readonly=False)
+        lines = self._entry_lines(template, f"rastOS snapshot {snapshot_id} of {_date(taken)}: {description}",
+                                  SORT_NEW, entry_options(template, deployment, readonly=False))  # fmt: skip
         # The others first: until the new entry exists, the order is the old one, whatever happens.
         for other in self.entry_files():
             if other.name.startswith("rastos"):
                 self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
+        name = deployment_entry_id(snapshot_id).removesuffix(".conf")
         path = self.entries_dir / f"{name}+{self.tries}.conf"
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
         log.info("boot entry %s for snapshot %d boots next", path.name, snapshot_id)
         return f"{name}.conf"
+
+    def add_readonly(self, snapshot_id: int, description: str, subvolume: str, running_root: str, taken: float) -> str:
+        """Write the menu entry that boots the read-only snapshot under an overlay. Returns its id."""
+        _, template = self.template_for(running_root)
+        title = f"rastOS snapshot {snapshot_id} of {_date(taken)}, read-only: {description}"
+        lines = self._entry_lines(template, title, SORT_READONLY, entry_options(template, subvolume, readonly=True))
+        path = self.entries_dir / readonly_entry_id(snapshot_id)
+        write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
+        return path.name
+
+    def has_entry(self, entry: str) -> bool:
+        return any(entry_id(path.name) == entry for path in self.entry_files())
+
+    @staticmethod
+    def _entry_lines(template: dict[str, list[str]], title: str, sort_key: str, options: list[str]) -> list[str]:
+        lines = [f"title {title}"[:200], f"sort-key {sort_key}"]
+        for key in ("version", "machine-id", "linux", "efi"):
+            lines += [f"{key} {value}" for value in template.get(key, [])]
+        lines += [f"initrd {value}" for value in template.get("initrd", [])]
+        lines.append("options " + " ".join(options))
+        return lines
 
     def set_sort_key(self, path: Path, key: str) -> None:
         lines = path.read_text().splitlines()
@@ -132,11 +184,16 @@ class BootEntries:
                 return option.split("subvol=", 1)[1].split(",")[0]
         return ""
 
-    def remove_for_snapshot(self, snapshot_id: int) -> None:
-        wanted = f"rastos-snapshot-{snapshot_id}.conf"
+    def remove_for_snapshot(self, snapshot_id: int, *, readonly: bool = True) -> None:
+        """Remove the snapshot's deployment entry, and its read-only entry unless told not to."""
+        wanted = {deployment_entry_id(snapshot_id)} | ({readonly_entry_id(snapshot_id)} if readonly else set())
         for path in self.entry_files():
-            if entry_id(path.name) == wanted:
+            if entry_id(path.name) in wanted:
                 path.unlink()
+
+
+def _date(taken: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(taken))
 
 
 def parse_entry(text: str) -> dict[str, list[str]]:
@@ -168,6 +225,8 @@ class BootState:
     def kind(self) -> str:
         if self.fallback is not None:
             return "fallback"
+        if READONLY_SUBVOL.search(self.root):
+            return "snapshot"  # a read-only snapshot under an overlay: its changes are not kept
         return "deployment" if self.snapshot is None else "rollback"
 
     def as_dbus(self) -> dict[str, str]:

@@ -29,6 +29,15 @@ class DaemonConfig:
     bus_address: str | None = None  # default: the system bus
     booted_entry: str | None = None  # test seam: the entry systemd-boot selected (default: its EFI variable)
     critical_units: tuple[str, ...] = ()  # a boot with one of these failed is not good (health check)
+    kernel_cmdline: str | None = None  # test seam: this boot's kernel command line (default: /proc/cmdline)
+
+    def boot_cmdline(self) -> str:
+        if self.kernel_cmdline is not None:
+            return self.kernel_cmdline
+        try:
+            return Path("/proc/cmdline").read_text()
+        except OSError:
+            return ""
 
     @property
     def snapshot_directory(self) -> Path:

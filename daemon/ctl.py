@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot_commands.add_parser("rollback", help="boot a writable copy of snapshot ID next").add_argument(
         "id", type=int
     )
+    snapshot_commands.add_parser(
+        "boot-once", help="boot snapshot ID read-only (changes kept in memory only) on the next boot only"
+    ).add_argument("id", type=int)
     snapshot_commands.add_parser("mark-good", help="mark this boot good")
     log = commands.add_parser("log", help="the event log: every change, who asked for it, and the job")
     log.add_argument("--since", type=int, default=0, help="only events after this id")
@@ -251,6 +254,12 @@ class Client:
         elif action == "rollback":
             entry = await self.snapshots.rollback(args.id)
             self.emit({"snapshot": args.id, "entry": entry}, f"the next boot starts snapshot {args.id} ({entry})")
+        elif action == "boot-once":
+            entry = await self.snapshots.boot_once(args.id)
+            self.emit(
+                {"snapshot": args.id, "entry": entry},
+                f"the next boot only starts snapshot {args.id} read-only ({entry}); the one after is as before",
+            )
         else:
             await self.snapshots.mark_good()
             self.emit({"marked_good": True}, "this boot is marked good")

@@ -31,6 +31,7 @@ from daemon.boot import (
     booted_entry_blessed,
     current_boot_id,
     find_fallback,
+    overlay_boot,
     read_loader_variable,
     snapshot_of_root,
 )
@@ -55,6 +56,7 @@ from daemon.ops.params import json_schema
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from rastos import __version__
+from rastos.errors import CommandError, RastosError
 from rastos.process import run
 
 log = logging.getLogger("rastosd")
@@ -228,6 +230,14 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
 
     @dbus_method_async_override()
     @guarded
+    async def boot_once(self, snapshot_id: int) -> str:
+        caller = await self._daemon.callers.require_admin("BootOnce")
+        entry = await asyncio.to_thread(self._daemon.boot_once, snapshot_id)
+        self._daemon.store.record(caller.uid, "BootOnce", None, snapshot=snapshot_id, entry=entry)
+        return entry
+
+    @dbus_method_async_override()
+    @guarded
     async def mark_good(self) -> None:
         caller = await self._daemon.callers.require_admin("MarkGood")
         self._daemon.mark_good(caller.uid)
@@ -255,17 +265,26 @@ class Daemon:
         self.target = Target(config.root)
         self.store = StateStore(config.database)
         self.entries = BootEntries(config.esp, config.boot_tries)
-        layout = SnapshotLayout(config.root, config.snapshot_directory)
-        self.snapshots: Snapshots | None = Snapshots(layout, self.store, config.keep_pairs, self.entries)
-        try:
-            self.snapshots.check_available()
-        except SnapshotsUnavailable as error:
-            log.warning("snapshots are off: %s", error)
-            self.snapshots = None
         self.boot_id = current_boot_id()
         self._booted_entry = config.booted_entry or read_loader_variable("LoaderEntrySelected") or ""
         self.fallback = self._find_fallback()
+        # A read-only snapshot boot runs on an overlay: its root is named by the kernel command line.
+        self.overlay_root = overlay_boot(config.boot_cmdline())
+        layout = SnapshotLayout(config.root, config.snapshot_directory)
+        self.snapshots: Snapshots | None = Snapshots(layout, self.store, config.keep_pairs, self.entries)
+        try:
+            self.snapshots.check_available(root=self.overlay_root is None)
+        except SnapshotsUnavailable as error:
+            log.warning("snapshots are off: %s", error)
+            self.snapshots = None
         self.root_subvolume = self._read_root_subvolume()
+        if self.snapshots is not None:
+            self.snapshots.running_root = self.root_subvolume
+            if self.overlay_root is not None:
+                self.snapshots.refusal = (
+                    f"this boot runs the read-only snapshot {self.overlay_root} under an overlay in memory, so "
+                    "nothing here is kept to snapshot: boot a deployment, or roll back to this snapshot first"
+                )
         # What the root was made from is fixed for this boot: derived once, not per call.
         self.booted_snapshot = snapshot_of_root(self.root_subvolume)
         self.callers = Callers(bus, config.admin_group)
@@ -276,6 +295,8 @@ class Daemon:
         self._hostname = self.hostname()
 
     def _read_root_subvolume(self) -> str:
+        if self.overlay_root is not None:
+            return self.overlay_root
         if self.snapshots is None:
             return ""
         return subvolume_path(self.config.root)
@@ -328,7 +349,7 @@ class Daemon:
     def prepare_rollback(self, snapshot_id: int) -> str:
         snapshots = self.require_snapshots()
         row = snapshots.get(snapshot_id)
-        if self.booted_snapshot == snapshot_id:
+        if self.booted_snapshot == snapshot_id and self.overlay_root is None:
             raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
         deployment = snapshots.make_deployment(snapshot_id)
         try:
@@ -338,6 +359,19 @@ class Daemon:
         except BaseException:
             snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
             raise
+
+    def boot_once(self, snapshot_id: int) -> str:
+        """Boot the snapshot's read-only entry on the next boot only (systemd-boot's one-shot entry):
+        the boot after that is the default one again, whatever happened."""
+        entry = self.require_snapshots().ensure_menu_entry(snapshot_id)
+        try:
+            run(["bootctl", "set-oneshot", entry], capture=True)
+        except CommandError as error:
+            raise BootConfigError(f"cannot make {entry} the next boot's entry: {error.output_tail or error}") from None
+        except RastosError as error:  # bootctl is missing
+            raise BootConfigError(f"cannot make {entry} the next boot's entry: {error}") from None
+        log.info("the next boot (only) starts %s", entry, extra={"SNAPSHOT": snapshot_id})
+        return entry
 
     def mark_good(self, uid: int) -> None:
         newest = None

@@ -4,6 +4,7 @@ Layout, inside the snapshot subvolume the image builder mounts at /.snapshots (a
     /.snapshots/N/snapshot     the read-only snapshot of the root subvolume
     /.snapshots/N/info.json    what it is, so a human or a rescue system can tell without the database
     /.snapshots/N/deployment   a writable copy made by a rollback: a root the boot loader can boot
+Each snapshot has a read-only boot menu entry, written with it and removed with it (see boot.py).
 Other subvolumes (/home, /var/log, /var/lib/rastos) are separate and never part of a root snapshot.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import btrfsutil
 
-from daemon.boot import BootEntries
+from daemon.boot import BootEntries, readonly_entry_id
 from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
 from daemon.store import SnapshotRow, StateStore
 
@@ -43,15 +44,29 @@ class SnapshotLayout:
 
 class Snapshots:
     def __init__(
-        self, layout: SnapshotLayout, store: StateStore, keep_pairs: int, entries: BootEntries | None = None
+        self,
+        layout: SnapshotLayout,
+        store: StateStore,
+        keep_pairs: int,
+        entries: BootEntries | None = None,
+        running_root: str = "",
     ) -> None:
         self.layout = layout
         self.store = store
         self.keep_pairs = keep_pairs
-        self.entries = entries  # a snapshot's boot entry goes with it
+        self.entries = entries  # a snapshot's boot entries go with it
+        self.running_root = running_root  # whose boot entry new entries copy (kernel, initrd, options)
+        self.refusal: str | None = None  # why no snapshot can be taken on this boot, if none can
 
-    def check_available(self) -> None:
-        for path, what in ((self.layout.root, "root"), (self.layout.directory, "snapshot directory")):
+    def check_available(self, *, root: bool = True) -> None:
+        """Raise SnapshotsUnavailable unless the snapshot directory (and, with `root`, the root) is a
+        btrfs subvolume."""
+        if root and self.refusal is not None:
+            raise SnapshotsUnavailable(self.refusal)
+        checked = [(self.layout.directory, "snapshot directory")]
+        if root:
+            checked.insert(0, (self.layout.root, "root"))
+        for path, what in checked:
             try:
                 if not btrfsutil.is_subvolume(path):
                     raise SnapshotsUnavailable(f"the {what} {path} is not a btrfs subvolume")
@@ -75,8 +90,10 @@ class Snapshots:
         try:
             path.parent.mkdir(mode=0o750)
             btrfsutil.create_snapshot(self.layout.root, path, read_only=True)
-            info = {"id": snapshot_id, "time": time.time(), "description": description, "kind": kind, "job": job_id}
+            taken = time.time()
+            info = {"id": snapshot_id, "time": taken, "description": description, "kind": kind, "job": job_id}
             (path.parent / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+            self.add_menu_entry(snapshot_id, description, taken)
         except BaseException:
             # Nothing half-made: no directory without a snapshot, no record without a directory.
             self._remove_directory(snapshot_id)
@@ -87,6 +104,28 @@ class Snapshots:
             "created snapshot %d (%s) in %.1f ms", snapshot_id, kind, milliseconds, extra={"SNAPSHOT": snapshot_id}
         )
         return snapshot_id
+
+    def add_menu_entry(self, snapshot_id: int, description: str, taken: float) -> str | None:
+        """The snapshot's read-only entry in the boot menu. A host with no boot entries to copy (no
+        ESP, or not booted by systemd-boot) has no menu to keep in step: None. A write that fails
+        (the ESP full or broken) is an error: the snapshot is not made without its entry."""
+        if self.entries is None:
+            return None
+        subvolume = subvolume_path(self.layout.snapshot(snapshot_id))
+        try:
+            return self.entries.add_readonly(snapshot_id, description, subvolume, self.running_root, taken)
+        except BootConfigError as error:
+            log.debug("snapshot %d: no boot menu entry: %s", snapshot_id, error)
+            return None
+
+    def ensure_menu_entry(self, snapshot_id: int) -> str:
+        """The read-only entry's id, written now if the snapshot predates it."""
+        row = self.get(snapshot_id)
+        entry = readonly_entry_id(snapshot_id)
+        missing = self.entries is None or not self.entries.has_entry(entry)
+        if missing and self.add_menu_entry(snapshot_id, row.description, row.created) is None:
+            raise BootConfigError(f"snapshot {snapshot_id} cannot have a boot entry: no boot entries to copy")
+        return entry
 
     def existing(self) -> list[SnapshotRow]:
         return [row for row in self.store.snapshots() if self.layout.snapshot(row.id).is_dir()]

@@ -111,3 +111,37 @@ def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, a
         assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
     finally:
         guest.close(artifacts / "console.log")
+
+
+def test_a_snapshot_boots_once_read_only_and_the_default_stays(minimal_image: Path, artifacts: Path) -> None:
+    """Test 3 of issue 4: an older snapshot boots once (systemd-boot's one-shot entry, set by BootOnce)
+    from its read-only menu entry, under an overlay in memory; the boot after it is the default again,
+    with none of what the snapshot boot wrote."""
+    guest = GuestConsole(minimal_image)
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        guest.type("rastosctl apply motd text=changed > /dev/null")  # pre snapshot 1 has the image's motd
+        menu = guest.run("echo \"MENU=$(ls /efi/loader/entries | tr '\\n' ' ')\"", "MENU").split()
+        assert "readonly-snapshot-1.conf" in menu and "readonly-snapshot-2.conf" in menu, menu
+        once = guest.run('echo "ONCE=$(rastosctl --json snapshot boot-once 1 | grep -o \'readonly[^"]*\')"', "ONCE")
+        assert once == "readonly-snapshot-1.conf"
+        reboot(guest, "systemctl reboot")
+        assert guest.wait_for_new(PROMPT, 400), "the snapshot boots"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["kind"] == "snapshot" and state["snapshot"] == "1", state
+        assert state["entry"] == "readonly-snapshot-1.conf" and state["root"] == "@snapshots/1/snapshot", state
+        seen = guest.run('echo "ROOT=$(findmnt -no FSTYPE /) MOTD=$(grep -c changed /etc/motd)"', "ROOT")
+        assert seen == "overlay MOTD=0", "the snapshot's root, as it was before the op"
+        wrote = guest.run('echo in-memory > /etc/rastos-test && echo "WROTE=$(cat /etc/rastos-test)"', "WROTE")
+        assert wrote == "in-memory", "the overlay takes writes"
+        reboot(guest, "systemctl reboot")
+        assert guest.wait_for_new(PROMPT, 400), "the default entry boots again"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["kind"] == "deployment" and state["entry"] == "rastos-0.conf" and state["root"] == "@", state
+        seen = guest.run('echo "MOTD=$(cat /etc/motd) KEPT=$(ls /etc/rastos-test 2>/dev/null | wc -l)"', "MOTD")
+        assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
+    finally:
+        guest.close(artifacts / "console.log")

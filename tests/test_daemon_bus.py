@@ -260,8 +260,77 @@ def test_rollback_makes_a_boot_entry_and_delete_removes_it(rastosd: Rastosd) -> 
     deployment = rastosd.scratch.snapshots / str(pre) / "deployment"
     assert btrfsutil.is_subvolume(deployment) and not btrfsutil.get_subvolume_read_only(deployment)
     assert (rastosd.scratch.root / "etc/motd").read_text() == "v2\n", "the running root is untouched"
+    assert (esp / f"entries/readonly-snapshot-{pre}.conf").is_file(), "the read-only entry stays"
     rastosd.call(SNAPSHOTS, "Delete", "u", str(pre))
-    assert sorted(p.name for p in (esp / "entries").iterdir()) == ["rastos-0.conf"]
+    post = pre + 1  # the post snapshot stays, with its read-only entry
+    names = sorted(p.name for p in (esp / "entries").iterdir())
+    assert names == ["rastos-0.conf", f"readonly-snapshot-{post}.conf"]
+
+
+def test_every_snapshot_is_in_the_boot_menu_read_only(rastosd: Rastosd) -> None:
+    """Each snapshot gets an uncounted entry that boots it read-only under an overlay, listed after the
+    deployments and never matched by `default rastos-*`; it goes when the snapshot goes."""
+    snapshot = rastosd.call(SNAPSHOTS, "Create", "s", "before the upgrade")[0]
+    entries = rastosd.scratch.esp / "loader/entries"
+    text = (entries / f"readonly-snapshot-{snapshot}.conf").read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith(f"title rastOS snapshot {snapshot} of ") and lines[0].endswith(
+        ", read-only: before the upgrade"
+    ), lines[0]
+    assert "sort-key rastos-4" in lines and "linux /rastos/vmlinuz" in lines
+    options = next(line for line in lines if line.startswith("options ")).split()[1:]
+    assert options == [
+        "root=UUID=0", "quiet", f"rootflags=subvol=@snapshots/{snapshot}/snapshot",
+        "ro", "rastos.overlay", "systemd.mask=systemd-remount-fs.service",
+    ]  # fmt: skip
+    # A rollback made from it is a normal writable deployment again, whichever entry it copies.
+    rastosd.call(SNAPSHOTS, "Rollback", "u", str(snapshot))
+    deployment = (entries / f"rastos-snapshot-{snapshot}+3.conf").read_text()
+    assert " rw" in deployment and "rastos.overlay" not in deployment and " ro " not in deployment
+    rastosd.call(SNAPSHOTS, "Delete", "u", str(snapshot))
+    assert sorted(p.name for p in entries.iterdir()) == ["rastos-0.conf"]
+
+
+def test_boot_once_needs_an_admin_a_snapshot_and_a_boot_loader(rastosd: Rastosd) -> None:
+    """The one-shot boot itself is a real VM's (qemu-tests/test_rollback.py); here: the refusals, and
+    that bootctl's own failure (no EFI here) reaches the caller as a BootConfig error."""
+    snapshot = rastosd.call(SNAPSHOTS, "Create", "s", "one-shot")[0]
+    missing = rastosd.gdbus(SNAPSHOTS, "BootOnce", "999")
+    assert "org.rastos.Daemon1.Error.NoSuchSnapshot" in missing.stderr, missing.stderr
+    denied = rastosd.gdbus(SNAPSHOTS, "BootOnce", str(snapshot), user=PLAIN_USER)
+    assert "org.freedesktop.DBus.Error.AccessDenied" in denied.stderr, denied.stderr
+    failed = rastosd.gdbus(SNAPSHOTS, "BootOnce", str(snapshot))
+    assert "org.rastos.Daemon1.Error.BootConfig" in failed.stderr, failed.stderr
+    assert f"cannot make readonly-snapshot-{snapshot}.conf the next boot's entry" in failed.stderr, failed.stderr
+    cli = rastosctl_error(rastosd, "snapshot", "boot-once", "999")
+    assert "org.rastos.Daemon1.Error.NoSuchSnapshot" in cli
+
+
+def test_a_read_only_snapshot_boot_says_so_and_takes_no_snapshots(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path],
+) -> None:
+    """Booted from a snapshot's read-only entry (its subvolume under an overlay), the daemon names
+    that snapshot in BootState and refuses to snapshot a root whose changes live in memory."""
+    bus, scratch, state_dir = daemon_env
+    seed = Rastosd(bus, scratch, state_dir)
+    seed.start()
+    try:
+        snapshot = seed.call(SNAPSHOTS, "Create", "s", "seed")[0]
+    finally:
+        seed.stop()
+    cmdline = f"root=UUID=0 rootflags=subvol=@snapshots/{snapshot}/snapshot ro rastos.overlay quiet"
+    daemon = Rastosd(bus, scratch, state_dir, extra=["--kernel-cmdline", cmdline])
+    daemon.start()
+    try:
+        boot = daemon.get(MANAGER, "BootState")
+        assert boot["kind"] == "snapshot" and boot["snapshot"] == str(snapshot), boot
+        assert boot["root"] == f"@snapshots/{snapshot}/snapshot", boot
+        refused = daemon.gdbus(SNAPSHOTS, "Create", "'from memory'").stderr
+        assert "org.rastos.Daemon1.Error.SnapshotsUnavailable" in refused, refused
+        assert f"runs the read-only snapshot @snapshots/{snapshot}/snapshot under an overlay" in refused, refused
+        assert [row[0] for row in daemon.call(SNAPSHOTS, "List")[0]] == [snapshot], "the list still works"
+    finally:
+        daemon.stop()
 
 
 def test_mark_good_protects_the_last_good_snapshot(rastosd: Rastosd) -> None:
@@ -516,9 +585,11 @@ def test_entries_come_and_go_with_their_snapshots(rastosd: Rastosd) -> None:
     for snapshot in ids:
         rastosd.call(SNAPSHOTS, "Rollback", "u", str(snapshot))
     entries = sorted(p.name for p in (esp / "loader/entries").iterdir())
-    assert len(entries) == 41 and all(name.endswith("+3.conf") for name in entries if "snapshot" in name)
+    deployments = [name for name in entries if name.startswith("rastos-snapshot-")]
+    assert len(deployments) == 40 and all(name.endswith("+3.conf") for name in deployments)
+    assert len([name for name in entries if name.startswith("readonly-snapshot-")]) == 40
     size = sum(p.stat().st_size for p in esp.rglob("*") if p.is_file())
-    assert size - sum(len(b) for b in before.values()) < 41 * 512, "entries only: kernels are shared"
+    assert size - sum(len(b) for b in before.values()) < 80 * 512, "entries only: kernels are shared"
     first = [p for p in (esp / "loader/entries").iterdir() if "sort-key rastos-1\n" in p.read_text()]
     assert [p.name for p in first] == [f"rastos-snapshot-{ids[-1]}+3.conf"], "only the newest boots next"
     for snapshot in ids:

@@ -115,6 +115,10 @@ class SnapshotsInterface(DbusInterfaceCommonAsync, interface_name=SNAPSHOTS_INTE
     async def rollback(self, snapshot_id: int) -> str:
         raise NotImplementedError
 
+    @dbus_method_async("u", "s", input_args_names=("id",), result_args_names=("entry",), flags=OPEN)
+    async def boot_once(self, snapshot_id: int) -> str:
+        raise NotImplementedError
+
     @dbus_method_async(flags=OPEN)
     async def mark_good(self) -> None:
         raise NotImplementedError

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from imagebuilder.chroot import in_private_mount_namespace
-from imagebuilder.context import BuildContext, KernelInfo
+from imagebuilder.context import CHECKOUT, BuildContext, KernelInfo
 from imagebuilder.profile.model import InitramfsModules, Profile
 from rastos.errors import CommandError, RastosError
 from rastos.process import run
 
 # Bump when the way the bootstrap is made changes, so older cache entries are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 KEEP_ENTRIES = 6  # one per shipped profile: switching between them never rebuilds
 
 # What every image needs whatever its profile says: init, the boot loader and its boot counting
@@ -51,6 +51,11 @@ DAEMON_PACKAGES = (
 
 # Drivers a QEMU guest needs to reach its btrfs root (virtio-blk or virtio-scsi, behind PCI).
 VIRTIO_INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "btrfs")
+# Loaded by every initramfs, not only included: systemd's boot counting reads EFI variables through
+# efivarfs in its generators, before anything else would load the module (see stages/initrd.py);
+# overlay serves read-only snapshot boots (the script below).
+EARLY_MODULES = ("efivarfs", "overlay")
+INITRAMFS_OVERLAY_SCRIPT = CHECKOUT / "imagebuilder" / "initrd" / "initramfs-tools-overlay"
 
 DOCS_EXCLUDES = (
     "path-exclude=/usr/share/man/*",
@@ -88,6 +93,8 @@ def bootstrap_inputs(profile: Profile) -> dict[str, Any]:
         "packages": package_set(profile),
         "docs": profile.packages.docs,
         "initramfs": profile.kernel.initramfs.value,
+        # Part of the initramfs that mmdebstrap's kernel installation generates.
+        "initramfs_script": hashlib.sha256(INITRAMFS_OVERLAY_SCRIPT.read_bytes()).hexdigest()[:16],
     }
 
 
@@ -184,6 +191,13 @@ def _write_bootstrap_overlay(overlay: Path, profile: Profile) -> Path:
         (modules / "rastos-vm").write_text("\n".join(VIRTIO_INITRAMFS_MODULES) + "\n")
     else:
         (conf / "rastos.conf").write_text("# Written by rastos-image\nMODULES=most\nCOMPRESS=zstd\n")
+    # initramfs-tools loads the modules listed in modules.d (in either mode) at init-top.
+    modules = overlay / "usr/share/initramfs-tools/modules.d"
+    modules.mkdir(parents=True, exist_ok=True)
+    (modules / "rastos-early").write_text("\n".join(EARLY_MODULES) + "\n")
+    scripts = overlay / "usr/share/initramfs-tools/scripts/local-bottom"
+    scripts.mkdir(parents=True)
+    shutil.copy2(INITRAMFS_OVERLAY_SCRIPT, scripts / "rastos-overlay")
     return overlay
 
 
