@@ -174,6 +174,9 @@ def qemu_argv(
         # No option ROM: OVMF would otherwise load iPXE and offer network boot first.
         "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",
+        # A hardware watchdog, as servers have: systemd (RuntimeWatchdogSec) keeps it fed; a guest
+        # that hangs hard is reset, so a trial boot that hangs uses up its tries too.
+        "-device", "i6300esb", "-action", "watchdog=reset",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=status,path={status_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=status,name={STATUS_PORT}",

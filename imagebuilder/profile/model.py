@@ -269,6 +269,13 @@ class BootConfig:
             check=lambda v: None if 0 <= v <= 60 else "must be between 0 and 60",
         ),
     )
+    watchdog: int = field(
+        default=30,
+        metadata=_meta(
+            "seconds without a ping before the hardware watchdog resets a hung system (0: off)",
+            check=lambda v: None if v == 0 or 10 <= v <= 600 else "must be 0 (off) or between 10 and 600",
+        ),
+    )
     console: str = field(
         default="ttyS0",
         metadata=_meta(

@@ -24,6 +24,7 @@ def configure(ctx: BuildContext) -> str:
     write_timezone(root, profile.system.timezone)
     write_file(root / "etc/fstab", fstab(ctx))
     write_kernel_tuning(root, profile)
+    write_watchdog(root, profile)
     write_network(root)
     if profile.system.autologin and profile.boot.console:
         write_autologin(root, profile.boot.console)
@@ -91,6 +92,18 @@ def write_kernel_tuning(root: Path, profile: Profile) -> None:
         # `blacklist` only stops loading by alias; `install ... /bin/false` also stops explicit loads.
         body = "".join(f"blacklist {m}\ninstall {m} /bin/false\n" for m in kernel.blacklist)
         write_file(blacklist_file, f"# From profile {profile.name}\n{body}")
+
+
+def write_watchdog(root: Path, profile: Profile) -> None:
+    """systemd feeds the hardware watchdog (where the machine has one) while it runs; a kernel or
+    PID 1 that hangs stops feeding it and the machine resets: the only way out of a hard hang with no
+    one at the console. RebootWatchdogSec bounds a reboot that hangs on the way down."""
+    if profile.boot.watchdog:
+        write_file(
+            root / "etc/systemd/system.conf.d/50-rastos-watchdog.conf",
+            f"# From profile {profile.name} ([boot] watchdog)\n"
+            f"[Manager]\nRuntimeWatchdogSec={profile.boot.watchdog}s\nRebootWatchdogSec=2min\n",
+        )
 
 
 def write_network(root: Path) -> None:

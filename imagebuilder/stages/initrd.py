@@ -33,7 +33,8 @@ APPLETS = (
 REQUIRED_MODULES = ("virtio_blk", "btrfs", "efivarfs", "overlay")
 # crc32c must be available before btrfs asks the crypto API for it: there is no modprobe to load
 # it on demand. The accelerated one only loads on CPUs with SSE 4.2.
-OPTIONAL_MODULES = ("crc32c_intel",)
+# i6300esb: QEMU's watchdog, there before systemd starts, so systemd arms it at once.
+OPTIONAL_MODULES = ("crc32c_intel", "i6300esb")
 FIRST_MODULES = ("crc32c_generic",)
 
 
