@@ -65,9 +65,24 @@ def mounted(raw: Path, partition: str, options: str = "") -> Iterator[Path]:
             subprocess.run(["umount", where], check=True)
 
 
+@contextlib.contextmanager
+def esp_copy(raw: Path) -> Iterator[Path]:
+    """The ESP's boot entries in a scratch directory laid out like an ESP, written back afterwards
+    (through mtools: this host's kernel may have no vfat)."""
+    offset, _ = partitions(raw)["esp"]
+    image = f"{raw}@@{offset}"
+    with tempfile.TemporaryDirectory(prefix="rastos-bench-esp-") as scratch:
+        esp = Path(scratch)
+        (esp / "loader").mkdir()
+        subprocess.run(["mcopy", "-s", "-i", image, "::/loader/entries", str(esp / "loader")], check=True)
+        yield esp
+        subprocess.run(["mdeltree", "-i", image, "::/loader/entries"], check=True)
+        subprocess.run(["mcopy", "-s", "-i", image, str(esp / "loader" / "entries"), "::/loader/"], check=True)
+
+
 def without_machinery(raw: Path) -> None:
     """The image's entry, uncounted and with the rollback units masked: a boot without the machinery."""
-    with mounted(raw, "esp") as esp:
+    with esp_copy(raw) as esp:
         entries = esp / "loader" / "entries"
         (counted,) = entries.glob("rastos-0*.conf")
         masks = " ".join(f"systemd.mask={unit}" for unit in MACHINERY_UNITS)
@@ -89,7 +104,7 @@ def break_a_new_deployment(raw: Path) -> None:
         btrfsutil.create_snapshot(top / "@snapshots/1/snapshot", deployment)
         for init in ("usr/lib/systemd/systemd", "usr/sbin/init"):
             (deployment / init).unlink(missing_ok=True)
-    with mounted(raw, "esp") as esp:
+    with esp_copy(raw) as esp:
         entries = BootEntries(esp, tries=3)
         entries.add_for_snapshot(1, "broken on purpose", "@snapshots/1/deployment", "@", time.time())
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.errors import BootConfigError
+from daemon.failpoints import failpoint
 from daemon.ops.base import write_atomically
 
 log = logging.getLogger("rastosd.boot")
@@ -39,6 +40,7 @@ SORT_NEW, SORT_RUNNING, SORT_OTHER, SORT_READONLY = "rastos-1", "rastos-2", "ras
 COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
 DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
 READONLY_SUBVOL = re.compile(r"(?:^|/)(\d+)/snapshot$")
+SNAPSHOT_ENTRY = re.compile(r"^(rastos|readonly)-snapshot-(\d+)\.conf$")
 # Kernel command line words of a read-only snapshot boot: the initrd puts an overlay over the root,
 # and systemd must not remount that overlay with the btrfs options fstab gives "/".
 OVERLAY = "rastos.overlay"
@@ -140,6 +142,7 @@ class BootEntries:
         for other in self.entry_files():
             if other.name.startswith("rastos"):
                 self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
+        failpoint("order-changed")
         name = deployment_entry_id(snapshot_id).removesuffix(".conf")
         path = self.entries_dir / f"{name}+{self.tries}.conf"
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
@@ -154,6 +157,18 @@ class BootEntries:
         path = self.entries_dir / readonly_entry_id(snapshot_id)
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
         return path.name
+
+    def snapshot_entries(self) -> list[tuple[str, int, Path]]:
+        """Every entry made for a snapshot: (kind "deployment" or "readonly", snapshot id, file)."""
+        found = []
+        for path in self.entry_files():
+            if match := SNAPSHOT_ENTRY.match(entry_id(path.name)):
+                found.append(("deployment" if match.group(1) == "rastos" else "readonly", int(match.group(2)), path))
+        return found
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files of an entry write that was cut short (systemd-boot ignores them)."""
+        return sorted(self.entries_dir.glob(".*.conf.*")) if self.entries_dir.is_dir() else []
 
     def has_entry(self, entry: str) -> bool:
         return any(entry_id(path.name) == entry for path in self.entry_files())

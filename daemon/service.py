@@ -16,6 +16,7 @@ import socket
 from collections import deque
 from typing import Any
 
+import btrfsutil
 from sdbus import (
     DbusObjectManagerInterfaceAsync,
     SdBus,
@@ -49,6 +50,7 @@ from daemon.bus.interfaces import (
 )
 from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotProtected, SnapshotsUnavailable
+from daemon.failpoints import failpoint
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
@@ -331,6 +333,20 @@ class Daemon:
             log.warning("boot fell back: %s (root %s) used up its tries; booted %s", failed, root, self._booted_entry)
         self.root.boot_fallback.emit((failed, root, self._booted_entry))
 
+    def reconcile(self) -> None:
+        """Once per start: repair what a crash or power cut between two steps left (snapshots.py)."""
+        if self.snapshots is None:
+            return
+        try:
+            done = self.snapshots.reconcile(self.booted_snapshot)
+        except (OSError, btrfsutil.BtrfsUtilError) as error:
+            log.error("cannot reconcile snapshots and boot entries: %s", error)
+            return
+        for action in done:
+            log.warning("reconciled: %s", action)
+        if done:
+            self.store.record(0, "Reconcile", None, actions=done)
+
     def health_problems(self) -> list[str]:
         """What makes this boot not good: a critical unit that failed. (That the daemon answers is
         the first check, made by calling this at all.)"""
@@ -352,13 +368,16 @@ class Daemon:
         if self.booted_snapshot == snapshot_id and self.overlay_root is None:
             raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
         deployment = snapshots.make_deployment(snapshot_id)
+        failpoint("deployment-made")
         try:
-            return self.entries.add_for_snapshot(
+            entry = self.entries.add_for_snapshot(
                 snapshot_id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
             )
         except BaseException:
             snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
             raise
+        failpoint("entry-written")
+        return entry
 
     def boot_once(self, snapshot_id: int) -> str:
         """Boot the snapshot's read-only entry on the next boot only (systemd-boot's one-shot entry):
@@ -423,6 +442,7 @@ async def serve(config: DaemonConfig) -> None:
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
     daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
+    daemon.reconcile()
     daemon.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
     daemon.report_fallback()

@@ -23,6 +23,7 @@ import btrfsutil
 
 from daemon.boot import BootEntries, readonly_entry_id
 from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
+from daemon.failpoints import failpoint
 from daemon.store import SnapshotRow, StateStore
 
 log = logging.getLogger("rastosd.snapshots")
@@ -93,6 +94,7 @@ class Snapshots:
             taken = time.time()
             info = {"id": snapshot_id, "time": taken, "description": description, "kind": kind, "job": job_id}
             (path.parent / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+            failpoint("snapshot-written")
             self.add_menu_entry(snapshot_id, description, taken)
         except BaseException:
             # Nothing half-made: no directory without a snapshot, no record without a directory.
@@ -126,6 +128,45 @@ class Snapshots:
         if missing and self.add_menu_entry(snapshot_id, row.description, row.created) is None:
             raise BootConfigError(f"snapshot {snapshot_id} cannot have a boot entry: no boot entries to copy")
         return entry
+
+    def reconcile(self, booted_snapshot: int | None) -> list[str]:
+        """Make snapshots, deployments, boot entries and the state store agree again after a crash or
+        a power cut between two steps of Create, Rollback or Delete; returns what was done. Each step
+        is ordered so that what a cut leaves is either harmless or found here: a record whose
+        subvolume never reached the disk, a deployment without its entry (never activated), an entry
+        without its subvolume, a snapshot without its menu entry, a temporary file on the ESP."""
+        done = []
+        for row in self.store.snapshots():
+            if not self.layout.snapshot(row.id).is_dir() and row.id != booted_snapshot:
+                self._remove_directory(row.id)
+                self.store.forget_snapshot(row.id, 0, "Reconcile")
+                done.append(f"forgot snapshot {row.id}: its subvolume is not on disk")
+        if self.entries is None:
+            return done
+        try:
+            entries = self.entries.snapshot_entries()
+        except BootConfigError:
+            return done  # no ESP here: no boot entries to agree with
+        existing = {row.id: row for row in self.existing()}
+        for kind, snapshot_id, path in entries:
+            orphan = snapshot_id not in existing or (
+                kind == "deployment" and not self.layout.deployment(snapshot_id).is_dir()
+            )
+            if orphan and snapshot_id != booted_snapshot:
+                path.unlink()
+                done.append(f"removed boot entry {path.name}: its subvolume is gone")
+        made = {(kind, snapshot_id) for kind, snapshot_id, _ in entries}
+        for snapshot_id, row in existing.items():
+            deployment = self.layout.deployment(snapshot_id)
+            if deployment.is_dir() and ("deployment", snapshot_id) not in made and snapshot_id != booted_snapshot:
+                self.remove_deployment(snapshot_id)
+                done.append(f"removed deployment {snapshot_id}: its boot entry was never written")
+            if ("readonly", snapshot_id) not in made and self.add_menu_entry(snapshot_id, row.description, row.created):
+                done.append(f"wrote the boot menu entry of snapshot {snapshot_id}")
+        for leftover in self.entries.leftovers():
+            leftover.unlink()
+            done.append(f"removed {leftover.name}: an entry write cut short")
+        return done
 
     def existing(self) -> list[SnapshotRow]:
         return [row for row in self.store.snapshots() if self.layout.snapshot(row.id).is_dir()]
@@ -202,6 +243,9 @@ class Snapshots:
         if deployment.exists():
             btrfsutil.delete_subvolume(deployment)
         btrfsutil.create_snapshot(self.layout.snapshot(snapshot_id), deployment, read_only=False)
+        # Committed before any boot entry names it: after a power cut, an entry never points at a
+        # subvolume the file system's last transaction did not have.
+        btrfsutil.sync(deployment)
         return deployment
 
     def remove_deployment(self, snapshot_id: int) -> None:

@@ -152,6 +152,7 @@ class Rastosd:
     state_dir: Path
     config: Path | None = None
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -171,7 +172,7 @@ class Rastosd:
         if self.config is not None:
             argv += ["--config", str(self.config)]
         argv += self.extra
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(CHECKOUT)}
+        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(CHECKOUT)}
         with log.open("w") as output:
             self.process = subprocess.Popen(
                 argv, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, cwd=CHECKOUT

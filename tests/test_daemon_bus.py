@@ -15,6 +15,8 @@ from typing import Any
 import btrfsutil
 import pytest
 
+from daemon.failpoints import POINTS as FAILPOINTS
+from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     ADMIN_USER,
@@ -596,3 +598,64 @@ def test_entries_come_and_go_with_their_snapshots(rastosd: Rastosd) -> None:
         rastosd.call(SNAPSHOTS, "Delete", "u", str(snapshot))
     assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-0.conf"]
     assert sorted(p.name for p in rastosd.scratch.snapshots.iterdir()) == []
+
+
+def assert_consistent(daemon: Rastosd) -> list[int]:
+    """Snapshots, deployments, boot entries and the state store agree; returns the snapshot ids."""
+    listed = [row[0] for row in daemon.call(SNAPSHOTS, "List")[0]]
+    snapshots = daemon.scratch.snapshots
+    entries = daemon.scratch.esp / "loader" / "entries"
+    names = sorted(p.name for p in entries.iterdir())
+    assert not [name for name in names if name.startswith(".")], f"temporary files left: {names}"
+    on_disk = sorted(int(p.name) for p in snapshots.iterdir() if (p / "snapshot").is_dir())
+    assert on_disk == listed, "every snapshot on disk is in the store and the reverse"
+    for snapshot in listed:
+        assert f"readonly-snapshot-{snapshot}.conf" in names, f"snapshot {snapshot} has its menu entry"
+        deployed = (snapshots / str(snapshot) / "deployment").is_dir()
+        counted = [name for name in names if name.startswith(f"rastos-snapshot-{snapshot}+")]
+        assert deployed == bool(counted), f"snapshot {snapshot}: a deployment exactly when it has an entry"
+    for name in names:
+        if "snapshot-" in name:
+            assert int(name.split("snapshot-")[1].split("+")[0].split(".")[0]) in listed, name
+    return listed
+
+
+@pytest.mark.parametrize("point", FAILPOINTS)
+def test_a_crash_between_two_steps_is_repaired_at_the_next_start(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], point: str
+) -> None:
+    """The daemon is killed (SIGKILL) at each point between the steps of Create and Rollback; the next
+    start leaves snapshots, deployments, entries and the store in agreement, and Rollback works again.
+    (qemu-tests/test_power_cut.py cuts a whole VM's power at the same points.)"""
+    bus, scratch, state_dir = daemon_env
+    daemon = Rastosd(bus, scratch, state_dir, env={FAILPOINT_VARIABLE: point})
+    daemon.start()
+    if point == "snapshot-written":
+        stuck = ["call", BUS_NAME, ROOT_PATH, SNAPSHOTS, "Create", "s", "cut"]
+    else:
+        daemon.call(SNAPSHOTS, "Create", "s", "base")
+        stuck = ["call", BUS_NAME, ROOT_PATH, SNAPSHOTS, "Rollback", "u", "1"]
+    client = subprocess.Popen(["busctl", f"--address={bus.address}", "--timeout=120", *stuck],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while f"rastos failpoint {point} reached" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.1)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    finally:
+        client.kill()
+        client.wait()
+    restarted = Rastosd(bus, scratch, state_dir)
+    restarted.start()
+    try:
+        assert assert_consistent(restarted) == [1]
+        deployed = (scratch.snapshots / "1" / "deployment").is_dir()
+        assert deployed == (point == "entry-written"), "only a deployment whose entry was written stays"
+        if point != "entry-written":
+            assert restarted.call(SNAPSHOTS, "Rollback", "u", "1")[0] == "rastos-snapshot-1.conf"
+            assert assert_consistent(restarted) == [1]
+        reconciled = [e for e in restarted.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "Reconcile"]
+        assert bool(reconciled) == (point in ("snapshot-written", "deployment-made", "order-changed")), reconciled
+    finally:
+        assert restarted.stop() == 0, restarted.log_text()

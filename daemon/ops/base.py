@@ -249,6 +249,12 @@ def write_atomically(path: Path, content: str, mode: int, uid: int, gid: int) ->
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    # The rename is durable only once the directory is on disk too (a power cut may follow at once).
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def lookup_user(target: Target, name: str) -> tuple[int, int]:
