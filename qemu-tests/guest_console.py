@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -12,8 +14,19 @@ import sys
 import time
 from pathlib import Path
 
+from qemu.qmp import QMPClient
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 PROMPT = b"root@rastos:~#"
+
+
+async def _qmp_quit(socket_path: str) -> None:
+    client = QMPClient("rastos-power-cut")
+    await client.connect(socket_path)
+    with contextlib.suppress(Exception):  # QEMU may close the connection before it answers
+        await client.execute("quit")
+    with contextlib.suppress(Exception):
+        await client.disconnect()
 
 
 def read_until(fd: int, wanted: bytes, timeout: float, seen: bytearray) -> bool:
@@ -35,12 +48,14 @@ def read_until(fd: int, wanted: bytes, timeout: float, seen: bytearray) -> bool:
 
 
 class GuestConsole:
-    """`rastos-image boot --snapshot IMAGE` on a pty; `seen` keeps everything the console printed."""
+    """`rastos-image boot --snapshot IMAGE` on a pty; `seen` keeps everything the console printed.
+    With `keep_changes`, the guest writes to IMAGE itself (and its UEFI variables beside it), so a
+    later GuestConsole boots what this one left: the power-cut tests need that."""
 
-    def __init__(self, image: Path) -> None:
+    def __init__(self, image: Path, *, keep_changes: bool = False) -> None:
         self.controller, terminal = pty.openpty()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagebuilder", "boot", "--snapshot", str(image)],
+            [sys.executable, "-m", "imagebuilder", "boot", *([] if keep_changes else ["--snapshot"]), str(image)],
             stdin=terminal, stdout=terminal, stderr=terminal, cwd=CHECKOUT, start_new_session=True,
         )  # fmt: skip
         os.close(terminal)
@@ -106,10 +121,22 @@ class GuestConsole:
             with contextlib.suppress(OSError):  # QEMU is gone; the caller's deadline ends the wait
                 self.seen += os.read(self.controller, 4096)
 
+    def power_cut(self) -> None:
+        """Stop the VM at once through QMP `quit`: no shutdown, and whatever the guest had not written
+        to its disk is lost, as in a power cut. (`rastos-image boot` prints its QMP socket.)"""
+        match = re.search(rb"QMP: (\S+)", bytes(self.seen))
+        assert match is not None, "rastos-image boot printed no QMP socket"
+        asyncio.run(_qmp_quit(match.group(1).decode()))
+        self.process.wait(60)
+
     def close(self, log: Path) -> None:
+        """Keep the console's log and stop the session; a second call does nothing."""
+        if self.controller < 0:
+            return
         log.write_bytes(bytes(self.seen))
         # The whole session: killing only `rastos-image boot` would leave its QEMU running, orphaned.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         os.close(self.controller)
+        self.controller = -1

@@ -145,3 +145,19 @@ def test_a_snapshot_boots_once_read_only_and_the_default_stays(minimal_image: Pa
         assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
     finally:
         guest.close(artifacts / "console.log")
+
+
+def test_a_hung_kernel_is_reset_by_the_watchdog(minimal_image: Path, artifacts: Path) -> None:
+    """A hard hang (here: a kernel panic with the kernel's own reboot turned off, so it stops dead)
+    stops systemd's pings to the hardware watchdog; QEMU's i6300esb resets the machine, and it boots
+    again. On a trial boot that reset counts as a failed try like any other."""
+    guest = GuestConsole(minimal_image)
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        assert guest.run('echo "WATCHDOG=$(cat /sys/class/watchdog/watchdog0/state)"', "WATCHDOG") == "active"
+        guest.type("sysctl -q kernel.panic=0 && echo 1 > /proc/sys/kernel/sysrq && echo c > /proc/sysrq-trigger")
+        assert guest.wait_for_new(b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
+        assert guest.wait_for_new(PROMPT, 400), "and it booted again"
+    finally:
+        guest.close(artifacts / "console.log")

@@ -249,12 +249,17 @@ def write_atomically(path: Path, content: str, mode: int, uid: int, gid: int) ->
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    # The rename is durable only once the directory is on disk too (a power cut may follow at once).
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    # Durable only once the rename is on disk too (a power cut may follow at once). The file itself
+    # again first: on vfat (the ESP) a rename over an existing file moves the new file's directory
+    # entry only when its inode is written back, while the replaced file's clusters are freed at
+    # once; fsyncing just the directory left the entry pointing at freed clusters (a power-cut test
+    # found it: "Fat problem while decoding").
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        descriptor = os.open(target, flags)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def lookup_user(target: Target, name: str) -> tuple[int, int]:
