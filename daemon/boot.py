@@ -89,10 +89,16 @@ def overlay_boot(cmdline: str) -> str | None:
     words = cmdline.split()
     if OVERLAY not in words:
         return None
-    for word in words:
-        if word.startswith("rootflags=") and "subvol=" in word:
-            return word.split("subvol=", 1)[1].split(",")[0].lstrip("/")
-    return None
+    subvolume = subvolume_option(words)
+    return subvolume.lstrip("/") if subvolume else None
+
+
+def subvolume_option(options: list[str]) -> str:
+    """The subvolume a kernel command line's `rootflags=...subvol=X...` names, or ""."""
+    for option in options:
+        if option.startswith("rootflags=") and "subvol=" in option:
+            return option.split("subvol=", 1)[1].split(",")[0]
+    return ""
 
 
 def read_loader_variable(name: str) -> str | None:
@@ -143,11 +149,11 @@ class BootEntries:
             if other.name.startswith("rastos"):
                 self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
         failpoint("order-changed")
-        name = deployment_entry_id(snapshot_id).removesuffix(".conf")
-        path = self.entries_dir / f"{name}+{self.tries}.conf"
+        entry = deployment_entry_id(snapshot_id)
+        path = self.entries_dir / entry.replace(".conf", f"+{self.tries}.conf")
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
         log.info("boot entry %s for snapshot %d boots next", path.name, snapshot_id)
-        return f"{name}.conf"
+        return entry
 
     def add_readonly(self, snapshot_id: int, description: str, subvolume: str, running_root: str, taken: float) -> str:
         """Write the menu entry that boots the read-only snapshot under an overlay. Returns its id."""
@@ -194,10 +200,7 @@ class BootEntries:
         return [path for path in self.entry_files() if path.name.startswith("rastos") and tries_left(path.name) == 0]
 
     def root_of(self, path: Path) -> str:
-        for option in " ".join(parse_entry(path.read_text()).get("options", [])).split():
-            if option.startswith("rootflags=") and "subvol=" in option:
-                return option.split("subvol=", 1)[1].split(",")[0]
-        return ""
+        return subvolume_option(" ".join(parse_entry(path.read_text()).get("options", [])).split())
 
     def remove_for_snapshot(self, snapshot_id: int, *, readonly: bool = True) -> None:
         """Remove the snapshot's deployment entry, and its read-only entry unless told not to."""

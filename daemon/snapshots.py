@@ -50,13 +50,12 @@ class Snapshots:
         store: StateStore,
         keep_pairs: int,
         entries: BootEntries | None = None,
-        running_root: str = "",
     ) -> None:
         self.layout = layout
         self.store = store
         self.keep_pairs = keep_pairs
         self.entries = entries  # a snapshot's boot entries go with it
-        self.running_root = running_root  # whose boot entry new entries copy (kernel, initrd, options)
+        self.running_root = ""  # whose boot entry new entries copy (kernel, initrd, options); set by the daemon
         self.refusal: str | None = None  # why no snapshot can be taken on this boot, if none can
 
     def check_available(self, *, root: bool = True) -> None:

@@ -34,6 +34,14 @@ def reboot(guest: GuestConsole, command: str) -> None:
     assert guest.wait_for_new(b"BdsDxe: starting", 300), "the guest rebooted"
 
 
+def reboot_and_settle(guest: GuestConsole, what: str) -> dict[str, str]:
+    """Reboot, wait for the next boot to settle, and return its BootState; `what` names that boot."""
+    reboot(guest, "systemctl reboot")
+    assert guest.wait_for_new(PROMPT, 400), what
+    settled(guest)
+    return boot_state(guest)
+
+
 def rollback_to_a_new_snapshot(guest: GuestConsole) -> str:
     """After the first boot: snapshot the root and roll back to it; returns the snapshot's id."""
     assert guest.wait_for(PROMPT, 300)
@@ -57,10 +65,7 @@ def test_rollback_takes_back_an_op_and_keeps_the_history(minimal_image: Path, ar
         guest.type("rastosctl apply hostname hostname=changed > /dev/null")
         answer = guest.run('echo "HOST=$(cat /etc/hostname) ENTRY=$(rastosctl snapshot rollback 1)"', "HOST")
         assert answer == "changed ENTRY=the next boot starts snapshot 1 (rastos-snapshot-1.conf)"
-        reboot(guest, "systemctl reboot")
-        assert guest.wait_for_new(PROMPT, 400), "the rollback deployment boots (its host name is the old one)"
-        settled(guest)
-        state = boot_state(guest)
+        state = reboot_and_settle(guest, "the rollback deployment boots (its host name is the old one)")
         assert state["root"] == "@snapshots/1/deployment" and state["kind"] == "rollback", state
         assert state["entry"] == "rastos-snapshot-1.conf" and state["health"] == "good", state
         history = guest.run('echo "JOBS=$(rastosctl --json jobs | grep -c \'\\"state\\": \\"done\\"\')"', "JOBS")
@@ -126,20 +131,14 @@ def test_a_snapshot_boots_once_read_only_and_the_default_stays(minimal_image: Pa
         assert "readonly-snapshot-1.conf" in menu and "readonly-snapshot-2.conf" in menu, menu
         once = guest.run('echo "ONCE=$(rastosctl --json snapshot boot-once 1 | grep -o \'readonly[^"]*\')"', "ONCE")
         assert once == "readonly-snapshot-1.conf"
-        reboot(guest, "systemctl reboot")
-        assert guest.wait_for_new(PROMPT, 400), "the snapshot boots"
-        settled(guest)
-        state = boot_state(guest)
+        state = reboot_and_settle(guest, "the snapshot boots")
         assert state["kind"] == "snapshot" and state["snapshot"] == "1", state
         assert state["entry"] == "readonly-snapshot-1.conf" and state["root"] == "@snapshots/1/snapshot", state
         seen = guest.run('echo "ROOT=$(findmnt -no FSTYPE /) MOTD=$(grep -c changed /etc/motd)"', "ROOT")
         assert seen == "overlay MOTD=0", "the snapshot's root, as it was before the op"
         wrote = guest.run('echo in-memory > /etc/rastos-test && echo "WROTE=$(cat /etc/rastos-test)"', "WROTE")
         assert wrote == "in-memory", "the overlay takes writes"
-        reboot(guest, "systemctl reboot")
-        assert guest.wait_for_new(PROMPT, 400), "the default entry boots again"
-        settled(guest)
-        state = boot_state(guest)
+        state = reboot_and_settle(guest, "the default entry boots again")
         assert state["kind"] == "deployment" and state["entry"] == "rastos-0.conf" and state["root"] == "@", state
         seen = guest.run('echo "MOTD=$(cat /etc/motd) KEPT=$(ls /etc/rastos-test 2>/dev/null | wc -l)"', "MOTD")
         assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
