@@ -30,6 +30,8 @@ class DaemonConfig:
     booted_entry: str | None = None  # test seam: the entry systemd-boot selected (default: its EFI variable)
     critical_units: tuple[str, ...] = ()  # a boot with one of these failed is not good (health check)
     kernel_cmdline: str | None = None  # test seam: this boot's kernel command line (default: /proc/cmdline)
+    hub_url: str | None = None  # ws:// or wss:// URL of the hub's agent socket; None: no hub
+    hub_token_file: Path = Path("/etc/rastos/hub-token")  # this host's token (rastos-hub host add)
 
     def boot_cmdline(self) -> str:
         if self.kernel_cmdline is not None:
@@ -58,6 +60,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "paths.state_dir": ("state_dir", Path),
     "paths.snapshots_dir": ("snapshots_dir", Path),
     "health.critical_units": ("critical_units", tuple),
+    "hub.url": ("hub_url", str),
+    "hub.token_file": ("hub_token_file", Path),
 }
 
 
@@ -87,6 +91,8 @@ def load_config(path: Path | None) -> DaemonConfig:
             raise RastosError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
         changes[field] = value
     config = replace(config, **changes)
+    if config.hub_url is not None and not config.hub_url.startswith(("ws://", "wss://")):
+        raise RastosError(f"{source}: hub.url must be a ws:// or wss:// URL, got {config.hub_url!r}")
     if config.keep_pairs < 1 or not 1 <= config.boot_tries <= 9:
         raise RastosError(f"{source}: snapshots.keep_pairs must be >= 1 and boot.tries between 1 and 9")
     return config

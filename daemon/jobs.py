@@ -120,6 +120,7 @@ class Job:
     progress: tuple[int, str] = (0, "queued")
     result: dict[str, Any] = field(default_factory=dict)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    hub_command: str | None = None  # the hub's command this job carries out
 
     @property
     def description(self) -> str:
@@ -146,11 +147,13 @@ class JobManager:
         self._current: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
 
-    def submit(self, kind: str, steps: list[Step], flags: int, uid: int, method: str) -> Job:
+    def submit(
+        self, kind: str, steps: list[Step], flags: int, uid: int, method: str, hub_command: str | None = None
+    ) -> Job:
         """Record the job and queue it; the caller gets it back at once."""
         check_flags(flags)
-        job_id = self.store.add_job(kind, [step.as_json() for step in steps], flags, uid, method)
-        job = Job(job_id, kind, steps, flags, uid)
+        job_id = self.store.add_job(kind, [step.as_json() for step in steps], flags, uid, method, hub_command)
+        job = Job(job_id, kind, steps, flags, uid, hub_command=hub_command)
         self.jobs[job_id] = job
         self.listener.job_added(job)
         self._queue.put_nowait(job)

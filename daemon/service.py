@@ -51,6 +51,7 @@ from daemon.bus.interfaces import (
 from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
+from daemon.hub_link import HubLink, load_settings
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
@@ -295,6 +296,7 @@ class Daemon:
         self.job_objects: dict[int, JobObject] = {}
         self._finished: deque[int] = deque()
         self._hostname = self.hostname()
+        self.hub: HubLink | None = None
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -408,6 +410,8 @@ class Daemon:
         self.root.job_new.emit((job.id, job_path(job.id), job.kind))
 
     def job_changed(self, job: Job, what: str) -> None:
+        if what == "State" and self.hub is not None:
+            self.hub.job_changed(job)
         job_object = self.job_objects.get(job.id)
         if job_object is None:
             return
@@ -452,6 +456,10 @@ async def serve(config: DaemonConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     worker = asyncio.create_task(daemon.jobs.run_forever())
     watchdog = asyncio.create_task(_watchdog())
+    link = None
+    if (settings := load_settings(config.hub_url, config.hub_token_file)) is not None:
+        daemon.hub = HubLink(daemon, settings)
+        link = asyncio.create_task(daemon.hub.run_forever())
     _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OPS)} ops; snapshots {'on' if daemon.snapshots else 'off'}")
     log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
     await stop.wait()
@@ -460,6 +468,8 @@ async def serve(config: DaemonConfig) -> None:
     await daemon.jobs.shutdown(STOP_TIMEOUT)
     watchdog.cancel()
     worker.cancel()
+    if link is not None:
+        link.cancel()
     daemon.store.close()
 
 

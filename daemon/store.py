@@ -70,6 +70,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE boots ADD COLUMN fallback_from TEXT;
     """,
+    # 3: the hub's command id a job was run for: the idempotency key that makes a resent command run once.
+    """
+    ALTER TABLE jobs ADD COLUMN hub_command TEXT;
+    CREATE UNIQUE INDEX jobs_hub_command ON jobs(hub_command) WHERE hub_command IS NOT NULL;
+    """,
 )
 
 ACTIVE_STATES = ("queued", "running")
@@ -88,6 +93,7 @@ class JobRow:
     started: float | None
     finished: float | None
     result: dict[str, Any] | None
+    hub_command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,11 +168,14 @@ class StateStore:
 
     # Jobs
 
-    def add_job(self, kind: str, steps: list[dict[str, Any]], flags: int, uid: int, method: str) -> int:
+    def add_job(
+        self, kind: str, steps: list[dict[str, Any]], flags: int, uid: int, method: str, hub_command: str | None = None
+    ) -> int:
         with self.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO jobs (kind, request, flags, uid, state, created) VALUES (?, ?, ?, ?, 'queued', ?)",
-                (kind, json.dumps(steps), flags, uid, time.time()),
+                "INSERT INTO jobs (kind, request, flags, uid, state, created, hub_command) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                (kind, json.dumps(steps), flags, uid, time.time(), hub_command),
             )
             job_id = int(cursor.lastrowid or 0)
             db.executemany(
@@ -198,6 +207,11 @@ class StateStore:
     def job(self, job_id: int) -> JobRow | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job_row(row)
+
+    def job_for_command(self, hub_command: str) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE hub_command = ?", (hub_command,)).fetchone()
         return None if row is None else _job_row(row)
 
     def jobs(self, limit: int = 100) -> list[JobRow]:
@@ -305,6 +319,7 @@ def _job_row(row: sqlite3.Row) -> JobRow:
         started=row["started"],
         finished=row["finished"],
         result=None if row["result"] is None else json.loads(row["result"]),
+        hub_command=row["hub_command"],
     )
 
 

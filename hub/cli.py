@@ -1,8 +1,130 @@
-"""Entry point of the hub. The hub itself lands with its own issue."""
+"""rastos-hub: serve the fleet, and manage its hosts, admins and database from the shell."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rastos.errors import RastosError
+
+DEFAULT_DATABASE = "/var/lib/rastos-hub/hub.db"
+DEFAULT_LISTEN = "127.0.0.1:8470"
 
 
-def main() -> int:
-    print("rastos-hub: not yet available in this version of rastOS", file=sys.stderr)
-    return 2
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="rastos-hub: %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.debug:
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every migration check
+    try:
+        from hub.store import database_url, migrate
+
+        url = database_url(args.database)
+        revision = migrate(url)
+        logging.getLogger("rastos-hub").debug("database at schema revision %s", revision)
+        result: int = args.action(args, url)
+        return result
+    except RastosError as error:
+        print(f"rastos-hub: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rastos-hub", description="rastOS fleet hub")
+    parser.add_argument("--database", default=DEFAULT_DATABASE, help=f"SQLite file or postgresql:// URL "
+                        f"(default {DEFAULT_DATABASE})")  # fmt: skip
+    parser.add_argument("--debug", action="store_true")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the hub (API, UI, agent socket)")
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    serve.add_argument("--sync-interval", type=float, default=5.0, help="seconds between sync beacons to UIs")
+    serve.set_defaults(action=_serve)
+
+    host = commands.add_parser("host", help="hosts the hub accepts").add_subparsers(required=True, metavar="ACTION")
+    add = host.add_parser("add", help="add a host and print its agent token (shown this once)")
+    add.add_argument("name")
+    add.add_argument("--group", action="append", default=[], help="a group it belongs to (repeatable)")
+    add.set_defaults(action=_host_add)
+    remove = host.add_parser("remove", help="remove a host; its token stops working")
+    remove.add_argument("name")
+    remove.set_defaults(action=_host_remove)
+    host.add_parser("list", help="list hosts").set_defaults(action=_host_list)
+
+    admin = commands.add_parser("admin", help="admins of the API and UI").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    admin_add = admin.add_parser("add", help="add an admin and print their token (shown this once)")
+    admin_add.add_argument("name")
+    admin_add.set_defaults(action=_admin_add)
+
+    db = commands.add_parser("db", help="the database").add_subparsers(required=True, metavar="ACTION")
+    db.add_parser("upgrade", help="migrate to the newest schema (serve does it too)").set_defaults(
+        action=lambda _args, _url: 0
+    )
+    return parser
+
+
+def _serve(args: argparse.Namespace, url: str) -> int:
+    from aiohttp import web
+
+    from hub.app import Settings, make_app
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise RastosError(f"--listen: expected HOST:PORT, got {args.listen!r}")
+    if args.sync_interval <= 0:
+        raise RastosError("--sync-interval: must be positive")
+    app = make_app(Settings(url, args.sync_interval))
+    web.run_app(app, host=host.strip("[]"), port=int(port), print=lambda text: print(f"rastos-hub: {text}"))
+    return 0
+
+
+def _with_store(url: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
+    from hub.store import Store
+
+    async def session() -> Any:
+        store = Store(url)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(session())
+
+
+def _host_add(args: argparse.Namespace, url: str) -> int:
+    from hub.api import NEW_HOST, validate
+
+    validate(NEW_HOST, {"name": args.name, "groups": list(dict.fromkeys(args.group))})
+    token, _ = _with_store(url, lambda store: store.add_host(args.name, list(dict.fromkeys(args.group)), "cli"))
+    print(f"host {args.name} added; its agent token (shown only now):\n{token}")
+    return 0
+
+
+def _host_remove(args: argparse.Namespace, url: str) -> int:
+    _with_store(url, lambda store: store.remove_host(args.name, "cli"))
+    print(f"host {args.name} removed")
+    return 0
+
+
+def _host_list(_args: argparse.Namespace, url: str) -> int:
+    for host in _with_store(url, lambda store: store.hosts()):
+        facts = host["facts"] or {}
+        print(f"{host['name']}\tgroups={','.join(host['groups']) or '-'}\thostname={facts.get('hostname', '-')}")
+    return 0
+
+
+def _admin_add(args: argparse.Namespace, url: str) -> int:
+    from hub.api import NEW_HOST, validate
+
+    validate(NEW_HOST, {"name": args.name})  # admins are named like hosts
+    token = _with_store(url, lambda store: store.add_admin(args.name))
+    print(f"admin {args.name} added; their token (shown only now):\n{token}")
+    return 0

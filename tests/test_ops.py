@@ -147,6 +147,12 @@ def test_daemon_config_refuses_unknown_keys(tmp_path: Path) -> None:
     config.write_text('[snapshots]\nkeep_pairs = "4"\n')
     with pytest.raises(RastosError, match=r"snapshots\.keep_pairs must be int"):
         load_config(config)
+    config.write_text('[hub]\nurl = "wss://hub.example:8470/api/v1/agent"\ntoken_file = "/etc/rastos/t"\n')
+    loaded = load_config(config)
+    assert loaded.hub_url == "wss://hub.example:8470/api/v1/agent" and loaded.hub_token_file == Path("/etc/rastos/t")
+    config.write_text('[hub]\nurl = "http://hub.example"\n')
+    with pytest.raises(RastosError, match=r"hub\.url must be a ws:// or wss:// URL"):
+        load_config(config)
 
 
 @pytest.mark.parametrize(

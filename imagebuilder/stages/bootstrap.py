@@ -47,6 +47,7 @@ DAEMON_PACKAGES = (
     "python3-systemd",
     "python3-btrfsutil",
     "python3-pyroute2",
+    "python3-aiohttp",  # the link to the hub
 )
 
 # Drivers a QEMU guest needs to reach its btrfs root (virtio-blk or virtio-scsi, behind PCI).

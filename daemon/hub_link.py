@@ -1,0 +1,258 @@
+"""rastosd's link to the hub: it connects out over WebSocket and keeps the hub current.
+
+What it sends (messages in hub/protocol.py):
+- the daemon's own event log, from the hub's cursor on, in order. The log is the outbox: it is
+  durable in state.db, so events made while the hub was unreachable (or the daemon restarted) are
+  delivered after the next connect, and the hub's cursor, moved in the same transaction that stores
+  them, keeps each one single however often it is resent;
+- facts (host name, boot state, snapshots, ops) whenever they changed;
+- the state of each job run for a hub command.
+Commands from the hub carry an id that the job records (a unique column): a command that arrives
+again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.errors import DaemonError
+from daemon.jobs import FINAL_STATES, Job, check_flags, parse_steps
+from daemon.ops import OPS
+from rastos import __version__
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from daemon.service import Daemon
+
+log = logging.getLogger("rastosd.hub")
+
+HUB_UID = 0  # jobs run for the hub are the daemon's own (the hub's admin is in the hub's event log)
+MAX_BATCH_BYTES = 256 * 1024  # events per message, well under the hub's 1 MiB frame limit
+MAX_BATCH_EVENTS = 200
+KEPT_OUTPUT_LINES = 100  # per step, in what the hub is sent of a finished job
+POLL_INTERVAL = 2.0  # events the daemon logs from its worker thread are picked up at least this often
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    url: str
+    token: str
+
+
+class HubRefused(Exception):
+    """The hub answered, but not as a WebSocket: a wrong token or URL, worth a longer wait."""
+
+
+class HubLink:
+    def __init__(self, daemon: Daemon, settings: HubSettings) -> None:
+        self.daemon = daemon
+        self.settings = settings
+        self.connected = False
+        self._wake = asyncio.Event()
+        self._outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._last_facts: dict[str, Any] | None = None
+
+    def wake(self) -> None:
+        """Something worth telling happened (an event, a job's state): send it now, not at the next poll."""
+        self._wake.set()
+
+    def job_changed(self, job: Job) -> None:
+        if self.connected and job.hub_command is not None:
+            self._outgoing.put_nowait(self._status(job.hub_command, job.state, job.id, job.result or None))
+        self.wake()
+
+    async def run_forever(self) -> None:
+        import aiohttp
+
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.ws_connect(
+                        self.settings.url, headers={"Authorization": f"Bearer {self.settings.token}"},
+                        heartbeat=20.0, max_msg_size=1 << 20,
+                    ) as socket,
+                ):  # fmt: skip
+                    log.info("connected to the hub at %s", self.settings.url)
+                    delay = BACKOFF_FIRST
+                    await self._serve(socket)
+                    log.warning("the hub closed the connection (%s)", socket.close_code)
+            except aiohttp.WSServerHandshakeError as error:
+                log.error("the hub refused this host (%s %s): check hub.url and the token", error.status, error.message)
+                delay = BACKOFF_MAX
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
+                log.warning("hub at %s unreachable: %s", self.settings.url, error or type(error).__name__)
+            finally:
+                self.connected = False
+            # Jitter keeps a fleet that lost its hub from coming back all in the same second.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        import aiohttp
+
+        welcome = await socket.receive_json(timeout=30)
+        if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
+            raise ValueError(f"the hub's first message was not a welcome: {str(welcome)[:200]}")
+        self._outgoing = asyncio.Queue()
+        self._last_facts = None
+        self.connected = True
+        cursor = int(welcome.get("last_event", 0))
+        for command in welcome.get("commands", []):
+            await self._take_command(command)
+        writer = asyncio.create_task(self._write(socket, cursor))
+        try:
+            async for message in socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                await self._on_message(json.loads(message.data))
+                if writer.done():
+                    break
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        if writer.done() and not writer.cancelled() and (error := writer.exception()) is not None:
+            raise error
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "command":
+            await self._take_command(message.get("command"))
+        elif kind == "cancel":
+            self._cancel(str(message.get("command")))
+        elif kind == "error":
+            log.error("the hub refused a message: %s", message.get("message"))
+        elif kind != "ack":
+            log.warning("unknown message from the hub: %r", kind)
+
+    async def _write(self, socket: aiohttp.ClientWebSocketResponse, cursor: int) -> None:
+        """The one writer: queued messages first, then events after the cursor, then facts if changed."""
+        while True:
+            while not self._outgoing.empty():
+                await socket.send_json(self._outgoing.get_nowait())
+            batch = await asyncio.to_thread(self._event_batch, cursor)
+            if batch:
+                await socket.send_json({"type": "events", "events": batch})
+                cursor = batch[-1]["id"]
+                continue  # there may be more; facts after the log has caught up
+            facts = await asyncio.to_thread(self.facts)
+            if facts != self._last_facts:
+                await socket.send_json({"type": "facts", "facts": facts})
+                self._last_facts = facts
+            self._wake.clear()
+            if self._outgoing.empty():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+
+    def _event_batch(self, cursor: int) -> list[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for event in self.daemon.store.events(cursor, MAX_BATCH_EVENTS):
+            detail = dict(event.detail)
+            if event.method == "JobFinished" and event.job_id is not None:
+                detail.update(self._job_summary(event.job_id))
+            item = {"id": event.id, "time": event.time, "uid": event.uid, "method": event.method,
+                    "job": event.job_id, "detail": detail}  # fmt: skip
+            size += len(json.dumps(item))
+            if batch and size > MAX_BATCH_BYTES:
+                break
+            batch.append(item)
+        return batch
+
+    def _job_summary(self, job_id: int) -> dict[str, Any]:
+        """What the hub keeps of a finished job: its ops and result, with each step's output cut short."""
+        row = self.daemon.store.job(job_id)
+        if row is None:
+            return {}
+        result = json.loads(json.dumps(row.result or {}))
+        for step in result.get("steps", []):
+            if isinstance(step.get("output"), list) and len(step["output"]) > KEPT_OUTPUT_LINES:
+                step["output"] = ["...", *step["output"][-KEPT_OUTPUT_LINES:]]
+        return {"kind": row.kind, "ops": [step["op"] for step in row.request], "result": result,
+                "hub_command": row.hub_command}  # fmt: skip
+
+    def facts(self) -> dict[str, Any]:
+        snapshots = self.daemon.snapshots
+        rows = snapshots.existing() if snapshots is not None else []
+        return {
+            "hostname": self.daemon.hostname(),
+            "version": __version__,
+            "boot_state": self.daemon.boot_state().as_dbus(),
+            "snapshots": [
+                {
+                    "id": r.id,
+                    "created": r.created,
+                    "description": r.description,
+                    "kind": r.kind,
+                    "known_good": r.known_good,
+                }
+                for r in rows
+            ],
+            "ops": sorted(OPS),
+        }
+
+    async def _take_command(self, command: object) -> None:
+        if not isinstance(command, dict) or not isinstance(command.get("id"), str):
+            log.warning("the hub sent a command without an id: %.200r", command)
+            return
+        command_id = command["id"]
+        row = self.daemon.store.job_for_command(command_id)
+        if row is not None:  # sent again: report, never run twice
+            state = row.state
+            self._outgoing.put_nowait(self._status(command_id, state, row.id, row.result))
+            self.wake()
+            return
+        try:
+            steps = parse_steps(self.daemon.target, json.dumps(command.get("steps")))
+            flags = command.get("flags", 0)
+            if not isinstance(flags, int):
+                raise TypeError("flags: must be an integer")
+            check_flags(flags)
+        except (DaemonError, TypeError) as error:
+            log.warning("refused hub command %s: %s", command_id, error)
+            self._outgoing.put_nowait(self._status(command_id, "rejected", None, {"error": str(error)}))
+            self.wake()
+            return
+        kind = "apply" if len(steps) == 1 else "pipeline"
+        job = self.daemon.jobs.submit(kind, steps, flags, HUB_UID, "HubCommand", hub_command=command_id)
+        log.info("hub command %s is job %d", command_id, job.id)
+        self._outgoing.put_nowait(self._status(command_id, job.state, job.id, None))
+        self.wake()
+
+    def _cancel(self, command_id: str) -> None:
+        row = self.daemon.store.job_for_command(command_id)
+        if row is None or row.state in FINAL_STATES:
+            return
+        try:
+            self.daemon.jobs.cancel(row.id, HUB_UID)
+        except DaemonError as error:
+            log.info("cannot cancel job %d for the hub: %s", row.id, error)
+
+    @staticmethod
+    def _status(command_id: str, state: str, job_id: int | None, result: dict[str, Any] | None) -> dict[str, Any]:
+        return {"type": "command_status", "command": command_id, "state": state, "job": job_id, "result": result}
+
+
+def load_settings(url: str | None, token_file: Path) -> HubSettings | None:
+    """The link's settings, or None when no hub is configured or its token cannot be read (logged)."""
+    if url is None:
+        return None
+    try:
+        token = token_file.read_text().strip()
+    except OSError as error:
+        log.error("hub.token_file: cannot read %s (%s): not connecting to the hub", token_file, error.strerror)
+        return None
+    if not token:
+        log.error("hub.token_file: %s is empty: not connecting to the hub", token_file)
+        return None
+    return HubSettings(url, token)

@@ -1,0 +1,379 @@
+"""The hub's live view of the fleet, the source of every UI's state, and the dispatcher.
+
+One `Fleet` holds what the UIs show (hosts, runs with their commands, the newest events), changes
+it only through its methods, persists each change before it is published, and publishes each
+change as a versioned delta to every subscribed UI. Its methods run under one lock: dispatch
+decisions (how many commands are in flight) are never made on a stale count.
+
+Runs: a run sends the same steps to each of its hosts as one daemon pipeline, so `&&` holds per host
+(the daemon stops a host's pipeline at its first failed step) while the other hosts go on. At most
+`parallelism` commands of a run are in flight at once. A command's id is its idempotency key: the
+agent runs a command id once however often it is sent, which is what makes a hub restart safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hub.errors import Conflict, HubError, NotFound
+from hub.protocol import AgentEvent, CommandStatus
+from hub.store import FINAL_COMMAND_STATES, Store
+
+log = logging.getLogger("rastos-hub.fleet")
+
+IN_FLIGHT = frozenset({"sent", "queued", "running"})
+KEPT_EVENTS = 200  # the event log a UI gets with init; older ones through the REST API
+KEPT_RUNS = 50
+KEPT_JOBS = 20  # per host
+ROLLBACK_METHODS = frozenset({"Rollback", "BootFallback"})
+SUBSCRIBER_QUEUE = 10000  # deltas a slow UI may lag behind before it is sent a fresh init instead
+INIT_NEEDED: dict[str, Any] = {"type": "init_needed"}  # queued for a UI that must get the whole state
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class AgentLink:
+    """A connected agent: how to send it a message, and how to drop it."""
+
+    def __init__(self, host: str, send: Send, close: Callable[[], Awaitable[Any]]) -> None:
+        self.host = host
+        self.send = send
+        self.close = close
+
+
+class Fleet:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.epoch = secrets.token_hex(8)  # a restarted hub starts a new epoch: UIs take a fresh init
+        self.version = 0
+        self.hosts: dict[str, dict[str, Any]] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=KEPT_EVENTS)
+        self.agents: dict[str, AgentLink] = {}
+        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        for row in await self.store.hosts():
+            host = self._host_view(row)
+            for item in await self.store.events(KEPT_EVENTS, host=row["name"]):
+                _note_host_event(host, item)
+            self.hosts[row["name"]] = host
+        run_rows = await self.store.runs(KEPT_RUNS)
+        commands = await self.store.commands([run["id"] for run in run_rows])
+        for run in run_rows:
+            self.runs[run["id"]] = {**run, "commands": [c for c in commands if c["run_id"] == run["id"]]}
+        self.events.extend(await self.store.events(KEPT_EVENTS))
+
+    # What UIs see
+
+    def state(self) -> dict[str, Any]:
+        return {"hosts": self.hosts, "runs": self.runs, "events": list(self.events)}
+
+    def init_message(self) -> dict[str, Any]:
+        return {"type": "init", "epoch": self.epoch, "version": self.version, "state": self.state()}
+
+    def sync_message(self) -> dict[str, Any]:
+        return {"type": "sync", "epoch": self.epoch, "version": self.version}
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.subscribers.discard(queue)
+
+    def publish(self, change: dict[str, Any]) -> None:
+        self.version += 1
+        message = {"type": "delta", "epoch": self.epoch, "version": self.version, "change": change}
+        for queue in list(self.subscribers):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                # Too far behind to catch up by deltas: drop them and let it start over from an init.
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(INIT_NEEDED)
+
+    def beacon(self) -> None:
+        """The `sync` beacon, through the same queues as the deltas: a UI that gets it has had every
+        delta up to its version, so a lower version of its own means it missed one."""
+        message = self.sync_message()
+        for queue in list(self.subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(message)
+
+    def _publish_host(self, name: str) -> None:
+        self.publish({"kind": "host", "host": self.hosts[name]})
+
+    def _publish_run(self, run: dict[str, Any]) -> None:
+        self.publish({"kind": "run", "run": run})
+
+    def _publish_event(self, item: dict[str, Any]) -> None:
+        self.events.append(item)
+        self.publish({"kind": "event", "event": item})
+
+    def _host_view(self, row: dict[str, Any]) -> dict[str, Any]:
+        view = {"name": row["name"], "groups": row["groups"], "online": row["name"] in self.agents,
+                "last_seen": row["last_seen"], "facts": row["facts"], "last_rollback": None, "jobs": []}  # fmt: skip
+        view["health"] = _health(view)
+        return view
+
+    # Hosts
+
+    async def add_host(self, name: str, groups: list[str], admin: str) -> str:
+        async with self.lock:
+            token, logged = await self.store.add_host(name, groups, admin)
+            row = await self.store.host(name)
+            assert row is not None
+            self.hosts[name] = self._host_view(row)
+            self._publish_host(name)
+            self._publish_event(logged)
+        return token
+
+    async def remove_host(self, name: str, admin: str) -> None:
+        async with self.lock:
+            logged = await self.store.remove_host(name, admin)
+            self.hosts.pop(name, None)
+            if (link := self.agents.pop(name, None)) is not None:
+                await link.close()
+            self.publish({"kind": "host_removed", "name": name})
+            self._publish_event(logged)
+
+    async def agent_connected(self, link: AgentLink) -> dict[str, Any]:
+        """Register the agent and return its welcome: its event cursor and its in-flight commands."""
+        async with self.lock:
+            old = self.agents.get(link.host)
+            self.agents[link.host] = link
+            if old is not None:  # the same host connected again (a stale connection): keep the new one
+                await old.close()
+            if link.host not in self.hosts:  # added by `rastos-hub host add` while the hub ran
+                row = await self.store.host(link.host)
+                assert row is not None
+                self.hosts[link.host] = self._host_view(row)
+            host = self.hosts[link.host]
+            host["online"] = True
+            host["last_seen"] = time.time()
+            host["health"] = _health(host)
+            self._publish_host(link.host)
+            in_flight = [self._command_message(c) for c in self._commands_of(link.host) if c["state"] in IN_FLIGHT]
+            return {"type": "welcome", "host": link.host, "last_event": await self.store.last_event(link.host),
+                    "commands": in_flight}  # fmt: skip
+
+    async def agent_ready(self) -> None:
+        """After the welcome is out: pending commands may now go to the agent."""
+        async with self.lock:
+            await self._pump_all()
+
+    async def agent_disconnected(self, link: AgentLink) -> None:
+        async with self.lock:
+            if self.agents.get(link.host) is not link:
+                return  # replaced by a newer connection already
+            del self.agents[link.host]
+            if (host := self.hosts.get(link.host)) is not None:
+                host["online"] = False
+                host["health"] = _health(host)
+                self._publish_host(link.host)
+
+    async def facts(self, name: str, facts: dict[str, Any]) -> None:
+        async with self.lock:
+            await self.store.set_facts(name, facts)
+            host = self.hosts[name]
+            host["facts"] = facts
+            host["last_seen"] = time.time()
+            host["health"] = _health(host)
+            self._publish_host(name)
+
+    async def agent_events(self, name: str, batch: list[AgentEvent]) -> int:
+        """Store the new ones, publish them; returns the host's cursor for the acknowledgement."""
+        async with self.lock:
+            stored = await self.store.add_agent_events(name, [item.as_json() for item in batch])
+            host = self.hosts[name]
+            for item in stored:
+                _note_host_event(host, item)
+                self._publish_event(item)
+            if stored:
+                host["health"] = _health(host)
+                self._publish_host(name)
+            return await self.store.last_event(name)
+
+    # Runs
+
+    async def start_run(
+        self, admin: str, target: dict[str, Any], steps: list[dict[str, Any]], flags: int, parallelism: int
+    ) -> dict[str, Any]:
+        async with self.lock:
+            names = self._resolve(target)
+            run: dict[str, Any] = {
+                "id": secrets.token_hex(16), "created": time.time(), "admin": admin, "target": target,
+                "steps": steps, "flags": flags, "parallelism": parallelism, "state": "running", "finished": None,
+            }  # fmt: skip
+            commands, logged = await self.store.add_run(run, names)
+            run["commands"] = commands
+            self.runs[run["id"]] = run
+            self._forget_old_runs()
+            self._publish_run(run)
+            self._publish_event(logged)
+            await self._pump(run)
+            return run
+
+    def _resolve(self, target: dict[str, Any]) -> list[str]:
+        if "hosts" in target:
+            missing = [name for name in target["hosts"] if name not in self.hosts]
+            if missing:
+                raise NotFound(f"target.hosts: no host named {missing[0]!r}")
+            return list(dict.fromkeys(target["hosts"]))
+        if "group" in target:
+            names = [name for name, host in self.hosts.items() if target["group"] in host["groups"]]
+            if not names:
+                raise NotFound(f"target.group: no host is in group {target['group']!r}")
+            return sorted(names)
+        if not self.hosts:
+            raise HubError("target.all: the hub has no hosts")
+        return sorted(self.hosts)
+
+    async def cancel_run(self, run_id: str, admin: str) -> dict[str, Any]:
+        async with self.lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                raise NotFound(f"run: no run {run_id!r}")
+            if run["state"] != "running":
+                raise Conflict(f"run: {run_id} is {run['state']} already")
+            run["cancel_requested"] = True
+            for command in run["commands"]:
+                if command["state"] == "pending":
+                    await self._set_command(command, state="cancelled", finished=time.time())
+                elif command["state"] in IN_FLIGHT and (link := self.agents.get(command["host"])) is not None:
+                    await _send_quietly(link, {"type": "cancel", "command": command["id"]})
+            self._publish_event(await self._log(admin, "RunCancelRequested", {"run": run_id}))
+            await self._maybe_finish(run)
+            self._publish_run(run)
+            return run
+
+    async def command_status(self, name: str, status: CommandStatus) -> None:
+        async with self.lock:
+            found = self._find_command(status.command)
+            if found is None or found[1]["host"] != name:
+                log.warning("%s reported command %s, which is not one of its own in flight", name, status.command)
+                return
+            run, command = found
+            if command["state"] in FINAL_COMMAND_STATES:
+                return  # a late or repeated report: the first final one stands
+            state = "failed" if status.state == "rejected" else status.state
+            values: dict[str, Any] = {"state": state, "job_id": status.job}
+            if status.result is not None:
+                values["result"] = status.result
+            if state in FINAL_COMMAND_STATES:
+                values["finished"] = time.time()
+            await self._set_command(command, **values)
+            if state in FINAL_COMMAND_STATES:
+                await self._maybe_finish(run)
+                await self._pump_all()
+            self._publish_run(run)
+
+    # Dispatch internals (called with the lock held)
+
+    async def _pump_all(self) -> None:
+        for run in list(self.runs.values()):
+            if run["state"] == "running":
+                await self._pump(run)
+
+    async def _pump(self, run: dict[str, Any]) -> None:
+        if run["state"] != "running" or run.get("cancel_requested"):
+            return
+        in_flight = sum(1 for command in run["commands"] if command["state"] in IN_FLIGHT)
+        changed = False
+        for command in run["commands"]:
+            if in_flight >= run["parallelism"]:
+                break
+            link = self.agents.get(command["host"])
+            if command["state"] != "pending" or link is None:
+                continue
+            # Recorded as sent before it is sent: after a crash here the agent's idempotency key
+            # turns a second send into a status report, never a second run.
+            await self._set_command(command, state="sent", sent=time.time())
+            await _send_quietly(link, {"type": "command", "command": self._command_message(command)})
+            in_flight += 1
+            changed = True
+        if changed:
+            self._publish_run(run)
+
+    async def _maybe_finish(self, run: dict[str, Any]) -> None:
+        states = [command["state"] for command in run["commands"]]
+        if run["state"] != "running" or any(state not in FINAL_COMMAND_STATES for state in states):
+            return
+        if run.get("cancel_requested"):
+            outcome = "cancelled"
+        elif all(state == "done" for state in states):
+            outcome = "complete"
+        elif any(state == "done" for state in states):
+            outcome = "partial"
+        else:
+            outcome = "failed"
+        run["state"] = outcome
+        run["finished"] = time.time()
+        self._publish_event(await self.store.finish_run(run["id"], outcome, "hub"))
+
+    async def _set_command(self, command: dict[str, Any], **values: Any) -> None:
+        await self.store.update_command(command["id"], **values)
+        command.update(values)
+
+    async def _log(self, actor: str, method: str, detail: dict[str, Any]) -> dict[str, Any]:
+        async with self.store.transaction() as db:
+            return await self.store.log(db, actor, method, detail)
+
+    def _command_message(self, command: dict[str, Any]) -> dict[str, Any]:
+        run = self.runs[command["run_id"]]
+        return {"id": command["id"], "steps": run["steps"], "flags": run["flags"]}
+
+    def _commands_of(self, host: str) -> list[dict[str, Any]]:
+        return [command for run in self.runs.values() for command in run["commands"] if command["host"] == host]
+
+    def _find_command(self, command_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        for run in self.runs.values():
+            for command in run["commands"]:
+                if command["id"] == command_id:
+                    return run, command
+        return None
+
+    def _forget_old_runs(self) -> None:
+        finished = [run_id for run_id, run in self.runs.items() if run["state"] != "running"]
+        for run_id in finished[: max(0, len(self.runs) - KEPT_RUNS)]:
+            del self.runs[run_id]
+            self.publish({"kind": "run_removed", "id": run_id})
+
+
+def _note_host_event(host: dict[str, Any], item: dict[str, Any]) -> None:
+    """What a host's row in the UI shows of its events: its last rollback and its recent jobs."""
+    if item["method"] in ROLLBACK_METHODS:
+        host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": item["detail"]}
+    elif item["method"] == "JobFinished" and item["actor"] == "agent":
+        detail = item["detail"]
+        summary = {"id": detail.get("job"), "time": item["time"], "state": detail.get("state"),
+                   "kind": detail.get("kind"), "ops": detail.get("ops"), "result": detail.get("result")}  # fmt: skip
+        host["jobs"] = [*host["jobs"], summary][-KEPT_JOBS:]
+
+
+def _health(host: dict[str, Any]) -> str:
+    if not host["online"]:
+        return "offline"
+    boot = (host.get("facts") or {}).get("boot_state") or {}
+    if boot.get("kind") == "fallback":
+        return "fell back"
+    return str(boot.get("health") or "unknown")
+
+
+async def _send_quietly(link: AgentLink, message: dict[str, Any]) -> None:
+    """A send to an agent that has just gone is not an error: its reconnect's welcome resends."""
+    try:
+        await link.send(message)
+    except (ConnectionError, RuntimeError) as error:
+        log.info("could not send %s to %s: %s", message["type"], link.host, error)

@@ -1,0 +1,250 @@
+"""The hub's persistent state: one database (SQLite by default, PostgreSQL for large fleets).
+
+The schema is made and moved only by the Alembic migrations in hub/migrations, run by `migrate()`
+when the hub starts (or by `rastos-hub db upgrade`). Every mutation also writes a row to `events`
+in the same transaction, so the event log never disagrees with what it describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, create_engine, delete, event, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from hub.errors import HubError, NotFound
+from hub.schema import admins, commands, events, hosts, runs
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The drivers each database is reached with: synchronous ones for migrations, asyncio ones to serve.
+DRIVERS = {"sqlite": ("sqlite", "sqlite+aiosqlite"), "postgresql": ("postgresql+psycopg", "postgresql+asyncpg")}
+FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
+
+
+def database_url(value: str) -> str:
+    """A path means SQLite; otherwise a SQLAlchemy URL of a supported database."""
+    if "://" not in value:
+        return f"sqlite:///{Path(value).resolve()}"
+    backend = make_url(value).get_backend_name()
+    if backend not in DRIVERS:
+        raise HubError(f"database: {backend!r} is not supported", hint="use a file path (SQLite) or postgresql://")
+    return value
+
+
+def _with_driver(url: str, asynchronous: bool) -> str:
+    parsed = make_url(url)
+    driver = DRIVERS[parsed.get_backend_name()][1 if asynchronous else 0]
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the UI read while agents write; FULL makes a commit survive a power cut.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def migrate(url: str) -> str:
+    """Bring the database to the newest schema; returns the revision it is at."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(_with_driver(url, asynchronous=False))
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            return _revision(connection)
+    finally:
+        engine.dispose()
+
+
+def _revision(connection: Connection) -> str:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision() or ""
+
+
+def new_token() -> tuple[str, str]:
+    """A token and its hash: the hub keeps only the hash, the token is shown once."""
+    token = secrets.token_urlsafe(32)
+    return token, token_hash(token)
+
+
+def token_hash(token: str) -> str:
+    # The tokens are 256 random bits, so a plain hash is as strong as a slow one here.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_async_engine(_with_driver(url, asynchronous=True))
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as connection:
+            yield connection
+
+    async def log(
+        self, db: AsyncConnection, actor: str, method: str, detail: dict[str, Any], host: str | None = None
+    ) -> dict[str, Any]:
+        row = {"time": time.time(), "host": host, "agent_event": None, "actor": actor, "method": method,
+               "detail": detail}  # fmt: skip
+        result = await db.execute(insert(events).values(**row))
+        return {"id": result.inserted_primary_key[0], **row}  # type: ignore[index]
+
+    # Hosts and admins
+
+    async def add_host(self, name: str, groups: list[str], actor: str) -> tuple[str, dict[str, Any]]:
+        token, digest = new_token()
+        async with self.transaction() as db:
+            try:
+                await db.execute(insert(hosts).values(name=name, token_hash=digest, groups=groups, created=time.time()))
+            except IntegrityError:
+                raise HubError(f"name: a host named {name!r} exists already") from None
+            logged = await self.log(db, actor, "HostAdded", {"groups": groups}, host=name)
+        return token, logged
+
+    async def remove_host(self, name: str, actor: str) -> dict[str, Any]:
+        async with self.transaction() as db:
+            await db.execute(delete(commands).where(commands.c.host == name))
+            result = await db.execute(delete(hosts).where(hosts.c.name == name))
+            if result.rowcount == 0:
+                raise NotFound(f"name: no host named {name!r}")
+            return await self.log(db, actor, "HostRemoved", {}, host=name)
+
+    async def add_admin(self, name: str) -> str:
+        token, digest = new_token()
+        async with self.transaction() as db:
+            try:
+                await db.execute(insert(admins).values(name=name, token_hash=digest, created=time.time()))
+            except IntegrityError:
+                raise HubError(f"name: an admin named {name!r} exists already") from None
+            await self.log(db, "hub", "AdminAdded", {"admin": name})
+        return token
+
+    async def host_for_token(self, token: str) -> str | None:
+        async with self.engine.connect() as db:
+            row = (await db.execute(select(hosts.c.name).where(hosts.c.token_hash == token_hash(token)))).first()
+        return None if row is None else str(row[0])
+
+    async def admin_for_token(self, token: str) -> str | None:
+        async with self.engine.connect() as db:
+            row = (await db.execute(select(admins.c.name).where(admins.c.token_hash == token_hash(token)))).first()
+        return None if row is None else str(row[0])
+
+    async def hosts(self) -> list[dict[str, Any]]:
+        async with self.engine.connect() as db:
+            rows = (await db.execute(select(hosts).order_by(hosts.c.name))).mappings().all()
+        return [{key: value for key, value in row.items() if key != "token_hash"} for row in rows]
+
+    async def host(self, name: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as db:
+            row = (await db.execute(select(hosts).where(hosts.c.name == name))).mappings().first()
+        return None if row is None else {key: value for key, value in row.items() if key != "token_hash"}
+
+    # What agents report
+
+    async def set_facts(self, host: str, facts: dict[str, Any]) -> None:
+        async with self.transaction() as db:
+            await db.execute(update(hosts).where(hosts.c.name == host).values(facts=facts, last_seen=time.time()))
+
+    async def add_agent_events(self, host: str, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store the agent's events that are newer than the last one stored, and move the host's
+        cursor in the same transaction: an event resent after a lost acknowledgement is kept once."""
+        async with self.transaction() as db:
+            last = (await db.execute(select(hosts.c.last_event).where(hosts.c.name == host))).scalar_one()
+            fresh = [item for item in batch if item["id"] > last]
+            rows = [
+                {"time": item["time"], "host": host, "agent_event": item["id"], "actor": "agent",
+                 "method": item["method"], "detail": item["detail"]}
+                for item in fresh
+            ]  # fmt: skip
+            stored = []
+            for row in rows:
+                result = await db.execute(insert(events).values(**row))
+                stored.append({"id": result.inserted_primary_key[0], **row})  # type: ignore[index]
+            if fresh:
+                newest = max(item["id"] for item in fresh)
+                await db.execute(
+                    update(hosts).where(hosts.c.name == host).values(last_event=newest, last_seen=time.time())
+                )
+        return stored
+
+    async def last_event(self, host: str) -> int:
+        async with self.engine.connect() as db:
+            return int((await db.execute(select(hosts.c.last_event).where(hosts.c.name == host))).scalar_one())
+
+    async def events(self, limit: int, host: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
+        query = select(events).order_by(events.c.id.desc()).limit(limit)
+        if host is not None:
+            query = query.where(events.c.host == host)
+        if before is not None:
+            query = query.where(events.c.id < before)
+        async with self.engine.connect() as db:
+            rows = (await db.execute(query)).mappings().all()
+        return [dict(row) for row in reversed(rows)]
+
+    # Runs and commands
+
+    async def add_run(self, run: dict[str, Any], host_names: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        now = time.time()
+        made = [
+            {"id": secrets.token_hex(16), "run_id": run["id"], "host": name, "state": "pending", "job_id": None,
+             "result": None, "created": now, "sent": None, "finished": None}
+            for name in host_names
+        ]  # fmt: skip
+        async with self.transaction() as db:
+            await db.execute(insert(runs).values(**run))
+            if made:
+                await db.execute(insert(commands), made)
+            logged = await self.log(
+                db,
+                run["admin"],
+                "RunStarted",
+                {"run": run["id"], "hosts": host_names, "ops": [s["op"] for s in run["steps"]]},
+            )
+        return made, logged
+
+    async def update_command(self, command_id: str, **values: Any) -> None:
+        async with self.transaction() as db:
+            await db.execute(update(commands).where(commands.c.id == command_id).values(**values))
+
+    async def finish_run(self, run_id: str, state: str, actor: str) -> dict[str, Any]:
+        async with self.transaction() as db:
+            await db.execute(update(runs).where(runs.c.id == run_id).values(state=state, finished=time.time()))
+            return await self.log(db, actor, "RunFinished", {"run": run_id, "state": state})
+
+    async def runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        async with self.engine.connect() as db:
+            rows = (await db.execute(select(runs).order_by(runs.c.created.desc()).limit(limit))).mappings().all()
+        return [dict(row) for row in reversed(rows)]
+
+    async def commands(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        if not run_ids:
+            return []
+        async with self.engine.connect() as db:
+            query = select(commands).where(commands.c.run_id.in_(run_ids)).order_by(commands.c.created)
+            rows = (await db.execute(query)).mappings().all()
+        return [dict(row) for row in rows]

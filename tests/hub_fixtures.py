@@ -1,0 +1,228 @@
+"""The real hub (`rastos-hub serve` as its own process, on a SQLite file) and a UI client that follows
+its state stream exactly as the web UI does: init, then deltas in version order, re-init on a gap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+HUB_CLI = [sys.executable, "-c", "import sys; from hub.cli import main; sys.exit(main())"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Hub:
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[str] | None = None
+    admin_token: str = ""
+    starts: int = 0
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "hub.db"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/agent"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "hub.log"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HUB_CLI, "--database", str(self.database), *args],
+            capture_output=True, text=True, check=False, timeout=60, cwd=CHECKOUT,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 30) -> None:
+        self.starts += 1
+        with self.log.open("a") as output:
+            self.process = subprocess.Popen(
+                [*HUB_CLI, "--database", str(self.database), "serve", "--listen", f"127.0.0.1:{self.port}",
+                 "--sync-interval", "0.5"],
+                stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"rastos-hub exited at start:\n{self.log.read_text()}"
+            try:
+                urllib.request.urlopen(f"{self.url}/api/v1/openapi.json", timeout=2).close()
+                return
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, f"rastos-hub did not answer:\n{self.log.read_text()}"
+                time.sleep(0.1)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        code = self.process.wait(30)
+        self.process = None
+        return code
+
+    def request(
+        self, method: str, path: str, body: object = None, token: str | None = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        token = self.admin_token if token is None else token
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read().decode()
+                return response.status, json.loads(text) if text else None
+        except urllib.error.HTTPError as error:
+            text = error.read().decode()
+            try:
+                return error.code, json.loads(text)
+            except ValueError:
+                return error.code, text
+
+    def api(self, method: str, path: str, body: object = None) -> Any:
+        status, document = self.request(method, path, body)
+        assert 200 <= status < 300, f"{method} {path}: {status} {document}"
+        return document
+
+    def state(self) -> dict[str, Any]:
+        document: dict[str, Any] = self.api("GET", "/api/v1/state")["state"]
+        return document
+
+    def wait_state(self, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if check(state):
+                return state
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hub state never showed {what}:\n{json.dumps(state, indent=1)[:6000]}")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    server = Hub(tmp_path / "hub")
+    server.directory.mkdir()
+    created = server.cli("admin", "add", "alice")
+    assert created.returncode == 0, created.stderr
+    server.admin_token = created.stdout.strip().splitlines()[-1]
+    server.start()
+    yield server
+    if server.process is not None:
+        assert server.stop() == 0, server.log.read_text()
+
+
+class UiClient:
+    """Follows /api/v1/stream like the web UI: state from init, deltas applied in version order."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.state: dict[str, Any] = {}
+        self.version = -1
+        self.epoch = ""
+        self.inits = 0
+        self.gaps = 0
+        self.drop_deltas = 0  # deltas to lose on purpose, as a flaky network would
+        self._session: aiohttp.ClientSession | None = None
+        self._socket: aiohttp.ClientWebSocketResponse | None = None
+        self._requests: set[asyncio.Future[None]] = set()
+
+    async def __aenter__(self) -> UiClient:
+        self._session = aiohttp.ClientSession()
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+        assert self._session is not None
+        await self._session.close()
+
+    async def connect(self) -> None:
+        assert self._session is not None
+        headers = {"Authorization": f"Bearer {self.hub.admin_token}"}
+        self._socket = await self._session.ws_connect(f"{self.hub.url}/api/v1/stream", headers=headers)
+        await self.receive()  # the init
+        assert self.inits >= 1
+
+    async def receive(self, timeout: float = 10) -> dict[str, Any]:
+        assert self._socket is not None
+        message: dict[str, Any] = await self._socket.receive_json(timeout=timeout)
+        self.apply(message)
+        return message
+
+    def apply(self, message: dict[str, Any]) -> None:
+        if message["type"] == "delta" and self.drop_deltas > 0:
+            self.drop_deltas -= 1
+            return
+        if message["type"] == "init":
+            self.state, self.version, self.epoch = message["state"], message["version"], message["epoch"]
+            self.inits += 1
+        elif message["epoch"] != self.epoch or message["version"] > self.version + (message["type"] == "delta"):
+            self.gaps += 1  # missed something: ask for the whole state, as the web UI does
+            assert self._socket is not None
+            request = asyncio.ensure_future(self._socket.send_json({"type": "get_state"}))
+            self._requests.add(request)
+            request.add_done_callback(self._requests.discard)
+        elif message["type"] == "delta" and message["version"] == self.version + 1:
+            self.version = message["version"]
+            change = message["change"]
+            kind = change["kind"]
+            if kind == "host":
+                self.state["hosts"][change["host"]["name"]] = change["host"]
+            elif kind == "host_removed":
+                self.state["hosts"].pop(change["name"], None)
+            elif kind == "run":
+                self.state["runs"][change["run"]["id"]] = change["run"]
+            elif kind == "run_removed":
+                self.state["runs"].pop(change["id"], None)
+            elif kind == "event":
+                self.state["events"].append(change["event"])
+
+    async def assert_converged(self, timeout: float = 30) -> None:
+        """The UI's state equals the hub's at the same version (the hub may move on meanwhile: retry)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            truth = await asyncio.to_thread(self.hub.api, "GET", "/api/v1/state")
+            while self.version < truth["version"] and time.monotonic() < deadline:
+                await self.receive(timeout=max(0.1, deadline - time.monotonic()))
+            if self.version == truth["version"]:
+                assert self.state == truth["state"], "the UI's state differs from the hub's at the same version"
+                return
+            assert time.monotonic() < deadline, "the UI never caught up with the hub's version"
+
+    async def until(self, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check(self.state):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the UI never showed {what}:\n{json.dumps(self.state, indent=1)[:6000]}")
+            with contextlib.suppress(TimeoutError):
+                await self.receive(timeout=left)

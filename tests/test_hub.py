@@ -1,0 +1,183 @@
+"""The hub on its own: its API's contract, authentication, and what it does with bad input.
+
+The hub runs as `rastos-hub serve` in its own process; agents here are plain WebSocket clients that
+speak the real protocol (tests/test_hub_fleet.py runs real rastosd agents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from hub.schema import metadata
+from hub.store import database_url, migrate
+from tests.hub_fixtures import Hub, UiClient
+from tests.hub_fixtures import hub as hub
+
+
+def test_openapi_document_lists_every_route_and_the_api_needs_an_admin(hub: Hub) -> None:
+    status, document = hub.request("GET", "/api/v1/openapi.json", token="")
+    assert status == 200 and document["openapi"].startswith("3.")
+    assert {"/api/v1/hosts", "/api/v1/runs", "/api/v1/runs/{id}/cancel", "/api/v1/events", "/api/v1/stream"} <= set(
+        document["paths"]
+    )
+    run_schema = document["paths"]["/api/v1/runs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert run_schema["required"] == ["target", "steps"]
+    for method, path in (("GET", "/api/v1/hosts"), ("POST", "/api/v1/runs"), ("GET", "/api/v1/state")):
+        status, answer = hub.request(method, path, {}, token="not-a-token")
+        assert status == 401 and answer["error"].startswith("authorization:"), (path, answer)
+    status, answer = hub.request("POST", "/api/v1/login", {"token": "wrong"}, token="")
+    assert status == 401 and answer["error"].startswith("token:")
+
+
+def test_bad_requests_are_refused_naming_the_field_and_store_nothing(hub: Hub) -> None:
+    hub.api("POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})
+    good = {"target": {"hosts": ["web-1"]}, "steps": [{"op": "hostname", "params": {"hostname": "a"}}]}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"steps": good["steps"]}, "body: 'target' is a required property"),
+        ({**good, "steps": []}, "steps: [] should be non-empty"),
+        ({**good, "steps": [{"op": "Bad Op"}]}, "steps.0.op:"),
+        ({**good, "steps": [{"op": "hostname", "extra": 1}]}, "steps.0:"),
+        ({**good, "flags": 9}, "flags: 9 is greater than the maximum of 7"),
+        ({**good, "parallelism": 0}, "parallelism: 0 is less than the minimum of 1"),
+        ({**good, "target": {"hosts": ["web-1"], "all": True}}, "target:"),
+        ({**good, "surprise": True}, "body: Additional properties are not allowed ('surprise' was unexpected)"),
+    ]
+    for body, expected in cases:
+        status, answer = hub.request("POST", "/api/v1/runs", body)
+        assert status == 400 and answer["error"].startswith(expected), (body, answer)
+    status, answer = hub.request("POST", "/api/v1/runs", {**good, "target": {"hosts": ["db-9"]}})
+    assert status == 404 and answer["error"] == "target.hosts: no host named 'db-9'"
+    status, answer = hub.request("POST", "/api/v1/runs", raw=b"{not json")
+    assert status == 400 and answer["error"].startswith("body: not valid JSON")
+    status, _ = hub.request("POST", "/api/v1/runs", raw=b"[" + b"1," * (1 << 20) + b"1]")
+    assert status == 413
+    status, answer = hub.request("POST", "/api/v1/hosts", {"name": "web-1"})
+    assert status == 400 and answer["error"] == "name: a host named 'web-1' exists already"
+    status, answer = hub.request("POST", "/api/v1/hosts", {"name": "Web_1"})
+    assert status == 400 and answer["error"].startswith("name: 'Web_1' does not match")
+    assert hub.api("GET", "/api/v1/runs") == []
+    assert [event["method"] for event in hub.api("GET", "/api/v1/events")] == ["AdminAdded", "HostAdded"]
+
+
+async def agent(hub: Hub, token: str, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+    return await session.ws_connect(hub.agent_url, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_agents_are_authenticated_by_their_own_token_and_bad_messages_are_refused(hub: Hub) -> None:
+    one = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
+    two = hub.api("POST", "/api/v1/hosts", {"name": "two"})["token"]
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            for token in ("", "wrong", hub.admin_token):
+                try:
+                    await agent(hub, token, session)
+                    raise AssertionError("a bad token was let in")
+                except aiohttp.WSServerHandshakeError as error:
+                    assert error.status == 401
+            good = await agent(hub, two, session)
+            assert (await good.receive_json())["host"] == "two", "the token says who the agent is"
+            for bad, expected in (
+                ("not json", "message: not valid JSON"),
+                ('{"type": "sudo"}', "type: unknown message type 'sudo'"),
+                ('{"type": "events", "events": [{"id": "1"}]}', "events[0].id: must be an integer"),
+                ('{"type": "facts", "facts": {"hostname": 5}}', "facts.hostname: must be a string"),
+                ('{"type": "command_status", "command": "x", "state": "exploded"}', "message.state:"),
+            ):
+                socket = await agent(hub, one, session)
+                await socket.receive_json()  # welcome
+                await socket.send_str(bad)
+                answer = await socket.receive_json()
+                assert answer["type"] == "error" and answer["message"].startswith(expected), answer
+                assert (await socket.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            socket = await agent(hub, one, session)
+            await socket.receive_json()
+            await socket.send_str(json.dumps({"type": "facts", "facts": {"hostname": "x" * (2 << 20)}}))
+            assert (await socket.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            # The other agent was not disturbed by any of it.
+            await good.send_json({"type": "facts", "facts": {"hostname": "two.example"}})
+            await good.send_json({"type": "events", "events": [{"id": 1, "time": 1.0, "uid": 0, "method": "M",
+                                                                 "job": None, "detail": {}}]})  # fmt: skip
+            assert await good.receive_json() == {"type": "ack", "last_event": 1}
+            await good.close()
+
+    asyncio.run(scenario())
+    state = hub.state()
+    assert state["hosts"]["two"]["facts"] == {"hostname": "two.example"}
+    assert state["hosts"]["one"]["facts"] is None, "nothing a refused message carried was stored"
+    assert [e["host"] for e in hub.api("GET", "/api/v1/events?limit=10") if e["actor"] == "agent"] == ["two"]
+
+
+def test_a_resent_event_is_stored_once_and_events_keep_their_order(hub: Hub) -> None:
+    token = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
+
+    def events(*ids: int) -> dict[str, Any]:
+        items: list[dict[str, Any]] = [
+            {"id": n, "time": float(n), "uid": 0, "method": f"M{n}", "job": None, "detail": {}} for n in ids
+        ]
+        return {"type": "events", "events": items}
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session:
+            socket = await agent(hub, token, session)
+            assert (await socket.receive_json())["last_event"] == 0
+            await socket.send_json(events(1, 2, 3))
+            assert await socket.receive_json() == {"type": "ack", "last_event": 3}
+            await socket.close()
+            # The acknowledgement was lost, say: the agent sends from its old cursor again.
+            socket = await agent(hub, token, session)
+            assert (await socket.receive_json())["last_event"] == 3, "the welcome carries the hub's cursor"
+            await socket.send_json(events(2, 3, 4))
+            assert await socket.receive_json() == {"type": "ack", "last_event": 4}
+            await socket.send_json(events(6, 5))
+            assert (await socket.receive_json())["message"].startswith("events[1].id: events must come in increasing")
+            await socket.close()
+
+    asyncio.run(scenario())
+    stored = [e["method"] for e in hub.api("GET", "/api/v1/events?host=one")]
+    assert stored == ["HostAdded", "M1", "M2", "M3", "M4"]
+
+
+def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(hub: Hub) -> None:
+    async def scenario() -> None:
+        async with UiClient(hub) as ui:
+            assert ui.state["hosts"] == {} and ui.inits == 1
+            await asyncio.to_thread(hub.api, "POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})
+            await ui.until(lambda s: "web-1" in s["hosts"], "the new host")
+            assert ui.state["hosts"]["web-1"]["health"] == "offline"
+            beacons = 0
+            while beacons < 2:
+                beacons += (await ui.receive())["type"] == "sync"
+            assert ui.gaps == 0
+            await ui.assert_converged()
+            # A lost delta (the last one: no later delta shows the gap) is caught by the next beacon.
+            ui.drop_deltas = 1
+            await asyncio.to_thread(hub.api, "DELETE", "/api/v1/hosts/web-1")
+            await ui.until(lambda s: not s["hosts"], "the host removed", timeout=30)
+            assert ui.gaps == 1 and ui.inits == 2, "the beacon showed the gap and a fresh init filled it"
+        # A UI that connects later is current at once, from its init alone.
+        async with UiClient(hub) as late:
+            await late.assert_converged()
+            assert [e["method"] for e in late.state["events"]][-2:] == ["HostAdded", "HostRemoved"]
+
+    asyncio.run(scenario())
+
+
+def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path) -> None:
+    url = database_url(str(tmp_path / "hub.db"))
+    assert migrate(url) == "0001"
+    assert migrate(url) == "0001", "a second upgrade changes nothing"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+    finally:
+        engine.dispose()
