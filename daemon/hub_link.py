@@ -243,16 +243,37 @@ class HubLink:
         return {"type": "command_status", "command": command_id, "state": state, "job": job_id, "result": result}
 
 
-def load_settings(url: str | None, token_file: Path) -> HubSettings | None:
-    """The link's settings, or None when no hub is configured or its token cannot be read (logged)."""
+CREDENTIAL_URL = "rastos.hub.url"  # systemd credentials (ImportCredential=rastos.hub.* in rastosd.service)
+CREDENTIAL_TOKEN = "rastos.hub.token"
+
+
+def load_settings(url: str | None, token_file: Path, credentials: Path | None) -> HubSettings | None:
+    """The link's settings, or None when no hub is configured or its token cannot be read (logged).
+    Credentials given to the machine at boot (`rastos-image boot --credential`, or any systemd
+    credential source) come before /etc/rastos/daemon.toml and the token file."""
+    url = _credential(credentials, CREDENTIAL_URL) or url
     if url is None:
         return None
-    try:
-        token = token_file.read_text().strip()
-    except OSError as error:
-        log.error("hub.token_file: cannot read %s (%s): not connecting to the hub", token_file, error.strerror)
+    if not url.startswith(("ws://", "wss://")):
+        log.error("credential %s: must be a ws:// or wss:// URL, got %r: not connecting", CREDENTIAL_URL, url)
         return None
+    token = _credential(credentials, CREDENTIAL_TOKEN)
+    if token is None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            log.error("hub.token_file: cannot read %s (%s): not connecting to the hub", token_file, error.strerror)
+            return None
     if not token:
         log.error("hub.token_file: %s is empty: not connecting to the hub", token_file)
         return None
     return HubSettings(url, token)
+
+
+def _credential(directory: Path | None, name: str) -> str | None:
+    if directory is None:
+        return None
+    try:
+        return (directory / name).read_text().strip() or None
+    except OSError:
+        return None

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import btrfsutil
@@ -457,7 +458,9 @@ async def serve(config: DaemonConfig) -> None:
     worker = asyncio.create_task(daemon.jobs.run_forever())
     watchdog = asyncio.create_task(_watchdog())
     link = None
-    if (settings := load_settings(config.hub_url, config.hub_token_file)) is not None:
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    settings = load_settings(config.hub_url, config.hub_token_file, Path(credentials) if credentials else None)
+    if settings is not None:
         daemon.hub = HubLink(daemon, settings)
         link = asyncio.create_task(daemon.hub.run_forever())
     _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OPS)} ops; snapshots {'on' if daemon.snapshots else 'off'}")

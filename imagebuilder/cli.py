@@ -23,6 +23,7 @@ from imagebuilder.vm import (
     VmOptions,
     choose_accel,
     find_firmware,
+    parse_credential,
     prepare_vars,
     qemu_argv,
     running_vm,
@@ -97,7 +98,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    options = VmOptions(image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot)
+    credentials = tuple(parse_credential(text) for text in args.credential)
+    options = VmOptions(
+        image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot,
+        credentials=credentials,
+    )  # fmt: skip
     if args.until_ready:
         return _boot_until_ready(options, args.json, args.timeout)
     return _boot_interactive(options)
@@ -207,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     boot.add_argument("--memory", default="1G")
     boot.add_argument("--cpus", type=int, default=2)
+    boot.add_argument(
+        "--credential", action="append", default=[], metavar="NAME=VALUE",
+        help="a systemd credential for the guest, e.g. rastos.hub.url=ws://10.0.2.2:8470/api/v1/agent (repeatable)",
+    )  # fmt: skip
     boot.set_defaults(func=cmd_boot)
     return p
 

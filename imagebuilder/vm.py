@@ -8,10 +8,12 @@ once per host boot and QEMU version, and falls back to TCG when it fails.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -117,6 +119,9 @@ class VmOptions:
     cpus: int = 2
     snapshot: bool = False  # leave the image (and its UEFI variables) unchanged
     ssh_port: int = field(default_factory=free_port)
+    # systemd credentials for the guest (NAME -> value), e.g. rastos.hub.token: how one image is given
+    # per-host secrets at boot, without baking them in (systemd imports SMBIOS type 11 strings).
+    credentials: tuple[tuple[str, str], ...] = ()
 
 
 def choose_accel(requested: str, firmware: Firmware) -> str:
@@ -181,8 +186,29 @@ def qemu_argv(
         "-chardev", f"socket,id=status,path={status_socket},server=on,wait=off",
         "-device", f"virtserialport,chardev=status,name={STATUS_PORT}",
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        *credential_args(options.credentials),
         *console,
     ]  # fmt: skip
+
+
+CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+
+def parse_credential(text: str) -> tuple[str, str]:
+    """NAME=VALUE from the command line, with the name checked as systemd checks it."""
+    name, separator, value = text.partition("=")
+    if not separator or not CREDENTIAL_NAME.match(name):
+        raise RastosError(f"--credential: expected NAME=VALUE with a name of letters, digits, '_.-', got {text!r}")
+    return name, value
+
+
+def credential_args(credentials: tuple[tuple[str, str], ...]) -> list[str]:
+    # The binary form carries the value in base64: no comma in it can end QEMU's option early.
+    args = []
+    for name, value in credentials:
+        encoded = base64.b64encode(value.encode()).decode()
+        args += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={encoded}"]
+    return args
 
 
 def prepare_vars(options: VmOptions, firmware: Firmware, scratch: Path) -> Path:

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+# The hub's fixtures (tests/hub_fixtures.py) serve the VM tests too; the checkout is not installed.
+if str(CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(CHECKOUT))
 CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
 ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
 

@@ -140,6 +140,8 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ('[disk]\nsize = "600M"\nesp_size = "400M"\n', "disk.size", "leaves less than 256M"),
         ('[distribution]\nname = "arch"\n', "distribution.name", "cannot be built yet"),
         ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
+        ('[hub]\nurl = "http://hub:8470"\n', "hub.url", "not a ws:// or wss:// URL"),
+        ('[hub]\ntoken = "secret"\n', "hub.token", "unknown key"),
     ],
 )
 def test_impossible_values_are_refused_naming_file_and_key(tmp_path: Path, toml: str, key: str, reason: str) -> None:

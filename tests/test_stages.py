@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from daemon.config import load_config
 from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.profile import load_profile
 from imagebuilder.profile.model import MiB
 from imagebuilder.stages.bootloader import boot_entry, entry_filename, kernel_cmdline, loader_conf
 from imagebuilder.stages.bootstrap import cache_key, describe_change, package_set
-from imagebuilder.stages.configure import fstab
+from imagebuilder.stages.configure import fstab, write_daemon_config
 from imagebuilder.stages.disk import plan_layout
 
 
@@ -47,6 +48,17 @@ def test_sudo_user_brings_sudo(tmp_path: Path) -> None:
     path.write_text('extends = "minimal"\n[[users]]\nname = "ops"\nsudo = true\n')
     assert "sudo" in package_set(load_profile(path))
     assert "sudo" not in package_set(load_profile("minimal"))
+
+
+def test_the_hub_url_goes_into_the_image_and_the_daemon_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text('extends = "minimal"\n[hub]\nurl = "wss://hub.example.org:8470/api/v1/agent"\n')
+    root = tmp_path / "root"
+    write_daemon_config(root, load_profile(path))
+    config = load_config(root / "etc/rastos/daemon.toml")
+    assert config.hub_url == "wss://hub.example.org:8470/api/v1/agent"
+    write_daemon_config(tmp_path / "plain", load_profile("minimal"))
+    assert not (tmp_path / "plain/etc/rastos/daemon.toml").exists(), "no hub, no file"
 
 
 def test_describe_change_names_what_changed() -> None:

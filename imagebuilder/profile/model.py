@@ -285,6 +285,21 @@ class BootConfig:
     )
 
 
+_HUB_URL = re.compile(r"^wss?://[A-Za-z0-9.:\[\]-]+(:\d+)?(/[A-Za-z0-9._~/-]*)?$")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    url: str = field(
+        default="",
+        metadata=_meta(
+            "ws:// or wss:// URL of the hub's agent socket ('' for none); the host's token is not baked in: "
+            "give it as the credential rastos.hub.token or in /etc/rastos/hub-token",
+            check=lambda v: None if v == "" or _HUB_URL.match(v) else f"not a ws:// or wss:// URL: {v!r}",
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -298,4 +313,5 @@ class Profile:
     disk: DiskConfig = field(default_factory=DiskConfig)
     btrfs: BtrfsConfig = field(default_factory=BtrfsConfig)
     boot: BootConfig = field(default_factory=BootConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     sources: tuple[str, ...] = field(default=(), metadata={"internal": True})

@@ -25,6 +25,7 @@ def configure(ctx: BuildContext) -> str:
     write_file(root / "etc/fstab", fstab(ctx))
     write_kernel_tuning(root, profile)
     write_watchdog(root, profile)
+    write_daemon_config(root, profile)
     write_network(root)
     if profile.system.autologin and profile.boot.console:
         write_autologin(root, profile.boot.console)
@@ -103,6 +104,16 @@ def write_watchdog(root: Path, profile: Profile) -> None:
             root / "etc/systemd/system.conf.d/50-rastos-watchdog.conf",
             f"# From profile {profile.name} ([boot] watchdog)\n"
             f"[Manager]\nRuntimeWatchdogSec={profile.boot.watchdog}s\nRebootWatchdogSec=2min\n",
+        )
+
+
+def write_daemon_config(root: Path, profile: Profile) -> None:
+    """rastosd's hub. The URL is the same for a whole fleet and goes into the image; each host's
+    token does not (one image, many hosts): it comes as a credential at boot or in /etc/rastos."""
+    if profile.hub.url:
+        write_file(
+            root / "etc/rastos/daemon.toml",
+            f'# From profile {profile.name} ([hub] url)\n[hub]\nurl = "{profile.hub.url}"\n',
         )
 
 
