@@ -58,10 +58,14 @@ class Fleet:
         self.events: deque[dict[str, Any]] = deque(maxlen=KEPT_EVENTS)
         self.agents: dict[str, AgentLink] = {}
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # dispatch and membership; agents' reports do not take it
+        # The newest event of each host stored: kept here so a report needs no read before its write.
+        self.cursors: dict[str, int] = {}
+        self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
 
     async def load(self) -> None:
         for row in await self.store.hosts():
+            self.cursors[row["name"]] = row["last_event"]
             host = self._host_view(row)
             for item in await self.store.events(KEPT_EVENTS, host=row["name"]):
                 _note_host_event(host, item)
@@ -134,6 +138,7 @@ class Fleet:
             token, logged = await self.store.add_host(name, groups, admin)
             row = await self.store.host(name)
             assert row is not None
+            self.cursors[name] = 0
             self.hosts[name] = self._host_view(row)
             self._publish_host(name)
             self._publish_event(logged)
@@ -143,6 +148,7 @@ class Fleet:
         async with self.lock:
             logged = await self.store.remove_host(name, admin)
             self.hosts.pop(name, None)
+            self.cursors.pop(name, None)
             if (link := self.agents.pop(name, None)) is not None:
                 await link.close()
             self.publish({"kind": "host_removed", "name": name})
@@ -158,6 +164,7 @@ class Fleet:
             if link.host not in self.hosts:  # added by `rastos-hub host add` while the hub ran
                 row = await self.store.host(link.host)
                 assert row is not None
+                self.cursors[link.host] = row["last_event"]
                 self.hosts[link.host] = self._host_view(row)
             host = self.hosts[link.host]
             host["online"] = True
@@ -165,7 +172,7 @@ class Fleet:
             host["health"] = _health(host)
             self._publish_host(link.host)
             in_flight = [self._command_message(c) for c in self._commands_of(link.host) if c["state"] in IN_FLIGHT]
-            return {"type": "welcome", "host": link.host, "last_event": await self.store.last_event(link.host),
+            return {"type": "welcome", "host": link.host, "last_event": self.cursors[link.host],
                     "commands": in_flight}  # fmt: skip
 
     async def agent_ready(self) -> None:
@@ -184,26 +191,32 @@ class Fleet:
                 self._publish_host(link.host)
 
     async def facts(self, name: str, facts: dict[str, Any]) -> None:
-        async with self.lock:
-            await self.store.set_facts(name, facts)
-            host = self.hosts[name]
-            host["facts"] = facts
-            host["last_seen"] = time.time()
-            host["health"] = _health(host)
-            self._publish_host(name)
+        """Facts are the agent's state now, sent again on every connect: shown at once, stored with
+        the next group commit, and not waited for."""
+        host = self.hosts[name]
+        host["facts"] = facts
+        host["last_seen"] = time.time()
+        host["health"] = _health(host)
+        self._publish_host(name)
+        self.store.save_facts(name, facts)
 
     async def agent_events(self, name: str, batch: list[AgentEvent]) -> int:
-        """Store the new ones, publish them; returns the host's cursor for the acknowledgement."""
-        async with self.lock:
-            stored = await self.store.add_agent_events(name, [item.as_json() for item in batch])
-            host = self.hosts[name]
-            for item in stored:
-                _note_host_event(host, item)
-                self._publish_event(item)
-            if stored:
+        """Store the new ones, then publish them; returns the host's cursor for the acknowledgement."""
+        lock = self._report_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            fresh = [item.as_json() for item in batch if item.id > self.cursors[name]]
+            if not fresh:
+                return self.cursors[name]
+            stored = await self.store.add_agent_events(name, fresh)
+            self.cursors[name] = fresh[-1]["id"]
+            if (host := self.hosts.get(name)) is not None:
+                for item in stored:
+                    _note_host_event(host, item)
+                    self._publish_event(item)
                 host["health"] = _health(host)
+                host["last_seen"] = time.time()
                 self._publish_host(name)
-            return await self.store.last_event(name)
+            return self.cursors[name]
 
     # Runs
 

@@ -7,7 +7,9 @@ in the same transaction, so the event log never disagrees with what it describes
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, create_engine, delete, event, insert, select, update
+from sqlalchemy import JSON, Connection, bindparam, create_engine, delete, event, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -25,9 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from hub.errors import HubError, NotFound
 from hub.schema import admins, commands, events, hosts, runs
 
+log = logging.getLogger("rastos-hub.store")
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The drivers each database is reached with: synchronous ones for migrations, asyncio ones to serve.
 DRIVERS = {"sqlite": ("sqlite", "sqlite+aiosqlite"), "postgresql": ("postgresql+psycopg", "postgresql+asyncpg")}
+SLOW_COMMIT = 0.5  # seconds: a group commit slower than this is logged (a slow disk delays every report)
 FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
 
 
@@ -95,6 +100,9 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(_with_driver(url, asynchronous=True))
+        self._pending_events: list[tuple[list[dict[str, Any]], asyncio.Future[list[dict[str, Any]]]]] = []
+        self._pending_facts: dict[str, dict[str, Any]] = {}
+        self._writer: asyncio.Task[None] | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
 
@@ -164,37 +172,78 @@ class Store:
             row = (await db.execute(select(hosts).where(hosts.c.name == name))).mappings().first()
         return None if row is None else {key: value for key, value in row.items() if key != "token_hash"}
 
-    # What agents report
-
-    async def set_facts(self, host: str, facts: dict[str, Any]) -> None:
-        async with self.transaction() as db:
-            await db.execute(update(hosts).where(hosts.c.name == host).values(facts=facts, last_seen=time.time()))
+    # What agents report: many small writes, committed in groups
 
     async def add_agent_events(self, host: str, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store the agent's events that are newer than the last one stored, and move the host's
-        cursor in the same transaction: an event resent after a lost acknowledgement is kept once."""
-        async with self.transaction() as db:
-            last = (await db.execute(select(hosts.c.last_event).where(hosts.c.name == host))).scalar_one()
-            fresh = [item for item in batch if item["id"] > last]
-            rows = [
-                {"time": item["time"], "host": host, "agent_event": item["id"], "actor": "agent",
-                 "method": item["method"], "detail": item["detail"]}
-                for item in fresh
-            ]  # fmt: skip
-            stored = []
-            for row in rows:
-                result = await db.execute(insert(events).values(**row))
-                stored.append({"id": result.inserted_primary_key[0], **row})  # type: ignore[index]
-            if fresh:
-                newest = max(item["id"] for item in fresh)
-                await db.execute(
-                    update(hosts).where(hosts.c.name == host).values(last_event=newest, last_seen=time.time())
-                )
-        return stored
+        """Store events the caller found newer than the host's cursor and move the cursor, in one
+        transaction (an event resent after a lost acknowledgement is never kept twice); returns them
+        as stored, once committed. Reports that arrive meanwhile share the commit (see _write_groups)."""
+        rows = [{"time": item["time"], "host": host, "agent_event": item["id"], "actor": "agent",
+                 "method": item["method"], "detail": item["detail"]} for item in batch]  # fmt: skip
+        future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._pending_events.append((rows, future))
+        self._start_writer()
+        return await future
 
-    async def last_event(self, host: str) -> int:
-        async with self.engine.connect() as db:
-            return int((await db.execute(select(hosts.c.last_event).where(hosts.c.name == host))).scalar_one())
+    def save_facts(self, host: str, facts: dict[str, Any]) -> None:
+        """Facts go with the next group commit; nobody waits for them (an agent resends them anyway)."""
+        self._pending_facts[host] = facts
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_groups())
+
+    async def _write_groups(self) -> None:
+        """One transaction, and a few statements, for every report that arrived since the last one:
+        a fleet's reports cost one fsync a group, not one each."""
+        await asyncio.sleep(0)  # let the reports that arrive in this same turn of the loop join
+        while self._pending_events or self._pending_facts:
+            pending, self._pending_events = self._pending_events, []
+            facts, self._pending_facts = self._pending_facts, {}
+            rows = [row for batch, _ in pending for row in batch]
+            started = time.monotonic()
+            try:
+                async with self.transaction() as db:
+                    ids = await self._insert_events(db, rows)
+                    await self._update_hosts(db, rows, facts)
+            except Exception as error:  # every writer of the group hears of it; nothing of it was kept
+                log.error("a group commit of %d events failed: %s", len(rows), error)
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            if (took := time.monotonic() - started) > SLOW_COMMIT:
+                log.warning("a group commit of %d events and %d facts took %.2fs", len(rows), len(facts), took)
+            for row, event_id in zip(rows, ids, strict=True):
+                row["id"] = event_id
+            for batch, future in pending:
+                if not future.done():
+                    future.set_result(batch)
+
+    @staticmethod
+    async def _insert_events(db: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+        if not rows:
+            return []
+        statement = insert(events).returning(events.c.id, sort_by_parameter_order=True)
+        return [int(event_id) for event_id in (await db.execute(statement, rows)).scalars().all()]
+
+    @staticmethod
+    async def _update_hosts(db: AsyncConnection, rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+        now = time.time()
+        cursors = {row["host"]: row["agent_event"] for row in rows}  # rows are in order: the last one wins
+        if cursors:
+            statement = update(hosts).where(hosts.c.name == bindparam("b_host"))
+            await db.execute(
+                statement.values(last_event=bindparam("b_last"), last_seen=now),
+                [{"b_host": host, "b_last": last} for host, last in cursors.items()],
+            )
+        if facts:
+            statement = update(hosts).where(hosts.c.name == bindparam("b_host"))
+            await db.execute(
+                statement.values(facts=bindparam("b_facts", type_=JSON), last_seen=now),
+                [{"b_host": host, "b_facts": value} for host, value in facts.items()],
+            )
 
     async def events(self, limit: int, host: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
         query = select(events).order_by(events.c.id.desc()).limit(limit)
