@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,17 +33,50 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@contextlib.contextmanager
+def postgresql_server() -> Iterator[str]:
+    """A private PostgreSQL server (Debian's postgresql package) on a Unix socket, run as the user
+    `postgres` in a scratch directory; yields its SQLAlchemy URL. Stopped and removed afterwards."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not binaries:
+        pytest.skip("PostgreSQL is not installed (./setup-host installs it)")
+    bin_dir = binaries[-1].parent
+    directory = Path(tempfile.mkdtemp(prefix="rastos-pg-"))
+    shutil.chown(directory, "postgres", "postgres")
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    data, port = directory / "data", free_port()
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
+                   check=True, capture_output=True)  # fmt: skip
+    server = subprocess.Popen(
+        [*as_postgres, str(bin_dir / "postgres"), "-D", str(data), "-k", str(directory), "-p", str(port),
+         "-c", "listen_addresses=", "-c", "fsync=on"],
+        stdout=subprocess.DEVNULL, stderr=(directory / "server.log").open("w"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([str(bin_dir / "pg_isready"), "-h", str(directory), "-p", str(port)],
+                             capture_output=True, check=False).returncode != 0:  # fmt: skip
+            assert server.poll() is None and time.monotonic() < deadline, (directory / "server.log").read_text()
+            time.sleep(0.1)
+        yield f"postgresql://postgres@/postgres?host={directory}&port={port}"
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @dataclass
 class Hub:
     directory: Path
     port: int = field(default_factory=free_port)
+    database_url: str | None = None  # default: SQLite in `directory`
     process: subprocess.Popen[str] | None = None
     admin_token: str = ""
     starts: int = 0
 
     @property
-    def database(self) -> Path:
-        return self.directory / "hub.db"
+    def database(self) -> str:
+        return self.database_url or str(self.directory / "hub.db")
 
     @property
     def url(self) -> str:
@@ -57,7 +92,7 @@ class Hub:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*HUB_CLI, "--database", str(self.database), *args],
+            [*HUB_CLI, "--database", self.database, *args],
             capture_output=True, text=True, check=False, timeout=60, cwd=CHECKOUT,
         )  # fmt: skip
 
@@ -65,7 +100,7 @@ class Hub:
         self.starts += 1
         with self.log.open("a") as output:
             self.process = subprocess.Popen(
-                [*HUB_CLI, "--database", str(self.database), "serve", "--listen", f"127.0.0.1:{self.port}",
+                [*HUB_CLI, "--database", self.database, "serve", "--listen", f"127.0.0.1:{self.port}",
                  "--sync-interval", "0.5"],
                 stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT,
             )  # fmt: skip
@@ -128,7 +163,20 @@ class Hub:
 
 @pytest.fixture
 def hub(tmp_path: Path) -> Iterator[Hub]:
-    server = Hub(tmp_path / "hub")
+    yield from _serving(Hub(tmp_path / "hub"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
+    """The hub on each database it supports: the same schema and behaviour on both."""
+    if request.param == "sqlite":
+        yield from _serving(Hub(tmp_path / "hub"))
+        return
+    with postgresql_server() as url:
+        yield from _serving(Hub(tmp_path / "hub", database_url=url))
+
+
+def _serving(server: Hub) -> Iterator[Hub]:
     server.directory.mkdir()
     created = server.cli("admin", "add", "alice")
     assert created.returncode == 0, created.stderr

@@ -7,18 +7,21 @@ speak the real protocol (tests/test_hub_fleet.py runs real rastosd agents).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
 from hub.schema import metadata
 from hub.store import database_url, migrate
-from tests.hub_fixtures import Hub, UiClient
+from tests.hub_fixtures import Hub, UiClient, postgresql_server
+from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 
 
@@ -37,7 +40,8 @@ def test_openapi_document_lists_every_route_and_the_api_needs_an_admin(hub: Hub)
     assert status == 401 and answer["error"].startswith("token:")
 
 
-def test_bad_requests_are_refused_naming_the_field_and_store_nothing(hub: Hub) -> None:
+def test_bad_requests_are_refused_naming_the_field_and_store_nothing(any_hub: Hub) -> None:
+    hub = any_hub
     hub.api("POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})
     good = {"target": {"hosts": ["web-1"]}, "steps": [{"op": "hostname", "params": {"hostname": "a"}}]}
     cases: list[tuple[dict[str, Any], str]] = [
@@ -116,7 +120,8 @@ def test_agents_are_authenticated_by_their_own_token_and_bad_messages_are_refuse
     assert [e["host"] for e in hub.api("GET", "/api/v1/events?limit=10") if e["actor"] == "agent"] == ["two"]
 
 
-def test_a_resent_event_is_stored_once_and_events_keep_their_order(hub: Hub) -> None:
+def test_a_resent_event_is_stored_once_and_events_keep_their_order(any_hub: Hub) -> None:
+    hub = any_hub
     token = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
 
     def events(*ids: int) -> dict[str, Any]:
@@ -146,7 +151,9 @@ def test_a_resent_event_is_stored_once_and_events_keep_their_order(hub: Hub) -> 
     assert stored == ["HostAdded", "M1", "M2", "M3", "M4"]
 
 
-def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(hub: Hub) -> None:
+def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(any_hub: Hub) -> None:
+    hub = any_hub
+
     async def scenario() -> None:
         async with UiClient(hub) as ui:
             assert ui.state["hosts"] == {} and ui.inits == 1
@@ -171,13 +178,18 @@ def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(hub: Hub
     asyncio.run(scenario())
 
 
-def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path) -> None:
-    url = database_url(str(tmp_path / "hub.db"))
-    assert migrate(url) == "0001"
-    assert migrate(url) == "0001", "a second upgrade changes nothing"
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            assert compare_metadata(MigrationContext.configure(connection), metadata) == []
-    finally:
-        engine.dispose()
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, backend: str) -> None:
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = database_url(str(tmp_path / "hub.db"))
+        else:
+            url = database_url(stack.enter_context(postgresql_server()))
+        assert migrate(url) == "0001"
+        assert migrate(url) == "0001", "a second upgrade changes nothing"
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            with engine.connect() as connection:
+                assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+        finally:
+            engine.dispose()
