@@ -106,6 +106,11 @@ class GuestConsole:
             assert remaining > 0, f"no {marker}= line within {timeout}s"
             self._read_some(min(remaining, 5.0))
 
+    def wait_for_after(self, position: int, wanted: bytes, timeout: float) -> bool:
+        """Like wait_for, but only output after `position` in `seen` counts: for a message that may
+        have come in the same read as the one before it (a reboot right after a failure message)."""
+        return self._wait_after(position, wanted, timeout)
+
     def _wait_after(self, position: int, wanted: bytes, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while wanted not in self.seen[position:]:
