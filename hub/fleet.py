@@ -62,6 +62,7 @@ class Fleet:
         # The newest event of each host stored: kept here so a report needs no read before its write.
         self.cursors: dict[str, int] = {}
         self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
+        self._closing: set[asyncio.Future[Any]] = set()
 
     async def load(self) -> None:
         for row in await self.store.hosts():
@@ -150,9 +151,27 @@ class Fleet:
             self.hosts.pop(name, None)
             self.cursors.pop(name, None)
             if (link := self.agents.pop(name, None)) is not None:
-                await link.close()
+                self._close_later(link)
             self.publish({"kind": "host_removed", "name": name})
             self._publish_event(logged)
+            # Its commands went with it (the store deletes them): the runs that had them must not
+            # wait for them, and a run left with none was, in effect, cancelled.
+            for run in list(self.runs.values()):
+                kept = [command for command in run["commands"] if command["host"] != name]
+                if len(kept) == len(run["commands"]):
+                    continue
+                run["commands"] = kept
+                if not kept and run["state"] == "running":
+                    run["cancel_requested"] = True
+                await self._maybe_finish(run)
+                self._publish_run(run)
+
+    def _close_later(self, link: AgentLink) -> None:
+        """Close a link without waiting under the lock for its peer to answer the close (a stale
+        peer would hold every dispatch up for the close's whole timeout)."""
+        task = asyncio.ensure_future(link.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def agent_connected(self, link: AgentLink) -> dict[str, Any]:
         """Register the agent and return its welcome: its event cursor and its in-flight commands."""
@@ -160,7 +179,7 @@ class Fleet:
             old = self.agents.get(link.host)
             self.agents[link.host] = link
             if old is not None:  # the same host connected again (a stale connection): keep the new one
-                await old.close()
+                self._close_later(old)
             if link.host not in self.hosts:  # added by `rastos-hub host add` while the hub ran
                 row = await self.store.host(link.host)
                 assert row is not None

@@ -193,3 +193,18 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
                 assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         finally:
             engine.dispose()
+
+
+def test_removing_a_host_takes_its_commands_out_of_runs_so_none_waits_for_it(hub: Hub) -> None:
+    for name in ("a", "b"):
+        hub.api("POST", "/api/v1/hosts", {"name": name})
+    steps = [{"op": "motd", "params": {"text": "x"}}]
+    run = hub.api("POST", "/api/v1/runs", {"target": {"all": True}, "steps": steps})
+    assert [c["state"] for c in run["commands"]] == ["pending", "pending"], "offline hosts: their commands wait"
+    hub.api("DELETE", "/api/v1/hosts/b")
+    after = hub.api("GET", f"/api/v1/runs/{run['id']}")
+    assert after["state"] == "running" and [c["host"] for c in after["commands"]] == ["a"]
+    hub.api("DELETE", "/api/v1/hosts/a")
+    assert hub.api("GET", f"/api/v1/runs/{run['id']}")["state"] == "cancelled", "a run left with no host ends"
+    status, answer = hub.request("DELETE", "/api/v1/hosts/a")
+    assert status == 404 and answer["error"] == "name: no host named 'a'"
