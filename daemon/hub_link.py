@@ -92,6 +92,8 @@ class HubLink:
                 delay = BACKOFF_MAX
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
                 log.warning("hub at %s unreachable: %s", self.settings.url, error or type(error).__name__)
+            except Exception:  # anything else ends this connection, never the link: try again later
+                log.exception("the link to the hub failed")
             finally:
                 self.connected = False
             # Jitter keeps a fleet that lost its hub from coming back all in the same second.
@@ -124,7 +126,10 @@ class HubLink:
         if writer.done() and not writer.cancelled() and (error := writer.exception()) is not None:
             raise error
 
-    async def _on_message(self, message: dict[str, Any]) -> None:
+    async def _on_message(self, message: object) -> None:
+        if not isinstance(message, dict):
+            log.warning("the hub sent a message that is not an object: %.200r", message)
+            return
         kind = message.get("type")
         if kind == "command":
             await self._take_command(message.get("command"))

@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from hub import api
 from hub.errors import HubError, NotFound, Unauthorized
 from hub.fleet import AgentLink, Fleet
-from hub.protocol import MAX_MESSAGE_BYTES, CommandStatus, ProtocolError, parse_agent_message
+from hub.protocol import MAX_MESSAGE_BYTES, CommandStatus, ProtocolError, decode, parse_agent_message
 from hub.store import Store
 
 log = logging.getLogger("rastos-hub")
@@ -300,12 +300,12 @@ async def _agent_socket(request: web.Request) -> web.StreamResponse:
 async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse, data: str) -> bool:
     """Handle one agent message; False (after telling the agent why) ends the connection."""
     try:
-        kind, body = parse_agent_message(json.loads(data))
+        kind, body = parse_agent_message(decode(data))
     except (ValueError, ProtocolError) as error:
         text = error.message if isinstance(error, ProtocolError) else f"message: not valid JSON: {error}"
         log.warning("agent %s sent a bad message: %s", host, text)
         await socket.send_json({"type": "error", "message": text})
-        await socket.close(code=1008, message=text[:120].encode())
+        await socket.close(code=1008, message=text.encode()[:120])
         return False
     if host not in fleet.hosts:
         await socket.close(code=1008, message=b"this host was removed from the hub")

@@ -164,6 +164,7 @@ class Fleet:
                 if not kept and run["state"] == "running":
                     run["cancel_requested"] = True
                 await self._maybe_finish(run)
+                await self._pump(run)  # its slot may be free now
                 self._publish_run(run)
 
     def _close_later(self, link: AgentLink) -> None:

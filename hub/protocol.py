@@ -17,6 +17,7 @@ closed; nothing it carried is stored.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,18 @@ class CommandStatus:
 
 
 AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus
+
+
+MAX_EVENT_ID = 2**62  # fits every database's 64-bit integer
+
+
+def decode(text: str) -> object:
+    """JSON as the hub accepts it: no NaN or Infinity (no database column takes them)."""
+
+    def refuse(constant: str) -> object:
+        raise ProtocolError(f"message: {constant} is not allowed in JSON here")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
@@ -103,14 +116,16 @@ def _events(items: list[Any]) -> list[AgentEvent]:
         if not isinstance(item, dict):
             raise ProtocolError(f"{where}: must be an object")
         event_id = _field(item, "id", int, where)
+        if not 1 <= event_id <= MAX_EVENT_ID:
+            raise ProtocolError(f"{where}.id: must be between 1 and 2**62, got {event_id}")
         if parsed and event_id <= parsed[-1].id:
             raise ProtocolError(f"{where}.id: events must come in increasing order of id")
         when = item.get("time")
         if not isinstance(when, int | float) or isinstance(when, bool):
             raise ProtocolError(f"{where}.time: must be a number")
         method = _field(item, "method", str, where)
-        if not 1 <= len(method) <= 64:
-            raise ProtocolError(f"{where}.method: must be 1 to 64 characters")
+        if not 1 <= len(method) <= 64 or not method.isprintable():
+            raise ProtocolError(f"{where}.method: must be 1 to 64 printable characters")
         parsed.append(
             AgentEvent(event_id, float(when), _field(item, "uid", int, where), method,
                        _field(item, "job", int, where, optional=True), _field(item, "detail", dict, where))

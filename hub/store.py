@@ -137,6 +137,9 @@ class Store:
     async def remove_host(self, name: str, actor: str) -> dict[str, Any]:
         async with self.transaction() as db:
             await db.execute(delete(commands).where(commands.c.host == name))
+            # Its events stay in the log, but no longer hold the (host, agent_event) key: a host added
+            # again under the name starts from cursor 0, and its daemon resends from its first event.
+            await db.execute(update(events).where(events.c.host == name).values(agent_event=None))
             result = await db.execute(delete(hosts).where(hosts.c.name == name))
             if result.rowcount == 0:
                 raise NotFound(f"name: no host named {name!r}")

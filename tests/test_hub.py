@@ -95,6 +95,15 @@ def test_agents_are_authenticated_by_their_own_token_and_bad_messages_are_refuse
                 ('{"type": "events", "events": [{"id": "1"}]}', "events[0].id: must be an integer"),
                 ('{"type": "facts", "facts": {"hostname": 5}}', "facts.hostname: must be a string"),
                 ('{"type": "command_status", "command": "x", "state": "exploded"}', "message.state:"),
+                (
+                    '{"type": "events", "events": [{"id": 1, "time": NaN, "uid": 0, "method": "M", "detail": {}}]}',
+                    "message: NaN is not allowed",
+                ),
+                (
+                    '{"type": "events", "events": [{"id": 9223372036854775808, "time": 1, "uid": 0, "method": "M", '
+                    '"detail": {}}]}',
+                    "events[0].id: must be between 1 and 2**62",
+                ),
             ):
                 socket = await agent(hub, one, session)
                 await socket.receive_json()  # welcome
@@ -149,6 +158,23 @@ def test_a_resent_event_is_stored_once_and_events_keep_their_order(any_hub: Hub)
     asyncio.run(scenario())
     stored = [e["method"] for e in hub.api("GET", "/api/v1/events?host=one")]
     assert stored == ["HostAdded", "M1", "M2", "M3", "M4"]
+
+    # Removed and added again (a new token): the daemon starts over from its first event, which the
+    # hub stores again; the old ones stay in the log.
+    hub.api("DELETE", "/api/v1/hosts/one")
+    token = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
+
+    async def again() -> None:
+        async with aiohttp.ClientSession() as session:
+            socket = await agent(hub, token, session)
+            assert (await socket.receive_json())["last_event"] == 0
+            await socket.send_json(events(1, 2))
+            assert await socket.receive_json() == {"type": "ack", "last_event": 2}
+            await socket.close()
+
+    asyncio.run(again())
+    stored = [e["method"] for e in hub.api("GET", "/api/v1/events?host=one&limit=20")]
+    assert stored == ["HostAdded", "M1", "M2", "M3", "M4", "HostRemoved", "HostAdded", "M1", "M2"]
 
 
 def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(any_hub: Hub) -> None:

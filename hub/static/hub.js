@@ -28,7 +28,11 @@ function connect() {
   socket.onmessage = (message) => receive(JSON.parse(message.data));
   socket.onclose = async (event) => {
     setConnection(false);
-    if (event.code === 1006 && !(await loggedIn())) return showLogin();
+    try {
+      if (event.code === 1006 && !(await loggedIn())) return showLogin();
+    } catch (error) {
+      // The hub is away (restarting): keep trying, a reload is never needed.
+    }
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 10000);
   };
