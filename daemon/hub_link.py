@@ -37,6 +37,7 @@ log = logging.getLogger("rastosd.hub")
 HUB_UID = 0  # jobs run for the hub are the daemon's own (the hub's admin is in the hub's event log)
 MAX_BATCH_BYTES = 256 * 1024  # events per message, well under the hub's 1 MiB frame limit
 MAX_BATCH_EVENTS = 200
+MAX_EVENT_BYTES = 192 * 1024  # one event, at most; the rest of its job stays in the daemon (GetJob)
 KEPT_OUTPUT_LINES = 100  # per step, in what the hub is sent of a finished job
 POLL_INTERVAL = 2.0  # events the daemon logs from its worker thread are picked up at least this often
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
@@ -101,7 +102,6 @@ class HubLink:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
-        import aiohttp
 
         welcome = await socket.receive_json(timeout=30)
         if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
@@ -113,18 +113,26 @@ class HubLink:
         for command in welcome.get("commands", []):
             await self._take_command(command)
         writer = asyncio.create_task(self._write(socket, cursor))
+        reader = asyncio.create_task(self._read(socket))
         try:
-            async for message in socket:
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    break
-                await self._on_message(json.loads(message.data))
-                if writer.done():
-                    break
+            # Whichever ends first ends the connection: a writer that failed must not leave a link
+            # that looks connected (heartbeats still flow) but sends nothing.
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-        if writer.done() and not writer.cancelled() and (error := writer.exception()) is not None:
-            raise error
+            for task in (writer, reader):
+                task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        import aiohttp
+
+        async for message in socket:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                return
+            await self._on_message(json.loads(message.data))
 
     async def _on_message(self, message: object) -> None:
         if not isinstance(message, dict):
@@ -168,7 +176,12 @@ class HubLink:
                 detail.update(self._job_summary(event.job_id))
             item = {"id": event.id, "time": event.time, "uid": event.uid, "method": event.method,
                     "job": event.job_id, "detail": detail}  # fmt: skip
-            size += len(json.dumps(item))
+            item_size = len(json.dumps(item))
+            if item_size > MAX_EVENT_BYTES:  # a job with huge diffs: its state and ops go, its details do not
+                detail.pop("result", None)
+                detail["result_omitted"] = f"{item_size} bytes, over the {MAX_EVENT_BYTES} a message may carry"
+                item_size = len(json.dumps(item))
+            size += item_size
             if batch and size > MAX_BATCH_BYTES:
                 break
             batch.append(item)

@@ -286,7 +286,7 @@ async def _agent_socket(request: web.Request) -> web.StreamResponse:
     link = AgentLink(host, socket.send_json, socket.close)
     try:
         await socket.send_json(await fleet.agent_connected(link))
-        await fleet.agent_ready()
+        await fleet.agent_ready(link)
         async for message in socket:
             if message.type != WSMsgType.TEXT:
                 break  # binary frames, oversized frames and errors all end the connection

@@ -195,9 +195,16 @@ class Fleet:
             return {"type": "welcome", "host": link.host, "last_event": self.cursors[link.host],
                     "commands": in_flight}  # fmt: skip
 
-    async def agent_ready(self) -> None:
-        """After the welcome is out: pending commands may now go to the agent."""
+    async def agent_ready(self, link: AgentLink) -> None:
+        """After the welcome is out: pending commands may now go to the agent, and in-flight ones of
+        runs cancelled while it was away are cancelled there too."""
         async with self.lock:
+            for run in self.runs.values():
+                if not run.get("cancel_requested"):
+                    continue
+                for command in run["commands"]:
+                    if command["host"] == link.host and command["state"] in IN_FLIGHT:
+                        await _send_quietly(link, {"type": "cancel", "command": command["id"]})
             await self._pump_all()
 
     async def agent_disconnected(self, link: AgentLink) -> None:

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from hub.errors import HubError, NotFound
+from hub.errors import Conflict, HubError, NotFound
 from hub.schema import admins, commands, events, hosts, runs
 
 log = logging.getLogger("rastos-hub.store")
@@ -269,8 +269,11 @@ class Store:
         ]  # fmt: skip
         async with self.transaction() as db:
             await db.execute(insert(runs).values(**run))
-            if made:
-                await db.execute(insert(commands), made)
+            try:
+                if made:
+                    await db.execute(insert(commands), made)
+            except IntegrityError:  # `rastos-hub host remove` ran beside this hub
+                raise Conflict("target: a host of this run was removed meanwhile; try again") from None
             logged = await self.log(
                 db,
                 run["admin"],
@@ -289,9 +292,13 @@ class Store:
             return await self.log(db, actor, "RunFinished", {"run": run_id, "state": state})
 
     async def runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest `limit` runs, and every run still running however old: a restarted hub must go
+        on with all of them."""
         async with self.engine.connect() as db:
-            rows = (await db.execute(select(runs).order_by(runs.c.created.desc()).limit(limit))).mappings().all()
-        return [dict(row) for row in reversed(rows)]
+            newest = (await db.execute(select(runs).order_by(runs.c.created.desc()).limit(limit))).mappings().all()
+            running = (await db.execute(select(runs).where(runs.c.state == "running"))).mappings().all()
+        by_id = {row["id"]: dict(row) for row in [*running, *newest]}
+        return sorted(by_id.values(), key=lambda run: run["created"])
 
     async def commands(self, run_ids: list[str]) -> list[dict[str, Any]]:
         if not run_ids:
