@@ -68,8 +68,9 @@ class HubLink:
 
     def job_changed(self, job: Job) -> None:
         if self.connected and job.hub_command is not None:
-            self._outgoing.put_nowait(self._status(job.hub_command, job.state, job.id, job.result or None))
-        self.wake()
+            self._report(job.hub_command, job.state, job.id, job.result or None)
+        else:
+            self.wake()
 
     async def run_forever(self) -> None:
         import aiohttp
@@ -226,9 +227,7 @@ class HubLink:
         command_id = command["id"]
         row = self.daemon.store.job_for_command(command_id)
         if row is not None:  # sent again: report, never run twice
-            state = row.state
-            self._outgoing.put_nowait(self._status(command_id, state, row.id, row.result))
-            self.wake()
+            self._report(command_id, row.state, row.id, row.result)
             return
         try:
             steps = parse_steps(self.daemon.target, json.dumps(command.get("steps")))
@@ -238,14 +237,12 @@ class HubLink:
             check_flags(flags)
         except (DaemonError, TypeError) as error:
             log.warning("refused hub command %s: %s", command_id, error)
-            self._outgoing.put_nowait(self._status(command_id, "rejected", None, {"error": str(error)}))
-            self.wake()
+            self._report(command_id, "rejected", None, {"error": str(error)})
             return
         kind = "apply" if len(steps) == 1 else "pipeline"
         job = self.daemon.jobs.submit(kind, steps, flags, HUB_UID, "HubCommand", hub_command=command_id)
         log.info("hub command %s is job %d", command_id, job.id)
-        self._outgoing.put_nowait(self._status(command_id, job.state, job.id, None))
-        self.wake()
+        self._report(command_id, job.state, job.id, None)
 
     def _cancel(self, command_id: str) -> None:
         row = self.daemon.store.job_for_command(command_id)
@@ -256,9 +253,11 @@ class HubLink:
         except DaemonError as error:
             log.info("cannot cancel job %d for the hub: %s", row.id, error)
 
-    @staticmethod
-    def _status(command_id: str, state: str, job_id: int | None, result: dict[str, Any] | None) -> dict[str, Any]:
-        return {"type": "command_status", "command": command_id, "state": state, "job": job_id, "result": result}
+    def _report(self, command_id: str, state: str, job_id: int | None, result: dict[str, Any] | None) -> None:
+        """Queue a command's state for the hub and wake the writer to send it."""
+        status = {"type": "command_status", "command": command_id, "state": state, "job": job_id, "result": result}
+        self._outgoing.put_nowait(status)
+        self.wake()
 
 
 CREDENTIAL_URL = "rastos.hub.url"  # systemd credentials (ImportCredential=rastos.hub.* in rastosd.service)

@@ -117,7 +117,10 @@ class Fleet:
                 queue.put_nowait(message)
 
     def _publish_host(self, name: str) -> None:
-        self.publish({"kind": "host", "host": self.hosts[name]})
+        """Every change of a host goes out through here, so its derived health is refreshed here."""
+        host = self.hosts[name]
+        host["health"] = _health(host)
+        self.publish({"kind": "host", "host": host})
 
     def _publish_run(self, run: dict[str, Any]) -> None:
         self.publish({"kind": "run", "run": run})
@@ -189,7 +192,6 @@ class Fleet:
             host = self.hosts[link.host]
             host["online"] = True
             host["last_seen"] = time.time()
-            host["health"] = _health(host)
             self._publish_host(link.host)
             in_flight = [self._command_message(c) for c in self._commands_of(link.host) if c["state"] in IN_FLIGHT]
             return {"type": "welcome", "host": link.host, "last_event": self.cursors[link.host],
@@ -214,7 +216,6 @@ class Fleet:
             del self.agents[link.host]
             if (host := self.hosts.get(link.host)) is not None:
                 host["online"] = False
-                host["health"] = _health(host)
                 self._publish_host(link.host)
 
     async def facts(self, name: str, facts: dict[str, Any]) -> None:
@@ -223,7 +224,6 @@ class Fleet:
         host = self.hosts[name]
         host["facts"] = facts
         host["last_seen"] = time.time()
-        host["health"] = _health(host)
         self._publish_host(name)
         self.store.save_facts(name, facts)
 
@@ -240,7 +240,6 @@ class Fleet:
                 for item in stored:
                     _note_host_event(host, item)
                     self._publish_event(item)
-                host["health"] = _health(host)
                 host["last_seen"] = time.time()
                 self._publish_host(name)
             return self.cursors[name]

@@ -20,7 +20,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import JSON, Connection, bindparam, create_engine, delete, event, insert, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -83,6 +83,10 @@ def _revision(connection: Connection) -> str:
     from alembic.runtime.migration import MigrationContext
 
     return MigrationContext.configure(connection).get_current_revision() or ""
+
+
+def _without_token(row: RowMapping) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != "token_hash"}
 
 
 def new_token() -> tuple[str, str]:
@@ -168,12 +172,12 @@ class Store:
     async def hosts(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as db:
             rows = (await db.execute(select(hosts).order_by(hosts.c.name))).mappings().all()
-        return [{key: value for key, value in row.items() if key != "token_hash"} for row in rows]
+        return [_without_token(row) for row in rows]
 
     async def host(self, name: str) -> dict[str, Any] | None:
         async with self.engine.connect() as db:
             row = (await db.execute(select(hosts).where(hosts.c.name == name))).mappings().first()
-        return None if row is None else {key: value for key, value in row.items() if key != "token_hash"}
+        return None if row is None else _without_token(row)
 
     # What agents report: many small writes, committed in groups
 
