@@ -17,11 +17,15 @@ from pathlib import Path
 log = logging.getLogger("rastosd.failpoints")
 
 VARIABLE = "RASTOS_TEST_FAILPOINT"
-POINTS = (
+SNAPSHOT_POINTS = (
     "snapshot-written",  # Create: the btrfs snapshot exists, its boot menu entry not yet
     "deployment-made",  # Rollback: the writable deployment exists, no entry changed yet
     "order-changed",  # Rollback: the other entries are re-sorted, the new entry not yet written
     "entry-written",  # Rollback: the new entry is on the ESP, the state store not yet told
+)
+POINTS = (
+    *SNAPSHOT_POINTS,
+    "follow-ups-owed",  # a step: its files written, its follow-ups (service reloads) recorded, not yet run
 )
 
 

@@ -9,8 +9,13 @@ Pipeline semantics (docs/daemon.md says the same for users):
 - With FLAG_RESTORE_ON_FAILURE, a failure puts every file that the steps so far changed back as it was
   in the pre snapshot (files the snapshot lacks are removed). Runtime state (the kernel's host name,
   /proc/sys) is not rolled back by this; it returns to the files' values at the next boot.
-- FLAG_DRY_RUN plans every step against the system as it is now and changes nothing, takes no
-  snapshot. A step that depends on an earlier one is planned without that earlier change.
+- FLAG_DRY_RUN changes nothing and takes no snapshot. Each step is planned against the state the
+  earlier steps would leave: the steps are applied to a throwaway shadow of the root (ops/shadow.py),
+  runtime actions (reloads, /proc/sys) planned but not carried out. Should the shadow be impossible
+  (not root, no overlayfs), every step is planned against the system as it is and the result says so.
+- A step's follow-ups (a service reload after its config changed) are recorded in the state store
+  before its writes and run after them; a crash in between leaves them owed and the next start runs
+  them (followups.py).
 - Cancel() stops a queued job before it starts and a running one between steps; a step that has
   begun runs to its end (ops write files atomically), so nothing is left half-changed.
 Jobs run one at a time: two concurrent Apply calls queue, they never interleave.
@@ -28,11 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob, OpFailed
-from daemon.ops import get_op
+from daemon.followups import JobFollowUps
+from daemon.ops import AFTER, get_op
 from daemon.ops.base import Op, Target, execute
+from daemon.ops.order import check_order
 from daemon.ops.params import Params, validate
+from daemon.ops.shadow import shadow
 from daemon.snapshots import Snapshots
 from daemon.store import DAEMON_UID, StateStore
+from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.jobs")
 
@@ -97,6 +106,7 @@ def parse_steps(target: Target, steps_json: str) -> list[Step]:
         if unknown:
             raise InvalidParams(f"{where}.{sorted(unknown)[0]}", "unknown key; a step has op and params")
         steps.append(step_from(target, item.get("op"), item.get("params", {}), where))
+    check_order([step.op.name for step in steps], AFTER)
     return steps
 
 
@@ -240,10 +250,24 @@ class _PipelineRun:
         self.dry_run = bool(job.flags & FLAG_DRY_RUN)
         self.snapshots = None if job.flags & FLAG_NO_SNAPSHOT else manager.snapshots
         self.pre_id: int | None = None
+        self.target = manager.target  # a shadow of it during a dry run
         self.changed_paths: list[str] = []
         self.steps: list[dict[str, Any]] = [{"op": s.op.name, "state": "pending"} for s in job.steps]
 
     def run(self) -> tuple[str, dict[str, Any]]:
+        if not self.dry_run or len(self.job.steps) == 1:
+            return self._run_steps(self.manager.target, {})
+        try:
+            with shadow(self.manager.target) as shadow_target:
+                return self._run_steps(shadow_target, {"planned_in_sequence": True})
+        except RastosError as error:  # the shadow could not be made; a step's own failure is caught inside
+            log.warning("job %d: dry run without a shadow: %s", self.job.id, error)
+            self.steps = [{"op": s.op.name, "state": "pending"} for s in self.job.steps]
+            note = f"each step planned against the system as it is (no shadow: {error})"
+            return self._run_steps(self.manager.target, {"planned_in_sequence": False, "note": note})
+
+    def _run_steps(self, target: Target, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        self.target = target
         state, error = "done", None
         for index, step in enumerate(self.job.steps):
             if self.job.cancel_requested.is_set():
@@ -259,7 +283,7 @@ class _PipelineRun:
                 state = "failed"
                 self._skip_from(index + 1)
                 break
-        result: dict[str, Any] = {"steps": self.steps, "dry_run": self.dry_run}
+        result: dict[str, Any] = {"steps": self.steps, "dry_run": self.dry_run, **extra}
         if error is not None:
             result["error"] = error
         self._after(state, result)
@@ -268,9 +292,11 @@ class _PipelineRun:
     def _run_step(self, index: int, step: Step) -> None:
         record = self.steps[index]
         self.manager.store.set_step(self.job.id, index, "running")
-        plan = step.op.plan(self.manager.target, step.params)
+        plan = step.op.plan(self.target, step.params)
         record["changes"] = [change.as_json() for change in plan.changes]
         if self.dry_run or not plan.actions:
+            if self.dry_run and plan.actions and self.target.simulated:  # what the next step is planned against
+                execute(plan, self.target, lambda line: None)
             record["state"] = "planned" if self.dry_run else "unchanged"
             self.manager.store.set_step(self.job.id, index, record["state"], record)
             return
@@ -283,8 +309,9 @@ class _PipelineRun:
         record["output"] = output
         record["state"] = "running"
         self.changed_paths += plan.paths
-        execute(plan, self.manager.target, lambda line: self._output(output, line))
-        problems = step.op.verify(self.manager.target, step.params)
+        follow_ups = JobFollowUps(self.manager.store, self.job.id)
+        execute(plan, self.target, lambda line: self._output(output, line), follow_ups)
+        problems = step.op.verify(self.target, step.params)
         if problems:
             raise OpFailed(f"verify found: {'; '.join(problems)}")
         record["state"] = "changed"

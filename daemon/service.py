@@ -52,6 +52,7 @@ from daemon.bus.interfaces import (
 from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
+from daemon.followups import run_owed
 from daemon.hub_link import HubLink, load_settings
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
@@ -448,6 +449,7 @@ async def serve(config: DaemonConfig) -> None:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
     daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
     daemon.reconcile()
+    await asyncio.to_thread(run_owed, daemon.store, daemon.target)
     daemon.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
     daemon.report_fallback()

@@ -75,6 +75,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN hub_command TEXT;
     CREATE UNIQUE INDEX jobs_hub_command ON jobs(hub_command) WHERE hub_command IS NOT NULL;
     """,
+    # 4: service actions owed after a step's writes, recorded before the writes (daemon/followups.py).
+    """
+    CREATE TABLE follow_ups (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER,
+        verb TEXT NOT NULL,            -- systemctl's verb: reload, restart, ...
+        unit TEXT NOT NULL,
+        created REAL NOT NULL,
+        finished REAL,
+        outcome TEXT                   -- done, failed: ..., NULL while owed
+    );
+    """,
 )
 
 ACTIVE_STATES = ("queued", "running")
@@ -244,6 +256,33 @@ class StateStore:
                 )
                 self._event(db, DAEMON_UID, "JobInterrupted", job_id, reason="daemon stopped during the job")
         return ids
+
+    # Follow-ups
+
+    def add_follow_ups(self, job_id: int | None, follow_ups: list[tuple[str, str]]) -> list[int]:
+        with self.transaction() as db:
+            ids = [
+                int(db.execute(
+                    "INSERT INTO follow_ups (job_id, verb, unit, created) VALUES (?, ?, ?, ?)",
+                    (job_id, verb, unit, time.time()),
+                ).lastrowid or 0)
+                for verb, unit in follow_ups
+            ]  # fmt: skip
+        return ids
+
+    def finish_follow_up(self, follow_up_id: int, outcome: str, uid: int = DAEMON_UID) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT job_id, verb, unit FROM follow_ups WHERE id = ?", (follow_up_id,)).fetchone()
+            db.execute(
+                "UPDATE follow_ups SET finished = ?, outcome = ? WHERE id = ?", (time.time(), outcome, follow_up_id)
+            )
+            self._event(db, uid, "FollowUp", row[0], verb=row[1], unit=row[2], outcome=outcome, id=follow_up_id)
+
+    def owed_follow_ups(self) -> list[tuple[int, int | None, str, str]]:
+        """Follow-ups recorded and never finished: a crash came between a step's writes and them."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, job_id, verb, unit FROM follow_ups WHERE outcome IS NULL ORDER BY id")
+            return [(int(r[0]), r[1], str(r[2]), str(r[3])) for r in rows.fetchall()]
 
     # Snapshots
 

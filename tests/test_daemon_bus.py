@@ -15,7 +15,7 @@ from typing import Any
 import btrfsutil
 import pytest
 
-from daemon.failpoints import POINTS as FAILPOINTS
+from daemon.failpoints import SNAPSHOT_POINTS as FAILPOINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
 from tests.daemon_fixtures import (
     ADMIN_GROUP,

@@ -6,7 +6,10 @@ facts again afterwards. An op whose plan is empty reports "unchanged": that is w
 apply idempotent, and it is checked for every op by the tests.
 
 Ops act on a `Target`: a root directory. On the live system it is `/` and actions with a runtime side
-(the kernel's host name, /proc/sys) take effect at once; aimed at a scratch root they only write files.
+(the kernel's host name, /proc/sys, a service reload) take effect at once; aimed at a scratch root they
+only write files. A *simulated* target is a throwaway copy-on-write view of a live one (shadow.py): a
+dry run applies its steps there, so each step is planned against what the earlier ones would leave;
+runtime actions are planned as on the live system but never carried out.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from daemon.ops.params import Params, Schema
 from rastos.process import run
@@ -30,10 +33,18 @@ Output = Callable[[str], None]
 @dataclass(frozen=True)
 class Target:
     root: Path
+    # Whether the running kernel and services are this root's (plan runtime actions). Default: root is /.
+    # A test sets it for a scratch root inside a network namespace it made.
+    runtime: bool | None = None
+    simulated: bool = False  # a shadow for a dry run: runtime actions are planned, never carried out
 
     @property
     def live(self) -> bool:
-        return self.root == Path("/")
+        return self.root == Path("/") if self.runtime is None else self.runtime
+
+    @property
+    def acts_at_runtime(self) -> bool:
+        return self.live and not self.simulated
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")
@@ -58,7 +69,11 @@ class Change:
 
 
 class Action(ABC):
-    """One step of a plan. `paths` are the files it may change: what a restore puts back."""
+    """One step of a plan. `paths` are the files it may change: what a restore puts back.
+    A `runtime` action changes the running system only (a kernel value, a service): it is carried out
+    on the live system and skipped on scratch roots and shadows."""
+
+    runtime: ClassVar[bool] = False
 
     @abstractmethod
     def describe(self) -> Change: ...
@@ -163,6 +178,7 @@ class SetKernelHostname(Action):
 
     hostname: str
     old: str
+    runtime: ClassVar[bool] = True
 
     def describe(self) -> Change:
         return Change("kernel host name", "set", f"{self.old} -> {self.hostname}")
@@ -179,6 +195,7 @@ class WriteSysctl(Action):
     key: str
     value: str
     old: str
+    runtime: ClassVar[bool] = True
 
     def describe(self) -> Change:
         return Change(f"sysctl {self.key}", "set", f"{self.old} -> {self.value}")
@@ -186,6 +203,27 @@ class WriteSysctl(Action):
     def execute(self, target: Target, output: Output) -> None:
         Path("/proc/sys", *self.key.split(".")).write_text(self.value + "\n")
         output(f"{self.key} = {self.value}")
+
+
+@dataclass(frozen=True)
+class FollowUp(Action):
+    """What a service owes after its files changed (`systemctl reload ssh.service`). The executor
+    records it in the state store before the step's writes and marks it done after it ran, so a crash
+    in between still runs it at the daemon's next start (followups.py)."""
+
+    verb: str  # reload, restart, try-reload-or-restart, enable --now: systemctl's own words
+    unit: str
+    runtime: ClassVar[bool] = True
+
+    def describe(self) -> Change:
+        return Change(f"unit {self.unit}", self.verb, f"systemctl {self.verb} {self.unit}")
+
+    def execute(self, target: Target, output: Output) -> None:
+        run(["systemctl", *self.verb.split(), self.unit], capture=True)
+        output(f"{self.verb} {self.unit}")
+
+    def as_json(self) -> dict[str, str]:
+        return {"verb": self.verb, "unit": self.unit}
 
 
 @dataclass(frozen=True)
@@ -213,6 +251,7 @@ class Op(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     schema: ClassVar[Schema]
+    after: ClassVar[tuple[str, ...]] = ()  # ops a pipeline must run before this one (order.py)
 
     @abstractmethod
     def plan(self, target: Target, params: Params) -> Plan:
@@ -227,12 +266,34 @@ class Op(ABC):
         return [f"{change.subject}: still needs {change.action}" for change in self.plan(target, params).changes]
 
 
-def execute(plan: Plan, target: Target, output: Output) -> None:
-    """Carry out exactly the plan's actions, in order. Runtime actions are skipped off the live system."""
+class FollowUpLog(Protocol):
+    """Where the executor records follow-ups before it writes, and marks them done (the state store)."""
+
+    def add_follow_ups(self, follow_ups: Sequence[FollowUp]) -> list[int]: ...
+    def before_follow_ups(self) -> None: ...
+    def finish_follow_up(self, follow_up_id: int, outcome: str) -> None: ...
+
+
+def execute(plan: Plan, target: Target, output: Output, follow_ups: FollowUpLog | None = None) -> None:
+    """Carry out exactly the plan's actions, in order, then its follow-ups (each service once).
+    Runtime actions are skipped unless the target is the running system and not a shadow."""
+    owed = list(dict.fromkeys(a for a in plan.actions if isinstance(a, FollowUp))) if target.acts_at_runtime else []
+    ids = follow_ups.add_follow_ups(owed) if follow_ups is not None and owed else [0] * len(owed)
     for action in plan.actions:
-        if isinstance(action, SetKernelHostname | WriteSysctl) and not target.live:
+        if isinstance(action, FollowUp) or (action.runtime and not target.acts_at_runtime):
             continue
         action.execute(target, output)
+    if follow_ups is not None and owed:
+        follow_ups.before_follow_ups()
+    for follow_up_id, follow_up in zip(ids, owed, strict=True):
+        try:
+            follow_up.execute(target, output)
+        except Exception as error:
+            if follow_ups is not None:
+                follow_ups.finish_follow_up(follow_up_id, f"failed: {error}")
+            raise
+        if follow_ups is not None:
+            follow_ups.finish_follow_up(follow_up_id, "done")
 
 
 def write_atomically(path: Path, content: str, mode: int, uid: int, gid: int) -> None:

@@ -9,6 +9,7 @@ from daemon.ops.params import Kind, Param, Params
 class MotdOp(Op):
     name = "motd"
     description = "Set the message of the day (/etc/motd); an empty text removes it"
+    after = ("hostname",)  # a message that names the host is written once the host has its name
     schema = (
         Param("text", Kind.STRING, "the message; a final newline is added if missing", required=True, max_length=65536),
     )
