@@ -3,9 +3,7 @@ follow-ups recorded before the writes they follow."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,20 +17,7 @@ from daemon.ops.order import OrderCycle, check_declarations, check_order, sorted
 from daemon.ops.shadow import shadow
 from daemon.store import StateStore
 from tests.daemon_fixtures import JOB, MANAGER, Rastosd, require_root
-
-
-def tree_digest(root: Path) -> str:
-    """Every path, its mode, owner and content: equal digests mean the tree is byte-identical."""
-    digest = hashlib.sha256()
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(subdirs + files):
-            path = Path(directory, name)
-            status = path.lstat()
-            digest.update(f"{path.relative_to(root)} {status.st_mode:o} {status.st_uid}:{status.st_gid}\n".encode())
-            if path.is_file() and not path.is_symlink():
-                digest.update(path.read_bytes())
-    return digest.hexdigest()
+from tests.op_tree import tree_digest
 
 
 def mounts() -> list[str]:

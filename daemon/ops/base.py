@@ -346,6 +346,20 @@ def file_action(target: Target, path: str, content: str, *, mode: int = 0o644, o
     return [WriteFile(path, content, old, mode, owner)]
 
 
+def in_target(target: Target, argv: Sequence[str], run_dirs: Sequence[str] = ()) -> list[str]:
+    """argv for one of the target's own programs, run on the target's files. On / as it is; on a
+    scratch root under bubblewrap (the root bound at /, fresh /proc, /dev and an empty /run with
+    `run_dirs` in it), which mounts nothing on the host. The network namespace stays the caller's:
+    a test that made one for the target gets the target's nft or ip acting in it."""
+    if target.root == Path("/"):
+        return list(argv)
+    wrapper = ["bwrap", "--bind", str(target.root), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run",
+               "--tmpfs", "/tmp", "--die-with-parent", "--setenv", "PATH", "/usr/sbin:/usr/bin:/sbin:/bin"]  # fmt: skip
+    for directory in run_dirs:
+        wrapper += ["--dir", f"/run/{directory}"]
+    return [*wrapper, "--", *argv]
+
+
 def _diff(path: str, old: str, new: str) -> str:
     lines = difflib.unified_diff(
         old.splitlines(keepends=True), new.splitlines(keepends=True), f"a{path}", f"b{path}", n=1
