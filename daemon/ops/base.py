@@ -252,6 +252,13 @@ class Op(ABC):
     description: ClassVar[str]
     schema: ClassVar[Schema]
     after: ClassVar[tuple[str, ...]] = ()  # ops a pipeline must run before this one (order.py)
+    # A change that can cut the host off (firewall, network, ssh): it must be confirmed within its
+    # `confirm_timeout` param, or the daemon puts the old files back and runs `revert_actions` (confirm.py).
+    risky: ClassVar[bool] = False
+
+    def revert_actions(self) -> tuple[Action, ...]:
+        """What makes the running system read the restored files again (a reload)."""
+        return ()
 
     @abstractmethod
     def plan(self, target: Target, params: Params) -> Plan:
