@@ -24,6 +24,10 @@ def daemon_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--booted-entry", help="the boot entry to take as booted (default: systemd-boot's EFI variable)"
     )
+    parser.add_argument(
+        "--root-runtime", action="store_true", default=None,
+        help="make runtime changes (nft, sysctl) for a root other than / (tests, in namespaces of their own)",
+    )  # fmt: skip
     parser.add_argument("--kernel-cmdline", help="the kernel command line of this boot (default /proc/cmdline)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
@@ -37,7 +41,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
         overrides = {
             "root": args.root, "state_dir": args.state_dir, "snapshots_dir": args.snapshots_dir,
             "esp": args.esp, "bus_address": args.bus_address, "booted_entry": args.booted_entry,
-            "kernel_cmdline": args.kernel_cmdline,
+            "kernel_cmdline": args.kernel_cmdline, "root_runtime": args.root_runtime,
         }  # fmt: skip
         config = replace(config, **{key: value for key, value in overrides.items() if value is not None})
         from daemon.service import serve

@@ -32,6 +32,9 @@ class DaemonConfig:
     kernel_cmdline: str | None = None  # test seam: this boot's kernel command line (default: /proc/cmdline)
     hub_url: str | None = None  # ws:// or wss:// URL of the hub's agent socket; None: no hub
     hub_token_file: Path = Path("/etc/rastos/hub-token")  # this host's token (rastos-hub host add)
+    # Test seam: the scratch root's kernel and services are the ones beside the daemon (a test runs it
+    # in network and UTS namespaces of its own), so runtime actions (nft, sysctl) are made. None: root is /.
+    root_runtime: bool | None = None
 
     def boot_cmdline(self) -> str:
         if self.kernel_cmdline is not None:

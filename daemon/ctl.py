@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_run = pipeline_commands.add_parser("run", help="run the steps in FILE (.json list or .toml [[step]])")
     pipeline_run.add_argument("file", type=Path)
     add_job_flags(pipeline_run)
+    confirm = commands.add_parser("confirm", help="confirm a risky change (firewall, network, ssh) before it reverts")
+    confirm.add_argument("id", type=int, help="the job that made the change")
     commands.add_parser("jobs", help="recent jobs")
     job = commands.add_parser("job", help="show a job; follow its progress until it ends")
     job.add_argument("id", type=int)
@@ -184,6 +186,11 @@ class Client:
             return 0
         return await self.job(job_id)
 
+    async def confirm(self, job_id: int) -> int:
+        await self.manager.confirm(job_id)
+        self.emit({"confirmed": job_id}, f"job {job_id}'s change is confirmed: it stays")
+        return 0
+
     async def jobs(self) -> int:
         jobs = await self.manager.list_jobs()
         document = [{"id": i, "kind": k, "state": s, "created": c, "path": p} for i, k, s, c, p in jobs]
@@ -318,6 +325,12 @@ def format_job(document: dict[str, Any]) -> str:
         lines.append(f"  restored: {', '.join(result['restored'])}")
     if result.get("error"):
         lines.append(f"  error: {result['error']}")
+    confirmation = document.get("confirmation")
+    if confirmation and confirmation["state"] == "pending":
+        deadline = time.strftime("%H:%M:%S", time.localtime(confirmation["deadline"]))
+        lines.append(f"  PENDING: reverted at {deadline} unless confirmed: rastosctl confirm {document['id']}")
+    elif confirmation:
+        lines.append(f"  confirmation: {confirmation['state']} {confirmation.get('detail') or ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -336,6 +349,8 @@ async def dispatch(args: argparse.Namespace) -> int:
         return await client.apply(args.op, args.params, args)
     if command == "pipeline":
         return await client.pipeline(args.file, args)
+    if command == "confirm":
+        return await client.confirm(args.id)
     if command == "jobs":
         return await client.jobs()
     if command == "job":

@@ -71,6 +71,12 @@ class OpFailed(DaemonError):
     dbus_name = ERROR_PREFIX + "OpFailed"
 
 
+class NotPending(DaemonError):
+    """Confirm() for a job whose change is not waiting for a confirmation (none, or settled)."""
+
+    dbus_name = ERROR_PREFIX + "NotPending"
+
+
 ALL_ERRORS: tuple[type[DaemonError], ...] = (
     DaemonError,
     InvalidParams,
@@ -83,4 +89,5 @@ ALL_ERRORS: tuple[type[DaemonError], ...] = (
     SnapshotsUnavailable,
     BootConfigError,
     OpFailed,
+    NotPending,
 )

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from daemon.confirm import Confirmations, capture
 from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob, OpFailed
 from daemon.followups import JobFollowUps
 from daemon.ops import AFTER, get_op
@@ -156,6 +157,9 @@ class JobManager:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._current: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
+        # Held while a job runs and while a pending change is reverted: the two never interleave.
+        self.run_lock = threading.Lock()
+        self.confirmations = Confirmations(target, store, self.run_lock)
 
     def submit(
         self, kind: str, steps: list[Step], flags: int, uid: int, method: str, hub_command: str | None = None
@@ -220,13 +224,14 @@ class JobManager:
         self.notify(self.listener.job_changed, job, "Progress")
 
     def _run(self, job: Job) -> None:
-        if job.state in FINAL_STATES:  # cancelled while it waited
-            return
-        self.store.set_job_state(job.id, "running")
-        self.set_state(job, "running")
-        runner = _PipelineRun(self, job)
-        state, result = runner.run()
-        self._finish(job, state, result)
+        with self.run_lock:
+            if job.state in FINAL_STATES:  # cancelled while it waited
+                return
+            self.store.set_job_state(job.id, "running")
+            self.set_state(job, "running")
+            runner = _PipelineRun(self, job)
+            state, result = runner.run()
+            self._finish(job, state, result)
 
     def _finish(self, job: Job, state: str, result: dict[str, Any]) -> None:
         result["state"] = state
@@ -251,6 +256,10 @@ class _PipelineRun:
         self.snapshots = None if job.flags & FLAG_NO_SNAPSHOT else manager.snapshots
         self.pre_id: int | None = None
         self.target = manager.target  # a shadow of it during a dry run
+        # Risky steps' files as they were, their ops, and the longest confirm_timeout among them.
+        self.risky_files: dict[str, Any] = {}
+        self.risky_ops: list[str] = []
+        self.confirm_timeout = 0
         self.changed_paths: list[str] = []
         self.steps: list[dict[str, Any]] = [{"op": s.op.name, "state": "pending"} for s in job.steps]
 
@@ -287,6 +296,13 @@ class _PipelineRun:
         if error is not None:
             result["error"] = error
         self._after(state, result)
+        restored = state == "failed" and bool(self.job.flags & FLAG_RESTORE_ON_FAILURE) and "restored" in result
+        if self.risky_files and not restored:
+            deadline = self.manager.confirmations.arm(
+                self.job.id, self.risky_files, self.risky_ops, self.confirm_timeout
+            )
+            result["confirmation"] = {"deadline": deadline, "paths": sorted(self.risky_files),
+                                      "confirm": f"rastosctl confirm {self.job.id}"}  # fmt: skip
         return state, result
 
     def _run_step(self, index: int, step: Step) -> None:
@@ -309,6 +325,11 @@ class _PipelineRun:
         record["output"] = output
         record["state"] = "running"
         self.changed_paths += plan.paths
+        timeout = int(step.params.get("confirm_timeout") or 0)
+        if step.op.risky and timeout > 0:
+            capture(self.target, plan.paths, self.risky_files)
+            self.risky_ops += [step.op.name] if step.op.name not in self.risky_ops else []
+            self.confirm_timeout = max(self.confirm_timeout, timeout)
         follow_ups = JobFollowUps(self.manager.store, self.job.id)
         execute(plan, self.target, lambda line: self._output(output, line), follow_ups)
         problems = step.op.verify(self.target, step.params)

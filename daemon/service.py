@@ -165,6 +165,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
             "id": row.id, "kind": row.kind, "state": row.state, "flags": row.flags, "uid": row.uid,
             "created": row.created, "started": row.started, "finished": row.finished,
             "steps": self._daemon.store.steps(job_id), "result": row.result,
+            "confirmation": confirmation_summary(self._daemon.store.confirmation(job_id)),
         }  # fmt: skip
         return json.dumps(document)
 
@@ -200,6 +201,12 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
         steps = parse_steps(self._daemon.target, steps_json)
         job = self._daemon.jobs.submit("pipeline", steps, flags, caller.uid, "RunPipeline")
         return job_path(job.id)
+
+    @dbus_method_async_override()
+    @guarded
+    async def confirm(self, job_id: int) -> None:
+        caller = await self._daemon.callers.require_admin("Confirm")
+        self._daemon.jobs.confirmations.confirm(job_id, caller.uid)
 
     # Snapshots
 
@@ -248,6 +255,12 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
         self._daemon.mark_good(caller.uid)
 
 
+def confirmation_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {key: row[key] for key in ("state", "deadline", "settled", "detail")} | {"paths": sorted(row["files"])}
+
+
 @functools.cache
 def published_ops() -> list[tuple[str, str, str]]:
     """The registry does not change while the daemon runs: its JSON Schemas are made once."""
@@ -267,7 +280,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, bus: SdBus) -> None:
         self.config = config
         self.bus = bus
-        self.target = Target(config.root)
+        self.target = Target(config.root, runtime=config.root_runtime)
         self.store = StateStore(config.database)
         self.entries = BootEntries(config.esp, config.boot_tries)
         self.boot_id = current_boot_id()
@@ -450,6 +463,7 @@ async def serve(config: DaemonConfig) -> None:
     daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
     daemon.reconcile()
     await asyncio.to_thread(run_owed, daemon.store, daemon.target)
+    daemon.jobs.confirmations.resume()
     daemon.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
     daemon.report_fallback()

@@ -87,6 +87,19 @@ MIGRATIONS: tuple[str, ...] = (
         outcome TEXT                   -- done, failed: ..., NULL while owed
     );
     """,
+    # 5: risky changes waiting to be confirmed, and what puts them back (daemon/confirm.py).
+    """
+    CREATE TABLE confirmations (
+        job_id INTEGER PRIMARY KEY,
+        created REAL NOT NULL,
+        deadline REAL NOT NULL,
+        files TEXT NOT NULL,           -- JSON {path: {"content": old text or null, "mode": int}}
+        ops TEXT NOT NULL,             -- JSON [op names whose revert actions run once the files are back]
+        state TEXT NOT NULL,           -- pending, confirmed, reverted, revert-failed, superseded
+        settled REAL,
+        detail TEXT
+    );
+    """,
 )
 
 ACTIVE_STATES = ("queued", "running")
@@ -283,6 +296,58 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT id, job_id, verb, unit FROM follow_ups WHERE outcome IS NULL ORDER BY id")
             return [(int(r[0]), r[1], str(r[2]), str(r[3])) for r in rows.fetchall()]
+
+    # Confirmations
+
+    def add_confirmation(
+        self, job_id: int, deadline: float, files: dict[str, Any], ops: list[str]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Record a pending change. Earlier pending ones are folded in (superseded): their files keep
+        the oldest content, so a revert goes back to the last confirmed state, not to one unconfirmed
+        change ago. Returns the merged files and ops."""
+        with self.transaction() as db:
+            merged_files, merged_ops = dict(files), list(ops)
+            older = db.execute("SELECT job_id, files, ops FROM confirmations WHERE state = 'pending' ORDER BY job_id")
+            for row in older.fetchall():
+                merged_files.update(json.loads(row["files"]))  # the older content wins
+                merged_ops += [op for op in json.loads(row["ops"]) if op not in merged_ops]
+                db.execute(
+                    "UPDATE confirmations SET state = 'superseded', settled = ?, detail = ? WHERE job_id = ?",
+                    (time.time(), f"folded into job {job_id}", row["job_id"]),
+                )
+            db.execute(
+                "INSERT INTO confirmations (job_id, created, deadline, files, ops, state) "
+                "VALUES (?, ?, ?, ?, ?, 'pending')",
+                (job_id, time.time(), deadline, json.dumps(merged_files), json.dumps(merged_ops)),
+            )
+            self._event(db, DAEMON_UID, "ConfirmationPending", job_id, deadline=deadline, paths=sorted(merged_files))
+        return merged_files, merged_ops
+
+    def confirmation(self, job_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM confirmations WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return {
+            "job_id": row["job_id"], "deadline": row["deadline"], "files": json.loads(row["files"]),
+            "ops": json.loads(row["ops"]), "state": row["state"], "settled": row["settled"], "detail": row["detail"],
+        }  # fmt: skip
+
+    def pending_confirmations(self) -> list[tuple[int, float]]:
+        with self._lock:
+            rows = self._db.execute("SELECT job_id, deadline FROM confirmations WHERE state = 'pending'").fetchall()
+        return [(int(row[0]), float(row[1])) for row in rows]
+
+    def settle_confirmation(self, job_id: int, state: str, uid: int, method: str, detail: str = "") -> bool:
+        """pending -> state; False when it was no longer pending (settled by someone else first)."""
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE confirmations SET state = ?, settled = ?, detail = ? WHERE job_id = ? AND state = 'pending'",
+                (state, time.time(), detail, job_id),
+            ).rowcount
+            if changed:
+                self._event(db, uid, method, job_id, state=state, detail=detail)
+        return bool(changed)
 
     # Snapshots
 

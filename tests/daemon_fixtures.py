@@ -155,6 +155,7 @@ class Rastosd:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[str] | None = None
     logs: list[Path] = field(default_factory=list)
+    wrapper: list[str] = field(default_factory=list)  # e.g. ip netns exec NS: the daemon in a namespace
 
     def start(self, timeout: float = 30) -> None:
         """Start the daemon and wait for its READY=1 on a notify socket, as systemd would."""
@@ -165,7 +166,7 @@ class Rastosd:
         log = self.state_dir.parent / f"rastosd-{len(self.logs)}.log"
         self.logs.append(log)
         argv = [
-            sys.executable, "-m", "daemon", "--root", str(self.scratch.root),
+            *self.wrapper, sys.executable, "-m", "daemon", "--root", str(self.scratch.root),
             "--snapshots-dir", str(self.scratch.snapshots), "--esp", str(self.scratch.esp),
             "--state-dir", str(self.state_dir), "--bus-address", self.bus.address, "--debug",
         ]  # fmt: skip

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CACHE_DIR, require_root
+from tests.daemon_fixtures import ENTRY, ScratchRoot
 
 SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
@@ -88,3 +89,24 @@ def tree_digest(root: Path) -> str:
             if path.is_file() and not path.is_symlink():
                 digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def op_scratch_root(base: Path, name: str) -> Iterator[ScratchRoot]:
+    """The tree laid out as rastosd's tests expect it (@ the root, @snapshots beside it, an ESP), for a
+    real daemon acting on a real Debian root."""
+    top = base.parent / name
+    top.mkdir()
+    subprocess.run(["btrfs", "-q", "subvolume", "snapshot", base, top / "@"], check=True)
+    subprocess.run(["btrfs", "-q", "subvolume", "create", top / "@snapshots"], check=True)
+    esp = top / "esp"
+    (esp / "loader" / "entries").mkdir(parents=True)
+    (esp / "loader" / "entries" / "rastos-0.conf").write_text(ENTRY)
+    (esp / "loader" / "loader.conf").write_text("timeout 0\n")
+    try:
+        yield ScratchRoot(top, esp)
+    finally:
+        for snapshot in sorted((top / "@snapshots").glob("*/snapshot")) + sorted((top / "@snapshots").glob("*/*")):
+            subprocess.run(["btrfs", "-q", "subvolume", "delete", snapshot], check=False, capture_output=True)
+        for volume in ("@", "@snapshots"):
+            subprocess.run(["btrfs", "-q", "subvolume", "delete", top / volume], check=False, capture_output=True)

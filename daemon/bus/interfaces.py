@@ -65,6 +65,10 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFAC
     async def run_pipeline(self, steps_json: str, flags: int) -> str:
         raise NotImplementedError
 
+    @dbus_method_async("u", input_args_names=("id",), flags=OPEN)
+    async def confirm(self, job_id: int) -> None:
+        raise NotImplementedError
+
     @dbus_method_async(result_signature="a(ussdo)", result_args_names=("jobs",), flags=OPEN)
     async def list_jobs(self) -> list[tuple[int, str, str, float, str]]:
         raise NotImplementedError

@@ -31,7 +31,7 @@ from daemon.ops.base import (
     file_action,
     in_target,
 )
-from daemon.ops.params import Kind, Param, Params
+from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -71,8 +71,7 @@ class FirewallOp(Op):
               default=[], pattern=INTERFACE),
         Param("allow_ping", Kind.BOOLEAN, "answer ICMP echo (ICMPv6 neighbour discovery is always on)", default=True),
         Param("forward", Kind.STRING, "policy for forwarded packets", default="drop", choices=("drop", "accept")),
-        Param("confirm_timeout", Kind.INTEGER, "seconds to confirm the change before it is reverted (0: no "
-              "confirmation)", default=120, minimum=0, maximum=86400),
+        CONFIRM_TIMEOUT,
     )  # fmt: skip
 
     def plan(self, target: Target, params: Params) -> Plan:

@@ -44,6 +44,16 @@ class Param:
 
 
 Schema = tuple[Param, ...]
+
+# Every risky op's (firewall, network, ssh): how long its change waits for a confirmation (confirm.py).
+CONFIRM_TIMEOUT = Param(
+    "confirm_timeout",
+    Kind.INTEGER,
+    "seconds to confirm the change before the daemon reverts it (0: stands at once)",
+    default=120,
+    minimum=0,
+    maximum=86400,
+)
 Params = dict[str, Any]
 
 

@@ -38,7 +38,7 @@ from daemon.ops.base import (
     in_target,
     read_colon_file,
 )
-from daemon.ops.params import Kind, Param, Params
+from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -66,6 +66,7 @@ class SshOp(Op):
     name = "ssh"
     description = "Harden the OpenSSH server: port, no passwords, no root login, strong algorithms; checked, reloaded"
     after = ("user",)  # the keys that replace passwords are installed first
+    risky = True
     schema = (
         Param("port", Kind.INTEGER, "the port sshd listens on", default=22, minimum=1, maximum=65535),
         Param("password_authentication", Kind.BOOLEAN, "allow logins with a password", default=False),
@@ -86,7 +87,11 @@ class SshOp(Op):
               pattern=ALGORITHM),
         Param("kex_algorithms", Kind.STRING_LIST, "key exchanges (default: the strong ones this OpenSSH knows)",
               default=[], pattern=ALGORITHM),
+        CONFIRM_TIMEOUT,
     )  # fmt: skip
+
+    def revert_actions(self) -> tuple[Action, ...]:
+        return (FollowUp("try-reload-or-restart", "ssh.service"),)
 
     def check(self, target: Target, params: Params) -> None:
         if not target.path("/usr/sbin/sshd").exists():
