@@ -47,8 +47,7 @@ def run_owed(store: StateStore, target: Target, output: Output = log.info) -> li
             outcome = "not run: the target is not the running system"
         else:
             try:
-                follow_up.execute(target, output)
-                outcome = "done"
+                outcome = follow_up.run(output)
             except (RastosError, OSError) as error:
                 outcome = f"failed: {error}"
         store.finish_follow_up(follow_up_id, outcome)

@@ -31,6 +31,7 @@ while True:
 class Pair:
     host: str  # the namespace the op acts in
     client: str
+    host_link: str = ""  # the host's end of the veth pair
     host_address: str = "10.199.0.1"
     client_address: str = "10.199.0.2"
 
@@ -38,8 +39,10 @@ class Pair:
         return subprocess.run(["ip", "netns", "exec", namespace, *argv], capture_output=True, text=True,
                               check=check, timeout=60)  # fmt: skip
 
-    def can_connect(self, port: int, timeout: float = 1.0) -> bool:
-        probe = f"import socket; socket.create_connection(('{self.host_address}', {port}), timeout={timeout})"
+    def can_connect(self, port: int, timeout: float = 1.0, address: str | None = None) -> bool:
+        probe = (
+            f"import socket; socket.create_connection(('{address or self.host_address}', {port}), timeout={timeout})"
+        )
         return self.run(self.client, sys.executable, "-c", probe, check=False).returncode == 0
 
     @contextlib.contextmanager
@@ -72,8 +75,8 @@ class Pair:
 @contextlib.contextmanager
 def namespace_pair() -> Iterator[Pair]:
     suffix = f"{os.getpid()}-{time.monotonic_ns() % 100000}"
-    pair = Pair(f"rastos-h-{suffix}", f"rastos-c-{suffix}")
     veth_host, veth_client = f"rh{suffix[-8:]}", f"rc{suffix[-8:]}"
+    pair = Pair(f"rastos-h-{suffix}", f"rastos-c-{suffix}", veth_host)
     try:
         for name in (pair.host, pair.client):
             subprocess.run(["ip", "netns", "add", name], check=True)

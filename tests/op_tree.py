@@ -23,7 +23,10 @@ from tests.daemon_fixtures import ENTRY, ScratchRoot
 
 SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ("openssh-server", "nftables", "sudo", "zsh", "systemd", "systemd-sysv", "ca-certificates", "openssl")
+PACKAGES = (
+    "openssh-server", "nftables", "sudo", "zsh", "systemd", "systemd-sysv", "systemd-resolved", "iproute2",
+    "ca-certificates", "openssl", "prometheus-node-exporter", "apt-utils",
+)  # fmt: skip
 
 
 def recipe_key() -> str:

@@ -38,6 +38,12 @@ CASES = [
     Case("sysctl", {"settings": {"vm.swappiness": "10"}}, {"settings": {"VM": "1"}}, "params.settings.VM:"),
     Case("user", ADMIN, {**ADMIN, "groups": ["nosuchgroup"]}, "params.groups[0]: group 'nosuchgroup' does not"),
     Case("ssh", {"port": 2222}, {"port": 0}, "params.port: must be at least 1", before=(("user", ADMIN),)),
+    Case(
+        "network",
+        {"interface": "eth0", "dhcp": "yes"},
+        {"interface": "eth0", "dhcp": "yes", "mtu": 10},
+        "params.mtu: must be at least 576",
+    ),
     Case("firewall", {"allow_tcp": ["80", "443"]}, {"allow_tcp": ["99999"]}, "params.allow_tcp: '99999' is not a port"),
 ]
 

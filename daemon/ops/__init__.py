@@ -7,12 +7,24 @@ from daemon.ops.base import Op
 from daemon.ops.firewall import FirewallOp
 from daemon.ops.hostname import HostnameOp
 from daemon.ops.motd import MotdOp
+from daemon.ops.network import NetworkOp
 from daemon.ops.order import check_declarations
 from daemon.ops.ssh import SshOp
 from daemon.ops.sysctl import SysctlOp
 from daemon.ops.user import UserOp
 
-OPS: dict[str, Op] = {op.name: op for op in (FirewallOp(), HostnameOp(), MotdOp(), SshOp(), SysctlOp(), UserOp())}
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        FirewallOp(),
+        HostnameOp(),
+        MotdOp(),
+        NetworkOp(),
+        SshOp(),
+        SysctlOp(),
+        UserOp(),
+    )
+}
 AFTER: dict[str, tuple[str, ...]] = {name: op.after for name, op in OPS.items()}
 check_declarations(AFTER)  # a cycle is a bug in the registry: the daemon must not start with it
 

@@ -28,6 +28,7 @@ from daemon.ops.params import Params, Schema
 from rastos.process import run
 
 Output = Callable[[str], None]
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # what sd_booted() looks for
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,14 @@ class FollowUp(Action):
         return Change(f"unit {self.unit}", self.verb, f"systemctl {self.verb} {self.unit}")
 
     def execute(self, target: Target, output: Output) -> None:
+        output(f"{self.verb} {self.unit}: {self.run(output)}")
+
+    def run(self, output: Output) -> str:
+        """Carry it out; returns the outcome the state store records."""
+        if not SYSTEMD_RUNNING.is_dir():  # sd_booted(): a container or chroot without systemd as init
+            return "skipped: systemd is not running here"
         run(["systemctl", *self.verb.split(), self.unit], capture=True)
-        output(f"{self.verb} {self.unit}")
+        return "done"
 
     def as_json(self) -> dict[str, str]:
         return {"verb": self.verb, "unit": self.unit}
@@ -294,13 +301,14 @@ def execute(plan: Plan, target: Target, output: Output, follow_ups: FollowUpLog 
         follow_ups.before_follow_ups()
     for follow_up_id, follow_up in zip(ids, owed, strict=True):
         try:
-            follow_up.execute(target, output)
+            outcome = follow_up.run(output)
         except Exception as error:
             if follow_ups is not None:
                 follow_ups.finish_follow_up(follow_up_id, f"failed: {error}")
             raise
+        output(f"{follow_up.verb} {follow_up.unit}: {outcome}")
         if follow_ups is not None:
-            follow_ups.finish_follow_up(follow_up_id, "done")
+            follow_ups.finish_follow_up(follow_up_id, outcome)
 
 
 def write_atomically(path: Path, content: str, mode: int, uid: int, gid: int) -> None:
