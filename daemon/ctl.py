@@ -21,6 +21,7 @@ from sdbus import DbusFailedError, SdBus, SdBusBaseError, sd_bus_open_system
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, JobInterface, ManagerInterface, SnapshotsInterface, job_path
+from daemon.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
 from rastos.errors import RastosError
 
@@ -49,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_run = pipeline_commands.add_parser("run", help="run the steps in FILE (.json list or .toml [[step]])")
     pipeline_run.add_argument("file", type=Path)
     add_job_flags(pipeline_run)
+    workflow = commands.add_parser("workflow", help="list, show or run the shipped workflows (daemon/workflows)")
+    workflow_commands = workflow.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    workflow_commands.add_parser("list", help="the workflows, their descriptions and variables")
+    for name, helptext in (("show", "the steps a workflow runs, in order"), ("run", "run a workflow as one job")):
+        command = workflow_commands.add_parser(name, help=helptext)
+        command.add_argument("name")
+        command.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
+                             help="set a variable (VALUE is JSON or text); repeatable")  # fmt: skip
+        if name == "run":
+            add_job_flags(command)
+    apply_config = commands.add_parser(
+        "apply-config", help="make the host what /etc/rastos/rastos.toml declares (--dry-run: the whole diff)"
+    )
+    apply_config.add_argument("--file", type=Path, default=DESIRED_STATE, help=f"default {DESIRED_STATE}")
+    add_job_flags(apply_config)
     confirm = commands.add_parser("confirm", help="confirm a risky change (firewall, network, ssh) before it reverts")
     confirm.add_argument("id", type=int, help="the job that made the change")
     commands.add_parser("jobs", help="recent jobs")
@@ -179,12 +195,40 @@ class Client:
         path = await self.manager.run_pipeline(steps_from_file(file), job_flags(args))
         return await self.after_submit(path, args.no_wait)
 
-    async def after_submit(self, path: str, no_wait: bool) -> int:
+    async def workflow(self, args: argparse.Namespace) -> int:
+        if args.workflow_command == "list":
+            workflows = list_workflows()
+            document = [
+                {"name": w.name, "description": w.description, "variables": {
+                    v.name: {"description": v.description, "default": None if v.default is REQUIRED else v.default}
+                    for v in w.variables.values()}}
+                for w in workflows
+            ]  # fmt: skip
+            rows = [[w.name, ", ".join(w.variables) or "-", w.description] for w in workflows]
+            self.emit(document, table(["NAME", "VARIABLES", "DESCRIPTION"], rows))
+            return 0
+        steps = load_workflow(args.name).steps_for(variables_from(args.set))
+        if args.workflow_command == "show":
+            text = "\n".join(f"{i}. {s['op']} {json.dumps(s['params'])}" for i, s in enumerate(steps, 1))
+            self.emit(steps, text)
+            return 0
+        path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
+        return await self.after_submit(path, args.no_wait, diff=args.dry_run)
+
+    async def apply_config(self, args: argparse.Namespace) -> int:
+        steps = desired_state_steps(args.file)
+        if not steps:
+            self.emit({"steps": []}, f"{args.file} declares nothing")
+            return 0
+        path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
+        return await self.after_submit(path, args.no_wait, diff=args.dry_run)
+
+    async def after_submit(self, path: str, no_wait: bool, diff: bool = False) -> int:
         job_id = int(path.rsplit("/", 1)[1])
         if no_wait:
             self.emit({"id": job_id, "path": path}, f"job {job_id} queued ({path})")
             return 0
-        return await self.job(job_id)
+        return await self.job(job_id, diff)
 
     async def confirm(self, job_id: int) -> int:
         await self.manager.confirm(job_id)
@@ -198,12 +242,12 @@ class Client:
         self.emit(document, table(["ID", "KIND", "STATE", "CREATED"], rows))
         return 0
 
-    async def job(self, job_id: int) -> int:
+    async def job(self, job_id: int, diff: bool = False) -> int:
         paths = {row[0]: row[4] for row in await self.manager.list_jobs()}
         if paths.get(job_id, "/") != "/":
             await self.follow(JobInterface.new_proxy(BUS_NAME, job_path(job_id), self.bus))
         document = json.loads(await self.manager.get_job(job_id))
-        self.emit(document, format_job(document))
+        self.emit(document, format_job(document) + (format_diff(document) if diff else ""))
         return 0 if document["state"] == "done" else EXIT_JOB_FAILED
 
     async def follow(self, job: JobInterface) -> None:
@@ -307,6 +351,29 @@ def format_changes(changes: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def format_diff(document: dict[str, Any]) -> str:
+    """Every planned change with its detail (the unified diffs): what a dry run would do, in full."""
+    sections = []
+    for position, step in enumerate(document["steps"], 1):
+        changes = (step.get("result") or {}).get("changes", [])
+        if changes:
+            sections.append(f"--- step {position}: {step['op']}\n{format_changes(changes)}")
+    return "\n\n" + "\n\n".join(sections) if sections else "\n\nno changes"
+
+
+def variables_from(settings: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, separator, value = setting.partition("=")
+        if not separator:
+            raise RastosError(f"--set {setting!r}: write VAR=VALUE")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
 def format_job(document: dict[str, Any]) -> str:
     lines = [f"job {document['id']} ({document['kind']}): {document['state']}"]
     for position, step in enumerate(document["steps"], 1):
@@ -349,6 +416,10 @@ async def dispatch(args: argparse.Namespace) -> int:
         return await client.apply(args.op, args.params, args)
     if command == "pipeline":
         return await client.pipeline(args.file, args)
+    if command == "workflow":
+        return await client.workflow(args)
+    if command == "apply-config":
+        return await client.apply_config(args)
     if command == "confirm":
         return await client.confirm(args.id)
     if command == "jobs":

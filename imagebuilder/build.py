@@ -25,6 +25,7 @@ from imagebuilder.profile import Profile
 from imagebuilder.stages.bootloader import build_esp, configure_kernel
 from imagebuilder.stages.bootstrap import bootstrap
 from imagebuilder.stages.configure import configure
+from imagebuilder.stages.desired_state import apply_desired_state
 from imagebuilder.stages.disk import assemble_disk, build_btrfs
 from imagebuilder.stages.initrd import build_initrd
 from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
@@ -54,6 +55,7 @@ STAGES = (
     Stage("bootstrap", bootstrap),
     Stage("configure", configure),
     Stage("install-rastos", install_rastos),
+    Stage("desired-state", apply_desired_state),
     Stage("kernel", configure_kernel),
     Stage("initrd", build_initrd),
     Stage("inventory", _inventory),

@@ -48,8 +48,26 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     origins["sources"] = path
     found = _Origins(origins, path)
     profile: Profile = _build(Profile, merged, "", found)
+    profile = _resolve_desired_state(profile, found)
     _check_whole(profile, found)
     return profile
+
+
+def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
+    """The rastos.toml a profile names, found beside the file that named it and checked now, so a wrong
+    step fails before any build work (its error names the file and the key)."""
+    if not profile.system.desired_state:
+        return profile
+    named_in = origins.of("system.desired_state")
+    path = (named_in.parent / profile.system.desired_state).resolve()
+    from daemon.declared import desired_state_steps
+
+    try:
+        desired_state_steps(path)
+    except RastosError as error:
+        raise ProfileError(f"{named_in}: key 'system.desired_state': {error}") from None
+    system = dataclasses.replace(profile.system, desired_state=str(path))
+    return dataclasses.replace(profile, system=system)
 
 
 def _check_whole(profile: Profile, origins: _Origins) -> None:

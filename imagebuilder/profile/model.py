@@ -190,6 +190,13 @@ class SystemConfig:
     mask: tuple[str, ...] = field(
         default=(), metadata=_meta("systemd units to mask", merge="append", check=_check_all(_UNIT, "unit name"))
     )
+    desired_state: str = field(
+        default="",
+        metadata=_meta(
+            "a rastos.toml (desired state per op; path relative to the profile's file) the image is built to "
+            "and ships as /etc/rastos/rastos.toml, for `rastosctl apply-config` on the host"
+        ),
+    )
 
 
 @dataclass(frozen=True)
