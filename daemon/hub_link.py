@@ -144,6 +144,8 @@ class HubLink:
             await self._take_command(message.get("command"))
         elif kind == "cancel":
             self._cancel(str(message.get("command")))
+        elif kind == "confirm":
+            self._confirm(message.get("job"))
         elif kind == "error":
             log.error("the hub refused a message: %s", message.get("message"))
         elif kind != "ack":
@@ -252,6 +254,16 @@ class HubLink:
             self.daemon.jobs.cancel(row.id, HUB_UID)
         except DaemonError as error:
             log.info("cannot cancel job %d for the hub: %s", row.id, error)
+
+    def _confirm(self, job_id: object) -> None:
+        """The hub heard the job's final status and says so: the host is reachable, the change stands."""
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
+            log.warning("the hub sent a confirm without a job id: %.100r", job_id)
+            return
+        try:
+            self.daemon.jobs.confirmations.confirm(job_id, HUB_UID, "HubConfirm")
+        except DaemonError as error:
+            log.info("hub confirm of job %d: %s", job_id, error)
 
     def _report(self, command_id: str, state: str, job_id: int | None, result: dict[str, Any] | None) -> None:
         """Queue a command's state for the hub and wake the writer to send it."""

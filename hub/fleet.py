@@ -313,6 +313,13 @@ class Fleet:
             if state in FINAL_COMMAND_STATES:
                 values["finished"] = time.time()
             await self._set_command(command, **values)
+            if state in FINAL_COMMAND_STATES and _pending_confirmation(status.result):
+                # The report crossed from the host to here after the change: the connection works.
+                # The confirm crossing back completes the check; lost on the way, the host reverts.
+                link = self.agents.get(name)
+                if link is not None and status.job is not None:
+                    await _send_quietly(link, {"type": "confirm", "job": status.job})
+                    self._publish_event(await self._log("hub", "ConfirmSent", {"host": name, "job": status.job}))
             if state in FINAL_COMMAND_STATES:
                 await self._maybe_finish(run)
                 await self._pump_all()
@@ -408,6 +415,11 @@ def _health(host: dict[str, Any]) -> str:
     if boot.get("kind") == "fallback":
         return "fell back"
     return str(boot.get("health") or "unknown")
+
+
+def _pending_confirmation(result: dict[str, Any] | None) -> bool:
+    confirmation = (result or {}).get("confirmation")
+    return isinstance(confirmation, dict) and "deadline" in confirmation
 
 
 async def _send_quietly(link: AgentLink, message: dict[str, Any]) -> None:

@@ -10,6 +10,9 @@ Hub -> agent:
                   events the hub has, and the commands the hub thinks are in flight there
   command         {"command": {"id", "steps", "flags"}}: run these steps once (the id is the key)
   cancel          {"command": ID}
+  confirm         {"job": N}: the agent's risky change made by job N stands (daemon/confirm.py). The hub
+                  sends it when a command's final status arrives with a change pending: that the status
+                  got here and the confirm gets back is the check that the host is still reachable
   ack             {"last_event": N}
 A message that breaks these rules is answered with `error` naming the field, and the connection is
 closed; nothing it carried is stored.

@@ -24,6 +24,7 @@ from imagebuilder.vm import (
     choose_accel,
     find_firmware,
     parse_credential,
+    parse_forward,
     prepare_vars,
     qemu_argv,
     running_vm,
@@ -99,9 +100,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_boot(args: argparse.Namespace) -> int:
     credentials = tuple(parse_credential(text) for text in args.credential)
+    forwards = tuple(parse_forward(text) for text in args.forward)
     options = VmOptions(
         image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot,
-        credentials=credentials,
+        credentials=credentials, forwards=forwards, **({"ssh_port": args.ssh_port} if args.ssh_port else {}),
     )  # fmt: skip
     if args.until_ready:
         return _boot_until_ready(options, args.json, args.timeout)
@@ -215,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--credential", action="append", default=[], metavar="NAME=VALUE",
         help="a systemd credential for the guest, e.g. rastos.hub.url=ws://10.0.2.2:8470/api/v1/agent (repeatable)",
+    )  # fmt: skip
+    boot.add_argument("--ssh-port", type=int, help="the host port forwarded to the guest's 22 (default: a free one)")
+    boot.add_argument(
+        "--forward", action="append", default=[], metavar="HOSTPORT:GUESTPORT",
+        help="forward 127.0.0.1:HOSTPORT to the guest's TCP GUESTPORT (repeatable)",
     )  # fmt: skip
     boot.set_defaults(func=cmd_boot)
     return p

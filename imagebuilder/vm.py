@@ -122,6 +122,7 @@ class VmOptions:
     # systemd credentials for the guest (NAME -> value), e.g. rastos.hub.token: how one image is given
     # per-host secrets at boot, without baking them in (systemd imports SMBIOS type 11 strings).
     credentials: tuple[tuple[str, str], ...] = ()
+    forwards: tuple[tuple[int, int], ...] = ()  # (host port, guest port) beside ssh's, on 127.0.0.1
 
 
 def choose_accel(requested: str, firmware: Firmware) -> str:
@@ -175,7 +176,9 @@ def qemu_argv(
         *firmware_args(firmware, vars_file),
         "-drive", drive,
         "-device", "virtio-blk-pci,drive=root,bootindex=0",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22",
+        "-netdev", "user,id=net0," + ",".join(
+            f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in ((options.ssh_port, 22), *options.forwards)
+        ),
         # No option ROM: OVMF would otherwise load iPXE and offer network boot first.
         "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",
@@ -189,6 +192,14 @@ def qemu_argv(
         *credential_args(options.credentials),
         *console,
     ]  # fmt: skip
+
+
+def parse_forward(text: str) -> tuple[int, int]:
+    """HOSTPORT:GUESTPORT from the command line."""
+    host, separator, guest = text.partition(":")
+    if not separator or not host.isdigit() or not guest.isdigit() or not all(0 < int(p) < 65536 for p in (host, guest)):
+        raise RastosError(f"--forward {text!r}: write HOSTPORT:GUESTPORT, two ports from 1 to 65535")
+    return int(host), int(guest)
 
 
 CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")

@@ -52,10 +52,11 @@ class GuestConsole:
     With `keep_changes`, the guest writes to IMAGE itself (and its UEFI variables beside it), so a
     later GuestConsole boots what this one left: the power-cut tests need that."""
 
-    def __init__(self, image: Path, *, keep_changes: bool = False) -> None:
+    def __init__(self, image: Path, *, keep_changes: bool = False, boot_args: tuple[str, ...] = ()) -> None:
         self.controller, terminal = pty.openpty()
+        snapshot = [] if keep_changes else ["--snapshot"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagebuilder", "boot", *([] if keep_changes else ["--snapshot"]), str(image)],
+            [sys.executable, "-m", "imagebuilder", "boot", *snapshot, *boot_args, str(image)],
             stdin=terminal, stdout=terminal, stderr=terminal, cwd=CHECKOUT, start_new_session=True,
         )  # fmt: skip
         os.close(terminal)

@@ -166,3 +166,22 @@ def test_a_fallback_boot_reaches_the_hub_and_a_cancelled_run_ends_its_pending_co
     assert cancelled["state"] == "cancelled" and cancelled["commands"][0]["state"] == "cancelled"
     status, answer = hub.request("POST", f"/api/v1/runs/{run['id']}/cancel")
     assert status == 409 and answer["error"].endswith("is cancelled already")
+
+
+def test_a_risky_change_from_the_hub_is_confirmed_by_the_round_trip(hub: Hub, fleet: Fleet) -> None:
+    """The agent's final status reaching the hub, and the hub's confirm reaching back, is the check that
+    the host is still reachable after a network change: the change stands without anyone confirming."""
+    agent = fleet.add("edge")
+    hub.wait_state(online("edge"), "the agent online")
+    steps = [{"op": "network", "params": {"interface": "eth0", "dhcp": "yes", "confirm_timeout": 30}}]
+    run = hub.api("POST", "/api/v1/runs", {"target": {"hosts": ["edge"]}, "steps": steps})
+    hub.wait_state(lambda s: s["runs"][run["id"]]["state"] == "complete", "the run complete")
+    job_id = hub_jobs(agent)[0][0]
+    deadline = time.monotonic() + 30
+    while (confirmation := agent.job(job_id)["confirmation"])["state"] != "confirmed":
+        assert confirmation["state"] == "pending", confirmation
+        assert time.monotonic() < deadline, "the hub's confirm never arrived"
+        time.sleep(0.2)
+    assert "HubConfirm" in [method for _, method in daemon_events(agent)]
+    assert "ConfirmSent" in [e["method"] for e in hub.api("GET", "/api/v1/events?limit=1000")]
+    assert (agent.scratch.root / "etc/systemd/network/50-rastos-eth0.network").exists(), "the change stood"
