@@ -105,3 +105,32 @@ def test_the_security_workflow_keeps_ssh_and_drops_a_closed_port(
         assert int(total) >= 30
     finally:
         guest.close(artifacts / "console.log")
+
+
+def test_a_reload_owed_when_the_daemon_died_runs_at_its_next_start(ssh_image: Path, artifacts: Path) -> None:
+    """rastosd is stopped between writing sshd's drop-in and reloading sshd (a failpoint); systemd
+    restarts it, and its start runs the reload it owed: sshd listens on the new port."""
+    guest = GuestConsole(ssh_image)
+    try:
+        assert guest.wait_for(PROMPT, 300), "root is logged in on the serial console"
+        guest.run("systemctl is-system-running --wait >/dev/null; echo UP=$(systemctl is-active rastosd)", "UP", 240)
+        guest.type("systemctl set-environment RASTOS_TEST_FAILPOINT=follow-ups-owed; systemctl restart rastosd")
+        position = len(guest.seen)
+        guest.type("rastosctl apply --no-wait ssh port=2222 confirm_timeout=0")
+        assert guest.wait_for_after(position, b"rastos failpoint follow-ups-owed reached", 120)
+        assert guest.run("echo BEFORE=$(ss -Htln 'sport = :2222' | wc -l)", "BEFORE") == "0", "not reloaded yet"
+        guest.type("systemctl unset-environment RASTOS_TEST_FAILPOINT; systemctl kill -s KILL rastosd")
+        listening = guest.run(
+            "for i in $(seq 60); do [ \"$(ss -Htln 'sport = :2222' | wc -l)\" = 1 ] && break; sleep 1; done; "
+            "echo AFTER=$(ss -Htln 'sport = :2222' | wc -l)",
+            "AFTER", 180,
+        )  # fmt: skip
+        assert listening == "1", "the restarted daemon ran the reload it owed"
+        outcome = guest.run(
+            "echo OUTCOME=$(rastosctl --json log --limit 1000 | python3 -c \"import json, sys; "
+            "print([e['detail']['outcome'] for e in json.load(sys.stdin) if e['method'] == 'FollowUp'])\")",
+            "OUTCOME",
+        )  # fmt: skip
+        assert outcome == "['done']", outcome
+    finally:
+        guest.close(artifacts / "console.log")

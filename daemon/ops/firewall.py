@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from daemon.errors import OpFailed
+from daemon.errors import InvalidParams, OpFailed
 from daemon.ops.base import (
     Action,
     Change,
@@ -73,6 +73,10 @@ class FirewallOp(Op):
         Param("forward", Kind.STRING, "policy for forwarded packets", default="drop", choices=("drop", "accept")),
         CONFIRM_TIMEOUT,
     )  # fmt: skip
+
+    def check(self, target: Target, params: Params) -> None:
+        if not target.path("/usr/sbin/nft").exists():
+            raise InvalidParams("op", "nftables is not installed on the target (apt install nftables, or op update)")
 
     def plan(self, target: Target, params: Params) -> Plan:
         content = render(params)

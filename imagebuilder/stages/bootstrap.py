@@ -48,6 +48,8 @@ DAEMON_PACKAGES = (
     "python3-btrfsutil",
     "python3-pyroute2",
     "python3-aiohttp",  # the link to the hub
+    # A dry run's shadow root runs the target's own programs (sshd -t, nft -c, useradd) in it.
+    "bubblewrap",
 )
 
 # Drivers a QEMU guest needs to reach its btrfs root (virtio-blk or virtio-scsi, behind PCI).
