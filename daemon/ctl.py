@@ -1,7 +1,7 @@
 """rastosctl: the command-line client of org.rastos.Daemon1.
 
 Readable tables by default, `--json` on every command. A D-Bus error prints its name and text and
-exits 1; a job that ends other than `done` exits 3.
+exits 1; a job that ends other than `done` exits 3; a compliance scan with a failed check exits 4.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from sdbus import DbusFailedError, SdBus, SdBusBaseError, sd_bus_open_system
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, JobInterface, ManagerInterface, SnapshotsInterface, job_path
+from daemon.compliance.model import Report, Status
+from daemon.compliance.remediate import pipeline as remediation_pipeline
+from daemon.compliance.remediate import select
+from daemon.compliance.report import FORMATS, render
 from daemon.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
 from rastos.errors import RastosError
@@ -28,6 +32,7 @@ from rastos.errors import RastosError
 EXIT_BUS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 3
+EXIT_NONCOMPLIANT = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply_config.add_argument("--file", type=Path, default=DESIRED_STATE, help=f"default {DESIRED_STATE}")
     add_job_flags(apply_config)
+    compliance = commands.add_parser("compliance", help="check the host against the compliance checks; remediate")
+    compliance_commands = compliance.add_subparsers(dest="compliance_command", required=True, metavar="ACTION")
+    scan = compliance_commands.add_parser("scan", help="run every check, change nothing (exit 4: some fail)")
+    scan.add_argument("--format", choices=FORMATS, help="table (default), json (also --json) or html")
+    scan.add_argument("--output", type=Path, help="write the report to FILE instead of printing it")
+    remediate = compliance_commands.add_parser("remediate", help="fix the failed checks an op can fix, as one job")
+    remediate.add_argument("--check", action="append", default=[], metavar="ID", help="only this check; repeatable")
+    add_job_flags(remediate)
     confirm = commands.add_parser("confirm", help="confirm a risky change (firewall, network, ssh) before it reverts")
     confirm.add_argument("id", type=int, help="the job that made the change")
     commands.add_parser("jobs", help="recent jobs")
@@ -219,6 +232,32 @@ class Client:
         steps = desired_state_steps(args.file)
         if not steps:
             self.emit({"steps": []}, f"{args.file} declares nothing")
+            return 0
+        path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
+        return await self.after_submit(path, args.no_wait, diff=args.dry_run)
+
+    async def compliance(self, args: argparse.Namespace) -> int:
+        report = Report.from_json(json.loads(await self.manager.compliance_scan()))
+        if args.compliance_command == "scan":
+            text = render(report, args.format or ("json" if self.as_json else "table"))
+            if args.output is None:
+                print(text)
+            else:
+                try:
+                    args.output.write_text(text + "\n")
+                except OSError as error:
+                    raise RastosError(f"{args.output}: {error.strerror}") from None
+            return EXIT_NONCOMPLIANT if report.failed else 0
+        try:
+            chosen = select(report.results, args.check)
+        except ValueError as error:
+            raise RastosError(str(error)) from None
+        for result in chosen:
+            if result.status is Status.FAIL and result.remediation is None:
+                print(f"rastosctl: by hand: {result.id}: {result.manual or result.finding}", file=sys.stderr)
+        steps = remediation_pipeline(chosen, report.context)
+        if not steps:
+            self.emit({"steps": []}, "nothing an op can remediate among the checks that fail")
             return 0
         path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
         return await self.after_submit(path, args.no_wait, diff=args.dry_run)
@@ -420,6 +459,8 @@ async def dispatch(args: argparse.Namespace) -> int:
         return await client.workflow(args)
     if command == "apply-config":
         return await client.apply_config(args)
+    if command == "compliance":
+        return await client.compliance(args)
     if command == "confirm":
         return await client.confirm(args.id)
     if command == "jobs":

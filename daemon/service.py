@@ -49,8 +49,17 @@ from daemon.bus.interfaces import (
     SnapshotsInterface,
     job_path,
 )
+from daemon.compliance import scan
+from daemon.compliance.report import to_json
 from daemon.config import DaemonConfig
-from daemon.errors import BootConfigError, InvalidParams, NoSuchJob, SnapshotProtected, SnapshotsUnavailable
+from daemon.errors import (
+    BootConfigError,
+    InvalidParams,
+    NoSuchJob,
+    NotPermitted,
+    SnapshotProtected,
+    SnapshotsUnavailable,
+)
 from daemon.failpoints import failpoint
 from daemon.followups import run_owed
 from daemon.hub_link import HubLink, load_settings
@@ -181,6 +190,19 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def check_health(self) -> list[str]:
         return await asyncio.to_thread(self._daemon.health_problems)
+
+    @dbus_method_async_override()
+    @guarded
+    async def compliance_scan(self) -> str:
+        try:
+            await self._daemon.callers.require_admin("ComplianceScan")
+        except NotPermitted:
+            group = self._daemon.config.admin_group
+            raise NotPermitted(
+                f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
+            ) from None
+        report = await asyncio.to_thread(scan, self._daemon.target)  # sshd -T, many files: off the loop
+        return json.dumps(to_json(report))
 
     # Manager: mutating methods
 

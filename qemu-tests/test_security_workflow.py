@@ -77,7 +77,7 @@ def test_the_security_workflow_keeps_ssh_and_drops_a_closed_port(
         assert ssh(ssh_key, ssh_port).stdout.strip() == "reached"
         assert http_answers(web_port), "before the workflow, the port answers through the forward"
         before = failing_checks(guest, "before")
-        assert {"ssh-password-authentication", "firewall-default-deny"} <= before, before
+        assert {"ssh-no-password-auth", "firewall-input-drop"} <= before, before
 
         job = guest.run(
             "rastosctl --json workflow run security --set confirm_timeout=900 > /root/job.json; "
@@ -98,7 +98,7 @@ def test_the_security_workflow_keeps_ssh_and_drops_a_closed_port(
 
         after = failing_checks(guest, "after")
         fixed = before - after
-        assert {"ssh-password-authentication", "firewall-default-deny"} <= fixed, (before, after)
+        assert {"ssh-no-password-auth", "firewall-input-drop"} <= fixed, (before, after)
         assert not after - before, f"nothing newly failing: {after - before}"
         total = guest.run("echo TOTAL=$(python3 -c \"import json; print(len(json.load(open('/root/after.json'))"
                           "['checks']))\")", "TOTAL")  # fmt: skip

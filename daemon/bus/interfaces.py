@@ -87,6 +87,10 @@ class ManagerInterface(DbusInterfaceCommonAsync, interface_name=MANAGER_INTERFAC
     async def check_health(self) -> list[str]:
         raise NotImplementedError
 
+    @dbus_method_async(result_signature="s", result_args_names=("report_json",), flags=OPEN)
+    async def compliance_scan(self) -> str:
+        raise NotImplementedError
+
     @dbus_signal_async("sss", signal_args_names=("failed_entry", "failed_root", "entry"))
     def boot_fallback(self) -> tuple[str, str, str]:
         raise NotImplementedError
