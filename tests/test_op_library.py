@@ -45,6 +45,14 @@ CASES = [
         "params.mtu: must be at least 576",
     ),
     Case("firewall", {"allow_tcp": ["80", "443"]}, {"allow_tcp": ["99999"]}, "params.allow_tcp: '99999' is not a port"),
+    # The tree's lists were never fetched and its packages are current: a package to install is the change.
+    Case("update", {"packages": ["hello"]}, {"packages": ["Hello"]}, "params.packages[0]: 'Hello' is not valid"),
+    Case(
+        "monitoring",
+        {"listen_address": ":9101", "collectors_disabled": ["wifi"]},
+        {"collectors_disabled": ["wifi", "nosuch"]},
+        "params.collectors_disabled[1]: this node exporter has no collector 'nosuch'",
+    ),
 ]
 
 

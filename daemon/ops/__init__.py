@@ -6,11 +6,13 @@ from daemon.errors import UnknownOp
 from daemon.ops.base import Op
 from daemon.ops.firewall import FirewallOp
 from daemon.ops.hostname import HostnameOp
+from daemon.ops.monitoring import MonitoringOp
 from daemon.ops.motd import MotdOp
 from daemon.ops.network import NetworkOp
 from daemon.ops.order import check_declarations
 from daemon.ops.ssh import SshOp
 from daemon.ops.sysctl import SysctlOp
+from daemon.ops.update import UpdateOp
 from daemon.ops.user import UserOp
 
 OPS: dict[str, Op] = {
@@ -18,10 +20,12 @@ OPS: dict[str, Op] = {
     for op in (
         FirewallOp(),
         HostnameOp(),
+        MonitoringOp(),
         MotdOp(),
         NetworkOp(),
         SshOp(),
         SysctlOp(),
+        UpdateOp(),
         UserOp(),
     )
 }
