@@ -53,7 +53,7 @@ def http_answers(port: int) -> bool:
 
 
 def failing_checks(guest: GuestConsole, name: str) -> set[str]:
-    guest.run(f"rastosctl --json compliance scan > /root/{name}.json; echo SCANNED=$?", "SCANNED", 300)
+    guest.run(f"rastosctl --json compliance scan > /root/{name}.json; echo SCANNED=$(echo $?)", "SCANNED", 300)
     listed = guest.run(
         "echo FAILING=$(python3 -c \"import json; r = json.load(open('/root/" + name + ".json')); "
         "print(','.join(c['id'] for c in r['checks'] if c['status'] == 'fail'))\")",
@@ -86,7 +86,7 @@ def test_the_security_workflow_keeps_ssh_and_drops_a_closed_port(
         )  # fmt: skip
         job_id, state = job.split()
         assert state == "done", guest.run("echo RESULT=$(tr -d '\\n' < /root/job.json)", "RESULT")
-        assert guest.run(f"rastosctl confirm {job_id} >/dev/null; echo CONFIRMED=$?", "CONFIRMED") == "0"
+        assert guest.run(f"rastosctl confirm {job_id} >/dev/null; echo CONFIRMED=$(echo $?)", "CONFIRMED") == "0"
 
         assert ssh(ssh_key, ssh_port).stdout.strip() == "reached", "a new ssh session with the key gets in"
         refused = ssh(ssh_key, ssh_port, "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password")
@@ -121,11 +121,12 @@ def test_a_reload_owed_when_the_daemon_died_runs_at_its_next_start(ssh_image: Pa
         assert guest.run("echo BEFORE=$(ss -Htln 'sport = :2222' | wc -l)", "BEFORE") == "0", "not reloaded yet"
         guest.type("systemctl unset-environment RASTOS_TEST_FAILPOINT; systemctl kill -s KILL rastosd")
         listening = guest.run(
-            "for i in $(seq 60); do [ \"$(ss -Htln 'sport = :2222' | wc -l)\" = 1 ] && break; sleep 1; done; "
+            "for i in $(seq 60); do [ \"$(ss -Htln 'sport = :2222' | wc -l)\" -ge 1 ] && break; sleep 1; done; "
             "echo AFTER=$(ss -Htln 'sport = :2222' | wc -l)",
             "AFTER", 180,
         )  # fmt: skip
-        assert listening == "1", "the restarted daemon ran the reload it owed"
+        # sshd listens on IPv4 and IPv6: two sockets
+        assert int(listening) >= 1, "the restarted daemon ran the reload it owed"
         outcome = guest.run(
             "echo OUTCOME=$(rastosctl --json log --limit 1000 | python3 -c \"import json, sys; "
             "print([e['detail']['outcome'] for e in json.load(sys.stdin) if e['method'] == 'FollowUp'])\")",
