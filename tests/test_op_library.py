@@ -37,6 +37,25 @@ CASES = [
     Case("motd", {"text": "managed by rastOS"}, {"text": 5}, "params.text: must be a string"),
     Case("sysctl", {"settings": {"vm.swappiness": "10"}}, {"settings": {"VM": "1"}}, "params.settings.VM:"),
     Case("user", ADMIN, {**ADMIN, "groups": ["nosuchgroup"]}, "params.groups[0]: group 'nosuchgroup' does not"),
+    Case(
+        "user",
+        {**ADMIN, "name": "ops", "sudo": True, "locked": True, "expires": "2099-12-31"},
+        {**ADMIN, "expires": "2099-02-30"},
+        "params.expires: '2099-02-30' is not a date",
+    ),
+    Case(
+        "zsh",
+        {"users": ["admin"]},
+        {"users": []},
+        "params.users: must name at least one user",
+        before=(("user", ADMIN),),
+    ),
+    Case(
+        "certs",
+        {"hostnames": ["web-1.example.org", "web-1"]},
+        {"hostnames": ["Web_1"]},
+        "params.hostnames[0]: 'Web_1' is not valid",
+    ),
     Case("ssh", {"port": 2222}, {"port": 0}, "params.port: must be at least 1", before=(("user", ADMIN),)),
     Case(
         "network",

@@ -32,7 +32,8 @@ CHECKS: tuple[Check, ...] = (*KERNEL_CHECKS, *SSH_CHECKS, *FILE_CHECKS, *ACCOUNT
 def scan(target: Target, checks: Sequence[Check] = CHECKS) -> Report:
     facts = Facts(target)
     results = tuple(result_of(check, facts) for check in checks)
-    context = {"sysctl": facts.sysctl_context, "ssh": facts.ssh_context, "firewall": facts.firewall_context}
+    context = {"sysctl": facts.sysctl_context, "ssh": facts.ssh_context, "firewall": facts.firewall_context,
+               "certs": facts.certs_context}  # fmt: skip
     return Report(str(target.root), target.live, time.time(), results, context)
 
 

@@ -1,4 +1,4 @@
-"""The firewall, login banners, sudo and updates (CIS Debian 4, 1.7, 5.2, 1.9).
+"""The firewall, login banners, sudo, updates (CIS Debian 4, 1.7, 5.2, 1.9) and the host certificate.
 
 The firewall is judged by what boots: nftables.service enabled and /etc/nftables.conf dropping what
 no rule accepts on input. The op firewall writes exactly that (keeping sshd's port, and on a live
@@ -6,11 +6,13 @@ system the ports something listens on: facts.Facts.firewall_context), confirm-or
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Callable
 
 from daemon.compliance.facts import Facts
 from daemon.compliance.model import Check, Outcome, Remediation, Severity, failed, not_applicable, passed
+from daemon.ops.certs import HOST_CERT, RENEW_BEFORE_DAYS, load_cert
 from daemon.ops.firewall import RULESET
 
 BANNER = "Authorized access only. Activity on this system is monitored and recorded.\n"
@@ -95,6 +97,21 @@ def automatic_updates(facts: Facts) -> Outcome:
     return failed('unattended-upgrades is installed but APT::Periodic::Unattended-Upgrade is not "1"')
 
 
+def host_certificate_not_expiring(facts: Facts) -> Outcome:
+    if not facts.exists(HOST_CERT):
+        return not_applicable(f"no host certificate from the certs op ({HOST_CERT})")
+    cert = load_cert(facts.target, HOST_CERT)
+    if cert is None:
+        return failed(f"{HOST_CERT} cannot be read")
+    expiry = cert.not_valid_after_utc
+    left = (expiry - datetime.datetime.now(datetime.UTC)).days
+    if left < 0:
+        return failed(f"{HOST_CERT} expired on {expiry:%Y-%m-%d}")
+    if left < RENEW_BEFORE_DAYS:
+        return failed(f"{HOST_CERT} expires on {expiry:%Y-%m-%d}, in {left} days (wants {RENEW_BEFORE_DAYS} or more)")
+    return passed(f"{HOST_CERT} is valid until {expiry:%Y-%m-%d} ({left} days)")
+
+
 HOST_CHECKS = (
     Check("firewall-enabled", "A firewall ruleset is loaded at boot",
           "Without a ruleset at boot, every service that listens is reachable from everywhere.",
@@ -112,6 +129,9 @@ HOST_CHECKS = (
     Check("sudo-use-pty", "sudo runs commands in a pseudo-terminal",
           "Without a pty, a command run with sudo can push input into the caller's terminal after it ends.",
           Severity.MEDIUM, sudo_use_pty, manual="Defaults use_pty in /etc/sudoers.d/use-pty (visudo -f)"),
+    Check("certs-host-not-expiring", "The host certificate is not about to expire",
+          "An expired certificate stops every client that checks it, all at once and without warning.",
+          Severity.MEDIUM, host_certificate_not_expiring, Remediation("certs", {})),
     Check("updates-automatic", "Security updates are installed automatically",
           "Most compromises use known, fixed vulnerabilities; a fix applied next month is a month late.",
           Severity.MEDIUM, automatic_updates,

@@ -17,6 +17,7 @@ from typing import Any
 from daemon.errors import DaemonError
 from daemon.ops import OPS
 from daemon.ops.base import Target, in_target, read_colon_file
+from daemon.ops.certs import current_params
 from daemon.ops.firewall import ENABLED_LINK
 from daemon.ops.params import validate
 from daemon.ops.ssh import ALGORITHM, refuse_lockout
@@ -204,6 +205,13 @@ class Facts:
             if self.running("net.ipv4.ip_forward") == "1" or self.running("net.ipv6.conf.all.forwarding") == "1":
                 context["forward"] = "accept"  # a router or a container host: forwarding is its job
         return context
+
+    # The certs op's host certificate
+
+    @cached_property
+    def certs_context(self) -> dict[str, Any]:
+        """The certs op's params that keep the CA and the certificate's names: a renewal renames nothing."""
+        return current_params(self.target)
 
     # The compliance sysctl file
 

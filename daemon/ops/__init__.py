@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from daemon.errors import UnknownOp
 from daemon.ops.base import Op
+from daemon.ops.certs import CertsOp
 from daemon.ops.firewall import FirewallOp
 from daemon.ops.hostname import HostnameOp
 from daemon.ops.monitoring import MonitoringOp
@@ -14,10 +15,12 @@ from daemon.ops.ssh import SshOp
 from daemon.ops.sysctl import SysctlOp
 from daemon.ops.update import UpdateOp
 from daemon.ops.user import UserOp
+from daemon.ops.zsh import ZshOp
 
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
+        CertsOp(),
         FirewallOp(),
         HostnameOp(),
         MonitoringOp(),
@@ -27,6 +30,7 @@ OPS: dict[str, Op] = {
         SysctlOp(),
         UpdateOp(),
         UserOp(),
+        ZshOp(),
     )
 }
 AFTER: dict[str, tuple[str, ...]] = {name: op.after for name, op in OPS.items()}

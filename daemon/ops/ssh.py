@@ -39,6 +39,7 @@ from daemon.ops.base import (
     read_colon_file,
 )
 from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from daemon.ops.user import expired_accounts
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -220,13 +221,16 @@ def effective_config(target: Target) -> dict[str, str]:
 
 
 def refuse_lockout(target: Target, params: Params) -> None:
-    """No passwords and no account with a key that may log in: nobody could log in again."""
+    """No passwords and no account with a key that may log in: nobody could log in again. An expired
+    account cannot (PAM's account check refuses it, key or not); a password-locked one still can with
+    a key, as Debian's sshd has UsePAM yes (only without PAM does sshd refuse a `!` in /etc/shadow)."""
     if params["password_authentication"]:
         return
     groups = {entry[0]: set(entry[3].split(",")) if len(entry) > 3 else set() for entry in
               read_colon_file(target, "/etc/group")}  # fmt: skip
+    expired = expired_accounts(target)
     for entry in read_colon_file(target, "/etc/passwd"):
-        if len(entry) < 7 or entry[6].endswith(("nologin", "false")):
+        if len(entry) < 7 or entry[6].endswith(("nologin", "false")) or entry[0] in expired:
             continue
         name, home = entry[0], entry[5]
         if name == "root" and params["permit_root_login"] == "no":

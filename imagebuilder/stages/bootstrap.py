@@ -48,6 +48,7 @@ DAEMON_PACKAGES = (
     "python3-btrfsutil",
     "python3-pyroute2",
     "python3-aiohttp",  # the link to the hub
+    "python3-cryptography",  # the certs op's CA and certificates
     # A dry run's shadow root runs the target's own programs (sshd -t, nft -c, useradd) in it.
     "bubblewrap",
 )

@@ -1,0 +1,504 @@
+"""`certs`: a local certificate authority, the host certificate it issues, and the system's trust in it.
+
+The CA (an ECDSA P-256 key and a self-signed certificate valid ten years) lives in /etc/rastos/ca, its
+key root's alone. The host's key and certificate go where Debian keeps its own pair (ssl-cert's
+snakeoil): /etc/ssl/private/rastos-host.key and /etc/ssl/certs/rastos-host.crt, so services and their
+AppArmor profiles find them where they look; the key is readable by the ssl-cert group where that
+group exists (services in it read the key without root), otherwise by root alone. With `trust`, the CA
+certificate goes to /usr/local/share/ca-certificates/rastos/ and the target's own
+update-ca-certificates puts it in the system bundle, so the host's programs (curl, apt, Python)
+accept what the CA issued; without it, that file is removed and the bundle made again.
+
+Keys are made when the plan is applied, never when it is made: a plan writes nothing and holds no
+key, only what will be made and why ("create CA", "SANs changed", "renew: expires in 12 days"). A
+host certificate is issued again, with a new key, when it does not chain to the CA (a CA made anew),
+its names differ from `hostnames`, or it expires within `renew_before_days`; the CA is made anew when
+it is missing, unreadable, named otherwise, or would expire before a certificate issued now. While
+none of that holds, the plan is empty. Services that read the certificate are not reloaded by this op:
+it does not know them.
+
+Whoever reads ca.key can issue a certificate for any name that this host (with `trust`) accepts; the
+key is root's, and root can change the trust store anyway.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from daemon.errors import InvalidParams, OpFailed
+from daemon.ops.base import (
+    Action,
+    Change,
+    Op,
+    Output,
+    Plan,
+    Target,
+    in_target,
+    joined,
+    read_colon_file,
+    write_atomically,
+)
+from daemon.ops.params import Kind, Param, Params
+from rastos.errors import CommandError
+from rastos.process import run
+
+CA_DIR = "/etc/rastos/ca"
+CA_KEY = f"{CA_DIR}/ca.key"
+CA_CERT = f"{CA_DIR}/ca.crt"
+HOST_KEY = "/etc/ssl/private/rastos-host.key"
+HOST_CERT = "/etc/ssl/certs/rastos-host.crt"
+TRUST_DIR = "/usr/local/share/ca-certificates/rastos"  # ours alone: what else is in it is a former CA
+BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+UPDATE_CA = "/usr/sbin/update-ca-certificates"
+CA_DAYS = 3650
+SKEW = datetime.timedelta(minutes=5)  # valid from a little before now: clocks of clients differ
+LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+DNS_NAME = rf"(\*\.)?{LABEL}(\.{LABEL})*"
+CA_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+RENEW_BEFORE_DAYS = 30  # the default, and what the compliance check wants left
+PEM = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def unique(value: list[str]) -> str | None:
+    duplicates = sorted({name for name in value if value.count(name) > 1})
+    return f"names {', '.join(duplicates)} more than once" if duplicates else None
+
+
+class CertsOp(Op):
+    name = "certs"
+    description = (
+        "A local CA and a host certificate it issues (renewed before it expires), the CA trusted by the system"
+    )
+    after = ("hostname", "update")  # the names default to the host's; update-ca-certificates is a package's
+    schema = (
+        Param("ca_name", Kind.STRING, "the CA's name (its certificate's CN and its file in the trust store)",
+              default="rastos-local-ca", pattern=CA_NAME,
+              pattern_help="a letter or digit, then up to 63 letters, digits, _ or -"),
+        Param("hostnames", Kind.STRING_LIST, "DNS names of the host certificate (default: /etc/hostname's)",
+              default=[], pattern=DNS_NAME, max_length=253, check=unique,
+              pattern_help="a lower-case DNS name, e.g. web-1.example.org or *.example.org"),
+        Param("days", Kind.INTEGER, "how long a host certificate issued is valid", default=397, minimum=2,
+              maximum=CA_DAYS // 2),
+        Param("renew_before_days", Kind.INTEGER, "renew a host certificate that expires within this many days",
+              default=RENEW_BEFORE_DAYS, minimum=0, maximum=365),
+        Param("trust", Kind.BOOLEAN, "add the CA to the system's trust store (update-ca-certificates)",
+              default=True),
+    )  # fmt: skip
+
+    def check(self, target: Target, params: Params) -> None:
+        if params["renew_before_days"] >= params["days"]:
+            problem = f"must be less than days ({params['days']}): a certificate would be renewed as soon as issued"
+            raise InvalidParams("params.renew_before_days", problem)
+
+    def plan(self, target: Target, params: Params) -> Plan:
+        names = hostnames(target, params)
+        now = datetime.datetime.now(datetime.UTC)
+        ca = read_pair(target, CA_KEY, CA_CERT)
+        actions: list[Action] = []
+        ca_reason = ca_problem(ca, params, now)
+        if ca_reason is not None:
+            actions.append(CreateCa(params["ca_name"], ca_reason))
+        host_reason = host_problem(target, ca, names, params, now)
+        if ca_reason is not None and host_reason != "none yet":
+            host_reason = "the CA is made anew"
+        mode, group = host_key_mode(target)
+        if host_reason is not None:
+            actions.append(IssueHostCertificate(tuple(names), params["days"], mode, group, host_reason))
+        elif (problem := mode_problem(target, mode, group)) is not None:
+            actions.append(SetKeyMode(HOST_KEY, mode, group, problem))
+        trust = "the new CA" if params["trust"] and ca_reason is not None else trust_problem(target, params)
+        if trust is not None:
+            actions.append(UpdateTrust(params["ca_name"], params["trust"], trust))
+        return Plan(self.name, tuple(actions))
+
+    def verify(self, target: Target, params: Params) -> list[str]:
+        names = hostnames(target, params)
+        now = datetime.datetime.now(datetime.UTC)
+        ca = read_pair(target, CA_KEY, CA_CERT)
+        problems = [f"CA: {problem}"] if (problem := ca_problem(ca, params, now)) else []
+        if (problem := host_problem(target, ca, names, params, now)) is not None:
+            problems.append(f"host certificate: {problem}")
+        if (problem := mode_problem(target, *host_key_mode(target))) is not None:
+            problems.append(f"{HOST_KEY}: {problem}")
+        if (problem := trust_problem(target, params)) is not None:
+            problems.append(f"trust store: {problem}")
+        return problems
+
+
+# Facts
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A key and its certificate as found; `problem` says why they cannot be used."""
+
+    key: ec.EllipticCurvePrivateKey | None
+    cert: x509.Certificate | None
+    problem: str | None
+
+
+def read_pair(target: Target, key_path: str, cert_path: str) -> Pair:
+    try:
+        key_pem, cert_pem = target.path(key_path).read_bytes(), target.path(cert_path).read_bytes()
+    except FileNotFoundError:
+        return Pair(None, None, "none yet")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as error:
+        return Pair(None, None, f"cannot be read ({error})")
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return Pair(None, cert, f"{key_path} is not an EC key")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        return Pair(None, cert, f"{key_path} does not match {cert_path}")
+    return Pair(key, cert, None)
+
+
+def hostnames(target: Target, params: Params) -> list[str]:
+    if params["hostnames"]:
+        return list(params["hostnames"])
+    name = (target.read_text("/etc/hostname") or "").strip().lower()
+    if not re.fullmatch(DNS_NAME, name):
+        raise OpFailed(f"no hostnames given and /etc/hostname holds no DNS name ({name!r}): name them (hostnames)")
+    return [name]
+
+
+def common_name(cert: x509.Certificate) -> str:
+    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else ""
+
+
+def ca_problem(ca: Pair, params: Params, now: datetime.datetime) -> str | None:
+    """Why the CA must be made (anew), or None."""
+    if ca.problem is not None or ca.cert is None:
+        return ca.problem or "cannot be read"
+    if (name := common_name(ca.cert)) != params["ca_name"]:
+        return f"named {name!r}, wants {params['ca_name']!r}"
+    if ca.cert.not_valid_after_utc < now + datetime.timedelta(days=params["days"]):
+        return f"expires on {ca.cert.not_valid_after_utc:%Y-%m-%d}, before a certificate issued now would"
+    return None
+
+
+def host_problem(target: Target, ca: Pair, names: list[str], params: Params, now: datetime.datetime) -> str | None:
+    """Why the host certificate must be issued (again), or None."""
+    host = read_pair(target, HOST_KEY, HOST_CERT)
+    if host.problem is not None or host.cert is None:
+        return host.problem or "cannot be read"
+    if ca.cert is None or not issued_by(host.cert, ca.cert):
+        return f"not issued by the CA {params['ca_name']}"
+    have = sans(host.cert)
+    if have != names:
+        added, dropped = [n for n in names if n not in have], [n for n in have if n not in names]
+        changes = [f"+{n}" for n in added] + [f"-{n}" for n in dropped] or ["order"]
+        return f"SANs changed ({', '.join(changes)})"
+    left = host.cert.not_valid_after_utc - now
+    if left <= datetime.timedelta(0):
+        return f"expired on {host.cert.not_valid_after_utc:%Y-%m-%d}"
+    if left < datetime.timedelta(days=params["renew_before_days"]):
+        return f"expires in {left.days} days (renew_before_days {params['renew_before_days']})"
+    return None
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """The CA's name as issuer and the CA's key's signature on it."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def sans(cert: x509.Certificate) -> list[str]:
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(extension.value.get_values_for_type(x509.DNSName))
+
+
+def host_key_mode(target: Target) -> tuple[int, str]:
+    """0640 root:ssl-cert where the group exists (Debian's convention for service keys), else 0600."""
+    groups = {entry[0] for entry in read_colon_file(target, "/etc/group")}
+    return (0o640, "ssl-cert") if "ssl-cert" in groups else (0o600, "root")
+
+
+def mode_problem(target: Target, mode: int, group: str) -> str | None:
+    try:
+        status = target.path(HOST_KEY).stat()
+    except FileNotFoundError:
+        return None  # issued, not fixed
+    gid = group_id(target, group)
+    if status.st_mode & 0o7777 != mode or status.st_uid != 0 or status.st_gid != gid:
+        return f"mode {status.st_mode & 0o7777:04o} {status.st_uid}:{status.st_gid}, wants {mode:04o} root:{group}"
+    return None
+
+
+def group_id(target: Target, group: str) -> int:
+    for entry in read_colon_file(target, "/etc/group"):
+        if entry[0] == group and len(entry) > 2:
+            return int(entry[2])
+    return 0
+
+
+def trust_file(ca_name: str) -> str:
+    return f"{TRUST_DIR}/{ca_name}.crt"
+
+
+def trust_problem(target: Target, params: Params) -> str | None:
+    """What the trust store lacks (with `trust`) or still holds (without), or None."""
+    present = sorted(path.name for path in target.path(TRUST_DIR).glob("*.crt"))
+    ca_pem = target.read_text(CA_CERT)
+    if not params["trust"]:
+        return f"holds {joined(present)}: to be removed" if present else None
+    if not target.path(UPDATE_CA).exists():
+        raise OpFailed(
+            "update-ca-certificates is not on the target: install ca-certificates (op update) or trust false"
+        )
+    if ca_pem is None:
+        return "no CA yet"
+    if target.read_text(trust_file(params["ca_name"])) != ca_pem:
+        return f"{trust_file(params['ca_name'])} is not the CA's certificate"
+    if stale := [name for name in present if name != f"{params['ca_name']}.crt"]:
+        return f"holds former CAs: {joined(stale)}"
+    ours = pem_bodies(ca_pem)
+    if not ours or ours[0] not in pem_bodies(target.read_text(BUNDLE) or ""):
+        return f"{BUNDLE} lacks the CA"
+    return None
+
+
+def pem_bodies(text: str) -> list[str]:
+    """The base64 of each certificate in PEM text, without line breaks: compared, not parsed (the
+    system bundle holds certificates that a strict parser refuses)."""
+    return ["".join(body.split()) for body in PEM.findall(text)]
+
+
+# Actions: what is made is made when applied
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def write(target: Target, path: str, content: str, mode: int, group: str = "root") -> None:
+    destination = target.path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(destination, content, mode, 0, group_id(target, group))
+
+
+def make_ca(name: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rastOS local CA")])  # fmt: skip
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False)  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - SKEW)
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, names: tuple[str, ...], not_after: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A server (and client) certificate for `names`, signed by the CA; valid at most as long as it."""
+    key = new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    first = names[0].removeprefix("*.")
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)  # fmt: skip
+    authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first[:64])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - SKEW)
+        .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(authority, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+@dataclass(frozen=True)
+class CreateCa(Action):
+    """A new CA key and self-signed certificate, made when applied."""
+
+    ca_name: str
+    reason: str
+
+    def describe(self) -> Change:
+        verb = "create" if self.reason == "none yet" else "replace"
+        detail = (f"{verb} CA {self.ca_name!r} ({self.reason}): a new ECDSA P-256 key, made when applied, "
+                  f"and a self-signed certificate valid {CA_DAYS} days")  # fmt: skip
+        return Change(CA_CERT, verb, detail)
+
+    def execute(self, target: Target, output: Output) -> None:
+        key, cert = make_ca(self.ca_name, datetime.datetime.now(datetime.UTC))
+        directory = target.path(CA_DIR)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(directory, 0, 0)
+        directory.chmod(0o700)
+        write(target, CA_KEY, key_pem(key), 0o600)
+        write(target, CA_CERT, cert_pem(cert), 0o644)
+        output(f"created CA {self.ca_name!r}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (CA_KEY, CA_CERT)
+
+
+@dataclass(frozen=True)
+class IssueHostCertificate(Action):
+    """A new host key and certificate, signed by the CA as it is when applied."""
+
+    names: tuple[str, ...]
+    days: int
+    key_mode: int
+    key_group: str
+    reason: str
+
+    def describe(self) -> Change:
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.days)
+        what = f"issue host cert for {', '.join(self.names)} valid until {until:%Y-%m-%d}"
+        if self.reason == "none yet":
+            return Change(HOST_CERT, "create", f"{what}; a new key in {HOST_KEY}")
+        return Change(HOST_CERT, "renew", f"renew: {self.reason}; {what}; a new key in {HOST_KEY}")
+
+    def execute(self, target: Target, output: Output) -> None:
+        ca = read_pair(target, CA_KEY, CA_CERT)
+        if ca.key is None or ca.cert is None:
+            raise OpFailed(f"the CA cannot sign: {CA_KEY} {ca.problem}")
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.days)
+        key, cert = issue(ca.key, ca.cert, self.names, until)
+        private = target.path(HOST_KEY).parent
+        if not private.is_dir():
+            private.mkdir(mode=0o700, parents=True)
+        write(target, HOST_KEY, key_pem(key), self.key_mode, self.key_group)
+        write(target, HOST_CERT, cert_pem(cert), 0o644)
+        output(f"issued {HOST_CERT} for {', '.join(self.names)}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (HOST_KEY, HOST_CERT)
+
+
+@dataclass(frozen=True)
+class SetKeyMode(Action):
+    path: str
+    mode: int
+    group: str
+    reason: str
+
+    def describe(self) -> Change:
+        return Change(self.path, "set", self.reason)
+
+    def execute(self, target: Target, output: Output) -> None:
+        path = target.path(self.path)
+        os.chown(path, 0, group_id(target, self.group))
+        path.chmod(self.mode)
+        output(f"{self.path}: mode {self.mode:04o}, root:{self.group}")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+
+@dataclass(frozen=True)
+class UpdateTrust(Action):
+    """The CA's certificate put in the trust store (or every one of ours taken out), then the target's
+    update-ca-certificates --fresh: a former CA's links and bundle entry go too."""
+
+    ca_name: str
+    trust: bool
+    reason: str
+
+    def describe(self) -> Change:
+        if self.trust:
+            return Change(
+                trust_file(self.ca_name), "set", f"{self.reason}: the CA certificate, then update-ca-certificates"
+            )
+        return Change(TRUST_DIR, "remove", f"{self.reason}; then update-ca-certificates")
+
+    def execute(self, target: Target, output: Output) -> None:
+        directory = target.path(TRUST_DIR)
+        for stale in directory.glob("*.crt"):
+            if not self.trust or stale.name != f"{self.ca_name}.crt":
+                stale.unlink()
+        if self.trust:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            write(target, trust_file(self.ca_name), target.path(CA_CERT).read_text(), 0o644)
+        try:
+            run(in_target(target, [UPDATE_CA, "--fresh"]), capture=True)
+        except CommandError as error:
+            raise OpFailed(f"update-ca-certificates failed: {error}") from None
+        output(f"{'added' if self.trust else 'removed'} CA {self.ca_name!r} in the system trust store")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (trust_file(self.ca_name), BUNDLE)
+
+
+# What the compliance scan reads
+
+
+def load_cert(target: Target, path: str) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(target.path(path).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def current_params(target: Target) -> dict[str, Any]:
+    """The params that keep the CA and the host certificate's names as they are, so a renewal made
+    from a compliance remediation renames nothing: empty while there is no host certificate."""
+    host, ca = load_cert(target, HOST_CERT), load_cert(target, CA_CERT)
+    if host is None:
+        return {}
+    params: dict[str, Any] = {"trust": any(target.path(TRUST_DIR).glob("*.crt"))}
+    if names := [name for name in sans(host) if re.fullmatch(DNS_NAME, name)]:
+        params["hostnames"] = names
+    if ca is not None and re.fullmatch(CA_NAME, name := common_name(ca)):
+        params["ca_name"] = name
+    return params
