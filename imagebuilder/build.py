@@ -22,12 +22,15 @@ from imagebuilder.context import BuildContext
 from imagebuilder.events import BuildEvents
 from imagebuilder.host import check_build_host
 from imagebuilder.profile import Profile
+from imagebuilder.profile.model import DistributionName
 from imagebuilder.stages.bootloader import build_esp, configure_kernel
 from imagebuilder.stages.bootstrap import bootstrap
+from imagebuilder.stages.bootstrap_arch import bootstrap_arch, check_arch_host
 from imagebuilder.stages.configure import configure
 from imagebuilder.stages.desired_state import apply_desired_state
 from imagebuilder.stages.disk import assemble_disk, build_btrfs
 from imagebuilder.stages.initrd import build_initrd
+from imagebuilder.stages.kernel_build import build_profile_kernel
 from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
 from imagebuilder.stages.rastos import install_rastos
 from rastos.errors import RastosError
@@ -51,8 +54,15 @@ def _images(ctx: BuildContext) -> str:
     return ", ".join(f"{kind} {path.stat().st_size // (1024 * 1024)} MiB" for kind, path in ctx.images.items())
 
 
+def _bootstrap(ctx: BuildContext) -> str:
+    if ctx.profile.distribution.name is DistributionName.arch:
+        return bootstrap_arch(ctx)
+    return bootstrap(ctx)
+
+
 STAGES = (
-    Stage("bootstrap", bootstrap),
+    Stage("kernel-build", build_profile_kernel),
+    Stage("bootstrap", _bootstrap),
     Stage("configure", configure),
     Stage("install-rastos", install_rastos),
     Stage("desired-state", apply_desired_state),
@@ -64,6 +74,26 @@ STAGES = (
     Stage("disk", assemble_disk),
     Stage("images", _images),
 )
+
+
+# Issue 8: what an Arch Linux image runs so far. The stages after its bootstrap are Debian's (they
+# configure initramfs-tools, read dpkg, ...); an Arch build stops there with a clear error, its
+# bootstrap cached for the next build (docs/arch.md).
+ARCH_STAGES = frozenset({"kernel-build", "bootstrap"})
+
+
+def stages_for(profile: Profile) -> tuple[Stage, ...]:
+    if profile.distribution.name is DistributionName.debian:
+        return STAGES
+    return tuple(stage if stage.name in ARCH_STAGES else Stage(stage.name, _debian_only) for stage in STAGES)
+
+
+def _debian_only(ctx: BuildContext) -> str:
+    raise RastosError(
+        "Arch Linux images stop after their bootstrap for now: the stages from configure on (initramfs, "
+        f"kernel, boot loader) are Debian's; the bootstrapped root is cached ({ctx.bootstrap_key})",
+        hint="docs/arch.md says what an Arch image still needs",
+    )
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,9 @@ def build_image(
     loop_fallback: bool = False,
 ) -> BuildResult:
     host = check_build_host()  # before anything is created on disk
+    if profile.distribution.name is DistributionName.arch:
+        check_arch_host()
+    stages = stages_for(profile)
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -109,8 +142,8 @@ def build_image(
             ", ".join(profile.sources),
             ".".join(map(str, host)),
         )
-        events.build_started(profile.name, [s.name for s in STAGES])
-        for stage in STAGES:
+        events.build_started(profile.name, [s.name for s in stages])
+        for stage in stages:
             _run_stage(stage, ctx, events)
         manifest = write_manifest(ctx, ctx.images, ctx.packages)
         outputs = _publish([*ctx.images.values(), manifest], output_dir)
@@ -124,6 +157,7 @@ def build_image(
 def _run_stage(stage: Stage, ctx: BuildContext, events: BuildEvents) -> None:
     events.stage_started(stage.name)
     log.info("stage %s: started", stage.name)
+    ctx.progress = lambda note: events.stage_progress(stage.name, note)
     started = time.monotonic()
     try:
         note = stage.run(ctx)

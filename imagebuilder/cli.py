@@ -1,4 +1,4 @@
-"""rastos-image: list, show, build and boot image profiles."""
+"""rastos-image: list, show, build and boot image profiles; build kernels."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rich.console import Console
 
 from imagebuilder.build import build_image, default_output_dir
 from imagebuilder.events import BuildEvents, ConsoleEvents, JsonEvents
+from imagebuilder.kernel import cli as kernel_cli
 from imagebuilder.profile import available_profiles, load_profile
 from imagebuilder.profile.load import PROFILE_DIR, profile_to_dict
 from imagebuilder.vm import (
@@ -224,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
         help="forward 127.0.0.1:HOSTPORT to the guest's TCP GUESTPORT (repeatable)",
     )  # fmt: skip
     boot.set_defaults(func=cmd_boot)
+
+    kernel_cli.add_parser(sub, DEFAULT_CACHE)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,9 +61,12 @@ class BuildContext:
     loop_fallback: bool = False
     ids: DiskIds = field(default_factory=DiskIds.new)
     kernel: KernelInfo | None = None
+    kernel_package: Path | None = None  # a kernel built from a kernel profile (stage kernel-build)
     cmdline: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     bootstrap_key: str = ""
+    # A long stage's progress notes ("installing systemd (45/150)") for the live display (issue 8).
+    progress: Callable[[str], None] = field(default=lambda note: None)
     packages: list[dict[str, str]] = field(default_factory=list)
     images: dict[str, Path] = field(default_factory=dict)
 

@@ -1,4 +1,4 @@
-"""What a build reports while it runs: stage starts and ends, cache decisions, the final outputs.
+"""What a build reports while it runs: stage starts, progress and ends, cache decisions, the outputs.
 
 Three renderings of the same events: a live rich display on a terminal, plain lines elsewhere
 (CI logs), and JSON lines for programs (`--json`).
@@ -22,6 +22,7 @@ from rich.text import Text
 class BuildEvents(Protocol):
     def build_started(self, profile: str, stages: list[str]) -> None: ...
     def stage_started(self, stage: str) -> None: ...
+    def stage_progress(self, stage: str, note: str) -> None: ...
     def stage_finished(self, stage: str, seconds: float, note: str) -> None: ...
     def stage_failed(self, stage: str, seconds: float, error: str) -> None: ...
     def build_finished(self, outputs: dict[str, str], seconds: float) -> None: ...
@@ -43,6 +44,9 @@ class JsonEvents:
 
     def stage_started(self, stage: str) -> None:
         self._emit("stage-started", stage=stage)
+
+    def stage_progress(self, stage: str, note: str) -> None:
+        self._emit("stage-progress", stage=stage, note=note)
 
     def stage_finished(self, stage: str, seconds: float, note: str) -> None:
         self._emit("stage-finished", stage=stage, seconds=round(seconds, 3), note=note)
@@ -107,6 +111,12 @@ class ConsoleEvents:
             self.live.update(self._render())
         else:
             self.console.print(f"[cyan]▶[/cyan] {stage}")
+
+    def stage_progress(self, stage: str, note: str) -> None:
+        """The running stage's row shows the note (the build log has every one; plain output none)."""
+        row = self.rows.setdefault(stage, _Row(stage))
+        row.note = note
+        self._refresh()
 
     def stage_finished(self, stage: str, seconds: float, note: str) -> None:
         row = self.rows[stage]

@@ -13,7 +13,7 @@ import logging
 import os
 import shlex
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from rastos.errors import CommandError, RastosError
@@ -41,6 +41,9 @@ PACKAGE_OF_PROGRAM: dict[str, str] = {
     "dpkg-query": "dpkg",
     "dbus-daemon": "dbus",
     "busctl": "systemd",
+    "make": "make",
+    "dpkg-deb": "dpkg",
+    "xz": "xz-utils",
 }
 
 TAIL_LINES = 25
@@ -77,12 +80,14 @@ def run(
     input: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion.
 
     With `capture`, stdout is returned in `.stdout` and stderr goes to the log; otherwise stdout and
     stderr are merged and streamed into the log line by line (so a long command's progress is in the
-    build log while it runs, and its last lines are in the error if it fails).
+    build log while it runs, and its last lines are in the error if it fails); `on_line` sees each
+    line as it comes (a progress display).
     """
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
@@ -90,7 +95,7 @@ def run(
     with _program_lookup(args[0]):
         if capture:
             return _run_captured(args, check=check, input=input, env=full_env, cwd=cwd)
-        return _run_streamed(args, check=check, input=input, env=full_env, cwd=cwd)
+        return _run_streamed(args, check=check, input=input, env=full_env, cwd=cwd, on_line=on_line)
 
 
 def _run_captured(
@@ -117,6 +122,7 @@ def _run_streamed(
     input: str | None,
     env: Mapping[str, str] | None,
     cwd: Path | None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     with subprocess.Popen(
@@ -139,6 +145,8 @@ def _run_streamed(
                 line = line.rstrip("\n")
                 tail.append(line)
                 log.debug("  %s", line)
+                if on_line is not None:
+                    on_line(line)
             returncode = proc.wait()
         except BaseException:
             # Ctrl-C or an error in this process: the child must not outlive us, since it may hold

@@ -138,7 +138,7 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ('[system]\nenable = ["sshd"]\n', "system.enable", "not a valid unit name"),
         ('[kernel.sysctl]\n"vm.swappiness" = [1]\n', "kernel.sysctl.vm.swappiness", "expected a string or integer"),
         ('[disk]\nsize = "600M"\nesp_size = "400M"\n', "disk.size", "leaves less than 256M"),
-        ('[distribution]\nname = "arch"\n', "distribution.name", "cannot be built yet"),
+        ('[distribution]\nrepositories = ["core"]\n', "distribution.repositories", "Arch's"),
         ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
         ('[hub]\nurl = "http://hub:8470"\n', "hub.url", "not a ws:// or wss:// URL"),
         ('[hub]\ntoken = "secret"\n', "hub.token", "unknown key"),

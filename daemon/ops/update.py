@@ -1,4 +1,5 @@
-"""`update`: packages refreshed and upgraded through the distribution's package manager (apt today).
+"""`update`: packages refreshed and upgraded through the distribution's package manager: apt on Debian,
+libalpm on Arch Linux (daemon/ops/packages_pacman.py; `backend_for` chooses by /etc/os-release).
 
 The plan is read from the package lists as they are, with apt's own simulation (`apt-get -s`, which
 changes nothing): one change per package, old -> new version. Refreshing the lists (`apt-get update`)
@@ -24,6 +25,9 @@ A package transaction names no files a restore could put back: its changes are w
 dpkg's database without the files it describes would lie. The job's pre snapshot is how it is undone
 (`rastosctl snapshot rollback`). In a dry run's shadow, apt's simulation stands in for the transaction:
 the shadow's upper layer is memory, and a full upgrade downloaded into it could exhaust it.
+
+On Arch the same plan comes from libalpm's dry resolution (sysupgrade and the packages named), the
+transaction is libalpm's, and the rest is as above: the refresh first, one step per package, checked.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ class PackageBackend(ABC):
     installed, upgradable, installable, removable) change nothing; the rest carry out."""
 
     name: ClassVar[str]
+    # Whether the distribution publishes security updates apart (Debian's -security archive).
+    security_archive: ClassVar[bool] = True
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -247,17 +253,30 @@ def with_network(target: Target, argv: Sequence[str]) -> list[str]:
 
 
 def backend_for(target: Target) -> PackageBackend:
+    # Imported here: the pacman backend builds on this module (and imports pyalpm only when used).
+    from daemon.ops.packages_pacman import PacmanBackend, is_arch
+
+    if is_arch(target):
+        return PacmanBackend(target)
     if target.path("/usr/bin/apt-get").exists():
         return AptBackend(target)
-    raise OpFailed("no package manager rastOS knows on the target (apt)")
+    raise OpFailed("no package manager rastOS knows on the target (apt, or libalpm on Arch Linux)")
+
+
+# How each backend's steps read in a plan: the refresh, and the transaction of the scope.
+REFRESH_COMMAND = {"apt": "apt-get update", "pacman": "pacman -Sy"}
+UPGRADE_COMMAND = {"apt": "apt-get dist-upgrade", "pacman": "pacman -Su"}
 
 
 @dataclass(frozen=True)
 class RefreshLists(Action):
     """The package lists fetched again; the first thing an apply with something to do does."""
 
+    manager: str = "apt"
+
     def describe(self) -> Change:
-        return Change("package lists", "refresh", "apt-get update (a plan reads the lists as they were)")
+        command = REFRESH_COMMAND[self.manager]
+        return Change("package lists", "refresh", f"{command} (a plan reads the lists as they were)")
 
     def execute(self, target: Target, output: Output) -> None:
         if target.simulated:
@@ -275,15 +294,16 @@ class PackageTransaction(Action):
     security_only: bool
     install: tuple[str, ...]
     autoremove: bool
+    manager: str = "apt"
 
     def describe(self) -> Change:
         if self.security_only:
             steps = ["apt-get install --only-upgrade <security updates>"]
             steps += [f"apt-get install {' '.join(self.install)}"] if self.install else []
         else:
-            steps = [" ".join(("apt-get dist-upgrade", *self.install))]  # one transaction
+            steps = [" ".join((UPGRADE_COMMAND[self.manager], *self.install))]  # one transaction
         if self.autoremove:
-            steps.append("apt-get autoremove")
+            steps.append("apt-get autoremove" if self.manager == "apt" else "pacman -Rs <orphans>")
         return Change("packages", "run", "; ".join(steps))
 
     def execute(self, target: Target, output: Output) -> None:
@@ -337,17 +357,19 @@ class UpdateOp(Op):
         "named; the output names every package changed, old and new version"
     )
     schema = (
-        Param("refresh", Kind.BOOLEAN, "fetch the package lists first (apt-get update)", default=True),
+        Param("refresh", Kind.BOOLEAN, "fetch the package lists first (apt-get update, pacman -Sy)", default=True),
         Param("security_only", Kind.BOOLEAN, "upgrade only packages whose new version comes from a -security archive",
               default=False),
         Param("packages", Kind.STRING_LIST, "packages to install as well, e.g. [\"htop\"]", default=[], pattern=PACKAGE,
-              pattern_help="a Debian package name: lower case letters, digits, + - and ."),
+              pattern_help="a package name: lower case letters, digits, + - and ."),
         Param("autoremove", Kind.BOOLEAN, "remove packages installed as dependencies that nothing needs any more",
               default=False),
     )  # fmt: skip
 
     def check(self, target: Target, params: Params) -> None:
         backend = backend_for_params(target)
+        if params["security_only"] and not backend.security_archive:
+            raise InvalidParams("params.security_only", f"{backend.name} hosts have no separate security updates")
         missing = [name for name in params["packages"] if name not in backend.installed()]
         if params["refresh"] or not missing:
             return  # a package the old lists lack may be in the refreshed ones: apt says so when applied
@@ -367,8 +389,8 @@ class UpdateOp(Op):
         never_fetched = params["refresh"] and not backend.has_lists()
         if not changes and not never_fetched:
             return Plan(self.name, ())
-        actions: list[Action] = [RefreshLists()] if params["refresh"] else []
-        actions.append(PackageTransaction(params["security_only"], missing, params["autoremove"]))
+        actions: list[Action] = [RefreshLists(backend.name)] if params["refresh"] else []
+        actions.append(PackageTransaction(params["security_only"], missing, params["autoremove"], backend.name))
         actions += [PackageStep(change) for change in sorted(changes, key=lambda change: change.name)]
         return Plan(self.name, tuple(actions))
 

@@ -49,6 +49,8 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     found = _Origins(origins, path)
     profile: Profile = _build(Profile, merged, "", found)
     profile = _resolve_desired_state(profile, found)
+    profile = _resolve_distribution(profile, found)
+    _check_kernel_build(profile, found)
     _check_whole(profile, found)
     return profile
 
@@ -70,13 +72,81 @@ def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
     return dataclasses.replace(profile, system=system)
 
 
+def _check_kernel_build(profile: Profile, origins: _Origins) -> None:
+    """A kernel profile named is loaded now, and its features checked, so a typo fails before the build."""
+    kernel = profile.kernel
+    if not kernel.build:
+        if kernel.features:
+            raise ProfileError(f"{origins.of('kernel.features')}: key 'kernel.features': needs kernel.build")
+        return
+    from imagebuilder.kernel import profile as kernel_profiles
+
+    try:
+        built = kernel_profiles.load(kernel.build)
+    except RastosError as error:
+        raise ProfileError(f"{origins.of('kernel.build')}: key 'kernel.build': {error}") from None
+    for index, feature in enumerate(kernel.features):
+        if feature not in built.features:
+            known = ", ".join(sorted(built.features)) or "none"
+            raise ProfileError(
+                f"{origins.of('kernel.features')}: key 'kernel.features[{index}]': kernel profile {built.name} "
+                f"has no feature {feature!r}; it has: {known}"
+            )
+
+
+# --- issue 8: each distribution's own keys -----------------------------------------------------
+
+ARCH_MIRROR = "https://geo.mirror.pkgbuild.com/$repo/os/$arch"
+ARCH_REPOSITORIES = ("core", "extra")
+ARCH_KERNEL = "linux"
+_DEBIAN_ONLY = {
+    "distribution.suite": "Arch Linux is a rolling release and has no suites: remove the key",
+    "distribution.components": "archive components are Debian's; Arch's are distribution.repositories",
+    "kernel.build": "builds from Debian's linux-source; an Arch image takes a kernel package (kernel.package)",
+}
+
+
+def _resolve_distribution(profile: Profile, origins: _Origins) -> Profile:
+    """Refuses a key of the other distribution; fills Arch's defaults where no file set the key (an Arch
+    profile resolves with an empty suite and no components, so `show` prints nothing of Debian's)."""
+    d, given = profile.distribution, origins.by_key
+    if d.name is DistributionName.debian:
+        if "distribution.repositories" in given:
+            problem = "Arch's; Debian's are distribution.components"
+            raise _wrong_distribution(origins, "distribution.repositories", problem)
+        if not d.components:
+            raise _wrong_distribution(origins, "distribution.components", "must not be empty")
+        if "$repo" in d.mirror or "$arch" in d.mirror:
+            raise _wrong_distribution(origins, "distribution.mirror", "a pacman Server URL ($repo, $arch) is Arch's")
+        return profile
+    for key, problem in _DEBIAN_ONLY.items():
+        if key in given:
+            raise _wrong_distribution(origins, key, problem)
+    mirror = d.mirror if "distribution.mirror" in given else ARCH_MIRROR
+    if "$repo" not in mirror:
+        example = f"an Arch mirror is a pacman Server URL with $repo (and $arch), e.g. {ARCH_MIRROR}"
+        raise _wrong_distribution(origins, "distribution.mirror", example)
+    if "distribution.repositories" in given and not d.repositories:
+        raise _wrong_distribution(origins, "distribution.repositories", "must not be empty")
+    distribution = dataclasses.replace(
+        d, suite="", mirror=mirror, components=(), repositories=d.repositories or ARCH_REPOSITORIES
+    )
+    kernel = profile.kernel
+    if "kernel.package" not in given:
+        kernel = dataclasses.replace(kernel, package=ARCH_KERNEL)
+    return dataclasses.replace(profile, distribution=distribution, kernel=kernel)
+
+
+def _wrong_distribution(origins: _Origins, key: str, problem: str) -> ProfileError:
+    source, named_in = origins.of(key), origins.of("distribution.name")
+    hint = None
+    if source != named_in:
+        hint = f"{source.name} sets it for another distribution than {named_in.name} chooses: do not extend it"
+    return ProfileError(f"{source}: key '{key}': {problem}", hint=hint)
+
+
 def _check_whole(profile: Profile, origins: _Origins) -> None:
     """Checks that span several keys; the error names the file of the key that must change."""
-    if profile.distribution.name is not DistributionName.debian:
-        raise ProfileError(
-            f"{origins.of('distribution.name')}: key 'distribution.name': "
-            f"'{profile.distribution.name}' images cannot be built yet; only 'debian' can"
-        )
     if profile.disk.esp_size + 256 * MiB > profile.disk.size:
         raise ProfileError(
             f"{origins.of('disk.size')}: key 'disk.size': {format_size(profile.disk.size)} leaves less "

@@ -62,6 +62,7 @@ _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name (issue 8)
 _SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice)$")
@@ -89,16 +90,20 @@ def _meta(help: str, **extra: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class DistributionConfig:
     name: DistributionName = field(default=DistributionName.debian, metadata=_meta("package-based distribution"))
-    suite: str = field(default="trixie", metadata=_meta("release to install, e.g. trixie"))
+    # issue 8 (Arch): suite and components are Debian's, repositories Arch's; load.py refuses the other
+    # distribution's keys and fills Arch's defaults (mirror, repositories, kernel package).
+    suite: str = field(default="trixie", metadata=_meta("Debian release to install, e.g. trixie ('' for Arch)"))
     mirror: str = field(
         default="http://deb.debian.org/debian",
         metadata=_meta(
-            "package repository URL",
+            "package repository URL (for Arch a pacman Server URL with $repo and $arch)",
             check=lambda v: None if re.match(r"^(https?|file)://", v) else f"not a URL: {v!r}",
         ),
     )
-    components: tuple[str, ...] = field(
-        default=("main",), metadata=_meta("archive components", check=lambda v: None if v else "must not be empty")
+    components: tuple[str, ...] = field(default=("main",), metadata=_meta("Debian archive components"))
+    repositories: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta('Arch repositories, default ["core", "extra"]', check=_check_all(_REPO, "repository name")),
     )
     architecture: str = field(
         default="amd64",
@@ -140,6 +145,18 @@ class KernelConfig:
     initramfs: InitramfsModules = field(
         default=InitramfsModules.virtio,
         metadata=_meta("drivers in the initramfs: 'virtio' (VMs, small) or 'generic' (hardware)"),
+    )
+    build: str = field(
+        default="",
+        metadata=_meta(
+            "a kernel profile (profiles/kernel/) built from the suite's linux-source and installed instead of "
+            "`package`; empty: the distribution's kernel",
+            check=lambda v: None if v == "" or re.match(r"^[a-z0-9][a-z0-9-]{0,62}$", v) else f"not a name: {v!r}",
+        ),
+    )
+    features: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta('optional parts of the kernel profile to build in, e.g. ["kasan"] (with `build`)'),
     )
 
 

@@ -76,7 +76,9 @@ def package_set(profile: Profile) -> list[str]:
     extra = ["sudo"] if any(u.sudo for u in profile.users) else []
     if profile.kernel.initramfs is InitramfsModules.virtio:
         extra.append("busybox-static")  # the shell and tools of rastOS's own initrd
-    wanted = [*BASE_PACKAGES, *DAEMON_PACKAGES, profile.kernel.package, *profile.packages.include, *extra]
+    # A kernel built from a kernel profile comes as a package file of its own (mmdebstrap_argv).
+    kernel = [] if profile.kernel.build else [profile.kernel.package]
+    wanted = [*BASE_PACKAGES, *DAEMON_PACKAGES, *kernel, *profile.packages.include, *extra]
     return sorted(set(wanted))
 
 
@@ -84,9 +86,11 @@ def mmdebstrap_version() -> str:
     return run(["mmdebstrap", "--version"], capture=True).stdout.strip()
 
 
-def bootstrap_inputs(profile: Profile) -> dict[str, Any]:
+def bootstrap_inputs(profile: Profile, kernel_package: Path | None = None) -> dict[str, Any]:
     d = profile.distribution
     return {
+        # The built kernel's package by name: its name holds the cache key of its configuration.
+        "kernel_package": kernel_package.parent.name + "/" + kernel_package.name if kernel_package else None,
         "recipe": RECIPE_VERSION,
         "tool": mmdebstrap_version(),
         "distribution": d.name.value,
@@ -135,7 +139,7 @@ def bootstrap(ctx: BuildContext) -> str:
 
 def _bootstrap_locked(ctx: BuildContext, cache: Path) -> str:
     _remove_stale_partials(cache)
-    inputs = bootstrap_inputs(ctx.profile)
+    inputs = bootstrap_inputs(ctx.profile, ctx.kernel_package)
     key = cache_key(inputs)
     ctx.bootstrap_key = key
     entry = cache / key
@@ -166,7 +170,7 @@ def _build_entry(ctx: BuildContext, entry: Path, inputs: dict[str, Any]) -> None
         overlay = _write_bootstrap_overlay(partial / "overlay", ctx.profile)
         debs = ctx.cache_dir / "debs" / f"{inputs['distribution']}-{inputs['suite']}"
         debs.mkdir(parents=True, exist_ok=True)
-        argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs)
+        argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs, ctx.kernel_package)
         try:
             run(in_private_mount_namespace(argv))
         except CommandError as e:
@@ -205,7 +209,9 @@ def _write_bootstrap_overlay(overlay: Path, profile: Profile) -> Path:
     return overlay
 
 
-def mmdebstrap_argv(profile: Profile, target: Path, overlay: Path, debs: Path) -> list[str]:
+def mmdebstrap_argv(
+    profile: Profile, target: Path, overlay: Path, debs: Path, kernel_package: Path | None = None
+) -> list[str]:
     d = profile.distribution
     argv = [
         "mmdebstrap",
@@ -227,6 +233,13 @@ def mmdebstrap_argv(profile: Profile, target: Path, overlay: Path, debs: Path) -
     ]
     if not profile.packages.docs:
         argv += [f"--dpkgopt={opt}" for opt in DOCS_EXCLUDES]
+    if kernel_package is not None:
+        # apt installs a package file by its path, which must be there inside the root as well:
+        # mmdebstrap's own hook makes it so, and removes it afterwards.
+        argv += [
+            f"--include={kernel_package.resolve()}",
+            "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount",
+        ]
     return [*argv, d.suite, str(target), d.mirror]
 
 
