@@ -40,7 +40,7 @@ def kernel_build(cache: Path) -> tuple[float, dict[str, Any]]:
         [sys.executable, "-m", "imagebuilder", "kernel", "build", "minimal-vm", "--json", "--cache-dir", str(cache)],
         capture_output=True, text=True, cwd=CHECKOUT, check=True,
     )  # fmt: skip
-    return time.monotonic() - started, json.loads(result.stdout)
+    return time.monotonic() - started, json.loads(result.stdout.splitlines()[-1])
 
 
 def image(profile: Path | str, out: Path) -> Path:

@@ -123,7 +123,7 @@ def build_image(
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with _locked(output_dir / ".lock"), _build_log(output_dir / "build.log"), _interruptible(), \
+    with _locked(output_dir / ".lock"), build_log(output_dir / "build.log"), _interruptible(), \
             _scratch(cache_dir / "work") as work, _scratch(output_dir, prefix=".staging-") as staging:  # fmt: skip
         ctx = BuildContext(
             profile=profile,
@@ -196,7 +196,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _build_log(path: Path) -> Iterator[None]:
+def build_log(path: Path) -> Iterator[None]:
+    """Every command and its output, at debug level, into `path` while the block runs."""
     handler = logging.FileHandler(path, mode="w")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -61,7 +61,7 @@ def test_the_kernel_cli_answers_from_its_cache_and_exports_a_tree(kernel_image: 
         capture_output=True, text=True, cwd=CHECKOUT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    built = json.loads(result.stdout)
+    built = json.loads(result.stdout.splitlines()[-1])
     assert built["cached"] is True and built["misses"] == []
     release = built["release"]
     tree = tmp_path / "out" / "tree"

@@ -11,7 +11,7 @@ import pytest
 
 from imagebuilder.kernel import config
 from imagebuilder.kernel import profile as kernel_profiles
-from imagebuilder.kernel.build import KernelRequest, configure
+from imagebuilder.kernel.build import KernelRequest, build_kernel, configure
 from imagebuilder.kernel.source import KernelSource, from_debian, from_tree, makefile_version
 from imagebuilder.profile import load_profile
 from imagebuilder.profile.load import ProfileError
@@ -164,7 +164,9 @@ def test_every_option_of_a_shipped_profile_sticks(debian_source: KernelSource, t
     features = tuple(sorted(profile.features))
     final, misses = configure(KernelRequest(profile, debian_source, tmp_path, features), tmp_path / "build")
     assert [str(miss) for miss in misses] == []
-    assert config.parse(final)["LOCALVERSION_AUTO"] in ("n", "y")  # a real .config, resolved by Kconfig
+    resolved = config.parse(final)
+    assert resolved["CC_VERSION_TEXT"].startswith('"gcc'), "Kconfig resolved it (it records the compiler)"
+    assert len(resolved) > 1000, "the whole configuration, not the fragment alone"
 
 
 @pytest.mark.root
@@ -180,3 +182,65 @@ def test_an_option_whose_dependencies_are_off_is_reported(debian_source: KernelS
     plain = dataclasses.replace(debian_source, debian_config=None)
     with pytest.raises(RastosError, match="starts from Debian's configuration"):
         configure(KernelRequest(kernel_profiles.load("production"), plain, tmp_path), tmp_path / "build2")
+
+
+# The build's cache, on a stand-in kernel tree: a Makefile with the kernel's targets, answering in
+# milliseconds, so what is cached, reused and reported is checked without compiling a kernel.
+
+STUB_MAKEFILE = """\
+REL := 6.1.0$(LOCALVERSION)
+tinyconfig defconfig:
+\tprintf 'CONFIG_A=y\\n# CONFIG_B is not set\\n' > $(O)/.config
+olddefconfig:
+\tsed -i '/^CONFIG_DROPPED/d' $(O)/.config
+kernelrelease:
+\t@echo $(REL)
+bindeb-pkg:
+\t@echo '  CC      init/main.o'
+\t@echo '  CC [M]  fs/btrfs/super.o'
+\t@test ! -e $(O)/FAIL
+\ttouch $(O)/vmlinux
+\techo deb > $(O)/../linux-image-$(REL)_6.1.0-1_amd64.deb
+\techo other > $(O)/../linux-headers-$(REL)_6.1.0-1_amd64.deb
+"""
+
+
+def stub_request(tmp_path: Path, options: str) -> KernelRequest:
+    tree = tmp_path / "linux"
+    tree.mkdir(exist_ok=True)
+    (tree / "Makefile").write_text(STUB_MAKEFILE)
+    write_profile(tmp_path / "profiles", "stub", f'base = "tinyconfig"\n[options]\n{options}')
+    source = KernelSource(tree, "6.1.0", "0" * 64, "a stand-in tree")
+    return KernelRequest(kernel_profiles.load("stub", tmp_path / "profiles"), source, tmp_path / "cache", jobs=2)
+
+
+def test_a_built_kernel_is_cached_by_its_configuration_and_a_repeat_runs_no_make(tmp_path: Path) -> None:
+    seen: list[tuple[int, str]] = []
+    request = stub_request(tmp_path, 'B = "y"\nDROPPED = "y"\n')
+    first = build_kernel(request, lambda progress: seen.append((progress.done, progress.current)))
+    assert not first.cached and first.release == "6.1.0-rastos-stub"
+    assert seen == [(1, "init/main.o"), (2, "fs/btrfs/super.o")]
+    assert [str(miss) for miss in first.misses] == ["CONFIG_DROPPED: asked y, got n"]
+    assert first.package.read_text() == "deb\n" and first.package.parent == first.directory
+    assert config.parse(first.config_path.read_text()) == {"A": "y", "B": "y"}
+    # The same request again: answered by the index, without make (the tree has no Makefile now).
+    (request.source.tree / "Makefile").rename(tmp_path / "Makefile")
+    again = build_kernel(request)
+    assert again.cached and again.directory == first.directory and again.misses == first.misses
+    (tmp_path / "Makefile").rename(request.source.tree / "Makefile")
+    # Another fragment that Kconfig resolves to the same configuration shares the kernel, with its own misses.
+    same = build_kernel(stub_request(tmp_path, 'B = "y"\nDROPPED_TOO = "y"\n'))
+    assert same.cached and same.directory == first.directory
+    assert [str(miss) for miss in same.misses] == ["CONFIG_DROPPED_TOO: asked y, got n"]
+
+
+def test_a_failed_kernel_build_leaves_no_cache_entry(tmp_path: Path) -> None:
+    request = stub_request(tmp_path, 'B = "y"\n')
+    workspace = request.cache / "build" / f"stub-{'0' * 12}" / "obj"
+    workspace.mkdir(parents=True)
+    (workspace / "FAIL").touch()
+    with pytest.raises(RastosError, match="building kernel stub failed"):
+        build_kernel(request)
+    assert list((request.cache / "out").iterdir()) == [] and list((request.cache / "index").iterdir()) == []
+    (workspace / "FAIL").unlink()
+    assert not build_kernel(request).cached, "the next try builds"

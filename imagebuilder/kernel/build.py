@@ -18,6 +18,7 @@ version), so the same inputs give the same kernel.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import lzma
@@ -37,6 +38,7 @@ from rastos.process import run
 
 RECIPE = 1
 KEPT_KERNELS = 4
+KEPT_BUILD_DIRS = 2  # object trees: about 1 GB for minimal-vm, 15 GB and more on Debian's configuration
 ARCHES = {"amd64": "x86_64", "arm64": "arm64"}
 # A Debian configuration names Debian's signing certificates, which only Debian's build has: the
 # kernel makes a key of its own for module signing instead, and trusts no extra keys.
@@ -47,7 +49,7 @@ DEBIAN_BASE_OPTIONS = {
     "BUILD_SALT": '""',
 }
 # What make prints per compiled or linked file (kbuild's quiet output): the progress count.
-_STEP = re.compile(r"^\s+(CC|AS|LD|AR|CC \[M\]|LD \[M\])\s+(\S+)")
+_STEP = re.compile(r"^\s+(CC \[M\]|LD \[M\]|CC|AS|LD|AR)\s+(\S+)")
 
 
 @dataclass(frozen=True)
@@ -93,14 +95,20 @@ class KernelRequest:
 
     def prekey(self) -> str:
         inputs = {"recipe": RECIPE, "source": self.source.digest, "base": self.profile.base.value,
-                  "fragment": self.fragment(), "localversion": self.localversion,
-                  "arch": self.architecture}  # fmt: skip
+                  "fragment": self.fragment(), "localversion": self.localversion, "arch": self.architecture,
+                  "compiler": compiler_version()}  # fmt: skip
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
     def fragment(self) -> dict[str, str]:
         merged = dict(DEBIAN_BASE_OPTIONS) if self.profile.base is Base.debian else {}
         merged.update(self.profile.fragment(self.features))
         return merged
+
+
+@functools.cache
+def compiler_version() -> str:
+    """Kconfig records the compiler (CC_VERSION_TEXT): an upgraded gcc is another configuration."""
+    return run(["gcc", "--version"], capture=True).stdout.splitlines()[0]
 
 
 def build_kernel(request: KernelRequest, on_progress: Callable[[Progress], None] | None = None) -> BuiltKernel:
@@ -110,19 +118,26 @@ def build_kernel(request: KernelRequest, on_progress: Callable[[Progress], None]
     (cache / "out").mkdir(parents=True, exist_ok=True)
     if (hit := _indexed(request, started)) is not None:
         return hit
-    build_dir = cache / "build" / f"{request.profile.name}-{request.source.digest[:12]}"
+    # One directory per profile, features and source: make's objects in obj/ (O=), and beside them
+    # the packages bindeb-pkg writes into O='s parent, so no other build can take or remove them.
+    workspace = cache / "build" / f"{request.localversion.removeprefix('-rastos-')}-{request.source.digest[:12]}"
+    build_dir = workspace / "obj"
     build_dir.mkdir(parents=True, exist_ok=True)
-    with (build_dir.parent / f".{build_dir.name}.lock").open("w") as lock:
+    with (workspace / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         final, misses = configure(request, build_dir)
-        key = hashlib.sha256(f"{RECIPE}\0{request.source.digest}\0{request.architecture}\0{final}".encode())
+        key = hashlib.sha256(
+            f"{RECIPE}\0{request.source.digest}\0{request.architecture}\0{request.localversion}\0{final}".encode()
+        )
         entry = cache / "out" / key.hexdigest()[:20]
         compiled = not (entry / "manifest.json").is_file()
         if compiled:
             _compile(request, build_dir, entry, misses, on_progress)
-        (cache / "index" / request.prekey()).write_text(entry.name + "\n")
+        index = {"entry": entry.name, "misses": [str(miss) for miss in misses]}
+        (cache / "index" / request.prekey()).write_text(json.dumps(index) + "\n")
         _evict(cache / "out", keep=entry)
-    return _load(entry, time.monotonic() - started, cached=not compiled)
+    _evict(cache / "build", keep=workspace, kept=KEPT_BUILD_DIRS)
+    return _load(entry, time.monotonic() - started, cached=not compiled, misses=misses)
 
 
 def configure(request: KernelRequest, build_dir: Path) -> tuple[str, tuple[config.Miss, ...]]:
@@ -166,12 +181,11 @@ def _compile(
             if on_progress is not None:
                 on_progress(progress)
 
-    for stale in build_dir.parent.glob("*.deb"):  # bindeb-pkg writes its packages beside O=
-        stale.unlink()
-    for stale in build_dir.parent.glob("*.buildinfo"):
-        stale.unlink()
-    for stale in build_dir.parent.glob("*.changes"):
-        stale.unlink()
+    for pattern in ("*.deb", "*.buildinfo", "*.changes"):  # bindeb-pkg writes its packages beside O=
+        for stale in build_dir.parent.glob(pattern):
+            stale.unlink()
+    # Only a build from an empty object tree counts every file: the next one's progress total.
+    from_scratch = not (build_dir / "vmlinux").exists()
     version = run(request.make_argv(build_dir, "-s", "kernelrelease"), capture=True).stdout.strip()
     env = {
         "KBUILD_BUILD_TIMESTAMP": _timestamp(request),
@@ -179,9 +193,6 @@ def _compile(
         "KBUILD_BUILD_HOST": "rastos",
         "KBUILD_BUILD_VERSION": "1",
         "KDEB_PKGVERSION": f"{version.split('-')[0]}-1",
-        # bindeb-pkg's debian/rules needs only make; its declared build-dependencies (debhelper-compat)
-        # would be checked for nothing.
-        "DPKG_FLAGS": "-d",
     }
     started = time.monotonic()
     try:
@@ -195,10 +206,9 @@ def _compile(
     partial = entry.with_name(entry.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    packages = sorted(build_dir.parent.glob("linux-image-*.deb"))
-    image = [p for p in packages if not p.name.startswith(("linux-image-dbg", f"linux-image-{version}-dbg"))]
+    image = sorted(build_dir.parent.glob(f"linux-image-{version}_*.deb"))
     if not image:
-        raise RastosError(f"make bindeb-pkg made no linux-image package in {build_dir.parent}")
+        raise RastosError(f"make bindeb-pkg made no linux-image-{version} package in {build_dir.parent}")
     for package in build_dir.parent.glob("*.deb"):
         shutil.move(package, partial / package.name)
     shutil.copy2(build_dir / ".config", partial / "config")
@@ -217,7 +227,8 @@ def _compile(
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.rmtree(entry, ignore_errors=True)
     partial.rename(entry)
-    last.write_text(json.dumps({"objects": progress.done}) + "\n")
+    if from_scratch:
+        last.write_text(json.dumps({"objects": progress.done}) + "\n")
 
 
 def _timestamp(request: KernelRequest) -> str:
@@ -230,16 +241,23 @@ def _indexed(request: KernelRequest, started: float) -> BuiltKernel | None:
     index = request.cache / "index" / request.prekey()
     if not index.is_file():
         return None
-    entry = request.cache / "out" / index.read_text().strip()
+    try:
+        found = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return None
+    entry = request.cache / "out" / found["entry"]
     if not (entry / "manifest.json").is_file():
         return None
     entry.touch()
-    return _load(entry, time.monotonic() - started, cached=True)
+    misses = tuple(_miss(text) for text in found["misses"])
+    return _load(entry, time.monotonic() - started, cached=True, misses=misses)
 
 
-def _load(entry: Path, seconds: float, *, cached: bool) -> BuiltKernel:
+def _load(entry: Path, seconds: float, *, cached: bool, misses: tuple[config.Miss, ...]) -> BuiltKernel:
+    """The entry's kernel, with the misses of this request's configuration (another fragment that
+    resolved to the same configuration may have missed other options)."""
     manifest = json.loads((entry / "manifest.json").read_text())
-    misses = tuple(_miss(text) for text in manifest["misses"])
+    manifest["misses"] = [str(miss) for miss in misses]
     return BuiltKernel(
         manifest["release"], entry, entry / manifest["package"], entry / "config", misses, cached, seconds, manifest
     )
@@ -251,8 +269,10 @@ def _miss(text: str) -> config.Miss:
     return config.Miss(*match.groups())
 
 
-def _evict(out: Path, keep: Path) -> None:
+def _evict(directory: Path, keep: Path, kept: int = KEPT_KERNELS) -> None:
+    """The newest `kept` entries stay; one another build is still making (.partial) is never counted."""
     keep.touch()
-    entries = sorted((e for e in out.iterdir() if e.is_dir() and e != keep), key=lambda e: e.stat().st_mtime)
-    for old in entries[: max(0, len(entries) - (KEPT_KERNELS - 1))]:
+    entries = [e for e in directory.iterdir() if e.is_dir() and e != keep and not e.name.endswith(".partial")]
+    entries.sort(key=lambda e: e.stat().st_mtime)
+    for old in entries[: max(0, len(entries) - (kept - 1))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -17,10 +17,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from imagebuilder.build import build_log
 from imagebuilder.kernel import profile as kernel_profiles
 from imagebuilder.kernel.build import BuiltKernel, KernelRequest, build_kernel
 from imagebuilder.kernel.build import Progress as BuildProgress
-from imagebuilder.kernel.source import KernelSource, from_debian, from_tarball, from_tree
+from imagebuilder.kernel.source import DEBIAN_MIRROR, KernelSource, from_debian, from_tarball, from_tree
 from rastos.errors import RastosError
 from rastos.process import run
 
@@ -37,12 +38,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], cache_d
     build.add_argument("--feature", action="append", default=[], help="an optional part of the profile, e.g. kasan")
     build.add_argument("--source", type=Path, help="a kernel tarball or tree (default: Debian's linux-source)")
     build.add_argument("--suite", default=DEFAULT_SUITE, help="the Debian suite whose source (default: %(default)s)")
+    build.add_argument("--mirror", default=DEBIAN_MIRROR, help="the Debian mirror (default: %(default)s)")
+    build.add_argument(
+        "--refresh-source", action="store_true", help="fetch the suite's linux-source again (a new point release)"
+    )
     build.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="make -j (default: %(default)s)")
     build.add_argument("--output", type=Path, help="also copy the packages here (and with --tree, unpack them)")
     build.add_argument("--tree", action="store_true", help="with --output: boot/vmlinuz-* and lib/modules/* too")
     build.add_argument("--strict", action="store_true", help="fail when an option of the profile did not stick")
     build.add_argument("--cache-dir", type=Path, default=cache_default, help="default: %(default)s")
-    build.add_argument("--json", action="store_true", help="the result (and progress lines) as JSON")
+    build.add_argument("--json", action="store_true", help="JSON lines: progress, then the result (kernel-built)")
     build.set_defaults(func=cmd_build)
 
 
@@ -54,9 +59,10 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def source_for(given: Path | None, suite: str, cache: Path) -> KernelSource:
+def source_for(args: argparse.Namespace, cache: Path) -> KernelSource:
+    given: Path | None = args.source
     if given is None:
-        return from_debian(suite, cache)
+        return from_debian(args.suite, cache, args.mirror, refresh=args.refresh_source)
     if given.is_dir():
         return from_tree(given)
     return from_tarball(given, cache)
@@ -66,11 +72,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     profile = kernel_profiles.load(args.profile)
     if args.jobs < 1:
         raise RastosError(f"--jobs: {args.jobs} is not a positive number")
+    if args.tree and not args.output:
+        raise RastosError("--tree: needs --output DIR, where the tree goes")
+    if os.geteuid() != 0:
+        raise RastosError(
+            "building a kernel needs root (mmdebstrap fetches the source as root)", hint="run it with sudo"
+        )
     cache = args.cache_dir / "kernel"
     cache.mkdir(parents=True, exist_ok=True)
     log_path = cache / f"build-{profile.name}.log"
     with logged_to(log_path):
-        source = source_for(args.source, args.suite, cache)
+        source = source_for(args, cache)
         request = KernelRequest(profile, source, cache, tuple(args.feature), args.jobs)
         with progress_display(args.json) as show:
             built = build_kernel(request, show)
@@ -82,22 +94,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 @contextmanager
 def logged_to(path: Path) -> Iterator[None]:
-    """Every command and its output go to `path` (the kernel's make output is long)."""
-    handler = logging.FileHandler(path, mode="w")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.DEBUG)
+    """The build log (the kernel's make output is long: it goes there, not to the terminal), named in
+    the hint of any error."""
     try:
-        yield
+        with build_log(path):
+            yield
     except RastosError as error:
         error.hint = (error.hint + "; " if error.hint else "") + f"log: {path}"
         raise
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        handler.close()
 
 
 @contextmanager
@@ -143,9 +147,10 @@ def export(built: BuiltKernel, output: Path, *, tree: bool) -> None:
 
 
 def report(built: BuiltKernel, as_json: bool, log_path: Path) -> None:
-    if as_json:
-        print(json.dumps({**built.manifest, "directory": str(built.directory), "cached": built.cached,
-                          "seconds": round(built.seconds, 1), "log": str(log_path)}, indent=1))  # fmt: skip
+    if as_json:  # one line, the last: progress lines come before it
+        result = {"event": "kernel-built", **built.manifest, "directory": str(built.directory),
+                  "cached": built.cached, "seconds": round(built.seconds, 1), "log": str(log_path)}  # fmt: skip
+        print(json.dumps(result))
         return
     how = "from the cache" if built.cached else f"built in {built.manifest.get('build_seconds')} s"
     print(f"kernel {built.release} ({how}): {built.package}")

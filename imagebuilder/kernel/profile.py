@@ -106,13 +106,16 @@ def _load(name: str, directory: Path, chain: tuple[str, ...]) -> KernelProfile:
                 f"{where}: extends: {parent_name} starts from base {parent.base.value}, this profile from {base_name}"
             )
         options.update(parent.options)
-        features.update(parent.features)
+        for feature, table in parent.features.items():
+            features[feature] = MappingProxyType({**features.get(feature, {}), **table})
     options.update(_options(data.get("options", {}), f"{where}: options"))
     raw_features = data.get("features", {})
     if not isinstance(raw_features, dict):
         raise KernelProfileError(f"{where}: features: must be a table of tables")
-    for feature, table in raw_features.items():
-        features[feature] = MappingProxyType(_options(table, f"{where}: features.{feature}"))
+    for feature, table in raw_features.items():  # a feature of a parent's name gets these options too
+        features[feature] = MappingProxyType(
+            {**features.get(feature, {}), **_options(table, f"{where}: features.{feature}")}
+        )
     return KernelProfile(
         name, description, Base(base_name), MappingProxyType(options), MappingProxyType(features), path
     )

@@ -112,14 +112,18 @@ def _evict(trees: Path, keep: Path, kept: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def from_debian(suite: str, cache: Path, mirror: str = DEBIAN_MIRROR, architecture: str = "amd64") -> KernelSource:
-    """The suite's linux-source (and linux-config) package, fetched into `cache`/debian/SUITE."""
+def from_debian(
+    suite: str, cache: Path, mirror: str = DEBIAN_MIRROR, architecture: str = "amd64", *, refresh: bool = False
+) -> KernelSource:
+    """The suite's linux-source (and linux-config) package, fetched into `cache`/debian/SUITE once;
+    `refresh` fetches the suite's current one again (a point release; the build cache, keyed by the
+    tarball's digest, then builds anew)."""
     directory = cache / "debian" / suite
     directory.mkdir(parents=True, exist_ok=True)
     with (directory.parent / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         tarballs = sorted(directory.glob("linux-source-*.tar.xz"))
-        if not tarballs:
+        if refresh or not tarballs:
             tarballs = [_fetch_debian(suite, directory, mirror, architecture)]
     tarball = tarballs[-1]
     series = tarball.name.removeprefix("linux-source-").removesuffix(".tar.xz")
@@ -127,27 +131,28 @@ def from_debian(suite: str, cache: Path, mirror: str = DEBIAN_MIRROR, architectu
     return from_tarball(tarball, cache, f"Debian {suite} linux-source-{series}", config if config.is_file() else None)
 
 
-def _fetch_debian(suite: str, directory: Path, mirror: str, architecture: str) -> Path:
-    """linux-source (the suite's current series) and its linux-config, unpacked by mmdebstrap."""
-    scratch = directory / "extract.partial"
+def _extract(suite: str, packages: str, scratch: Path, mirror: str, architecture: str) -> None:
+    """Debian packages unpacked into `scratch`, nothing installed (mmdebstrap's extract variant)."""
     shutil.rmtree(scratch, ignore_errors=True)
     argv: list[str | Path] = ["mmdebstrap", "--mode=root", "--variant=extract", "--format=directory", "--quiet",
-            f"--architectures={architecture}", "--include=linux-source", suite, scratch, mirror]  # fmt: skip
+            f"--architectures={architecture}", f"--include={packages}", suite, scratch, mirror]  # fmt: skip
     run(in_private_mount_namespace(argv))
+
+
+def _fetch_debian(suite: str, directory: Path, mirror: str, architecture: str) -> Path:
+    """linux-source (it depends on the suite's current series) and that series' linux-config."""
+    scratch = directory / "extract.partial"
+    _extract(suite, "linux-source", scratch, mirror, architecture)
     tarballs = sorted((scratch / "usr/src").glob("linux-source-*.tar.xz"))
     if not tarballs:
         raise RastosError(f"Debian {suite}'s linux-source package holds no linux-source-*.tar.xz")
     series = tarballs[-1].name.removeprefix("linux-source-").removesuffix(".tar.xz")
-    shutil.rmtree(scratch)
-    argv = ["mmdebstrap", "--mode=root", "--variant=extract", "--format=directory", "--quiet",
-            f"--architectures={architecture}", f"--include=linux-source-{series},linux-config-{series}", suite,
-            scratch, mirror]  # fmt: skip
-    run(in_private_mount_namespace(argv))
+    tarball = directory / f"linux-source-{series}.tar.xz"
+    shutil.move(tarballs[-1], tarball)
+    _extract(suite, f"linux-config-{series}", scratch, mirror, architecture)
     debian_arch = {"amd64": "amd64_none_amd64", "arm64": "arm64_none_arm64"}.get(architecture, architecture)
     config = scratch / f"usr/src/linux-config-{series}/config.{debian_arch}.xz"
     if config.is_file():
         shutil.move(config, directory / f"config-{series}-{architecture}.xz")
-    tarball = directory / f"linux-source-{series}.tar.xz"
-    shutil.move(scratch / f"usr/src/linux-source-{series}.tar.xz", tarball)
     shutil.rmtree(scratch)
     return tarball

@@ -88,9 +88,11 @@ def mmdebstrap_version() -> str:
 
 def bootstrap_inputs(profile: Profile, kernel_package: Path | None = None) -> dict[str, Any]:
     d = profile.distribution
+    # The built kernel's package by its cache entry (keyed by its configuration); only when there is one,
+    # so the inputs of a profile with Debian's kernel stay as they were.
+    built = {"kernel_package": f"{kernel_package.parent.name}/{kernel_package.name}"} if kernel_package else {}
     return {
-        # The built kernel's package by name: its name holds the cache key of its configuration.
-        "kernel_package": kernel_package.parent.name + "/" + kernel_package.name if kernel_package else None,
+        **built,
         "recipe": RECIPE_VERSION,
         "tool": mmdebstrap_version(),
         "distribution": d.name.value,

@@ -29,6 +29,7 @@ def build_profile_kernel(ctx: BuildContext) -> str:
 
     def progress(state: Progress) -> None:
         nonlocal last
+        ctx.progress(f"compiling {state.done}/{state.total or '?'}")
         if time.monotonic() - last >= 60:  # into build.log: a long compile shows it is moving
             last = time.monotonic()
             log.info("kernel: compiled %d of %s files (%s)", state.done, state.total or "?", state.current)
