@@ -5,8 +5,9 @@ Debian's pam_motd runs the executables in /etc/update-motd.d at each login and s
 before /etc/motd. The dynamic part is one of them, /etc/update-motd.d/50-rastos: the host name, the
 deployment that runs (root subvolume, a rollback's snapshot, a boot that fell back) as the daemon
 reports it (`rastosctl --json status`), and how many packages can be upgraded. The login waits for it,
-so it gives the daemon one second and falls back to a line saying it did not answer. The count of
-upgrades is apt's simulation (about a second), kept in /run and made again only once dpkg's database
+so it gives rastosctl three seconds (a Python client starts in 0.2 s on hardware, over a second
+under emulation; RASTOS_MOTD_TIMEOUT changes it) and falls back to a line saying it did not answer.
+The count of upgrades is apt's simulation (about a second), kept in /run and made again only once dpkg's database
 or the package lists changed, so a login normally pays nothing for it; a count that takes longer than
 two seconds goes on in the background for the next login. It never fails a login: it exits 0.
 """
@@ -43,7 +44,7 @@ fi
 
 printf '\n  host         %s\n' "$(uname -n)"
 
-if status=$(timeout 1 rastosctl --json status 2>/dev/null) && [ -n "$status" ]; then
+if status=$(timeout "${RASTOS_MOTD_TIMEOUT:-3}" rastosctl --json status 2>/dev/null) && [ -n "$status" ]; then
     printf '%s' "$status" | python3 -c '
 import json, sys
 status = json.load(sys.stdin)
