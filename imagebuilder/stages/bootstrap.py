@@ -61,6 +61,11 @@ VIRTIO_INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod",
 EARLY_MODULES = ("efivarfs", "overlay")
 INITRAMFS_OVERLAY_SCRIPT = CHECKOUT / "imagebuilder" / "initrd" / "initramfs-tools-overlay"
 
+INITRD_FOR_EVERY_KERNEL = (
+    'chroot "$1" sh -ec \'for dir in /lib/modules/*; do version=${dir##*/}; '
+    '[ -e /boot/initrd.img-$version ] || update-initramfs -c -k "$version"; done\''
+)
+
 DOCS_EXCLUDES = (
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/info/*",
@@ -90,7 +95,9 @@ def bootstrap_inputs(profile: Profile, kernel_package: Path | None = None) -> di
     d = profile.distribution
     # The built kernel's package by its cache entry (keyed by its configuration); only when there is one,
     # so the inputs of a profile with Debian's kernel stay as they were.
-    built = {"kernel_package": f"{kernel_package.parent.name}/{kernel_package.name}"} if kernel_package else {}
+    built: dict[str, Any] = {}
+    if kernel_package is not None:
+        built = {"kernel_package": f"{kernel_package.parent.name}/{kernel_package.name}", "kernel_initrd": 1}
     return {
         **built,
         "recipe": RECIPE_VERSION,
@@ -241,6 +248,9 @@ def mmdebstrap_argv(
         argv += [
             f"--include={kernel_package.resolve()}",
             "--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount",
+            # The package does not depend on initramfs-tools (Debian's kernels do), so apt may configure
+            # it first, when initramfs-tools' hook is not there yet: its initrd is made here instead.
+            f"--customize-hook={INITRD_FOR_EVERY_KERNEL}",
         ]
     return [*argv, d.suite, str(target), d.mirror]
 
