@@ -146,7 +146,7 @@ def build_initrd_archive(rootfs: Path, kernel_version: str) -> bytes:
         name = f"{module_name(path)}.ko"
         cpio.file(f"lib/modules/{name}", decompressed(modules.directory / path))
         lines.append(("?" if path in optional else "") + name)
-    cpio.file("lib/modules/load-order", ("\n".join(lines) + "\n").encode())
+    cpio.file("lib/modules/load-order", "".join(line + "\n" for line in lines).encode())
     return cpio.finish()
 
 
