@@ -345,6 +345,8 @@ def test_the_dynamic_motd_shows_what_a_live_daemon_reports(rastosd: Rastosd, tmp
     bus_directory = rastosd.bus.address.removeprefix("unix:path=").rsplit("/", 1)[0]
     argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--tmpfs", "/tmp",
             "--bind", bus_directory, bus_directory, "--ro-bind", str(script), "/tmp/50-rastos",
+            # A checkout under /tmp (a CI clone there) would be hidden by the tmpfs; rastosctl is in its .venv.
+            "--ro-bind", str(CHECKOUT), str(CHECKOUT),
             "--setenv", "PATH", f"{CHECKOUT}/.venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "--setenv", "DBUS_SYSTEM_BUS_ADDRESS", rastosd.bus.address,
             # A loaded CI machine can take longer than a login's 3 s to start the Python client.
