@@ -46,8 +46,10 @@ from daemon.ops.params import Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 
-# Debian policy 5.6.7: lower case letters, digits, + - and ., at least two long, starting alphanumeric.
-PACKAGE = r"[a-z0-9][a-z0-9+.-]+"
+# Debian policy 5.6.7: lower case letters, digits, + - and ., at least two long, starting alphanumeric;
+# Arch's names may also hold _ and @ (python-typing_extensions). A name one distribution cannot have
+# is refused by its package manager, naming it.
+PACKAGE = r"[a-z0-9@_][a-z0-9@_+.-]+"
 INST = re.compile(r"^Inst (?P<name>\S+) (?:\[(?P<old>[^\]]+)\] )?\((?P<new>\S+)(?P<releases>[^)]*)\)")
 REMV = re.compile(r"^Remv (?P<name>\S+)(?: \[(?P<old>[^\]]+)\])?")
 UNKNOWN = re.compile(r"Unable to locate package (\S+)|Package '?([^' ]+)'? has no installation candidate")
