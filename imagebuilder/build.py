@@ -25,7 +25,7 @@ from imagebuilder.profile import Profile
 from imagebuilder.profile.model import DistributionName
 from imagebuilder.stages.bootloader import build_esp, configure_kernel
 from imagebuilder.stages.bootstrap import bootstrap
-from imagebuilder.stages.bootstrap_arch import bootstrap_arch, check_arch_host
+from imagebuilder.stages.bootstrap_arch import ArchRecipe, bootstrap_arch, check_arch_host
 from imagebuilder.stages.configure import configure
 from imagebuilder.stages.desired_state import apply_desired_state
 from imagebuilder.stages.disk import assemble_disk, build_btrfs
@@ -76,26 +76,6 @@ STAGES = (
 )
 
 
-# Issue 8: what an Arch Linux image runs so far. The stages after its bootstrap are Debian's (they
-# configure initramfs-tools, read dpkg, ...); an Arch build stops there with a clear error, its
-# bootstrap cached for the next build (docs/arch.md).
-ARCH_STAGES = frozenset({"kernel-build", "bootstrap"})
-
-
-def stages_for(profile: Profile) -> tuple[Stage, ...]:
-    if profile.distribution.name is DistributionName.debian:
-        return STAGES
-    return tuple(stage if stage.name in ARCH_STAGES else Stage(stage.name, _debian_only) for stage in STAGES)
-
-
-def _debian_only(ctx: BuildContext) -> str:
-    raise RastosError(
-        "Arch Linux images stop after their bootstrap for now: the stages from configure on (initramfs, "
-        f"kernel, boot loader) are Debian's; the bootstrapped root is cached ({ctx.bootstrap_key})",
-        hint="docs/arch.md says what an Arch image still needs",
-    )
-
-
 @dataclass(frozen=True)
 class BuildResult:
     outputs: dict[str, Path]
@@ -117,8 +97,8 @@ def build_image(
 ) -> BuildResult:
     host = check_build_host()  # before anything is created on disk
     if profile.distribution.name is DistributionName.arch:
-        check_arch_host()
-    stages = stages_for(profile)
+        check_arch_host(ArchRecipe.of(profile).keyring)
+    stages = STAGES  # the same for every distribution: a stage that differs chooses inside
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ class DiskIds:
 class KernelInfo:
     version: str
     vmlinuz: Path  # inside the root file system
-    initrd: Path
+    initrd: Path | None  # the distribution's; None where rastOS's own initrd is the only one (Arch)
 
 
 @dataclass

@@ -243,6 +243,10 @@ class Alpm:
     def installed(self) -> dict[str, str]:
         return {pkg.name: pkg.version for pkg in self.handle.get_localdb().pkgcache}
 
+    def inventory(self) -> list[tuple[str, str, str]]:
+        """Every installed package as (name, version, architecture), by name."""
+        return sorted((pkg.name, pkg.version, pkg.arch) for pkg in self.handle.get_localdb().pkgcache)
+
     def has_databases(self) -> bool:
         """Whether every configured repository's database was fetched once."""
         sync = self.dbpath / "sync"

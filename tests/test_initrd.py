@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from imagebuilder.stages.initrd import CpioWriter, KernelModules, decompressed, module_name
+from imagebuilder.stages.initrd import (
+    CpioWriter,
+    KernelModules,
+    decompressed,
+    inside,
+    is_dynamic,
+    module_name,
+    shared_libraries,
+)
 from rastos.errors import RastosError
 
 
@@ -61,6 +69,37 @@ def test_modules_are_decompressed(tmp_path: Path) -> None:
     module = tmp_path / "m.ko.xz"
     module.write_bytes(lzma.compress(b"\x7fELF module"))
     assert decompressed(module) == b"\x7fELF module"
+
+
+def test_arch_s_zstd_modules_are_decompressed(tmp_path: Path) -> None:
+    plain = tmp_path / "m.ko"
+    plain.write_bytes(b"\x7fELF module" * 100)
+    subprocess.run(["zstd", "--quiet", "--rm", str(plain)], check=True)
+    assert decompressed(tmp_path / "m.ko.zst") == b"\x7fELF module" * 100
+
+
+def test_a_dynamic_busybox_brings_its_loader_and_libraries() -> None:
+    assert not is_dynamic(Path("/bin/busybox")), "Debian's busybox-static (./setup-host)"
+    assert is_dynamic(Path("/usr/bin/ls"))
+    with pytest.raises(RastosError, match="not a 64-bit ELF"):
+        is_dynamic(Path("/etc/os-release"))
+    # The root's own ldd, run in it (here the host's root): the loader and libc, as absolute paths.
+    libraries = shared_libraries(Path("/"), "/usr/bin/ls")
+    assert any(Path(p).name.startswith("ld-linux") for p in libraries), libraries
+    assert any(Path(p).name == "libc.so.6" for p in libraries), libraries
+
+
+def test_paths_resolve_inside_the_image_even_through_absolute_links(tmp_path: Path) -> None:
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/ld.so").write_bytes(b"loader")
+    (tmp_path / "lib64").symlink_to("/usr/lib")  # absolute: on the host it would leave the image
+    (tmp_path / "usr/lib/libc.so.6").symlink_to("../lib/libc-2.so")
+    (tmp_path / "usr/lib/libc-2.so").write_bytes(b"libc")
+    assert inside(tmp_path, "/lib64/ld.so") == tmp_path / "usr/lib/ld.so"
+    assert inside(tmp_path, "/lib64/libc.so.6").read_bytes() == b"libc"
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(RastosError, match="too many levels"):
+        inside(tmp_path, "/loop/x")
 
 
 def test_cpio_holds_files_links_and_directories() -> None:

@@ -28,11 +28,15 @@ from daemon.jobs import Step, step_from
 from daemon.ops.base import Plan, Target, execute
 from daemon.ops.packages_pacman import PacmanBackend
 from daemon.ops.update import PackageStep, PackageTransaction, RefreshLists, Transition, backend_for
-from imagebuilder.build import stages_for
-from imagebuilder.context import BuildContext
 from imagebuilder.events import JsonEvents
 from imagebuilder.profile.load import ProfileError, load_profile, profile_from_dict, profile_to_dict
-from imagebuilder.stages.bootstrap_arch import ArchRecipe, build_root, check_arch_host, package_set
+from imagebuilder.stages.bootstrap_arch import (
+    ArchRecipe,
+    build_root,
+    build_root_isolated,
+    check_arch_host,
+    package_set,
+)
 from rastos import alpm as rastos_alpm
 from rastos.alpm import (
     Alpm,
@@ -52,11 +56,21 @@ pytestmark = [pytest.mark.root]
 BUILT = 1700000000  # every archive member's mtime: the same package bytes each run
 
 
+@dataclass(frozen=True)
+class Link:
+    target: str
+
+
 def package(
-    directory: Path, name: str, version: str, files: dict[str, str] | None, relations: dict[str, list[str]]
+    directory: Path,
+    name: str,
+    version: str,
+    files: dict[str, str | bytes | Link] | None,
+    relations: dict[str, list[str]],
 ) -> Path:
     """A package as makepkg leaves it: .PKGINFO first, then its files (a path ending in / is a
-    directory). `relations` maps depend, conflict, provides to their values."""
+    directory, bytes an executable, a Link a symbolic link; `.INSTALL` is the install scriptlet).
+    `relations` maps depend, conflict, provides to their values."""
     files = files or {f"usr/share/{name}/{name}.txt": f"{name} {version}\n"}
     info = [f"pkgname = {name}", f"pkgbase = {name}", f"pkgver = {version}", f"pkgdesc = test package {name}",
             f"builddate = {BUILT}", "packager = rastOS tests", "size = 1", "arch = x86_64"]  # fmt: skip
@@ -65,13 +79,17 @@ def package(
     with tarfile.open(path, "w:gz") as archive:
         for member, content in [(".PKGINFO", "\n".join(info) + "\n"), *files.items()]:
             entry = tarfile.TarInfo(member.rstrip("/"))
-            entry.mtime, entry.mode = BUILT, 0o755 if member.endswith("/") else 0o644
+            entry.mtime, entry.mode = BUILT, 0o755 if member.endswith("/") or isinstance(content, bytes) else 0o644
             if member.endswith("/"):
                 entry.type = tarfile.DIRTYPE
                 archive.addfile(entry)
+            elif isinstance(content, Link):
+                entry.type, entry.linkname = tarfile.SYMTYPE, content.target
+                archive.addfile(entry)
             else:
-                entry.size = len(content.encode())
-                archive.addfile(entry, io.BytesIO(content.encode()))
+                data = content if isinstance(content, bytes) else content.encode()
+                entry.size = len(data)
+                archive.addfile(entry, io.BytesIO(data))
     return path
 
 
@@ -90,8 +108,9 @@ class Repo:
         return f"file://{self.directory}/$repo"
 
     def add(
-        self, name: str, version: str = "1.0-1", files: dict[str, str] | None = None, **relations: list[str]
-    ) -> None:
+        self, name: str, version: str = "1.0-1", files: dict[str, str | bytes | Link] | None = None,
+        **relations: list[str],
+    ) -> None:  # fmt: skip
         path = package(self.directory / "test", name, version, files, relations)
         database = self.directory / "test/test.db.tar.gz"
         subprocess.run(["repo-add", "--quiet", database, path], check=True)
@@ -382,16 +401,88 @@ def test_an_arch_profile_cannot_extend_a_debian_one(tmp_path: Path) -> None:
     assert refused.value.hint == "base.toml sets it for another distribution than arch.toml chooses: do not extend it"
 
 
-def test_an_arch_build_needs_a_keyring_and_stops_after_its_bootstrap(tmp_path: Path) -> None:
+def test_an_arch_build_needs_a_keyring_unless_the_profile_checks_no_signatures(tmp_path: Path) -> None:
     with pytest.raises(RastosError, match=r"pacman keyring at .*nokeys") as refused:
         check_arch_host(tmp_path / "nokeys")
     assert refused.value.hint is not None and "pacman-key --populate archlinux" in refused.value.hint
     path = tmp_path / "arch.toml"
     path.write_text(ARCH_PROFILE)
-    profile = load_profile(path)
-    stages = stages_for(profile)
-    assert [s.name for s in stages] == [s.name for s in stages_for(load_profile("minimal"))]
-    ctx = BuildContext(profile, tmp_path, tmp_path, tmp_path, tmp_path, "arch", bootstrap_key="k1")
-    configure = next(s for s in stages if s.name == "configure")
-    with pytest.raises(RastosError, match=r"stop after their bootstrap .*cached \(k1\)"):
-        configure.run(ctx)
+    assert ArchRecipe.of(load_profile(path)).keyring == Path("/etc/pacman.d/gnupg")
+    path.write_text(ARCH_PROFILE + "check_signatures = false\n")
+    recipe = ArchRecipe.of(load_profile(path))
+    assert recipe.keyring is None
+    check_arch_host(recipe.keyring)  # no keyring asked for: nothing to refuse
+    assert ArchRecipe.from_json(recipe.to_json()) == recipe
+
+
+def test_arch_only_and_debian_only_values_are_refused_naming_the_key(tmp_path: Path) -> None:
+    debian = tmp_path / "debian.toml"
+    debian.write_text('extends = "minimal"\n[distribution]\ncheck_signatures = false\n')
+    with pytest.raises(ProfileError, match=r"debian.toml: key 'distribution.check_signatures': Arch's; mmdebstrap"):
+        load_profile(debian)
+    debian.write_text('extends = "minimal"\n[packages]\ninclude = ["htop", "python-typing_extensions"]\n')
+    with pytest.raises(ProfileError, match=r"key 'packages.include': python-typing_extensions: Debian's package"):
+        load_profile(debian)
+    arch = tmp_path / "arch.toml"
+    arch.write_text(ARCH_PROFILE + '[packages]\ninclude = ["python-typing_extensions"]\n')
+    assert "python-typing_extensions" in ArchRecipe.of(load_profile(arch)).packages
+    arch.write_text(ARCH_PROFILE + '[kernel]\ninitramfs = "generic"\n')
+    with pytest.raises(ProfileError, match=r"arch.toml: key 'kernel.initramfs': 'generic' is Debian's"):
+        load_profile(arch)
+
+
+SCRIPTLET = """post_install() {
+    [ -c /dev/null ] && [ -r /proc/self/status ] && [ -d /sys/kernel ] &&
+        echo "saw /dev, /proc, /sys" > /var/lib/scriptlet
+}
+"""
+HOOK = """[Trigger]
+Operation = Install
+Type = Package
+Target = shell
+
+[Action]
+When = PostTransaction
+Exec = /bin/sh -c 'read -r first < /proc/1/status; echo "hook: $first" > /var/lib/hook'
+"""
+
+
+@pytest.fixture
+def shell_repo(repo: Repo) -> Repo:
+    """A package with a shell (the host's static busybox), a scriptlet and a hook: what libalpm runs
+    chrooted into the new root, as Arch's packages need it."""
+    busybox = Path("/bin/busybox")
+    assert busybox.is_file(), "./setup-host installs busybox-static"
+    files: dict[str, str | bytes | Link] = {
+        "usr/": "", "usr/bin/": "", "usr/bin/busybox": busybox.read_bytes(), "usr/bin/sh": Link("busybox"),
+        "bin": Link("usr/bin"), "var/": "", "var/lib/": "", "usr/share/": "", "usr/share/libalpm/": "",
+        "usr/share/libalpm/hooks/": "", "usr/share/libalpm/hooks/50-test.hook": HOOK, ".INSTALL": SCRIPTLET,
+    }  # fmt: skip
+    repo.add("shell", files=files)
+    return repo
+
+
+def test_scriptlets_and_hooks_run_with_api_file_systems_that_vanish_with_the_transaction(
+    tmp_path: Path, shell_repo: Repo
+) -> None:
+    target = tmp_path / "root"
+    notes: list[str] = []
+    count = build_root_isolated(target, shell_repo.recipe("shell"), tmp_path / "cache", notes.append)
+    assert count == 1
+    assert (target / "var/lib/scriptlet").read_text() == "saw /dev, /proc, /sys\n"
+    # The hook ran in a PID namespace of the transaction's own: its PID 1 is the transaction.
+    assert (target / "var/lib/hook").read_text().startswith("hook: Name:\tpython")
+    assert "installing shell (1/1)" in notes
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(target) not in mounts, "the mounts lived in the transaction's namespace only"
+    assert sorted(p.name for p in (target / "dev").iterdir()) == [], "the host's /dev was bound, not copied"
+
+
+def test_a_failed_isolated_transaction_removes_the_root_and_not_the_hosts_dev(tmp_path: Path, repo: Repo) -> None:
+    target = tmp_path / "root"
+    with pytest.raises(
+        RastosError, match=r"the package transaction failed: .*problem occurred while installing broken"
+    ):
+        build_root_isolated(target, repo.recipe("broken"), tmp_path / "cache")
+    assert not target.exists()
+    assert Path("/dev/null").is_char_device(), "the root was removed where /dev was not bound into it"

@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from imagebuilder.profile.model import DistributionName, MiB, Profile, format_size
+from imagebuilder.profile.model import DistributionName, InitramfsModules, MiB, Profile, format_size
 from rastos.errors import RastosError
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
@@ -118,10 +118,23 @@ def _resolve_distribution(profile: Profile, origins: _Origins) -> Profile:
             raise _wrong_distribution(origins, "distribution.components", "must not be empty")
         if "$repo" in d.mirror or "$arch" in d.mirror:
             raise _wrong_distribution(origins, "distribution.mirror", "a pacman Server URL ($repo, $arch) is Arch's")
+        for key, names in (
+            ("packages.include", profile.packages.include),
+            ("kernel.package", (profile.kernel.package,)),
+        ):
+            if unfit := [name for name in names if "_" in name or "@" in name]:
+                problem = f"{', '.join(unfit)}: Debian's package names hold no _ or @ (Arch's may)"
+                raise _wrong_distribution(origins, key, problem)
+        if "distribution.check_signatures" in given:
+            problem = "Arch's; mmdebstrap always checks Debian's signatures against the suite's keyring"
+            raise _wrong_distribution(origins, "distribution.check_signatures", problem)
         return profile
     for key, problem in _DEBIAN_ONLY.items():
         if key in given:
             raise _wrong_distribution(origins, key, problem)
+    if profile.kernel.initramfs is InitramfsModules.generic:
+        problem = "'generic' is Debian's initramfs-tools; an Arch image boots rastOS's 'virtio' initrd (docs/arch.md)"
+        raise _wrong_distribution(origins, "kernel.initramfs", problem)
     mirror = d.mirror if "distribution.mirror" in given else ARCH_MIRROR
     if "$repo" not in mirror:
         example = f"an Arch mirror is a pacman Server URL with $repo (and $arch), e.g. {ARCH_MIRROR}"

@@ -61,7 +61,8 @@ def format_size(size: int) -> str:
 _HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
-_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9]+)?$")
+# Debian's (policy 5.6.7, with :arch) and Arch's (also _ and @); load.py refuses _ and @ for Debian.
+_PACKAGE = re.compile(r"^[a-z0-9@_][a-z0-9@_+.-]+(:[a-z0-9]+)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name (issue 8)
 _SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -104,6 +105,10 @@ class DistributionConfig:
     repositories: tuple[str, ...] = field(
         default=(),
         metadata=_meta('Arch repositories, default ["core", "extra"]', check=_check_all(_REPO, "repository name")),
+    )
+    check_signatures: bool = field(
+        default=True,
+        metadata=_meta("Arch: check every package's signature against the build host's pacman keyring"),
     )
     architecture: str = field(
         default="amd64",

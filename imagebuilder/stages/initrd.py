@@ -1,24 +1,30 @@
 """Stage `initrd`: a small initramfs of our own for profiles with `kernel.initramfs = "virtio"`.
 
 Debian's initramfs-tools image runs udev, scripts and hooks for every kind of hardware: under
-emulation that costs many seconds. This one holds busybox (from the image's busybox-static), the
-modules a virtio disk with btrfs needs (resolved through the image's modules.dep, decompressed so
-busybox's insmod can load them), and `imagebuilder/initrd/init`, which also mounts the subvolumes
-that fstab names so that systemd does not wait for udev before mounting them. Written as a newc
-cpio archive with fixed timestamps, so the same inputs give the same bytes.
+emulation that costs many seconds. This one holds busybox (from the image's busybox-static, or Arch's
+busybox, with the libraries it links if it is not static), the modules a virtio disk with btrfs needs
+(resolved through the image's modules.dep, decompressed so busybox's insmod can load them: Debian
+compresses them with xz, Arch with zstd), and `imagebuilder/initrd/init`, which also mounts the
+subvolumes that fstab names so that systemd does not wait for udev before mounting them. Written as a
+newc cpio archive with fixed timestamps, so the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
 import gzip
 import lzma
+import re
 import shutil
+import struct
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from imagebuilder.chroot import chroot_run
 from imagebuilder.context import CHECKOUT, BuildContext
 from imagebuilder.profile.model import InitramfsModules
 from rastos.errors import RastosError
+from rastos.process import run
 
 INIT_SCRIPT = CHECKOUT / "imagebuilder" / "initrd" / "init"
 BUSYBOX = "usr/bin/busybox"
@@ -92,8 +98,61 @@ def decompressed(path: Path) -> bytes:
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".zst":
-        raise RastosError(f"{path.name}: zstd-compressed modules are not supported in the virtio initrd yet")
+        # Python 3.11 has no zstd; the zstd program is on every build host (./setup-host).
+        with tempfile.TemporaryDirectory(prefix="rastos-module-") as scratch:
+            plain = Path(scratch) / path.stem
+            run(["zstd", "--decompress", "--quiet", "--force", path, "-o", plain])
+            return plain.read_bytes()
     return data
+
+
+PT_INTERP = 3  # the program header of a dynamically linked executable that names its loader
+
+
+def is_dynamic(executable: Path) -> bool:
+    """Whether an x86-64 ELF executable needs a dynamic loader (and so its libraries in the initrd)."""
+    with executable.open("rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF" or header[4] != 2:
+            raise RastosError(f"{executable} is not a 64-bit ELF executable")
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return any(struct.unpack_from("<I", table, i * phentsize)[0] == PT_INTERP for i in range(phnum))
+
+
+def shared_libraries(root: Path, executable: str) -> list[str]:
+    """The loader and libraries `executable` (a path inside `root`) links, as the image's own ldd
+    resolves them: absolute paths inside `root`."""
+    out = chroot_run(root, ["ldd", executable], capture=True).stdout
+    found = []
+    for line in out.splitlines():
+        match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if match:
+            found.append(match.group(1))
+    return found
+
+
+def inside(root: Path, path: str) -> Path:
+    """`path` resolved as the image sees it: symbolic links, absolute ones too, stay inside `root`."""
+    parts, resolved, hops = list(PurePosixPath(path).parts[1:]), PurePosixPath("/"), 0
+    while parts:
+        part = parts.pop(0)
+        candidate = resolved / part
+        host = root / str(candidate).lstrip("/")
+        if host.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise RastosError(f"{path} in the image: too many levels of symbolic links")
+            target = PurePosixPath(host.readlink())
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+            resolved = PurePosixPath("/") if target.is_absolute() else resolved
+        elif part == "..":
+            resolved = resolved.parent
+        else:
+            resolved = candidate
+    return root / str(resolved).lstrip("/")
 
 
 class CpioWriter:
@@ -113,6 +172,13 @@ class CpioWriter:
     def directory(self, name: str) -> None:
         self._entry(name, 0o040755)
 
+    def parents(self, name: str, made: set[str]) -> None:
+        """Directory entries for each parent of `name` not made yet."""
+        for parent in reversed(PurePosixPath(name).parents[:-1]):
+            if str(parent) not in made:
+                made.add(str(parent))
+                self.directory(str(parent))
+
     def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
         self._entry(name, 0o100000 | mode, data)
 
@@ -130,9 +196,17 @@ def build_initrd_archive(rootfs: Path, kernel_version: str) -> bytes:
     if not busybox.is_file():
         raise RastosError("the image has no busybox for its initrd", hint="the bootstrap adds busybox-static")
     cpio = CpioWriter()
-    for directory in ("bin", "dev", "proc", "sys", "root", "overlay", "lib", "lib/modules"):
+    made = {"bin", "dev", "proc", "sys", "root", "overlay", "lib", "lib/modules"}
+    for directory in sorted(made):
         cpio.directory(directory)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    if is_dynamic(busybox):
+        for library in shared_libraries(rootfs, "/" + BUSYBOX):
+            name = library.lstrip("/")
+            if name.startswith("lib/") and name.count("/") == 1:
+                name = "usr/" + name  # "lib" is a directory here, where the image has usr/lib
+            cpio.parents(name, made)
+            cpio.file(name, inside(rootfs, library).read_bytes(), 0o755)
     for applet in APPLETS:
         cpio.symlink(f"bin/{applet}", "busybox")
     cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
@@ -153,6 +227,11 @@ def build_initrd_archive(rootfs: Path, kernel_version: str) -> bytes:
 def build_initrd(ctx: BuildContext) -> str:
     assert ctx.kernel is not None
     if ctx.profile.kernel.initramfs is not InitramfsModules.virtio:
+        if ctx.kernel.initrd is None:
+            raise RastosError(
+                f"kernel {ctx.kernel.version} has no initramfs of the distribution's in the image",
+                hint='kernel.initramfs = "virtio" builds rastOS\'s own',
+            )
         shutil.copyfile(ctx.kernel.initrd, ctx.initrd_image)
         return f"the distribution's, {ctx.initrd_image.stat().st_size // 1024} KiB"
     archive = build_initrd_archive(ctx.rootfs, ctx.kernel.version)

@@ -13,14 +13,19 @@ from typing import Any
 from imagebuilder.chroot import chroot_run
 from imagebuilder.context import BuildContext
 from imagebuilder.profile.load import profile_to_dict
-from imagebuilder.profile.model import ImageFormat
+from imagebuilder.profile.model import DistributionName, ImageFormat
 from imagebuilder.stages.bootloader import entry_filename
 from imagebuilder.stages.disk import ESP_TYPE, ROOT_X86_64_TYPE, plan_layout
 from rastos import __version__
+from rastos.alpm import Alpm, AlpmOptions
 from rastos.process import run
 
 
 def installed_packages(ctx: BuildContext) -> list[dict[str, str]]:
+    if ctx.profile.distribution.name is DistributionName.arch:
+        # libalpm's local database, read in process (no pacman needed on the build host).
+        alpm = Alpm(AlpmOptions(root=ctx.rootfs, repositories=()))
+        return [{"name": n, "version": v, "architecture": a} for n, v, a in alpm.inventory()]
     out = chroot_run(
         ctx.rootfs,
         ["dpkg-query", "--show", "--showformat=${Package}\\t${Version}\\t${Architecture}\\n"],
