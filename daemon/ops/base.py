@@ -113,6 +113,40 @@ class WriteFile(Action):
 
 
 @dataclass(frozen=True)
+class CheckedWrite(Action):
+    """A file written only after a program of the target accepted its new content (nft -c, sshd -t,
+    visudo -c): the plan says which, and nothing is written when it refuses."""
+
+    path: str
+    content: str
+    old_content: str | None
+    checker: ClassVar[str]  # the check as the plan and the output name it
+    what: ClassVar[str]  # what the file holds: "the new <what>"
+    mode: ClassVar[int] = 0o644
+
+    @abstractmethod
+    def check(self, target: Target) -> None:
+        """Raise OpFailed, saying why, when the target's program refuses `content`."""
+
+    def describe(self) -> Change:
+        change = self._write().describe()
+        checked = f"(checked with {self.checker} before it is written)\n"
+        return Change(change.subject, change.action, change.detail + checked)
+
+    def execute(self, target: Target, output: Output) -> None:
+        self.check(target)
+        output(f"{self.checker} accepts the new {self.what}")
+        self._write().execute(target, output)
+
+    def _write(self) -> WriteFile:
+        return WriteFile(self.path, self.content, self.old_content, self.mode)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+
+@dataclass(frozen=True)
 class MakeDirectory(Action):
     path: str
     mode: int = 0o755

@@ -22,12 +22,12 @@ from daemon.errors import InvalidParams, OpFailed
 from daemon.ops.base import (
     Action,
     Change,
+    CheckedWrite,
     Op,
     Output,
     Plan,
     RunCommand,
     Target,
-    WriteFile,
     file_action,
     in_target,
 )
@@ -181,25 +181,15 @@ def expected_table(target: Target, content: str) -> str:
 
 
 @dataclass(frozen=True)
-class CheckedRuleset(Action):
-    """The ruleset file, written only after `nft -c` accepted it."""
+class CheckedRuleset(CheckedWrite):
+    """The ruleset file, written only after `nft -c` accepted it (executable: it starts with #!/usr/sbin/nft)."""
 
-    path: str
-    content: str
-    old_content: str | None
+    checker: ClassVar[str] = "nft -c"
+    what: ClassVar[str] = "ruleset"
+    mode: ClassVar[int] = 0o755
 
-    def describe(self) -> Change:
-        change = WriteFile(self.path, self.content, self.old_content).describe()
-        return Change(change.subject, change.action, change.detail + "(checked with nft -c before it is written)\n")
-
-    def execute(self, target: Target, output: Output) -> None:
+    def check(self, target: Target) -> None:
         check_ruleset(target, self.content)
-        output("nft -c accepts the ruleset")
-        WriteFile(self.path, self.content, self.old_content, mode=0o755).execute(target, output)
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return (self.path,)
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,11 @@ from typing import ClassVar
 from daemon.errors import InvalidParams, OpFailed
 from daemon.ops.base import (
     Action,
-    Change,
+    CheckedWrite,
     FollowUp,
     Op,
-    Output,
     Plan,
     Target,
-    WriteFile,
     file_action,
     in_target,
     read_colon_file,
@@ -136,26 +134,14 @@ class SshOp(Op):
 
 
 @dataclass(frozen=True)
-class CheckedSshdConfig(Action):
+class CheckedSshdConfig(CheckedWrite):
     """The drop-in, written only after sshd accepted the whole configuration it would make."""
 
-    path: str
-    content: str
-    old_content: str | None
-    runtime: ClassVar[bool] = False
+    checker: ClassVar[str] = "sshd -t"
+    what: ClassVar[str] = "configuration"
 
-    def describe(self) -> Change:
-        change = WriteFile(self.path, self.content, self.old_content).describe()
-        return Change(change.subject, change.action, change.detail + "(checked with sshd -t before it is written)\n")
-
-    def execute(self, target: Target, output: Output) -> None:
+    def check(self, target: Target) -> None:
         check_with_sshd(target, self.content)
-        output("sshd -t accepts the new configuration")
-        WriteFile(self.path, self.content, self.old_content).execute(target, output)
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return (self.path,)
 
 
 def render(params: Params, supported: dict[str, set[str]]) -> str:

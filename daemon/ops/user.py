@@ -30,15 +30,13 @@ from typing import ClassVar
 from daemon.errors import InvalidParams, OpFailed
 from daemon.ops.base import (
     Action,
-    Change,
+    CheckedWrite,
     MakeDirectory,
     Op,
-    Output,
     Plan,
     RemoveFile,
     RunCommand,
     Target,
-    WriteFile,
     file_action,
     in_target,
     read_colon_file,
@@ -251,26 +249,15 @@ def plan_sudo(target: Target, name: str, params: Params) -> list[Action]:
 
 
 @dataclass(frozen=True)
-class CheckedSudoers(Action):
+class CheckedSudoers(CheckedWrite):
     """A sudoers drop-in, written only after the target's visudo accepted it."""
 
-    path: str
-    content: str
-    old_content: str | None
-    runtime: ClassVar[bool] = False
+    checker: ClassVar[str] = "visudo -c"
+    what: ClassVar[str] = "rule"
+    mode: ClassVar[int] = 0o440
 
-    def describe(self) -> Change:
-        change = WriteFile(self.path, self.content, self.old_content, 0o440).describe()
-        return Change(change.subject, change.action, change.detail + "(checked with visudo -c before it is written)\n")
-
-    def execute(self, target: Target, output: Output) -> None:
+    def check(self, target: Target) -> None:
         check_with_visudo(target, self.content)
-        output("visudo -c accepts the new rule")
-        WriteFile(self.path, self.content, self.old_content, 0o440).execute(target, output)
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return (self.path,)
 
 
 def check_with_visudo(target: Target, content: str) -> None:
