@@ -23,20 +23,25 @@ callbacks are global to the process, so each operation attaches its own before i
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rastos.errors import RastosError
+from rastos.process import run
 
 log = logging.getLogger("rastos.alpm")
 
 Progress = Callable[[str], None]
+KEY_MISSING = "required key missing from keyring"  # libalpm's log line, naming neither key nor package
+UNSIGNED = re.compile(r"failed retrieving file '(.+?)\.pkg\.tar[^']*\.sig'")
 
 # libalpm's signature levels (alpm.h, the same values in pyalpm.SIG_*): a bit that requires a
 # signature, one that makes it optional, and two that accept keys of marginal or unknown trust.
@@ -408,7 +413,45 @@ class Alpm:
             if isinstance(data, list) and data and all(isinstance(item, tuple) for item in data):
                 root = str(self.options.root).rstrip("/")
                 raise FileConflicts([(t, path.removeprefix(root), other) for t, path, other in data]) from None
+            # A package the database has no signature for: libalpm looks for FILE.sig beside it.
+            unsigned = [m.group(1) for line in self.feedback.errors if (m := UNSIGNED.search(line))]
+            if unsigned:
+                raise AlpmError(
+                    f"no signature for {', '.join(dict.fromkeys(unsigned))} in the repository, which must be "
+                    "signed (SigLevel Required); nothing was installed",
+                    hint="sign the packages (repo-add takes FILE.sig into the database), or trust the repository: "
+                    "SigLevel = Never in pacman.conf, distribution.check_signatures = false in an image profile",
+                ) from None
+            missing_key = any(KEY_MISSING in line for line in self.feedback.errors)
+            if missing_key and (strangers := self._unknown_signers(trans)):
+                gpgdir = self.options.path(self.options.gpgdir, "etc/pacman.d/gnupg")
+                raise AlpmError(
+                    "signed by a key the keyring does not hold: "
+                    + ", ".join(f"{package} (key {key})" for package, key in strangers)
+                    + f"; nothing was installed (keyring {gpgdir})",
+                    hint="a packager's key is added with pacman-key --add and --lsign-key, Arch's with "
+                    "pacman-key --populate archlinux (a current archlinux-keyring)",
+                ) from None
             raise AlpmError(f"the package transaction failed: {self._why(reason(error))}") from None
+
+    def _unknown_signers(self, trans: Any) -> list[tuple[str, str]]:
+        """Each package to install whose signature's key the keyring lacks, with that key's id:
+        libalpm only says that some key is missing."""
+        gpgdir = str(self.options.path(self.options.gpgdir, "etc/pacman.d/gnupg"))
+        found = []
+        with tempfile.TemporaryDirectory(prefix="rastos-sig-") as scratch:
+            for pkg in trans.to_add:
+                if not pkg.base64_sig:
+                    continue
+                signature = Path(scratch) / f"{pkg.name}.sig"
+                signature.write_bytes(base64.b64decode(pkg.base64_sig))
+                packets = run(["gpg", "--homedir", gpgdir, "--batch", "--list-packets", signature],
+                              capture=True, check=False).stdout  # fmt: skip
+                for key in dict.fromkeys(re.findall(r"keyid ([0-9A-F]{16})", packets)):
+                    known = run(["gpg", "--homedir", gpgdir, "--batch", "--list-keys", key], capture=True, check=False)
+                    if known.returncode != 0:
+                        found.append((f"{pkg.name}-{pkg.version}", key))
+        return found
 
     def _changes(self, trans: Any) -> list[PackageChange]:
         local = self.handle.get_localdb()

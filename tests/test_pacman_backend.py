@@ -9,6 +9,7 @@ downloads, checks checksums and conflicting files, extracts and records. Signatu
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +111,13 @@ class Repo:
 
     def add(
         self, name: str, version: str = "1.0-1", files: dict[str, str | bytes | Link] | None = None,
-        **relations: list[str],
+        signer: Path | None = None, **relations: list[str],
     ) -> None:  # fmt: skip
+        """`signer`: a GnuPG home whose key signs the package; repo-add puts the signature in the
+        database, where libalpm looks for it."""
         path = package(self.directory / "test", name, version, files, relations)
+        if signer is not None:
+            gpg(signer, "--detach-sign", "--no-armor", "--output", f"{path}.sig", str(path))
         database = self.directory / "test/test.db.tar.gz"
         subprocess.run(["repo-add", "--quiet", database, path], check=True)
         self.published = max(int(time.time()) + 1, self.published + 1)
@@ -119,6 +125,41 @@ class Repo:
 
     def recipe(self, *packages: str) -> ArchRecipe:
         return ArchRecipe(self.mirror, ("test",), packages, keyring=None)
+
+
+def gpg(home: Path, *args: str) -> str:
+    argv = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", "", *args]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass(frozen=True)
+class Keys:
+    keyring: Path  # pacman's, as `pacman-key --init` makes it, trusting `signer` alone
+    signer: Path  # GnuPG homes with one signing key each
+    stranger: Path
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
+    """A throwaway packager key, locally signed in a pacman keyring as `pacman-key --populate` signs
+    Arch's packagers' keys, and a second key that keyring has never seen."""
+    folder = tmp_path_factory.mktemp("keys")
+    made = Keys(folder / "pacman", folder / "signer", folder / "stranger")
+    for home, who in ((made.signer, "packager"), (made.stranger, "stranger")):
+        home.mkdir(mode=0o700)
+        gpg(home, "--quick-generate-key", f"rastOS test {who} <{who}@rastos.invalid>", "ed25519", "sign", "never")
+    subprocess.run(["pacman-key", "--gpgdir", str(made.keyring), "--init"], check=True, capture_output=True)
+    (folder / "signer.asc").write_text(gpg(made.signer, "--armor", "--export"))
+    fingerprint = next(
+        line.split(":")[9] for line in gpg(made.signer, "--with-colons", "--list-keys").splitlines()
+        if line.startswith("fpr:")
+    )  # fmt: skip
+    pacman_key = ["pacman-key", "--gpgdir", str(made.keyring)]
+    subprocess.run([*pacman_key, "--add", str(folder / "signer.asc")], check=True, capture_output=True)
+    subprocess.run([*pacman_key, "--lsign-key", fingerprint], check=True, capture_output=True)
+    yield made
+    for home in (made.keyring, made.signer, made.stranger):
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
 
 
 @pytest.fixture
@@ -486,3 +527,26 @@ def test_a_failed_isolated_transaction_removes_the_root_and_not_the_hosts_dev(tm
         build_root_isolated(target, repo.recipe("broken"), tmp_path / "cache")
     assert not target.exists()
     assert Path("/dev/null").is_char_device(), "the root was removed where /dev was not bound into it"
+
+
+def test_signatures_are_checked_against_the_keyring_and_a_bad_one_is_refused_by_name(
+    tmp_path: Path, repo: Repo, keys: Keys
+) -> None:
+    repo.add("signed", signer=keys.signer)
+    repo.add("unsigned")
+    repo.add("forged", signer=keys.stranger)
+    checked = dataclasses.replace(repo.recipe(), keyring=keys.keyring)
+    root = tmp_path / "root"
+    count = build_root(root, dataclasses.replace(checked, packages=("signed",)), tmp_path / "cache")
+    assert count == 1 and (root / "usr/share/signed/signed.txt").is_file()
+    assert "SigLevel = Required DatabaseOptional" in (root / "etc/pacman.conf").read_text()
+    stranger = gpg(keys.stranger, "--with-colons", "--list-keys").split("pub:")[1].split(":")[3]
+    for name, why in (
+        ("unsigned", "no signature for unsigned-1.0-1-x86_64 in the repository"),
+        ("forged", f"signed by a key the keyring does not hold: forged-1.0-1 (key {stranger})"),
+    ):
+        target = tmp_path / name
+        with pytest.raises(AlpmError) as refused:
+            build_root(target, dataclasses.replace(checked, packages=(name,)), tmp_path / "cache")
+        assert name in str(refused.value) and why in str(refused.value), refused.value
+        assert not target.exists()
