@@ -13,6 +13,7 @@ import hashlib
 import json
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,61 +139,72 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 
 
 def bootstrap(ctx: BuildContext) -> str:
+    inputs = bootstrap_inputs(ctx.profile, ctx.kernel_package)
+    note = cached_root(ctx, inputs, lambda partial: _make_root(ctx, partial, inputs))
+    ctx.kernel = find_kernel(ctx.rootfs)
+    return note
+
+
+def cached_root(ctx: BuildContext, inputs: dict[str, Any], make: Callable[[Path], str]) -> str:
+    """What the stage does for every distribution: the cache entry of `inputs` reused, or made by
+    `make(PARTIAL)` (the root at PARTIAL/root; it returns a note such as "152 packages"), then the
+    root copied into the build. Returns the stage's note: reused, or which input changed."""
     cache = ctx.cache_dir / "bootstrap"
     cache.mkdir(parents=True, exist_ok=True)
     # One build at a time touches the cache; others wait here rather than racing on an entry.
     with (cache / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _bootstrap_locked(ctx, cache)
-
-
-def _bootstrap_locked(ctx: BuildContext, cache: Path) -> str:
-    _remove_stale_partials(cache)
-    inputs = bootstrap_inputs(ctx.profile, ctx.kernel_package)
-    key = cache_key(inputs)
-    ctx.bootstrap_key = key
-    entry = cache / key
-    last_file = cache / f"last-{ctx.profile.name}.json"
-    if (entry / "inputs.json").is_file() and not ctx.refresh_bootstrap:
-        note = f"reused cache {key}"
-        (entry / "inputs.json").touch()
-    else:
-        previous = json.loads(last_file.read_text()) if last_file.is_file() else None
-        reason = "--refresh-bootstrap" if ctx.refresh_bootstrap else describe_change(previous, inputs)
-        _build_entry(ctx, entry, inputs)
-        note = f"rebuilt ({reason})"
-        _evict(cache, keep=entry)
-    last_file.write_text(json.dumps(inputs, indent=1, sort_keys=True))
-    ctx.fs_tree.mkdir(parents=True, exist_ok=True)
-    # Reflinks make the copy nearly free on btrfs/XFS; elsewhere it is a plain copy.
-    run(["cp", "-a", "--reflink=auto", entry / "root", ctx.rootfs])
-    ctx.kernel = find_kernel(ctx.rootfs)
+        _remove_stale_partials(cache)
+        key = ctx.bootstrap_key = cache_key(inputs)
+        entry = cache / key
+        last_file = cache / f"last-{ctx.profile.name}.json"
+        if (entry / "inputs.json").is_file() and not ctx.refresh_bootstrap:
+            note = f"reused cache {key}"
+            (entry / "inputs.json").touch()
+        else:
+            previous = json.loads(last_file.read_text()) if last_file.is_file() else None
+            reason = "--refresh-bootstrap" if ctx.refresh_bootstrap else describe_change(previous, inputs)
+            made = _build_entry(entry, inputs, make)
+            note = f"rebuilt ({reason})" + (f"; {made}" if made else "")
+            _evict(cache, keep=entry)
+        last_file.write_text(json.dumps(inputs, indent=1, sort_keys=True))
+        ctx.fs_tree.mkdir(parents=True, exist_ok=True)
+        # Reflinks make the copy nearly free on btrfs/XFS; elsewhere it is a plain copy.
+        run(["cp", "-a", "--reflink=auto", entry / "root", ctx.rootfs])
     return note
 
 
-def _build_entry(ctx: BuildContext, entry: Path, inputs: dict[str, Any]) -> None:
+def _build_entry(entry: Path, inputs: dict[str, Any], make: Callable[[Path], str]) -> str:
+    """The entry made in ENTRY.partial and renamed when complete: a build killed part way leaves
+    only a .partial, which the next build removes."""
     partial = entry.with_name(f"{entry.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(entry, ignore_errors=True)
     partial.mkdir()
     try:
-        overlay = _write_bootstrap_overlay(partial / "overlay", ctx.profile)
-        debs = ctx.cache_dir / "debs" / f"{inputs['distribution']}-{inputs['suite']}"
-        debs.mkdir(parents=True, exist_ok=True)
-        argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs, ctx.kernel_package)
-        try:
-            run(in_private_mount_namespace(argv))
-        except CommandError as e:
-            raise RastosError(
-                f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n{e.output_tail}",
-                hint="a package name in the profile may not exist in this suite; the full log is in build.log",
-            ) from None
-        shutil.rmtree(overlay)
+        made = make(partial)
         (partial / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
         partial.rename(entry)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    return made
+
+
+def _make_root(ctx: BuildContext, partial: Path, inputs: dict[str, Any]) -> str:
+    overlay = _write_bootstrap_overlay(partial / "overlay", ctx.profile)
+    debs = ctx.cache_dir / "debs" / f"{inputs['distribution']}-{inputs['suite']}"
+    debs.mkdir(parents=True, exist_ok=True)
+    argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs, ctx.kernel_package)
+    try:
+        run(in_private_mount_namespace(argv))
+    except CommandError as e:
+        raise RastosError(
+            f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n{e.output_tail}",
+            hint="a package name in the profile may not exist in this suite; the full log is in build.log",
+        ) from None
+    shutil.rmtree(overlay)
+    return ""
 
 
 def _write_bootstrap_overlay(overlay: Path, profile: Profile) -> Path:

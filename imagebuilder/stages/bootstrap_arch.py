@@ -22,7 +22,6 @@ to the build through `@rastos {json}` lines on its stdout: progress notes, or th
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import shutil
 import sys
@@ -34,7 +33,7 @@ from imagebuilder.chroot import chroot_run
 from imagebuilder.context import CHECKOUT, BuildContext, KernelInfo
 from imagebuilder.files import write_file
 from imagebuilder.profile.model import InitramfsModules, Profile
-from imagebuilder.stages.bootstrap import _evict, _remove_stale_partials, cache_key, describe_change
+from imagebuilder.stages.bootstrap import cached_root
 from rastos.alpm import SIG_REQUIRED, Alpm, AlpmOptions, Progress, Repository, pyalpm_module
 from rastos.errors import CommandError, RastosError
 from rastos.pacman_conf import ARCHITECTURES, render_mirrorlist, render_pacman_conf
@@ -257,52 +256,18 @@ def index_modules(root: Path) -> None:
 
 
 def bootstrap_arch(ctx: BuildContext) -> str:
-    cache = ctx.cache_dir / "bootstrap"
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _bootstrap_locked(ctx, cache)
-
-
-def _bootstrap_locked(ctx: BuildContext, cache: Path) -> str:
-    _remove_stale_partials(cache)
     recipe = ArchRecipe.of(ctx.profile)
-    inputs = bootstrap_inputs(recipe)
-    key = ctx.bootstrap_key = cache_key(inputs)
-    entry = cache / key
-    last_file = cache / f"last-{ctx.profile.name}.json"
-    if (entry / "inputs.json").is_file() and not ctx.refresh_bootstrap:
-        note = f"reused cache {key}"
-        (entry / "inputs.json").touch()
-    else:
-        previous = json.loads(last_file.read_text()) if last_file.is_file() else None
-        reason = "--refresh-bootstrap" if ctx.refresh_bootstrap else describe_change(previous, inputs)
-        count = _build_entry(ctx, entry, recipe, inputs)
-        note = f"rebuilt ({reason}); {count} packages"
-        _evict(cache, keep=entry)
-    last_file.write_text(json.dumps(inputs, indent=1, sort_keys=True))
-    ctx.fs_tree.mkdir(parents=True, exist_ok=True)
-    run(["cp", "-a", "--reflink=auto", entry / "root", ctx.rootfs])
+    note = cached_root(ctx, bootstrap_inputs(recipe), lambda partial: _make_root(ctx, partial, recipe))
     ctx.kernel = find_arch_kernel(ctx.rootfs)
     return note
 
 
-def _build_entry(ctx: BuildContext, entry: Path, recipe: ArchRecipe, inputs: dict[str, Any]) -> int:
-    partial = entry.with_name(f"{entry.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(entry, ignore_errors=True)
-    partial.mkdir()
-    try:
-        root = partial / "root"
-        count = build_root_isolated(root, recipe, ctx.cache_dir / "pacman" / recipe.architecture, ctx.progress)
-        index_modules(root)
-        find_arch_kernel(root)  # an entry without its one kernel is no use to any build
-        (partial / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
-        partial.rename(entry)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return count
+def _make_root(ctx: BuildContext, partial: Path, recipe: ArchRecipe) -> str:
+    root = partial / "root"
+    count = build_root_isolated(root, recipe, ctx.cache_dir / "pacman" / recipe.architecture, ctx.progress)
+    index_modules(root)
+    find_arch_kernel(root)  # an entry without its one kernel is no use to any build
+    return f"{count} packages"
 
 
 if __name__ == "__main__":
