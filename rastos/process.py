@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -159,12 +160,31 @@ def _run_streamed(
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
+    # Every process below it as well, as systemd stops a unit: `unshare --fork` ignores SIGTERM while
+    # it waits for its command, and the first process of a PID namespace ignores every signal it has
+    # no handler for (Python has none for SIGTERM); what they wait for must be told itself, or the
+    # stop waits out the whole grace period below.
+    for pid in _descendants(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
 
 
 def run_foreground(argv: Argv) -> int:

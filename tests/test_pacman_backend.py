@@ -14,7 +14,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -52,6 +54,8 @@ from rastos.errors import RastosError
 from rastos.pacman_conf import parse_siglevel, read_pacman_conf
 from tests.daemon_fixtures import JOB, MANAGER, Rastosd
 from tests.op_tree import tree_digest
+
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.root]
 
@@ -550,3 +554,38 @@ def test_signatures_are_checked_against_the_keyring_and_a_bad_one_is_refused_by_
             build_root(target, dataclasses.replace(checked, packages=(name,)), tmp_path / "cache")
         assert name in str(refused.value) and why in str(refused.value), refused.value
         assert not target.exists()
+
+
+INTERRUPTED_BUILD = """
+import sys
+from pathlib import Path
+from imagebuilder.stages.bootstrap_arch import ArchRecipe, build_root_isolated
+build_root_isolated(Path(sys.argv[2]), ArchRecipe.from_json(sys.argv[1]), Path(sys.argv[3]))
+"""
+
+
+def test_ctrl_c_during_a_scriptlet_leaves_no_root_no_mount_and_no_process(tmp_path: Path, shell_repo: Repo) -> None:
+    files: dict[str, str | bytes | Link] = {
+        ".INSTALL": "post_install() {\n    echo started > /var/lib/slow-started\n    sleep 3600\n}\n"
+    }
+    shell_repo.add("slow", files=files, depend=["shell"])
+    target = tmp_path / "root"
+    argv = [
+        sys.executable,
+        "-c",
+        INTERRUPTED_BUILD,
+        shell_repo.recipe("slow").to_json(),
+        str(target),
+        str(tmp_path / "cache"),
+    ]
+    build = subprocess.Popen(argv, cwd=CHECKOUT, env={**os.environ, "PYTHONPATH": str(CHECKOUT)})
+    deadline = time.monotonic() + 60
+    while not (target / "var/lib/slow-started").exists():
+        assert build.poll() is None and time.monotonic() < deadline, "the scriptlet started"
+        time.sleep(0.1)
+    build.send_signal(signal.SIGINT)
+    assert build.wait(timeout=90) != 0
+    assert not target.exists(), "the root the transaction was making is gone"
+    assert str(target) not in Path("/proc/self/mountinfo").read_text()
+    sleepers = subprocess.run(["pgrep", "-f", "sleep 3600"], capture_output=True, text=True).stdout
+    assert sleepers == "", "the scriptlet ended with the transaction's PID namespace"
