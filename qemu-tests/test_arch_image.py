@@ -4,8 +4,9 @@ This machine reaches no Arch mirror (docs/arch.md), so the test makes the reposi
 of the Debian root that the builder bootstraps for `minimal` (one package), and its kernel in Arch's
 layout (the `linux` package: /usr/lib/modules/VERSION/vmlinuz beside `pkgbase`, its modules
 recompressed with zstd as Arch ships them, no modules.dep), plus an empty package for each other name
-an Arch image asks for. From there on everything is the Arch path of the builder: the libalpm
-bootstrap with its scriptlets' namespaces, depmod, the kernel found in Arch's place, rastOS's initrd
+an Arch image asks for, each signed with a throwaway packager key that the profile's keyring trusts.
+From there on everything is the Arch path of the builder: the libalpm bootstrap checking every
+signature, with its scriptlets' namespaces, depmod, the kernel found in Arch's place, rastOS's initrd
 with the zstd modules decompressed, the inventory from libalpm's database, the boot loader and disk.
 The contents are Debian's; the layout, the package manager and every stage are Arch's.
 """
@@ -27,6 +28,7 @@ from guest_console import PROMPT, GuestConsole
 from imagebuilder.profile.load import load_profile
 from imagebuilder.stages.bootstrap import bootstrap_inputs, cache_key
 from imagebuilder.stages.bootstrap_arch import package_set
+from tests.pacman_keys import Keys
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.network]
 
@@ -40,7 +42,7 @@ PROFILE = """description = "Arch layout from a local repository (qemu-tests/test
 name = "arch"
 mirror = "file://{repo}/$repo"
 repositories = ["test"]
-check_signatures = false
+keyring = "{keyring}"
 [packages]
 include = ["iproute2", "less", "procps"]
 docs = false
@@ -127,7 +129,8 @@ def arch_image(tmp_path_factory: pytest.TempPathFactory, minimal_image: Path) ->
     repo = folder / "mirror" / "test"
     repo.mkdir(parents=True)
     profile = folder / "arch-local.toml"
-    profile.write_text(PROFILE.format(repo=folder / "mirror"))
+    keys = Keys.make(folder / "keys")
+    profile.write_text(PROFILE.format(repo=folder / "mirror", keyring=keys.keyring))
     release, kernel_tree = arch_kernel_tree(debian_root, folder / "scratch")
     made = [
         write_package(repo / f"{USERLAND}-{version}-x86_64.pkg.tar", USERLAND, version, [],
@@ -137,9 +140,14 @@ def arch_image(tmp_path_factory: pytest.TempPathFactory, minimal_image: Path) ->
     ]  # fmt: skip
     wanted = set(package_set(load_profile(profile))) - {"linux"}
     made += [write_package(repo / f"{n}-1-1-x86_64.pkg.tar", n, "1-1", [USERLAND], lambda a: None) for n in wanted]
+    for package in made:  # every signature is checked against the keyring in the bootstrap
+        keys.sign(package)
     subprocess.run(["repo-add", "--quiet", repo / "test.db.tar.gz", *made], check=True)
     shutil.rmtree(folder / "scratch")
-    return build_qcow2(profile, folder / "out"), release, version
+    try:
+        return build_qcow2(profile, folder / "out"), release, version
+    finally:
+        keys.close()
 
 
 def test_an_arch_image_from_a_local_repository_boots_with_rastosd(
@@ -161,6 +169,8 @@ def test_an_arch_image_from_a_local_repository_boots_with_rastosd(
         assert guest.run("echo DAEMON=$(systemctl is-active rastosd)", "DAEMON") == "active"
         # The root is the one libalpm made: its database and pacman.conf, the modules as Arch ships them.
         assert guest.run("echo REPOS=$(grep -c '^\\[test\\]' /etc/pacman.conf)", "REPOS") == "1"
+        signatures = guest.run("echo SIGLEVEL=$(grep '^SigLevel' /etc/pacman.conf)", "SIGLEVEL")
+        assert signatures == "SigLevel = Required DatabaseOptional", "the image checks what the build checked"
         assert guest.run("echo OWNED=$(ls /var/lib/pacman/local | grep '^linux-')", "OWNED") == f"linux-{version}"
         modules = f"/usr/lib/modules/{release}/kernel/fs/btrfs"
         assert guest.run(f"echo BTRFS=$(ls {modules})", "BTRFS") == "btrfs.ko.zst"

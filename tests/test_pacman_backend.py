@@ -54,6 +54,7 @@ from rastos.errors import RastosError
 from rastos.pacman_conf import parse_siglevel, read_pacman_conf
 from tests.daemon_fixtures import JOB, MANAGER, Rastosd
 from tests.op_tree import tree_digest
+from tests.pacman_keys import Keys, gpg
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ class Repo:
         database, where libalpm looks for it."""
         path = package(self.directory / "test", name, version, files, relations)
         if signer is not None:
-            gpg(signer, "--detach-sign", "--no-armor", "--output", f"{path}.sig", str(path))
+            gpg(signer, "--detach-sign", "--no-armor", "--output", f"{path}.sig", str(path))  # repo-add takes it
         database = self.directory / "test/test.db.tar.gz"
         subprocess.run(["repo-add", "--quiet", database, path], check=True)
         self.published = max(int(time.time()) + 1, self.published + 1)
@@ -131,39 +132,11 @@ class Repo:
         return ArchRecipe(self.mirror, ("test",), packages, keyring=None)
 
 
-def gpg(home: Path, *args: str) -> str:
-    argv = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", "", *args]
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-@dataclass(frozen=True)
-class Keys:
-    keyring: Path  # pacman's, as `pacman-key --init` makes it, trusting `signer` alone
-    signer: Path  # GnuPG homes with one signing key each
-    stranger: Path
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
-    """A throwaway packager key, locally signed in a pacman keyring as `pacman-key --populate` signs
-    Arch's packagers' keys, and a second key that keyring has never seen."""
-    folder = tmp_path_factory.mktemp("keys")
-    made = Keys(folder / "pacman", folder / "signer", folder / "stranger")
-    for home, who in ((made.signer, "packager"), (made.stranger, "stranger")):
-        home.mkdir(mode=0o700)
-        gpg(home, "--quick-generate-key", f"rastOS test {who} <{who}@rastos.invalid>", "ed25519", "sign", "never")
-    subprocess.run(["pacman-key", "--gpgdir", str(made.keyring), "--init"], check=True, capture_output=True)
-    (folder / "signer.asc").write_text(gpg(made.signer, "--armor", "--export"))
-    fingerprint = next(
-        line.split(":")[9] for line in gpg(made.signer, "--with-colons", "--list-keys").splitlines()
-        if line.startswith("fpr:")
-    )  # fmt: skip
-    pacman_key = ["pacman-key", "--gpgdir", str(made.keyring)]
-    subprocess.run([*pacman_key, "--add", str(folder / "signer.asc")], check=True, capture_output=True)
-    subprocess.run([*pacman_key, "--lsign-key", fingerprint], check=True, capture_output=True)
+    made = Keys.make(tmp_path_factory.mktemp("keys"))
     yield made
-    for home in (made.keyring, made.signer, made.stranger):
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
+    made.close()
 
 
 @pytest.fixture
@@ -449,10 +422,14 @@ def test_an_arch_profile_cannot_extend_a_debian_one(tmp_path: Path) -> None:
 def test_an_arch_build_needs_a_keyring_unless_the_profile_checks_no_signatures(tmp_path: Path) -> None:
     with pytest.raises(RastosError, match=r"pacman keyring at .*nokeys") as refused:
         check_arch_host(tmp_path / "nokeys")
-    assert refused.value.hint is not None and "pacman-key --populate archlinux" in refused.value.hint
+    assert refused.value.hint is not None and "--populate archlinux" in refused.value.hint
     path = tmp_path / "arch.toml"
     path.write_text(ARCH_PROFILE)
     assert ArchRecipe.of(load_profile(path)).keyring == Path("/etc/pacman.d/gnupg")
+    path.write_text(ARCH_PROFILE + f'keyring = "{tmp_path}/keys"\n')
+    with pytest.raises(RastosError, match=rf"pacman keyring at {tmp_path}/keys, .*\(distribution.keyring\)") as own:
+        check_arch_host(ArchRecipe.of(load_profile(path)).keyring)
+    assert own.value.hint is not None and f"pacman-key --gpgdir {tmp_path}/keys --init" in own.value.hint
     path.write_text(ARCH_PROFILE + "check_signatures = false\n")
     recipe = ArchRecipe.of(load_profile(path))
     assert recipe.keyring is None
@@ -464,6 +441,9 @@ def test_arch_only_and_debian_only_values_are_refused_naming_the_key(tmp_path: P
     debian = tmp_path / "debian.toml"
     debian.write_text('extends = "minimal"\n[distribution]\ncheck_signatures = false\n')
     with pytest.raises(ProfileError, match=r"debian.toml: key 'distribution.check_signatures': Arch's; mmdebstrap"):
+        load_profile(debian)
+    debian.write_text('extends = "minimal"\n[distribution]\nkeyring = "/srv/keys"\n')
+    with pytest.raises(ProfileError, match=r"debian.toml: key 'distribution.keyring': Arch's"):
         load_profile(debian)
     debian.write_text('extends = "minimal"\n[packages]\ninclude = ["htop", "python-typing_extensions"]\n')
     with pytest.raises(ProfileError, match=r"key 'packages.include': python-typing_extensions: Debian's package"):
@@ -544,7 +524,7 @@ def test_signatures_are_checked_against_the_keyring_and_a_bad_one_is_refused_by_
     count = build_root(root, dataclasses.replace(checked, packages=("signed",)), tmp_path / "cache")
     assert count == 1 and (root / "usr/share/signed/signed.txt").is_file()
     assert "SigLevel = Required DatabaseOptional" in (root / "etc/pacman.conf").read_text()
-    stranger = gpg(keys.stranger, "--with-colons", "--list-keys").split("pub:")[1].split(":")[3]
+    stranger = Keys.key_id(keys.stranger)
     for name, why in (
         ("unsigned", "no signature for unsigned-1.0-1-x86_64 in the repository"),
         ("forged", f"signed by a key the keyring does not hold: forged-1.0-1 (key {stranger})"),

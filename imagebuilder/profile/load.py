@@ -125,9 +125,10 @@ def _resolve_distribution(profile: Profile, origins: _Origins) -> Profile:
             if unfit := [name for name in names if "_" in name or "@" in name]:
                 problem = f"{', '.join(unfit)}: Debian's package names hold no _ or @ (Arch's may)"
                 raise _wrong_distribution(origins, key, problem)
-        if "distribution.check_signatures" in given:
-            problem = "Arch's; mmdebstrap always checks Debian's signatures against the suite's keyring"
-            raise _wrong_distribution(origins, "distribution.check_signatures", problem)
+        for key in ("distribution.check_signatures", "distribution.keyring"):
+            if key in given:
+                problem = "Arch's; mmdebstrap always checks Debian's signatures against the suite's keyring"
+                raise _wrong_distribution(origins, key, problem)
         return profile
     for key, problem in _DEBIAN_ONLY.items():
         if key in given:

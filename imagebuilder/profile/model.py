@@ -110,6 +110,13 @@ class DistributionConfig:
         default=True,
         metadata=_meta("Arch: check every package's signature against the build host's pacman keyring"),
     )
+    keyring: str = field(
+        default="/etc/pacman.d/gnupg",
+        metadata=_meta(
+            "Arch: that keyring (pacman-key --gpgdir), e.g. one that trusts your own repository's key",
+            check=lambda v: None if v.startswith("/") else f"not an absolute path: {v!r}",
+        ),
+    )
     architecture: str = field(
         default="amd64",
         metadata=_meta(

@@ -76,7 +76,7 @@ class ArchRecipe:
     @classmethod
     def of(cls, profile: Profile) -> ArchRecipe:
         d = profile.distribution
-        keyring = HOST_KEYRING if d.check_signatures else None
+        keyring = Path(d.keyring) if d.check_signatures else None
         return cls(d.mirror, d.repositories, tuple(package_set(profile)), ARCHITECTURES[d.architecture], keyring)
 
     def to_json(self) -> str:
@@ -120,10 +120,12 @@ def check_arch_host(keyring: Path | None = HOST_KEYRING) -> None:
         return
     keys = any((keyring / name).is_file() for name in ("pubring.gpg", "pubring.kbx"))
     if not keys or not (keyring / "trustdb.gpg").is_file():
+        gpgdir = "" if keyring == HOST_KEYRING else f" --gpgdir {keyring}"
         raise RastosError(
-            f"Arch Linux images need Arch's signing keys in a pacman keyring at {keyring}, and there is none",
-            hint="apt-get install archlinux-keyring pacman-package-manager && pacman-key --init && "
-            "pacman-key --populate archlinux (see docs/arch.md)",
+            f"Arch Linux images need Arch's signing keys in a pacman keyring at {keyring}, and there is none "
+            "(distribution.keyring)",
+            hint=f"apt-get install archlinux-keyring pacman-package-manager && pacman-key{gpgdir} --init && "
+            f"pacman-key{gpgdir} --populate archlinux (see docs/arch.md)",
         )
 
 
