@@ -21,6 +21,7 @@ class Keys:
 
     @classmethod
     def make(cls, folder: Path) -> Keys:
+        folder.mkdir(parents=True, exist_ok=True)
         made = cls(folder / "pacman", folder / "signer", folder / "stranger")
         for home, who in ((made.signer, "packager"), (made.stranger, "stranger")):
             home.mkdir(mode=0o700)
