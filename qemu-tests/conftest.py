@@ -24,12 +24,12 @@ CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
 ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
 
 
-def build_qcow2(profile: str | Path, out: Path) -> Path:
+def build_qcow2(profile: str | Path, out: Path, cache_dir: Path = CACHE_DIR) -> Path:
     if os.geteuid() != 0:
         pytest.skip("building an image needs root")
     result = subprocess.run(
         [sys.executable, "-m", "imagebuilder", "build", str(profile), "--json",
-         "--output-dir", str(out), "--cache-dir", str(CACHE_DIR)],
+         "--output-dir", str(out), "--cache-dir", str(cache_dir)],
         capture_output=True, text=True, cwd=CHECKOUT, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -122,8 +122,6 @@ def arch_image(tmp_path_factory: pytest.TempPathFactory, minimal_image: Path) ->
     key = cache_key(bootstrap_inputs(load_profile("minimal")))
     debian_root = CACHE_DIR / "bootstrap" / key / "root"
     assert (debian_root / "usr/bin/busybox").is_file(), debian_root
-    # libalpm keeps what it downloads under the shared cache by file name: another Debian root must
-    # be another file, or it would be taken for a corrupted copy of this one.
     version = f"1.{key[:12]}-1"
     folder = tmp_path_factory.mktemp("arch")
     repo = folder / "mirror" / "test"
@@ -145,7 +143,10 @@ def arch_image(tmp_path_factory: pytest.TempPathFactory, minimal_image: Path) ->
     subprocess.run(["repo-add", "--quiet", repo / "test.db.tar.gz", *made], check=True)
     shutil.rmtree(folder / "scratch")
     try:
-        return build_qcow2(profile, folder / "out"), release, version
+        # A cache of its own: libalpm keeps downloads by file name, and a package made again (its
+        # directories dated anew) is another file under the same name; each run's bootstrap has its
+        # own key (the mirror is in its folder) and would push the shared cache's entries out.
+        return build_qcow2(profile, folder / "out", folder / "cache"), release, version
     finally:
         keys.close()
 
