@@ -16,6 +16,7 @@ from imagebuilder.stages.initrd import (
     inside,
     is_dynamic,
     module_name,
+    parse_ldd,
     shared_libraries,
 )
 from rastos.errors import RastosError
@@ -87,6 +88,15 @@ def test_a_dynamic_busybox_brings_its_loader_and_libraries() -> None:
     libraries = shared_libraries(Path("/"), "/usr/bin/ls")
     assert any(Path(p).name.startswith("ld-linux") for p in libraries), libraries
     assert any(Path(p).name == "libc.so.6" for p in libraries), libraries
+
+
+def test_ldd_s_lines_give_the_loader_where_the_kernel_looks_and_where_it_is() -> None:
+    arch = (
+        "\tlinux-vdso.so.1 (0x00007ffd1b7f2000)\n"
+        "\tlibc.so.6 => /usr/lib/libc.so.6 (0x00007f0e2a000000)\n"
+        "\t/lib64/ld-linux-x86-64.so.2 => /usr/lib64/ld-linux-x86-64.so.2 (0x00007f0e2a2f1000)\n"
+    )
+    assert parse_ldd(arch) == ["/usr/lib/libc.so.6", "/lib64/ld-linux-x86-64.so.2", "/usr/lib64/ld-linux-x86-64.so.2"]
 
 
 def test_paths_resolve_inside_the_image_even_through_absolute_links(tmp_path: Path) -> None:

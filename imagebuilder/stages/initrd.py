@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import lzma
-import re
 import shutil
 import struct
 import tempfile
@@ -125,12 +124,16 @@ def is_dynamic(executable: Path) -> bool:
 def shared_libraries(root: Path, executable: str) -> list[str]:
     """The loader and libraries `executable` (a path inside `root`) links, as the image's own ldd
     resolves them: absolute paths inside `root`."""
-    out = chroot_run(root, ["ldd", executable], capture=True).stdout
-    found = []
+    return parse_ldd(chroot_run(root, ["ldd", executable], capture=True).stdout)
+
+
+def parse_ldd(out: str) -> list[str]:
+    """Every absolute path in ldd's lines, both sides of `=>`: the loader as the executable names it
+    (`/lib64/ld-linux-x86-64.so.2`, where the kernel looks) and where it really is (`/usr/lib64/...`)."""
+    found: list[str] = []
     for line in out.splitlines():
-        match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
-        if match:
-            found.append(match.group(1))
+        head = line.split("(0x")[0].replace("=>", " ")
+        found += [word for word in head.split() if word.startswith("/") and word not in found]
     return found
 
 
