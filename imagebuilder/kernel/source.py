@@ -49,14 +49,6 @@ def makefile_version(tree: Path) -> str:
     return version + fields.get("EXTRAVERSION", "")
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tree_digest(tree: Path) -> str:
     """Names, sizes and modification times of every file: a tree changed by an edit digests anew."""
     digest = hashlib.sha256()
@@ -80,7 +72,8 @@ def from_tarball(
     """The tarball unpacked under `cache`/trees/DIGEST (once: later builds reuse it)."""
     if not tarball.is_file():
         raise RastosError(f"kernel source tarball {tarball} does not exist")
-    digest = file_digest(tarball)
+    with tarball.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
     trees = cache / "trees"
     trees.mkdir(parents=True, exist_ok=True)
     unpacked = trees / digest[:20]
