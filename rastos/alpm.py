@@ -226,13 +226,14 @@ class Alpm:
         self.pyalpm = pyalpm_module()
         self.options = options
         self.dbpath = options.path(options.dbpath, "var/lib/pacman")
+        self.gpgdir = options.path(options.gpgdir, "etc/pacman.d/gnupg")
         try:
             handle = self.pyalpm.Handle(str(options.root), str(self.dbpath))
         except self.pyalpm.error as error:
             raise AlpmError(f"libalpm cannot open {options.root} (database {self.dbpath}): {reason(error)}") from None
         handle.arch = [options.architecture]
         handle.cachedirs = [f"{options.path(options.cachedir, 'var/cache/pacman/pkg')}/"]
-        handle.gpgdir = str(options.path(options.gpgdir, "etc/pacman.d/gnupg"))
+        handle.gpgdir = str(self.gpgdir)
         handle.logfile = str(options.path(options.logfile, "var/log/pacman.log"))
         handle.ignorepkgs = list(options.ignore)
         handle.noupgrades = list(options.no_upgrade)
@@ -424,11 +425,10 @@ class Alpm:
                 ) from None
             missing_key = any(KEY_MISSING in line for line in self.feedback.errors)
             if missing_key and (strangers := self._unknown_signers(trans)):
-                gpgdir = self.options.path(self.options.gpgdir, "etc/pacman.d/gnupg")
                 raise AlpmError(
                     "signed by a key the keyring does not hold: "
                     + ", ".join(f"{package} (key {key})" for package, key in strangers)
-                    + f"; nothing was installed (keyring {gpgdir})",
+                    + f"; nothing was installed (keyring {self.gpgdir})",
                     hint="a packager's key is added with pacman-key --add and --lsign-key, Arch's with "
                     "pacman-key --populate archlinux (a current archlinux-keyring)",
                 ) from None
@@ -437,7 +437,7 @@ class Alpm:
     def _unknown_signers(self, trans: Any) -> list[tuple[str, str]]:
         """Each package to install whose signature's key the keyring lacks, with that key's id:
         libalpm only says that some key is missing."""
-        gpgdir = str(self.options.path(self.options.gpgdir, "etc/pacman.d/gnupg"))
+        gpgdir = str(self.gpgdir)
         found = []
         with tempfile.TemporaryDirectory(prefix="rastos-sig-") as scratch:
             for pkg in trans.to_add:

@@ -146,13 +146,17 @@ def build_root(target: Path, recipe: ArchRecipe, cachedir: Path, progress: Progr
     """A new root at `target` with the recipe's packages and their dependencies, as one libalpm
     transaction in this process; returns how many packages it holds. On any failure `target` is
     removed. Scriptlets run without /proc, /sys and /dev here: the image build uses build_root_isolated."""
-    if target.exists():
-        raise RastosError(f"{target} exists: an Arch root is only made in an empty place")
+    _require_absent(target)
     try:
         return _populate(target, recipe, cachedir, progress)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
+
+
+def _require_absent(target: Path) -> None:
+    if target.exists():
+        raise RastosError(f"{target} exists: an Arch root is only made in an empty place")
 
 
 def _populate(target: Path, recipe: ArchRecipe, cachedir: Path, progress: Progress | None) -> int:
@@ -184,8 +188,7 @@ def build_root_isolated(target: Path, recipe: ArchRecipe, cachedir: Path, progre
     """build_root with the API file systems mounted for scriptlets and hooks, in namespaces that end
     with the transaction. `target` is removed here, in the build's own namespace (where nothing is
     mounted under it), when the transaction fails."""
-    if target.exists():
-        raise RastosError(f"{target} exists: an Arch root is only made in an empty place")
+    _require_absent(target)
     outcome: dict[str, Any] = {}
 
     def on_line(line: str) -> None:
