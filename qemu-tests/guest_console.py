@@ -107,6 +107,13 @@ class GuestConsole:
             assert remaining > 0, f"no {marker}= line within {timeout}s"
             self._read_some(min(remaining, 5.0))
 
+    def assert_up(self) -> None:
+        """The boot finished with no failed unit (the failed ones are named if not), and rastosd runs."""
+        state = self.run("echo STATE=$(systemctl is-system-running --wait)", "STATE", 240)
+        assert state == "running", self.run("echo FAILED=$(systemctl --failed --plain --no-legend | tr '\\n' ' ')",
+                                            "FAILED")  # fmt: skip
+        assert self.run("echo DAEMON=$(systemctl is-active rastosd)", "DAEMON") == "active"
+
     def wait_for_after(self, position: int, wanted: bytes, timeout: float) -> bool:
         """Like wait_for, but only output after `position` in `seen` counts: for a message that may
         have come in the same read as the one before it (a reboot right after a failure message)."""
