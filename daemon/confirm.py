@@ -19,12 +19,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from daemon.errors import NotPending
 from daemon.ops import get_op
-from daemon.ops.base import Plan, Target, execute, write_atomically
+from daemon.ops.base import Plan, Target, execute
 from daemon.store import DAEMON_UID, StateStore
 
 log = logging.getLogger("rastosd.confirm")
@@ -35,11 +34,13 @@ def capture(target: Target, paths: Iterable[str], into: dict[str, Any]) -> None:
     for path in paths:
         if path in into:
             continue
-        location = target.path(path)
-        if location.is_symlink():  # an enablement link: its target is inside the root, not followed
-            into[path] = {"content": None, "mode": 0, "symlink": str(location.readlink())}
-        elif location.is_file():
-            into[path] = {"content": location.read_text(), "mode": location.stat().st_mode & 0o7777}
+        kind = target.files.kind(path)
+        if kind == "link":  # an enablement link systemctl made: recorded, never followed
+            into[path] = {"content": None, "mode": 0, "symlink": target.files.readlink(path)}
+        elif kind == "file":
+            status = target.files.lstat(path)
+            mode = status.st_mode & 0o7777 if status is not None else 0o644
+            into[path] = {"content": target.read_text(path), "mode": mode}
         else:
             into[path] = {"content": None, "mode": 0}
 
@@ -118,14 +119,16 @@ class Confirmations:
 
     def _restore(self, files: dict[str, Any]) -> list[str]:
         for path, old in sorted(files.items()):
-            location = self.target.path(path)
+            root = self.target.files
             if old.get("symlink") is not None:
-                location.unlink(missing_ok=True)
-                location.symlink_to(old["symlink"])
+                root.symlink(path, old["symlink"])
             elif old["content"] is None:
-                location.unlink(missing_ok=True)
+                if root.kind(path) == "link":  # the one the change made (systemctl enable): it goes
+                    root.remove_link(path)
+                else:
+                    root.remove(path)
             else:
-                status = location.stat() if location.exists() else None
+                status = root.lstat(path)
                 uid, gid = (status.st_uid, status.st_gid) if status else (0, 0)
-                write_atomically(Path(location), old["content"], old["mode"], uid, gid)
+                root.write(path, old["content"], old["mode"], uid, gid)
         return sorted(files)

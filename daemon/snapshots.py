@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import btrfsutil
 from daemon.boot import BootEntries, readonly_entry_id
 from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
+from daemon.ops.rootfs import Root
 from daemon.store import SnapshotRow, StateStore
 
 log = logging.getLogger("rastosd.snapshots")
@@ -217,21 +217,25 @@ class Snapshots:
     def restore_paths(self, snapshot_id: int, paths: list[str]) -> list[str]:
         """Put files back as they were in the snapshot; a file the snapshot lacks is removed.
         Returns what was restored. Directories are not restored recursively: ops name files."""
-        source_root = self.layout.snapshot(snapshot_id)
+        # Both sides through the link-refusing file access: a user who owned a directory on the way
+        # may have left a link there, in the snapshot or since.
+        source, destination = Root(self.layout.snapshot(snapshot_id)), Root(self.layout.root)
         restored = []
         for path in paths:
-            source = source_root / path.lstrip("/")
-            destination = self.layout.root / path.lstrip("/")
-            if source.is_file() and not source.is_symlink():
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                temporary = destination.with_name(f".{destination.name}.restore")
-                shutil.copy2(source, temporary)  # content, mode and times
-                status = source.stat()
-                os.chown(temporary, status.st_uid, status.st_gid)
-                temporary.replace(destination)
+            kind = source.kind(path)
+            if kind == "file":
+                status = source.lstat(path)
+                content = source.read_bytes(path)
+                if status is None or content is None:
+                    continue
+                destination.write(path, content, status.st_mode & 0o7777, status.st_uid, status.st_gid,
+                                  mtime_ns=status.st_mtime_ns)  # fmt: skip
                 restored.append(path)
-            elif not source.exists() and (destination.is_file() or destination.is_symlink()):
-                destination.unlink()
+            elif kind is None and destination.kind(path) in ("file", "link"):
+                if destination.kind(path) == "link":
+                    destination.remove_link(path)
+                else:
+                    destination.remove(path)
                 restored.append(path)
         return restored
 

@@ -65,7 +65,7 @@ def results(report: Report) -> dict[str, Any]:
 def sysctl_plan_text(target: Target, params: dict[str, Any]) -> str:
     op = get_op("sysctl")
     execute(op.plan(target, validate(op.schema, params)), target, lambda line: None)
-    return target.path("/etc/sysctl.d/90-rastos.conf").read_text()
+    return target.host_path("/etc/sysctl.d/90-rastos.conf").read_text()
 
 
 def test_sysctl_sets_merge_with_settings_and_explicit_wins(tmp_path: Path) -> None:

@@ -94,11 +94,11 @@ def test_file_ops_plan_apply_and_are_idempotent(tmp_path: Path, op: str, params:
     plan = definition.plan(target, checked)
     assert plan.actions and all(isinstance(a, WriteFile) for a in plan.actions)
     assert path in plan.paths
-    assert not target.path(path).exists(), "planning changed nothing"
+    assert not target.host_path(path).exists(), "planning changed nothing"
     execute(plan, target, lambda line: None)
     assert definition.verify(target, checked) == []
     assert definition.plan(target, checked).actions == (), "a second apply is unchanged"
-    assert target.path(path).stat().st_mode & 0o777 == 0o644
+    assert target.host_path(path).stat().st_mode & 0o777 == 0o644
 
 
 def test_sysctl_file_is_sorted_and_empty_settings_remove_it(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_sysctl_file_is_sorted_and_empty_settings_remove_it(tmp_path: Path) -> N
     op = get_op("sysctl")
     params = validate(op.schema, {"settings": {"vm.swappiness": "10", "kernel.panic": "5"}})
     execute(op.plan(target, params), target, lambda line: None)
-    lines = target.path("/etc/sysctl.d/90-rastos.conf").read_text().splitlines()
+    lines = target.host_path("/etc/sysctl.d/90-rastos.conf").read_text().splitlines()
     assert lines[1:] == ["kernel.panic = 5", "vm.swappiness = 10"]
     removal = op.plan(target, validate(op.schema, {"settings": {}}))
     assert [c.action for c in removal.changes] == ["remove"]

@@ -20,15 +20,15 @@ def host_keys(public: bool) -> tuple[Paths, str]:
     pattern = "ssh_host_*_key.pub" if public else "ssh_host_*_key"
 
     def paths(facts: Facts) -> list[str]:
-        return [f"/etc/ssh/{key.name}" for key in sorted(facts.target.path("/etc/ssh").glob(pattern))]
+        return [f"/etc/ssh/{name}" for name in facts.names("/etc/ssh", pattern)]
 
     return paths, f"/etc/ssh/{pattern}"
 
 
 def sshd_configuration() -> tuple[Paths, str]:
     def paths(facts: Facts) -> list[str]:
-        included = sorted(facts.target.path("/etc/ssh/sshd_config.d").glob("*.conf"))
-        return ["/etc/ssh/sshd_config", *(f"/etc/ssh/sshd_config.d/{path.name}" for path in included)]
+        included = facts.names("/etc/ssh/sshd_config.d", "*.conf")
+        return ["/etc/ssh/sshd_config", *(f"/etc/ssh/sshd_config.d/{name}" for name in included)]
 
     return paths, "/etc/ssh/sshd_config /etc/ssh/sshd_config.d/*.conf"
 

@@ -75,8 +75,7 @@ def operating_system_names(facts: Facts) -> list[str]:
 def sudo_use_pty(facts: Facts) -> Outcome:
     if not facts.exists("/usr/bin/sudo"):
         return not_applicable("sudo is not installed")
-    included = sorted(facts.target.path("/etc/sudoers.d").glob("*"))
-    files = ["/etc/sudoers", *(f"/etc/sudoers.d/{path.name}" for path in included)]
+    files = ["/etc/sudoers", *(f"/etc/sudoers.d/{name}" for name in facts.names("/etc/sudoers.d"))]
     found = ""
     for path in files:
         for line in (facts.text(path) or "").splitlines():
@@ -90,10 +89,9 @@ def sudo_use_pty(facts: Facts) -> Outcome:
 def automatic_updates(facts: Facts) -> Outcome:
     if not facts.exists("/usr/bin/unattended-upgrade"):
         return failed("unattended-upgrades is not installed: security updates wait for someone to apply them")
-    directory = facts.target.path("/etc/apt/apt.conf.d")
-    for path in sorted(directory.glob("*")):
-        if UNATTENDED.search(facts.text(f"/etc/apt/apt.conf.d/{path.name}") or ""):
-            return passed(f'APT::Periodic::Unattended-Upgrade "1" in /etc/apt/apt.conf.d/{path.name}')
+    for name in facts.names("/etc/apt/apt.conf.d"):
+        if UNATTENDED.search(facts.text(f"/etc/apt/apt.conf.d/{name}") or ""):
+            return passed(f'APT::Periodic::Unattended-Upgrade "1" in /etc/apt/apt.conf.d/{name}')
     return failed('unattended-upgrades is installed but APT::Periodic::Unattended-Upgrade is not "1"')
 
 

@@ -7,6 +7,7 @@ programs (`sshd -T` through `in_target`); only a live target's running kernel is
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import stat
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from daemon.ops.base import Target, in_target, read_colon_file
 from daemon.ops.certs import current_params
 from daemon.ops.firewall import ENABLED_LINK
 from daemon.ops.params import validate
+from daemon.ops.rootfs import Links, UnsafePath
 from daemon.ops.ssh import ALGORITHM, refuse_lockout
-from daemon.ops.sysctl import Persisted, live_path, persisted, resolve_in_target
+from daemon.ops.sysctl import Persisted, live_path, persisted
 from rastos.errors import RastosError
 from rastos.process import run
 
@@ -78,18 +80,28 @@ class Facts:
 
     def status(self, absolute: str) -> FileStatus | None:
         """The file itself (a symlink is not followed: its target lies inside the root)."""
-        try:
-            info = self.target.path(absolute).lstat()
-        except FileNotFoundError:
+        info = self.target.files.lstat(absolute)
+        if info is None:
             return None
         return FileStatus(info.st_mode & 0o7777, info.st_uid, info.st_gid, stat.S_ISDIR(info.st_mode))
 
     def exists(self, absolute: str) -> bool:
-        return self.target.path(absolute).exists() or self.target.path(absolute).is_symlink()
+        return self.target.files.kind(absolute) is not None
 
     def text(self, absolute: str) -> str | None:
-        resolved = resolve_in_target(self.target, absolute)
-        return self.target.read_text(resolved) if resolved is not None else None
+        """A system file's text, through the distribution's own links (root's, inside the root)."""
+        try:
+            return self.target.read_text(absolute, links=Links.SYSTEM)
+        except (FileNotFoundError, UnsafePath):
+            return None
+
+    def names(self, directory: str, pattern: str = "*") -> list[str]:
+        """Names in a system directory matching a glob pattern, sorted (hidden ones only when asked)."""
+        try:
+            names = self.target.files.names(directory, links=Links.SYSTEM)
+        except UnsafePath:
+            return []
+        return [name for name in names if fnmatch.fnmatchcase(name, pattern)]
 
     @cached_property
     def passwd(self) -> list[list[str]]:
@@ -123,7 +135,7 @@ class Facts:
     @cached_property
     def sshd(self) -> Sshd | None:
         """None when the OpenSSH server is not installed."""
-        if not self.target.path(SSHD).exists():
+        if not self.target.has_program(SSHD):
             return None
         try:
             output = run(in_target(self.target, [SSHD, "-T"], ["sshd"]), capture=True).stdout
@@ -187,11 +199,11 @@ class Facts:
 
     @property
     def nftables_installed(self) -> bool:
-        return self.target.path(NFT).exists()
+        return self.target.has_program(NFT)
 
     @property
     def nftables_enabled(self) -> bool:
-        return self.target.path(ENABLED_LINK).is_symlink()
+        return self.target.files.kind(ENABLED_LINK) == "link"
 
     @cached_property
     def firewall_context(self) -> dict[str, Any]:

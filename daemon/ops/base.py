@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from daemon.ops.params import Params, Schema
+from daemon.ops.rootfs import Links, Root, UnsafePath
 from rastos.process import run
 
 Output = Callable[[str], None]
@@ -47,14 +48,32 @@ class Target:
     def acts_at_runtime(self) -> bool:
         return self.live and not self.simulated
 
-    def path(self, absolute: str) -> Path:
+    @property
+    def files(self) -> Root:
+        """Every file an op reads or writes goes through here: no link it did not make is followed."""
+        return Root(self.root)
+
+    def host_path(self, absolute: str) -> Path:
+        """The host's path of a file in the target, for a program run on it (bwrap, useradd --prefix).
+        Never opened here: the kernel would follow whatever links are on the way (use `files`)."""
         return self.root / absolute.lstrip("/")
 
-    def read_text(self, absolute: str) -> str | None:
-        try:
-            return self.path(absolute).read_text()
-        except FileNotFoundError:
-            return None
+    def read_text(self, absolute: str, *, links: Links = Links.NONE) -> str | None:
+        return self.files.read_text(absolute, links=links)
+
+    def exists(self, absolute: str) -> bool:
+        """A file or directory is there; a link in its place or on its way is refused (UnsafePath)."""
+        kind = self.files.kind(absolute)
+        if kind == "link":
+            raise UnsafePath(absolute, "is a symbolic link, which rastosd does not follow")
+        return kind is not None
+
+    def is_dir(self, absolute: str) -> bool:
+        return self.files.kind(absolute) == "directory"
+
+    def has_program(self, absolute: str) -> bool:
+        """One of the distribution's programs is installed (its own links, as alternatives make, count)."""
+        return self.files.kind(absolute, links=Links.SYSTEM) == "file"
 
 
 @dataclass(frozen=True)
@@ -102,9 +121,7 @@ class WriteFile(Action):
 
     def execute(self, target: Target, output: Output) -> None:
         uid, gid = lookup_user(target, self.owner)
-        destination = target.path(self.path)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(destination, self.content, self.mode, uid, gid)
+        target.files.write(self.path, self.content, self.mode, uid, gid)
         output(f"wrote {self.path}")
 
     @property
@@ -157,10 +174,7 @@ class MakeDirectory(Action):
 
     def execute(self, target: Target, output: Output) -> None:
         uid, gid = lookup_user(target, self.owner)
-        directory = target.path(self.path)
-        directory.mkdir(mode=self.mode, parents=True, exist_ok=True)
-        os.chown(directory, uid, gid)
-        directory.chmod(self.mode)
+        target.files.make_directory(self.path, self.mode, uid, gid)
         output(f"created {self.path}")
 
     @property
@@ -176,7 +190,7 @@ class RemoveFile(Action):
         return Change(self.path, "remove")
 
     def execute(self, target: Target, output: Output) -> None:
-        target.path(self.path).unlink(missing_ok=True)
+        target.files.remove(self.path)
         output(f"removed {self.path}")
 
     @property
@@ -379,7 +393,7 @@ def lookup_user(target: Target, name: str) -> tuple[int, int]:
     for entry in read_colon_file(target, "/etc/passwd"):
         if entry[0] == name and len(entry) >= 4:
             return int(entry[2]), int(entry[3])
-    raise LookupError(f"user {name!r} does not exist in {target.path('/etc/passwd')}")
+    raise LookupError(f"user {name!r} does not exist in {target.host_path('/etc/passwd')}")
 
 
 def read_colon_file(target: Target, absolute: str) -> list[list[str]]:
@@ -390,7 +404,8 @@ def read_colon_file(target: Target, absolute: str) -> list[list[str]]:
 def file_action(target: Target, path: str, content: str, *, mode: int = 0o644, owner: str = "root") -> list[Action]:
     """A write only when the file differs in content or mode: the building block of idempotent ops."""
     old = target.read_text(path)
-    if old == content and (target.path(path).stat().st_mode & 0o7777) == mode:
+    status = target.files.lstat(path) if old == content else None
+    if status is not None and (status.st_mode & 0o7777) == mode:
         return []
     return [WriteFile(path, content, old, mode, owner)]
 

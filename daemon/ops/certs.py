@@ -24,7 +24,6 @@ key is root's, and root can change the trust store anyway.
 from __future__ import annotations
 
 import datetime
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +45,9 @@ from daemon.ops.base import (
     in_target,
     joined,
     read_colon_file,
-    write_atomically,
 )
 from daemon.ops.params import Kind, Param, Params
+from daemon.ops.rootfs import UnsafePath
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -148,9 +147,8 @@ class Pair:
 
 
 def read_pair(target: Target, key_path: str, cert_path: str) -> Pair:
-    try:
-        key_pem, cert_pem = target.path(key_path).read_bytes(), target.path(cert_path).read_bytes()
-    except FileNotFoundError:
+    key_pem, cert_pem = target.files.read_bytes(key_path), target.files.read_bytes(cert_path)
+    if key_pem is None or cert_pem is None:
         return Pair(None, None, "none yet")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -234,9 +232,8 @@ def host_key_mode(target: Target) -> tuple[int, str]:
 
 
 def mode_problem(target: Target, mode: int, group: str) -> str | None:
-    try:
-        status = target.path(HOST_KEY).stat()
-    except FileNotFoundError:
+    status = target.files.lstat(HOST_KEY)
+    if status is None:
         return None  # issued, not fixed
     gid = group_id(target, group)
     if status.st_mode & 0o7777 != mode or status.st_uid != 0 or status.st_gid != gid:
@@ -257,11 +254,11 @@ def trust_file(ca_name: str) -> str:
 
 def trust_problem(target: Target, params: Params) -> str | None:
     """What the trust store lacks (with `trust`) or still holds (without), or None."""
-    present = sorted(path.name for path in target.path(TRUST_DIR).glob("*.crt"))
+    present = trusted_names(target)
     ca_pem = target.read_text(CA_CERT)
     if not params["trust"]:
         return f"holds {joined(present)}: to be removed" if present else None
-    if not target.path(UPDATE_CA).exists():
+    if not target.has_program(UPDATE_CA):
         raise OpFailed(
             "update-ca-certificates is not on the target: install ca-certificates (op update) or trust false"
         )
@@ -301,9 +298,11 @@ def cert_pem(cert: x509.Certificate) -> str:
 
 
 def write(target: Target, path: str, content: str, mode: int, group: str = "root") -> None:
-    destination = target.path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(destination, content, mode, 0, group_id(target, group))
+    target.files.write(path, content, mode, 0, group_id(target, group))
+
+
+def trusted_names(target: Target) -> list[str]:
+    return [name for name in target.files.names(TRUST_DIR) if name.endswith(".crt")]
 
 
 def make_ca(name: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -376,10 +375,7 @@ class CreateCa(Action):
 
     def execute(self, target: Target, output: Output) -> None:
         key, cert = make_ca(self.ca_name, datetime.datetime.now(datetime.UTC))
-        directory = target.path(CA_DIR)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(directory, 0, 0)
-        directory.chmod(0o700)
+        target.files.make_directory(CA_DIR, 0o700)
         write(target, CA_KEY, key_pem(key), 0o600)
         write(target, CA_CERT, cert_pem(cert), 0o644)
         output(f"created CA {self.ca_name!r}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
@@ -412,9 +408,9 @@ class IssueHostCertificate(Action):
             raise OpFailed(f"the CA cannot sign: {CA_KEY} {ca.problem}")
         until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.days)
         key, cert = issue(ca.key, ca.cert, self.names, until)
-        private = target.path(HOST_KEY).parent
-        if not private.is_dir():
-            private.mkdir(mode=0o700, parents=True)
+        private = HOST_KEY.rsplit("/", 1)[0]
+        if not target.is_dir(private):
+            target.files.make_directory(private, 0o700)
         write(target, HOST_KEY, key_pem(key), self.key_mode, self.key_group)
         write(target, HOST_CERT, cert_pem(cert), 0o644)
         output(f"issued {HOST_CERT} for {', '.join(self.names)}, valid until {cert.not_valid_after_utc:%Y-%m-%d}")
@@ -435,9 +431,7 @@ class SetKeyMode(Action):
         return Change(self.path, "set", self.reason)
 
     def execute(self, target: Target, output: Output) -> None:
-        path = target.path(self.path)
-        os.chown(path, 0, group_id(target, self.group))
-        path.chmod(self.mode)
+        target.files.set_owner_and_mode(self.path, self.mode, 0, group_id(target, self.group))
         output(f"{self.path}: mode {self.mode:04o}, root:{self.group}")
 
     @property
@@ -462,13 +456,11 @@ class UpdateTrust(Action):
         return Change(TRUST_DIR, "remove", f"{self.reason}; then update-ca-certificates")
 
     def execute(self, target: Target, output: Output) -> None:
-        directory = target.path(TRUST_DIR)
-        for stale in directory.glob("*.crt"):
-            if not self.trust or stale.name != f"{self.ca_name}.crt":
-                stale.unlink()
+        for stale in trusted_names(target):
+            if not self.trust or stale != f"{self.ca_name}.crt":
+                target.files.remove(f"{TRUST_DIR}/{stale}")
         if self.trust:
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-            write(target, trust_file(self.ca_name), target.path(CA_CERT).read_text(), 0o644)
+            write(target, trust_file(self.ca_name), target.read_text(CA_CERT) or "", 0o644)
         try:
             run(in_target(target, [UPDATE_CA, "--fresh"]), capture=True)
         except CommandError as error:
@@ -485,8 +477,9 @@ class UpdateTrust(Action):
 
 def load_cert(target: Target, path: str) -> x509.Certificate | None:
     try:
-        return x509.load_pem_x509_certificate(target.path(path).read_bytes())
-    except (FileNotFoundError, ValueError):
+        pem = target.files.read_bytes(path)
+        return x509.load_pem_x509_certificate(pem) if pem is not None else None
+    except (UnsafePath, ValueError):
         return None
 
 
@@ -496,7 +489,7 @@ def current_params(target: Target) -> dict[str, Any]:
     host, ca = load_cert(target, HOST_CERT), load_cert(target, CA_CERT)
     if host is None:
         return {}
-    params: dict[str, Any] = {"trust": any(target.path(TRUST_DIR).glob("*.crt"))}
+    params: dict[str, Any] = {"trust": bool(trusted_names(target))}
     if names := [name for name in sans(host) if re.fullmatch(DNS_NAME, name)]:
         params["hostnames"] = names
     if ca is not None and re.fullmatch(CA_NAME, name := common_name(ca)):

@@ -13,9 +13,7 @@ change is confirm-or-revert (confirm.py): not confirmed in time, the old file co
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from daemon.errors import InvalidParams, OpFailed
@@ -75,7 +73,7 @@ class FirewallOp(Op):
     )  # fmt: skip
 
     def check(self, target: Target, params: Params) -> None:
-        if not target.path("/usr/sbin/nft").exists():
+        if not target.has_program("/usr/sbin/nft"):
             raise InvalidParams("op", "nftables is not installed on the target (apt install nftables, or op update)")
 
     def plan(self, target: Target, params: Params) -> Plan:
@@ -84,7 +82,7 @@ class FirewallOp(Op):
         old = target.read_text(RULESET)
         if file_action(target, RULESET, content, mode=0o755):
             actions.append(CheckedRuleset(RULESET, content, old))
-        if not target.path(ENABLED_LINK).is_symlink():  # its target is inside the root: not followed
+        if target.files.kind(ENABLED_LINK) != "link":  # systemctl's own link: looked at, not followed
             argv = ("systemctl", "--root={root}", "enable", "nftables.service")
             actions.append(RunCommand("unit nftables.service", argv, (ENABLED_LINK,)))
         if target.live and (actions or loaded_ruleset(target) != expected_table(target, content)):
@@ -149,13 +147,10 @@ def nft(target: Target, *args: str) -> list[str]:
 
 def check_ruleset(target: Target, content: str) -> None:
     """`nft -c`: the kernel validates the whole transaction and commits nothing."""
-    directory = target.path("/etc")
-    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".rastos-nft-check-", suffix=".nft") as scratch:
-        scratch.write(content)
-        scratch.flush()
-        inside = "/" + str(Path(scratch.name).relative_to(target.root))
+    with target.files.scratch_directory("/etc", ".rastos-nft-check-") as scratch:
+        target.files.write(f"{scratch}/ruleset.nft", content, 0o600)
         try:
-            run(nft(target, "-c", "-f", inside), capture=True)
+            run(nft(target, "-c", "-f", f"{scratch}/ruleset.nft"), capture=True)
         except CommandError as error:
             raise OpFailed(f"nft -c refuses the ruleset, left unchanged: {error}") from None
 
@@ -170,11 +165,9 @@ def loaded_ruleset(target: Target) -> str:
 def expected_table(target: Target, content: str) -> str:
     """The table as the kernel would print it once `content` is loaded: nft normalises what it reads,
     so the comparison is between two of its own listings, made in a throwaway network namespace."""
-    with tempfile.NamedTemporaryFile("w", dir=target.path("/etc"), prefix=".rastos-nft-", suffix=".nft") as scratch:
-        scratch.write(content)
-        scratch.flush()
-        inside = "/" + str(Path(scratch.name).relative_to(target.root))
-        script = f"nft -f {inside} && nft --terse list table inet {TABLE}"
+    with target.files.scratch_directory("/etc", ".rastos-nft-") as scratch:
+        target.files.write(f"{scratch}/ruleset.nft", content, 0o600)
+        script = f"nft -f {scratch}/ruleset.nft && nft --terse list table inet {TABLE}"
         argv = ["unshare", "--net", "--", *in_target(target, ["sh", "-c", script])]
         result = run(argv, capture=True, check=False)
     return result.stdout if result.returncode == 0 else "(cannot be loaded)"

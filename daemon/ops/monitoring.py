@@ -77,7 +77,7 @@ class MonitoringOp(Op):
     )  # fmt: skip
 
     def check(self, target: Target, params: Params) -> None:
-        if not target.path(BINARY).exists():
+        if not target.has_program(BINARY):
             return  # installed by the plan; its collectors are known once it is there
         known = collectors(target)
         for index, name in enumerate(params["collectors_disabled"]):
@@ -87,12 +87,12 @@ class MonitoringOp(Op):
 
     def plan(self, target: Target, params: Params) -> Plan:
         actions: list[Action] = []
-        if not target.path(BINARY).exists():
+        if not target.has_program(BINARY):
             actions.append(InstallPackages((PACKAGE,)))
         actions += file_action(target, DEFAULTS, render(params))
-        if not target.path(params["textfile_directory"]).is_dir():
+        if not target.is_dir(params["textfile_directory"]):
             actions.append(MakeDirectory(params["textfile_directory"]))
-        if not target.path(ENABLED_LINK).is_symlink():  # its target is inside the root: not followed
+        if target.files.kind(ENABLED_LINK) != "link":  # systemctl's own link: looked at, not followed
             actions.append(RunCommand(f"unit {UNIT}", ("systemctl", "--root={root}", "enable", UNIT), (ENABLED_LINK,)))
         if actions or (target.live and not answers(params["listen_address"], wait=0)):
             actions.append(FollowUp("restart", UNIT))

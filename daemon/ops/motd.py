@@ -113,12 +113,12 @@ class MotdOp(Op):
         actions = static_actions(target, params["text"])
         if params.get("dynamic", False):  # params checked by the schema have it; older callers' may not
             actions += file_action(target, SCRIPT, DYNAMIC, mode=0o755)
-        elif target.path(SCRIPT).exists():
+        elif target.exists(SCRIPT):
             actions.append(RemoveFile(SCRIPT))
         return Plan(self.name, tuple(actions))
 
 
 def static_actions(target: Target, text: str) -> list[Action]:
     if not text:
-        return [RemoveFile(MOTD)] if target.path(MOTD).exists() else []
+        return [RemoveFile(MOTD)] if target.exists(MOTD) else []
     return file_action(target, MOTD, text if text.endswith("\n") else text + "\n")

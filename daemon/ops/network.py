@@ -163,7 +163,7 @@ class NetworkOp(Op):
     def plan(self, target: Target, params: Params) -> Plan:
         path = network_file(params["interface"])
         if params["state"] == "absent":
-            actions: list[Action] = [RemoveFile(path)] if target.path(path).exists() else []
+            actions: list[Action] = [RemoveFile(path)] if target.exists(path) else []
             if actions:
                 actions.append(FollowUp("try-reload-or-restart", "systemd-networkd.service"))
             return Plan(self.name, tuple(actions))
@@ -303,8 +303,10 @@ class ReapplyNetworkFiles(Action):
         return Change("links with rastosd network files", "set", "brought back to their files")
 
     def execute(self, target: Target, output: Output) -> None:
-        for path in sorted(target.path(NETWORK_DIR).glob("50-rastos-*.network")):
-            link = path.name.removeprefix("50-rastos-").removesuffix(".network")
-            text = path.read_text()
+        for name in target.files.names(NETWORK_DIR):
+            if not (name.startswith("50-rastos-") and name.endswith(".network")):
+                continue
+            link = name.removeprefix("50-rastos-").removesuffix(".network")
+            text = target.read_text(f"{NETWORK_DIR}/{name}") or ""
             if text.startswith(MARKER):
                 apply_link(LinkConfig.from_file(link, text), output)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 from daemon.errors import OpFailed
 from daemon.ops.base import Target
+from daemon.ops.rootfs import Links
 from daemon.ops.update import PackageBackend, Transition, UnknownPackages
 from rastos.alpm import Alpm, AlpmError, PackageChange, UnknownTargets
 from rastos.errors import RastosError
@@ -30,13 +31,12 @@ log = logging.getLogger("rastos.daemon.pacman")
 
 def is_arch(target: Target) -> bool:
     """/etc/os-release says Arch (or a derivative: ID_LIKE), or pacman and its database are there."""
-    fields = dict(
-        line.split("=", 1) for line in (target.read_text("/etc/os-release") or "").splitlines() if "=" in line
-    )
+    text = target.read_text("/etc/os-release", links=Links.SYSTEM) or ""  # a link to ../usr/lib/os-release
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     names = [fields.get("ID", "").strip("\"'"), *fields.get("ID_LIKE", "").strip("\"'").split()]
     if "arch" in names:
         return True
-    return not fields and target.path("/usr/bin/pacman").exists() and target.path("/var/lib/pacman/local").is_dir()
+    return not fields and target.has_program("/usr/bin/pacman") and target.is_dir("/var/lib/pacman/local")
 
 
 def transition(change: PackageChange) -> Transition:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from daemon.errors import InvalidParams
 from daemon.ops.base import Action, Op, Plan, RemoveFile, Target, WriteSysctl, file_action
 from daemon.ops.params import Kind, Param, Params
+from daemon.ops.rootfs import Links, UnsafePath
 
 KEY = r"[a-z0-9_]+(\.[a-z0-9_-]+)+"
 VALUE = r"[^\n\r]{1,4096}"
@@ -130,7 +131,7 @@ class SysctlOp(Op):
         wanted = wanted_settings(target, params)
         path = f"/etc/sysctl.d/{params['name']}.conf"
         if not wanted.settings:  # nothing asked for (no settings, no sets): the file goes
-            return Plan(self.name, (RemoveFile(path),) if target.path(path).exists() else ())
+            return Plan(self.name, (RemoveFile(path),) if target.exists(path) else ())
         actions: list[Action] = file_action(target, path, render(params["sets"], wanted))
         if target.live:
             for key, value in sorted(wanted.settings.items()):
@@ -199,20 +200,25 @@ def kernel_lacks(target: Target, key: str, value: str) -> bool:
         if key == "net.ipv4.tcp_congestion_control" and available.is_file() and value in available.read_text().split():
             return False
         return not has_module(Path("/usr/lib/modules", os.uname().release), module)
-    kernels = [d for d in target.path("/usr/lib/modules").glob("*") if d.is_dir()]
-    return not kernels or not all(has_module(kernel, module) for kernel in kernels)
+    kernels = [f"/usr/lib/modules/{name}" for name in target.files.names("/usr/lib/modules")]
+    kernels = [kernel for kernel in kernels if target.is_dir(kernel)]
+    return not kernels or not all(has_module_in(target, kernel, module) for kernel in kernels)
 
 
 def has_module(directory: Path, module: str) -> bool:
-    """A module built into the kernel or loadable, from the kernel's own module lists."""
-    found = re.compile(rf"/{re.escape(module)}\.ko(\.[a-z]+)?(:|$)", re.MULTILINE)
-    for listing in ("modules.builtin", "modules.dep"):
-        try:
-            if found.search((directory / listing).read_text()):
-                return True
-        except FileNotFoundError:
-            continue
-    return False
+    """A module built into the running kernel or loadable, from the kernel's own module lists."""
+    return any(_lists_module(listing.read_text(), module) for listing in
+               (directory / "modules.builtin", directory / "modules.dep") if listing.is_file())  # fmt: skip
+
+
+def has_module_in(target: Target, kernel: str, module: str) -> bool:
+    """The same for a kernel the target boots (its modules directory in the target)."""
+    return any(_lists_module(target.read_text(f"{kernel}/{listing}") or "", module)
+               for listing in ("modules.builtin", "modules.dep"))  # fmt: skip
+
+
+def _lists_module(listing: str, module: str) -> bool:
+    return re.search(rf"/{re.escape(module)}\.ko(\.[a-z]+)?(:|$)", listing, re.MULTILINE) is not None
 
 
 def live_path(key: str) -> Path:
@@ -243,10 +249,10 @@ def persisted(target: Target) -> dict[str, Persisted]:
     winning. Keys with globs (systemd's net.ipv4.conf.*.x) are not expanded."""
     files: dict[str, str] = {}
     for directory in SYSCTL_DIRECTORIES:
-        path = target.path(directory)
-        if path.is_dir():  # merged /usr: /lib/sysctl.d is /usr/lib/sysctl.d again, its names already taken
-            for entry in path.glob("*.conf"):
-                files.setdefault(entry.name, f"{directory}/{entry.name}")
+        # merged /usr: /lib/sysctl.d is /usr/lib/sysctl.d again, its names already taken
+        for name in target.files.names(directory, links=Links.SYSTEM):
+            if name.endswith(".conf"):
+                files.setdefault(name, f"{directory}/{name}")
     values: dict[str, Persisted] = {}
     for name in sorted(files):
         text = read_in_target(target, files[name])
@@ -262,31 +268,21 @@ def persisted(target: Target) -> dict[str, Persisted]:
 
 
 def read_in_target(target: Target, absolute: str) -> str:
-    """A file's text with its symlinks resolved inside the target (Debian's 99-sysctl.conf points to
-    ../sysctl.conf; a link to /dev/null masks a file); "" when it is missing or no regular file."""
-    resolved = resolve_in_target(target, absolute)
-    path = target.path(resolved) if resolved is not None else None
-    return path.read_text() if path is not None and path.is_file() else ""
+    """A file's text with the distribution's links resolved inside the target (Debian's 99-sysctl.conf
+    points to ../sysctl.conf; a link to /dev/null masks a file); "" when it is missing or no regular
+    file. A link root did not make is refused (UnsafePath)."""
+    try:
+        kind = target.files.kind(absolute, links=Links.SYSTEM)
+    except FileNotFoundError:
+        return ""  # a dangling link
+    return (target.read_text(absolute, links=Links.SYSTEM) or "") if kind == "file" else ""
 
 
 def resolve_in_target(target: Target, absolute: str) -> str | None:
-    """`absolute` with every symlink on the way followed as the target sees it: an absolute link is
-    the target's path, never the host's. None for a loop of links."""
-    parts = list(PurePosixPath(absolute).parts[1:])
-    resolved, hops = PurePosixPath("/"), 0
-    while parts:
-        part = parts.pop(0)
-        if part in (".", ".."):
-            resolved = resolved.parent if part == ".." else resolved
-            continue
-        candidate = resolved / part
-        if not target.path(str(candidate)).is_symlink():
-            resolved = candidate
-            continue
-        hops += 1
-        if hops > 40:
-            return None
-        link = PurePosixPath(target.path(str(candidate)).readlink())
-        parts = list(link.parts[1:] if link.is_absolute() else link.parts) + parts
-        resolved = PurePosixPath("/") if link.is_absolute() else resolved
-    return str(resolved)
+    """`absolute` with the distribution's links on the way followed as the target sees them: an
+    absolute link is the target's path, never the host's. None for a loop of links or a link root did
+    not make."""
+    try:
+        return target.files.resolve(absolute)
+    except UnsafePath:
+        return None

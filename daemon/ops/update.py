@@ -166,8 +166,7 @@ class AptBackend(PackageBackend):
     LISTS = "/var/lib/apt/lists"
 
     def has_lists(self) -> bool:
-        lists = self.target.path(self.LISTS)
-        return lists.is_dir() and any("_Packages" in path.name for path in lists.iterdir())
+        return any("_Packages" in name for name in self.target.files.names(self.LISTS))
 
     def installed(self) -> dict[str, str]:
         native = self._run(["dpkg", "--print-architecture"]).strip()
@@ -244,9 +243,9 @@ def with_network(target: Target, argv: Sequence[str]) -> list[str]:
     if target.root == Path("/"):
         return wrapped
     extra = ["--chmod", "1777", "/tmp"]
-    link = target.path("/etc/resolv.conf")
-    if link.is_symlink():
-        inside = os.path.normpath(Path("/etc") / link.readlink())
+    link = target.files.readlink("/etc/resolv.conf")
+    if link is not None:
+        inside = os.path.normpath(Path("/etc") / link)
         if inside.startswith("/run/") and Path("/etc/resolv.conf").exists():
             # Made first, or bwrap makes the directories 0700 and _apt cannot read the file.
             extra += ["--dir", str(Path(inside).parent), "--ro-bind", "/etc/resolv.conf", inside]
@@ -260,7 +259,7 @@ def backend_for(target: Target) -> PackageBackend:
 
     if is_arch(target):
         return PacmanBackend(target)
-    if target.path("/usr/bin/apt-get").exists():
+    if target.has_program("/usr/bin/apt-get"):
         return AptBackend(target)
     raise OpFailed("no package manager rastOS knows on the target (apt, or libalpm on Arch Linux)")
 

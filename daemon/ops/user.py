@@ -20,11 +20,8 @@ account check, which sshd runs).
 from __future__ import annotations
 
 import datetime
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from daemon.errors import InvalidParams, OpFailed
@@ -219,14 +216,14 @@ def changed_fields(account: Account, params: Params, groups: list[str]) -> list[
 def plan_keys(target: Target, name: str, home: str, keys: list[str]) -> list[Action]:
     path = f"{home}/.ssh/authorized_keys"
     if not keys:
-        return [RemoveFile(path)] if target.path(path).exists() else []
+        return [RemoveFile(path)] if target.exists(path) else []
     content = "# Managed by rastosd (op user); changes made here are replaced at the next apply.\n"
     content += "".join(key + "\n" for key in keys)
     return [*ssh_dir(target, name, home), *file_action(target, path, content, mode=0o600, owner=name)]
 
 
 def ssh_dir(target: Target, name: str, home: str) -> list[Action]:
-    if target.path(f"{home}/.ssh").is_dir():
+    if target.is_dir(f"{home}/.ssh"):
         return []
     return [MakeDirectory(f"{home}/.ssh", 0o700, owner=name)]
 
@@ -238,8 +235,8 @@ def sudoers_path(name: str) -> str:
 def plan_sudo(target: Target, name: str, params: Params) -> list[Action]:
     path = sudoers_path(name)
     if not params["sudo"]:
-        return [RemoveFile(path)] if target.path(path).exists() else []
-    if not target.path(VISUDO).exists():
+        return [RemoveFile(path)] if target.exists(path) else []
+    if not target.has_program(VISUDO):
         raise OpFailed('sudo is not installed on the target: install it first (op update, packages ["sudo"])')
     rule = f"{name} ALL=(ALL:ALL) {'NOPASSWD: ' if params['sudo_nopasswd'] else ''}ALL\n"
     content = "# Managed by rastosd (op user); changes made here are replaced at the next apply.\n" + rule
@@ -262,23 +259,17 @@ class CheckedSudoers(CheckedWrite):
 
 def check_with_visudo(target: Target, content: str) -> None:
     """`visudo -cf` on a scratch copy in the target (a dot in its name: sudo itself never reads it)."""
-    scratch = Path(tempfile.mkdtemp(prefix=".rastos-visudo-", dir=target.path("/etc")))
-    try:
-        copy = scratch / "rule"
-        copy.write_text(content)
-        copy.chmod(0o440)
-        inside = "/" + str(copy.relative_to(target.root))
+    with target.files.scratch_directory("/etc", ".rastos-visudo-") as scratch:
+        target.files.write(f"{scratch}/rule", content, 0o440)
         try:
-            run(in_target(target, [VISUDO, "-c", "-f", inside]), capture=True)
+            run(in_target(target, [VISUDO, "-c", "-f", f"{scratch}/rule"]), capture=True)
         except CommandError as error:
             raise OpFailed(f"visudo -c refuses the sudo rule, left unchanged: {error}") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def plan_removal(target: Target, account: Account | None, params: Params) -> list[Action]:
     sudoers = sudoers_path(params["name"])
-    actions: list[Action] = [RemoveFile(sudoers)] if target.path(sudoers).exists() else []
+    actions: list[Action] = [RemoveFile(sudoers)] if target.exists(sudoers) else []
     if account is None:
         return actions
     argv = ["userdel", "--prefix", "{root}", *(["--remove"] if params["remove_home"] else []), account.name]

@@ -88,7 +88,7 @@ class ZshOp(Op):
                 argv = ("usermod", "--prefix", "{root}", "--shell", zsh, name)
                 actions.append(RunCommand(f"user {name}", argv, ACCOUNT_FILES))
             if params["config"]:
-                if not target.path(account.home).is_dir():
+                if not target.is_dir(account.home):
                     problem = f"home {account.home} of {name!r} does not exist: no ~/.zshrc (config false skips it)"
                     raise InvalidParams(f"params.users[{index}]", problem)
                 path = f"{account.home}/.zshrc"
@@ -115,7 +115,7 @@ class ZshOp(Op):
 
 def installed_zsh(target: Target) -> str:
     for path in ZSH_PATHS:
-        if target.path(path).is_file():
+        if target.has_program(path):
             return path
     if target.simulated:  # a dry run's earlier update step only simulated installing it
         return ZSH_PATHS[0]
@@ -124,7 +124,7 @@ def installed_zsh(target: Target) -> str:
 
 def is_zsh(target: Target, shell: str) -> bool:
     """Either of zsh's paths: on a merged /usr they are one file."""
-    return shell in ZSH_PATHS and target.path(shell).is_file()
+    return shell in ZSH_PATHS and target.has_program(shell)
 
 
 @dataclass(frozen=True)
