@@ -71,6 +71,17 @@ class OpFailed(DaemonError):
     dbus_name = ERROR_PREFIX + "OpFailed"
 
 
+class UnsafePath(OpFailed):
+    """A path an op would use leads through a symbolic link, or to something that is no plain file:
+    refused, and nothing read or written there (daemon/ops/rootfs.py)."""
+
+    dbus_name = ERROR_PREFIX + "UnsafePath"
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}; refused, nothing read or written there")
+        self.path = path
+
+
 class NotPending(DaemonError):
     """Confirm() for a job whose change is not waiting for a confirmation (none, or settled)."""
 
@@ -89,5 +100,6 @@ ALL_ERRORS: tuple[type[DaemonError], ...] = (
     SnapshotsUnavailable,
     BootConfigError,
     OpFailed,
+    UnsafePath,
     NotPending,
 )

@@ -15,13 +15,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import DaemonError
+from daemon.errors import DaemonError, UnsafePath
 from daemon.ops import OPS
 from daemon.ops.base import Target, in_target, read_colon_file
 from daemon.ops.certs import current_params
 from daemon.ops.firewall import ENABLED_LINK
 from daemon.ops.params import validate
-from daemon.ops.rootfs import Links, UnsafePath
+from daemon.ops.rootfs import Links
 from daemon.ops.ssh import ALGORITHM, refuse_lockout
 from daemon.ops.sysctl import Persisted, live_path, persisted
 from rastos.errors import RastosError

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from daemon.errors import UnsafePath
 from daemon.ops.params import Params, Schema
-from daemon.ops.rootfs import Links, Root, UnsafePath
+from daemon.ops.rootfs import Links, Root
 from rastos.process import run
 
 Output = Callable[[str], None]
@@ -63,13 +64,16 @@ class Target:
 
     def exists(self, absolute: str) -> bool:
         """A file or directory is there; a link in its place or on its way is refused (UnsafePath)."""
+        return self._kind(absolute) is not None
+
+    def is_dir(self, absolute: str) -> bool:
+        return self._kind(absolute) == "directory"
+
+    def _kind(self, absolute: str) -> str | None:
         kind = self.files.kind(absolute)
         if kind == "link":
             raise UnsafePath(absolute, "is a symbolic link, which rastosd does not follow")
-        return kind is not None
-
-    def is_dir(self, absolute: str) -> bool:
-        return self.files.kind(absolute) == "directory"
+        return kind
 
     def has_program(self, absolute: str) -> bool:
         """One of the distribution's programs is installed (its own links, as alternatives make, count)."""
@@ -344,6 +348,10 @@ def execute(plan: Plan, target: Target, output: Output, follow_ups: FollowUpLog 
     for action in plan.actions:
         if isinstance(action, FollowUp) or (action.runtime and not target.acts_at_runtime):
             continue
+        # Programs (useradd, update-ca-certificates, systemctl) open what they change by path and
+        # follow links: no link may be on the way to, or in place of, any file an action changes.
+        for path in action.paths:
+            target.exists(path)
         action.execute(target, output)
     if follow_ups is not None and owed:
         follow_ups.before_follow_ups()

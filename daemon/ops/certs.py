@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from daemon.errors import InvalidParams, OpFailed
+from daemon.errors import InvalidParams, OpFailed, UnsafePath
 from daemon.ops.base import (
     Action,
     Change,
@@ -47,7 +47,6 @@ from daemon.ops.base import (
     read_colon_file,
 )
 from daemon.ops.params import Kind, Param, Params
-from daemon.ops.rootfs import UnsafePath
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -100,6 +99,10 @@ class CertsOp(Op):
             raise InvalidParams("params.renew_before_days", problem)
 
     def plan(self, target: Target, params: Params) -> Plan:
+        if params["trust"] and not target.has_program(UPDATE_CA):
+            raise OpFailed(
+                "update-ca-certificates is not on the target: install ca-certificates (op update) or trust false"
+            )
         names = hostnames(target, params)
         now = datetime.datetime.now(datetime.UTC)
         ca = read_pair(target, CA_KEY, CA_CERT)
@@ -258,10 +261,6 @@ def trust_problem(target: Target, params: Params) -> str | None:
     ca_pem = target.read_text(CA_CERT)
     if not params["trust"]:
         return f"holds {joined(present)}: to be removed" if present else None
-    if not target.has_program(UPDATE_CA):
-        raise OpFailed(
-            "update-ca-certificates is not on the target: install ca-certificates (op update) or trust false"
-        )
     if ca_pem is None:
         return "no CA yet"
     if target.read_text(trust_file(params["ca_name"])) != ca_pem:

@@ -34,7 +34,7 @@ from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
-from daemon.errors import OpFailed
+from daemon.errors import UnsafePath
 
 MAX_READ = 16 * 1024 * 1024  # no file an op reads is near this; a bigger one is refused, not loaded
 MAX_LINK_HOPS = 40  # as the kernel's own limit
@@ -46,16 +46,6 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 class Links(Enum):
     NONE = "none"  # any symlink on the way is refused
     SYSTEM = "system"  # root's own links in root's own directories are followed, inside the root
-
-
-class UnsafePath(OpFailed):
-    """A path an op would use leads through a link, or to something that is not a plain file."""
-
-    dbus_name = "org.rastos.Daemon1.Error.UnsafePath"
-
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}; refused, nothing read or written there")
-        self.path = path
 
 
 # Tests set a list here to learn every path an op touches (and plant links there).
@@ -80,7 +70,8 @@ def parts_of(absolute: str) -> list[str]:
 
 
 def _refuse_link(absolute: str, where: str) -> UnsafePath:
-    return UnsafePath(absolute, f"{where} is a symbolic link, which rastosd does not follow")
+    place = "is a symbolic link" if where == absolute else f"leads through a symbolic link, {where}"
+    return UnsafePath(absolute, f"{place}, which rastosd does not follow")
 
 
 class Root:
@@ -175,7 +166,7 @@ class Root:
             where = "/" + "/".join([*done, part])
             directory = self._lstat_parts(done, absolute) if done else os.lstat(self.root)
             if status.st_uid != 0 or directory.st_uid != 0 or directory.st_mode & 0o022:
-                raise _refuse_link(absolute, where + " (not root's own)")
+                raise UnsafePath(absolute, f"leads through {where}, a symbolic link root did not make")
             hops += 1
             if hops > MAX_LINK_HOPS:
                 raise UnsafePath(absolute, f"{where}: too many levels of links")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import ClassVar
 
-from daemon.errors import InvalidParams, OpFailed
+from daemon.errors import InvalidParams, OpFailed, UnsafePath
 from daemon.ops.base import (
     Action,
     CheckedWrite,
@@ -35,7 +35,7 @@ from daemon.ops.base import (
     read_colon_file,
 )
 from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
-from daemon.ops.rootfs import Links, UnsafePath
+from daemon.ops.rootfs import Links
 from daemon.ops.user import expired_accounts
 from rastos.errors import CommandError
 from rastos.process import run

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from daemon.errors import InvalidParams, OpFailed
+from daemon.errors import InvalidParams, OpFailed, UnsafePath
 from daemon.ops.base import Action, Change, Op, Output, Plan, Target, in_target, joined
 from daemon.ops.params import Kind, Param, Params
 from rastos.errors import CommandError
@@ -244,7 +244,8 @@ def with_network(target: Target, argv: Sequence[str]) -> list[str]:
         return wrapped
     extra = ["--chmod", "1777", "/tmp"]
     link = target.files.readlink("/etc/resolv.conf")
-    if link is not None:
+    status = target.files.lstat("/etc/resolv.conf")
+    if link is not None and status is not None and status.st_uid == 0:  # root's link: the distribution's
         inside = os.path.normpath(Path("/etc") / link)
         if inside.startswith("/run/") and Path("/etc/resolv.conf").exists():
             # Made first, or bwrap makes the directories 0700 and _apt cannot read the file.
@@ -435,5 +436,7 @@ def backend_for_params(target: Target) -> PackageBackend:
     """The backend for a check: a target without one is refused as a parameter problem of the op."""
     try:
         return backend_for(target)
+    except UnsafePath:
+        raise
     except OpFailed as error:
         raise InvalidParams("op", str(error)) from None
