@@ -60,12 +60,11 @@ def _note(absolute: str) -> None:
 
 def parts_of(absolute: str) -> list[str]:
     """The components of an absolute path in the target; `..`, `.` and empty ones are refused."""
-    path = PurePosixPath(absolute)
-    if not path.is_absolute():
+    if not absolute.startswith("/"):
         raise UnsafePath(absolute, "not an absolute path")
-    parts = list(path.parts[1:])
-    if any(part in ("..", ".") for part in parts) or "//" in absolute.lstrip("/"):
-        raise UnsafePath(absolute, "holds '.' or '..'")
+    parts = absolute.split("/")[1:] if absolute != "/" else []
+    if any(part in ("", ".", "..") for part in parts) or "\0" in absolute:
+        raise UnsafePath(absolute, "holds an empty, '.' or '..' component")
     return parts
 
 
