@@ -27,7 +27,7 @@ from daemon.ops import firewall, monitoring, rootfs
 from daemon.ops.base import Target, execute
 from rastos.errors import RastosError
 from tests.op_tree import op_root, op_tree_base  # noqa: F401  (fixtures)
-from tests.test_op_library import CASES, Case, apply
+from tests.test_op_library import CASES, KEY, Case, apply
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 
@@ -183,3 +183,18 @@ def test_a_link_in_place_of_any_path_an_op_touches_is_refused(op_root: Path, tmp
                 elif outcome == "refused" and component not in shown:
                     problems.append(f"{component}: the refusal does not name it: {shown[-300:]}")
         assert not problems, "\n".join(problems)
+
+
+def test_a_plan_shows_no_content_of_a_file_not_every_user_may_read(op_root: Path) -> None:  # noqa: F811
+    """Plans and job results are readable by every user: keys and sudo rules show by name only."""
+    target = Target(op_root)
+    admin = {"name": "admin", "authorized_keys": [KEY], "sudo": True}
+    assert apply(target, "user", admin) == []
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGv0KEtNPHS1x0Pu2sB9UpGdnnJcHBbt3/0IS0pYqDJb other@host"
+    step = step_from(target, "user", {**admin, "authorized_keys": [other], "sudo_nopasswd": True}, "")
+    shown = json.dumps(step.op.plan(target, step.params).as_json())
+    assert "/home/admin/.ssh/authorized_keys" in shown and "/etc/sudoers.d/rastos-admin" in shown
+    assert KEY.split()[1] not in shown and other.split()[1] not in shown and "ALL=" not in shown, shown
+    assert shown.count("content not shown: the file is not readable by every user") == 2
+    step = step_from(target, "motd", {"text": "welcome"}, "")
+    assert "+welcome" in json.dumps(step.op.plan(target, step.params).as_json()), "a readable file shows its diff"

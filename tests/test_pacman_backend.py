@@ -566,7 +566,14 @@ def test_ctrl_c_during_a_scriptlet_leaves_no_root_no_mount_and_no_process(tmp_pa
         str(target),
         str(tmp_path / "cache"),
     ]
-    build = subprocess.Popen(argv, cwd=CHECKOUT, env={**os.environ, "PYTHONPATH": str(CHECKOUT)})
+    # Started from a background job or nohup, this test inherits SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: the child gets Ctrl-C's default back, as from a terminal.
+    build = subprocess.Popen(
+        argv,
+        cwd=CHECKOUT,
+        env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not (target / "var/lib/slow-started").exists():
         assert build.poll() is None and time.monotonic() < deadline, "the scriptlet started"

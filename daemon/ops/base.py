@@ -117,11 +117,15 @@ class WriteFile(Action):
     old_content: str | None
     mode: int = 0o644
     owner: str = "root"  # a user name, resolved in the target's /etc/passwd when applied
+    old_mode: int | None = None  # the file's mode now, where it is there
 
     def describe(self) -> Change:
-        if self.old_content is None:
-            return Change(self.path, "create", _diff(self.path, "", self.content))
-        return Change(self.path, "modify", _diff(self.path, self.old_content, self.content))
+        action = "create" if self.old_content is None else "modify"
+        if not self.mode & 0o004 or (self.old_mode is not None and not self.old_mode & 0o004):
+            # Plans and job results are for every user to read: a file that not every user may read
+            # (sudoers, keys) shows in them by name only, neither its old content nor its new.
+            return Change(self.path, action, "content not shown: the file is not readable by every user")
+        return Change(self.path, action, _diff(self.path, self.old_content or "", self.content))
 
     def execute(self, target: Target, output: Output) -> None:
         uid, gid = lookup_user(target, self.owner)
@@ -209,6 +213,7 @@ class RunCommand(Action):
     subject: str
     argv: tuple[str, ...]
     touches: tuple[str, ...] = ()
+    makes_links: bool = False  # what it touches are links it makes (systemctl enable)
 
     def describe(self) -> Change:
         return Change(self.subject, "run", " ".join(self.argv))
@@ -351,7 +356,9 @@ def execute(plan: Plan, target: Target, output: Output, follow_ups: FollowUpLog 
         # Programs (useradd, update-ca-certificates, systemctl) open what they change by path and
         # follow links: no link may be on the way to, or in place of, any file an action changes.
         for path in action.paths:
-            target.exists(path)
+            kind = target.files.kind(path)  # a link on the way is refused here
+            if kind == "link" and not (isinstance(action, RunCommand) and action.makes_links):
+                raise UnsafePath(path, "is a symbolic link, which rastosd does not follow")
         action.execute(target, output)
     if follow_ups is not None and owed:
         follow_ups.before_follow_ups()
@@ -412,10 +419,11 @@ def read_colon_file(target: Target, absolute: str) -> list[list[str]]:
 def file_action(target: Target, path: str, content: str, *, mode: int = 0o644, owner: str = "root") -> list[Action]:
     """A write only when the file differs in content or mode: the building block of idempotent ops."""
     old = target.read_text(path)
-    status = target.files.lstat(path) if old == content else None
-    if status is not None and (status.st_mode & 0o7777) == mode:
+    status = target.files.lstat(path) if old is not None else None
+    old_mode = status.st_mode & 0o7777 if status is not None else None
+    if old == content and old_mode == mode:
         return []
-    return [WriteFile(path, content, old, mode, owner)]
+    return [WriteFile(path, content, old, mode, owner, old_mode)]
 
 
 def in_target(target: Target, argv: Sequence[str], run_dirs: Sequence[str] = ()) -> list[str]:

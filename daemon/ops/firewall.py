@@ -84,7 +84,7 @@ class FirewallOp(Op):
             actions.append(CheckedRuleset(RULESET, content, old))
         if target.files.kind(ENABLED_LINK) != "link":  # systemctl's own link: looked at, not followed
             argv = ("systemctl", "--root={root}", "enable", "nftables.service")
-            actions.append(RunCommand("unit nftables.service", argv, (ENABLED_LINK,)))
+            actions.append(RunCommand("unit nftables.service", argv, (ENABLED_LINK,), makes_links=True))
         if target.live and (actions or loaded_ruleset(target) != expected_table(target, content)):
             actions.append(LoadRuleset(RULESET))
         return Plan(self.name, tuple(actions))

@@ -93,7 +93,11 @@ class MonitoringOp(Op):
         if not target.is_dir(params["textfile_directory"]):
             actions.append(MakeDirectory(params["textfile_directory"]))
         if target.files.kind(ENABLED_LINK) != "link":  # systemctl's own link: looked at, not followed
-            actions.append(RunCommand(f"unit {UNIT}", ("systemctl", "--root={root}", "enable", UNIT), (ENABLED_LINK,)))
+            actions.append(
+                RunCommand(
+                    f"unit {UNIT}", ("systemctl", "--root={root}", "enable", UNIT), (ENABLED_LINK,), makes_links=True
+                )
+            )
         if actions or (target.live and not answers(params["listen_address"], wait=0)):
             actions.append(FollowUp("restart", UNIT))
         return Plan(self.name, tuple(actions))
