@@ -11,7 +11,6 @@ from pathlib import Path
 from imagebuilder.profile import Profile
 
 # The project checkout the builder runs from: the daemon, units and guest files come from here.
-CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

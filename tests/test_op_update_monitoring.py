@@ -25,9 +25,10 @@ from daemon.ops import get_op, monitoring
 from daemon.ops.base import Plan, Target, execute, in_target
 from daemon.ops.monitoring import BINARY, DEFAULTS, ENABLED_LINK, InstallPackages
 from daemon.ops.motd import DYNAMIC, SCRIPT
+from daemon.ops.packages import APT_ENV, AptBackend, Transition, parse_simulation, with_network
 from daemon.ops.params import validate
 from daemon.ops.shadow import shadow
-from daemon.ops.update import APT_ENV, AptBackend, PackageStep, RefreshLists, Transition, parse_simulation, with_network
+from daemon.ops.update import PackageStep, RefreshLists
 from rastos.process import run
 from tests.daemon_fixtures import CHECKOUT, Rastosd
 from tests.netns import Pair, namespace_pair

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 
 from daemon.errors import OpFailed
 from daemon.ops.base import Target
+from daemon.ops.packages import PackageBackend, Transition, UnknownPackages
 from daemon.ops.rootfs import Links
-from daemon.ops.update import PackageBackend, Transition, UnknownPackages
 from rastos.alpm import Alpm, AlpmError, PackageChange, UnknownTargets
 from rastos.errors import RastosError
 from rastos.pacman_conf import read_pacman_conf

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from imagebuilder.context import CHECKOUT
+from imagebuilder.checkout import CHECKOUT
 from rastos.errors import RastosError
 
 KERNEL_PROFILE_DIR = CHECKOUT / "profiles" / "kernel"

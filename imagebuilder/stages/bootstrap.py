@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import in_private_mount_namespace
-from imagebuilder.context import CHECKOUT, BuildContext, KernelInfo
+from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.profile.model import InitramfsModules, Profile
 from rastos.errors import CommandError, RastosError
 from rastos.process import run

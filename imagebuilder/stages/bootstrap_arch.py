@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import chroot_run
-from imagebuilder.context import CHECKOUT, BuildContext, KernelInfo
+from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.files import write_file
 from imagebuilder.profile.model import InitramfsModules, Profile
 from imagebuilder.stages.bootstrap import cached_root

@@ -13,8 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import in_private_mount_namespace
-from imagebuilder.context import CHECKOUT, BuildContext
+from imagebuilder.context import BuildContext
 from imagebuilder.profile.model import MiB, Profile, format_size
 from rastos.errors import RastosError
 from rastos.process import run

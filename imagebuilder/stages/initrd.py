@@ -19,8 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import chroot_run
-from imagebuilder.context import CHECKOUT, BuildContext
+from imagebuilder.context import BuildContext
 from imagebuilder.profile.model import InitramfsModules
 from rastos.errors import RastosError
 from rastos.process import run

@@ -14,8 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
+from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import chroot_run
-from imagebuilder.context import CHECKOUT, BuildContext
+from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
 from rastos import __version__
 
