@@ -66,7 +66,7 @@ from daemon.hub_link import HubLink, load_settings
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
-from daemon.ops.params import json_schema
+from daemon.ops.params import INT_MAX, json_schema
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from rastos import __version__
@@ -183,6 +183,8 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def get_event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
         if not 1 <= limit <= MAX_EVENTS:
             raise InvalidParams("limit", f"must be between 1 and {MAX_EVENTS}, got {limit}")
+        if since > INT_MAX:  # event ids are SQLite's 64-bit integers: none is above this
+            raise InvalidParams("since", f"must be at most {INT_MAX}, got {since}")
         events = self._daemon.store.events(since, limit)
         return [(e.id, e.time, e.uid, e.method, e.job_id or 0, json.dumps(e.detail)) for e in events]
 

@@ -1,0 +1,191 @@
+"""Hostile input against the real rastosd on a private bus: every bad argument gets a named answer at
+once, the daemon stays up and small, and a refused call changes nothing.
+
+The regression tests replay what a tester found; the property tests (hypothesis, derandomized and
+bounded) call every D-Bus method with arguments of the right and the wrong signature, and every op
+with params made from its own schema and then spoiled (wrong types, lone surrogates, deep nesting,
+huge integers, oversize strings and lists, unknown keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
+
+import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
+from daemon.ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, STRING_LENGTH
+from tests.daemon_fixtures import (
+    BUS_NAME,
+    MANAGER,
+    PLAIN_USER,
+    ROOT_PATH,
+    SNAPSHOTS,
+    STRICT_POLICY,
+    Rastosd,
+    ensure_test_users,
+    private_bus,
+    require_root,
+    scratch_root,
+)
+
+pytestmark = pytest.mark.root
+INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+INTERNAL = "org.rastos.Daemon1.Error.Internal"
+REPLY_TIMEOUT_USEC = 5_000_000  # sd-bus waits 25 s by default: a missing answer must fail fast
+
+
+@dataclass(frozen=True)
+class Answer:
+    error: str | None  # the D-Bus error name, None for a reply
+    text: str
+    data: tuple[Any, ...]
+
+
+class Client:
+    """Raw method calls with any signature, on a connection of this (root) process."""
+
+    def __init__(self, bus: SdBus) -> None:
+        self.bus = bus
+        self.bus.method_call_timeout_usec = REPLY_TIMEOUT_USEC
+
+    def call(self, interface: str, method: str, signature: str = "", *args: Any, path: str = ROOT_PATH) -> Answer:
+        message = self.bus.new_method_call_message(BUS_NAME, path, interface, method)
+        if signature:
+            message.append_data(signature, *args)
+        try:
+            reply = self.bus.call(message)
+        except SdBusBaseError as error:
+            name = getattr(error, "dbus_error_name", None) or str(error.args[0])
+            return Answer(name, str(error.args[-1]) if error.args else "", ())
+        contents = reply.get_contents()
+        return Answer(None, "", contents if isinstance(contents, tuple) else (contents,))
+
+
+@dataclass
+class Hostile:
+    daemon: Rastosd
+    client: Client
+
+    def disk(self) -> tuple[list[str], list[str], int, int]:
+        """What a refused call must leave as it was: snapshots, boot entries, jobs, events."""
+        snapshots = sorted(p.name for p in self.daemon.scratch.snapshots.iterdir())
+        entries = sorted(p.name for p in (self.daemon.scratch.esp / "loader" / "entries").iterdir())
+        jobs = len(self.client.call(MANAGER, "ListJobs").data[0])
+        events = len(self.client.call(MANAGER, "GetEventLog", "tu", 0, 10000).data[0])
+        return snapshots, entries, jobs, events
+
+    def refused(self, interface: str, method: str, signature: str, *args: Any) -> Answer:
+        """The call is refused as invalid, at once and without a trace on disk; the daemon lives on."""
+        before = self.disk()
+        started = time.monotonic()
+        answer = self.client.call(interface, method, signature, *args)
+        elapsed = time.monotonic() - started
+        assert answer.error == INVALID_ARGS, f"{method}: {answer}"
+        assert elapsed < REPLY_TIMEOUT_USEC / 1e6, f"{method} took {elapsed:.1f}s"
+        answer.text.encode()  # always UTF-8
+        assert self.disk() == before, f"{method} refused, yet something changed"
+        assert self.daemon.process is not None and self.daemon.process.poll() is None, "rastosd died"
+        return answer
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    """One daemon for the module: the cases below are many and each leaves nothing behind."""
+    require_root()
+    directory = tmp_path_factory.mktemp("hostile")
+    with private_bus(STRICT_POLICY) as bus, scratch_root(directory) as scratch:
+        daemon = Rastosd(bus, scratch, directory / "state")
+        daemon.start()
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+        try:
+            yield Hostile(daemon, Client(sd_bus_open_system()))
+        finally:
+            del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
+            assert daemon.stop() == 0, daemon.log_text()
+        assert "Traceback" not in daemon.log_text(), "no bad input reaches the daemon as a bug"
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# What a tester sent, and the start of the answer each must get now.
+REGRESSIONS = [
+    ("lone surrogate in a key", MANAGER, "Plan", "ss", ("motd", '{"\\ud800": 1}'),
+     "params.\\ud800: the key holds a lone surrogate (\\ud800)"),
+    ("lone surrogate in a value", MANAGER, "Apply", "sst", ("motd", '{"text": "\\udc80x"}', 0),
+     "params.text: the string holds a lone surrogate (\\udc80) at character 0"),
+    ("surrogate in a pipeline step", MANAGER, "RunPipeline", "st",
+     ('[{"op": "motd", "params": {"text": "\\ud800"}}]', 0),
+     "steps[0].params.text: the string holds a lone surrogate"),
+    ("an integer of 5,001 digits", MANAGER, "Plan", "ss", ("user", '{"name": "x", "uid": ' + "9" * 5001 + "}"),
+     "params.uid: is an integer of 5001 digits"),
+    ("a 20-digit integer", MANAGER, "Plan", "ss", ("user", '{"name": "x", "uid": 99999999999999999999}'),
+     "params.uid: 99999999999999999999 does not fit in 64 bits"),
+    ("NaN", MANAGER, "Plan", "ss", ("user", '{"name": "x", "uid": NaN}'), "params.uid: NaN is not a JSON value"),
+    ("nested 1,000 deep in Plan", MANAGER, "Plan", "ss", ("motd", f'{{"text": {nested(1000)}}}'),
+     f"params: nests lists and objects deeper than {MAX_DEPTH} levels"),
+    ("nested 100,000 deep in Plan", MANAGER, "Plan", "ss", ("motd", nested(100_000)),
+     f"params: nests lists and objects deeper than {MAX_DEPTH} levels"),
+    ("nested 1,000 deep in RunPipeline", MANAGER, "RunPipeline", "st", (nested(1000), 0),
+     f"steps: nests lists and objects deeper than {MAX_DEPTH} levels"),
+    ("nested 100,000 deep in RunPipeline", MANAGER, "RunPipeline", "st", (nested(100_000), 0),
+     f"steps: nests lists and objects deeper than {MAX_DEPTH} levels"),
+    ("nested just too deep", MANAGER, "Plan", "ss", ("motd", nested(MAX_DEPTH + 1)),
+     "params" + "[0]" * MAX_DEPTH + f": nests lists and objects deeper than {MAX_DEPTH} levels"),
+    ("since beyond 64-bit signed", MANAGER, "GetEventLog", "tu", (2**64 - 1, 10),
+     f"since: must be at most {2**63 - 1}, got {2**64 - 1}"),
+    ("a request over the size cap", MANAGER, "Plan", "ss", ("motd", " " * (MAX_JSON_LENGTH + 1)),
+     f"params: is {MAX_JSON_LENGTH + 1} characters long; at most {MAX_JSON_LENGTH} are accepted"),
+    ("a list over the item cap", MANAGER, "Plan", "ss", ("zsh", json.dumps({"users": ["a"] * (MAX_ITEMS + 1)})),
+     f"params.users: holds {MAX_ITEMS + 1} items"),
+    ("a string over its param's default cap", MANAGER, "Plan", "ss", ("user", json.dumps({"name": "a" * 5000})),
+     f"params.name: must be at most {STRING_LENGTH} characters, got 5000"),
+    ("a 1 MB authorized key", MANAGER, "Apply", "sst",
+     ("user", json.dumps({"name": "alice", "authorized_keys": ["ssh-ed25519 " + "A" * 1_000_000]}), 0),
+     "params.authorized_keys[0]: the string must be at most 65536 characters, got 1000012"),
+    ("a 20 KB authorized key", MANAGER, "Apply", "sst",
+     ("user", json.dumps({"name": "alice", "authorized_keys": ["ssh-ed25519 " + "A" * 20_000]}), 0),
+     "params.authorized_keys[0]: must be at most 16384 characters, got 20012"),
+    ("an unknown key of 100 KB", MANAGER, "Plan", "ss", ("motd", json.dumps({"k" * 100_000: 1})),
+     "params.kkkkkkkk"),
+    ("a snapshot description over 200 characters", SNAPSHOTS, "Create", "s", ("d" * 201,),
+     "description: must be 1 to 200 characters, got 201"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("interface", "method", "signature", "args", "message"),
+    [case[1:] for case in REGRESSIONS],
+    ids=[case[0] for case in REGRESSIONS],
+)
+def test_bad_arguments_are_refused_at_once_naming_the_field(
+    hostile: Hostile, interface: str, method: str, signature: str, args: tuple[Any, ...], message: str
+) -> None:
+    answer = hostile.refused(interface, method, signature, *args)
+    assert answer.text.startswith(message), answer.text
+    assert len(answer.text) < 1000, "an error never echoes a caller's megabyte back"
+
+
+def test_a_refused_unprivileged_caller_gets_its_answer_too(hostile: Hostile) -> None:
+    """Plan is open to every user: a lone surrogate from one gets the same answer as from root."""
+    ensure_test_users()
+    result = hostile.daemon.gdbus(MANAGER, "Plan", "motd", "'{\"\\\\ud800\": 1}'", user=PLAIN_USER)
+    assert f"GDBus.Error:{INVALID_ARGS}: params.\\ud800: the key holds a lone surrogate" in result.stderr, result
+
+
+def test_a_long_pipeline_names_its_snapshots_in_short(hostile: Hostile) -> None:
+    steps = [{"op": "motd", "params": {"text": f"step {n}"}} for n in range(250)]
+    path = hostile.client.call(MANAGER, "RunPipeline", "st", json.dumps(steps), 0).data[0]
+    assert hostile.daemon.wait_job(path) == "done"
+    described = [row[2] for row in hostile.client.call(SNAPSHOTS, "List").data[0]]
+    assert described[-2].startswith("before job ") and described[-1].startswith("after job ")
+    assert all(len(text) <= 200 for text in described), described
+    assert described[-1].endswith("&& ... (250 steps) (done)"), described[-1]
