@@ -77,6 +77,7 @@ log = logging.getLogger("rastosd")
 
 KEEP_FINISHED_JOB_OBJECTS = 32  # finished jobs stay on the bus this long so late clients read Result
 MAX_EVENTS = 10000
+MAX_LISTED_JOBS = 100
 STOP_TIMEOUT = 100.0  # a running step may finish; below the unit's TimeoutStopSec=120s
 
 
@@ -160,8 +161,8 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def list_jobs(self) -> list[tuple[int, str, str, float, str]]:
         exported = self._daemon.job_objects
         return [
-            (row.id, row.kind, row.state, row.created, job_path(row.id) if row.id in exported else "/")
-            for row in self._daemon.store.jobs()
+            (job_id, kind, state, created, job_path(job_id) if job_id in exported else "/")
+            for job_id, kind, state, created in self._daemon.store.job_list(MAX_LISTED_JOBS)
         ]
 
     @dbus_method_async_override()
@@ -185,8 +186,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
             raise InvalidParams("limit", f"must be between 1 and {MAX_EVENTS}, got {limit}")
         if since > INT_MAX:  # event ids are SQLite's 64-bit integers: none is above this
             raise InvalidParams("since", f"must be at most {INT_MAX}, got {since}")
-        events = self._daemon.store.events(since, limit)
-        return [(e.id, e.time, e.uid, e.method, e.job_id or 0, json.dumps(e.detail)) for e in events]
+        return self._daemon.store.event_log(since, limit)
 
     @dbus_method_async_override()
     @guarded
