@@ -49,8 +49,6 @@ from daemon.bus.interfaces import (
     SnapshotsInterface,
     job_path,
 )
-from daemon.compliance import scan
-from daemon.compliance.report import to_json
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BootConfigError,
@@ -203,6 +201,9 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
             raise NotPermitted(
                 f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
             ) from None
+        from daemon.compliance import scan  # 65 checks, imported when first asked for, not at every start
+        from daemon.compliance.report import to_json
+
         report = await asyncio.to_thread(scan, self._daemon.target)  # sshd -T, many files: off the loop
         return json.dumps(to_json(report))
 
