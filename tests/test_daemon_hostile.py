@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ import daemon.bus.errors  # noqa: F401  (registers our error names, so errors ar
 from daemon.ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, STRING_LENGTH
 from tests.daemon_fixtures import (
     BUS_NAME,
+    CHECKOUT,
     MANAGER,
     PLAIN_USER,
     ROOT_PATH,
@@ -189,3 +193,73 @@ def test_a_long_pipeline_names_its_snapshots_in_short(hostile: Hostile) -> None:
     assert described[-2].startswith("before job ") and described[-1].startswith("after job ")
     assert all(len(text) <= 200 for text in described), described
     assert described[-1].endswith("&& ... (250 steps) (done)"), described[-1]
+
+
+IDS = "from 1 to 4294967295"
+BAD_NUMBERS = [
+    (("log", "--since", "-1"), "argument --since: must be from 0 to 9223372036854775807, got -1"),
+    (("log", "--limit", "99999999999"), "argument --limit: must be from 1 to 10000, got 99999999999"),
+    (("log", "--limit", "ten"), "argument --limit: must be a whole number, got 'ten'"),
+    (("job", "4294967296"), f"argument id: must be a job id {IDS}, got 4294967296"),
+    (("job", "seven"), "argument id: must be a job id, got 'seven'"),
+    (("snapshot", "delete", "-1"), f"argument id: must be a snapshot id {IDS}, got -1"),
+    (("confirm", "-5"), f"argument id: must be a job id {IDS}, got -5"),
+    (("snapshot", "rollback", "0"), f"argument id: must be a snapshot id {IDS}, got 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_NUMBERS, ids=[" ".join(case[0]) for case in BAD_NUMBERS])
+def test_rastosctl_refuses_a_bad_number_in_one_line(hostile: Hostile, args: tuple[str, ...], message: str) -> None:
+    result = hostile.daemon.ctl(*args)
+    assert result.returncode == 2, result
+    command = "rastosctl " + " ".join(arg for arg in args if arg.isalpha() and arg not in ("ten", "seven"))
+    assert result.stderr.splitlines() == [f"{command}: {message} (see {command} --help)"], result.stderr
+
+
+def test_rastosctl_takes_json_before_or_after_the_command(hostile: Hostile) -> None:
+    for args in (("--json", "status"), ("status", "--json"), ("snapshot", "list", "--json"), ("log", "--json")):
+        result = hostile.daemon.ctl(*args)
+        assert result.returncode == 0, result
+        json.loads(result.stdout)
+    assert not hostile.daemon.ctl("status").stdout.startswith("{"), "tables without --json"
+
+
+def test_rastosctl_says_when_rastosd_cannot_be_reached(hostile: Hostile, tmp_path: Path) -> None:
+    nowhere = f"unix:path={tmp_path}/no-bus-here"
+    for env, args, bus in (
+        ({"DBUS_SYSTEM_BUS_ADDRESS": nowhere}, (), "the system bus"),
+        ({}, ("--bus-address", nowhere), f"the bus at {nowhere}"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())", *args, "jobs"],
+            capture_output=True, text=True, check=False, timeout=60, cwd=CHECKOUT, env={**os.environ, **env},
+        )  # fmt: skip
+        assert result.returncode == 1, result
+        assert result.stderr == (
+            f"rastosctl: rastosd is not reachable on {bus}: is rastosd.service running? "
+            "(cannot connect to the bus: No such file or directory)\n"
+        )
+    with private_bus(STRICT_POLICY) as empty:  # a bus without the daemon on it
+        result = Rastosd(empty, hostile.daemon.scratch, hostile.daemon.state_dir).ctl("jobs")
+        assert result.returncode == 1, result
+        assert result.stderr == (
+            f"rastosctl: rastosd is not reachable on the bus at {empty.address}: is rastosd.service running? "
+            "(no one owns org.rastos.Daemon1 on that bus)\n"
+        )
+
+
+def test_rastosctl_as_an_unprivileged_user_reads_and_is_told_what_needs_root(hostile: Hostile) -> None:
+    ensure_test_users()
+    assert hostile.daemon.ctl("jobs", "--json", user=PLAIN_USER).returncode == 0
+    refusals = {
+        ("apply", "motd", "text=x"): "Apply changes the host",
+        ("snapshot", "create", "mine"): "Create changes the host",
+        ("confirm", "1"): "Confirm changes the host",
+        ("compliance", "scan"): "ComplianceScan reads /etc/shadow and users' keys",
+    }
+    for args, start in refusals.items():
+        result = hostile.daemon.ctl(*args, user=PLAIN_USER)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith(f"rastosctl: org.freedesktop.DBus.Error.AccessDenied: {start}"), result
+        assert "only root or members of group 'rastos' may call it" in result.stderr, result
+        assert "Rejected send message" not in result.stderr and len(result.stderr.splitlines()) == 1, result
