@@ -14,19 +14,25 @@ import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
-from daemon.ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, STRING_LENGTH
+from bench.bench_daemon import rss_mb
+from daemon.ops import OPS
+from daemon.ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, MAX_STRING_LENGTH, STRING_LENGTH, Kind, Param
 from tests.daemon_fixtures import (
     BUS_NAME,
     CHECKOUT,
+    JOB,
     MANAGER,
     PLAIN_USER,
     ROOT_PATH,
@@ -42,6 +48,9 @@ from tests.daemon_fixtures import (
 pytestmark = pytest.mark.root
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 INTERNAL = "org.rastos.Daemon1.Error.Internal"
+TIMEOUT = "org.freedesktop.DBus.Error.Timeout"
+NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
+MAX_RSS_GROWTH_MB = 48  # transient parses of megabyte requests; Python keeps some of its arenas
 REPLY_TIMEOUT_USEC = 5_000_000  # sd-bus waits 25 s by default: a missing answer must fail fast
 
 
@@ -76,6 +85,10 @@ class Client:
 class Hostile:
     daemon: Rastosd
     client: Client
+    rss_at_start: float
+
+    def alive(self) -> None:
+        assert self.daemon.process is not None and self.daemon.process.poll() is None, "rastosd died"
 
     def disk(self) -> tuple[list[str], list[str], int, int]:
         """What a refused call must leave as it was: snapshots, boot entries, jobs, events."""
@@ -95,7 +108,7 @@ class Hostile:
         assert elapsed < REPLY_TIMEOUT_USEC / 1e6, f"{method} took {elapsed:.1f}s"
         answer.text.encode()  # always UTF-8
         assert self.disk() == before, f"{method} refused, yet something changed"
-        assert self.daemon.process is not None and self.daemon.process.poll() is None, "rastosd died"
+        self.alive()
         return answer
 
 
@@ -109,7 +122,8 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         daemon.start()
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
         try:
-            yield Hostile(daemon, Client(sd_bus_open_system()))
+            assert daemon.process is not None
+            yield Hostile(daemon, Client(sd_bus_open_system()), rss_mb(daemon.process.pid))
         finally:
             del os.environ["DBUS_SYSTEM_BUS_ADDRESS"]
             assert daemon.stop() == 0, daemon.log_text()
@@ -129,6 +143,9 @@ REGRESSIONS = [
     ("surrogate in a pipeline step", MANAGER, "RunPipeline", "st",
      ('[{"op": "motd", "params": {"text": "\\ud800"}}]', 0),
      "steps[0].params.text: the string holds a lone surrogate"),
+    ("NUL in a key", MANAGER, "Plan", "ss", ("motd", '{"a\\u0000b": 1}'), "params.a\\x00b: unknown parameter"),
+    ("NUL and a surrogate in a key", MANAGER, "Plan", "ss", ("motd", '{"\\u0000\\udfff": 1}'),
+     "params.\\x00\\udfff: the key holds a lone surrogate"),
     ("an integer of 5,001 digits", MANAGER, "Plan", "ss", ("user", '{"name": "x", "uid": ' + "9" * 5001 + "}"),
      "params.uid: is an integer of 5001 digits"),
     ("a 20-digit integer", MANAGER, "Plan", "ss", ("user", '{"name": "x", "uid": 99999999999999999999}'),
@@ -263,3 +280,172 @@ def test_rastosctl_as_an_unprivileged_user_reads_and_is_told_what_needs_root(hos
         assert result.stderr.startswith(f"rastosctl: org.freedesktop.DBus.Error.AccessDenied: {start}"), result
         assert "only root or members of group 'rastos' may call it" in result.stderr, result
         assert "Rejected send message" not in result.stderr and len(result.stderr.splitlines()) == 1, result
+
+
+# Property tests: bounded and derandomized, so CI runs the same cases every time, in seconds.
+# No shrinking: a case that hangs costs the reply timeout each time it is tried again.
+PROPERTY = settings(
+    derandomize=True, deadline=None, max_examples=50, database=None, phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)  # fmt: skip
+CONTRACT = ET.parse(CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml").getroot()
+METHODS = [
+    (interface.get("name", ""), method.get("name", ""),
+     "".join(arg.get("type", "") for arg in method.findall("arg") if arg.get("direction") == "in"))
+    for interface in CONTRACT.findall("interface") if interface.get("name") != JOB
+    for method in interface.findall("method")
+]  # fmt: skip
+# Ids that exist are never drawn where a call with one would reach the host's boot loader (BootOnce
+# runs bootctl) or make a deployment: these calls must find no such snapshot.
+NO_SUCH_SNAPSHOT = st.integers(10**6, 2**32 - 1)
+DBUS_STRING = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=300)
+DBUS_TYPES: dict[str, st.SearchStrategy[Any]] = {
+    "s": DBUS_STRING | st.sampled_from(["", "{}", "[]", "motd", '{"text": 1}', "null", "[{}]"]),
+    "u": st.integers(0, 2**32 - 1),
+    "t": st.integers(0, 2**64 - 1),
+}
+OTHER_SIGNATURES: dict[str, tuple[Any, ...]] = {
+    "": (), "s": ("x",), "u": (7,), "t": (7,), "i": (-1,), "b": (True,), "ss": ("a", "b"), "sst": ("a", "b", 0),
+    "as": (["a"],), "a{sv}": ({"k": ("s", "v")},), "tu": (0, 1), "st": ("[]", 0),
+}  # fmt: skip
+
+
+def arguments(method: str, signature: str) -> st.SearchStrategy[tuple[Any, ...]]:
+    if method in ("Delete", "Rollback", "BootOnce"):
+        return st.tuples(NO_SUCH_SNAPSHOT)
+    return st.tuples(*(DBUS_TYPES[kind] for kind in signature))
+
+
+@pytest.mark.parametrize(("interface", "method", "signature"), METHODS, ids=[m[1] for m in METHODS])
+def test_every_method_answers_any_arguments_of_its_signature(
+    hostile: Hostile, interface: str, method: str, signature: str
+) -> None:
+    @PROPERTY
+    @given(args=arguments(method, signature))
+    def check(args: tuple[Any, ...]) -> None:
+        before = hostile.disk()
+        answer = hostile.client.call(interface, method, signature, *args)
+        assert answer.error not in (INTERNAL, TIMEOUT, NO_REPLY), f"{method}{args!r}: {answer}"
+        answer.text.encode()
+        if answer.error is not None:
+            assert hostile.disk() == before, f"{method}{args!r} was refused ({answer}), yet something changed"
+        hostile.alive()
+
+    check()
+
+
+@pytest.mark.parametrize(("interface", "method", "signature"), METHODS, ids=[m[1] for m in METHODS])
+def test_every_method_refuses_a_wrong_signature(hostile: Hostile, interface: str, method: str, signature: str) -> None:
+    for other, args in OTHER_SIGNATURES.items():
+        if other != signature:
+            answer = hostile.refused(interface, method, other, *args)
+            assert "Invalid arguments" in answer.text, answer
+
+
+def string_of(param: Param, pattern: str | None) -> st.SearchStrategy[str]:
+    if param.choices:
+        return st.sampled_from(param.choices)
+    if pattern:
+        return st.from_regex(pattern, fullmatch=True).filter(lambda text: len(text) <= param.string_length)
+    return st.text(max_size=40)
+
+
+def value_of(param: Param) -> st.SearchStrategy[Any]:
+    """A value the param's declaration allows; its `check`, or the facts, may still refuse it."""
+    if param.kind is Kind.STRING:
+        return string_of(param, param.pattern)
+    if param.kind is Kind.INTEGER:
+        low = param.minimum if param.minimum is not None else -(2**63)
+        return st.integers(low, param.maximum if param.maximum is not None else 2**63 - 1)
+    if param.kind is Kind.BOOLEAN:
+        return st.booleans()
+    if param.kind is Kind.STRING_LIST:
+        return st.lists(string_of(param, param.pattern), max_size=3)
+    return st.dictionaries(string_of(param, param.key_pattern), string_of(param, param.pattern), max_size=3)
+
+
+def params_of(op: str) -> st.SearchStrategy[dict[str, Any]]:
+    schema = OPS[op].schema
+    return st.fixed_dictionaries(
+        {param.name: value_of(param) for param in schema if param.required},
+        optional={param.name: value_of(param) for param in schema if not param.required},
+    )
+
+
+NESTED = "@@nested@@"
+HUGE_INTEGER = "@@huge@@"
+NOT_A_NUMBER = "@@nan@@"
+
+
+@st.composite
+def spoiled(draw: st.DrawFn, op: str) -> str:
+    """Params made from the op's schema, then spoiled so that no schema could accept them: the JSON
+    text to send."""
+    params = draw(params_of(op))
+    schema = {param.name: param for param in OPS[op].schema}
+    name = draw(st.sampled_from(sorted(schema)))
+    param = schema[name]
+    how = draw(st.sampled_from(
+        ["type", "surrogate", "surrogate key", "nested", "huge", "nan", "long string", "long list", "unknown"]
+    ))  # fmt: skip
+    if how == "type":
+        wrong = {Kind.STRING: 7, Kind.INTEGER: "7", Kind.BOOLEAN: 1, Kind.STRING_LIST: {}, Kind.STRING_MAP: []}
+        params[name] = draw(st.sampled_from([wrong[param.kind], None, 1.5, [[]]]))
+    elif how == "surrogate":
+        lone = draw(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+        text = draw(st.text(max_size=8))
+        params[name] = [text + lone] if param.kind is Kind.STRING_LIST else text + lone
+    elif how == "surrogate key":
+        params[draw(st.text(max_size=4)) + draw(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))] = 1
+    elif how in ("nested", "huge", "nan"):
+        params[name] = {"nested": NESTED, "huge": HUGE_INTEGER, "nan": NOT_A_NUMBER}[how]
+    elif how == "long string":
+        limit = MAX_STRING_LENGTH if param.kind in (Kind.INTEGER, Kind.BOOLEAN) else param.string_length
+        long = "x" * (limit + 1)
+        params[name] = {Kind.STRING_LIST: [long], Kind.STRING_MAP: {"k": long}}.get(param.kind, long)
+    elif how == "long list":
+        params[name] = ["x"] * (max(param.items, MAX_ITEMS) + 1)
+    else:
+        params[draw(st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(lambda key: key not in schema))] = 1
+    text = json.dumps(params)
+    depth = draw(st.sampled_from([MAX_DEPTH, 1000, 100_000]))
+    text = text.replace(json.dumps(NESTED), nested(depth))
+    text = text.replace(json.dumps(HUGE_INTEGER), "9" * draw(st.integers(20, 6000)))
+    return text.replace(json.dumps(NOT_A_NUMBER), draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_spoiled_params_are_refused_by_plan_apply_and_pipeline(hostile: Hostile, op: str) -> None:
+    @PROPERTY
+    @given(text=spoiled(op))
+    def check(text: str) -> None:
+        hostile.refused(MANAGER, "Plan", "ss", op, text)
+        hostile.refused(MANAGER, "Apply", "sst", op, text, 0)
+        pipeline = f'[{{"op": "motd", "params": {{"text": "first"}}}}, {{"op": "{op}", "params": {text}}}]'
+        hostile.refused(MANAGER, "RunPipeline", "st", pipeline, 0)
+
+    check()
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_plan_answers_any_params_the_schema_allows(hostile: Hostile, op: str) -> None:
+    """A plan, or a named refusal (a check, the facts of this scratch root): never Internal."""
+
+    @settings(PROPERTY, max_examples=10)
+    @given(params=params_of(op))
+    def check(params: dict[str, Any]) -> None:
+        before = hostile.disk()
+        answer = hostile.client.call(MANAGER, "Plan", "ss", op, json.dumps(params))
+        assert answer.error not in (INTERNAL, TIMEOUT, NO_REPLY), f"{op} {params}: {answer}"
+        assert hostile.disk() == before, "a plan changes nothing"
+        hostile.alive()
+
+    check()
+
+
+def test_memory_stays_bounded_after_all_of_it(hostile: Hostile) -> None:
+    """Last in this module: whatever came before, the daemon holds no more than a little more."""
+    assert hostile.daemon.process is not None
+    grown = rss_mb(hostile.daemon.process.pid) - hostile.rss_at_start
+    print(f"rastosd: {hostile.rss_at_start:.1f} MB at start, grown by {grown:.1f} MB")
+    assert grown < MAX_RSS_GROWTH_MB, f"rastosd grew by {grown:.1f} MB"

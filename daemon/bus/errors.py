@@ -45,9 +45,12 @@ def to_bus_error(error: DaemonError) -> DbusFailedError:
 
 
 def encodable(text: str) -> str:
-    """The text with anything UTF-8 cannot hold (a lone surrogate) escaped: sd-bus sends no reply at
-    all for an error whose text it cannot encode, and the caller would wait out its timeout."""
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
+    """The text with what a D-Bus string cannot hold escaped: a lone surrogate (not UTF-8) and NUL
+    (sd-bus takes C strings). sd-bus sends no reply at all for an error whose text it cannot make,
+    and the caller would wait out its timeout."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text.replace("\0", "\\x00")
 
 
 def guarded(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:

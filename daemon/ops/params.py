@@ -33,6 +33,7 @@ MAX_KEY_LENGTH = 256  # characters of an object's key
 STRING_LENGTH = 4096  # a string param's limit unless it declares its own max_length
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1  # integers must fit in 64 bits
 SHOWN = 64  # characters of a caller's value echoed in an error message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Kind(StrEnum):
@@ -176,11 +177,14 @@ def shown_key(key: str) -> str:
 
 
 def shown(value: str, quote: bool = True) -> str:
-    """A caller's string as an error message may echo it: escaped where it is not encodable, and cut
-    short, so a message is always sent and never carries a megabyte back."""
+    """A caller's string as an error message may echo it: control characters (NUL above all: sd-bus
+    cannot send it) and what UTF-8 cannot hold escaped, cut short, so a message is always sent and
+    never carries a megabyte back."""
     text = value[:SHOWN].encode("utf-8", "backslashreplace").decode()
     cut = "..." if len(value) > SHOWN else ""
-    return f"{text!r}{cut}" if quote else f"{text}{cut}"
+    if quote:
+        return f"{text!r}{cut}"
+    return _CONTROL.sub(lambda found: f"\\x{ord(found[0]):02x}", text) + cut
 
 
 def validate(schema: Schema, value: object, where: str = "params") -> Params:
