@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,13 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def plan(self, op: str, params_json: str) -> str:
-        target = self._daemon.target
-        step = step_from(target, op, parse_params(params_json), "")
-        plan = await asyncio.to_thread(step.op.plan, target, step.params)
-        return json.dumps(plan.as_json())
+        caller = await self._daemon.callers.current()
+        if self._daemon.callers.is_admin(caller):
+            return await asyncio.to_thread(self._daemon.plan, op, params_json)
+        # Anyone may plan, and a plan may read many files or run a program: other users' plans,
+        # parsing included, take turns on a thread of their own, so they cannot crowd out root's.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._daemon.open_plans, self._daemon.plan, op, params_json)
 
     @dbus_method_async_override()
     @guarded
@@ -337,6 +341,7 @@ class Daemon:
         self._finished: deque[int] = deque()
         self._hostname = self.hostname()
         self.hub: HubLink | None = None
+        self.open_plans = ThreadPoolExecutor(1, thread_name_prefix="open-plan")  # Plan() for non-admins
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -398,6 +403,10 @@ class Daemon:
             if state == "failed":
                 problems.append(f"critical unit {unit} failed")
         return problems
+
+    def plan(self, op: str, params_json: str) -> str:
+        step = step_from(self.target, op, parse_params(params_json), "")
+        return json.dumps(step.op.plan(self.target, step.params).as_json())
 
     def require_snapshots(self) -> Snapshots:
         if self.snapshots is None:

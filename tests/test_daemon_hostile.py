@@ -200,6 +200,8 @@ def test_a_refused_unprivileged_caller_gets_its_answer_too(hostile: Hostile) -> 
     ensure_test_users()
     result = hostile.daemon.gdbus(MANAGER, "Plan", "motd", "'{\"\\\\ud800\": 1}'", user=PLAIN_USER)
     assert f"GDBus.Error:{INVALID_ARGS}: params.\\ud800: the key holds a lone surrogate" in result.stderr, result
+    planned = hostile.daemon.gdbus(MANAGER, "Plan", "motd", '\'{"text": "hi"}\'', user=PLAIN_USER)
+    assert planned.returncode == 0 and "/etc/motd" in planned.stdout, planned  # on the open-plan thread
 
 
 def test_a_long_pipeline_names_its_snapshots_in_short(hostile: Hostile) -> None:
