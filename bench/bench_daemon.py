@@ -38,7 +38,7 @@ SNAPSHOTS = 30
 STORED_JOBS = 1000
 CLIENTS = 8
 CLIENT_CALLS = 500
-TARGETS = {"rss_mb": 40.0, "p50_ms": 0.5, "snapshot_ms": 50.0}
+TARGETS = {"rss_mb": 30.0, "p50_ms": 0.5, "snapshot_ms": 50.0}
 
 
 async def latencies(call: Callable[[], Awaitable[Any]], count: int) -> list[float]:
