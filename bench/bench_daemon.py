@@ -4,6 +4,9 @@ Measures the real daemon on a private system-like bus with its root on btrfs on 
   - idle RSS after start and a round of calls,
   - p50 and p99 of a property Get (Manager.Version) and of ListOps(), from an sdbus client,
   - snapshot creation through Snapshots.Create(), and what the same snapshot costs by itself,
+  - ListJobs() with 1,000 stored jobs (each asked for a 16 KiB motd, its result holds the diff), called
+    by 8 clients at once, beside ListOps() called the same way: a read anyone may call must not cost
+    more because of what the stored jobs hold,
 with baselines from the same run: the bus driver's own GetId() (dbus-daemon, in C: the floor of any
 round trip on this bus) and btrfsutil.create_snapshot() called directly (the floor of a snapshot).
 Run as root: `.venv/bin/python -m bench.bench_daemon`.
@@ -12,6 +15,7 @@ Run as root: `.venv/bin/python -m bench.bench_daemon`.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -26,11 +30,15 @@ from rich.table import Table
 from sdbus import sd_bus_open_system
 
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, BusDriver, ManagerInterface, SnapshotsInterface
+from daemon.store import StateStore
 from tests.daemon_fixtures import STRICT_POLICY, Rastosd, private_bus, scratch_root
 
 CALLS = 2000
 SNAPSHOTS = 30
-TARGETS = {"rss_mb": 40.0, "p50_ms": 0.5, "snapshot_ms": 50.0}
+STORED_JOBS = 1000
+CLIENTS = 8
+CLIENT_CALLS = 500
+TARGETS = {"rss_mb": 30.0, "p50_ms": 0.5, "snapshot_ms": 50.0}
 
 
 async def latencies(call: Callable[[], Awaitable[Any]], count: int) -> list[float]:
@@ -82,6 +90,31 @@ async def measure(address: str, daemon: Rastosd) -> dict[str, Any]:
     return results
 
 
+def store_jobs(state_dir: Path) -> None:
+    """What 1,000 applies of a 16 KiB motd leave in the store, written before the daemon starts."""
+    store = StateStore(state_dir / "state.db")
+    text = "".join(f"line {n:05d} of the message of the day\n" for n in range(16384 // 38))
+    diff = "".join(f"+{line}\n" for line in text.splitlines())
+    for _ in range(STORED_JOBS):
+        job_id = store.add_job("apply", [{"op": "motd", "params": {"text": text}}], 0, 0, "Apply")
+        changes = [{"subject": "/etc/motd", "action": "create", "detail": diff}]
+        store.set_job_state(job_id, "done", {"state": "done", "steps": [{"op": "motd", "changes": changes}]})
+    store.close()
+
+
+def client_latencies(address: str, method: str) -> list[float]:
+    """One client process: its own connection, CLIENT_CALLS calls one after the other."""
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+    manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, sd_bus_open_system())
+    return asyncio.run(latencies(getattr(manager, method), CLIENT_CALLS))
+
+
+def concurrent_latencies(address: str, method: str) -> list[float]:
+    with multiprocessing.get_context("spawn").Pool(CLIENTS) as pool:
+        per_client = pool.starmap(client_latencies, [(address, method)] * CLIENTS)
+    return [latency for client in per_client for latency in client]
+
+
 def direct_snapshots(root: Path, directory: Path) -> list[float]:
     times = []
     for number in range(SNAPSHOTS):
@@ -100,10 +133,13 @@ def main() -> int:
         private_bus(STRICT_POLICY) as bus,
         scratch_root(Path(scratch_dir), "1G") as scratch,
     ):
+        store_jobs(Path(scratch_dir) / "state")
         daemon = Rastosd(bus, scratch, Path(scratch_dir) / "state")
         daemon.start()
         try:
             results = asyncio.run(measure(bus.address, daemon))
+            for method in ("list_ops", "list_jobs"):
+                results[f"{method}_concurrent"] = concurrent_latencies(bus.address, method)
         finally:
             daemon.stop()
         (scratch.top / "direct").mkdir()
@@ -128,6 +164,15 @@ def main() -> int:
                   f"<= {TARGETS['snapshot_ms']:.0f} ms", f"{create_p50 / direct_p50:.1f}x")  # fmt: skip
     table.add_row("idle RSS of rastosd", f"{results['rss_mb']:.1f} MB", "", f"<= {TARGETS['rss_mb']:.0f} MB", "")
     Console().print(table)
+
+    reads = Table(title=f"{CLIENTS} clients at once, {CLIENT_CALLS} calls each; {STORED_JOBS} jobs stored")
+    for column in ("measure", "p50", "p99", "vs ListOps()"):
+        reads.add_column(column, justify="left" if column == "measure" else "right")
+    baseline = statistics.median(results["list_ops_concurrent"])
+    for key, label in (("list_ops_concurrent", "baseline: ListOps()"), ("list_jobs_concurrent", "ListJobs()")):
+        p50 = statistics.median(results[key])
+        reads.add_row(label, f"{p50:.2f} ms", f"{percentile(results[key], 0.99):.2f} ms", f"{p50 / baseline:.1f}x")
+    Console().print(reads)
     return 0
 
 

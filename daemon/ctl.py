@@ -1,7 +1,8 @@
 """rastosctl: the command-line client of org.rastos.Daemon1.
 
-Readable tables by default, `--json` on every command. A D-Bus error prints its name and text and
-exits 1; a job that ends other than `done` exits 3; a compliance scan with a failed check exits 4.
+Readable tables by default, `--json` on every command (before or after its name). A D-Bus error prints
+its name and text and exits 1; a bad argument (a number out of range, an unknown command) is one line
+and exits 2; a job that ends other than `done` exits 3; a compliance scan with a failed check exits 4.
 """
 
 from __future__ import annotations
@@ -10,14 +11,24 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from sdbus import DbusFailedError, SdBus, SdBusBaseError, sd_bus_open_system
+from sdbus import (
+    DbusAccessDeniedError,
+    DbusFailedError,
+    DbusNameHasNoOwnerError,
+    DbusServiceUnknownError,
+    SdBus,
+    SdBusBaseError,
+    SdBusLibraryError,
+    sd_bus_open_system,
+)
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, JobInterface, ManagerInterface, SnapshotsInterface, job_path
@@ -25,19 +36,56 @@ from daemon.compliance.model import Report, Status
 from daemon.compliance.remediate import pipeline as remediation_pipeline
 from daemon.compliance.remediate import select
 from daemon.compliance.report import FORMATS, render
+from daemon.config import DaemonConfig, load_config
 from daemon.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
+from daemon.ops.params import INT_MAX
 from rastos.errors import RastosError
 
 EXIT_BUS_ERROR = 1
 EXIT_USAGE = 2
 EXIT_JOB_FAILED = 3
 EXIT_NONCOMPLIANT = 4
+UINT32_MAX = (1 << 32) - 1
+MAX_EVENTS = 10000  # GetEventLog's limit
+UNREACHABLE = "rastosd is not reachable on {bus}: is rastosd.service running?"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command and subcommand takes --json, so it may come before or after the command's name
+    (the default is the top level's); a usage error is one line and exits 2, without the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not tables")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def number(low: int, high: int, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer from low to high (what the D-Bus argument holds and the daemon
+    accepts), else a sentence that says so; never sdbus's OverflowError."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what or 'a whole number'}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what + ' ' if what else ''}from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+JOB_ID = number(1, UINT32_MAX, "a job id")
+SNAPSHOT_ID = number(1, UINT32_MAX, "a snapshot id")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rastosctl", description="control rastosd (org.rastos.Daemon1)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser = Parser(prog="rastosctl", description="control rastosd (org.rastos.Daemon1)")
+    parser.set_defaults(json=False)
     parser.add_argument("--bus-address", help="D-Bus address of the daemon's bus (default: the system bus)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -79,25 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     remediate.add_argument("--check", action="append", default=[], metavar="ID", help="only this check; repeatable")
     add_job_flags(remediate)
     confirm = commands.add_parser("confirm", help="confirm a risky change (firewall, network, ssh) before it reverts")
-    confirm.add_argument("id", type=int, help="the job that made the change")
+    confirm.add_argument("id", type=JOB_ID, help="the job that made the change")
     commands.add_parser("jobs", help="recent jobs")
     job = commands.add_parser("job", help="show a job; follow its progress until it ends")
-    job.add_argument("id", type=int)
+    job.add_argument("id", type=JOB_ID)
     snapshot = commands.add_parser("snapshot", help="list, create, delete snapshots; roll back; mark good")
     snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
     snapshot_commands.add_parser("list")
     snapshot_commands.add_parser("create").add_argument("description")
-    snapshot_commands.add_parser("delete").add_argument("id", type=int)
+    snapshot_commands.add_parser("delete").add_argument("id", type=SNAPSHOT_ID)
     snapshot_commands.add_parser("rollback", help="boot a writable copy of snapshot ID next").add_argument(
-        "id", type=int
+        "id", type=SNAPSHOT_ID
     )
     snapshot_commands.add_parser(
         "boot-once", help="boot snapshot ID read-only (changes kept in memory only) on the next boot only"
-    ).add_argument("id", type=int)
+    ).add_argument("id", type=SNAPSHOT_ID)
     snapshot_commands.add_parser("mark-good", help="mark this boot good")
     log = commands.add_parser("log", help="the event log: every change, who asked for it, and the job")
-    log.add_argument("--since", type=int, default=0, help="only events after this id")
-    log.add_argument("--limit", type=int, default=100)
+    log.add_argument("--since", type=number(0, INT_MAX), default=0, help="only events after this id")
+    log.add_argument("--limit", type=number(1, MAX_EVENTS), default=100, help="at most this many")
     return parser
 
 
@@ -476,8 +524,20 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(dispatch(args))
+    except (DbusServiceUnknownError, DbusNameHasNoOwnerError):
+        print(f"rastosctl: {unreachable(args)} (no one owns {BUS_NAME} on that bus)", file=sys.stderr)
+        return EXIT_BUS_ERROR
+    except DbusAccessDeniedError as error:
+        print(f"rastosctl: {error.dbus_error_name}: {access_denied(error.args[0] if error.args else '')}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BUS_ERROR
     except DbusFailedError as error:
         print(f"rastosctl: {error.dbus_error_name}: {error.args[0] if error.args else ''}", file=sys.stderr)
+        return EXIT_BUS_ERROR
+    except SdBusLibraryError as error:  # sd-bus could not connect: its text names a C file and an errno
+        found = re.search(r"error number: (\d+)", str(error))
+        reason = os.strerror(int(found[1])) if found else str(error)
+        print(f"rastosctl: {unreachable(args)} (cannot connect to the bus: {reason})", file=sys.stderr)
         return EXIT_BUS_ERROR
     except SdBusBaseError as error:
         print(f"rastosctl: {error}", file=sys.stderr)
@@ -487,3 +547,27 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return 0
+
+
+def unreachable(args: argparse.Namespace) -> str:
+    return UNREACHABLE.format(bus=f"the bus at {args.bus_address}" if args.bus_address else "the system bus")
+
+
+def access_denied(message: str) -> str:
+    """The daemon's own refusal says what needs root; the bus policy's names a rule and a member
+    ("Rejected send message, 1 matched rules; type=..."), so say it in the daemon's words."""
+    if not message.startswith("Rejected send message"):
+        return message
+    found = re.search(r'member="([^"]+)"', message)
+    method = found[1] if found else "this call"
+    group = admin_group()
+    if method == "ComplianceScan":
+        return f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
+    return f"{method} changes the host: only root or members of group {group!r} may call it (the bus refused it)"
+
+
+def admin_group() -> str:
+    try:
+        return load_config(None).admin_group
+    except RastosError:  # unreadable or invalid: the daemon would not start on it either
+        return DaemonConfig.admin_group

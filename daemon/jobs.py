@@ -24,7 +24,6 @@ Jobs run one at a time: two concurrent Apply calls queue, they never interleave.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import traceback
@@ -38,7 +37,7 @@ from daemon.followups import JobFollowUps
 from daemon.ops import AFTER, get_op
 from daemon.ops.base import Op, Target, execute
 from daemon.ops.order import check_order
-from daemon.ops.params import Params, validate
+from daemon.ops.params import Params, parse_json, validate
 from daemon.ops.shadow import shadow
 from daemon.snapshots import Snapshots
 from daemon.store import DAEMON_UID, StateStore
@@ -52,6 +51,7 @@ FLAG_RESTORE_ON_FAILURE = 1 << 2
 KNOWN_FLAGS = FLAG_DRY_RUN | FLAG_NO_SNAPSHOT | FLAG_RESTORE_ON_FAILURE
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 MAX_STEPS = 256
+DESCRIPTION_LENGTH = 120  # with "before job N: " or "after job N: ... (cancelled)", at most 200
 MAX_OUTPUT_LINES = 2000  # kept per step in the result; every line is also sent as a signal
 
 
@@ -72,10 +72,7 @@ def check_flags(flags: int) -> None:
 
 
 def parse_params(params_json: str, where: str = "params") -> object:
-    try:
-        return json.loads(params_json)
-    except json.JSONDecodeError as error:
-        raise InvalidParams(where, f"is not valid JSON: {error}") from None
+    return parse_json(params_json, where)
 
 
 def step_from(target: Target, op_name: object, params: object, where: str) -> Step:
@@ -135,8 +132,13 @@ class Job:
 
     @property
     def description(self) -> str:
-        names = [step.op.name for step in self.steps]
-        return f"{self.kind} {' && '.join(names)}"
+        """`pipeline user && ssh`: the ops in order, cut short after DESCRIPTION_LENGTH characters,
+        since it names the job's snapshots (200 characters at most, as Create() allows) too."""
+        text = f"{self.kind} {' && '.join(step.op.name for step in self.steps)}"
+        if len(text) <= DESCRIPTION_LENGTH:
+            return text
+        more = f" && ... ({len(self.steps)} steps)"
+        return text[: DESCRIPTION_LENGTH - len(more)].rsplit(" && ", 1)[0] + more
 
 
 class JobManager:

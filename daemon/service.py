@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,6 @@ from daemon.bus.interfaces import (
     SnapshotsInterface,
     job_path,
 )
-from daemon.compliance import scan
-from daemon.compliance.report import to_json
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BootConfigError,
@@ -66,7 +65,7 @@ from daemon.hub_link import HubLink, load_settings
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
 from daemon.ops import OPS
 from daemon.ops.base import Target
-from daemon.ops.params import json_schema
+from daemon.ops.params import INT_MAX, json_schema
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from rastos import __version__
@@ -77,6 +76,7 @@ log = logging.getLogger("rastosd")
 
 KEEP_FINISHED_JOB_OBJECTS = 32  # finished jobs stay on the bus this long so late clients read Result
 MAX_EVENTS = 10000
+MAX_LISTED_JOBS = 100
 STOP_TIMEOUT = 100.0  # a running step may finish; below the unit's TimeoutStopSec=120s
 
 
@@ -150,18 +150,21 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def plan(self, op: str, params_json: str) -> str:
-        target = self._daemon.target
-        step = step_from(target, op, parse_params(params_json), "")
-        plan = await asyncio.to_thread(step.op.plan, target, step.params)
-        return json.dumps(plan.as_json())
+        caller = await self._daemon.callers.current()
+        if self._daemon.callers.is_admin(caller):
+            return await asyncio.to_thread(self._daemon.plan, op, params_json)
+        # Anyone may plan, and a plan may read many files or run a program: other users' plans,
+        # parsing included, take turns on a thread of their own, so they cannot crowd out root's.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._daemon.open_plans, self._daemon.plan, op, params_json)
 
     @dbus_method_async_override()
     @guarded
     async def list_jobs(self) -> list[tuple[int, str, str, float, str]]:
         exported = self._daemon.job_objects
         return [
-            (row.id, row.kind, row.state, row.created, job_path(row.id) if row.id in exported else "/")
-            for row in self._daemon.store.jobs()
+            (job_id, kind, state, created, job_path(job_id) if job_id in exported else "/")
+            for job_id, kind, state, created in self._daemon.store.job_list(MAX_LISTED_JOBS)
         ]
 
     @dbus_method_async_override()
@@ -183,8 +186,9 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def get_event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
         if not 1 <= limit <= MAX_EVENTS:
             raise InvalidParams("limit", f"must be between 1 and {MAX_EVENTS}, got {limit}")
-        events = self._daemon.store.events(since, limit)
-        return [(e.id, e.time, e.uid, e.method, e.job_id or 0, json.dumps(e.detail)) for e in events]
+        if since > INT_MAX:  # event ids are SQLite's 64-bit integers: none is above this
+            raise InvalidParams("since", f"must be at most {INT_MAX}, got {since}")
+        return self._daemon.store.event_log(since, limit)
 
     @dbus_method_async_override()
     @guarded
@@ -201,6 +205,9 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
             raise NotPermitted(
                 f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
             ) from None
+        from daemon.compliance import scan  # 65 checks, imported when first asked for, not at every start
+        from daemon.compliance.report import to_json
+
         report = await asyncio.to_thread(scan, self._daemon.target)  # sshd -T, many files: off the loop
         return json.dumps(to_json(report))
 
@@ -334,6 +341,7 @@ class Daemon:
         self._finished: deque[int] = deque()
         self._hostname = self.hostname()
         self.hub: HubLink | None = None
+        self.open_plans = ThreadPoolExecutor(1, thread_name_prefix="open-plan")  # Plan() for non-admins
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -395,6 +403,10 @@ class Daemon:
             if state == "failed":
                 problems.append(f"critical unit {unit} failed")
         return problems
+
+    def plan(self, op: str, params_json: str) -> str:
+        step = step_from(self.target, op, parse_params(params_json), "")
+        return json.dumps(step.op.plan(self.target, step.params).as_json())
 
     def require_snapshots(self) -> Snapshots:
         if self.snapshots is None:

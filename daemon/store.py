@@ -244,6 +244,15 @@ class StateStore:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_job_row(row) for row in reversed(rows)]
 
+    def job_list(self, limit: int = 100) -> list[tuple[int, str, str, float]]:
+        """The latest jobs' id, kind, state and creation time: ListJobs() reads only these columns,
+        so its cost does not grow with what the jobs asked for or what they returned."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, kind, state, created FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in reversed(rows)]
+
     def steps(self, job_id: int) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM steps WHERE job_id = ? ORDER BY position", (job_id,)).fetchall()
@@ -404,6 +413,15 @@ class StateStore:
         return row is not None and row[0] is not None
 
     # Event log
+
+    def event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
+        """Events as GetEventLog() returns them: the detail as stored (JSON already), never decoded."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, time, uid, method, job_id, detail FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (since, limit),
+            ).fetchall()
+        return [(int(r[0]), float(r[1]), int(r[2]), str(r[3]), int(r[4] or 0), str(r[5])) for r in rows]
 
     def events(self, since: int, limit: int) -> list[EventRow]:
         with self._lock:

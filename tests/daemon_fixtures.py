@@ -235,8 +235,10 @@ class Rastosd:
     def get(self, interface: str, name: str, path: str = ROOT_PATH) -> Any:
         return json.loads(self.busctl("get-property", BUS_NAME, path, interface, name).stdout)["data"]
 
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())"]
+        if user is not None:
+            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
         return subprocess.run(
             [*argv, "--bus-address", self.bus.address, *args],
             capture_output=True, text=True, check=False, timeout=120, cwd=CHECKOUT,

@@ -42,15 +42,18 @@ class Callers:
             self._cache[sender] = Caller(uid, groups)
         return self._cache[sender]
 
-    async def require_admin(self, method: str) -> Caller:
-        caller = await self.current()
+    def is_admin(self, caller: Caller) -> bool:
         if caller.uid == 0:
-            return caller
+            return True
         try:
             admin_gid = grp.getgrnam(self._admin_group).gr_gid
         except KeyError:
-            admin_gid = None
-        if admin_gid is not None and admin_gid in caller.gids:
+            return False
+        return admin_gid in caller.gids
+
+    async def require_admin(self, method: str) -> Caller:
+        caller = await self.current()
+        if self.is_admin(caller):
             return caller
         raise NotPermitted(
             f"{method} changes the host: only root or members of group {self._admin_group!r} may call it"

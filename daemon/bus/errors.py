@@ -41,7 +41,16 @@ InternalError = _bus_error_class(ERROR_PREFIX + "Internal")
 
 
 def to_bus_error(error: DaemonError) -> DbusFailedError:
-    return BUS_ERRORS[error.dbus_name](str(error))
+    return BUS_ERRORS[error.dbus_name](encodable(str(error)))
+
+
+def encodable(text: str) -> str:
+    """The text with what a D-Bus string cannot hold escaped: a lone surrogate (not UTF-8) and NUL
+    (sd-bus takes C strings). sd-bus sends no reply at all for an error whose text it cannot make,
+    and the caller would wait out its timeout."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text.replace("\0", "\\x00")
 
 
 def guarded(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -51,7 +60,9 @@ def guarded(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutin
             return await method(*args, **kwargs)
         except DaemonError as error:
             raise to_bus_error(error) from None
-        except DbusFailedError:
+        except DbusFailedError as error:
+            if error.args and isinstance(error.args[0], str) and encodable(error.args[0]) != error.args[0]:
+                raise type(error)(encodable(error.args[0])) from None
             raise
         except Exception as error:
             log.exception("%s failed unexpectedly", method.__name__)

@@ -26,13 +26,7 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING, Any
 
 from daemon.errors import InvalidParams, OpFailed, UnsafePath
 from daemon.ops.base import (
@@ -49,6 +43,22 @@ from daemon.ops.base import (
 from daemon.ops.params import Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
+
+if TYPE_CHECKING:
+    from cryptography import exceptions, x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+else:  # imported when a certificate is first read or made, not at every start of the daemon
+    from daemon.lazy import Lazy
+
+    exceptions = Lazy("cryptography.exceptions")
+    x509 = Lazy("cryptography.x509")
+    hashes = Lazy("cryptography.hazmat.primitives.hashes")
+    serialization = Lazy("cryptography.hazmat.primitives.serialization")
+    ec = Lazy("cryptography.hazmat.primitives.asymmetric.ec")
+    ExtendedKeyUsageOID = Lazy("cryptography.x509.oid", "ExtendedKeyUsageOID")
+    NameOID = Lazy("cryptography.x509.oid", "NameOID")
 
 CA_DIR = "/etc/rastos/ca"
 CA_KEY = f"{CA_DIR}/ca.key"
@@ -215,7 +225,7 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """The CA's name as issuer and the CA's key's signature on it."""
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, exceptions.InvalidSignature):
         return False
     return True
 

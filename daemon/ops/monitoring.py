@@ -15,10 +15,8 @@ answer. Verify fetches /metrics and looks for `node_exporter_build_info`, retryi
 
 from __future__ import annotations
 
-import http.client
 import re
 import time
-import urllib.request
 from dataclasses import dataclass
 
 from daemon.errors import InvalidParams
@@ -157,6 +155,9 @@ def metrics_url(listen_address: str) -> str:
 
 def answers(listen_address: str, wait: float) -> bool:
     """Whether /metrics answers with the exporter's build info, trying for up to `wait` seconds."""
+    import http.client  # here, not at the top: urllib and http would cost every start of the daemon
+    import urllib.request
+
     deadline = time.monotonic() + wait
     while True:
         try:

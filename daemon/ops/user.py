@@ -118,7 +118,8 @@ class UserOp(Op):
               "its own (so the shell the zsh op set stays)", pattern=SHELL),
         Param("comment", Kind.STRING, "the GECOS field", default="", pattern=r"[^:\n\r]{0,128}"),
         Param("authorized_keys", Kind.STRING_LIST, "SSH public keys; ~/.ssh/authorized_keys holds exactly these",
-              default=[], pattern=KEY_LINE, pattern_help="one OpenSSH public key line: TYPE BASE64 [COMMENT]"),
+              default=[], pattern=KEY_LINE, pattern_help="one OpenSSH public key line: TYPE BASE64 [COMMENT]",
+              max_length=16384),  # an RSA-16384 key's line is ~2.8 KB: room for options and a comment
         Param("sudo", Kind.BOOLEAN, f"may run anything as root with sudo ({SUDOERS_DIR}/rastos-NAME)",
               default=False),
         Param("sudo_nopasswd", Kind.BOOLEAN, "with sudo: without typing the password", default=False),
