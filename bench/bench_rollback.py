@@ -33,7 +33,7 @@ from daemon.boot import BootEntries
 from imagebuilder.vm import VmOptions, running_vm
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-TARGET_ADDED = 1.0  # seconds the machinery may add to a boot under TCG (issue 4)
+TARGET_ADDED = 1.0  # seconds the machinery may add to a boot under TCG
 MACHINERY_UNITS = ("rastos-health.service", "rastos-trial-deadline.service", "systemd-bless-boot.service")
 
 

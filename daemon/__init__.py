@@ -1,1 +1,1 @@
-"""rastosd: the host daemon on the system bus as org.rastos.Daemon1 (issue: daemon)."""
+"""rastosd: the host daemon on the system bus as org.rastos.Daemon1."""

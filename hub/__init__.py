@@ -1,1 +1,1 @@
-"""rastos-hub: the fleet server (issue: hub)."""
+"""rastos-hub: the fleet server."""

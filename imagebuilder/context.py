@@ -64,7 +64,7 @@ class BuildContext:
     cmdline: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     bootstrap_key: str = ""
-    # A long stage's progress notes ("installing systemd (45/150)") for the live display (issue 8).
+    # A long stage's progress notes ("installing systemd (45/150)") for the live display.
     progress: Callable[[str], None] = field(default=lambda note: None)
     packages: list[dict[str, str]] = field(default_factory=list)
     images: dict[str, Path] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Crash consistency of making and activating a deployment (issue 4, test 4), in a real guest.
+"""Crash consistency of making and activating a deployment, in a real guest.
 
 One disk goes through a chain of power cuts: the VM is stopped hard (QMP `quit`, no shutdown) at each
 step of making a snapshot and a deployment (the daemon's failpoints: snapshot written, deployment

@@ -123,7 +123,7 @@ def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, a
 
 
 def test_a_snapshot_boots_once_read_only_and_the_default_stays(minimal_image: Path, artifacts: Path) -> None:
-    """Test 3 of issue 4: an older snapshot boots once (systemd-boot's one-shot entry, set by BootOnce)
+    """An older snapshot boots once (systemd-boot's one-shot entry, set by BootOnce)
     from its read-only menu entry, under an overlay in memory; the boot after it is the default again,
     with none of what the snapshot boot wrote."""
     guest = GuestConsole(minimal_image)

@@ -94,7 +94,7 @@ def _check_kernel_build(profile: Profile, origins: _Origins) -> None:
             )
 
 
-# --- issue 8: each distribution's own keys -----------------------------------------------------
+# --- each distribution's own keys -------------------------------------------------------------
 
 ARCH_MIRROR = "https://geo.mirror.pkgbuild.com/$repo/os/$arch"
 ARCH_REPOSITORIES = ("core", "extra")

@@ -63,7 +63,7 @@ _USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 # Debian's (policy 5.6.7, with :arch) and Arch's (also _ and @); load.py refuses _ and @ for Debian.
 _PACKAGE = re.compile(r"^[a-z0-9@_][a-z0-9@_+.-]+(:[a-z0-9]+)?$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name (issue 8)
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name
 _SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice)$")
@@ -91,7 +91,7 @@ def _meta(help: str, **extra: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class DistributionConfig:
     name: DistributionName = field(default=DistributionName.debian, metadata=_meta("package-based distribution"))
-    # issue 8 (Arch): suite and components are Debian's, repositories Arch's; load.py refuses the other
+    # Arch: suite and components are Debian's, repositories Arch's; load.py refuses the other
     # distribution's keys and fills Arch's defaults (mirror, repositories, kernel package).
     suite: str = field(default="trixie", metadata=_meta("Debian release to install, e.g. trixie ('' for Arch)"))
     mirror: str = field(
