@@ -261,6 +261,7 @@ class Rastosd:
 @pytest.fixture
 def daemon_env(tmp_path: Path) -> Iterator[tuple[PrivateBus, ScratchRoot, Path]]:
     require_root()
+    ensure_test_users()  # every daemon test may call as them, whichever runs first or alone
     with private_bus(STRICT_POLICY) as bus, scratch_root(tmp_path) as scratch:
         yield bus, scratch, tmp_path / "state"
 
