@@ -30,7 +30,7 @@ from pathlib import Path
 
 from daemon.errors import BootConfigError
 from daemon.failpoints import failpoint
-from daemon.ops.base import write_atomically
+from ops.base import write_atomically
 
 log = logging.getLogger("rastosd.boot")
 

@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from daemon.errors import NotPending
-from daemon.ops import get_op
-from daemon.ops.base import Plan, Target, execute
 from daemon.store import DAEMON_UID, StateStore
+from ops import get_op
+from ops.base import Plan, Target, execute
 
 log = logging.getLogger("rastosd.confirm")
 

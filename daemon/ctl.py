@@ -37,9 +37,9 @@ from daemon.compliance.remediate import pipeline as remediation_pipeline
 from daemon.compliance.remediate import select
 from daemon.compliance.report import FORMATS, render
 from daemon.config import DaemonConfig, load_config
-from daemon.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
-from daemon.ops.params import INT_MAX
+from ops.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
+from ops.params import INT_MAX
 from rastos.errors import RastosError
 
 EXIT_BUS_ERROR = 1
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_run = pipeline_commands.add_parser("run", help="run the steps in FILE (.json list or .toml [[step]])")
     pipeline_run.add_argument("file", type=Path)
     add_job_flags(pipeline_run)
-    workflow = commands.add_parser("workflow", help="list, show or run the shipped workflows (daemon/workflows)")
+    workflow = commands.add_parser("workflow", help="list, show or run the shipped workflows (ops/workflows)")
     workflow_commands = workflow.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
     workflow_commands.add_parser("list", help="the workflows, their descriptions and variables")
     for name, helptext in (("show", "the steps a workflow runs, in order"), ("run", "run a workflow as one job")):

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from daemon.failpoints import failpoint
-from daemon.ops.base import FollowUp, Output, Target
 from daemon.store import StateStore
+from ops.base import FollowUp, Output, Target
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.followups")

@@ -20,17 +20,19 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from daemon.boot import BootState
 from daemon.errors import DaemonError
-from daemon.jobs import FINAL_STATES, Job, check_flags, parse_steps
-from daemon.ops import OPS
+from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags, parse_steps
+from daemon.snapshots import Snapshots
+from daemon.store import StateStore
+from ops import OPS
+from ops.base import Target
 from rastos import __version__
 
 if TYPE_CHECKING:
     import aiohttp
-
-    from daemon.service import Daemon
 
 log = logging.getLogger("rastosd.hub")
 
@@ -53,8 +55,20 @@ class HubRefused(Exception):
     """The hub answered, but not as a WebSocket: a wrong token or URL, worth a longer wait."""
 
 
+class DaemonCore(Protocol):
+    """What the link needs of the daemon (service.py's Daemon): its state, its jobs, its facts."""
+
+    target: Target
+    store: StateStore
+    snapshots: Snapshots | None
+    jobs: JobManager
+
+    def hostname(self) -> str: ...
+    def boot_state(self) -> BootState: ...
+
+
 class HubLink:
-    def __init__(self, daemon: Daemon, settings: HubSettings) -> None:
+    def __init__(self, daemon: DaemonCore, settings: HubSettings) -> None:
         self.daemon = daemon
         self.settings = settings
         self.connected = False

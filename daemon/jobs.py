@@ -34,13 +34,13 @@ from typing import Any, Protocol
 from daemon.confirm import Confirmations, capture
 from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob, OpFailed
 from daemon.followups import JobFollowUps
-from daemon.ops import AFTER, get_op
-from daemon.ops.base import Op, Target, execute
-from daemon.ops.order import check_order
-from daemon.ops.params import Params, parse_json, validate
-from daemon.ops.shadow import shadow
 from daemon.snapshots import Snapshots
 from daemon.store import DAEMON_UID, StateStore
+from ops import AFTER, get_op
+from ops.base import Op, Target, execute
+from ops.order import check_order
+from ops.params import Params, parse_json, validate
+from ops.shadow import shadow
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.jobs")

@@ -63,11 +63,11 @@ from daemon.failpoints import failpoint
 from daemon.followups import run_owed
 from daemon.hub_link import HubLink, load_settings
 from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
-from daemon.ops import OPS
-from daemon.ops.base import Target
-from daemon.ops.params import INT_MAX, json_schema
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
+from ops import OPS
+from ops.base import Target
+from ops.params import INT_MAX, json_schema
 from rastos import __version__
 from rastos.errors import CommandError, RastosError
 from rastos.process import run

@@ -23,8 +23,8 @@ import btrfsutil
 from daemon.boot import BootEntries, readonly_entry_id
 from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
-from daemon.ops.rootfs import Root
 from daemon.store import SnapshotRow, StateStore
+from ops.rootfs import Root
 
 log = logging.getLogger("rastosd.snapshots")
 

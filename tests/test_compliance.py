@@ -18,11 +18,11 @@ from daemon.compliance.remediate import pipeline, select
 from daemon.compliance.report import render, to_json
 from daemon.errors import InvalidParams
 from daemon.jobs import parse_steps, step_from
-from daemon.ops import OPS, get_op
-from daemon.ops.base import Target, execute
-from daemon.ops.params import validate
-from daemon.ops.ssh import effective_config
-from daemon.ops.sysctl import SETS, live_path, persisted, wanted_settings
+from ops import OPS, get_op
+from ops.base import Target, execute
+from ops.params import validate
+from ops.ssh import effective_config
+from ops.sysctl import SETS, live_path, persisted, wanted_settings
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     MANAGER,

@@ -27,8 +27,8 @@ from sdbus import SdBus, SdBusBaseError, sd_bus_open_system
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
 from bench.bench_daemon import rss_mb
-from daemon.ops import OPS
-from daemon.ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, MAX_STRING_LENGTH, STRING_LENGTH, Kind, Param
+from ops import OPS
+from ops.params import MAX_DEPTH, MAX_ITEMS, MAX_JSON_LENGTH, MAX_STRING_LENGTH, STRING_LENGTH, Kind, Param
 from tests.daemon_fixtures import (
     BUS_NAME,
     CHECKOUT,

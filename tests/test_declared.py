@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.declared import desired_state_steps, list_workflows, load_workflow
+from ops.declared import desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
 from tests.daemon_fixtures import Rastosd
 from tests.op_tree import tree_digest
@@ -63,7 +63,7 @@ def test_workflow_files_are_refused_with_the_place_named(tmp_path: Path) -> None
 
 
 def test_a_site_workflow_overrides_a_shipped_one(tmp_path: Path) -> None:
-    from daemon.declared import SHIPPED_WORKFLOWS
+    from ops.declared import SHIPPED_WORKFLOWS
 
     write(tmp_path, "essential", 'description = "ours"\n[[step]]\nop = "motd"\nparams = { text = "site" }\n')
     assert load_workflow("essential", (tmp_path, SHIPPED_WORKFLOWS)).description == "ours"

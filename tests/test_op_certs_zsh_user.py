@@ -20,14 +20,14 @@ from daemon.compliance.model import Status
 from daemon.compliance.remediate import pipeline
 from daemon.errors import InvalidParams, OpFailed
 from daemon.jobs import parse_steps, step_from
-from daemon.ops import get_op
-from daemon.ops.base import Plan, Target, execute, in_target
-from daemon.ops.certs import BUNDLE, CA_CERT, CA_KEY, HOST_CERT, HOST_KEY, TRUST_DIR, issue, make_ca, sans
-from daemon.ops.params import validate
-from daemon.ops.ssh import effective_config
-from daemon.ops.sysctl import resolve_in_target
-from daemon.ops.user import CheckedSudoers
-from daemon.ops.zsh import MARKER
+from ops import get_op
+from ops.base import Plan, Target, execute, in_target
+from ops.certs import BUNDLE, CA_CERT, CA_KEY, HOST_CERT, HOST_KEY, TRUST_DIR, issue, make_ca, sans
+from ops.params import validate
+from ops.ssh import effective_config
+from ops.sysctl import resolve_in_target
+from ops.user import CheckedSudoers
+from ops.zsh import MARKER
 from tests.op_tree import tree_digest
 
 pytestmark = [pytest.mark.root, pytest.mark.network]

@@ -12,10 +12,10 @@ import pytest
 from daemon.errors import InvalidParams
 from daemon.followups import JobFollowUps, run_owed
 from daemon.jobs import parse_steps
-from daemon.ops.base import SYSTEMD_RUNNING, FollowUp, Plan, Target, WriteFile, execute
-from daemon.ops.order import OrderCycle, check_declarations, check_order, sorted_order
-from daemon.ops.shadow import shadow
 from daemon.store import StateStore
+from ops.base import SYSTEMD_RUNNING, FollowUp, Plan, Target, WriteFile, execute
+from ops.order import OrderCycle, check_declarations, check_order, sorted_order
+from ops.shadow import shadow
 from tests.daemon_fixtures import JOB, MANAGER, Rastosd, require_root
 from tests.op_tree import tree_digest
 

@@ -11,8 +11,8 @@ import pytest
 
 from daemon.errors import OpFailed
 from daemon.jobs import step_from
-from daemon.ops.base import Target, execute
-from daemon.ops.firewall import RULESET, CheckedRuleset
+from ops.base import Target, execute
+from ops.firewall import RULESET, CheckedRuleset
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import tree_digest
 

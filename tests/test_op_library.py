@@ -12,9 +12,9 @@ import pytest
 
 from daemon.errors import InvalidParams, OpFailed
 from daemon.jobs import parse_steps, step_from
-from daemon.ops import OPS, get_op
-from daemon.ops.base import Target, execute
-from daemon.ops.params import validate
+from ops import OPS, get_op
+from ops.base import Target, execute
+from ops.params import validate
 from tests.op_tree import tree_digest
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
@@ -134,7 +134,7 @@ def test_ssh_writes_strong_algorithms_this_openssh_knows_and_sshd_agrees(op_root
     assert "Port 2222\n" in text and "PasswordAuthentication no\n" in text and "PermitRootLogin no\n" in text
     assert "KexAlgorithms mlkem768x25519-sha256," in text, "trixie's OpenSSH 10 knows ML-KEM: it comes first"
     assert "cbc" not in text and "sha1" not in text
-    from daemon.ops.ssh import effective_config
+    from ops.ssh import effective_config
 
     effective = effective_config(target)
     assert effective["port"] == "2222" and effective["passwordauthentication"] == "no"

@@ -1,6 +1,6 @@
 """No op reaches through a link it did not make, for any path it touches, on a real Debian root.
 
-Each op of the library runs once on a snapshot of the tree while daemon/ops/rootfs.py records every
+Each op of the library runs once on a snapshot of the tree while ops/rootfs.py records every
 path it reads or writes. Then, for each component of each of those paths (a directory on the way or
 the file itself), a fresh snapshot gets a link in that place, owned by an unprivileged user as a
 hostile local user's would be: to the original moved aside, or to a file outside the root that holds a
@@ -23,8 +23,8 @@ import pytest
 
 from daemon.errors import UnsafePath
 from daemon.jobs import step_from
-from daemon.ops import firewall, monitoring, rootfs
-from daemon.ops.base import Target, execute
+from ops import firewall, monitoring, rootfs
+from ops.base import Target, execute
 from rastos.errors import RastosError
 from tests.op_tree import op_root, op_tree_base  # noqa: F401  (fixtures)
 from tests.test_op_library import CASES, KEY, Case, apply

@@ -13,9 +13,9 @@ import pytest
 
 from daemon.errors import InvalidParams, OpFailed
 from daemon.jobs import step_from
-from daemon.ops.base import Target, execute
-from daemon.ops.network import LinkConfig, read_link
-from daemon.ops.params import validate
+from ops.base import Target, execute
+from ops.network import LinkConfig, read_link
+from ops.params import validate
 from tests.daemon_fixtures import MANAGER, STRICT_POLICY, Rastosd, private_bus
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import op_scratch_root
@@ -72,7 +72,7 @@ def test_a_static_address_moves_without_a_moment_with_none(op_root: Path, pair: 
 def test_the_file_reads_back_as_what_was_written() -> None:
     op_params = {"interface": "eth0", "addresses": ["192.0.2.10/24", "2001:db8::10/64"], "gateway": "192.0.2.1",
                  "routes": ["198.51.100.0/24 via 192.0.2.254"], "dns": ["192.0.2.53"], "mtu": 9000}  # fmt: skip
-    from daemon.ops import get_op
+    from ops import get_op
 
     config = LinkConfig.from_params(validate(get_op("network").schema, op_params))
     assert LinkConfig.from_file("eth0", config.render()) == config

@@ -21,14 +21,14 @@ import pytest
 
 from daemon.errors import InvalidParams
 from daemon.jobs import step_from
-from daemon.ops import get_op, monitoring
-from daemon.ops.base import Plan, Target, execute, in_target
-from daemon.ops.monitoring import BINARY, DEFAULTS, ENABLED_LINK, InstallPackages
-from daemon.ops.motd import DYNAMIC, SCRIPT
-from daemon.ops.packages import APT_ENV, AptBackend, Transition, parse_simulation, with_network
-from daemon.ops.params import validate
-from daemon.ops.shadow import shadow
-from daemon.ops.update import PackageStep, RefreshLists
+from ops import get_op, monitoring
+from ops.base import Plan, Target, execute, in_target
+from ops.monitoring import BINARY, DEFAULTS, ENABLED_LINK, InstallPackages
+from ops.motd import DYNAMIC, SCRIPT
+from ops.packages import APT_ENV, AptBackend, Transition, parse_simulation, with_network
+from ops.params import validate
+from ops.shadow import shadow
+from ops.update import PackageStep, RefreshLists
 from rastos.process import run
 from tests.daemon_fixtures import CHECKOUT, Rastosd
 from tests.netns import Pair, namespace_pair

@@ -29,10 +29,6 @@ import pytest
 
 from daemon.errors import InvalidParams
 from daemon.jobs import Step, step_from
-from daemon.ops.base import Plan, Target, execute
-from daemon.ops.packages import Transition
-from daemon.ops.packages_pacman import PacmanBackend
-from daemon.ops.update import PackageStep, PackageTransaction, RefreshLists, backend_for
 from imagebuilder.events import JsonEvents
 from imagebuilder.profile.load import ProfileError, load_profile, profile_from_dict, profile_to_dict
 from imagebuilder.stages.bootstrap_arch import (
@@ -42,6 +38,10 @@ from imagebuilder.stages.bootstrap_arch import (
     check_arch_host,
     package_set,
 )
+from ops.base import Plan, Target, execute
+from ops.packages import Transition
+from ops.packages_pacman import PacmanBackend
+from ops.update import PackageStep, PackageTransaction, RefreshLists, backend_for
 from rastos import alpm as rastos_alpm
 from rastos.alpm import (
     Alpm,

@@ -1,4 +1,4 @@
-"""daemon/ops/rootfs.py on a real directory tree: what it refuses, what it follows, and that no op
+"""ops/rootfs.py on a real directory tree: what it refuses, what it follows, and that no op
 module reaches a file any other way."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import UnsafePath
-from daemon.ops.rootfs import MAX_READ, Links, Root
+from ops.rootfs import MAX_READ, Links, Root
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -181,7 +181,7 @@ def test_any_path_string_is_answered_inside_the_root(tmp_path: Path, path: str) 
 
 
 def op_modules() -> list[Path]:
-    return sorted((CHECKOUT / "daemon/ops").glob("*.py")) + sorted((CHECKOUT / "daemon/compliance").glob("*.py"))
+    return sorted((CHECKOUT / "ops").glob("*.py")) + sorted((CHECKOUT / "daemon/compliance").glob("*.py"))
 
 
 FILE_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "open", "exists", "is_dir", "is_file",

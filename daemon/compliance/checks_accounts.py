@@ -7,7 +7,7 @@ from collections import Counter
 
 from daemon.compliance.facts import Facts
 from daemon.compliance.model import Check, Outcome, Severity, failed, not_applicable, passed
-from daemon.ops.sysctl import resolve_in_target
+from ops.sysctl import resolve_in_target
 
 NO_LOGIN = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false")
 # Debian's system accounts whose shell is a command, not a login: they do one thing and end.

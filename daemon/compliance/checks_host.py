@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from daemon.compliance.facts import Facts
 from daemon.compliance.model import Check, Outcome, Remediation, Severity, failed, not_applicable, passed
-from daemon.ops.certs import HOST_CERT, RENEW_BEFORE_DAYS, load_cert
-from daemon.ops.firewall import RULESET
+from ops.certs import HOST_CERT, RENEW_BEFORE_DAYS, load_cert
+from ops.firewall import RULESET
 
 BANNER = "Authorized access only. Activity on this system is monitored and recorded.\n"
 # getty's escapes for the machine, release, system name and version: what an attacker wants to know.

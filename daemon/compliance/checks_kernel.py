@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from daemon.compliance.facts import Facts
 from daemon.compliance.model import Check, Outcome, Remediation, Severity, failed, not_applicable, passed
-from daemon.ops.sysctl import SETS
+from ops.sysctl import SETS
 
 Accept = Callable[[str], bool]
 

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import DaemonError, UnsafePath
-from daemon.ops import OPS
-from daemon.ops.base import Target, in_target, read_colon_file
-from daemon.ops.certs import current_params
-from daemon.ops.firewall import ENABLED_LINK
-from daemon.ops.params import validate
-from daemon.ops.rootfs import Links
-from daemon.ops.ssh import ALGORITHM, refuse_lockout
-from daemon.ops.sysctl import Persisted, live_path, persisted
+from ops import OPS
+from ops.base import Target, in_target, read_colon_file
+from ops.certs import current_params
+from ops.firewall import ENABLED_LINK
+from ops.params import validate
+from ops.rootfs import Links
+from ops.ssh import ALGORITHM, refuse_lockout
+from ops.sysctl import Persisted, live_path, persisted
 from rastos.errors import RastosError
 from rastos.process import run
 
@@ -37,7 +37,7 @@ COMPLIANCE_SYSCTL = "95-rastos-compliance"
 @dataclass(frozen=True)
 class Sshd:
     """sshd's effective configuration, as `sshd -T` prints it: every value of a keyword, in order.
-    (daemon/ops/ssh.py's `effective_config` keeps one value per keyword; AllowUsers and Port may have
+    (ops/ssh.py's `effective_config` keeps one value per keyword; AllowUsers and Port may have
     several, and a remediation that kept only the last would lock the others out.)"""
 
     options: dict[str, list[str]]

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from daemon.compliance.model import CheckResult, Status
-from daemon.ops import AFTER
-from daemon.ops.order import sorted_order
-from daemon.ops.sysctl import SETS
+from ops import AFTER
+from ops.order import sorted_order
+from ops.sysctl import SETS
 
 Step = dict[str, Any]
 

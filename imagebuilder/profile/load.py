@@ -62,7 +62,7 @@ def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
         return profile
     named_in = origins.of("system.desired_state")
     path = (named_in.parent / profile.system.desired_state).resolve()
-    from daemon.declared import desired_state_steps
+    from ops.declared import desired_state_steps
 
     try:
         desired_state_steps(path)

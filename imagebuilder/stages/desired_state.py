@@ -13,11 +13,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from daemon.declared import desired_state_steps
-from daemon.ops import get_op
-from daemon.ops.base import Target, execute
-from daemon.ops.params import validate
 from imagebuilder.context import BuildContext
+from ops import get_op
+from ops.base import Target, execute
+from ops.declared import desired_state_steps
+from ops.params import validate
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build.desired_state")

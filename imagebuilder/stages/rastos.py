@@ -20,7 +20,7 @@ from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
 from rastos import __version__
 
-PYTHON_PACKAGES = ("rastos", "daemon")
+PYTHON_PACKAGES = ("rastos", "ops", "daemon")
 GUEST_FILES = CHECKOUT / "imagebuilder" / "guest"
 SITE_PACKAGES = "usr/lib/rastos/python"
 INTERFACE_XML = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from daemon.errors import InvalidParams
+from ops.errors import InvalidParams
 
 # What one request may hold (docs/daemon.md, "Limits"). Generous for any real use, small enough that
 # parsing and checking a request that reaches them costs a few milliseconds.

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from daemon.errors import UnknownOp
-from daemon.ops.base import Op
-from daemon.ops.certs import CertsOp
-from daemon.ops.firewall import FirewallOp
-from daemon.ops.hostname import HostnameOp
-from daemon.ops.monitoring import MonitoringOp
-from daemon.ops.motd import MotdOp
-from daemon.ops.network import NetworkOp
-from daemon.ops.order import check_declarations
-from daemon.ops.ssh import SshOp
-from daemon.ops.sysctl import SysctlOp
-from daemon.ops.update import UpdateOp
-from daemon.ops.user import UserOp
-from daemon.ops.zsh import ZshOp
+from ops.base import Op
+from ops.certs import CertsOp
+from ops.errors import UnknownOp
+from ops.firewall import FirewallOp
+from ops.hostname import HostnameOp
+from ops.monitoring import MonitoringOp
+from ops.motd import MotdOp
+from ops.network import NetworkOp
+from ops.order import check_declarations
+from ops.ssh import SshOp
+from ops.sysctl import SysctlOp
+from ops.update import UpdateOp
+from ops.user import UserOp
+from ops.zsh import ZshOp
 
 OPS: dict[str, Op] = {
     op.name: op

@@ -14,8 +14,8 @@ two seconds goes on in the background for the next login. It never fails a login
 
 from __future__ import annotations
 
-from daemon.ops.base import Action, Op, Plan, RemoveFile, Target, file_action
-from daemon.ops.params import Kind, Param, Params
+from ops.base import Action, Op, Plan, RemoveFile, Target, file_action
+from ops.params import Kind, Param, Params
 
 MOTD = "/etc/motd"
 SCRIPT = "/etc/update-motd.d/50-rastos"

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from daemon.errors import InvalidParams, OpFailed
-from daemon.ops.base import (
+from ops.base import (
     Action,
     Change,
     FollowUp,
@@ -31,7 +30,8 @@ from daemon.ops.base import (
     file_action,
     joined,
 )
-from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from ops.errors import InvalidParams, OpFailed
+from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
 
 LINK = r"[a-zA-Z0-9_.-]{1,15}"
 NETWORK_DIR = "/etc/systemd/network"

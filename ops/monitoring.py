@@ -19,8 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from daemon.errors import InvalidParams
-from daemon.ops.base import (
+from ops.base import (
     Action,
     Change,
     FollowUp,
@@ -34,8 +33,9 @@ from daemon.ops.base import (
     in_target,
     joined,
 )
-from daemon.ops.params import Kind, Param, Params
-from daemon.ops.update import backend_for
+from ops.errors import InvalidParams
+from ops.params import Kind, Param, Params
+from ops.update import backend_for
 from rastos.process import run
 
 PACKAGE = "prometheus-node-exporter"

@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from daemon.errors import InvalidParams, OpFailed
-from daemon.ops.base import (
+from ops.base import (
     Action,
     Change,
     CheckedWrite,
@@ -29,7 +28,8 @@ from daemon.ops.base import (
     file_action,
     in_target,
 )
-from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from ops.errors import InvalidParams, OpFailed
+from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 

@@ -28,8 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from daemon.errors import InvalidParams, OpFailed, UnsafePath
-from daemon.ops.base import (
+from ops.base import (
     Action,
     Change,
     Op,
@@ -40,7 +39,8 @@ from daemon.ops.base import (
     joined,
     read_colon_file,
 )
-from daemon.ops.params import Kind, Param, Params
+from ops.errors import InvalidParams, OpFailed, UnsafePath
+from ops.params import Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 else:  # imported when a certificate is first read or made, not at every start of the daemon
-    from daemon.lazy import Lazy
+    from rastos.lazy import Lazy
 
     exceptions = Lazy("cryptography.exceptions")
     x509 = Lazy("cryptography.x509")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from daemon.errors import InvalidParams, OpFailed
-from daemon.ops.base import Action, Change, Op, Output, Plan, RunCommand, Target, file_action
-from daemon.ops.params import Kind, Param, Params
-from daemon.ops.user import ACCOUNT_FILES, USER_NAME, read_account
+from ops.base import Action, Change, Op, Output, Plan, RunCommand, Target, file_action
+from ops.errors import InvalidParams, OpFailed
+from ops.params import Kind, Param, Params
+from ops.user import ACCOUNT_FILES, USER_NAME, read_account
 
 ZSH_PATHS = ("/usr/bin/zsh", "/bin/zsh")
 SHELLS = "/etc/shells"

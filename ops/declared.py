@@ -2,7 +2,7 @@
 declares in /etc/rastos/rastos.toml. Both become an ordinary list of steps that RunPipeline runs as one
 job (with its snapshots, && semantics, confirm-or-revert), so they behave exactly like a pipeline.
 
-Workflows (daemon/workflows/NAME.toml; /etc/rastos/workflows/NAME.toml overrides one by name):
+Workflows (ops/workflows/NAME.toml; /etc/rastos/workflows/NAME.toml overrides one by name):
 
     description = "..."
     include = ["essential"]              # their steps first, in this order
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import InvalidParams, UnknownOp
-from daemon.ops import AFTER, OPS, get_op
-from daemon.ops.order import OrderCycle, sorted_order
-from daemon.ops.params import validate
+from ops import AFTER, OPS, get_op
+from ops.errors import InvalidParams, UnknownOp
+from ops.order import OrderCycle, sorted_order
+from ops.params import validate
 from rastos.errors import RastosError
 
 SHIPPED_WORKFLOWS = Path(__file__).parent / "workflows"

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from daemon.errors import UnsafePath
-from daemon.ops.params import Params, Schema
-from daemon.ops.rootfs import Links, Root
+from ops.errors import UnsafePath
+from ops.params import Params, Schema
+from ops.rootfs import Links, Root
 from rastos.process import run
 
 Output = Callable[[str], None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from graphlib import CycleError, TopologicalSorter
 
-from daemon.errors import InvalidParams
+from ops.errors import InvalidParams
 
 After = Mapping[str, Sequence[str]]  # op name -> ops it must come after
 

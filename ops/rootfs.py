@@ -34,7 +34,7 @@ from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path, PurePosixPath
 
-from daemon.errors import UnsafePath
+from ops.errors import UnsafePath
 
 MAX_READ = 16 * 1024 * 1024  # no file an op reads is near this; a bigger one is refused, not loaded
 MAX_LINK_HOPS = 40  # as the kernel's own limit

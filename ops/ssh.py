@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import ClassVar
 
-from daemon.errors import InvalidParams, OpFailed, UnsafePath
-from daemon.ops.base import (
+from ops.base import (
     Action,
     CheckedWrite,
     FollowUp,
@@ -34,9 +33,10 @@ from daemon.ops.base import (
     in_target,
     read_colon_file,
 )
-from daemon.ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
-from daemon.ops.rootfs import Links
-from daemon.ops.user import expired_accounts
+from ops.errors import InvalidParams, OpFailed, UnsafePath
+from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from ops.rootfs import Links
+from ops.user import expired_accounts
 from rastos.errors import CommandError
 from rastos.process import run
 

@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from daemon.errors import InvalidParams, OpFailed
-from daemon.ops.base import (
+from ops.base import (
     Action,
     CheckedWrite,
     MakeDirectory,
@@ -38,7 +37,8 @@ from daemon.ops.base import (
     in_target,
     read_colon_file,
 )
-from daemon.ops.params import Kind, Param, Params
+from ops.errors import InvalidParams, OpFailed
+from ops.params import Kind, Param, Params
 from rastos.errors import CommandError
 from rastos.process import run
 

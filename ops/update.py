@@ -1,5 +1,5 @@
 """`update`: packages refreshed and upgraded through the distribution's package manager: apt on Debian,
-libalpm on Arch Linux (daemon/ops/packages_pacman.py; `backend_for` chooses by /etc/os-release).
+libalpm on Arch Linux (ops/packages_pacman.py; `backend_for` chooses by /etc/os-release).
 
 The plan is read from the package lists as they are, with apt's own simulation (`apt-get -s`, which
 changes nothing): one change per package, old -> new version. Refreshing the lists (`apt-get update`)
@@ -35,15 +35,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from daemon.errors import InvalidParams, OpFailed, UnsafePath
-from daemon.ops.base import Action, Change, Op, Output, Plan, Target, joined
-from daemon.ops.packages import PACKAGE, AptBackend, PackageBackend, Transition, UnknownPackages, changed_between
-from daemon.ops.params import Kind, Param, Params
+from ops.base import Action, Change, Op, Output, Plan, Target, joined
+from ops.errors import InvalidParams, OpFailed, UnsafePath
+from ops.packages import PACKAGE, AptBackend, PackageBackend, Transition, UnknownPackages, changed_between
+from ops.params import Kind, Param, Params
 
 
 def backend_for(target: Target) -> PackageBackend:
     # Imported when asked for, not at the daemon's start: a Debian host never needs the Arch backend.
-    from daemon.ops.packages_pacman import PacmanBackend, is_arch
+    from ops.packages_pacman import PacmanBackend, is_arch
 
     if is_arch(target):
         return PacmanBackend(target)

@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import InvalidParams, UnsafePath
-from daemon.ops.base import Action, Op, Plan, RemoveFile, Target, WriteSysctl, file_action
-from daemon.ops.params import Kind, Param, Params
-from daemon.ops.rootfs import Links
+from ops.base import Action, Op, Plan, RemoveFile, Target, WriteSysctl, file_action
+from ops.errors import InvalidParams, UnsafePath
+from ops.params import Kind, Param, Params
+from ops.rootfs import Links
 
 KEY = r"[a-z0-9_]+(\.[a-z0-9_-]+)+"
 VALUE = r"[^\n\r]{1,4096}"

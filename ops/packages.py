@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from daemon.errors import OpFailed
-from daemon.ops.base import Target, in_target
+from ops.base import Target, in_target
+from ops.errors import OpFailed
 from rastos.errors import CommandError
 from rastos.process import run
 
