@@ -164,19 +164,25 @@ def job_flags(args: argparse.Namespace) -> int:
     )
 
 
+def key_values(arguments: Sequence[str], what: str, form: str = "KEY=VALUE") -> dict[str, Any]:
+    """KEY=VALUE arguments as a dict: a VALUE that is JSON (a number, true, a list) is taken as such,
+    any other as a string. `what` and `form` name the argument in an error."""
+    values: dict[str, Any] = {}
+    for argument in arguments:
+        key, separator, value = argument.partition("=")
+        if not separator or not key:
+            raise RastosError(f"{what} {argument!r}: write {form}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
 def params_from(arguments: Sequence[str]) -> str:
     if len(arguments) == 1 and arguments[0].lstrip().startswith("{"):
         return arguments[0]
-    params: dict[str, Any] = {}
-    for argument in arguments:
-        key, separator, value = argument.partition("=")
-        if not separator:
-            raise RastosError(f"parameter {argument!r}: write KEY=VALUE or one JSON object")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return json.dumps(params)
+    return json.dumps(key_values(arguments, "parameter", "KEY=VALUE or one JSON object"))
 
 
 def steps_from_file(path: Path) -> str:
@@ -268,7 +274,7 @@ class Client:
             rows = [[w.name, ", ".join(w.variables) or "-", w.description] for w in workflows]
             self.emit(document, table(["NAME", "VARIABLES", "DESCRIPTION"], rows))
             return 0
-        steps = load_workflow(args.name).steps_for(variables_from(args.set))
+        steps = load_workflow(args.name).steps_for(key_values(args.set, "--set", "VAR=VALUE"))
         if args.workflow_command == "show":
             text = "\n".join(f"{i}. {s['op']} {json.dumps(s['params'])}" for i, s in enumerate(steps, 1))
             self.emit(steps, text)
@@ -446,19 +452,6 @@ def format_diff(document: dict[str, Any]) -> str:
         if changes:
             sections.append(f"--- step {position}: {step['op']}\n{format_changes(changes)}")
     return "\n\n" + "\n\n".join(sections) if sections else "\n\nno changes"
-
-
-def variables_from(settings: Sequence[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for setting in settings:
-        key, separator, value = setting.partition("=")
-        if not separator:
-            raise RastosError(f"--set {setting!r}: write VAR=VALUE")
-        try:
-            values[key] = json.loads(value)
-        except json.JSONDecodeError:
-            values[key] = value
-    return values
 
 
 def format_job(document: dict[str, Any]) -> str:
