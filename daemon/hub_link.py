@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.boot import BootState
 from daemon.errors import DaemonError
-from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags, parse_steps
+from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
 from ops import OPS
 from ops.base import Target
+from ops.steps import parse_steps
 from rastos import __version__
 
 if TYPE_CHECKING:

@@ -32,15 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from daemon.confirm import Confirmations, capture
-from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob, OpFailed
+from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJob
 from daemon.followups import JobFollowUps
 from daemon.snapshots import Snapshots
 from daemon.store import DAEMON_UID, StateStore
-from ops import AFTER, get_op
-from ops.base import Op, Target, execute
-from ops.order import check_order
-from ops.params import Params, parse_json, validate
+from ops.base import Plan, Target, execute
+from ops.params import parse_json
 from ops.shadow import shadow
+from ops.steps import Step, run_step
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.jobs")
@@ -50,18 +49,8 @@ FLAG_NO_SNAPSHOT = 1 << 1
 FLAG_RESTORE_ON_FAILURE = 1 << 2
 KNOWN_FLAGS = FLAG_DRY_RUN | FLAG_NO_SNAPSHOT | FLAG_RESTORE_ON_FAILURE
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
-MAX_STEPS = 256
 DESCRIPTION_LENGTH = 120  # with "before job N: " or "after job N: ... (cancelled)", at most 200
 MAX_OUTPUT_LINES = 2000  # kept per step in the result; every line is also sent as a signal
-
-
-@dataclass(frozen=True)
-class Step:
-    op: Op
-    params: Params
-
-    def as_json(self) -> dict[str, Any]:
-        return {"op": self.op.name, "params": self.params}
 
 
 def check_flags(flags: int) -> None:
@@ -73,39 +62,6 @@ def check_flags(flags: int) -> None:
 
 def parse_params(params_json: str, where: str = "params") -> object:
     return parse_json(params_json, where)
-
-
-def step_from(target: Target, op_name: object, params: object, where: str) -> Step:
-    if not isinstance(op_name, str):
-        raise InvalidParams(f"{where}.op" if where else "op", "must be the name of an op")
-    op = get_op(op_name, f"{where}.op" if where else "op")
-    checked = validate(op.schema, params, f"{where}.params" if where else "params")
-    try:
-        op.check(target, checked)
-    except InvalidParams as error:
-        if where:
-            raise InvalidParams(f"{where}.{error.field}", str(error).split(": ", 1)[1]) from None
-        raise
-    return Step(op, checked)
-
-
-def parse_steps(target: Target, steps_json: str) -> list[Step]:
-    document = parse_params(steps_json, "steps")
-    if not isinstance(document, list) or not document:
-        raise InvalidParams("steps", 'must be a non-empty JSON list of {"op": ..., "params": {...}}')
-    if len(document) > MAX_STEPS:
-        raise InvalidParams("steps", f"at most {MAX_STEPS} steps, got {len(document)}")
-    steps = []
-    for index, item in enumerate(document):
-        where = f"steps[{index}]"
-        if not isinstance(item, dict):
-            raise InvalidParams(where, "must be an object with keys op and params")
-        unknown = set(item) - {"op", "params"}
-        if unknown:
-            raise InvalidParams(f"{where}.{sorted(unknown)[0]}", "unknown key; a step has op and params")
-        steps.append(step_from(target, item.get("op"), item.get("params", {}), where))
-    check_order([step.op.name for step in steps], AFTER)
-    return steps
 
 
 class JobListener(Protocol):
@@ -310,20 +266,34 @@ class _PipelineRun:
     def _run_step(self, index: int, step: Step) -> None:
         record = self.steps[index]
         self.manager.store.set_step(self.job.id, index, "running")
-        plan = step.op.plan(self.target, step.params)
-        record["changes"] = [change.as_json() for change in plan.changes]
-        if self.dry_run or not plan.actions:
-            if self.dry_run and plan.actions and self.target.simulated:  # what the next step is planned against
+        if self.dry_run:
+            plan = step.op.plan(self.target, step.params)
+            record["changes"] = [change.as_json() for change in plan.changes]
+            if plan.actions and self.target.simulated:  # what the next step is planned against
                 execute(plan, self.target, lambda line: None)
-            record["state"] = "planned" if self.dry_run else "unchanged"
-            self.manager.store.set_step(self.job.id, index, record["state"], record)
+            record["state"] = "planned"
+            self.manager.store.set_step(self.job.id, index, "planned", record)
             return
+        output: list[str] = []
+        plan = run_step(
+            step,
+            self.target,
+            lambda line: self._output(output, line),
+            before_changes=lambda plan: self._before_changes(step, plan, record, output),
+            follow_ups=JobFollowUps(self.manager.store, self.job.id),
+        )
+        record["changes"] = [change.as_json() for change in plan.changes]
+        record["state"] = "changed" if plan.actions else "unchanged"
+        self.manager.store.set_step(self.job.id, index, record["state"], record)
+
+    def _before_changes(self, step: Step, plan: Plan, record: dict[str, Any], output: list[str]) -> None:
+        """The pre snapshot before the job's first change, and what a risky change may need back."""
+        record["changes"] = [change.as_json() for change in plan.changes]
         if self.snapshots is not None and self.pre_id is None:
             self.pre_id = self.snapshots.create(
                 f"before job {self.job.id}: {self.job.description}", "pre", uid=self.job.uid, method="Snapshot",
                 job_id=self.job.id,
             )  # fmt: skip
-        output: list[str] = []
         record["output"] = output
         record["state"] = "running"
         self.changed_paths += plan.paths
@@ -332,13 +302,6 @@ class _PipelineRun:
             capture(self.target, plan.paths, self.risky_files)
             self.risky_ops += [step.op.name] if step.op.name not in self.risky_ops else []
             self.confirm_timeout = max(self.confirm_timeout, timeout)
-        follow_ups = JobFollowUps(self.manager.store, self.job.id)
-        execute(plan, self.target, lambda line: self._output(output, line), follow_ups)
-        problems = step.op.verify(self.target, step.params)
-        if problems:
-            raise OpFailed(f"verify found: {'; '.join(problems)}")
-        record["state"] = "changed"
-        self.manager.store.set_step(self.job.id, index, "changed", record)
 
     def _output(self, kept: list[str], line: str) -> None:
         if len(kept) < MAX_OUTPUT_LINES:

@@ -62,12 +62,13 @@ from daemon.errors import (
 from daemon.failpoints import failpoint
 from daemon.followups import run_owed
 from daemon.hub_link import HubLink, load_settings
-from daemon.jobs import Job, JobManager, check_flags, parse_params, parse_steps, step_from
+from daemon.jobs import Job, JobManager, check_flags, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from ops import OPS
 from ops.base import Target
 from ops.params import INT_MAX, json_schema
+from ops.steps import parse_steps, step_from
 from rastos import __version__
 from rastos.errors import CommandError, RastosError
 from rastos.process import run

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import OpFailed
-from daemon.jobs import step_from
 from ops.base import Target, execute
 from ops.firewall import RULESET, CheckedRuleset
+from ops.steps import step_from
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import tree_digest
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from daemon.errors import InvalidParams, OpFailed
-from daemon.jobs import parse_steps, step_from
 from ops import OPS, get_op
 from ops.base import Target, execute
 from ops.params import validate
+from ops.steps import parse_steps, step_from
 from tests.op_tree import tree_digest
 
 pytestmark = [pytest.mark.root, pytest.mark.network]

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import UnsafePath
-from daemon.jobs import step_from
 from ops import firewall, monitoring, rootfs
 from ops.base import Target, execute
+from ops.steps import step_from
 from rastos.errors import RastosError
 from tests.op_tree import op_root, op_tree_base  # noqa: F401  (fixtures)
 from tests.test_op_library import CASES, KEY, Case, apply

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from daemon.errors import InvalidParams, OpFailed
-from daemon.jobs import step_from
 from ops.base import Target, execute
 from ops.network import LinkConfig, read_link
 from ops.params import validate
+from ops.steps import step_from
 from tests.daemon_fixtures import MANAGER, STRICT_POLICY, Rastosd, private_bus
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import op_scratch_root

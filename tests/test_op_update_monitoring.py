@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import InvalidParams
-from daemon.jobs import step_from
 from ops import get_op, monitoring
 from ops.base import Plan, Target, execute, in_target
 from ops.monitoring import BINARY, DEFAULTS, ENABLED_LINK, InstallPackages
@@ -28,6 +27,7 @@ from ops.motd import DYNAMIC, SCRIPT
 from ops.packages import APT_ENV, AptBackend, Transition, parse_simulation, with_network
 from ops.params import validate
 from ops.shadow import shadow
+from ops.steps import step_from
 from ops.update import PackageStep, RefreshLists
 from rastos.process import run
 from tests.daemon_fixtures import CHECKOUT, Rastosd

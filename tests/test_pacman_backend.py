@@ -28,7 +28,6 @@ import pyalpm
 import pytest
 
 from daemon.errors import InvalidParams
-from daemon.jobs import Step, step_from
 from imagebuilder.events import JsonEvents
 from imagebuilder.profile.load import ProfileError, load_profile, profile_from_dict, profile_to_dict
 from imagebuilder.stages.bootstrap_arch import (
@@ -41,6 +40,7 @@ from imagebuilder.stages.bootstrap_arch import (
 from ops.base import Plan, Target, execute
 from ops.packages import Transition
 from ops.packages_pacman import PacmanBackend
+from ops.steps import Step, step_from
 from ops.update import PackageStep, PackageTransaction, RefreshLists, backend_for
 from rastos import alpm as rastos_alpm
 from rastos.alpm import (

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from imagebuilder.context import BuildContext
 from ops import get_op
-from ops.base import Target, execute
+from ops.base import Target
 from ops.declared import desired_state_steps
+from ops.errors import OpFailed
 from ops.params import validate
+from ops.steps import Step, run_step
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build.desired_state")
@@ -44,14 +46,13 @@ def apply_file(source: Path, root: Path) -> int:
     """Apply every step of `source` to the tree at `root`; returns how many changed something."""
     target = Target(root, runtime=False)
     changed = 0
-    for index, step in enumerate(desired_state_steps(source), 1):
-        op = get_op(step["op"])
-        params = validate(op.schema, step["params"], f"{source.name} [{op.name}]")
-        op.check(target, params)
-        plan = op.plan(target, params)
-        execute(plan, target, functools.partial(log_line, op.name))
-        problems = op.verify(target, params)
-        if problems:
-            raise RastosError(f"{source}: step {index} ({op.name}) did not take: {'; '.join(problems)}")
+    for index, declared in enumerate(desired_state_steps(source), 1):
+        op = get_op(declared["op"])
+        step = Step(op, validate(op.schema, declared["params"], f"{source.name} [{op.name}]"))
+        op.check(target, step.params)
+        try:
+            plan = run_step(step, target, functools.partial(log_line, op.name))
+        except OpFailed as error:
+            raise RastosError(f"{source}: step {index} ({op.name}) did not take: {error}") from None
         changed += bool(plan.actions)
     return changed
