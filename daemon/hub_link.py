@@ -57,7 +57,8 @@ class HubRefused(Exception):
 
 
 class DaemonCore(Protocol):
-    """What the link needs of the daemon (service.py's Daemon): its state, its jobs, its facts."""
+    """What the link needs of the daemon (core.py's Daemon, which holds the link): its state, its
+    jobs, its facts."""
 
     target: Target
     store: StateStore

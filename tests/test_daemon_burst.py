@@ -18,9 +18,10 @@ import pytest
 from sdbus import sd_bus_open_system
 
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH
+from daemon.bus.objects import BusFace
 from daemon.config import DaemonConfig
+from daemon.core import Daemon
 from daemon.jobs import Job
-from daemon.service import Daemon
 from tests.daemon_fixtures import CHECKOUT, PrivateBus, ScratchRoot
 
 pytestmark = pytest.mark.root
@@ -60,8 +61,9 @@ def test_a_burst_of_signals_leaves_the_connection_up(daemon_env: tuple[PrivateBu
 async def burst(bus: PrivateBus, scratch: ScratchRoot, state_dir: Path) -> None:
     connection = sd_bus_open_system()
     config = DaemonConfig(root=scratch.root, snapshots_dir=scratch.snapshots, state_dir=state_dir, esp=scratch.esp)
-    daemon = Daemon(config, connection)
-    daemon.root.export_to_dbus(ROOT_PATH, connection)
+    daemon = Daemon(config)
+    face = BusFace(daemon, connection)
+    face.root.export_to_dbus(ROOT_PATH, connection)
     await connection.request_name_async(BUS_NAME, 0)
     job = Job(1, "pipeline", [], 0, 0, state="running")
     daemon.job_added(job)

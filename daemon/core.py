@@ -1,0 +1,217 @@
+"""rastosd's core: what one daemon process holds and does, apart from its face on the bus.
+
+The bus face (daemon/bus/objects.py) calls in here for every method and is told back what changed
+(`Listener`); the core imports nothing of sdbus, so it runs, and is tested, without a bus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Protocol
+
+import btrfsutil
+
+from daemon.boot import (
+    BootEntries,
+    BootState,
+    Fallback,
+    booted_entry_blessed,
+    current_boot_id,
+    find_fallback,
+    overlay_boot,
+    read_loader_variable,
+    snapshot_of_root,
+)
+from daemon.config import DaemonConfig
+from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
+from daemon.failpoints import failpoint
+from daemon.hub_link import HubLink
+from daemon.jobs import Job, JobListener, JobManager, parse_params
+from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
+from daemon.store import StateStore
+from ops.base import Target
+from ops.steps import step_from
+from rastos.errors import CommandError, RastosError
+from rastos.process import run
+
+log = logging.getLogger("rastosd")
+
+
+class Listener(JobListener, Protocol):
+    """What the bus face hears of the core, besides jobs (all on the event loop's thread)."""
+
+    def boot_state_changed(self) -> None: ...
+    def fell_back(self, failed_entry: str, failed_root: str, booted_entry: str) -> None: ...
+
+
+class Daemon:
+    """Everything one rastosd process holds but its face on the bus: the target, the state store,
+    snapshots, boot entries, jobs. It is the job manager's listener and passes on what the bus face
+    (`listener`, daemon/bus/objects.py) shows; the hub link hears of jobs here too."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.listener: Listener = _Unheard()
+        self.target = Target(config.root, runtime=config.root_runtime)
+        self.store = StateStore(config.database)
+        self.entries = BootEntries(config.esp, config.boot_tries)
+        self.boot_id = current_boot_id()
+        self._booted_entry = config.booted_entry or read_loader_variable("LoaderEntrySelected") or ""
+        self.fallback = self._find_fallback()
+        # A read-only snapshot boot runs on an overlay: its root is named by the kernel command line.
+        self.overlay_root = overlay_boot(config.boot_cmdline())
+        layout = SnapshotLayout(config.root, config.snapshot_directory)
+        self.snapshots: Snapshots | None = Snapshots(layout, self.store, config.keep_pairs, self.entries)
+        try:
+            self.snapshots.check_available(root=self.overlay_root is None)
+        except SnapshotsUnavailable as error:
+            log.warning("snapshots are off: %s", error)
+            self.snapshots = None
+        self.root_subvolume = self._read_root_subvolume()
+        if self.snapshots is not None:
+            self.snapshots.running_root = self.root_subvolume
+            if self.overlay_root is not None:
+                self.snapshots.refusal = (
+                    f"this boot runs the read-only snapshot {self.overlay_root} under an overlay in memory, so "
+                    "nothing here is kept to snapshot: boot a deployment, or roll back to this snapshot first"
+                )
+        # What the root was made from is fixed for this boot: derived once, not per call.
+        self.booted_snapshot = snapshot_of_root(self.root_subvolume)
+        self.jobs = JobManager(self.target, self.store, self.snapshots, self, self.booted_snapshot)
+        self.hub: HubLink | None = None
+
+    def _read_root_subvolume(self) -> str:
+        if self.overlay_root is not None:
+            return self.overlay_root
+        if self.snapshots is None:
+            return ""
+        return subvolume_path(self.config.root)
+
+    # State the properties show
+
+    def hostname(self) -> str:
+        name = (self.target.read_text("/etc/hostname") or "").strip()
+        return name or socket.gethostname()
+
+    def boot_state(self) -> BootState:
+        entry = self._booted_entry
+        if self.store.boot_marked_good(self.boot_id) or booted_entry_blessed(self.config.esp, entry):
+            health = "good"
+        else:
+            health = "pending" if entry else "unknown"
+        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback)
+
+    def _find_fallback(self) -> Fallback | None:
+        try:
+            return find_fallback(self.entries, self._booted_entry)
+        except (BootConfigError, OSError) as error:
+            log.warning("cannot tell whether this boot fell back: %s", error)
+            return None
+
+    def report_fallback(self) -> None:
+        """Once per boot: the event log, the journal and a signal say what failed and what booted."""
+        if self.fallback is None:
+            return
+        failed, root = self.fallback.failed_entry, self.fallback.failed_root
+        if self.store.record_fallback(self.boot_id, failed, root):
+            log.warning("boot fell back: %s (root %s) used up its tries; booted %s", failed, root, self._booted_entry)
+        self.listener.fell_back(failed, root, self._booted_entry)
+
+    def reconcile(self) -> None:
+        """Once per start: repair what a crash or power cut between two steps left (snapshots.py)."""
+        if self.snapshots is None:
+            return
+        try:
+            done = self.snapshots.reconcile(self.booted_snapshot)
+        except (OSError, btrfsutil.BtrfsUtilError) as error:
+            log.error("cannot reconcile snapshots and boot entries: %s", error)
+            return
+        for action in done:
+            log.warning("reconciled: %s", action)
+        if done:
+            self.store.record(0, "Reconcile", None, actions=done)
+
+    def health_problems(self) -> list[str]:
+        """What makes this boot not good: a critical unit that failed. (That the daemon answers is
+        the first check, made by calling this at all.)"""
+        problems = []
+        for unit in self.config.critical_units:
+            state = run(["systemctl", "is-failed", unit], check=False, capture=True).stdout.strip()
+            if state == "failed":
+                problems.append(f"critical unit {unit} failed")
+        return problems
+
+    def plan(self, op: str, params_json: str) -> str:
+        step = step_from(self.target, op, parse_params(params_json), "")
+        return json.dumps(step.op.plan(self.target, step.params).as_json())
+
+    def require_snapshots(self) -> Snapshots:
+        if self.snapshots is None:
+            raise SnapshotsUnavailable(f"snapshots are off: {self.config.root} is not a btrfs subvolume")
+        return self.snapshots
+
+    def prepare_rollback(self, snapshot_id: int) -> str:
+        snapshots = self.require_snapshots()
+        row = snapshots.get(snapshot_id)
+        if self.booted_snapshot == snapshot_id and self.overlay_root is None:
+            raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
+        deployment = snapshots.make_deployment(snapshot_id)
+        failpoint("deployment-made")
+        try:
+            entry = self.entries.add_for_snapshot(
+                snapshot_id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
+            )
+        except BaseException:
+            snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
+            raise
+        failpoint("entry-written")
+        return entry
+
+    def boot_once(self, snapshot_id: int) -> str:
+        """Boot the snapshot's read-only entry on the next boot only (systemd-boot's one-shot entry):
+        the boot after that is the default one again, whatever happened."""
+        entry = self.require_snapshots().ensure_menu_entry(snapshot_id)
+        try:
+            run(["bootctl", "set-oneshot", entry], capture=True)
+        except CommandError as error:
+            raise BootConfigError(f"cannot make {entry} the next boot's entry: {error.output_tail or error}") from None
+        except RastosError as error:  # bootctl is missing
+            raise BootConfigError(f"cannot make {entry} the next boot's entry: {error}") from None
+        log.info("the next boot (only) starts %s", entry, extra={"SNAPSHOT": snapshot_id})
+        return entry
+
+    def mark_good(self, uid: int) -> None:
+        newest = None
+        if self.snapshots is not None and (rows := self.snapshots.existing()):
+            newest = rows[-1].id
+        self.store.mark_known_good(newest, uid, self.boot_id)
+        self.listener.boot_state_changed()
+
+    # JobListener: passed on to the bus face, and to the hub link
+
+    def job_added(self, job: Job) -> None:
+        self.listener.job_added(job)
+
+    def job_changed(self, job: Job, what: str) -> None:
+        if what == "State" and self.hub is not None:
+            self.hub.job_changed(job)
+        self.listener.job_changed(job, what)
+
+    def job_output(self, job: Job, line: str) -> None:
+        self.listener.job_output(job, line)
+
+    def job_finished(self, job: Job) -> None:
+        self.listener.job_finished(job)
+
+
+class _Unheard:
+    """The listener until the bus face is wired (and in tests without one): hears nothing."""
+
+    def job_added(self, job: Job) -> None: ...
+    def job_changed(self, job: Job, what: str) -> None: ...
+    def job_output(self, job: Job, line: str) -> None: ...
+    def job_finished(self, job: Job) -> None: ...
+    def boot_state_changed(self) -> None: ...
+    def fell_back(self, failed_entry: str, failed_root: str, booted_entry: str) -> None: ...
