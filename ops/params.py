@@ -208,6 +208,13 @@ def validate(schema: Schema, value: object, where: str = "params") -> Params:
     return result
 
 
+def check_param(schema: Schema, name: str, value: object, field: str) -> Any:
+    """One param's value checked as `validate` checks it (the same error text), named `field`: how a
+    profile key that is an op's param is checked where it is written."""
+    param = next(param for param in schema if param.name == name)
+    return _check_value(param, value, field)
+
+
 def _check_value(param: Param, value: object, field: str) -> Any:
     if param.kind is Kind.STRING:
         return _check_string(param, value, field, param.pattern)

@@ -128,13 +128,13 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ("[boot]\ntries = 12\n", "boot.tries", "between 0 and 9"),
         ('[packages]\ninclude = "vim"\n', "packages.include", "expected a list"),
         ('[packages]\ninclude = ["Bad Name"]\n', "packages.include", "not a valid package name"),
-        ('[system]\nhostname = "-bad-"\n', "system.hostname", "not a valid host name"),
+        ('[system]\nhostname = "-bad-"\n', "system.hostname", "'-bad-' is not valid: lower-case letters"),
         ('[disk]\nformats = ["vmdk"]\n', "disk.formats[0]", "'vmdk' is not one of raw, qcow2"),
         ('[kernel]\ninitramfs = "tiny"\n', "kernel.initramfs", "is not one of virtio, generic"),
         ('[btrfs]\nhome = "home"\n', "btrfs.home", "must start with @"),
         ('[distribution]\nmirror = "deb.debian.org"\n', "distribution.mirror", "not a URL"),
-        ('[[users]]\nname = "Root!"\n', "users[0].name", "not a valid user name"),
-        ('[[users]]\nname = "a"\nssh_keys = ["hello"]\n', "users[0].ssh_keys", "not an ssh public key"),
+        ('[[users]]\nname = "Root!"\n', "users[0].name", "'Root!' is not valid: a lower-case letter"),
+        ('[[users]]\nname = "a"\nssh_keys = ["hello"]\n', "users[0].ssh_keys[0]", "one OpenSSH public key line"),
         ('[system]\nenable = ["sshd"]\n', "system.enable", "not a valid unit name"),
         ('[kernel.sysctl]\n"vm.swappiness" = [1]\n', "kernel.sysctl.vm.swappiness", "expected a string or integer"),
         ('[disk]\nsize = "600M"\nesp_size = "400M"\n', "disk.size", "leaves less than 256M"),
@@ -207,3 +207,41 @@ def test_profile_field_help_is_documented() -> None:
         for field in dataclasses.fields(table):
             assert field.metadata.get("help"), f"{table.__name__}.{field.name} has no help"
             assert re.search(rf"`{field.name}`", docs), f"docs/profiles.md does not mention {field.name}"
+
+
+def test_host_settings_are_op_steps_the_ops_accept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A profile's host name, sysctl and accounts become the hostname, sysctl and user ops' steps;
+    the former `ssh_keys` still works, and says which key to write instead."""
+    from imagebuilder.profile.host import host_steps
+    from ops.steps import checked_steps
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGv0KEtNPHS1x0Pu2sB9UpGdnnJcHBbt3/0IS0pYqDJa a@b"
+    text = (
+        'extends = "minimal"\n[system]\nhostname = "web-1.example.org"\n[kernel.sysctl]\n"vm.swappiness" = 10\n'
+        f'[[users]]\nname = "ops"\nsudo = true\nssh_keys = ["{key}"]\n'
+        f'[[users]]\nname = "dev"\nsudo = true\npassword_hash = "$6$x$y"\nauthorized_keys = ["{key}"]\n'
+    )
+    profile = load_profile(write(tmp_path, "fleet", text))
+    assert "key 'users[0].ssh_keys' is deprecated: write 'users[0].authorized_keys'" in caplog.text
+    steps = host_steps(profile)
+    assert steps == [
+        {"op": "hostname", "params": {"hostname": "web-1.example.org"}},
+        {"op": "sysctl", "params": {"settings": dict(profile.kernel.sysctl)}},
+        {"op": "user", "params": {"name": "ops", "groups": [], "authorized_keys": [key], "shell": "/bin/bash",
+                                  "sudo": True, "sudo_nopasswd": True}},
+        {"op": "user", "params": {"name": "dev", "groups": [], "authorized_keys": [key], "shell": "/bin/bash",
+                                  "sudo": True, "sudo_nopasswd": False}},
+    ]  # fmt: skip
+    assert profile.kernel.sysctl["vm.swappiness"] == "10"
+    assert [step.op.name for step in checked_steps(steps)] == ["hostname", "sysctl", "user", "user"]
+
+
+def test_a_desired_state_that_sets_a_profile_key_again_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "site.toml").write_text(
+        '[hostname]\nhostname = "other"\n[sysctl]\nsettings = {"vm.swappiness" = "1"}\n'
+    )
+    text = 'extends = "minimal"\n[system]\ndesired_state = "site.toml"\n[kernel.sysctl]\n"vm.swappiness" = 10\n'
+    load_profile(write(tmp_path, "twice", text))
+    assert "site.toml sets hostname, sysctl 90-rastos again, which the profile's own keys set" in caplog.text

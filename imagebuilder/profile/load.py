@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import tomllib
 import types
 import typing
@@ -19,9 +20,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from imagebuilder.profile.model import DistributionName, InitramfsModules, MiB, Profile, format_size
+from imagebuilder.profile.model import DistributionName, InitramfsModules, KeyProblem, MiB, Profile, format_size
 from rastos.errors import RastosError
 
+log = logging.getLogger("rastos.profile")
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
 MAX_EXTENDS_DEPTH = 16
 
@@ -65,9 +67,14 @@ def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
     from ops.declared import desired_state_steps
 
     try:
-        desired_state_steps(path)
+        declared = desired_state_steps(path)
     except RastosError as error:
         raise ProfileError(f"{named_in}: key 'system.desired_state': {error}") from None
+    from imagebuilder.profile.host import overlaps
+
+    if twice := overlaps(profile, declared):
+        log.warning("%s: key 'system.desired_state': %s sets %s again, which the profile's own keys set; the desired "
+                    "state is applied last and wins", named_in, path.name, ", ".join(twice))  # fmt: skip
     system = dataclasses.replace(profile.system, desired_state=str(path))
     return dataclasses.replace(profile, system=system)
 
@@ -358,9 +365,15 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, origins: _Origins) -
         dotted = f"{prefix}{f.name}"
         value = _convert(hints[f.name], f, data[f.name], dotted, origins)
         check = f.metadata.get("check")
-        problem = check(value) if check else None
+        try:
+            problem = check(value) if check else None
+        except KeyProblem as below:
+            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}{below.suffix}': {below.problem}") from None
         if problem:
             raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': {problem}")
+        if newer := f.metadata.get("deprecated"):
+            log.warning("%s: key '%s' is deprecated: write '%s%s' (the same value)", origins.of(dotted), dotted,
+                        prefix, newer)  # fmt: skip
         values[f.name] = value
     return cls(**values)
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ops import get_op
+from ops.errors import InvalidParams
+from ops.params import check_param
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -58,13 +62,10 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 # Debian's (policy 5.6.7, with :arch) and Arch's (also _ and @); load.py refuses _ and @ for Debian.
 _PACKAGE = re.compile(r"^[a-z0-9@_][a-z0-9@_+.-]+(:[a-z0-9]+)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name
-_SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_*-]+)+$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice)$")
 
@@ -80,6 +81,31 @@ def _check_all(pattern: re.Pattern[str], what: str) -> Any:
 def _check_one(pattern: re.Pattern[str], what: str) -> Any:
     def check(value: str) -> str | None:
         return None if pattern.match(value) else f"not a valid {what}: {value!r}"
+
+    return check
+
+
+class KeyProblem(Exception):
+    """A check's finding below the key it checks (`suffix`: "[2]", ".vm.swappiness")."""
+
+    def __init__(self, suffix: str, problem: str) -> None:
+        super().__init__(problem)
+        self.suffix = suffix
+        self.problem = problem
+
+
+def _op_param(op: str, name: str, as_param: Any = None) -> Any:
+    """A check that is the op's own for its param `name`: a profile key that is an op's param is
+    refused in the op's words, at the key (and item) that holds the value."""
+
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        try:
+            check_param(get_op(op).schema, name, as_param(value) if as_param else value, "")
+        except InvalidParams as error:
+            raise KeyProblem(error.field, str(error).removeprefix(f"{error.field}: ")) from None
+        return None
 
     return check
 
@@ -145,9 +171,9 @@ class KernelConfig:
     sysctl: Mapping[str, str] = field(
         default_factory=dict,
         metadata=_meta(
-            "sysctl settings written to /etc/sysctl.d",
+            "sysctl settings: the sysctl op's `settings`, written by it to /etc/sysctl.d/90-rastos.conf",
             merge="append",
-            check=lambda v: _check_all(_SYSCTL_KEY, "sysctl key")(tuple(v)),
+            check=_op_param("sysctl", "settings", dict),
         ),
     )
     blacklist: tuple[str, ...] = field(
@@ -174,25 +200,32 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class UserConfig:
-    name: str = field(default="", metadata=_meta("login name", check=_check_one(_USERNAME, "user name")))
+    """An account, made by the user op with these of its params (docs/profiles.md); the password
+    hash, which no op sets, is the image builder's own."""
+
+    name: str = field(default="", metadata=_meta("login name", check=_op_param("user", "name")))
     uid: int | None = field(
-        default=None,
-        metadata=_meta(
-            "numeric user id (chosen by useradd when absent)",
-            check=lambda v: None if v is None or 0 <= v < 60000 else f"uid {v} is out of range 0-59999",
-        ),
+        default=None, metadata=_meta("numeric user id (chosen by useradd when absent)", check=_op_param("user", "uid"))
     )
-    groups: tuple[str, ...] = field(default=(), metadata=_meta("supplementary groups"))
-    shell: str = field(default="/bin/bash", metadata=_meta("login shell"))
+    groups: tuple[str, ...] = field(
+        default=(), metadata=_meta("supplementary groups", check=_op_param("user", "groups", list))
+    )
+    shell: str = field(default="/bin/bash", metadata=_meta("login shell", check=_op_param("user", "shell")))
     sudo: bool = field(default=False, metadata=_meta("may use sudo (adds the package sudo)"))
+    sudo_nopasswd: bool | None = field(
+        default=None,
+        metadata=_meta("sudo without the password (absent: so when the user has no password, keys alone)"),
+    )
+    authorized_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("authorized ssh public keys", check=_op_param("user", "authorized_keys", list)),
+    )
     ssh_keys: tuple[str, ...] = field(
         default=(),
         metadata=_meta(
-            "authorized ssh public keys",
-            check=lambda keys: next(
-                (f"not an ssh public key: {k[:40]!r}" for k in keys if not re.match(r"^(ssh-|ecdsa-|sk-)\S+ \S+", k)),
-                None,
-            ),
+            "deprecated spelling of authorized_keys (the user op's name)",
+            check=_op_param("user", "authorized_keys", list),
+            deprecated="authorized_keys",
         ),
     )
     password_hash: str | None = field(
@@ -207,10 +240,27 @@ class UserConfig:
         ),
     )
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.authorized_keys + tuple(key for key in self.ssh_keys if key not in self.authorized_keys)
+
+    def op_params(self) -> dict[str, Any]:
+        """The user op's params for this account."""
+        params: dict[str, Any] = {"name": self.name, "groups": list(self.groups), "authorized_keys": list(self.keys)}
+        params["shell"] = self.shell
+        if self.uid is not None:
+            params["uid"] = self.uid
+        if self.sudo:
+            nopasswd = self.sudo_nopasswd if self.sudo_nopasswd is not None else not self.password_hash
+            params |= {"sudo": True, "sudo_nopasswd": nopasswd}
+        return params
+
 
 @dataclass(frozen=True)
 class SystemConfig:
-    hostname: str = field(default="rastos", metadata=_meta("host name", check=_check_one(_HOSTNAME, "host name")))
+    hostname: str = field(
+        default="rastos", metadata=_meta("host name, set by the hostname op", check=_op_param("hostname", "hostname"))
+    )
     timezone: str = field(default="UTC", metadata=_meta("time zone, e.g. Europe/Berlin"))
     autologin: bool = field(default=False, metadata=_meta("log root in on the serial console without a password"))
     enable: tuple[str, ...] = field(

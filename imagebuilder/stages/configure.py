@@ -1,26 +1,37 @@
 """Stage `configure`: turn the bootstrapped tree into this profile's system.
 
-Host name, time zone, fstab by UUID for the btrfs subvolumes and the ESP, kernel tuning (sysctl,
-module blacklist), networking, users and their keys, console autologin, and units to enable or mask.
-Files are written from the host; programs that must run inside the image (useradd, systemctl) run
-there through bubblewrap.
+The host settings an op manages (host name, sysctl, accounts with their keys and sudo rights) are set
+by those ops (profile/host.py, ops/steps.py), exactly as rastosd would set them on a running host.
+The rest is this stage's own, what no op does: time zone, fstab by UUID for the btrfs subvolumes and
+the ESP, the module blacklist, networking, password hashes, console autologin, units to enable or
+mask. Files are written from the host; programs that must run inside the image (chpasswd, systemctl)
+run there through bubblewrap.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from pathlib import Path
 
 from imagebuilder.chroot import chroot_run
 from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
-from imagebuilder.profile.model import Profile, UserConfig
+from imagebuilder.profile.host import host_steps
+from imagebuilder.profile.model import Profile
+from ops.base import Target
+from ops.errors import OpFailed
+from ops.steps import checked_steps, run_step, step_from
 from rastos.errors import RastosError
+
+log = logging.getLogger("rastos.build.configure")
 
 
 def configure(ctx: BuildContext) -> str:
     root, profile = ctx.rootfs, ctx.profile
-    write_hostname(root, profile.system.hostname)
+    write_base_hosts(root)
+    changed = apply_host_settings(root, profile)
     write_timezone(root, profile.system.timezone)
     write_file(root / "etc/fstab", fstab(ctx))
     write_kernel_tuning(root, profile)
@@ -30,20 +41,39 @@ def configure(ctx: BuildContext) -> str:
     if profile.system.autologin and profile.boot.console:
         write_autologin(root, profile.boot.console)
     for user in profile.users:
-        add_user(root, user)
+        if user.password_hash is not None:
+            chroot_run(root, ["chpasswd", "--encrypted"], input=f"{user.name}:{user.password_hash}\n")
     units = apply_units(root, profile)
     mark_updated(root)
-    return f"{len(profile.users)} users, {units} units enabled or masked"
+    return f"{changed} host settings by their ops, {len(profile.users)} users, {units} units enabled or masked"
 
 
-def write_hostname(root: Path, hostname: str) -> None:
-    write_file(root / "etc/hostname", hostname + "\n")
-    write_file(
-        root / "etc/hosts",
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
-        "::1\t\tlocalhost ip6-localhost ip6-loopback\n"
-        "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n",
-    )
+def write_base_hosts(root: Path) -> None:
+    """localhost's lines, where the tree has no /etc/hosts; the hostname op adds the host's own."""
+    if not (root / "etc/hosts").exists():
+        write_file(
+            root / "etc/hosts",
+            "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+            "ff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n",
+        )
+
+
+def apply_host_settings(root: Path, profile: Profile) -> int:
+    """The profile's host settings, each by its op on the image's tree; how many changed it."""
+    target = Target(root, runtime=False)
+    changed = 0
+    for step in checked_steps(host_steps(profile)):
+        step = step_from(target, step.op.name, step.params, "")
+        try:
+            plan = run_step(step, target, functools.partial(_log, step.op.name))
+        except OpFailed as error:
+            raise RastosError(f"profile {profile.name}: the {step.op.name} op failed in the image: {error}") from None
+        changed += bool(plan.actions)
+    return changed
+
+
+def _log(op: str, line: str) -> None:
+    log.info("%s: %s", op, line)
 
 
 def write_timezone(root: Path, timezone: str) -> None:
@@ -84,10 +114,6 @@ def fstab(ctx: BuildContext) -> str:
 
 def write_kernel_tuning(root: Path, profile: Profile) -> None:
     kernel = profile.kernel
-    sysctl_file = root / "etc/sysctl.d/50-rastos-profile.conf"
-    if kernel.sysctl:
-        body = "".join(f"{k} = {v}\n" for k, v in sorted(kernel.sysctl.items()))
-        write_file(sysctl_file, f"# From profile {profile.name}\n{body}")
     blacklist_file = root / "etc/modprobe.d/rastos-blacklist.conf"
     if kernel.blacklist:
         # `blacklist` only stops loading by alias; `install ... /bin/false` also stops explicit loads.
@@ -132,40 +158,6 @@ def write_autologin(root: Path, console: str) -> None:
         "ExecStart=-/sbin/agetty -o '-f -- \\\\u' --noreset --noclear --keep-baud "
         "--autologin root 115200,57600,38400,9600 - $TERM\n",
     )
-
-
-def add_user(root: Path, user: UserConfig) -> None:
-    if user.name == "root":
-        home = root / "root"
-        uid = gid = 0
-    else:
-        argv = ["useradd", "--create-home", "--user-group", "--shell", user.shell]
-        if user.uid is not None:
-            argv += ["--uid", str(user.uid)]
-        if user.groups:
-            argv += ["--groups", ",".join(user.groups)]
-        chroot_run(root, [*argv, user.name])
-        uid, gid, home = _passwd_entry(root, user.name)
-    if user.password_hash is not None:
-        chroot_run(root, ["chpasswd", "--encrypted"], input=f"{user.name}:{user.password_hash}\n")
-    if user.ssh_keys:
-        ssh = home / ".ssh"
-        write_file(ssh / "authorized_keys", "\n".join(user.ssh_keys) + "\n", mode=0o600)
-        ssh.chmod(0o700)
-        for path in (ssh, ssh / "authorized_keys"):
-            os.chown(path, uid, gid)
-    if user.sudo:
-        # A user without a password cannot answer sudo's prompt: let it in by its ssh key alone.
-        tag = "NOPASSWD: " if not user.password_hash else ""
-        write_file(root / f"etc/sudoers.d/rastos-{user.name}", f"{user.name} ALL=(ALL:ALL) {tag}ALL\n", mode=0o440)
-
-
-def _passwd_entry(root: Path, name: str) -> tuple[int, int, Path]:
-    for line in (root / "etc/passwd").read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == name:
-            return int(fields[2]), int(fields[3]), root / fields[5].lstrip("/")
-    raise RastosError(f"user {name!r} was not created in the image")
 
 
 def apply_units(root: Path, profile: Profile) -> int:
