@@ -114,6 +114,8 @@ def test_agents_are_authenticated_by_their_own_token_and_bad_messages_are_refuse
             socket = await agent(hub, one, session)
             await socket.receive_json()
             await socket.send_str(json.dumps({"type": "facts", "facts": {"hostname": "x" * (2 << 20)}}))
+            answer = await socket.receive_json()  # an oversized frame is refused like any other: with an error
+            assert answer["type"] == "error" and answer["message"].startswith("message: larger than"), answer
             assert (await socket.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             # The other agent was not disturbed by any of it.
             await good.send_json({"type": "facts", "facts": {"hostname": "two.example"}})
