@@ -180,8 +180,9 @@ async def _start_run(request: web.Request) -> web.StreamResponse:
     admin = await _admin(request)
     body = await edge.json_body(request, api.NEW_RUN)
     steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
-    run = await request.app[FLEET].start_run(admin, body["target"], steps, body.get("flags", 0),
-                                             body.get("parallelism", 10))  # fmt: skip
+    # JSON Schema counts 1.0 as an integer; the columns (PostgreSQL's at least) take only ints.
+    flags, parallelism = int(body.get("flags", 0)), int(body.get("parallelism", 10))
+    run = await request.app[FLEET].start_run(admin, body["target"], steps, flags, parallelism)
     return respond(run, status=201)
 
 

@@ -2,8 +2,9 @@
 
 In: every document from outside (a REST body, an agent's frame) is read by `loads`, which refuses
 what no column, browser or later check can take, naming the field: NaN and Infinity, numbers that
-overflow to infinity (1e400), integers beyond 64 bits, lone surrogates (no UTF-8 encodes them) and
-nesting deeper than MAX_DEPTH. Fields with a narrower range (event ids, times) check it themselves.
+overflow to infinity (1e400), numbers beyond what a 64-bit column takes (from -2**63 up to, not
+including, 2**64), lone surrogates (no UTF-8 encodes them) and nesting deeper than MAX_DEPTH.
+Fields with a narrower range (event ids, times) check it themselves.
 
 Out: `dumps` never writes a non-finite number (JSON has none, and a browser's JSON.parse throws on
 the `Infinity` Python would write): a value that holds one anyway, from a database written before
@@ -22,9 +23,10 @@ from hub.errors import HubError
 log = logging.getLogger("rastos-hub.json")
 
 MAX_DEPTH = 32  # objects and lists within each other; real ones are a handful deep
-INTEGER_BITS = 64  # every integer fits a 64-bit column, signed or unsigned
-_INTEGER_LIMIT = 1 << INTEGER_BITS
-_INTEGER_DIGITS = len(str(_INTEGER_LIMIT))  # longer digit strings are not even converted
+LOWEST = -(2**63)  # every number fits a 64-bit column, signed or unsigned
+BEYOND = 2**64
+_INTEGER_DIGITS = len(str(BEYOND))  # longer digit strings are not even converted
+OUT_OF_RANGE = "number out of range (finite, from -2**63 up to 2**64)"
 
 
 class JsonError(HubError):
@@ -69,16 +71,13 @@ def check(document: object, where: str = "message") -> None:
         value, path = stack.pop()
         if isinstance(value, str):
             if isinstance(value, _Huge):
-                raise JsonError(f"{_name(where, path)}: integer out of range (at most {INTEGER_BITS} bits)")
+                raise JsonError(f"{_name(where, path)}: {OUT_OF_RANGE}")
             _check_string(value, where, path)
         elif isinstance(value, bool) or value is None:
             continue
-        elif isinstance(value, int):
-            if not -_INTEGER_LIMIT // 2 <= value < _INTEGER_LIMIT:
-                raise JsonError(f"{_name(where, path)}: integer out of range (at most {INTEGER_BITS} bits)")
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise JsonError(f"{_name(where, path)}: number out of range (must be finite)")
+        elif isinstance(value, int | float):
+            if not LOWEST <= value < BEYOND:  # NaN fails this too
+                raise JsonError(f"{_name(where, path)}: {OUT_OF_RANGE}")
         elif isinstance(value, dict | list):
             if len(path) >= MAX_DEPTH:
                 raise JsonError(f"{_name(where, path)}: nested deeper than {MAX_DEPTH} levels")
