@@ -36,6 +36,7 @@ DRIVERS = {"sqlite": ("sqlite", "sqlite+aiosqlite"), "postgresql": ("postgresql+
 SLOW_COMMIT = 0.5  # seconds: a group commit slower than this is logged (a slow disk delays every report)
 FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
 KEPT_AGENT_EVENTS = 5000  # per host, the newest: older ones are deleted as new ones arrive
+PRUNE_EVERY = 500  # events stored for a host between two prunings of its oldest
 PAGE_BYTES = 4 << 20  # an /events page holds at most this much (and at least one event)
 
 
@@ -115,6 +116,7 @@ class Store:
         )
         self._pending_events: list[tuple[list[dict[str, Any]], asyncio.Future[list[dict[str, Any]]]]] = []
         self._pending_facts: dict[str, dict[str, Any]] = {}
+        self._unpruned: dict[str, int] = {}  # events stored per host since its oldest were last pruned
         self._writer: asyncio.Task[None] | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -283,8 +285,7 @@ class Store:
         statement = insert(events).returning(events.c.id, sort_by_parameter_order=True)
         return [int(event_id) for event_id in (await db.execute(statement, rows)).scalars().all()]
 
-    @staticmethod
-    async def _update_hosts(db: AsyncConnection, rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+    async def _update_hosts(self, db: AsyncConnection, rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
         now = time.time()
         cursors = {row["host"]: row["agent_event"] for row in rows}  # rows are in order: the last one wins
         if cursors:
@@ -293,16 +294,26 @@ class Store:
                 statement.values(last_event=bindparam("b_last"), last_seen=now),
                 [{"b_host": host, "b_last": last} for host, last in cursors.items()],
             )
-            # Each host keeps its newest events only: ids only grow, so these are at most the newest N.
-            old = delete(events).where(events.c.host == bindparam("b_host"))
-            old = old.where(events.c.agent_event <= bindparam("b_floor"))
-            await db.execute(old, [{"b_host": h, "b_floor": last - KEPT_AGENT_EVENTS} for h, last in cursors.items()])
+            await self._prune(db, rows)
         if facts:
             statement = update(hosts).where(hosts.c.name == bindparam("b_host"))
             await db.execute(
                 statement.values(facts=bindparam("b_facts", type_=JSON), last_seen=now),
                 [{"b_host": host, "b_facts": value} for host, value in facts.items()],
             )
+
+    async def _prune(self, db: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Each host keeps its newest KEPT_AGENT_EVENTS events; its older ones go, a few hundred at a time."""
+        for row in rows:
+            self._unpruned[row["host"]] = self._unpruned.get(row["host"], 0) + 1
+        for host in {row["host"] for row in rows}:
+            if self._unpruned[host] < PRUNE_EVERY:
+                continue
+            self._unpruned[host] = 0
+            own = (events.c.host == host) & events.c.agent_event.is_not(None)
+            newest = select(events.c.agent_event).where(own).order_by(events.c.agent_event.desc())
+            oldest_kept = newest.offset(KEPT_AGENT_EVENTS - 1).limit(1).scalar_subquery()
+            await db.execute(delete(events).where(own, events.c.agent_event < oldest_kept))
 
     async def events(self, limit: int, host: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
         query = select(events).order_by(events.c.id.desc()).limit(limit)
