@@ -36,8 +36,7 @@ MAX_MESSAGE_BYTES = 1 << 20  # a frame; larger ones are refused before they are 
 MAX_EVENTS_PER_MESSAGE = 500
 MAX_FACTS_BYTES = 256 << 10  # a host's facts, as JSON: refused above it
 KEPT_DETAIL_BYTES = 64 << 10  # an event's detail or a command's result, as JSON: cut down above it
-KEPT_OUTPUT_LINES = 100  # per step, the last ones (the daemon sends no more either)
-KEPT_LINE_CHARS = 1000
+KEPT_OUTPUT = ((100, 1000), (10, 200))  # per step, its last lines and their length: as many as fit
 SMALL_FIELD_BYTES = 1024  # what is kept of a detail still too large once its output is cut
 MAX_EVENT_ID = 2**62  # fits every database's 64-bit integer
 MAX_JOB_ID = 2**62
@@ -211,19 +210,21 @@ def _command_status(message: dict[str, Any]) -> CommandStatus:
 
 def kept(detail: dict[str, Any], what: str) -> dict[str, Any]:
     """What the hub keeps of an agent's free-form object: itself if small; otherwise with each step's
-    output cut to its last lines; otherwise its small fields only, with a note of what went."""
+    output cut to its last lines (fewer and shorter if need be); otherwise its small fields only,
+    with a note of what went."""
     size = len(strictjson.dumps(detail))
     if size <= KEPT_DETAIL_BYTES:
         return detail
-    cut = _cut_output(detail)
-    if len(strictjson.dumps(cut)) <= KEPT_DETAIL_BYTES:
-        return cut
+    for lines, chars in KEPT_OUTPUT:
+        cut = _cut_output(detail, lines, chars)
+        if len(strictjson.dumps(cut)) <= KEPT_DETAIL_BYTES:
+            return cut
     small = [(key, value) for key, value in cut.items() if len(strictjson.dumps({key: value})) <= SMALL_FIELD_BYTES]
     note = f"{size} bytes, over the {KEPT_DETAIL_BYTES} the hub keeps of {what}"
     return {**dict(small[: KEPT_DETAIL_BYTES // (2 * SMALL_FIELD_BYTES)]), "omitted": note}
 
 
-def _cut_output(detail: dict[str, Any]) -> dict[str, Any]:
+def _cut_output(detail: dict[str, Any], lines: int, chars: int) -> dict[str, Any]:
     """The steps of a job's result (`steps` at the top or under `result`) with their output cut."""
     cut = dict(detail)
     for holder in (cut, cut.get("result")):
@@ -232,8 +233,7 @@ def _cut_output(detail: dict[str, Any]) -> dict[str, Any]:
         steps = [dict(step) if isinstance(step, dict) else step for step in holder["steps"]]
         for step in steps:
             if isinstance(step, dict) and isinstance(step.get("output"), list):
-                lines = step["output"][-KEPT_OUTPUT_LINES:]
-                step["output"] = [_line(line) for line in lines]
+                step["output"] = [_line(line, chars) for line in step["output"][-lines:]]
         if holder is cut:
             cut["steps"] = steps
         else:
@@ -241,7 +241,7 @@ def _cut_output(detail: dict[str, Any]) -> dict[str, Any]:
     return cut
 
 
-def _line(line: object) -> object:
-    if isinstance(line, str) and len(line) > KEPT_LINE_CHARS:
-        return line[:KEPT_LINE_CHARS] + f"... ({len(line) - KEPT_LINE_CHARS} characters cut)"
+def _line(line: object, chars: int) -> object:
+    if isinstance(line, str) and len(line) > chars:
+        return line[:chars] + f"... ({len(line) - chars} characters cut)"
     return line
