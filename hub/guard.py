@@ -27,7 +27,8 @@ log = logging.getLogger("rastos-hub.guard")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may go without valid credentials
 MAX_STRANGERS = 256
-RESERVED_FILES = 64  # below the open-file limit: the database, logs and the hub's own files
+BACKLOG = 128  # asyncio accepts up to this many connections at once, before the guard sees any
+RESERVED_FILES = 64 + BACKLOG  # below the open-file limit: one burst of accepts, the database, logs, files
 KEEPALIVE_TIMEOUT = 75.0  # an idle keep-alive connection of a trusted client
 ACCEPT_ERROR = "socket.accept() out of system resource"  # asyncio's message when accept() fails
 
@@ -156,7 +157,7 @@ class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite, with each connection passed through the guard."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard) -> None:
-        super().__init__(runner, backlog=1024)
+        super().__init__(runner, backlog=BACKLOG)
         self._host, self._port, self._guard = host, port, guard
 
     @property
