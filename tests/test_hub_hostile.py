@@ -25,12 +25,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+from alembic import command
+from alembic.config import Config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Browser, expect
+from sqlalchemy import create_engine, text
 
 from hub.protocol import KEPT_DETAIL_BYTES, MAX_EVENT_ID, MAX_MESSAGE_BYTES
-from hub.store import KEPT_AGENT_EVENTS, PRUNE_EVERY, Store, database_url, migrate
+from hub.store import KEPT_AGENT_EVENTS, MIGRATIONS, PRUNE_EVERY, Store, database_url, migrate
 from tests.hub_fixtures import Hub, _serving, postgresql_server
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
@@ -245,6 +248,33 @@ def test_each_host_keeps_its_newest_events_only(hub: Hub) -> None:
         ).fetchone()
     assert high == total and count == high - low + 1, "the oldest went, and only they"
     assert KEPT_AGENT_EVENTS <= count < KEPT_AGENT_EVENTS + PRUNE_EVERY, count
+
+
+def test_migration_0002_widens_the_ids_of_a_postgresql_database_in_use() -> None:
+    """A hub at revision 0001 with rows in it: after the upgrade its ids take 2**62, and the event id
+    sequence goes past 2**31 too."""
+    with postgresql_server() as url:
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            with engine.begin() as connection:
+                config = Config()
+                config.set_main_option("script_location", str(MIGRATIONS))
+                config.attributes["connection"] = connection
+                command.upgrade(config, "0001")
+                connection.execute(text("INSERT INTO hosts (name, token_hash, groups, created) VALUES "
+                                        "('old', 'h', '[]', 1), ('new', 'i', '[]', 1)"))  # fmt: skip
+                connection.execute(text("INSERT INTO events (time, host, agent_event, actor, method, detail) "
+                                        "VALUES (1, 'old', 7, 'agent', 'M', '{}')"))  # fmt: skip
+            assert migrate(database_url(url)) == "0002"
+            with engine.begin() as connection:
+                connection.execute(text("UPDATE hosts SET last_event = 4611686018427387904 WHERE name = 'new'"))
+                connection.execute(text("SELECT setval('events_id_seq', 3000000000)"))
+                connection.execute(text("INSERT INTO events (time, host, agent_event, actor, method, detail) "
+                                        "VALUES (1, 'new', 4611686018427387904, 'agent', 'M', '{}')"))  # fmt: skip
+                rows = connection.execute(text("SELECT id, host, agent_event FROM events ORDER BY id")).all()
+            assert [tuple(row) for row in rows] == [(1, "old", 7), (3000000001, "new", 2**62)]
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
