@@ -30,9 +30,14 @@ FLEET = web.AppKey("fleet", Fleet)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
+LINGER = 0.5  # seconds the rest of an oversized frame may take to arrive (and be discarded)
+
+
 class _AgentSocket(web.WebSocketResponse):
     """aiohttp closes a socket itself when a frame is over the size limit (1009): the agent is told
-    why first, in an `error` frame, as for any other refused frame."""
+    why first, in an `error` frame, as for any other refused frame. The rest of that frame is still on
+    its way: closing before it has arrived would reset the connection, and the agent could lose the
+    error unread, so the close waits a moment while it is read and thrown away."""
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
@@ -40,6 +45,7 @@ class _AgentSocket(web.WebSocketResponse):
             log.warning("an agent sent a frame over %d bytes", MAX_MESSAGE_BYTES)
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send_str(strictjson.dumps({"type": "error", "message": text}))
+                await asyncio.sleep(LINGER)
             message = message or text.encode()[:120]
         return await super().close(code=code, message=message, drain=drain)
 
