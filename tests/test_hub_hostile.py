@@ -210,7 +210,8 @@ def test_numbers_that_overflow_are_refused_and_an_old_hubs_infinity_is_served_as
          "result.t: number out of range"),
     ):  # fmt: skip
         answers = asyncio.run(exchange(hub, token, frame))
-        assert [a["type"] for a in answers] == ["error"] and answers[0]["message"].startswith(expected), (answers, expected)
+        assert [a["type"] for a in answers] == ["error"], (answers, expected)
+        assert answers[0]["message"].startswith(expected), (answers, expected)
     assert hub.state()["hosts"]["one"]["facts"] is None and cursor(hub, token) == 0
 
     # A database an older hub wrote Infinity into (SQLite took it): served as null, never as Infinity.
@@ -423,7 +424,8 @@ def test_bad_frames_are_each_answered_with_an_error_naming_the_field(hub: Hub) -
          f"message: larger than the {MAX_MESSAGE_BYTES} bytes"),
     ):  # fmt: skip
         answers = asyncio.run(exchange(hub, token, frame))
-        assert [a["type"] for a in answers] == ["error"] and answers[0]["message"].startswith(expected), (answers, expected)
+        assert [a["type"] for a in answers] == ["error"], (answers, expected)
+        assert answers[0]["message"].startswith(expected), (answers, expected)
 
     async def binary() -> None:
         async with aiohttp.ClientSession() as session:
