@@ -3,17 +3,34 @@ document built from the same schemas, so what the document promises is what the 
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from hub import strictjson
 from hub.errors import HubError
 from rastos import __version__
 
+# Any JSON value the hub takes in (hub/strictjson.py), where the API takes free-form JSON. Its depth
+# (at most strictjson.MAX_DEPTH) and strings without lone surrogates are checked, but not said here.
+JSON_VALUE = {
+    "description": f"any JSON; numbers fit 64 bits, nesting at most {strictjson.MAX_DEPTH} deep",
+    "anyOf": [
+        {"type": ["null", "boolean", "string"]},
+        {"type": "number", "minimum": strictjson.LOWEST, "exclusiveMaximum": strictjson.BEYOND},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    ],
+}
+SCHEMAS = {"JsonValue": JSON_VALUE}
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
 STEP = {
     "type": "object",
-    "properties": {"op": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"}, "params": {"type": "object"}},
+    "properties": {
+        "op": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"},
+        "params": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    },
     "required": ["op"],
     "additionalProperties": False,
 }
@@ -49,17 +66,26 @@ LOGIN = {
     "required": ["token"],
     "additionalProperties": False,
 }
-_VALIDATORS = {id(schema): Draft202012Validator(schema) for schema in (NEW_HOST, NEW_RUN, LOGIN)}
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    """A validator of `schema` whose references resolve as in the OpenAPI document (#/components/...)."""
+    return Draft202012Validator({"$ref": "#/$defs/body", "$defs": {"body": schema}, "components": {"schemas": SCHEMAS}})
+
+
+_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, LOGIN)}
+MAX_MESSAGE_CHARS = 300  # jsonschema's messages hold the value they are about, which may be large
 
 
 def validate(schema: dict[str, Any], document: object) -> dict[str, Any]:
     """The document if it matches; otherwise a HubError naming the first bad field."""
-    errors = sorted(_VALIDATORS[id(schema)].iter_errors(document), key=lambda error: list(error.absolute_path))
+    found = islice(_VALIDATORS[id(schema)].iter_errors(document), 100)
+    errors = sorted(found, key=lambda error: [str(part) for part in error.absolute_path])
     if errors:
         error = errors[0]
         best = min(error.context or [error], key=lambda e: len(e.message))  # a oneOf: its plainest reason
         path = ".".join(str(part) for part in best.absolute_path) or "body"
-        raise HubError(f"{path}: {best.message}")
+        raise HubError(f"{path}: {best.message[:MAX_MESSAGE_CHARS]}")
     assert isinstance(document, dict)
     return document
 
@@ -68,46 +94,155 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
-def _answer(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+def _answer(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
+
+def _error(description: str) -> dict[str, Any]:
+    return _answer(description, ERROR)
+
+
+# What the hub answers: the objects of its state, as the UI's stream carries them too.
+ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "FIELD: reason"}},
+    "required": ["error"],
+}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_OBJECT_OR_NULL = {"type": ["object", "null"]}
+HOST = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "groups": {"type": "array", "items": {"type": "string"}},
+        "online": {"type": "boolean"},
+        "last_seen": _NUMBER_OR_NULL,
+        "health": {"type": "string"},
+        "facts": {**_OBJECT_OR_NULL, "description": "the agent's newest report (hub/protocol.py)"},
+        "last_rollback": _OBJECT_OR_NULL,
+        "jobs": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["name", "groups", "online", "last_seen", "health", "facts", "last_rollback", "jobs"],
+}
+COMMAND = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "run_id": {"type": "string"},
+        "host": {"type": "string"},
+        "state": {"type": "string"},
+        "job_id": {"type": ["integer", "null"]},
+        "result": _OBJECT_OR_NULL,
+        "created": {"type": "number"},
+        "sent": _NUMBER_OR_NULL,
+        "finished": _NUMBER_OR_NULL,
+    },
+    "required": ["id", "run_id", "host", "state", "job_id", "result", "created", "sent", "finished"],
+}
+RUN = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "created": {"type": "number"},
+        "admin": {"type": "string"},
+        "target": {"type": "object"},
+        "steps": {"type": "array", "items": {"type": "object"}},
+        "flags": {"type": "integer"},
+        "parallelism": {"type": "integer"},
+        "state": {"enum": ["running", "complete", "partial", "failed", "cancelled"]},
+        "finished": _NUMBER_OR_NULL,
+        "commands": {"type": "array", "items": COMMAND},
+        "cancel_requested": {"type": "boolean"},
+    },
+    "required": ["id", "created", "admin", "target", "steps", "flags", "parallelism", "state", "finished", "commands"],
+}
+EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "time": {"type": "number"},
+        "host": {"type": ["string", "null"]},
+        "agent_event": {"type": ["integer", "null"]},
+        "actor": {"type": "string"},
+        "method": {"type": "string"},
+        "detail": {"type": "object"},
+    },
+    "required": ["id", "time", "host", "agent_event", "actor", "method", "detail"],
+}
+STATE = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "init"}, "epoch": {"type": "string"}, "version": {"type": "integer"},
+        "state": {"type": "object", "properties": {
+            "hosts": {"type": "object", "additionalProperties": HOST},
+            "runs": {"type": "object", "additionalProperties": RUN},
+            "events": {"type": "array", "items": EVENT, "description": "the newest 100"},
+        }, "required": ["hosts", "runs", "events"]},
+    },
+    "required": ["type", "epoch", "version", "state"],
+}  # fmt: skip
 
 ERRORS = {
-    "400": {"description": 'bad input: {"error": "FIELD: reason"}'},
-    "401": {"description": "no valid admin token (Authorization: Bearer TOKEN, or the login cookie)"},
+    "400": _error("bad input, the field named: FIELD: reason"),
+    "401": _error("no valid admin token (Authorization: Bearer TOKEN, or the session cookie of POST /api/v1/login)"),
+    "403": _error("a request that changes something, or a WebSocket, from a page of another origin"),
 }
+BODY_ERRORS = {
+    "413": _error("a body over 1 MiB"),
+    "415": _error("a body that is not application/json"),
+}
+NOT_FOUND = {"404": _error("no such host or run")}
+CONFLICT = {"409": _error("in conflict with the hub's state (a host of that name exists; a run ended already)")}
+HOST_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME}
+RUN_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 PATHS: dict[str, dict[str, Any]] = {
-    "/api/v1/login": {"post": {"summary": "Trade an admin token for a session cookie (the web UI)",
-                                "requestBody": _body(LOGIN), "responses": {"204": {"description": "logged in"}}}},
-    "/api/v1/state": {"get": {"summary": "The whole fleet state and its version (what a UI's init holds)",
-                              "responses": {"200": _answer("state")}}},
+    "/api/v1/login": {"post": {"summary": "Trade an admin token for a session cookie (the web UI's login)",
+                               "description": "The cookie holds a random session id (HttpOnly, SameSite=Strict, "
+                                              "Secure over TLS) that ends after 12 hours or at logout.",
+                               "security": [], "requestBody": _body(LOGIN),
+                               "responses": {"204": {"description": "logged in"}, **BODY_ERRORS}}},
+    "/api/v1/logout": {"post": {"summary": "End this session (its cookie stops working)",
+                                "responses": {"204": {"description": "logged out"}}}},
+    "/api/v1/state": {"get": {"summary": "The fleet state and its version (what a UI's init holds)",
+                              "responses": {"200": _answer("state", STATE)}}},
     "/api/v1/hosts": {
         "get": {"summary": "Every host with its facts, health and last rollback",
-                "responses": {"200": _answer("hosts")}},
+                "responses": {"200": _answer("hosts", {"type": "array", "items": HOST})}},
         "post": {"summary": "Add a host; the answer holds its agent token, shown this once",
-                 "requestBody": _body(NEW_HOST), "responses": {"201": _answer("name and token")}},
+                 "requestBody": _body(NEW_HOST),
+                 "responses": {"201": _answer("name and token", {
+                     "type": "object", "properties": {"name": {"type": "string"}, "token": {"type": "string"}},
+                     "required": ["name", "token"]}), **BODY_ERRORS, **CONFLICT}},
     },
     "/api/v1/hosts/{name}": {
-        "get": {"summary": "One host", "responses": {"200": _answer("host"), "404": {"description": "no such host"}}},
+        "parameters": [HOST_NAME],
+        "get": {"summary": "One host", "responses": {"200": _answer("host", HOST), **NOT_FOUND}},
         "delete": {"summary": "Remove a host (its token stops working)",
-                   "responses": {"204": {"description": "removed"}}},
+                   "responses": {"204": {"description": "removed"}, **NOT_FOUND}},
     },
     "/api/v1/runs": {
-        "get": {"summary": "Recent runs with their commands", "responses": {"200": _answer("runs")}},
+        "get": {"summary": "Recent runs with their commands",
+                "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},
         "post": {"summary": "Run an op or a pipeline on hosts (&& per host, parallelism limit)",
-                 "requestBody": _body(NEW_RUN), "responses": {"201": _answer("the run")}},
+                 "requestBody": _body(NEW_RUN),
+                 "responses": {"201": _answer("the run", RUN), **BODY_ERRORS, **NOT_FOUND, **CONFLICT}},
     },
-    "/api/v1/runs/{id}": {"get": {"summary": "One run", "responses": {"200": _answer("run")}}},
-    "/api/v1/runs/{id}/cancel": {"post": {"summary": "Cancel a run: pending commands end, running ones are asked to",
-                                          "responses": {"200": _answer("the run")}}},
+    "/api/v1/runs/{id}": {"parameters": [RUN_ID],
+                          "get": {"summary": "One run", "responses": {"200": _answer("run", RUN), **NOT_FOUND}}},
+    "/api/v1/runs/{id}/cancel": {"parameters": [RUN_ID], "post": {
+        "summary": "Cancel a run: pending commands end, running ones are asked to",
+        "responses": {"200": _answer("the run", RUN), **NOT_FOUND, **CONFLICT}}},
     "/api/v1/events": {"get": {
-        "summary": "The event log, newest last",
+        "summary": "The event log, newest last: a page of at most `limit` events and 4 MiB; the next page "
+                   "back is `before` the first id of this one",
         "parameters": [
             {"name": "host", "in": "query", "schema": NAME},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-            {"name": "before", "in": "query", "schema": {"type": "integer"}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                                        "default": 100}},
+            {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                         "maximum": 2**63 - 1}},
         ],
-        "responses": {"200": _answer("events")},
+        "responses": {"200": _answer("events", {"type": "array", "items": EVENT})},
     }},
     "/api/v1/stream": {"get": {"summary": "WebSocket: init {state, version}, then delta {change, version} and "
                                           "sync {version} every few seconds; send get_state to start over",
@@ -119,19 +254,20 @@ PATHS: dict[str, dict[str, Any]] = {
 
 
 def openapi_document() -> dict[str, Any]:
-    paths = {}
-    for path, methods in PATHS.items():
+    paths: dict[str, dict[str, Any]] = {}
+    for path, items in PATHS.items():
         paths[path] = {
-            method: {**operation, "responses": {**ERRORS, **operation["responses"]}}
-            for method, operation in methods.items()
+            key: item if key == "parameters" else {**item, "responses": {**ERRORS, **item["responses"]}}
+            for key, item in items.items()
         }
     return {
         "openapi": "3.1.0",
         "info": {"title": "rastOS hub", "version": __version__},
-        "components": {"securitySchemes": {
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
             "admin": {"type": "http", "scheme": "bearer"},
             "agent": {"type": "http", "scheme": "bearer", "description": "a host's own token"},
-            "cookie": {"type": "apiKey", "in": "cookie", "name": "rastos_hub"},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": "rastos_hub",
+                       "description": "the session POST /api/v1/login sets"},
         }},
         "security": [{"admin": []}, {"cookie": []}],
         "paths": paths,

@@ -72,9 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, url: str) -> int:
-    from aiohttp import web
-
     from hub.app import Settings, make_app
+    from hub.guard import serve
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -82,7 +81,7 @@ def _serve(args: argparse.Namespace, url: str) -> int:
     if args.sync_interval <= 0:
         raise RastosError("--sync-interval: must be positive")
     app = make_app(Settings(url, args.sync_interval))
-    web.run_app(app, host=host.strip("[]"), port=int(port), print=lambda text: print(f"rastos-hub: {text}"))
+    asyncio.run(serve(app, host.strip("[]"), int(port)))
     return 0
 
 

@@ -21,3 +21,11 @@ class Unauthorized(HubError):
 
 class Conflict(HubError):
     status = 409
+
+
+class Forbidden(HubError):
+    status = 403
+
+
+class UnsupportedMediaType(HubError):
+    status = 415

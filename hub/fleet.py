@@ -22,18 +22,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from hub.errors import Conflict, HubError, NotFound
+from hub.errors import Conflict, NotFound
 from hub.protocol import AgentEvent, CommandStatus
 from hub.store import FINAL_COMMAND_STATES, Store
 
 log = logging.getLogger("rastos-hub.fleet")
 
 IN_FLIGHT = frozenset({"sent", "queued", "running"})
-KEPT_EVENTS = 200  # the event log a UI gets with init; older ones through the REST API
+KEPT_EVENTS = 100  # the event log a UI gets with init; older ones through the REST API, a page at a time
 KEPT_RUNS = 50
 KEPT_JOBS = 20  # per host
 ROLLBACK_METHODS = frozenset({"Rollback", "BootFallback"})
-SUBSCRIBER_QUEUE = 10000  # deltas a slow UI may lag behind before it is sent a fresh init instead
+SUBSCRIBER_QUEUE = 1000  # deltas a slow UI may lag behind before it is sent a fresh init instead
 INIT_NEEDED: dict[str, Any] = {"type": "init_needed"}  # queued for a UI that must get the whole state
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -276,7 +276,7 @@ class Fleet:
                 raise NotFound(f"target.group: no host is in group {target['group']!r}")
             return sorted(names)
         if not self.hosts:
-            raise HubError("target.all: the hub has no hosts")
+            raise NotFound("target.all: the hub has no hosts")
         return sorted(self.hosts)
 
     async def cancel_run(self, run_id: str, admin: str) -> dict[str, Any]:

@@ -14,22 +14,55 @@ Hub -> agent:
                   sends it when a command's final status arrives with a change pending: that the status
                   got here and the confirm gets back is the check that the host is still reachable
   ack             {"last_event": N}
+  error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is
-closed; nothing it carried is stored.
+closed; nothing it carried is stored. What the hub keeps of a well-formed message is bounded (see the
+limits below and docs/hub.md): an event's detail or a command's result larger than KEPT_DETAIL_BYTES
+keeps its steps' last lines, then its small fields only; it is never refused for its size, since a
+daemon resends a refused event forever.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from jsonschema import Draft202012Validator
+
+from hub import strictjson
 from hub.errors import HubError
 
-MAX_MESSAGE_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 1 << 20  # a frame; larger ones are refused before they are read
 MAX_EVENTS_PER_MESSAGE = 500
+MAX_FACTS_BYTES = 256 << 10  # a host's facts, as JSON: refused above it
+KEPT_DETAIL_BYTES = 64 << 10  # an event's detail or a command's result, as JSON: cut down above it
+KEPT_OUTPUT = ((100, 1000), (10, 200))  # per step, its last lines and their length: as many as fit
+SMALL_FIELD_BYTES = 1024  # what is kept of a detail still too large once its output is cut
+MAX_EVENT_ID = 2**62  # fits every database's 64-bit integer
+MAX_JOB_ID = 2**62
+MAX_UID = 2**32 - 1
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: later than any clock a host can sensibly have
 COMMAND_STATES = frozenset({"queued", "running", "done", "failed", "cancelled", "interrupted", "rejected"})
 FACT_KEYS = {"hostname": str, "version": str, "boot_state": dict, "snapshots": list, "ops": list, "jobs": list}
+_TEXT = {"type": "string", "maxLength": 4096}
+FACTS = {
+    "type": "object",
+    "properties": {
+        "hostname": {"type": "string", "maxLength": 255},
+        "version": {"type": "string", "maxLength": 64},
+        "boot_state": {"type": "object", "additionalProperties": _TEXT, "maxProperties": 32},
+        "snapshots": {"type": "array", "maxItems": 1000, "items": {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 0}, "created": {"type": "number", "minimum": 0},
+                           "description": _TEXT, "kind": {"type": "string", "maxLength": 64},
+                           "known_good": {"type": "boolean"}},
+            "required": ["id", "created", "description", "kind", "known_good"],
+        }},
+        "ops": {"type": "array", "maxItems": 1000, "items": {"type": "string", "maxLength": 64}},
+        "jobs": {"type": "array", "maxItems": 100, "items": {"type": "object"}},
+    },
+}  # fmt: skip
+_FACTS = Draft202012Validator(FACTS)
 
 
 class ProtocolError(HubError):
@@ -61,16 +94,13 @@ class CommandStatus:
 AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus
 
 
-MAX_EVENT_ID = 2**62  # fits every database's 64-bit integer
-
-
 def decode(text: str) -> object:
-    """JSON as the hub accepts it: no NaN or Infinity (no database column takes them)."""
-
-    def refuse(constant: str) -> object:
-        raise ProtocolError(f"message: {constant} is not allowed in JSON here")
-
-    return json.loads(text, parse_constant=refuse)
+    """A frame as the hub accepts JSON (hub/strictjson.py): no NaN, infinity, huge integer, lone
+    surrogate or deep nesting, each refused naming the field."""
+    try:
+        return strictjson.loads(text, "message")
+    except strictjson.JsonError as error:
+        raise ProtocolError(error.message) from None
 
 
 def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
@@ -83,7 +113,11 @@ def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
         return kind, _events(_field(message, "events", list, "message"))
     if kind == "command_status":
         return kind, _command_status(message)
-    raise ProtocolError(f"type: unknown message type {kind!r}; known: facts, events, command_status")
+    raise ProtocolError(f"type: unknown message type {_shown(kind)}; known: facts, events, command_status")
+
+
+def _shown(value: object) -> str:
+    return repr(value)[:80]
 
 
 def _field(document: dict[str, Any], key: str, kind: type, where: str, optional: bool = False) -> Any:
@@ -95,6 +129,19 @@ def _field(document: dict[str, Any], key: str, kind: type, where: str, optional:
     return value
 
 
+def _ranged(document: dict[str, Any], key: str, where: str, low: int, high: int, optional: bool = False) -> Any:
+    value = _field(document, key, int, where, optional)
+    if value is not None and not low <= value <= high:
+        raise ProtocolError(f"{where}.{key}: must be between {low} and {_power(high)}, got {value}")
+    return value
+
+
+def _power(value: int) -> str:
+    """2**62 rather than 4611686018427387904: the limits read as the protocol states them."""
+    exponent = value.bit_length() - 1
+    return f"2**{exponent}" if value == 1 << exponent and exponent > 16 else str(value)
+
+
 def _name(kind: type) -> str:
     return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
         kind, kind.__name__
@@ -104,9 +151,15 @@ def _name(kind: type) -> str:
 def _facts(facts: dict[str, Any]) -> dict[str, Any]:
     for key in facts:
         if key not in FACT_KEYS:
-            raise ProtocolError(f"facts.{key}: unknown fact; known: {', '.join(FACT_KEYS)}")
+            raise ProtocolError(f"facts.{_shown(key)[1:-1]}: unknown fact; known: {', '.join(FACT_KEYS)}")
     for key, kind in FACT_KEYS.items():
         _field(facts, key, kind, "facts", optional=True)
+    if (size := len(strictjson.dumps(facts))) > MAX_FACTS_BYTES:
+        raise ProtocolError(f"facts: {size} bytes, more than the {MAX_FACTS_BYTES} a host's facts may hold")
+    error = min(_FACTS.iter_errors(facts), key=lambda e: list(map(str, e.absolute_path)), default=None)
+    if error is not None:
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
+        raise ProtocolError(f"facts{path}: {error.message[:200]}")
     return facts
 
 
@@ -118,30 +171,77 @@ def _events(items: list[Any]) -> list[AgentEvent]:
         where = f"events[{index}]"
         if not isinstance(item, dict):
             raise ProtocolError(f"{where}: must be an object")
-        event_id = _field(item, "id", int, where)
-        if not 1 <= event_id <= MAX_EVENT_ID:
-            raise ProtocolError(f"{where}.id: must be between 1 and 2**62, got {event_id}")
+        event_id = _ranged(item, "id", where, 1, MAX_EVENT_ID)
         if parsed and event_id <= parsed[-1].id:
             raise ProtocolError(f"{where}.id: events must come in increasing order of id")
-        when = item.get("time")
-        if not isinstance(when, int | float) or isinstance(when, bool):
-            raise ProtocolError(f"{where}.time: must be a number")
+        when = _time(item, "time", where)
         method = _field(item, "method", str, where)
         if not 1 <= len(method) <= 64 or not method.isprintable():
             raise ProtocolError(f"{where}.method: must be 1 to 64 printable characters")
-        parsed.append(
-            AgentEvent(event_id, float(when), _field(item, "uid", int, where), method,
-                       _field(item, "job", int, where, optional=True), _field(item, "detail", dict, where))
-        )  # fmt: skip
+        uid = _ranged(item, "uid", where, 0, MAX_UID)
+        job = _ranged(item, "job", where, 0, MAX_JOB_ID, optional=True)
+        detail = kept(_field(item, "detail", dict, where), "an event's detail")
+        parsed.append(AgentEvent(event_id, when, uid, method, job, detail))
     return parsed
+
+
+def _time(document: dict[str, Any], key: str, where: str) -> float:
+    value = document.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"{where}.{key}: must be a number")
+    if not 0 <= value <= MAX_TIME:  # an integer too large for a float fails here, before float() would
+        raise ProtocolError(f"{where}.{key}: must be seconds since 1970 up to the year 9999, got {_shown(value)}")
+    return float(value)
 
 
 def _command_status(message: dict[str, Any]) -> CommandStatus:
     command = _field(message, "command", str, "message")
+    if not 1 <= len(command) <= 64:
+        raise ProtocolError("message.command: must be a command id (1 to 64 characters)")
     state = _field(message, "state", str, "message")
     if state not in COMMAND_STATES:
-        raise ProtocolError(f"message.state: {state!r} is not one of {', '.join(sorted(COMMAND_STATES))}")
+        raise ProtocolError(f"message.state: {_shown(state)} is not one of {', '.join(sorted(COMMAND_STATES))}")
+    result = _field(message, "result", dict, "message", optional=True)
     return CommandStatus(
-        command, state, _field(message, "job", int, "message", optional=True),
-        _field(message, "result", dict, "message", optional=True),
+        command, state, _ranged(message, "job", "message", 0, MAX_JOB_ID, optional=True),
+        None if result is None else kept(result, "a command's result"),
     )  # fmt: skip
+
+
+def kept(detail: dict[str, Any], what: str) -> dict[str, Any]:
+    """What the hub keeps of an agent's free-form object: itself if small; otherwise with each step's
+    output cut to its last lines (fewer and shorter if need be); otherwise its small fields only,
+    with a note of what went."""
+    size = len(strictjson.dumps(detail))
+    if size <= KEPT_DETAIL_BYTES:
+        return detail
+    for lines, chars in KEPT_OUTPUT:
+        cut = _cut_output(detail, lines, chars)
+        if len(strictjson.dumps(cut)) <= KEPT_DETAIL_BYTES:
+            return cut
+    small = [(key, value) for key, value in cut.items() if len(strictjson.dumps({key: value})) <= SMALL_FIELD_BYTES]
+    note = f"{size} bytes, over the {KEPT_DETAIL_BYTES} the hub keeps of {what}"
+    return {**dict(small[: KEPT_DETAIL_BYTES // (2 * SMALL_FIELD_BYTES)]), "omitted": note}
+
+
+def _cut_output(detail: dict[str, Any], lines: int, chars: int) -> dict[str, Any]:
+    """The steps of a job's result (`steps` at the top or under `result`) with their output cut."""
+    cut = dict(detail)
+    for holder in (cut, cut.get("result")):
+        if not isinstance(holder, dict) or not isinstance(holder.get("steps"), list):
+            continue
+        steps = [dict(step) if isinstance(step, dict) else step for step in holder["steps"]]
+        for step in steps:
+            if isinstance(step, dict) and isinstance(step.get("output"), list):
+                step["output"] = [_line(line, chars) for line in step["output"][-lines:]]
+        if holder is cut:
+            cut["steps"] = steps
+        else:
+            cut["result"] = {**holder, "steps": steps}
+    return cut
+
+
+def _line(line: object, chars: int) -> object:
+    if isinstance(line, str) and len(line) > chars:
+        return line[:chars] + f"... ({len(line) - chars} characters cut)"
+    return line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -20,6 +21,10 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# Ids an agent chooses (its events, its jobs) are 64-bit: the protocol allows up to 2**62. SQLite's
+# INTEGER is 64-bit already, and only INTEGER makes a primary key SQLite's own row id.
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
 hosts = Table(
     "hosts",
     metadata,
@@ -28,7 +33,7 @@ hosts = Table(
     Column("groups", JSON, nullable=False),  # list of group names
     Column("created", Float, nullable=False),
     Column("last_seen", Float),
-    Column("last_event", Integer, nullable=False, server_default="0"),  # the agent's newest event the hub has
+    Column("last_event", ID, nullable=False, server_default="0"),  # the agent's newest event the hub has
     Column("facts", JSON),  # the agent's newest report: hostname, version, boot state, snapshots, ops
 )
 
@@ -62,7 +67,7 @@ commands = Table(
     Column("run_id", String(36), ForeignKey("runs.id"), nullable=False, index=True),
     Column("host", String(64), ForeignKey("hosts.name", ondelete="CASCADE"), nullable=False, index=True),
     Column("state", String(16), nullable=False),  # pending, sent, queued, running, done, failed, ...
-    Column("job_id", Integer),  # the agent's job
+    Column("job_id", ID),  # the agent's job
     Column("result", JSON),
     Column("created", Float, nullable=False),
     Column("sent", Float),
@@ -72,12 +77,22 @@ commands = Table(
 events = Table(
     "events",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", ID, primary_key=True, autoincrement=True),
     Column("time", Float, nullable=False),
     Column("host", String(64), index=True),  # None: the hub's own mutation
-    Column("agent_event", Integer),  # the agent's event id: the key that keeps a resent event single
+    Column("agent_event", ID),  # the agent's event id: the key that keeps a resent event single
     Column("actor", String(64), nullable=False),  # admin name, "agent", or "hub"
     Column("method", String(64), nullable=False),
     Column("detail", JSON, nullable=False),
     UniqueConstraint("host", "agent_event", name="events_host_agent_event"),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    # A web UI's login: the cookie holds a random id, the table only its sha256 (as with tokens).
+    Column("id_hash", String(64), primary_key=True),
+    Column("admin", String(64), ForeignKey("admins.name", ondelete="CASCADE"), nullable=False),
+    Column("created", Float, nullable=False),
+    Column("expires", Float, nullable=False),
 )

@@ -24,8 +24,9 @@ from sqlalchemy.engine import RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from hub import strictjson
 from hub.errors import Conflict, HubError, NotFound
-from hub.schema import admins, commands, events, hosts, runs
+from hub.schema import admins, commands, events, hosts, runs, sessions
 
 log = logging.getLogger("rastos-hub.store")
 
@@ -34,6 +35,9 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 DRIVERS = {"sqlite": ("sqlite", "sqlite+aiosqlite"), "postgresql": ("postgresql+psycopg", "postgresql+asyncpg")}
 SLOW_COMMIT = 0.5  # seconds: a group commit slower than this is logged (a slow disk delays every report)
 FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
+KEPT_AGENT_EVENTS = 5000  # per host, the newest: older ones are deleted as new ones arrive
+PRUNE_EVERY = 500  # events stored for a host between two prunings of its oldest
+PAGE_BYTES = 4 << 20  # an /events page holds at most this much (and at least one event)
 
 
 def database_url(value: str) -> str:
@@ -103,9 +107,16 @@ def token_hash(token: str) -> str:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(_with_driver(url, asynchronous=True))
+        # Nothing non-finite is written (PostgreSQL refuses it, and it is not JSON); what an older hub
+        # wrote to SQLite reads back as null.
+        self.engine: AsyncEngine = create_async_engine(
+            _with_driver(url, asynchronous=True),
+            json_serializer=strictjson.dumps_strict,
+            json_deserializer=strictjson.loads_stored,
+        )
         self._pending_events: list[tuple[list[dict[str, Any]], asyncio.Future[list[dict[str, Any]]]]] = []
         self._pending_facts: dict[str, dict[str, Any]] = {}
+        self._unpruned: dict[str, int] = {}  # events stored per host since its oldest were last pruned
         self._writer: asyncio.Task[None] | None = None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -134,7 +145,7 @@ class Store:
             try:
                 await db.execute(insert(hosts).values(name=name, token_hash=digest, groups=groups, created=time.time()))
             except IntegrityError:
-                raise HubError(f"name: a host named {name!r} exists already") from None
+                raise Conflict(f"name: a host named {name!r} exists already") from None
             logged = await self.log(db, actor, "HostAdded", {"groups": groups}, host=name)
         return token, logged
 
@@ -155,7 +166,7 @@ class Store:
             try:
                 await db.execute(insert(admins).values(name=name, token_hash=digest, created=time.time()))
             except IntegrityError:
-                raise HubError(f"name: an admin named {name!r} exists already") from None
+                raise Conflict(f"name: an admin named {name!r} exists already") from None
             await self.log(db, "hub", "AdminAdded", {"admin": name})
         return token
 
@@ -168,6 +179,26 @@ class Store:
         async with self.engine.connect() as db:
             row = (await db.execute(select(admins.c.name).where(admins.c.token_hash == token_hash(token)))).first()
         return None if row is None else str(row[0])
+
+    # Sessions of the web UI: the cookie holds a random id, the database its hash and when it ends
+
+    async def add_session(self, admin: str, lifetime: float) -> tuple[str, float]:
+        session, digest = new_token()
+        now = time.time()
+        async with self.transaction() as db:
+            await db.execute(delete(sessions).where(sessions.c.expires <= now))
+            await db.execute(insert(sessions).values(id_hash=digest, admin=admin, created=now, expires=now + lifetime))
+        return session, now + lifetime
+
+    async def admin_for_session(self, session: str) -> str | None:
+        query = select(sessions.c.admin).where(sessions.c.id_hash == token_hash(session))
+        async with self.engine.connect() as db:
+            row = (await db.execute(query.where(sessions.c.expires > time.time()))).first()
+        return None if row is None else str(row[0])
+
+    async def remove_session(self, session: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(delete(sessions).where(sessions.c.id_hash == token_hash(session)))
 
     async def hosts(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as db:
@@ -203,30 +234,49 @@ class Store:
 
     async def _write_groups(self) -> None:
         """One transaction, and a few statements, for every report that arrived since the last one:
-        a fleet's reports cost one fsync a group, not one each."""
+        a fleet's reports cost one fsync a group, not one each. A group that fails is committed again
+        host by host, so one host's bad rows fail that host alone."""
         await asyncio.sleep(0)  # let the reports that arrive in this same turn of the loop join
         while self._pending_events or self._pending_facts:
             pending, self._pending_events = self._pending_events, []
             facts, self._pending_facts = self._pending_facts, {}
-            rows = [row for batch, _ in pending for row in batch]
-            started = time.monotonic()
             try:
-                async with self.transaction() as db:
-                    ids = await self._insert_events(db, rows)
-                    await self._update_hosts(db, rows, facts)
-            except Exception as error:  # every writer of the group hears of it; nothing of it was kept
-                log.error("a group commit of %d events failed: %s", len(rows), error)
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            if (took := time.monotonic() - started) > SLOW_COMMIT:
-                log.warning("a group commit of %d events and %d facts took %.2fs", len(rows), len(facts), took)
-            for row, event_id in zip(rows, ids, strict=True):
-                row["id"] = event_id
-            for batch, future in pending:
+                await self._commit_group(pending, facts)
+            except Exception as error:
+                hosts = {batch[0]["host"] for batch, _ in pending} | set(facts)
+                if len(hosts) > 1:
+                    log.warning("a group commit of %d hosts failed (%s); committing each host apart", len(hosts), error)
+                for host in sorted(hosts):
+                    own = [(batch, future) for batch, future in pending if batch[0]["host"] == host]
+                    await self._commit_host(host, own, {host: facts[host]} if host in facts else {})
+
+    async def _commit_host(
+        self, host: str, pending: list[tuple[list[dict[str, Any]], asyncio.Future[list[dict[str, Any]]]]],
+        facts: dict[str, Any],
+    ) -> None:  # fmt: skip
+        try:
+            await self._commit_group(pending, facts)
+        except Exception as error:  # this host's writers hear of it; nothing of theirs was kept
+            log.error("the reports of %s could not be stored: %s", host, error)
+            for _, future in pending:
                 if not future.done():
-                    future.set_result(batch)
+                    future.set_exception(error)
+
+    async def _commit_group(
+        self, pending: list[tuple[list[dict[str, Any]], asyncio.Future[list[dict[str, Any]]]]], facts: dict[str, Any]
+    ) -> None:
+        rows = [row for batch, _ in pending for row in batch]
+        started = time.monotonic()
+        async with self.transaction() as db:
+            ids = await self._insert_events(db, rows)
+            await self._update_hosts(db, rows, facts)
+        if (took := time.monotonic() - started) > SLOW_COMMIT:
+            log.warning("a group commit of %d events and %d facts took %.2fs", len(rows), len(facts), took)
+        for row, event_id in zip(rows, ids, strict=True):
+            row["id"] = event_id
+        for batch, future in pending:
+            if not future.done():
+                future.set_result(batch)
 
     @staticmethod
     async def _insert_events(db: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
@@ -235,8 +285,7 @@ class Store:
         statement = insert(events).returning(events.c.id, sort_by_parameter_order=True)
         return [int(event_id) for event_id in (await db.execute(statement, rows)).scalars().all()]
 
-    @staticmethod
-    async def _update_hosts(db: AsyncConnection, rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
+    async def _update_hosts(self, db: AsyncConnection, rows: list[dict[str, Any]], facts: dict[str, Any]) -> None:
         now = time.time()
         cursors = {row["host"]: row["agent_event"] for row in rows}  # rows are in order: the last one wins
         if cursors:
@@ -245,12 +294,26 @@ class Store:
                 statement.values(last_event=bindparam("b_last"), last_seen=now),
                 [{"b_host": host, "b_last": last} for host, last in cursors.items()],
             )
+            await self._prune(db, rows)
         if facts:
             statement = update(hosts).where(hosts.c.name == bindparam("b_host"))
             await db.execute(
                 statement.values(facts=bindparam("b_facts", type_=JSON), last_seen=now),
                 [{"b_host": host, "b_facts": value} for host, value in facts.items()],
             )
+
+    async def _prune(self, db: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Each host keeps its newest KEPT_AGENT_EVENTS events; its older ones go, a few hundred at a time."""
+        for row in rows:
+            self._unpruned[row["host"]] = self._unpruned.get(row["host"], 0) + 1
+        for host in {row["host"] for row in rows}:
+            if self._unpruned[host] < PRUNE_EVERY:
+                continue
+            self._unpruned[host] = 0
+            own = (events.c.host == host) & events.c.agent_event.is_not(None)
+            newest = select(events.c.agent_event).where(own).order_by(events.c.agent_event.desc())
+            oldest_kept = newest.offset(KEPT_AGENT_EVENTS - 1).limit(1).scalar_subquery()
+            await db.execute(delete(events).where(own, events.c.agent_event < oldest_kept))
 
     async def events(self, limit: int, host: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
         query = select(events).order_by(events.c.id.desc()).limit(limit)
@@ -260,7 +323,14 @@ class Store:
             query = query.where(events.c.id < before)
         async with self.engine.connect() as db:
             rows = (await db.execute(query)).mappings().all()
-        return [dict(row) for row in reversed(rows)]
+        page: list[dict[str, Any]] = []
+        size = 0
+        for row in rows:  # newest first: a page too large for PAGE_BYTES loses its oldest events
+            size += len(strictjson.dumps(row["detail"])) + 200
+            if page and size > PAGE_BYTES:
+                break
+            page.append(dict(row))
+        return page[::-1]
 
     # Runs and commands
 

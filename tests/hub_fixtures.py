@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import shutil
 import signal
 import socket
@@ -73,6 +74,7 @@ class Hub:
     process: subprocess.Popen[str] | None = None
     admin_token: str = ""
     starts: int = 0
+    open_files: int | None = None  # the hub's open-file limit, soft and hard (None: this process's)
 
     @property
     def database(self) -> str:
@@ -102,7 +104,7 @@ class Hub:
             self.process = subprocess.Popen(
                 [*HUB_CLI, "--database", self.database, "serve", "--listen", f"127.0.0.1:{self.port}",
                  "--sync-interval", "0.5"],
-                stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT,
+                stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, preexec_fn=self._limits,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
@@ -113,6 +115,17 @@ class Hub:
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline, f"rastos-hub did not answer:\n{self.log.read_text()}"
                 time.sleep(0.1)
+
+    def _limits(self) -> None:
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
+    def memory(self) -> dict[str, int]:
+        """The hub process's resident memory now (VmRSS) and at its peak (VmHWM), in bytes."""
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in status)
+        return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         assert self.process is not None

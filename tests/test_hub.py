@@ -64,7 +64,7 @@ def test_bad_requests_are_refused_naming_the_field_and_store_nothing(any_hub: Hu
     status, _ = hub.request("POST", "/api/v1/runs", raw=b"[" + b"1," * (1 << 20) + b"1]")
     assert status == 413
     status, answer = hub.request("POST", "/api/v1/hosts", {"name": "web-1"})
-    assert status == 400 and answer["error"] == "name: a host named 'web-1' exists already"
+    assert status == 409 and answer["error"] == "name: a host named 'web-1' exists already"
     status, answer = hub.request("POST", "/api/v1/hosts", {"name": "Web_1"})
     assert status == 400 and answer["error"].startswith("name: 'Web_1' does not match")
     assert hub.api("GET", "/api/v1/runs") == []
@@ -114,6 +114,8 @@ def test_agents_are_authenticated_by_their_own_token_and_bad_messages_are_refuse
             socket = await agent(hub, one, session)
             await socket.receive_json()
             await socket.send_str(json.dumps({"type": "facts", "facts": {"hostname": "x" * (2 << 20)}}))
+            answer = await socket.receive_json()  # an oversized frame is refused like any other: with an error
+            assert answer["type"] == "error" and answer["message"].startswith("message: larger than"), answer
             assert (await socket.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             # The other agent was not disturbed by any of it.
             await good.send_json({"type": "facts", "facts": {"hostname": "two.example"}})
@@ -211,8 +213,8 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
             url = database_url(str(tmp_path / "hub.db"))
         else:
             url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0001"
-        assert migrate(url) == "0001", "a second upgrade changes nothing"
+        assert migrate(url) == "0002"
+        assert migrate(url) == "0002", "a second upgrade changes nothing"
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as connection:

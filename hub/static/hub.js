@@ -4,6 +4,9 @@
 // Stream protocol (/api/v1/stream): `init` {state, version, epoch}; `delta` {change, version}; `sync`
 // {version} every few seconds. A delta that skips a version, a sync ahead of us or a new epoch
 // means something was missed: ask for the whole state again (`get_state`).
+//
+// What agents report reaches this page as data of any shape the hub let through: every value is read
+// through obj/list/text below, so a null where an object was expected shows as blank, never throws.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500;
@@ -18,14 +21,31 @@ const el = (tag, attributes = {}, ...children) => {
   for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(child ?? ""));
   return node;
 };
-const when = (seconds) => seconds ? new Date(seconds * 1000).toLocaleString() : "";
-const badge = (text) => el("span", { class: `badge ${String(text).replace(/\s+/g, "-")}` }, text);
+const obj = (value) => value !== null && typeof value === "object" && !Array.isArray(value) ? value : {};
+const list = (value) => Array.isArray(value) ? value : [];
+const text = (value) => value === null || value === undefined ? ""
+  : typeof value === "object" ? JSON.stringify(value) : String(value);
+const when = (seconds) => {
+  const date = typeof seconds === "number" && seconds > 0 ? new Date(seconds * 1000) : null;
+  return date && !isNaN(date) ? date.toLocaleString() : "";
+};
+const badge = (value) => el("span", { class: `badge ${text(value).replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-")}` },
+  text(value));
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/api/v1/stream`);
   socket.onopen = () => { retry = 500; setConnection(true); };
-  socket.onmessage = (message) => receive(JSON.parse(message.data));
+  socket.onmessage = (message) => {
+    try {
+      receive(JSON.parse(message.data));
+    } catch (error) {
+      // A message this page cannot follow: say so, and start over from a fresh state.
+      console.error("hub stream:", error);
+      setConnection(false, "out of step");
+      socket.send(JSON.stringify({ type: "get_state" }));
+    }
+  };
   socket.onclose = async (event) => {
     setConnection(false);
     try {
@@ -45,38 +65,42 @@ async function loggedIn() {
 
 function receive(message) {
   if (message.type === "init") {
-    ({ state, version, epoch } = message);
+    const fresh = obj(message.state);
+    state = { hosts: obj(fresh.hosts), runs: obj(fresh.runs), events: list(fresh.events) };
+    ({ version, epoch } = message);
   } else if (message.epoch !== epoch || message.version > version + (message.type === "delta" ? 1 : 0)) {
     socket.send(JSON.stringify({ type: "get_state" }));
     return;
   } else if (message.type === "delta") {
     if (message.version <= version) return;  // older than our init
     version = message.version;
-    applyChange(message.change);
+    applyChange(obj(message.change));
   } else {
     return;  // a sync beacon: we are current
   }
+  setConnection(true);
   render();
 }
 
 function applyChange(change) {
   switch (change.kind) {
-    case "host": state.hosts[change.host.name] = change.host; break;
-    case "host_removed": delete state.hosts[change.name]; break;
-    case "run": state.runs[change.run.id] = change.run; break;
-    case "run_removed": delete state.runs[change.id]; break;
-    case "event": state.events.push(change.event); state.events.splice(0, state.events.length - 200); break;
+    case "host": state.hosts[text(obj(change.host).name)] = obj(change.host); break;
+    case "host_removed": delete state.hosts[text(change.name)]; break;
+    case "run": state.runs[text(obj(change.run).id)] = obj(change.run); break;
+    case "run_removed": delete state.runs[text(change.id)]; break;
+    case "event": state.events.push(obj(change.event)); state.events.splice(0, state.events.length - 100); break;
   }
 }
 
-function setConnection(up) {
-  $("connection").textContent = up ? "live" : "reconnecting";
+function setConnection(up, why = "reconnecting") {
+  $("connection").textContent = up ? "live" : why;
   $("connection").className = `badge ${up ? "online" : "offline"}`;
 }
 
 function render() {
   $("main").hidden = false;
   $("login").hidden = true;
+  $("logout").hidden = false;
   $("version").textContent = `state version ${version}`;
   renderHosts();
   renderDetail();
@@ -85,50 +109,56 @@ function render() {
 }
 
 function renderHosts() {
-  const rows = Object.values(state.hosts).sort((a, b) => a.name.localeCompare(b.name)).map((host) => {
-    const facts = host.facts || {}, boot = facts.boot_state || {}, rollback = host.last_rollback;
-    return el("tr", { class: `selectable ${host.name === selected ? "selected" : ""}`, "data-host": host.name,
-                      onclick: () => { selected = host.name; render(); } },
-      el("td", {}, host.name), el("td", {}, badge(host.health)), el("td", {}, facts.hostname || ""),
-      el("td", {}, boot.kind ? `${boot.kind} ${boot.root || ""} (${boot.health || ""})` : ""),
-      el("td", {}, rollback ? `${rollback.method} ${when(rollback.time)}` : ""),
-      el("td", {}, host.groups.join(", ")), el("td", {}, when(host.last_seen)));
+  const hosts = Object.values(state.hosts).map(obj);
+  const rows = hosts.sort((a, b) => text(a.name).localeCompare(text(b.name))).map((host) => {
+    const name = text(host.name), facts = obj(host.facts), boot = obj(facts.boot_state);
+    const rollback = host.last_rollback ? obj(host.last_rollback) : null;
+    return el("tr", { class: `selectable ${name === selected ? "selected" : ""}`, "data-host": name,
+                      onclick: () => { selected = name; render(); } },
+      el("td", {}, name), el("td", {}, badge(host.health)), el("td", {}, text(facts.hostname)),
+      el("td", {}, boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : ""),
+      el("td", {}, rollback ? `${text(rollback.method)} ${when(rollback.time)}` : ""),
+      el("td", {}, list(host.groups).map(text).join(", ")), el("td", {}, when(host.last_seen)));
   });
   $("hosts").tBodies[0].replaceChildren(...rows);
 }
 
 function renderDetail() {
-  const host = selected && state.hosts[selected];
+  const host = selected && state.hosts[selected] ? obj(state.hosts[selected]) : null;
   $("host-detail").hidden = !host;
   if (!host) return;
-  $("detail-name").textContent = host.name;
-  const snapshots = ((host.facts || {}).snapshots || []).map((s) =>
-    el("tr", {}, el("td", {}, s.id), el("td", {}, s.kind), el("td", {}, when(s.created)),
-      el("td", {}, s.description), el("td", {}, s.known_good ? "yes" : "")));
+  $("detail-name").textContent = text(host.name);
+  const snapshots = list(obj(host.facts).snapshots).map(obj).map((s) =>
+    el("tr", {}, el("td", {}, text(s.id)), el("td", {}, text(s.kind)), el("td", {}, when(s.created)),
+      el("td", {}, text(s.description)), el("td", {}, s.known_good === true ? "yes" : "")));
   $("snapshots").tBodies[0].replaceChildren(...snapshots);
-  const jobs = [...host.jobs].reverse().map((job) => el("div", { class: "run" },
-    el("div", {}, `job ${job.id} `, badge(job.state), ` ${(job.ops || []).join(" && ")} · ${when(job.time)}`),
-    ...((job.result || {}).steps || []).map((step) => el("div", {},
-      `${step.op}: `, badge(step.state), step.error ? el("span", { class: "error" }, ` ${step.error}`) : "",
-      (step.output || []).length ? el("pre", {}, step.output.join("\n")) : ""))));
+  const jobs = list(host.jobs).map(obj).reverse().map((job) => el("div", { class: "run" },
+    el("div", {}, `job ${text(job.id)} `, badge(job.state),
+      ` ${list(job.ops).map(text).join(" && ")} · ${when(job.time)}`),
+    ...list(obj(job.result).steps).map(obj).map((step) => el("div", {},
+      `${text(step.op)}: `, badge(step.state), step.error ? el("span", { class: "error" }, ` ${text(step.error)}`) : "",
+      list(step.output).length ? el("pre", {}, list(step.output).map(text).join("\n")) : ""))));
   $("jobs").replaceChildren(...jobs);
 }
 
 function renderRuns() {
-  const runs = Object.values(state.runs).sort((a, b) => b.created - a.created).map((run) => el("div", { class: "run" },
-    el("div", {}, badge(run.state), ` ${run.steps.map((s) => s.op).join(" && ")} on ${JSON.stringify(run.target)}`,
-      ` by ${run.admin}, ${when(run.created)} `,
-      run.state === "running" ? el("button", { onclick: () => post(`/api/v1/runs/${run.id}/cancel`) }, "Cancel") : ""),
-    el("table", {}, el("tbody", {}, ...run.commands.map((c) => el("tr", {},
-      el("td", {}, c.host), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${c.job_id}` : ""),
-      el("td", {}, (c.result || {}).error || "")))))));
-  $("runs").replaceChildren(...runs);
+  const runs = Object.values(state.runs).map(obj).sort((a, b) => (Number(b.created) || 0) - (Number(a.created) || 0));
+  $("runs").replaceChildren(...runs.map((run) => el("div", { class: "run" },
+    el("div", {}, badge(run.state),
+      ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${text(run.target)}`,
+      ` by ${text(run.admin)}, ${when(run.created)} `,
+      run.state === "running"
+        ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
+        : ""),
+    el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).map((c) => el("tr", {},
+      el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
+      el("td", {}, text(obj(c.result).error)))))))));
 }
 
 function renderEvents() {
-  const rows = [...state.events].reverse().slice(0, 100).map((e) => el("tr", {},
-    el("td", {}, when(e.time)), el("td", {}, e.host || ""), el("td", {}, e.actor), el("td", {}, e.method),
-    el("td", {}, JSON.stringify(e.detail).slice(0, 160))));
+  const rows = list(state.events).map(obj).reverse().slice(0, 100).map((e) => el("tr", {},
+    el("td", {}, when(e.time)), el("td", {}, text(e.host)), el("td", {}, text(e.actor)), el("td", {}, text(e.method)),
+    el("td", {}, text(e.detail).slice(0, 160))));
   $("events").tBodies[0].replaceChildren(...rows);
 }
 
@@ -143,12 +173,14 @@ async function post(path, body) {
 function showLogin() {
   $("main").hidden = true;
   $("login").hidden = false;
+  $("logout").hidden = true;
 }
 
 $("login").onsubmit = async (event) => {
   event.preventDefault();
   try {
     await post("/api/v1/login", { token: $("token").value });
+    $("token").value = "";
     $("login-error").textContent = "";
     connect();
   } catch (error) {
@@ -168,6 +200,17 @@ $("dispatch").onsubmit = async (event) => {
     $("dispatch-error").textContent = "";
   } catch (error) {
     $("dispatch-error").textContent = error.message;
+  }
+};
+
+$("logout").onclick = async () => {
+  try {
+    await post("/api/v1/logout");
+  } finally {
+    state = null;
+    if (socket) { socket.onclose = null; socket.close(); }
+    setConnection(false, "logged out");
+    showLogin();
   }
 };
 

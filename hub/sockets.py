@@ -1,0 +1,159 @@
+"""The hub's two WebSockets: the UIs' state stream and the agents' link.
+
+An agent authenticates with its host's token and can only ever speak as that host: the host name
+comes from the token, never from what the agent says. Every frame of an agent's that the hub refuses
+is answered with `error` naming the field before the connection closes, whatever was wrong with it
+(its JSON, its shape, its size), and nothing it carried is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from hub import edge, strictjson
+from hub.errors import HubError, Unauthorized
+from hub.fleet import AgentLink, Fleet
+from hub.protocol import MAX_MESSAGE_BYTES, CommandStatus, ProtocolError, decode, parse_agent_message
+
+log = logging.getLogger("rastos-hub")
+
+UI_MESSAGE_BYTES = 4096  # a UI only ever sends {"type": "get_state"}
+HEARTBEAT = 20.0  # WebSocket pings: a peer that vanished is noticed within two of them
+FLEET = web.AppKey("fleet", Fleet)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+
+
+LINGER = 0.5  # seconds the rest of an oversized frame may take to arrive (and be discarded)
+
+
+class _AgentSocket(web.WebSocketResponse):
+    """aiohttp closes a socket itself when a frame is over the size limit (1009): the agent is told
+    why first, in an `error` frame, as for any other refused frame. The rest of that frame is still on
+    its way: closing before it has arrived would reset the connection, and the agent could lose the
+    error unread, so the close waits a moment while it is read and thrown away."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            text = f"message: larger than the {MAX_MESSAGE_BYTES} bytes a frame may carry"
+            log.warning("an agent sent a frame over %d bytes", MAX_MESSAGE_BYTES)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send_str(strictjson.dumps({"type": "error", "message": text}))
+                await asyncio.sleep(LINGER)
+            message = message or text.encode()[:120]
+        return await super().close(code=code, message=message, drain=drain)
+
+
+async def ui_stream(request: web.Request) -> web.StreamResponse:
+    fleet = request.app[FLEET]
+    await edge.admin(request, fleet.store)
+    socket = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=UI_MESSAGE_BYTES)
+    await socket.prepare(request)
+    request.app[SOCKETS].add(socket)
+    queue = fleet.subscribe()
+    # Everything a UI is sent goes through its queue, in order; an init is made when it is sent,
+    # so the deltas queued before it are older than it and the UI skips them by version.
+    queue.put_nowait({"type": "init_needed"})
+    sender = asyncio.create_task(_forward(fleet, queue, socket))
+    try:
+        async for message in socket:
+            if message.type == WSMsgType.TEXT and _is_get_state(message.data):
+                queue.put_nowait({"type": "init_needed"})
+            elif message.type == WSMsgType.TEXT:
+                await socket.close(code=1008, message=b'only {"type": "get_state"} is understood')
+    finally:
+        fleet.unsubscribe(queue)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+    return socket
+
+
+def _is_get_state(data: str) -> bool:
+    try:
+        return bool(json.loads(data) == {"type": "get_state"})
+    except ValueError:
+        return False
+
+
+async def _forward(fleet: Fleet, queue: asyncio.Queue[dict[str, Any]], socket: web.WebSocketResponse) -> None:
+    while True:
+        message = await queue.get()
+        if message["type"] == "init_needed":
+            message = fleet.init_message()
+        try:
+            await socket.send_str(strictjson.dumps(message))
+        except ConnectionError:
+            return
+
+
+async def agent_socket(request: web.Request) -> web.StreamResponse:
+    fleet = request.app[FLEET]
+    token = edge.bearer(request)
+    host = await fleet.store.host_for_token(token) if token else None
+    if host is None:
+        raise Unauthorized("authorization: not a valid host token")
+    edge.trusted(request)
+    socket = _AgentSocket(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE_BYTES)
+    await socket.prepare(request)
+    request.app[SOCKETS].add(socket)
+    link = AgentLink(host, lambda message: socket.send_str(strictjson.dumps(message)), socket.close)
+    try:
+        await link.send(await fleet.agent_connected(link))
+        await fleet.agent_ready(link)
+        async for message in socket:
+            if message.type == WSMsgType.BINARY:
+                await _refuse(socket, host, "message: must be a text frame (JSON), not binary")
+                break
+            if message.type != WSMsgType.TEXT:
+                break  # errors (an oversized frame: see _AgentSocket) and closes end the connection
+            if not await _agent_message(fleet, host, socket, message.data):
+                break
+    finally:
+        await fleet.agent_disconnected(link)
+    return socket
+
+
+async def _refuse(socket: web.WebSocketResponse, host: str, text: str) -> None:
+    log.warning("agent %s sent a bad message: %s", host, text)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await socket.send_str(strictjson.dumps({"type": "error", "message": text}))
+        await socket.close(code=1008, message=text.encode()[:120])
+
+
+async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse, data: str) -> bool:
+    """Handle one agent message; False (after telling the agent why) ends the connection."""
+    try:
+        kind, body = parse_agent_message(decode(data))
+    except ProtocolError as error:
+        await _refuse(socket, host, error.message)
+        return False
+    if host not in fleet.hosts:
+        await socket.close(code=1008, message=b"this host was removed from the hub")
+        return False
+    try:
+        if kind == "facts":
+            assert isinstance(body, dict)
+            await fleet.facts(host, body)
+        elif kind == "events":
+            assert isinstance(body, list)
+            await socket.send_str(strictjson.dumps({"type": "ack", "last_event": await fleet.agent_events(host, body)}))
+        else:
+            assert isinstance(body, CommandStatus)
+            await fleet.command_status(host, body)
+    except HubError as error:
+        await _refuse(socket, host, error.message)
+        return False
+    except (ConnectionError, RuntimeError):
+        return False  # the agent went away meanwhile
+    except Exception as error:  # the store failed (a database away): this agent tries again later
+        log.error("the %s of %s could not be stored: %s", kind, host, error)
+        await _refuse(socket, host, f"{kind}: could not be stored now ({type(error).__name__}); send again later")
+        return False
+    return True
