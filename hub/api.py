@@ -193,6 +193,7 @@ BODY_ERRORS = {
 }
 NOT_FOUND = {"404": _error("no such host or run")}
 CONFLICT = {"409": _error("in conflict with the hub's state (a host of that name exists; a run ended already)")}
+BAD_STEP = {"422": _error("a step its op refuses, as rastosd would, the field named: steps[I].params.FIELD: reason")}
 HOST_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME}
 RUN_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 PATHS: dict[str, dict[str, Any]] = {
@@ -225,7 +226,8 @@ PATHS: dict[str, dict[str, Any]] = {
                 "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},
         "post": {"summary": "Run an op or a pipeline on hosts (&& per host, parallelism limit)",
                  "requestBody": _body(NEW_RUN),
-                 "responses": {"201": _answer("the run", RUN), **BODY_ERRORS, **NOT_FOUND, **CONFLICT}},
+                 "responses": {"201": _answer("the run", RUN), **BODY_ERRORS, **BAD_STEP, **NOT_FOUND,
+                               **CONFLICT}},
     },
     "/api/v1/runs/{id}": {"parameters": [RUN_ID],
                           "get": {"summary": "One run", "responses": {"200": _answer("run", RUN), **NOT_FOUND}}},

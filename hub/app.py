@@ -18,10 +18,12 @@ from aiohttp import WSCloseCode, web
 
 from hub import api, edge
 from hub.edge import respond
-from hub.errors import HubError, NotFound, Unauthorized
+from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
 from hub.fleet import Fleet
 from hub.sockets import FLEET, SOCKETS, agent_socket, ui_stream
 from hub.store import Store
+from ops.errors import ExpectedError
+from ops.steps import checked_steps
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_REQUEST_BYTES = 1 << 20
@@ -180,6 +182,10 @@ async def _start_run(request: web.Request) -> web.StreamResponse:
     admin = await _admin(request)
     body = await edge.json_body(request, api.NEW_RUN)
     steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
+    try:  # the op library's own checks, as each host's rastosd will make them: refused before sending
+        checked_steps(steps)
+    except ExpectedError as error:
+        raise Unprocessable(str(error)) from None
     # JSON Schema counts 1.0 as an integer; the columns (PostgreSQL's at least) take only ints.
     flags, parallelism = int(body.get("flags", 0)), int(body.get("parallelism", 10))
     run = await request.app[FLEET].start_run(admin, body["target"], steps, flags, parallelism)

@@ -23,6 +23,12 @@ class Conflict(HubError):
     status = 409
 
 
+class Unprocessable(HubError):
+    """Well-formed, but not something the hub can do: a run step its op refuses."""
+
+    status = 422
+
+
 class Forbidden(HubError):
     status = 403
 

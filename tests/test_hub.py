@@ -71,6 +71,23 @@ def test_bad_requests_are_refused_naming_the_field_and_store_nothing(any_hub: Hu
     assert [event["method"] for event in hub.api("GET", "/api/v1/events")] == ["AdminAdded", "HostAdded"]
 
 
+def test_a_run_step_its_op_refuses_is_refused_before_anything_is_sent(hub: Hub) -> None:
+    """The hub checks a run's steps with the op library rastosd uses: the same field, the same words."""
+    hub.api("POST", "/api/v1/hosts", {"name": "web-1"})
+    cases = [
+        ([{"op": "hostname", "params": {"hostname": "Web_1"}}], "steps[0].params.hostname: 'Web_1' is not valid"),
+        ([{"op": "motd", "params": {"text": "hi"}}, {"op": "user", "params": {"name": "a", "uid": "7"}}],
+         "steps[1].params.uid: must be an integer, got a string"),
+        ([{"op": "nosuch"}], "steps[0].op: no op named 'nosuch'"),
+        ([{"op": "ssh", "params": {}}, {"op": "user", "params": {"name": "a"}}],
+         "steps[0].op: ssh must come after user (step 2)"),
+    ]  # fmt: skip
+    for steps, expected in cases:
+        status, answer = hub.request("POST", "/api/v1/runs", {"target": {"hosts": ["web-1"]}, "steps": steps})
+        assert status == 422 and answer["error"].startswith(expected), (steps, answer)
+    assert hub.api("GET", "/api/v1/runs") == []
+
+
 async def agent(hub: Hub, token: str, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
     return await session.ws_connect(hub.agent_url, headers={"Authorization": f"Bearer {token}"})
 
