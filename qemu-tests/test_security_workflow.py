@@ -4,6 +4,7 @@ and after shows the checks it fixed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from conftest import build_qcow2
 from guest_console import PROMPT, GuestConsole
 
+from imagebuilder.profile import load_profile
+from imagebuilder.profile.host import host_steps
 from imagebuilder.vm import free_port
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
@@ -31,8 +34,8 @@ def ssh_image(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path) -> Path:
     public = ssh_key.with_suffix(".pub").read_text().strip()
     (folder / "ssh.toml").write_text(
         'extends = "minimal"\n[packages]\ninclude = ["openssh-server", "nftables", "sudo"]\n'
-        '[system]\nenable = ["ssh.service"]\n'
-        f'[[users]]\nname = "admin"\nsudo = true\nssh_keys = ["{public}"]\n'
+        '[system]\nenable = ["ssh.service"]\nhostname = "sec-1.example.org"\n[kernel.sysctl]\n"vm.swappiness" = 13\n'
+        f'[[users]]\nname = "admin"\nsudo = true\nauthorized_keys = ["{public}"]\n'
     )
     return build_qcow2(folder / "ssh.toml", folder / "out")
 
@@ -72,6 +75,12 @@ def test_the_security_workflow_keeps_ssh_and_drops_a_closed_port(
         states = guest.run("systemctl is-system-running --wait >/dev/null; "
                            "echo UNITS=$(systemctl is-active ssh rastosd | tr '\\n' ' ')", "UNITS", 240)  # fmt: skip
         assert states.split() == ["active", "active"]
+        # The profile's host settings were set by the ops: the same settings, planned by rastosd on the
+        # running host, are nothing to change (the build and the ops agree byte for byte).
+        for step in host_steps(load_profile(ssh_image.parent.parent / "ssh.toml")):
+            params = json.dumps(step["params"])
+            planned = guest.run(f"echo PLANNED=$(rastosctl plan {step['op']} '{params}' 2>&1)", "PLANNED")
+            assert planned == f"{step['op']}: nothing to change", (step, planned)
         guest.type("python3 -m http.server 8080 >/dev/null 2>&1 &")
         assert guest.run("sleep 2; echo LISTENING=$(ss -Htln 'sport = :8080' | wc -l)", "LISTENING") == "1"
         assert ssh(ssh_key, ssh_port).stdout.strip() == "reached"

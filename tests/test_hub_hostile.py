@@ -244,7 +244,9 @@ def _authorized(hub: Hub, path: str) -> urllib.request.Request:
 def test_agent_ids_up_to_2_to_the_62_fit_both_databases_and_larger_ones_are_refused(both_hub: Hub) -> None:
     hub = both_hub
     token = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
-    run = hub.api("POST", "/api/v1/runs", {"target": {"hosts": ["one"]}, "steps": [{"op": "motd"}]})
+    run = hub.api(
+        "POST", "/api/v1/runs", {"target": {"hosts": ["one"]}, "steps": [{"op": "motd", "params": {"text": "x"}}]}
+    )
     command = run["commands"][0]["id"]
 
     async def scenario() -> None:
