@@ -6,7 +6,7 @@ are refused with a suggestion: a typo must never silently do nothing.
 
 Before any schema sees it, a caller's JSON goes through `parse_json`, which bounds what one request
 may cost (its length, nesting, the number of values, each string, list and integer) and refuses text
-that is not Unicode (a lone surrogate from a `\ud800` escape): every caller, also an unprivileged one
+that is not Unicode (a lone surrogate from a `\\ud800` escape): every caller, also an unprivileged one
 calling Plan, gets an answer within milliseconds, and nothing an op writes can fail to encode later.
 """
 

@@ -107,3 +107,15 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
 def test_the_checks_see_a_circle_and_a_wrong_import() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert imports(CHECKOUT / "daemon/core.py", modules()) >= {"ops.steps", "daemon.jobs"}
+
+
+def test_no_string_in_the_code_holds_a_lone_surrogate() -> None:
+    """The image compiles its Python with Debian's python3 (3.13), whose compiler refuses a docstring
+    holding a lone surrogate ("\\ud800" written unescaped in a docstring); 3.11 here accepts it."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if any(0xD800 <= ord(char) <= 0xDFFF for char in text):
+                found.append(f"{name}:{node.lineno}")
+    assert found == []
