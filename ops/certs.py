@@ -41,24 +41,25 @@ from ops.base import (
 )
 from ops.errors import InvalidParams, OpFailed, UnsafePath
 from ops.params import Kind, Param, Params
+from ops.pki import (
+    CA_DAYS,
+    Pair,
+    cert_pem,
+    common_name,
+    issue,
+    issued_by,
+    key_pem,
+    make_ca,
+    parse_pair,
+    pem_bodies,
+    read_certificate,
+    sans,
+)
 from rastos.errors import CommandError
 from rastos.process import run
 
 if TYPE_CHECKING:
-    from cryptography import exceptions, x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-else:  # imported when a certificate is first read or made, not at every start of the daemon
-    from rastos.lazy import Lazy
-
-    exceptions = Lazy("cryptography.exceptions")
-    x509 = Lazy("cryptography.x509")
-    hashes = Lazy("cryptography.hazmat.primitives.hashes")
-    serialization = Lazy("cryptography.hazmat.primitives.serialization")
-    ec = Lazy("cryptography.hazmat.primitives.asymmetric.ec")
-    ExtendedKeyUsageOID = Lazy("cryptography.x509.oid", "ExtendedKeyUsageOID")
-    NameOID = Lazy("cryptography.x509.oid", "NameOID")
+    from cryptography import x509
 
 CA_DIR = "/etc/rastos/ca"
 CA_KEY = f"{CA_DIR}/ca.key"
@@ -68,13 +69,10 @@ HOST_CERT = "/etc/ssl/certs/rastos-host.crt"
 TRUST_DIR = "/usr/local/share/ca-certificates/rastos"  # ours alone: what else is in it is a former CA
 BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 UPDATE_CA = "/usr/sbin/update-ca-certificates"
-CA_DAYS = 3650
-SKEW = datetime.timedelta(minutes=5)  # valid from a little before now: clocks of clients differ
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DNS_NAME = rf"(\*\.)?{LABEL}(\.{LABEL})*"
 CA_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 RENEW_BEFORE_DAYS = 30  # the default, and what the compliance check wants left
-PEM = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL)
 
 
 def unique(value: list[str]) -> str | None:
@@ -150,30 +148,11 @@ class CertsOp(Op):
 # Facts
 
 
-@dataclass(frozen=True)
-class Pair:
-    """A key and its certificate as found; `problem` says why they cannot be used."""
-
-    key: ec.EllipticCurvePrivateKey | None
-    cert: x509.Certificate | None
-    problem: str | None
-
-
 def read_pair(target: Target, key_path: str, cert_path: str) -> Pair:
     key_pem, cert_pem = target.files.read_bytes(key_path), target.files.read_bytes(cert_path)
     if key_pem is None or cert_pem is None:
         return Pair(None, None, "none yet")
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as error:
-        return Pair(None, None, f"cannot be read ({error})")
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        return Pair(None, cert, f"{key_path} is not an EC key")
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        return Pair(None, cert, f"{key_path} does not match {cert_path}")
-    return Pair(key, cert, None)
+    return parse_pair(key_pem, cert_pem, key_path, cert_path)
 
 
 def hostnames(target: Target, params: Params) -> list[str]:
@@ -183,11 +162,6 @@ def hostnames(target: Target, params: Params) -> list[str]:
     if not re.fullmatch(DNS_NAME, name):
         raise OpFailed(f"no hostnames given and /etc/hostname holds no DNS name ({name!r}): name them (hostnames)")
     return [name]
-
-
-def common_name(cert: x509.Certificate) -> str:
-    values = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(values[0].value) if values else ""
 
 
 def ca_problem(ca: Pair, params: Params, now: datetime.datetime) -> str | None:
@@ -219,23 +193,6 @@ def host_problem(target: Target, ca: Pair, names: list[str], params: Params, now
     if left < datetime.timedelta(days=params["renew_before_days"]):
         return f"expires in {left.days} days (renew_before_days {params['renew_before_days']})"
     return None
-
-
-def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    """The CA's name as issuer and the CA's key's signature on it."""
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, exceptions.InvalidSignature):
-        return False
-    return True
-
-
-def sans(cert: x509.Certificate) -> list[str]:
-    try:
-        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(extension.value.get_values_for_type(x509.DNSName))
 
 
 def host_key_mode(target: Target) -> tuple[int, str]:
@@ -283,27 +240,7 @@ def trust_problem(target: Target, params: Params) -> str | None:
     return None
 
 
-def pem_bodies(text: str) -> list[str]:
-    """The base64 of each certificate in PEM text, without line breaks: compared, not parsed (the
-    system bundle holds certificates that a strict parser refuses)."""
-    return ["".join(body.split()) for body in PEM.findall(text)]
-
-
 # Actions: what is made is made when applied
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-
-
-def cert_pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def write(target: Target, path: str, content: str, mode: int, group: str = "root") -> None:
@@ -312,61 +249,6 @@ def write(target: Target, path: str, content: str, mode: int, group: str = "root
 
 def trusted_names(target: Target) -> list[str]:
     return [name for name in target.files.names(TRUST_DIR) if name.endswith(".crt")]
-
-
-def make_ca(name: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rastOS local CA")])  # fmt: skip
-    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False)  # fmt: skip
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - SKEW)
-        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def issue(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, names: tuple[str, ...], not_after: datetime.datetime
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A server (and client) certificate for `names`, signed by the CA; valid at most as long as it."""
-    key = new_key()
-    now = datetime.datetime.now(datetime.UTC)
-    first = names[0].removeprefix("*.")
-    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False)  # fmt: skip
-    authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first[:64])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - SKEW)
-        .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(authority, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
 
 
 @dataclass(frozen=True)
@@ -487,9 +369,9 @@ class UpdateTrust(Action):
 def load_cert(target: Target, path: str) -> x509.Certificate | None:
     try:
         pem = target.files.read_bytes(path)
-        return x509.load_pem_x509_certificate(pem) if pem is not None else None
-    except (UnsafePath, ValueError):
+    except UnsafePath:
         return None
+    return read_certificate(pem) if pem is not None else None
 
 
 def current_params(target: Target) -> dict[str, Any]:

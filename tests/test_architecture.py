@@ -115,7 +115,8 @@ def test_no_string_in_the_code_holds_a_lone_surrogate() -> None:
     found = []
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text())):
-            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
-            if any(0xD800 <= ord(char) <= 0xDFFF for char in text):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            if any(0xD800 <= ord(char) <= 0xDFFF for char in node.value):
                 found.append(f"{name}:{node.lineno}")
     assert found == []

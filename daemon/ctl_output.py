@@ -1,0 +1,64 @@
+"""How rastosctl shows what rastosd answers, when not asked for JSON: tables, changes, diffs, jobs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "(none)"
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def format_changes(changes: list[dict[str, str]]) -> str:
+    lines = []
+    for change in changes:
+        lines.append(f"{change['action']:>7} {change['subject']}")
+        lines += [f"          {line}" for line in change.get("detail", "").splitlines() if change["action"] != "run"]
+        if change["action"] == "run":
+            lines.append(f"          $ {change['detail']}")
+    return "\n".join(lines)
+
+
+def format_diff(document: dict[str, Any]) -> str:
+    """Every planned change with its detail (the unified diffs): what a dry run would do, in full."""
+    sections = []
+    for position, step in enumerate(document["steps"], 1):
+        changes = (step.get("result") or {}).get("changes", [])
+        if changes:
+            sections.append(f"--- step {position}: {step['op']}\n{format_changes(changes)}")
+    return "\n\n" + "\n\n".join(sections) if sections else "\n\nno changes"
+
+
+def format_job(document: dict[str, Any]) -> str:
+    lines = [f"job {document['id']} ({document['kind']}): {document['state']}"]
+    for position, step in enumerate(document["steps"], 1):
+        lines.append(f"  step {position}: {step['op']} {step['state']}")
+        result = step.get("result") or {}
+        if step["state"] == "planned":
+            lines += [f"    would {c['action']} {c['subject']}" for c in result.get("changes", [])] or [
+                "    nothing to change"
+            ]
+        if result.get("error"):
+            lines.append(f"    error: {result['error']}")
+    result = document.get("result") or {}
+    if result.get("snapshots"):
+        lines.append(f"  snapshots: pre {result['snapshots']['pre']}, post {result['snapshots']['post']}")
+    if result.get("restored"):
+        lines.append(f"  restored: {', '.join(result['restored'])}")
+    if result.get("error"):
+        lines.append(f"  error: {result['error']}")
+    confirmation = document.get("confirmation")
+    if confirmation and confirmation["state"] == "pending":
+        deadline = time.strftime("%H:%M:%S", time.localtime(confirmation["deadline"]))
+        lines.append(f"  PENDING: reverted at {deadline} unless confirmed: rastosctl confirm {document['id']}")
+    elif confirmation:
+        lines.append(f"  confirmation: {confirmation['state']} {confirmation.get('detail') or ''}".rstrip())
+    return "\n".join(lines)
