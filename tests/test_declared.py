@@ -112,7 +112,7 @@ def test_apply_config_dry_run_prints_the_whole_diff_and_changes_nothing(rastosd:
 
 
 def test_a_profile_names_its_desired_state_and_a_wrong_step_fails_at_load(tmp_path: Path) -> None:
-    from imagebuilder.profile.load import ProfileError, load_profile
+    from imagebuilder.profile import ProfileError, load_profile
 
     (tmp_path / "state.toml").write_text('[hostname]\nhostname = "edge-1"\n')
     profile_file = tmp_path / "edge.toml"

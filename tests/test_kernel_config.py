@@ -13,8 +13,7 @@ from imagebuilder.kernel import config
 from imagebuilder.kernel import profile as kernel_profiles
 from imagebuilder.kernel.build import KernelRequest, build_kernel, configure
 from imagebuilder.kernel.source import KernelSource, from_debian, from_tree, makefile_version
-from imagebuilder.profile import load_profile
-from imagebuilder.profile.load import ProfileError
+from imagebuilder.profile import ProfileError, load_profile
 from imagebuilder.stages.bootstrap import mmdebstrap_argv, package_set
 from rastos.errors import RastosError
 from tests.conftest import CACHE_DIR, require_root

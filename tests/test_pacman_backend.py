@@ -29,7 +29,8 @@ import pytest
 
 from daemon.errors import InvalidParams
 from imagebuilder.events import JsonEvents
-from imagebuilder.profile.load import ProfileError, load_profile, profile_from_dict, profile_to_dict
+from imagebuilder.profile import ProfileError, load_profile
+from imagebuilder.profile.load import profile_from_dict, profile_to_dict
 from imagebuilder.stages.bootstrap_arch import (
     ArchRecipe,
     build_root,

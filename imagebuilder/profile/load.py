@@ -13,23 +13,17 @@ import dataclasses
 import difflib
 import logging
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from imagebuilder.profile.model import DistributionName, InitramfsModules, KeyProblem, MiB, Profile, format_size
+from imagebuilder.profile.merge import Origins, ProfileError, build, merge_table, plain
+from imagebuilder.profile.model import DistributionName, InitramfsModules, MiB, Profile, format_size
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.profile")
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "profiles"
 MAX_EXTENDS_DEPTH = 16
-
-
-class ProfileError(RastosError):
-    """A profile file is wrong; the message names the file and the key."""
 
 
 def available_profiles(directory: Path = PROFILE_DIR) -> list[Path]:
@@ -43,13 +37,13 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     merged: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     for source, raw in chain:
-        _merge_table(Profile, merged, raw, source, "", origins)
+        merge_table(Profile, merged, raw, source, "", origins)
     merged["name"] = path.stem
     merged["sources"] = [str(p) for p, _ in chain]
     origins["name"] = path
     origins["sources"] = path
-    found = _Origins(origins, path)
-    profile: Profile = _build(Profile, merged, "", found)
+    found = Origins(origins, path)
+    profile: Profile = build(Profile, merged, "", found)
     profile = _resolve_desired_state(profile, found)
     profile = _resolve_distribution(profile, found)
     _check_kernel_build(profile, found)
@@ -57,7 +51,7 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     return profile
 
 
-def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
+def _resolve_desired_state(profile: Profile, origins: Origins) -> Profile:
     """The rastos.toml a profile names, found beside the file that named it and checked now, so a wrong
     step fails before any build work (its error names the file and the key)."""
     if not profile.system.desired_state:
@@ -79,7 +73,7 @@ def _resolve_desired_state(profile: Profile, origins: _Origins) -> Profile:
     return dataclasses.replace(profile, system=system)
 
 
-def _check_kernel_build(profile: Profile, origins: _Origins) -> None:
+def _check_kernel_build(profile: Profile, origins: Origins) -> None:
     """A kernel profile named is loaded now, and its features checked, so a typo fails before the build."""
     kernel = profile.kernel
     if not kernel.build:
@@ -113,7 +107,7 @@ _DEBIAN_ONLY = {
 }
 
 
-def _resolve_distribution(profile: Profile, origins: _Origins) -> Profile:
+def _resolve_distribution(profile: Profile, origins: Origins) -> Profile:
     """Refuses a key of the other distribution; fills Arch's defaults where no file set the key (an Arch
     profile resolves with an empty suite and no components, so `show` prints nothing of Debian's)."""
     d, given = profile.distribution, origins.by_key
@@ -158,7 +152,7 @@ def _resolve_distribution(profile: Profile, origins: _Origins) -> Profile:
     return dataclasses.replace(profile, distribution=distribution, kernel=kernel)
 
 
-def _wrong_distribution(origins: _Origins, key: str, problem: str) -> ProfileError:
+def _wrong_distribution(origins: Origins, key: str, problem: str) -> ProfileError:
     source, named_in = origins.of(key), origins.of("distribution.name")
     hint = None
     if source != named_in:
@@ -166,7 +160,7 @@ def _wrong_distribution(origins: _Origins, key: str, problem: str) -> ProfileErr
     return ProfileError(f"{source}: key '{key}': {problem}", hint=hint)
 
 
-def _check_whole(profile: Profile, origins: _Origins) -> None:
+def _check_whole(profile: Profile, origins: Origins) -> None:
     """Checks that span several keys; the error names the file of the key that must change."""
     if profile.disk.esp_size + 256 * MiB > profile.disk.size:
         raise ProfileError(
@@ -242,215 +236,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ProfileError(f"{path}: cannot be read: {e.strerror}") from None
 
 
-# --- merging ----------------------------------------------------------------------------------
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key(source: Path, key: str, cls: type) -> ProfileError:
-    known = [k for k in _fields(cls) if k != "name"]
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
-    return ProfileError(f"{source}: unknown key '{key}'", hint=hint)
-
-
-def _merge_table(
-    cls: type,
-    into: dict[str, Any],
-    raw: Mapping[str, Any],
-    source: Path,
-    prefix: str,
-    origins: dict[str, Path],
-) -> None:
-    fields = _fields(cls)
-    hints = _hints(cls)
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields or (key == "name" and cls is Profile):
-            raise _unknown_key(source, dotted, cls)
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise ProfileError(f"{source}: key '{dotted}': expected a table, got {_describe(value)}")
-            table = into.setdefault(key, {})
-            _merge_table(kind, table, value, source, f"{dotted}.", origins)  # type: ignore[arg-type]
-            continue
-        element = _tuple_element(kind)
-        if element is not None and dataclasses.is_dataclass(element):
-            _merge_table_list(element, into, key, value, source, dotted, origins, fields[key])  # type: ignore[arg-type]
-            continue
-        appending = fields[key].metadata.get("merge") == "append" and key in into
-        if appending and isinstance(value, list) and isinstance(into[key], list):
-            into[key] = into[key] + [v for v in value if v not in into[key]]
-        elif appending and isinstance(value, dict) and isinstance(into[key], dict):
-            into[key] = {**into[key], **value}
-        else:
-            into[key] = value
-        origins[dotted] = source
-
-
-def _merge_table_list(
-    element: type,
-    into: dict[str, Any],
-    key: str,
-    value: Any,
-    source: Path,
-    dotted: str,
-    origins: dict[str, Path],
-    spec: dataclasses.Field[Any],
-) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ProfileError(f"{source}: key '{dotted}': expected a list of tables, got {_describe(value)}")
-    current: list[dict[str, Any]] = into.get(key, []) if spec.metadata.get("merge") == "append" else []
-    current_origins = [origins.get(f"{dotted}[{i}]", source) for i in range(len(current))]
-    for i, item in enumerate(value):
-        checked: dict[str, Any] = {}
-        _merge_table(element, checked, item, source, f"{dotted}[{i}].", {})
-        # An entry with the same name as an inherited one replaces it.
-        same = [j for j, old in enumerate(current) if old.get("name") == checked.get("name")]
-        if same:
-            current[same[0]] = checked
-            current_origins[same[0]] = source
-        else:
-            current.append(checked)
-            current_origins.append(source)
-    into[key] = current
-    for i, origin in enumerate(current_origins):
-        origins[f"{dotted}[{i}]"] = origin
-
-
-def _tuple_element(kind: Any) -> Any:
-    if typing.get_origin(kind) is tuple:
-        return typing.get_args(kind)[0]
-    return None
-
-
-def _describe(value: Any) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
-    return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"
-
-
-# --- building and checking ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Origins:
-    by_key: dict[str, Path]
-    fallback: Path
-
-    def of(self, dotted: str) -> Path:
-        """The file that set `dotted`, or the nearest enclosing key that has one."""
-        key = dotted
-        while key:
-            if key in self.by_key:
-                return self.by_key[key]
-            cut = max(key.rfind("."), key.rfind("["))
-            key = key[:cut] if cut > 0 else ""
-        return self.fallback
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str, origins: _Origins) -> Any:
-    hints = _hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        dotted = f"{prefix}{f.name}"
-        value = _convert(hints[f.name], f, data[f.name], dotted, origins)
-        check = f.metadata.get("check")
-        try:
-            problem = check(value) if check else None
-        except KeyProblem as below:
-            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}{below.suffix}': {below.problem}") from None
-        if problem:
-            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': {problem}")
-        if newer := f.metadata.get("deprecated"):
-            log.warning("%s: key '%s' is deprecated: write '%s%s' (the same value)", origins.of(dotted), dotted,
-                        prefix, newer)  # fmt: skip
-        values[f.name] = value
-    return cls(**values)
-
-
-def _convert(kind: Any, spec: dataclasses.Field[Any] | None, value: Any, dotted: str, origins: _Origins) -> Any:
-    def wrong(expected: str) -> ProfileError:
-        return ProfileError(f"{origins.of(dotted)}: key '{dotted}': expected {expected}, got {_describe(value)}")
-
-    parse = spec.metadata.get("parse") if spec else None
-    if parse is not None:
-        try:
-            return parse(value)
-        except ValueError as e:
-            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': {e}") from None
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value, f"{dotted}.", origins)  # type: ignore[arg-type]
-    origin = typing.get_origin(kind)
-    if origin in (types.UnionType, typing.Union):
-        inner = [a for a in typing.get_args(kind) if a is not type(None)]
-        return None if value is None else _convert(inner[0], None, value, dotted, origins)
-    if origin is tuple:
-        element = typing.get_args(kind)[0]
-        if not isinstance(value, list):
-            raise wrong("a list")
-        return tuple(_convert(element, None, v, f"{dotted}[{i}]", origins) for i, v in enumerate(value))
-    if origin is Mapping or kind is Mapping:
-        if not isinstance(value, dict):
-            raise wrong("a table")
-        return {str(k): _scalar_text(v, f"{dotted}.{k}", origins) for k, v in value.items()}
-    if isinstance(kind, type) and issubclass(kind, Enum):
-        choices = [m.value for m in kind]
-        if value not in choices:
-            raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': {value!r} is not one of {', '.join(choices)}")
-        return kind(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise wrong("true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        return value
-    if kind is str:
-        if not isinstance(value, str):
-            raise wrong("a string")
-        return value
-    raise TypeError(f"profile field type {kind!r} is not supported")  # a bug in model.py
-
-
-def _scalar_text(value: Any, dotted: str, origins: _Origins) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int | str):
-        return str(value)
-    raise ProfileError(f"{origins.of(dotted)}: key '{dotted}': expected a string or integer, got {_describe(value)}")
-
-
 # --- serialising ------------------------------------------------------------------------------
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:
     """The resolved profile as plain data (for `show`, the manifest and the JSON round-trip)."""
-    return _plain(profile)  # type: ignore[no-any-return]
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+    return plain(profile)  # type: ignore[no-any-return]
 
 
 def profile_from_dict(data: Mapping[str, Any], source: Path = Path("<json>")) -> Profile:
     """Rebuild a profile from `profile_to_dict` output, with the same checks as a TOML file."""
-    return _build(Profile, data, "", _Origins({}, source))  # type: ignore[no-any-return]
+    return build(Profile, data, "", Origins({}, source))  # type: ignore[no-any-return]
