@@ -24,7 +24,8 @@ from typing import Any
 from daemon.errors import NotPending
 from daemon.store import DAEMON_UID, StateStore
 from ops import get_op
-from ops.base import Plan, Target, execute
+from ops.base import Plan, execute
+from ops.target import Target
 
 log = logging.getLogger("rastosd.confirm")
 

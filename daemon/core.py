@@ -31,8 +31,8 @@ from daemon.hub_link import HubLink
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
-from ops.base import Target
 from ops.steps import step_from
+from ops.target import Target
 from rastos.errors import CommandError, RastosError
 from rastos.process import run
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from daemon.failpoints import failpoint
 from daemon.store import StateStore
-from ops.base import FollowUp, Output, Target
+from ops.actions import FollowUp, Output
+from ops.target import Target
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.followups")

@@ -28,8 +28,8 @@ from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
 from ops import OPS
-from ops.base import Target
 from ops.steps import parse_steps
+from ops.target import Target
 from rastos import __version__
 
 if TYPE_CHECKING:

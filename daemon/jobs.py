@@ -36,10 +36,11 @@ from daemon.errors import DaemonError, InvalidParams, JobNotCancellable, NoSuchJ
 from daemon.followups import JobFollowUps
 from daemon.snapshots import Snapshots
 from daemon.store import DAEMON_UID, StateStore
-from ops.base import Plan, Target, execute
+from ops.base import Plan, execute
 from ops.params import parse_json
 from ops.shadow import shadow
 from ops.steps import Step, run_step
+from ops.target import Target
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastosd.jobs")

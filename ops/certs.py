@@ -28,17 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ops.base import (
-    Action,
-    Change,
-    Op,
-    Output,
-    Plan,
-    Target,
-    in_target,
-    joined,
-    read_colon_file,
-)
+from ops.actions import Action, Change, Output
+from ops.base import Op, Plan, joined
 from ops.errors import InvalidParams, OpFailed, UnsafePath
 from ops.params import Kind, Param, Params
 from ops.pki import (
@@ -55,6 +46,7 @@ from ops.pki import (
     read_certificate,
     sans,
 )
+from ops.target import Target, in_target, read_colon_file
 from rastos.errors import CommandError
 from rastos.process import run
 

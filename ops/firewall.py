@@ -16,20 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ops.base import (
-    Action,
-    Change,
-    CheckedWrite,
-    Op,
-    Output,
-    Plan,
-    RunCommand,
-    Target,
-    file_action,
-    in_target,
-)
+from ops.actions import Action, Change, CheckedWrite, Output, RunCommand
+from ops.base import Op, Plan, file_action
 from ops.errors import InvalidParams, OpFailed
 from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from ops.target import Target, in_target
 from rastos.errors import CommandError
 from rastos.process import run
 

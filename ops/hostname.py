@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import socket
 
-from ops.base import Action, Op, Plan, SetKernelHostname, Target, file_action
+from ops.actions import Action, SetKernelHostname
+from ops.base import Op, Plan, file_action
 from ops.params import Kind, Param, Params
+from ops.target import Target
 
 # RFC 1123 labels, at most 64 characters in all (the kernel's limit).
 HOSTNAME = r"(?=.{1,64}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"

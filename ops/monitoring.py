@@ -19,22 +19,11 @@ import re
 import time
 from dataclasses import dataclass
 
-from ops.base import (
-    Action,
-    Change,
-    FollowUp,
-    MakeDirectory,
-    Op,
-    Output,
-    Plan,
-    RunCommand,
-    Target,
-    file_action,
-    in_target,
-    joined,
-)
+from ops.actions import Action, Change, FollowUp, MakeDirectory, Output, RunCommand
+from ops.base import Op, Plan, file_action, joined
 from ops.errors import InvalidParams
 from ops.params import Kind, Param, Params
+from ops.target import Target, in_target
 from ops.update import backend_for
 from rastos.process import run
 

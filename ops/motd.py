@@ -14,8 +14,10 @@ two seconds goes on in the background for the next login. It never fails a login
 
 from __future__ import annotations
 
-from ops.base import Action, Op, Plan, RemoveFile, Target, file_action
+from ops.actions import Action, RemoveFile
+from ops.base import Op, Plan, file_action
 from ops.params import Kind, Param, Params
+from ops.target import Target
 
 MOTD = "/etc/motd"
 SCRIPT = "/etc/update-motd.d/50-rastos"

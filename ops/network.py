@@ -18,20 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ops.base import (
-    Action,
-    Change,
-    FollowUp,
-    Op,
-    Output,
-    Plan,
-    RemoveFile,
-    Target,
-    file_action,
-    joined,
-)
+from ops.actions import Action, Change, FollowUp, Output, RemoveFile
+from ops.base import Op, Plan, file_action, joined
 from ops.errors import InvalidParams, OpFailed
 from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
+from ops.target import Target
 
 LINK = r"[a-zA-Z0-9_.-]{1,15}"
 NETWORK_DIR = "/etc/systemd/network"

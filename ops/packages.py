@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ops.base import Target, in_target
 from ops.errors import OpFailed
+from ops.target import Target, in_target
 from rastos.errors import CommandError
 from rastos.process import run
 

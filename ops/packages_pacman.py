@@ -18,10 +18,10 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
-from ops.base import Target
 from ops.errors import OpFailed
 from ops.packages import PackageBackend, Transition, UnknownPackages
 from ops.rootfs import Links
+from ops.target import Target
 from rastos.alpm import Alpm, AlpmError, PackageChange, UnknownTargets
 from rastos.errors import RastosError
 from rastos.pacman_conf import read_pacman_conf

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from ops.base import Target
+from ops.target import Target
 from rastos.process import run
 
 log = logging.getLogger("rastosd.shadow")

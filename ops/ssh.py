@@ -22,20 +22,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import ClassVar
 
-from ops.base import (
-    Action,
-    CheckedWrite,
-    FollowUp,
-    Op,
-    Plan,
-    Target,
-    file_action,
-    in_target,
-    read_colon_file,
-)
+from ops.actions import Action, CheckedWrite, FollowUp
+from ops.base import Op, Plan, file_action
 from ops.errors import InvalidParams, OpFailed, UnsafePath
 from ops.params import CONFIRM_TIMEOUT, Kind, Param, Params
 from ops.rootfs import Links
+from ops.target import Target, in_target, read_colon_file
 from ops.user import expired_accounts
 from rastos.errors import CommandError
 from rastos.process import run

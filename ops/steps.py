@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ops import AFTER, get_op
-from ops.base import FollowUpLog, Op, Output, Plan, Target, execute
+from ops.actions import Output
+from ops.base import FollowUpLog, Op, Plan, execute
 from ops.errors import InvalidParams, OpFailed
 from ops.order import check_order
 from ops.params import Params, parse_json, validate
+from ops.target import Target
 
 MAX_STEPS = 256
 

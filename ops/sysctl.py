@@ -17,10 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.base import Action, Op, Plan, RemoveFile, Target, WriteSysctl, file_action
+from ops.actions import Action, RemoveFile, WriteSysctl
+from ops.base import Op, Plan, file_action
 from ops.errors import InvalidParams, UnsafePath
 from ops.params import Kind, Param, Params
 from ops.rootfs import Links
+from ops.target import Target
 
 KEY = r"[a-z0-9_]+(\.[a-z0-9_-]+)+"
 VALUE = r"[^\n\r]{1,4096}"

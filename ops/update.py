@@ -35,10 +35,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ops.base import Action, Change, Op, Output, Plan, Target, joined
+from ops.actions import Action, Change, Output
+from ops.base import Op, Plan, joined
 from ops.errors import InvalidParams, OpFailed, UnsafePath
 from ops.packages import PACKAGE, AptBackend, PackageBackend, Transition, UnknownPackages, changed_between
 from ops.params import Kind, Param, Params
+from ops.target import Target
 
 
 def backend_for(target: Target) -> PackageBackend:

@@ -24,21 +24,11 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ops.base import (
-    Action,
-    CheckedWrite,
-    MakeDirectory,
-    Op,
-    Plan,
-    RemoveFile,
-    RunCommand,
-    Target,
-    file_action,
-    in_target,
-    read_colon_file,
-)
+from ops.actions import Action, CheckedWrite, MakeDirectory, RemoveFile, RunCommand
+from ops.base import Op, Plan, file_action
 from ops.errors import InvalidParams, OpFailed
 from ops.params import Kind, Param, Params
+from ops.target import Target, in_target, read_colon_file
 from rastos.errors import CommandError
 from rastos.process import run
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ops.base import Action, Change, Op, Output, Plan, RunCommand, Target, file_action
+from ops.actions import Action, Change, Output, RunCommand
+from ops.base import Op, Plan, file_action
 from ops.errors import InvalidParams, OpFailed
 from ops.params import Kind, Param, Params
+from ops.target import Target
 from ops.user import ACCOUNT_FILES, USER_NAME, read_account
 
 ZSH_PATHS = ("/usr/bin/zsh", "/bin/zsh")

@@ -18,11 +18,12 @@ from daemon.compliance.remediate import pipeline, select
 from daemon.compliance.report import render, to_json
 from daemon.errors import InvalidParams
 from ops import OPS, get_op
-from ops.base import Target, execute
+from ops.base import execute
 from ops.params import validate
 from ops.ssh import effective_config
 from ops.steps import parse_steps, step_from
 from ops.sysctl import SETS, live_path, persisted, wanted_settings
+from ops.target import Target
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     MANAGER,

@@ -20,13 +20,14 @@ from daemon.compliance.model import Status
 from daemon.compliance.remediate import pipeline
 from daemon.errors import InvalidParams, OpFailed
 from ops import get_op
-from ops.base import Plan, Target, execute, in_target
+from ops.base import Plan, execute
 from ops.certs import BUNDLE, CA_CERT, CA_KEY, HOST_CERT, HOST_KEY, TRUST_DIR
 from ops.params import validate
 from ops.pki import issue, make_ca, sans
 from ops.ssh import effective_config
 from ops.steps import parse_steps, step_from
 from ops.sysctl import resolve_in_target
+from ops.target import Target, in_target
 from ops.user import CheckedSudoers
 from ops.zsh import MARKER
 from tests.op_tree import tree_digest

@@ -12,10 +12,12 @@ import pytest
 from daemon.errors import InvalidParams
 from daemon.followups import JobFollowUps, run_owed
 from daemon.store import StateStore
-from ops.base import SYSTEMD_RUNNING, FollowUp, Plan, Target, WriteFile, execute
+from ops.actions import SYSTEMD_RUNNING, FollowUp, WriteFile
+from ops.base import Plan, execute
 from ops.order import OrderCycle, check_declarations, check_order, sorted_order
 from ops.shadow import shadow
 from ops.steps import parse_steps
+from ops.target import Target
 from tests.daemon_fixtures import JOB, MANAGER, Rastosd, require_root
 from tests.op_tree import tree_digest
 

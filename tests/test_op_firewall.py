@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import OpFailed
-from ops.base import Target, execute
+from ops.base import execute
 from ops.firewall import RULESET, CheckedRuleset
 from ops.steps import step_from
+from ops.target import Target
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import tree_digest
 

@@ -12,9 +12,10 @@ import pytest
 
 from daemon.errors import InvalidParams, OpFailed
 from ops import OPS, get_op
-from ops.base import Target, execute
+from ops.base import execute
 from ops.params import validate
 from ops.steps import parse_steps, step_from
+from ops.target import Target
 from tests.op_tree import tree_digest
 
 pytestmark = [pytest.mark.root, pytest.mark.network]

@@ -23,8 +23,9 @@ import pytest
 
 from daemon.errors import UnsafePath
 from ops import firewall, monitoring, rootfs
-from ops.base import Target, execute
+from ops.base import execute
 from ops.steps import step_from
+from ops.target import Target
 from rastos.errors import RastosError
 from tests.op_tree import op_root, op_tree_base  # noqa: F401  (fixtures)
 from tests.test_op_library import CASES, KEY, Case, apply

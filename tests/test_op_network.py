@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from daemon.errors import InvalidParams, OpFailed
-from ops.base import Target, execute
+from ops.base import execute
 from ops.network import LinkConfig, read_link
 from ops.params import validate
 from ops.steps import step_from
+from ops.target import Target
 from tests.daemon_fixtures import MANAGER, STRICT_POLICY, Rastosd, private_bus
 from tests.netns import Pair, namespace_pair
 from tests.op_tree import op_scratch_root

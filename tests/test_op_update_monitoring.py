@@ -21,13 +21,14 @@ import pytest
 
 from daemon.errors import InvalidParams
 from ops import get_op, monitoring
-from ops.base import Plan, Target, execute, in_target
+from ops.base import Plan, execute
 from ops.monitoring import BINARY, DEFAULTS, ENABLED_LINK, InstallPackages
 from ops.motd import DYNAMIC, SCRIPT
 from ops.packages import APT_ENV, AptBackend, Transition, parse_simulation, with_network
 from ops.params import validate
 from ops.shadow import shadow
 from ops.steps import step_from
+from ops.target import Target, in_target
 from ops.update import PackageStep, RefreshLists
 from rastos.process import run
 from tests.daemon_fixtures import CHECKOUT, Rastosd

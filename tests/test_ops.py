@@ -12,10 +12,12 @@ from daemon.config import load_config
 from daemon.errors import InvalidParams, UnknownOp
 from daemon.store import MIGRATIONS, StateStore
 from ops import OPS, get_op
-from ops.base import Target, WriteFile, execute
+from ops.actions import WriteFile
+from ops.base import execute
 from ops.hostname import hosts_with
 from ops.params import Kind, Param, json_schema, validate
 from ops.steps import parse_steps
+from ops.target import Target
 from rastos.errors import RastosError
 
 SCHEMA = (

@@ -38,10 +38,11 @@ from imagebuilder.stages.bootstrap_arch import (
     check_arch_host,
     package_set,
 )
-from ops.base import Plan, Target, execute
+from ops.base import Plan, execute
 from ops.packages import Transition
 from ops.packages_pacman import PacmanBackend
 from ops.steps import Step, step_from
+from ops.target import Target
 from ops.update import PackageStep, PackageTransaction, RefreshLists, backend_for
 from rastos import alpm as rastos_alpm
 from rastos.alpm import (

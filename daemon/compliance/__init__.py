@@ -23,7 +23,7 @@ from daemon.compliance.checks_ssh import SSH_CHECKS
 from daemon.compliance.facts import Facts
 from daemon.compliance.model import Check, CheckResult, Outcome, Report, failed
 from ops import OPS
-from ops.base import Target
+from ops.target import Target
 from rastos.errors import RastosError
 
 CHECKS: tuple[Check, ...] = (*KERNEL_CHECKS, *SSH_CHECKS, *FILE_CHECKS, *ACCOUNT_CHECKS, *HOST_CHECKS)

@@ -17,13 +17,13 @@ from typing import Any
 
 from daemon.errors import DaemonError, UnsafePath
 from ops import OPS
-from ops.base import Target, in_target, read_colon_file
 from ops.certs import current_params
 from ops.firewall import ENABLED_LINK
 from ops.params import validate
 from ops.rootfs import Links
 from ops.ssh import ALGORITHM, refuse_lockout
 from ops.sysctl import Persisted, live_path, persisted
+from ops.target import Target, in_target, read_colon_file
 from rastos.errors import RastosError
 from rastos.process import run
 

@@ -20,9 +20,9 @@ from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
 from imagebuilder.profile.host import host_steps
 from imagebuilder.profile.model import Profile
-from ops.base import Target
 from ops.errors import OpFailed
 from ops.steps import checked_steps, run_step, step_from
+from ops.target import Target
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build.configure")

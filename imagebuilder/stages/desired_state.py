@@ -15,11 +15,11 @@ from pathlib import Path
 
 from imagebuilder.context import BuildContext
 from ops import get_op
-from ops.base import Target
 from ops.declared import desired_state_steps
 from ops.errors import OpFailed
 from ops.params import validate
 from ops.steps import Step, run_step
+from ops.target import Target
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build.desired_state")
