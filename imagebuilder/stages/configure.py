@@ -21,7 +21,7 @@ from imagebuilder.files import write_file
 from imagebuilder.profile.host import host_steps
 from imagebuilder.profile.model import Profile
 from ops.errors import OpFailed
-from ops.steps import checked_steps, run_step, step_from
+from ops.steps import checked_steps, run_step
 from ops.target import Target
 from rastos.errors import RastosError
 
@@ -63,7 +63,7 @@ def apply_host_settings(root: Path, profile: Profile) -> int:
     target = Target(root, runtime=False)
     changed = 0
     for step in checked_steps(host_steps(profile)):
-        step = step_from(target, step.op.name, step.params, "")
+        step.op.check(target, step.params)  # what only the image can tell (a group exists in it)
         try:
             plan = run_step(step, target, functools.partial(_log, step.op.name))
         except OpFailed as error:
