@@ -24,22 +24,21 @@ callbacks are global to the process, so each operation attaches its own before i
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rastos.alpm_feedback import Feedback, Progress
 from rastos.errors import RastosError
 from rastos.process import run
 
 log = logging.getLogger("rastos.alpm")
 
-Progress = Callable[[str], None]
 KEY_MISSING = "required key missing from keyring"  # libalpm's log line, naming neither key nor package
 UNSIGNED = re.compile(r"failed retrieving file '(.+?)\.pkg\.tar[^']*\.sig'")
 
@@ -49,24 +48,6 @@ SIG_PACKAGE, SIG_PACKAGE_OPTIONAL, SIG_PACKAGE_MARGINAL_OK, SIG_PACKAGE_UNKNOWN_
 SIG_DATABASE, SIG_DATABASE_OPTIONAL, SIG_DATABASE_MARGINAL_OK, SIG_DATABASE_UNKNOWN_OK = 1024, 2048, 4096, 8192
 # What Arch's own pacman.conf says: packages must be signed by a trusted key, databases may be.
 SIG_REQUIRED = SIG_PACKAGE | SIG_DATABASE | SIG_DATABASE_OPTIONAL
-
-LOG_ERROR, LOG_WARNING = 1, 2  # libalpm's log levels worth keeping (debug and function tracing are not)
-DOWNLOAD_INIT, DOWNLOAD_RETRY = 0, 2  # alpm_download_event_type_t
-
-# pyalpm's names for libalpm's events (its own fixed strings) -> what the notes call that phase.
-PHASES = {
-    "Resolving dependencies": "resolving dependencies",
-    "Checking dependencies": "checking dependencies",
-    "Checking keys in keyring": "checking keys",
-    "Checking integrity": "checking package integrity",
-    "Checking file conflicts": "checking file conflicts",
-    "Checking disk space": "checking disk space",
-    "Adding a package": "installing",
-    "Upgrading a package": "upgrading",
-    "Reinstalling a package": "reinstalling",
-    "Downgrading a package": "downgrading",
-    "Removing a package": "removing",
-}
 
 
 class AlpmError(RastosError):
@@ -158,67 +139,6 @@ def pyalpm_module() -> Any:
     return pyalpm
 
 
-class _Feedback:
-    """libalpm's callbacks as notes: one per package and phase, never one per percent."""
-
-    def __init__(self, progress: Progress | None, root: Path) -> None:
-        self.progress = progress
-        self.root = str(root).rstrip("/")
-        self.phase = ""
-        self.last = ""
-        self.errors: collections.deque[str] = collections.deque(maxlen=8)
-
-    def attach(self, handle: Any) -> None:
-        self.phase, self.last = "", ""
-        self.errors.clear()
-        handle.logcb = self._guarded(self.on_log)
-        handle.eventcb = self._guarded(self.on_event)
-        handle.progresscb = self._guarded(self.on_progress)
-        handle.dlcb = self._guarded(self.on_download)
-
-    @staticmethod
-    def _guarded(callback: Callable[..., None]) -> Callable[..., None]:
-        # An exception in a callback would be printed by pyalpm and lost; log it instead.
-        def call(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("libalpm callback failed")
-
-        return call
-
-    def say(self, note: str) -> None:
-        if note != self.last:
-            self.last = note
-            log.debug("%s", note)
-            if self.progress is not None:
-                self.progress(note)
-
-    def on_log(self, level: int, message: str) -> None:
-        text = message.strip().replace(self.root + "/", "/")
-        if level == LOG_ERROR:
-            self.errors.append(text)
-            log.error("libalpm: %s", text)
-        elif level == LOG_WARNING:
-            log.warning("libalpm: %s", text)
-
-    def on_event(self, event: int, text: str) -> None:
-        if text in PHASES:
-            self.phase = PHASES[text]
-
-    def on_progress(self, target: str, percent: int, count: int, current: int) -> None:
-        if self.phase:
-            self.say(f"{self.phase} {target} ({current}/{count})" if target else f"{self.phase} ({current}/{count})")
-
-    def on_download(self, filename: str, event: int, _data: int) -> None:
-        # pyalpm hands libalpm 13+'s download events over in the shape of the old (file, sent, total)
-        # callback: the second value is the event type, the third is meaningless.
-        if event == DOWNLOAD_INIT:
-            self.say(f"downloading {filename}")
-        elif event == DOWNLOAD_RETRY:
-            log.warning("libalpm: retrying the download of %s", filename)
-
-
 class Alpm:
     """A libalpm handle on `options.root`. Not for two threads at once (pyalpm's callbacks are global)."""
 
@@ -242,7 +162,7 @@ class Alpm:
             db = handle.register_syncdb(repository.name, repository.siglevel)
             db.servers = list(repository.servers)
         self.handle = handle
-        self.feedback = _Feedback(progress, options.root)
+        self.feedback = Feedback(progress, options.root)
 
     # --- facts: these change nothing -----------------------------------------------------------
 

@@ -10,7 +10,8 @@ import pytest
 
 from daemon.config import load_config
 from daemon.errors import InvalidParams, UnknownOp
-from daemon.store import MIGRATIONS, StateStore
+from daemon.store import StateStore
+from daemon.store_schema import MIGRATIONS
 from ops import OPS, get_op
 from ops.actions import WriteFile
 from ops.base import execute

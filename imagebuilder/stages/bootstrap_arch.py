@@ -35,7 +35,8 @@ from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.files import write_file
 from imagebuilder.profile.model import InitramfsModules, Profile
 from imagebuilder.stages.bootstrap import cached_root
-from rastos.alpm import SIG_REQUIRED, Alpm, AlpmOptions, Progress, Repository, pyalpm_module
+from rastos.alpm import SIG_REQUIRED, Alpm, AlpmOptions, Repository, pyalpm_module
+from rastos.alpm_feedback import Progress
 from rastos.errors import CommandError, RastosError
 from rastos.pacman_conf import ARCHITECTURES, render_mirrorlist, render_pacman_conf
 from rastos.process import run
