@@ -52,6 +52,8 @@ KNOWN_FLAGS = FLAG_DRY_RUN | FLAG_NO_SNAPSHOT | FLAG_RESTORE_ON_FAILURE
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 DESCRIPTION_LENGTH = 120  # with "before job N: " or "after job N: ... (cancelled)", at most 200
 MAX_OUTPUT_LINES = 2000  # kept per step in the result; every line is also sent as a signal
+MAX_LINE = 1000  # characters of one kept line
+MAX_JOB_OUTPUT = 512 * 1024  # characters of output kept for a whole job: GetJob stays cheap for anyone
 
 
 def check_flags(flags: int) -> None:
@@ -220,6 +222,7 @@ class _PipelineRun:
         self.risky_ops: list[str] = []
         self.confirm_timeout = 0
         self.changed_paths: list[str] = []
+        self.output_kept = 0  # characters of output kept in the result so far
         self.steps: list[dict[str, Any]] = [{"op": s.op.name, "state": "pending"} for s in job.steps]
 
     def run(self) -> tuple[str, dict[str, Any]]:
@@ -305,8 +308,10 @@ class _PipelineRun:
             self.confirm_timeout = max(self.confirm_timeout, timeout)
 
     def _output(self, kept: list[str], line: str) -> None:
-        if len(kept) < MAX_OUTPUT_LINES:
-            kept.append(line)
+        shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " (line cut)"
+        if len(kept) < MAX_OUTPUT_LINES and self.output_kept + len(shown) <= MAX_JOB_OUTPUT:
+            kept.append(shown)
+            self.output_kept += len(shown)
         self.manager.notify(self.manager.listener.job_output, self.job, line)
 
     def _describe_failure(self, index: int, step: Step, failure: Exception) -> str:

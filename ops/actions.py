@@ -230,8 +230,14 @@ class FollowUp(Action):
         return {"verb": self.verb, "unit": self.unit}
 
 
+MAX_DIFF = 64 * 1024  # of a plan's diff, kept in the job and shown: a huge file is said, not copied
+
+
 def _diff(path: str, old: str, new: str) -> str:
     lines = difflib.unified_diff(
         old.splitlines(keepends=True), new.splitlines(keepends=True), f"a{path}", f"b{path}", n=1
     )
-    return "".join(lines)
+    text = "".join(lines)
+    if len(text) <= MAX_DIFF:
+        return text
+    return text[:MAX_DIFF] + f"\n(diff cut at {MAX_DIFF} of its {len(text)} characters)\n"

@@ -168,3 +168,15 @@ def test_boot_counter_in_entry_names(name: str, left: int | None, identity: str)
 
     assert tries_left(name) == left
     assert entry_id(name) == identity
+
+
+def test_a_plan_s_diff_of_a_huge_file_is_cut_so_jobs_and_readers_stay_small(tmp_path: Path) -> None:
+    from ops.actions import MAX_DIFF
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/motd").write_text("".join(f"line {n} of an admin's very long motd\n" for n in range(50000)))
+    op = get_op("motd")
+    plan = op.plan(Target(tmp_path, runtime=False), validate(op.schema, {"text": "short"}))
+    detail = plan.changes[0].detail
+    assert len(detail) < MAX_DIFF + 100 and detail.endswith("characters)\n"), detail[-200:]
+    assert "(diff cut at 65536 of its" in detail
