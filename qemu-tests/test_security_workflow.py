@@ -34,7 +34,8 @@ def ssh_image(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path) -> Path:
     public = ssh_key.with_suffix(".pub").read_text().strip()
     (folder / "ssh.toml").write_text(
         'extends = "minimal"\n[packages]\ninclude = ["openssh-server", "nftables", "sudo"]\n'
-        '[system]\nenable = ["ssh.service"]\nhostname = "sec-1.example.org"\n[kernel.sysctl]\n"vm.swappiness" = 13\n'
+        # The host name stays the default, set by the hostname op all the same: the console's prompt has it.
+        '[system]\nenable = ["ssh.service"]\n[kernel.sysctl]\n"vm.swappiness" = 13\n'
         f'[[users]]\nname = "admin"\nsudo = true\nauthorized_keys = ["{public}"]\n'
     )
     return build_qcow2(folder / "ssh.toml", folder / "out")
