@@ -144,6 +144,20 @@ def ensure_test_users() -> None:
 
 Completed = subprocess.CompletedProcess[str]
 
+# rastosctl as another user: imported as root, then every id dropped before it connects (the bus
+# takes the caller's credentials at connect). The test's interpreter may be one only root can read
+# (tox makes .tox 0700), so starting it as the user, with setpriv, would find no sdbus.
+CTL_AS_USER = """
+import os, pwd, sys
+import daemon.ctl
+from daemon.cli import ctl_main
+user = pwd.getpwnam(sys.argv.pop(1))
+os.setgroups(os.getgrouplist(user.pw_name, user.pw_gid))
+os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+sys.exit(ctl_main())
+"""
+
 
 @dataclass
 class Rastosd:
@@ -238,7 +252,7 @@ class Rastosd:
     def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())"]
         if user is not None:
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+            argv = [sys.executable, "-c", CTL_AS_USER, user]
         return subprocess.run(
             [*argv, "--bus-address", self.bus.address, *args],
             capture_output=True, text=True, check=False, timeout=120, cwd=CHECKOUT,
