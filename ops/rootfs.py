@@ -73,6 +73,17 @@ def _refuse_link(absolute: str, where: str) -> UnsafePath:
     return UnsafePath(absolute, f"{place}, which rastosd does not follow")
 
 
+def _open_file(parent: int, name: str, absolute: str) -> int:
+    """The file `name` in the open directory, never through a link in its place (never blocking on a
+    FIFO either: O_NONBLOCK); FileNotFoundError when it is missing."""
+    try:
+        return os.open(name, READ_FLAGS, dir_fd=parent)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _refuse_link(absolute, absolute) from None
+        raise
+
+
 class Root:
     """The target's root directory: every method takes an absolute path as the target sees it."""
 
@@ -220,12 +231,7 @@ class Root:
         """A regular file's content; None when it is missing."""
         try:
             with self.parent(absolute, links=links) as (parent, name):
-                try:
-                    fd = os.open(name, READ_FLAGS, dir_fd=parent)
-                except OSError as error:
-                    if error.errno == errno.ELOOP:
-                        raise _refuse_link(absolute, absolute) from None
-                    raise
+                fd = _open_file(parent, name, absolute)
                 directory_owner = os.fstat(parent).st_uid
         except FileNotFoundError:
             return None
@@ -313,12 +319,7 @@ class Root:
 
     def set_owner_and_mode(self, absolute: str, mode: int, uid: int, gid: int) -> None:
         with self.parent(absolute) as (parent, name):
-            try:
-                fd = os.open(name, READ_FLAGS, dir_fd=parent)
-            except OSError as error:
-                if error.errno == errno.ELOOP:
-                    raise _refuse_link(absolute, absolute) from None
-                raise
+            fd = _open_file(parent, name, absolute)
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise UnsafePath(absolute, "is not a regular file")
