@@ -17,7 +17,7 @@ from daemon.config import DaemonConfig
 from daemon.core import Daemon
 from daemon.followups import run_owed
 from daemon.hub_link import HubLink, load_settings
-from ops import OPS
+from ops import OP_CLASSES
 from rastos import __version__
 
 log = logging.getLogger("rastosd")
@@ -53,7 +53,8 @@ async def serve(config: DaemonConfig) -> None:
     if settings is not None:
         daemon.hub = HubLink(daemon, settings)
         link = asyncio.create_task(daemon.hub.run_forever())
-    _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OPS)} ops; snapshots {'on' if daemon.snapshots else 'off'}")
+    snapshots = "on" if daemon.snapshots else "off"
+    _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OP_CLASSES)} ops; snapshots {snapshots}")
     log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
     await stop.wait()
     _notify("STOPPING=1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from daemon.failpoints import SNAPSHOT_POINTS as FAILPOINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
+from ops import OP_CLASSES
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     ADMIN_USER,
@@ -463,6 +465,28 @@ def test_sd_notify_ready_and_clean_stop(daemon_env: tuple[PrivateBus, ScratchRoo
     assert json.loads(owner.stdout)["data"][0].startswith(":")
     assert daemon.stop(signal.SIGTERM) == 0
     assert (state_dir / "state.db").is_file()
+
+
+def test_the_op_modules_load_at_the_first_call_that_needs_them_not_at_start(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path],
+) -> None:
+    """On a small VM's boot, rastosd's start is what an admin waits for: it imports no op module until a
+    call needs the registry (the import system's own log, PYTHONVERBOSE, says what was imported when)."""
+    bus, scratch, state_dir = daemon_env
+    daemon = Rastosd(bus, scratch, state_dir, env={"PYTHONVERBOSE": "1"})
+    daemon.start()
+    try:
+        op_modules = {module for module, _ in OP_CLASSES.values()}
+
+        def imported() -> set[str]:
+            return set(re.findall(r"^import '([\w.]+)'", daemon.log_text(), re.MULTILINE))
+
+        assert "ops.base" in imported(), "the import log is there (the engine itself loads at start)"
+        assert imported() & op_modules == set()
+        assert len(daemon.call(MANAGER, "ListOps")[0]) == len(OP_CLASSES)
+        assert imported() >= op_modules
+    finally:
+        assert daemon.stop() == 0
 
 
 def slow_pipeline(count: int) -> str:
