@@ -175,6 +175,7 @@ def main() -> int:
     console.print(table)
     console.print("slowest units (median boot):", *report.get("slowest_units", []), sep="\n  ")
     console.print("critical chain (median boot):", *report.get("critical_chain", []), sep="\n  ")
+    console.print("CPU time by unit (median boot):", *report.get("cpu_by_unit", []), sep="\n  ")
     return 0
 
 

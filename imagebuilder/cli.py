@@ -147,7 +147,8 @@ def _boot_until_ready(options: VmOptions, as_json: bool, timeout: float = READY_
     )
     daemon = report.get("daemon") or {}
     if daemon.get("answered"):
-        console.print(f"rastosd {daemon['version']} answers on the system bus (org.rastos.Daemon1)")
+        first = f", first after {report['host_seconds_to_daemon']}s" if report.get("host_seconds_to_daemon") else ""
+        console.print(f"rastosd {daemon['version']} answers on the system bus (org.rastos.Daemon1{first})")
     elif daemon:
         console.print(f"[red]rastosd does not answer:[/red] {daemon.get('error')}")
     if report["failed_units"]:
