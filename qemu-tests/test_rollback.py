@@ -13,7 +13,10 @@ from guest_console import PROMPT, GuestConsole
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 
-TRIES = 3  # boot.tries of the minimal profile
+# The fallback tests only need to see the tries run out: they give a new entry fewer tries than the
+# minimal profile's 3 (rastosd's [boot] tries), so fewer boots that are bound to fail. The health-check
+# test keeps two, so the count going down from one failed boot to the next is seen too.
+FEW_TRIES = 2
 
 BOOT_STATE = (
     'echo "STATE=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
@@ -42,12 +45,17 @@ def reboot_and_settle(guest: GuestConsole, what: str) -> dict[str, str]:
     return boot_state(guest)
 
 
-def rollback_to_a_new_snapshot(guest: GuestConsole) -> str:
-    """After the first boot: snapshot the root and roll back to it; returns the snapshot's id."""
+def rollback_to_a_new_snapshot(guest: GuestConsole, tries: int) -> str:
+    """After the first boot: snapshot the root and roll back to it, its entry given `tries` tries;
+    returns the snapshot's id."""
     assert guest.wait_for(PROMPT, 300)
     settled(guest)
+    assert guest.run(f"printf '[boot]\\ntries = {tries}\\n' > /etc/rastos/daemon.toml && systemctl restart rastosd; "
+                     'echo "DAEMON=$(systemctl is-active rastosd)"', "DAEMON") == "active"  # fmt: skip
     created = guest.run("echo \"ID=$(rastosctl --json snapshot create base | grep -o '[0-9]\\+')\"", "ID")
-    guest.type(f"rastosctl snapshot rollback {created}")
+    entries = guest.run(f"rastosctl snapshot rollback {created} > /dev/null; "
+                        "echo \"ENTRIES=$(ls /efi/loader/entries | tr '\\n' ' ')\"", "ENTRIES").split()  # fmt: skip
+    assert f"rastos-snapshot-{created}+{tries}.conf" in entries, entries
     return created
 
 
@@ -78,7 +86,7 @@ def test_rollback_takes_back_an_op_and_keeps_the_history(minimal_image: Path, ar
 def test_a_deployment_that_cannot_boot_falls_back_by_itself(minimal_image: Path, artifacts: Path) -> None:
     guest = GuestConsole(minimal_image)
     try:
-        created = rollback_to_a_new_snapshot(guest)
+        created = rollback_to_a_new_snapshot(guest, tries=1)
         # Break the new deployment: no init, so every try ends in a reboot (initrd failure or panic).
         reboot(guest, f"rm -f /.snapshots/{created}/deployment/usr/sbin/init "
                       f"/.snapshots/{created}/deployment/usr/lib/systemd/systemd && systemctl reboot")  # fmt: skip
@@ -100,12 +108,12 @@ def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, a
     reboots by itself, the tries run out, and the deployment that ran before boots again."""
     guest = GuestConsole(minimal_image)
     try:
-        created = rollback_to_a_new_snapshot(guest)
+        created = rollback_to_a_new_snapshot(guest, tries=FEW_TRIES)
         reboot(guest, f"rm /.snapshots/{created}/deployment/usr/bin/rastosd && systemctl reboot")
         # Each trial boot reaches a login prompt before its check fails: count the failures instead.
         start = len(guest.seen)
         deadline = time.monotonic() + 1200
-        while guest.seen[start:].count(b"trial boot failed (the health check failed)") < TRIES:
+        while guest.seen[start:].count(b"trial boot failed (the health check failed)") < FEW_TRIES:
             assert time.monotonic() < deadline, "the trial boots did not all fail their check in time"
             guest.wait_for_new(b"the health check failed", deadline - time.monotonic())
         # The reboot may come in the same read as the last failure message (seen once in CI, on a
