@@ -147,9 +147,15 @@ class GuestConsole:
         if self.controller < 0:
             return
         log.write_bytes(bytes(self.seen))
-        # The whole session: killing only `rastos-image boot` would leave its QEMU running, orphaned.
+        # The whole session: stopping only `rastos-image boot` would leave its QEMU running, orphaned.
+        # SIGTERM first, so that it removes its scratch directory; SIGKILL if that takes too long.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         os.close(self.controller)
         self.controller = -1

@@ -188,11 +188,25 @@ def _descendants(pid: int) -> list[int]:
 
 
 def run_foreground(argv: Argv) -> int:
-    """Run an interactive command attached to this terminal; returns its exit status."""
+    """Run an interactive command attached to this terminal; returns its exit status.
+
+    A SIGTERM or SIGHUP (the terminal closed, a supervisor stopping us) is passed on to the command as
+    SIGTERM and its end awaited: it can put the terminal back, and the caller's cleanup (a VM's scratch
+    directory) still runs, where dying at once would leave both behind."""
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s", shlex.join(args))
-    with _program_lookup(args[0]):
-        return subprocess.call(args)
+    with _program_lookup(args[0]), subprocess.Popen(args) as child:
+
+        def pass_on(signum: int, frame: object) -> None:
+            del signum, frame
+            child.send_signal(signal.SIGTERM)
+
+        previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return child.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def start(argv: Argv, **popen: object) -> subprocess.Popen[bytes]:
