@@ -4,7 +4,8 @@ Measures, on this machine, in one run:
   - cold build of `minimal` (empty cache: mmdebstrap downloads everything),
   - warm rebuild after a late-stage change (a sysctl),
   - qcow2 size,
-  - QEMU start to the guest's boot report (multi-user reached), with the guest's own breakdown,
+  - QEMU start to rastosd answering the boot's first call to it, and to the boot report (the whole
+    boot finished), with the guest's own breakdown and where its CPU time went,
 and a baseline measured in the same run: a bare mmdebstrap of the same package set, the part of a
 cold build no builder can avoid. Run as root: `.venv/bin/python -m bench.bench_image`.
 """
@@ -38,8 +39,8 @@ from imagebuilder.vm import (
 )
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-BOOTS = 3
-TARGETS = {"cold": 60.0, "warm": 10.0, "qcow2_mb": 400.0, "boot": 15.0, "rss_mb": 30.0}
+BOOTS = 5
+TARGETS = {"cold": 60.0, "warm": 8.0, "qcow2_mb": 400.0, "daemon": 12.0, "boot": 15.0, "rss_mb": 30.0}
 
 
 def timed_build(profile: Path | str, out: Path, cache: Path) -> float:
@@ -97,8 +98,9 @@ async def boot(image: Path, console: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = argparse.ArgumentParser(description=__doc__).parse_args()
-    del args
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--boots", type=int, default=BOOTS, help=f"boots to take the median of (default {BOOTS})")
+    boots = parser.parse_args().boots
     console = Console()
     with tempfile.TemporaryDirectory(prefix="rastos-bench-") as tmp:
         work = Path(tmp)
@@ -113,16 +115,17 @@ def main() -> int:
         # Emulation speed on this machine varies by up to a factor of two over an hour: take the
         # median of several boots, each beside a firmware-only run measured just before it.
         reports = []
-        for _ in range(BOOTS):
+        for _ in range(boots):
             firmware = firmware_seconds()
             report = asyncio.run(boot(qcow2, work / "console.log"))
             report["firmware_baseline"] = firmware
             reports.append(report)
-        reports.sort(key=lambda r: float(r["host_seconds_to_ready"]))
+        reports.sort(key=lambda r: float(r["host_seconds_to_daemon"]))
     report = reports[len(reports) // 2]
     stamps = report["timestamps"]
+    to_daemon = float(report["host_seconds_to_daemon"])
     to_ready = float(report["host_seconds_to_ready"])
-    all_boots = ", ".join(f"{float(r['host_seconds_to_ready']):.1f}" for r in reports)
+    all_boots = ", ".join(f"{float(r['host_seconds_to_daemon']):.1f}" for r in reports)
 
     table = Table(title=f"rastos-image, profile minimal ({report['accel']})")
     for column in ("measure", "value", "target", "baseline", "ratio"):
@@ -144,11 +147,18 @@ def main() -> int:
     table.add_row("qcow2 size", f"{qcow2_mb:.0f} MB", f"<= {TARGETS['qcow2_mb']:.0f} MB", "", "")
     firmware = float(report["firmware_baseline"])
     table.add_row(
-        f"QEMU start to boot report (median of {BOOTS}: {all_boots})",
+        f"QEMU start to rastosd answering (median of {boots}: {all_boots})",
+        f"{to_daemon:.1f} s",
+        f"<= {TARGETS['daemon']:.0f} s",
+        f"{firmware:.1f} s (OVMF alone)",
+        f"{to_daemon / firmware:.1f}x",
+    )
+    table.add_row(
+        "  QEMU start to the boot report (the whole boot finished)",
         f"{to_ready:.1f} s",
         f"<= {TARGETS['boot']:.0f} s",
-        f"{firmware:.1f} s (OVMF alone)",
-        f"{to_ready / firmware:.1f}x",
+        "",
+        "",
     )
     table.add_row(
         "  QEMU start to multi-user.target", f"{float(report['host_seconds_to_multi_user']):.1f} s", "", "", ""
