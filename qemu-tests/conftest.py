@@ -20,6 +20,9 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 # The hub's fixtures (tests/hub_fixtures.py) serve the VM tests too; the checkout is not installed.
 if str(CHECKOUT) not in sys.path:
     sys.path.insert(0, str(CHECKOUT))
+
+from guest_console import PROMPT, GuestConsole, SavedGuest, overlay  # noqa: E402 (after the path above)
+
 CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
 ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
 
@@ -49,6 +52,33 @@ def server_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     profile = folder / "server-small.toml"
     profile.write_text('extends = "server"\n[disk]\nsize = "4G"\nformats = ["qcow2"]\n')
     return build_qcow2(profile, folder / "out")
+
+
+@pytest.fixture(scope="session")
+def saved_minimal(minimal_image: Path, tmp_path_factory: pytest.TempPathFactory) -> SavedGuest:
+    """minimal_image booted once, root logged in on the console, the boot settled (rastosd up, the health
+    check run, the entry blessed), then saved: each test that needs a running guest, not a boot, resumes
+    its own copy of it in seconds (`guest`)."""
+    folder = tmp_path_factory.mktemp("saved-minimal")
+    disk = overlay(minimal_image, folder / "saved.qcow2")
+    console = GuestConsole(disk, keep_changes=True)
+    try:
+        assert console.wait_for(PROMPT, 300), "root is logged in on the serial console"
+        settled = 'systemctl is-system-running --wait; echo "UP=$(systemctl is-active rastos-health)"'
+        assert console.run(settled, "UP", 300) == "active"
+        console.save(folder / "state")
+    finally:
+        console.close(folder / "console.log")
+    return SavedGuest(disk, folder / "state")
+
+
+@pytest.fixture
+def guest(saved_minimal: SavedGuest, artifacts: Path) -> Iterator[GuestConsole]:
+    """A running minimal guest of the test's own, resumed from `saved_minimal`: at a root prompt on
+    its console, its boot over, its disk a throwaway overlay."""
+    console = GuestConsole.resume(saved_minimal, artifacts)
+    yield console
+    console.close(artifacts / "console.log")
 
 
 @pytest.fixture

@@ -8,13 +8,17 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemu.qmp import QMPClient
+
+from imagebuilder.vm import VmOptions, choose_accel, efivars_path, find_firmware, image_format, qemu_argv
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 PROMPT = b"root@rastos:~#"
@@ -47,20 +51,116 @@ def read_until(fd: int, wanted: bytes, timeout: float, seen: bytearray) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class SavedGuest:
+    """A guest booted once, logged in on its console and settled, then saved: its disk as a qcow2
+    overlay (its UEFI variables beside it, as `rastos-image boot` keeps them) and its memory and devices
+    as QEMU's migration stream in a file. Resuming it costs seconds where a boot under TCG costs tens."""
+
+    disk: Path
+    state: Path
+
+
+def overlay(backing: Path, disk: Path) -> Path:
+    """A new qcow2 whose unwritten blocks read from `backing`, and a copy of backing's UEFI variables."""
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", image_format(backing), "-b", str(backing), str(disk)],
+        check=True,
+    )  # fmt: skip
+    if efivars_path(backing).is_file():
+        shutil.copyfile(efivars_path(backing), efivars_path(disk))
+    return disk
+
+
+async def _query(client: QMPClient, command: str) -> object:
+    """The `status` of a QMP query's answer (query-status, query-migrate)."""
+    answer = await client.execute(command)
+    return answer.get("status") if isinstance(answer, dict) else None
+
+
+async def _qmp_save(socket_path: str, state: Path) -> None:
+    client = QMPClient("rastos-save")
+    await client.connect(socket_path)
+    await client.execute("migrate", {"uri": f"file:{state}"})
+    while (status := await _query(client, "query-migrate")) not in ("completed", "failed"):
+        await asyncio.sleep(0.2)
+    assert status == "completed", "QEMU could not save the guest"
+    with contextlib.suppress(Exception):  # QEMU may close the connection before it answers
+        await client.execute("quit")
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+async def _qmp_wait_running(socket_path: str, timeout: float) -> None:
+    client = QMPClient("rastos-resume")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.connect(socket_path)
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "QEMU opened no QMP socket"
+            await asyncio.sleep(0.1)
+    try:
+        while await _query(client, "query-status") != "running":
+            assert time.monotonic() < deadline, "the saved guest did not resume"
+            await asyncio.sleep(0.1)
+    finally:
+        await client.disconnect()
+
+
 class GuestConsole:
     """`rastos-image boot --snapshot IMAGE` on a pty; `seen` keeps everything the console printed.
     With `keep_changes`, the guest writes to IMAGE itself (and its UEFI variables beside it), so a
-    later GuestConsole boots what this one left: the power-cut tests need that."""
+    later GuestConsole boots what this one left: the power-cut tests need that. `resume` gives a
+    console on a saved guest instead of a boot."""
 
     def __init__(self, image: Path, *, keep_changes: bool = False, boot_args: tuple[str, ...] = ()) -> None:
-        self.controller, terminal = pty.openpty()
         snapshot = [] if keep_changes else ["--snapshot"]
+        self._spawn([sys.executable, "-m", "imagebuilder", "boot", *snapshot, *boot_args, str(image)])
+        self.qmp_socket: str | None = None  # printed by `rastos-image boot`
+
+    def _spawn(self, argv: list[str]) -> None:
+        self.controller, terminal = pty.openpty()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "imagebuilder", "boot", *snapshot, *boot_args, str(image)],
-            stdin=terminal, stdout=terminal, stderr=terminal, cwd=CHECKOUT, start_new_session=True,
-        )  # fmt: skip
+            argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=CHECKOUT, start_new_session=True
+        )
         os.close(terminal)
         self.seen = bytearray()
+
+    @classmethod
+    def resume(cls, saved: SavedGuest, folder: Path) -> GuestConsole:
+        """The saved guest, running again on a disk of its own (`folder`/disk.qcow2, over the saved
+        one): QEMU started with the same machine as `rastos-image boot` and `-incoming` from the saved
+        state. A fresh prompt is asked for, so the caller waits for PROMPT as after a boot."""
+        disk = overlay(saved.disk, folder / "disk.qcow2")
+        scratch = folder / "vm"
+        scratch.mkdir()
+        firmware = find_firmware()
+        argv = qemu_argv(
+            VmOptions(image=disk), accel=choose_accel("auto", firmware), firmware=firmware,
+            vars_file=efivars_path(disk), qmp_socket=scratch / "qmp.sock", status_socket=scratch / "status.sock",
+            console=["-serial", "mon:stdio"],
+        )  # fmt: skip
+        guest = cls.__new__(cls)
+        guest._spawn([*argv, "-incoming", f"file:{saved.state}"])
+        guest.qmp_socket = str(scratch / "qmp.sock")
+        asyncio.run(_qmp_wait_running(guest.qmp_socket, 120))
+        os.write(guest.controller, b"\r")
+        return guest
+
+    def save(self, state: Path) -> None:
+        """Save the running guest to `state` (QMP migrate to a file) and stop QEMU: the disk it wrote
+        is then the saved one. Call it at a shell prompt on a settled system."""
+        asyncio.run(_qmp_save(self.qmp_path(), state))
+        self.process.wait(60)
+
+    def qmp_path(self) -> str:
+        if self.qmp_socket is None:
+            match = re.search(rb"QMP: (\S+)", bytes(self.seen))
+            assert match is not None, "rastos-image boot printed no QMP socket"
+            self.qmp_socket = match.group(1).decode()
+        return self.qmp_socket
 
     def wait_for(self, wanted: bytes, timeout: float) -> bool:
         return read_until(self.controller, wanted, timeout, self.seen)
@@ -136,10 +236,8 @@ class GuestConsole:
 
     def power_cut(self) -> None:
         """Stop the VM at once through QMP `quit`: no shutdown, and whatever the guest had not written
-        to its disk is lost, as in a power cut. (`rastos-image boot` prints its QMP socket.)"""
-        match = re.search(rb"QMP: (\S+)", bytes(self.seen))
-        assert match is not None, "rastos-image boot printed no QMP socket"
-        asyncio.run(_qmp_quit(match.group(1).decode()))
+        to its disk is lost, as in a power cut."""
+        asyncio.run(_qmp_quit(self.qmp_path()))
         self.process.wait(60)
 
     def close(self, log: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,111 +63,91 @@ def boot_state(guest: GuestConsole) -> dict[str, str]:
     return dict(document["data"])
 
 
-def test_rollback_takes_back_an_op_and_keeps_the_history(minimal_image: Path, artifacts: Path) -> None:
-    guest = GuestConsole(minimal_image)
-    try:
-        assert guest.wait_for(PROMPT, 300)
-        settled(guest)
-        assert boot_state(guest)["health"] == "good"
-        guest.type("rastosctl apply hostname hostname=changed > /dev/null")
-        answer = guest.run('echo "HOST=$(cat /etc/hostname) ENTRY=$(rastosctl snapshot rollback 1)"', "HOST")
-        assert answer == "changed ENTRY=the next boot starts snapshot 1 (rastos-snapshot-1.conf)"
-        state = reboot_and_settle(guest, "the rollback deployment boots (its host name is the old one)")
-        assert state["root"] == "@snapshots/1/deployment" and state["kind"] == "rollback", state
-        assert state["entry"] == "rastos-snapshot-1.conf" and state["health"] == "good", state
-        history = guest.run('echo "JOBS=$(rastosctl --json jobs | grep -c \'\\"state\\": \\"done\\"\')"', "JOBS")
-        assert history == "1", "the state store (never rolled back) still has the job"
-        assert guest.run('echo "HOST=$(cat /etc/hostname)"', "HOST") == "rastos"
-    finally:
-        guest.close(artifacts / "console.log")
+def test_rollback_takes_back_an_op_and_keeps_the_history(guest: GuestConsole) -> None:
+    assert guest.wait_for(PROMPT, 300)
+    settled(guest)
+    assert boot_state(guest)["health"] == "good"
+    guest.type("rastosctl apply hostname hostname=changed > /dev/null")
+    answer = guest.run('echo "HOST=$(cat /etc/hostname) ENTRY=$(rastosctl snapshot rollback 1)"', "HOST")
+    assert answer == "changed ENTRY=the next boot starts snapshot 1 (rastos-snapshot-1.conf)"
+    state = reboot_and_settle(guest, "the rollback deployment boots (its host name is the old one)")
+    assert state["root"] == "@snapshots/1/deployment" and state["kind"] == "rollback", state
+    assert state["entry"] == "rastos-snapshot-1.conf" and state["health"] == "good", state
+    history = guest.run('echo "JOBS=$(rastosctl --json jobs | grep -c \'\\"state\\": \\"done\\"\')"', "JOBS")
+    assert history == "1", "the state store (never rolled back) still has the job"
+    assert guest.run('echo "HOST=$(cat /etc/hostname)"', "HOST") == "rastos"
 
 
-def test_a_deployment_that_cannot_boot_falls_back_by_itself(minimal_image: Path, artifacts: Path) -> None:
-    guest = GuestConsole(minimal_image)
-    try:
-        created = rollback_to_a_new_snapshot(guest, tries=1)
-        # Break the new deployment: no init, so every try ends in a reboot (initrd failure or panic).
-        reboot(guest, f"rm -f /.snapshots/{created}/deployment/usr/sbin/init "
-                      f"/.snapshots/{created}/deployment/usr/lib/systemd/systemd && systemctl reboot")  # fmt: skip
-        assert guest.wait_for_new(PROMPT, 900), "after the tries run out, the previous deployment boots"
-        settled(guest)
-        state = boot_state(guest)
-        assert state["kind"] == "fallback" and state["entry"] == "rastos-0.conf", state
-        assert state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
-        assert state["failed_root"] == f"@snapshots/{created}/deployment", state
-        logged = guest.run('echo "FALLBACKS=$(rastosctl --json log | grep -c \'\\"method\\": \\"BootFallback\\"\')"',
-                           "FALLBACKS")  # fmt: skip
-        assert logged == "1"
-    finally:
-        guest.close(artifacts / "console.log")
+def test_a_deployment_that_cannot_boot_falls_back_by_itself(guest: GuestConsole) -> None:
+    created = rollback_to_a_new_snapshot(guest, tries=1)
+    # Break the new deployment: no init, so every try ends in a reboot (initrd failure or panic).
+    reboot(guest, f"rm -f /.snapshots/{created}/deployment/usr/sbin/init "
+                  f"/.snapshots/{created}/deployment/usr/lib/systemd/systemd && systemctl reboot")  # fmt: skip
+    assert guest.wait_for_new(PROMPT, 900), "after the tries run out, the previous deployment boots"
+    settled(guest)
+    state = boot_state(guest)
+    assert state["kind"] == "fallback" and state["entry"] == "rastos-0.conf", state
+    assert state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+    assert state["failed_root"] == f"@snapshots/{created}/deployment", state
+    logged = guest.run('echo "FALLBACKS=$(rastosctl --json log | grep -c \'\\"method\\": \\"BootFallback\\"\')"',
+                       "FALLBACKS")  # fmt: skip
+    assert logged == "1"
 
 
-def test_a_deployment_whose_health_check_fails_falls_back(minimal_image: Path, artifacts: Path) -> None:
+def test_a_deployment_whose_health_check_fails_falls_back(guest: GuestConsole) -> None:
     """This deployment boots, but rastosd cannot start in it: the health check fails, so the trial boot
     reboots by itself, the tries run out, and the deployment that ran before boots again."""
-    guest = GuestConsole(minimal_image)
-    try:
-        created = rollback_to_a_new_snapshot(guest, tries=FEW_TRIES)
-        reboot(guest, f"rm /.snapshots/{created}/deployment/usr/bin/rastosd && systemctl reboot")
-        # Each trial boot reaches a login prompt before its check fails: count the failures instead.
-        start = len(guest.seen)
-        deadline = time.monotonic() + 1200
-        while guest.seen[start:].count(b"trial boot failed (the health check failed)") < FEW_TRIES:
-            assert time.monotonic() < deadline, "the trial boots did not all fail their check in time"
-            guest.wait_for_new(b"the health check failed", deadline - time.monotonic())
-        # The reboot may come in the same read as the last failure message (seen once in CI, on a
-        # busy machine): look for it after that message, not after the read.
-        last_failure = guest.seen.rfind(b"the health check failed")
-        assert guest.wait_for_after(last_failure, b"BdsDxe: starting", 300), "the last trial boot rebooted"
-        rebooted = guest.seen.find(b"BdsDxe: starting", last_failure)
-        assert guest.wait_for_after(rebooted, PROMPT, 400), "after the tries run out, the previous deployment boots"
-        settled(guest)
-        state = boot_state(guest)
-        assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
-        assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
-    finally:
-        guest.close(artifacts / "console.log")
+    created = rollback_to_a_new_snapshot(guest, tries=FEW_TRIES)
+    reboot(guest, f"rm /.snapshots/{created}/deployment/usr/bin/rastosd && systemctl reboot")
+    # Each trial boot reaches a login prompt before its check fails: count the failures instead.
+    start = len(guest.seen)
+    deadline = time.monotonic() + 1200
+    while guest.seen[start:].count(b"trial boot failed (the health check failed)") < FEW_TRIES:
+        assert time.monotonic() < deadline, "the trial boots did not all fail their check in time"
+        guest.wait_for_new(b"the health check failed", deadline - time.monotonic())
+    # The reboot may come in the same read as the last failure message (seen once in CI, on a
+    # busy machine): look for it after that message, not after the read.
+    last_failure = guest.seen.rfind(b"the health check failed")
+    assert guest.wait_for_after(last_failure, b"BdsDxe: starting", 300), "the last trial boot rebooted"
+    rebooted = guest.seen.find(b"BdsDxe: starting", last_failure)
+    assert guest.wait_for_after(rebooted, PROMPT, 400), "after the tries run out, the previous deployment boots"
+    settled(guest)
+    state = boot_state(guest)
+    assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+    assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
 
 
-def test_a_snapshot_boots_once_read_only_and_the_default_stays(minimal_image: Path, artifacts: Path) -> None:
+def test_a_snapshot_boots_once_read_only_and_the_default_stays(guest: GuestConsole) -> None:
     """An older snapshot boots once (systemd-boot's one-shot entry, set by BootOnce)
     from its read-only menu entry, under an overlay in memory; the boot after it is the default again,
     with none of what the snapshot boot wrote."""
-    guest = GuestConsole(minimal_image)
-    try:
-        assert guest.wait_for(PROMPT, 300)
-        settled(guest)
-        guest.type("rastosctl apply motd text=changed > /dev/null")  # pre snapshot 1 has the image's motd
-        menu = guest.run("echo \"MENU=$(ls /efi/loader/entries | tr '\\n' ' ')\"", "MENU").split()
-        assert "readonly-snapshot-1.conf" in menu and "readonly-snapshot-2.conf" in menu, menu
-        once = guest.run('echo "ONCE=$(rastosctl --json snapshot boot-once 1 | grep -o \'readonly[^"]*\')"', "ONCE")
-        assert once == "readonly-snapshot-1.conf"
-        state = reboot_and_settle(guest, "the snapshot boots")
-        assert state["kind"] == "snapshot" and state["snapshot"] == "1", state
-        assert state["entry"] == "readonly-snapshot-1.conf" and state["root"] == "@snapshots/1/snapshot", state
-        seen = guest.run('echo "ROOT=$(findmnt -no FSTYPE /) MOTD=$(grep -c changed /etc/motd)"', "ROOT")
-        assert seen == "overlay MOTD=0", "the snapshot's root, as it was before the op"
-        wrote = guest.run('echo in-memory > /etc/rastos-test && echo "WROTE=$(cat /etc/rastos-test)"', "WROTE")
-        assert wrote == "in-memory", "the overlay takes writes"
-        state = reboot_and_settle(guest, "the default entry boots again")
-        assert state["kind"] == "deployment" and state["entry"] == "rastos-0.conf" and state["root"] == "@", state
-        seen = guest.run('echo "MOTD=$(cat /etc/motd) KEPT=$(ls /etc/rastos-test 2>/dev/null | wc -l)"', "MOTD")
-        assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
-    finally:
-        guest.close(artifacts / "console.log")
+    assert guest.wait_for(PROMPT, 300)
+    settled(guest)
+    guest.type("rastosctl apply motd text=changed > /dev/null")  # pre snapshot 1 has the image's motd
+    menu = guest.run("echo \"MENU=$(ls /efi/loader/entries | tr '\\n' ' ')\"", "MENU").split()
+    assert "readonly-snapshot-1.conf" in menu and "readonly-snapshot-2.conf" in menu, menu
+    once = guest.run('echo "ONCE=$(rastosctl --json snapshot boot-once 1 | grep -o \'readonly[^"]*\')"', "ONCE")
+    assert once == "readonly-snapshot-1.conf"
+    state = reboot_and_settle(guest, "the snapshot boots")
+    assert state["kind"] == "snapshot" and state["snapshot"] == "1", state
+    assert state["entry"] == "readonly-snapshot-1.conf" and state["root"] == "@snapshots/1/snapshot", state
+    seen = guest.run('echo "ROOT=$(findmnt -no FSTYPE /) MOTD=$(grep -c changed /etc/motd)"', "ROOT")
+    assert seen == "overlay MOTD=0", "the snapshot's root, as it was before the op"
+    wrote = guest.run('echo in-memory > /etc/rastos-test && echo "WROTE=$(cat /etc/rastos-test)"', "WROTE")
+    assert wrote == "in-memory", "the overlay takes writes"
+    state = reboot_and_settle(guest, "the default entry boots again")
+    assert state["kind"] == "deployment" and state["entry"] == "rastos-0.conf" and state["root"] == "@", state
+    seen = guest.run('echo "MOTD=$(cat /etc/motd) KEPT=$(ls /etc/rastos-test 2>/dev/null | wc -l)"', "MOTD")
+    assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
 
 
-def test_a_hung_kernel_is_reset_by_the_watchdog(minimal_image: Path, artifacts: Path) -> None:
+def test_a_hung_kernel_is_reset_by_the_watchdog(guest: GuestConsole) -> None:
     """A hard hang (here: a kernel panic with the kernel's own reboot turned off, so it stops dead)
     stops systemd's pings to the hardware watchdog; QEMU's i6300esb resets the machine, and it boots
     again. On a trial boot that reset counts as a failed try like any other."""
-    guest = GuestConsole(minimal_image)
-    try:
-        assert guest.wait_for(PROMPT, 300)
-        settled(guest)
-        assert guest.run('echo "WATCHDOG=$(cat /sys/class/watchdog/watchdog0/state)"', "WATCHDOG") == "active"
-        guest.type("sysctl -q kernel.panic=0 && echo 1 > /proc/sys/kernel/sysrq && echo c > /proc/sysrq-trigger")
-        assert guest.wait_for_new(b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
-        assert guest.wait_for_new(PROMPT, 400), "and it booted again"
-    finally:
-        guest.close(artifacts / "console.log")
+    assert guest.wait_for(PROMPT, 300)
+    settled(guest)
+    assert guest.run('echo "WATCHDOG=$(cat /sys/class/watchdog/watchdog0/state)"', "WATCHDOG") == "active"
+    guest.type("sysctl -q kernel.panic=0 && echo 1 > /proc/sys/kernel/sysrq && echo c > /proc/sysrq-trigger")
+    assert guest.wait_for_new(b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
+    assert guest.wait_for_new(PROMPT, 400), "and it booted again"
