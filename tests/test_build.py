@@ -4,6 +4,7 @@ a failed or interrupted build leaves nothing mounted, attached or half-written."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -159,11 +160,21 @@ def test_rebuild_reuses_the_bootstrap_and_says_so(minimal_build: BuildRun, tmp_p
 
 
 def leftovers(output_dir: Path) -> list[str]:
+    """What a build that has ended left behind. The cache is shared with any other build on this host,
+    running meanwhile: a scratch directory counts once its build's process is gone (each is named after
+    it, and the builder removes such abandoned ones too), and a partial bootstrap entry once no build is
+    making one, under the lock a build holds while it does."""
     found = (
         [p.name for p in output_dir.iterdir() if p.name not in ("build.log", ".lock")] if output_dir.exists() else []
     )
-    found += [str(p) for p in (CACHE_DIR / "work").glob("*")]
-    found += [str(p) for p in (CACHE_DIR / "bootstrap").glob("*.partial")]
+    found += [
+        str(p) for p in (CACHE_DIR / "work").glob("*") if not (p.name.isdigit() and Path(f"/proc/{p.name}").exists())
+    ]
+    bootstrap = CACHE_DIR / "bootstrap"
+    bootstrap.mkdir(parents=True, exist_ok=True)
+    with (bootstrap / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found += [str(p) for p in bootstrap.glob("*.partial")]
     return found
 
 
