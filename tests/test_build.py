@@ -178,8 +178,10 @@ def leftovers(output_dir: Path) -> list[str]:
     return found
 
 
-def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(minimal_build: BuildRun, tmp_path: Path) -> None:
-    before = host_state()
+def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(
+    minimal_build: BuildRun, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    before = host_state(tmp_path_factory)
     small = tmp_path / "small.toml"
     small.write_text('extends = "minimal"\n[disk]\nsize = "512M"\n')
     failed = build(small, tmp_path / "out")
@@ -188,12 +190,14 @@ def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(minimal_build: Bu
     assert "hint: set disk.size to at least" in failed.stderr
     assert [e["stage"] for e in failed.events if e["event"] == "stage-failed"] == ["btrfs"]
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
 
 
-def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(tmp_path: Path) -> None:
+def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     require_root()
-    before = host_state()
+    before = host_state(tmp_path_factory)
     broken = tmp_path / "broken.toml"
     broken.write_text('extends = "minimal"\n[packages]\ninclude = ["no-such-package-rastos"]\n')
     failed = build(broken, tmp_path / "out")
@@ -201,12 +205,12 @@ def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(tmp_path:
     assert "mmdebstrap failed" in failed.stderr
     assert "no-such-package-rastos" in failed.stderr  # apt's complaint, from the log tail
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
 
 
-def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path) -> None:
+def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     require_root()
-    before = host_state()
+    before = host_state(tmp_path_factory)
     profile = tmp_path / "interrupted.toml"
     profile.write_text('extends = "minimal"\n[packages]\ninclude = ["jq"]\n')
     proc = subprocess.Popen(
@@ -228,17 +232,21 @@ def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
     # unshare's --kill-child sends mmdebstrap SIGTERM as unshare dies, without waiting for it: its
     # processes may take a moment to exit after the build has. They must be gone soon, not linger.
     deadline = time.monotonic() + 30
-    while (still := mmdebstrap_processes()) and time.monotonic() < deadline:
+    while (still := mmdebstrap_processes(session=proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert still == [], still
 
 
-def mmdebstrap_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-a", "-f", "mmdebstrap"], capture_output=True, text=True, check=False)
+def mmdebstrap_processes(session: int) -> list[str]:
+    """The build's mmdebstrap processes, which stay in the session it was started as (neither unshare
+    nor mmdebstrap starts a new one): not those another xdist worker may run meanwhile (for the op
+    tests' tree or a kernel's source), nor another build's on this host."""
+    found = subprocess.run(["pgrep", "-a", "--session", str(session), "-f", "mmdebstrap"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
     return found.stdout.splitlines()
 
 
