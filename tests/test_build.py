@@ -21,7 +21,9 @@ import pytest
 from imagebuilder import cli
 from tests.conftest import CACHE_DIR, CHECKOUT, BuildRun, build, host_state, require_root
 
-pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
+# One xdist worker runs them all: they share two session-scoped builds of minimal, which each worker
+# would otherwise make again for itself.
+pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow, pytest.mark.xdist_group("image-build")]
 
 
 def run(*argv: str | Path) -> str:
