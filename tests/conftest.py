@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,45 @@ import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
+CLONE_NEWNS = 0x00020000  # os.CLONE_NEWNS from Python 3.12
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") and os.geteuid() == 0:
+        private_mount_namespace()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test with an id of its own: xdist's --dist loadgroup hands tests to workers by id, and of
+    tests that share one it would run only one. schemathesis 4.32 under pytest 9.2 names each API
+    operation's test test_x[GET /path] but gives them all the id of test_x; they get the id their name
+    says back, as pytest 8 gave it. Any other clash stops the run rather than lose tests unseen."""
+    ids = Counter(item.nodeid for item in items)
+    for item in items:
+        if ids[item.nodeid] > 1 and item.parent is not None and "[" in item.name:
+            from _pytest.nodeid import NodeId  # pytest 9.2's; no public way to give an item its id
+
+            item._id = NodeId.parse(f"{item.parent.nodeid}::{item.name}")
+    shared = sorted(nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1)
+    if shared:
+        raise pytest.UsageError(f"tests that share an id, of which xdist would run one: {', '.join(shared)}")
+
+
+def private_mount_namespace() -> None:
+    """This pytest-xdist worker, and all it starts, in a mount namespace of its own that still sees the
+    host's mounts: the tests that check a build or a shadow left the mount table as they found it then
+    see only what their own worker mounted, not the loop mounts, shadows and network namespaces that
+    the other workers' tests make and remove meanwhile. Serially nothing changes.
+
+    unshare moves only the calling thread, so it must be the one that runs the tests and starts their
+    processes: xdist runs them on the main thread (execnet's main_thread_only), and /proc/self is it."""
+    assert threading.current_thread() is threading.main_thread(), "xdist runs tests on the main thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"unshare(CLONE_NEWNS): {os.strerror(errno)}")
+    # A slave: the host's mounts still reach the worker, the worker's never reach the host or the others.
+    subprocess.run(["mount", "--make-rslave", "/"], check=True)
 
 
 @dataclass
@@ -38,11 +80,26 @@ def build(profile: str | Path, output_dir: Path, *extra: str) -> BuildRun:
     return BuildRun(result.returncode, events, result.stderr, output_dir)
 
 
-def host_state() -> dict[str, Any]:
-    """Mounts and loop devices on the host: a build must leave both as it found them."""
+def host_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Mounts and loop devices on the host: a build must leave both as it found them. Loop devices are
+    in no mount namespace: those whose file is in another xdist worker's temporary directory (the btrfs
+    loop files of its tests, attached and detached meanwhile) are that worker's, and left out."""
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    loops = subprocess.run(["losetup", "--list", "--noheadings"], capture_output=True, text=True, check=False)
-    return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops.stdout}
+    listing = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=True).stdout
+    loops = [
+        loop
+        for loop in json.loads(listing)["loopdevices"]
+        if not others_file(tmp_path_factory, loop["back-file"] or "")
+    ]
+    return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops}
+
+
+def others_file(tmp_path_factory: pytest.TempPathFactory, path: str) -> bool:
+    """Whether `path` is in the temporary directory of another xdist worker of this run."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return False
+    mine = tmp_path_factory.getbasetemp()
+    return path.startswith(f"{mine.parent}/") and not path.startswith(f"{mine}/")
 
 
 def require_root() -> None:
@@ -70,9 +127,9 @@ def minimal_build_via_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """The same build through the fallback for old btrfs-progs: a loop mount in a private namespace.
     Whatever it mounted and attached must be gone afterwards."""
     require_root()
-    before = host_state()
+    before = host_state(tmp_path_factory)
     run = build_minimal_with_raw(tmp_path_factory.mktemp("minimal-loop"), "--loop-fallback")
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
     yield run
 
 

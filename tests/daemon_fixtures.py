@@ -8,6 +8,7 @@ btrfs snapshots, and callers are real uids (an unprivileged user is created for 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -133,13 +134,17 @@ def scratch_root(directory: Path, size: str = "512M") -> Iterator[ScratchRoot]:
 
 
 def ensure_test_users() -> None:
-    """An unprivileged user, and a member of the admin group the daemon is configured with."""
-    if subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True, check=False).returncode != 0:
-        subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)
-    for user, groups in ((PLAIN_USER, []), (ADMIN_USER, [ADMIN_GROUP])):
-        if subprocess.run(["id", user], capture_output=True, check=False).returncode != 0:
-            extra = ["--groups", ",".join(groups)] if groups else []
-            subprocess.run(["useradd", "--system", "--no-create-home", *extra, user], check=True)
+    """An unprivileged user, and a member of the admin group the daemon is configured with. Under a
+    lock: xdist workers starting their first daemon test together would both find the user missing,
+    and the second useradd fail (or find /etc/passwd locked by the first)."""
+    with Path("/run/rastos-test-users.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)
+        for user, groups in ((PLAIN_USER, []), (ADMIN_USER, [ADMIN_GROUP])):
+            if subprocess.run(["id", user], capture_output=True, check=False).returncode != 0:
+                extra = ["--groups", ",".join(groups)] if groups else []
+                subprocess.run(["useradd", "--system", "--no-create-home", *extra, user], check=True)
 
 
 Completed = subprocess.CompletedProcess[str]

@@ -9,6 +9,7 @@ recipe. A session unpacks it into a subvolume on a btrfs loop file; each test ge
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -35,17 +36,21 @@ def recipe_key() -> str:
 
 
 def tree_tarball() -> Path:
+    """The cached tree, made first if missing. xdist workers each ask for it at the start of their
+    session: one makes it while the others wait on the lock, rather than all writing the same partial."""
     tarball = CACHE_DIR / "op-tree" / f"{recipe_key()}.tar"
-    if tarball.exists():
-        return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
-    partial = tarball.with_suffix(".partial.tar")
-    subprocess.run(
-        ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--format=tar",
-         "--quiet", SUITE, partial, MIRROR],
-        check=True,
-    )  # fmt: skip
-    partial.rename(tarball)
+    with (tarball.parent / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if tarball.exists():
+            return tarball
+        partial = tarball.with_suffix(".partial.tar")
+        subprocess.run(
+            ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(PACKAGES)}", "--format=tar",
+             "--quiet", SUITE, partial, MIRROR],
+            check=True,
+        )  # fmt: skip
+        partial.rename(tarball)
     return tarball
 
 

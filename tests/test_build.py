@@ -4,6 +4,7 @@ a failed or interrupted build leaves nothing mounted, attached or half-written."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +21,9 @@ import pytest
 from imagebuilder import cli
 from tests.conftest import CACHE_DIR, CHECKOUT, BuildRun, build, host_state, require_root
 
-pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow]
+# One xdist worker runs them all: they share two session-scoped builds of minimal, which each worker
+# would otherwise make again for itself.
+pytestmark = [pytest.mark.root, pytest.mark.network, pytest.mark.slow, pytest.mark.xdist_group("image-build")]
 
 
 def run(*argv: str | Path) -> str:
@@ -159,16 +162,28 @@ def test_rebuild_reuses_the_bootstrap_and_says_so(minimal_build: BuildRun, tmp_p
 
 
 def leftovers(output_dir: Path) -> list[str]:
+    """What a build that has ended left behind. The cache is shared with any other build on this host,
+    running meanwhile: a scratch directory counts once its build's process is gone (each is named after
+    it, and the builder removes such abandoned ones too), and a partial bootstrap entry once no build is
+    making one, under the lock a build holds while it does."""
     found = (
         [p.name for p in output_dir.iterdir() if p.name not in ("build.log", ".lock")] if output_dir.exists() else []
     )
-    found += [str(p) for p in (CACHE_DIR / "work").glob("*")]
-    found += [str(p) for p in (CACHE_DIR / "bootstrap").glob("*.partial")]
+    found += [
+        str(p) for p in (CACHE_DIR / "work").glob("*") if not (p.name.isdigit() and Path(f"/proc/{p.name}").exists())
+    ]
+    bootstrap = CACHE_DIR / "bootstrap"
+    bootstrap.mkdir(parents=True, exist_ok=True)
+    with (bootstrap / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found += [str(p) for p in bootstrap.glob("*.partial")]
     return found
 
 
-def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(minimal_build: BuildRun, tmp_path: Path) -> None:
-    before = host_state()
+def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(
+    minimal_build: BuildRun, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    before = host_state(tmp_path_factory)
     small = tmp_path / "small.toml"
     small.write_text('extends = "minimal"\n[disk]\nsize = "512M"\n')
     failed = build(small, tmp_path / "out")
@@ -177,12 +192,14 @@ def test_a_disk_too_small_fails_with_advice_and_leaves_nothing(minimal_build: Bu
     assert "hint: set disk.size to at least" in failed.stderr
     assert [e["stage"] for e in failed.events if e["event"] == "stage-failed"] == ["btrfs"]
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
 
 
-def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(tmp_path: Path) -> None:
+def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     require_root()
-    before = host_state()
+    before = host_state(tmp_path_factory)
     broken = tmp_path / "broken.toml"
     broken.write_text('extends = "minimal"\n[packages]\ninclude = ["no-such-package-rastos"]\n')
     failed = build(broken, tmp_path / "out")
@@ -190,12 +207,12 @@ def test_a_missing_package_shows_the_mmdebstrap_log_and_leaves_nothing(tmp_path:
     assert "mmdebstrap failed" in failed.stderr
     assert "no-such-package-rastos" in failed.stderr  # apt's complaint, from the log tail
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
 
 
-def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path) -> None:
+def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     require_root()
-    before = host_state()
+    before = host_state(tmp_path_factory)
     profile = tmp_path / "interrupted.toml"
     profile.write_text('extends = "minimal"\n[packages]\ninclude = ["jq"]\n')
     proc = subprocess.Popen(
@@ -217,17 +234,21 @@ def test_ctrl_c_during_the_bootstrap_leaves_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert leftovers(tmp_path / "out") == []
-    assert host_state() == before
+    assert host_state(tmp_path_factory) == before
     # unshare's --kill-child sends mmdebstrap SIGTERM as unshare dies, without waiting for it: its
     # processes may take a moment to exit after the build has. They must be gone soon, not linger.
     deadline = time.monotonic() + 30
-    while (still := mmdebstrap_processes()) and time.monotonic() < deadline:
+    while (still := mmdebstrap_processes(session=proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert still == [], still
 
 
-def mmdebstrap_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-a", "-f", "mmdebstrap"], capture_output=True, text=True, check=False)
+def mmdebstrap_processes(session: int) -> list[str]:
+    """The build's mmdebstrap processes, which stay in the session it was started as (neither unshare
+    nor mmdebstrap starts a new one): not those another xdist worker may run meanwhile (for the op
+    tests' tree or a kernel's source), nor another build's on this host."""
+    found = subprocess.run(["pgrep", "-a", "--session", str(session), "-f", "mmdebstrap"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
     return found.stdout.splitlines()
 
 
