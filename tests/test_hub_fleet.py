@@ -151,7 +151,13 @@ def test_a_fallback_boot_reaches_the_hub_and_a_cancelled_run_ends_its_pending_co
     )
     broken.start()
     fleet.add("away", start=False)  # registered, never connected: its commands stay pending
-    state = hub.wait_state(lambda s: s["hosts"]["broken"]["last_rollback"] is not None, "the fallback")
+    # The agent sends its event log before its facts: wait for both, the event and the boot state.
+    state = hub.wait_state(
+        lambda s: (
+            s["hosts"]["broken"]["last_rollback"] is not None and "boot_state" in (s["hosts"]["broken"]["facts"] or {})
+        ),
+        "the fallback and the facts after it",
+    )
     host = state["hosts"]["broken"]
     assert host["health"] == "fell back" and host["facts"]["boot_state"]["kind"] == "fallback"
     assert host["last_rollback"]["method"] == "BootFallback"
