@@ -81,25 +81,21 @@ def build(profile: str | Path, output_dir: Path, *extra: str) -> BuildRun:
 
 
 def host_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Mounts and loop devices on the host: a build must leave both as it found them. Loop devices are
-    in no mount namespace: those whose file is in another xdist worker's temporary directory (the btrfs
-    loop files of its tests, attached and detached meanwhile) are that worker's, and left out."""
+    """Mounts and loop devices on the host: a build must leave both as it found them. A build attaches
+    loop devices only to files of its own scratch directory, never to the tests' temporary files:
+    loop devices on those belong to other tests (btrfs loop files, in any xdist worker, or of this
+    worker's earlier tests, which detach when their lazy unmount completes) and are left out."""
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     listing = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=True).stdout
+    tests_temp = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        tests_temp = tests_temp.parent  # every worker's
     loops = [
         loop
         for loop in json.loads(listing)["loopdevices"]
-        if not others_file(tmp_path_factory, loop["back-file"] or "")
+        if not (loop["back-file"] or "").startswith(f"{tests_temp}/")
     ]
     return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops}
-
-
-def others_file(tmp_path_factory: pytest.TempPathFactory, path: str) -> bool:
-    """Whether `path` is in the temporary directory of another xdist worker of this run."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return False
-    mine = tmp_path_factory.getbasetemp()
-    return path.startswith(f"{mine.parent}/") and not path.startswith(f"{mine}/")
 
 
 def require_root() -> None:
