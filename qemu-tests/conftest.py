@@ -21,7 +21,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 if str(CHECKOUT) not in sys.path:
     sys.path.insert(0, str(CHECKOUT))
 
-from guest_console import PROMPT, GuestConsole, SavedGuest, overlay  # noqa: E402 (after the path above)
+from guest_console import PROMPT, GuestConsole, SavedGuest, overlay, settled  # noqa: E402 (after the path above)
 
 CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
 ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
@@ -64,8 +64,7 @@ def saved_minimal(minimal_image: Path, tmp_path_factory: pytest.TempPathFactory)
     console = GuestConsole(disk, keep_changes=True)
     try:
         assert console.wait_for(PROMPT, 300), "root is logged in on the serial console"
-        settled = 'systemctl is-system-running --wait; echo "UP=$(systemctl is-active rastos-health)"'
-        assert console.run(settled, "UP", 300) == "active"
+        settled(console)
         console.save(folder / "state")
     finally:
         console.close(folder / "console.log")

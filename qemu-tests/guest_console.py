@@ -257,3 +257,9 @@ class GuestConsole:
             self.process.wait()
         os.close(self.controller)
         self.controller = -1
+
+
+def settled(guest: GuestConsole) -> None:
+    """Wait until the boot is over: rastosd up, the health check run, the entry blessed."""
+    assert guest.run('systemctl is-system-running --wait; echo "UP=$(systemctl is-active rastos-health)"', "UP",
+                     300) == "active"  # fmt: skip

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from guest_console import PROMPT, GuestConsole, SavedGuest
-from test_rollback import boot_state, settled
+from guest_console import PROMPT, GuestConsole, SavedGuest, settled
+from test_rollback import boot_state
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 

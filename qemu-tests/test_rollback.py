@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from guest_console import PROMPT, GuestConsole
+from guest_console import PROMPT, GuestConsole, settled
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow]
 
@@ -21,12 +21,6 @@ BOOT_STATE = (
     'echo "STATE=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
     'org.rastos.Daemon1.Manager BootState)"'
 )
-
-
-def settled(guest: GuestConsole) -> None:
-    """Wait until the boot is over: rastosd up, the health check run, the entry blessed."""
-    assert guest.run('systemctl is-system-running --wait; echo "UP=$(systemctl is-active rastos-health)"', "UP",
-                     300) == "active"  # fmt: skip
 
 
 def reboot(guest: GuestConsole, command: str) -> None:
