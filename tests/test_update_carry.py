@@ -10,9 +10,12 @@ another writable snapshot of the image, as a received bundle would be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +343,58 @@ def test_links_at_carried_paths_are_refused_in_either_tree(host: Host, tmp_path:
     assert SECRET not in (new_root / "etc/ssh/ssh_host_ed25519_key").read_text()
     assert result["hand_changes"] == [] and "no pristine image" in result["hand_changes_note"]
     assert (None, "motd") in reapplied(result), "the rest went on"
+
+
+def copy_store(host: Host, path: Path) -> None:
+    """The host's state store as it is, for a test whose history goes on apart from the others'."""
+    with (
+        contextlib.closing(sqlite3.connect(host.database)) as source,
+        contextlib.closing(sqlite3.connect(path)) as copy,
+    ):
+        source.backup(copy)
+
+
+def test_a_change_waiting_for_its_confirmation_refuses_the_update(host: Host, tmp_path: Path) -> None:
+    copy_store(host, tmp_path / "state.db")
+    store = StateStore(tmp_path / "state.db")
+    try:
+        store.add_confirmation(host.jobs["after"], time.time() + 600, {}, ["sysctl"])
+        with pytest.raises(CarryFailed, match=f"job {host.jobs['after']}'s change waits for its confirmation"):
+            prepare_deployment(host.snapshot(host.pristine, "new-pending"), host.running, host.pristine, store,
+                               running_subvolume=host.subvolume)  # fmt: skip
+    finally:
+        store.close()
+
+
+async def boot_and_run(config: DaemonConfig, boot: str, steps: list[dict[str, Any]]) -> int:
+    daemon = Daemon(config)
+    daemon.store.record_boot(boot, daemon.root_subvolume)
+    worker = asyncio.ensure_future(daemon.jobs.run_forever())
+    try:
+        return int((await run_job(daemon, "apply", steps))["id"])
+    finally:
+        worker.cancel()
+        daemon.store.close()
+
+
+def test_the_next_update_carries_on_from_a_deployment_an_update_made(host: Host, tmp_path: Path) -> None:
+    """The host boots the deployment an update made, runs a job there, and updates again: the new tree
+    gets what the first update re-applied (read from the deployment's own record) and the new job."""
+    v1 = host.snapshot(host.pristine, "v1")
+    first = host.prepare(v1)
+    copy_store(host, tmp_path / "state.db")
+    config = DaemonConfig(root=v1, snapshots_dir=host.top / "@snapshots", state_dir=tmp_path, esp=host.top / "esp")
+    on_v1 = asyncio.run(boot_and_run(config, "boot-3", [sysctl("60-on-v1", "vm.vfs_cache_pressure", "50")]))
+    v2 = host.snapshot(host.pristine, "v2")
+    store = StateStore(tmp_path / "state.db")
+    try:
+        second = prepare_deployment(v2, v1, host.pristine, store, running_subvolume=subvolume_path(v1))
+    finally:
+        store.close()
+    assert reapplied(second) == [*reapplied(first), (on_v1, "sysctl")]
+    assert second["chain"] == [subvolume_path(v1)]
+    assert "vm.vfs_cache_pressure = 50" in (v2 / "etc/sysctl.d/60-on-v1.conf").read_text()
+    assert (v2 / "etc/hostname").read_text() == "carry-host\n"
 
 
 def plant(link: Path, points_to: str) -> None:
