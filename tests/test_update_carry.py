@@ -120,6 +120,9 @@ def hand_edit(root: Path) -> None:
     with (root / "etc/sudoers").open("a") as sudoers:  # 0440: root writes it all the same
         sudoers.write("# a hand edit\n")
     (root / "etc/issue.net").chmod(0o600)
+    for table, line in (("passwd", "bob:x:1500:1500::/home/bob:/bin/sh"), ("group", "bob:x:1500:")):
+        with (root / "etc" / table).open("a") as file:  # an account made by hand, not through rastosd
+            file.write(line + "\n")
 
 
 def config_for(root: Path, top: Path) -> DaemonConfig:
@@ -306,8 +309,14 @@ def test_hand_changes_are_reported_with_diffs_only_where_everyone_may_read(
         "/etc/sysctl.d/90-rastos.conf", "/etc/sudoers.d/rastos-alice", "/etc/machine-id", "/etc/rastos/rastos.toml",
         "/etc/rastos/daemon.toml", "/etc/rastos/hub-token", "/etc/ssh/ssh_host_ed25519_key", "/etc/shadow-",
     }  # fmt: skip
-    assert not carried_or_reapplied & set(changes), sorted(changes)
-    assert sorted(changes) == ["/etc/carry-test.conf", "/etc/issue", "/etc/issue.net", "/etc/sudoers"], changes
+    assert not carried_or_reapplied - {"/etc/passwd", "/etc/group"} & set(changes), sorted(changes)
+    assert sorted(changes) == [
+        "/etc/carry-test.conf", "/etc/group", "/etc/issue", "/etc/issue.net", "/etc/passwd", "/etc/sudoers"
+    ], changes  # fmt: skip
+    # The account files are the user op's, but what the new tree still lacks of them is named.
+    assert changes["/etc/passwd"]["detail"] == "accounts made by hand that the new deployment lacks: bob"
+    assert changes["/etc/group"]["detail"] == "groups made by hand that the new deployment lacks: bob"
+    assert "diff" not in changes["/etc/passwd"]
     assert result["hand_changes_truncated"] == 0
 
 

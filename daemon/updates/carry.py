@@ -49,7 +49,7 @@ from ops.certs import HOST_KEY as TLS_KEY
 from ops.declared import desired_state_from_text
 from ops.errors import UnsafePath
 from ops.rootfs import Root
-from ops.steps import run_step, step_from
+from ops.steps import Step, run_step, step_from
 from ops.target import Target
 from ops.update import backend_for
 from rastos.errors import RastosError
@@ -116,7 +116,8 @@ def prepare_deployment(
         raise CarryFailed(error.message, hint=error.hint) from None
     files = _Files(running, new, pristine)
     files.carry_all(config)
-    steps = _Reapply(Target(new_root, runtime=False), running, store, output or _log)
+    image = Target(pristine_image, runtime=False) if pristine_image is not None else None
+    steps = _Reapply(Target(new_root, runtime=False), image, running, store, output or _log)
     steps.declared()
     steps.held(held.steps)
     try:
@@ -306,14 +307,15 @@ class _Files:
 class _Reapply:
     """Steps re-applied to the new tree, one by one, as the image builder applies them."""
 
-    def __init__(self, target: Target, running: Root, store: StateStore, output: Output) -> None:
+    def __init__(self, target: Target, image: Target | None, running: Root, store: StateStore, output: Output) -> None:
         self.target = target
+        self.image = image  # the pristine image: what a step changes there is the op's, not a hand change
         self.running = running
         self.store = store
         self.output = output
         self.applied: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
-        self.paths: set[str] = set()
+        self.paths: set[str] = set()  # every path a re-applied step writes, here or on the image
         self._installed: dict[str, str] | None = None
 
     def declared(self) -> None:
@@ -357,8 +359,21 @@ class _Reapply:
             ) from error  # fmt: skip
         entry["changed"] = bool(plan.actions)
         self.paths.update(plan.paths)
+        self.paths.update(self.written_on_image(step))
         self.applied.append(entry)
         log.info("re-applied %s: %s", _place(entry), "changed" if plan.actions else "unchanged")
+
+    def written_on_image(self, step: Step) -> list[str]:
+        """The paths the step would write on the pristine image: the op's files even where the new
+        tree needed no change (a second preparation of one tree reports what the first did). Only a
+        plan, read-only; a step that cannot be planned there alone (a user an earlier step makes)
+        names none."""
+        if self.image is None:
+            return []
+        try:
+            return step.op.plan(self.image, step.params).paths
+        except Exception:  # planned out of its sequence, on a tree it was never meant for
+            return []
 
     def pinned(self, op_name: str, params: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
         """A user op that let useradd choose the uid gets the uid the account has on the running root."""
