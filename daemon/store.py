@@ -50,6 +50,13 @@ class SnapshotRow:
 
 
 @dataclass(frozen=True)
+class BootRow:
+    boot_id: str
+    started: float  # when rastosd first started in this boot: before any job of the boot ran
+    root: str  # the root subvolume it ran on
+
+
+@dataclass(frozen=True)
 class EventRow:
     id: int
     time: float
@@ -160,6 +167,12 @@ class StateStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_job_row(row) for row in reversed(rows)]
+
+    def all_jobs(self) -> list[JobRow]:
+        """Every job in order: what an update re-applies is read from the whole history."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        return [_job_row(row) for row in rows]
 
     def job_list(self, limit: int = 100) -> list[tuple[int, str, str, float]]:
         """The latest jobs' id, kind, state and creation time: ListJobs() reads only these columns,
@@ -299,6 +312,12 @@ class StateStore:
             rows = self._db.execute("SELECT * FROM snapshots WHERE deleted IS NULL ORDER BY id").fetchall()
         return [_snapshot_row(row) for row in rows]
 
+    def snapshot_history(self) -> list[SnapshotRow]:
+        """Every snapshot ever recorded, deleted ones too: a root made from one outlives its record."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM snapshots ORDER BY id").fetchall()
+        return [_snapshot_row(row) for row in rows]
+
     def mark_known_good(self, snapshot_id: int | None, uid: int, boot_id: str) -> None:
         with self.transaction() as db:
             if snapshot_id is not None:
@@ -313,6 +332,11 @@ class StateStore:
             db.execute(
                 "INSERT OR IGNORE INTO boots (boot_id, started, root) VALUES (?, ?, ?)", (boot_id, time.time(), root)
             )
+
+    def boots(self) -> list[BootRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT boot_id, started, root FROM boots ORDER BY started").fetchall()
+        return [BootRow(str(r[0]), float(r[1]), str(r[2])) for r in rows]
 
     def record_fallback(self, boot_id: str, failed_entry: str, failed_root: str) -> bool:
         """Record that this boot fell back from `failed_entry`; False if it was recorded already."""
@@ -339,6 +363,12 @@ class StateStore:
                 (since, limit),
             ).fetchall()
         return [(int(r[0]), float(r[1]), int(r[2]), str(r[3]), int(r[4] or 0), str(r[5])) for r in rows]
+
+    def events_of(self, method: str) -> list[EventRow]:
+        """Every event of one method, oldest first (Rollback: few, and all of them matter)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM events WHERE method = ? ORDER BY id", (method,)).fetchall()
+        return [EventRow(r["id"], r["time"], r["uid"], r["method"], r["job_id"], json.loads(r["detail"])) for r in rows]
 
     def events(self, since: int, limit: int) -> list[EventRow]:
         with self._lock:

@@ -165,7 +165,19 @@ def load_workflow(name: str, dirs: tuple[Path, ...] | None = None, _seen: tuple[
 
 def desired_state_steps(path: Path = DESIRED_STATE) -> list[Step]:
     """The steps that make the host what `path` declares."""
-    document = _read_toml(path)
+    return declared_steps(_read_toml(path), path)
+
+
+def desired_state_from_text(text: str, path: Path = DESIRED_STATE) -> list[Step]:
+    """The same from the file's text, read by the caller: an update reads it from the running root
+    through the link-refusing file access, which a path given to open() would not be."""
+    try:
+        return declared_steps(tomllib.loads(text), path)
+    except tomllib.TOMLDecodeError as error:
+        raise RastosError(f"{path}: {error}") from None
+
+
+def declared_steps(document: dict[str, Any], path: Path) -> list[Step]:
     steps: list[Step] = []
     for op_name, value in document.items():
         if op_name not in OPS:
