@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from rastos.bundle import (
 log = logging.getLogger("rastos-hub.images")
 
 PARTIAL_PREFIX = ".upload-"  # a bundle on its way in; left over after a crash, removed at the next start
+STALE_PARTIAL = 3600.0  # seconds
 WRITE_BYTES = 1 << 20  # an upload is written to disk in pieces of this size, off the event loop
 KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -77,10 +79,12 @@ class ImageFiles:
         return self.directory / f"{sha256}{SUFFIX}"
 
     def clean(self) -> None:
-        """Remove what uploads cut off by a crash left behind (at the hub's start)."""
-        with contextlib.suppress(FileNotFoundError):
-            for leftover in self.directory.glob(f"{PARTIAL_PREFIX}*"):
-                leftover.unlink(missing_ok=True)
+        """Remove what uploads cut off by a crash left behind (at the hub's start); one younger than
+        an hour may be `rastos-hub image add` at work."""
+        for leftover in self.directory.glob(f"{PARTIAL_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < time.time() - STALE_PARTIAL:
+                    leftover.unlink()
 
     @contextlib.contextmanager
     def _partial(self) -> Iterator[tuple[Path, IO[bytes]]]:
@@ -90,6 +94,9 @@ class ImageFiles:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         try:
             with os.fdopen(fd, "wb") as file:
+                if os.geteuid() == 0:  # `rastos-hub image add` as root: the file is the hub's, as its directory
+                    owner = self.directory.stat()
+                    os.fchown(file.fileno(), owner.st_uid, owner.st_gid)
                 yield path, file
         except BaseException:
             path.unlink(missing_ok=True)

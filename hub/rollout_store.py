@@ -29,6 +29,21 @@ class RolloutStore:
         """Store an image; returns it and the logged event. The same content added again is the image
         stored already (and no event); another bundle of the same profile, version and parent is a
         Conflict: a version names one tree for ever (docs/updates.md)."""
+        try:
+            return await self._add_image(row)
+        except Conflict:
+            # The same bundle added beside this (`rastos-hub image add` while the hub takes an upload):
+            # the first stands, and this is it.
+            if (same := await self._image_by_sha256(row["sha256"])) is not None:
+                return same, None
+            raise
+
+    async def _image_by_sha256(self, sha256: str) -> dict[str, Any] | None:
+        async with self.store.engine.connect() as db:
+            same = (await db.execute(select(*_LISTED).where(images.c.sha256 == sha256))).mappings().first()
+        return None if same is None else dict(same)
+
+    async def _add_image(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         async with self.store.transaction() as db:
             same = (await db.execute(select(*_LISTED).where(images.c.sha256 == row["sha256"]))).mappings().first()
             if same is not None:
