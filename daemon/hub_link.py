@@ -16,7 +16,7 @@ link joins it to the hub's base as this host reaches the hub (the agent URL with
 with http(s) for ws(s)),
 and asks the daemon to stage the bundle from there, sending this host's token with the download as
 `Authorization: Bearer` (never logged). An update id is staged once: a repeat (the hub sends it again
-after each welcome until it hears back) is answered with its state; an update to the version this
+after each welcome until it hears that it is staged or ended) is answered with its state; an update to the version this
 host runs already is answered by the facts alone, which show it.
 """
 

@@ -19,12 +19,13 @@ Hub -> agent:
   update          {"update": {"id", "url", "version", "reboot"}}: stage the image bundle at `url` (with
                   `reboot`, boot into it once staged) and report with update_status. `url` is a path
                   on the hub (/api/v1/images/ID/bundle), never a whole URL: the agent joins it to the
-                  hub's base as it reaches the hub (its agent URL, http(s) for ws(s)), so the hub
-                  needs not know how its hosts see it (a NAT, a proxy, QEMU's 10.0.2.2), and the
-                  host token the download carries (`Authorization: Bearer`) goes nowhere else. The
-                  hub sends it again after each welcome until the agent has reported on it: the id is
-                  the key, an agent stages an id once and answers a repeat with its state. An update
-                  to the version the host runs already is answered by its facts alone
+                  hub's base as it reaches the hub (its agent URL without /api/v1/agent, http(s) for
+                  ws(s)), so the hub needs not know how its hosts see it (a NAT, a proxy, QEMU's
+                  10.0.2.2), and the host token the download carries (`Authorization: Bearer`) goes
+                  nowhere else. While a rollout runs, the hub sends it again after each welcome until
+                  the agent reports it staged or ended: the id is the key, an agent stages an id once
+                  and answers a repeat with its state. An update to the version the host runs
+                  already is answered by its facts alone
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is

@@ -674,3 +674,19 @@ def test_the_real_agent_reports_a_staging_its_daemon_refuses(hub: Hub, keys: Pat
             assert halted["reason"] == "real-1: staging failed: updates: a staging is in progress already"
 
     run(scenario)
+
+
+def test_the_agent_fetches_bundles_from_its_own_hub_only(tmp_path: Path) -> None:
+    """An update's url is a path the agent joins to the hub it reaches (under a proxy's path too):
+    anything else would send the host's token elsewhere, and is refused without a download."""
+    core = UpdatingCore(tmp_path, "1.0")
+    core.refuse = "no staging expected here"
+    link = HubLink(core, HubSettings("wss://hub.example/fleet/api/v1/agent", "secret"))  # type: ignore[arg-type]
+    assert link.hub_base() == "https://hub.example/fleet"
+    for url in ("https://elsewhere.example/api/v1/images/x/bundle", "//elsewhere.example/x", "/api/v1/state"):
+        link._take_update({"id": f"u-{url}", "url": url, "version": "2.0", "reboot": True})
+        status = link._updates[f"u-{url}"]
+        assert (status["state"], status["detail"]) == ("failed", "url: must be a bundle's path on the hub"), url
+    link._take_update({"id": "same", "url": "/api/v1/images/x/bundle", "version": "1.0", "reboot": True})
+    assert "same" not in link._updates, "an update to the version it runs is answered by the facts alone"
+    assert core.staged == []
