@@ -238,6 +238,7 @@ class BootState:
     entry: str  # the boot entry systemd-boot selected ("" when not booted by it)
     health: str  # good, pending, unknown
     fallback: Fallback | None = None
+    image_version: str = ""  # the image version this deployment runs (its /usr/lib/rastos/image.json); "" unknown
 
     @property
     def kind(self) -> str:
@@ -256,6 +257,7 @@ class BootState:
             "health": self.health,
             "failed_entry": "" if self.fallback is None else self.fallback.failed_entry,
             "failed_root": "" if self.fallback is None else self.fallback.failed_root,
+            "image_version": self.image_version,
         }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from collections.abc import Mapping
 from typing import Protocol
 
 import btrfsutil
@@ -25,9 +26,9 @@ from daemon.boot import (
     snapshot_of_root,
 )
 from daemon.config import DaemonConfig
-from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
+from daemon.errors import BootConfigError, DaemonError, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
-from daemon.hub_link import HubLink
+from daemon.hub_link import HubLink, UpdateCompleted
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
@@ -81,6 +82,7 @@ class Daemon:
         self.booted_snapshot = snapshot_of_root(self.root_subvolume)
         self.jobs = JobManager(self.target, self.store, self.snapshots, self, self.booted_snapshot)
         self.hub: HubLink | None = None
+        self._update_callbacks: list[UpdateCompleted] = []
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -102,6 +104,15 @@ class Daemon:
         else:
             health = "pending" if entry else "unknown"
         return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback)
+
+    # Image updates for the hub link (daemon/hub_link.py's DaemonCore). They pass on to the updates
+    # API (daemon/updates.py, docs/updates.md) once it is here; until then a staging is refused.
+
+    def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int:
+        raise DaemonError("updates: this rastosd cannot stage image updates yet")
+
+    def on_update_completed(self, callback: UpdateCompleted) -> None:
+        self._update_callbacks.append(callback)
 
     def _find_fallback(self) -> Fallback | None:
         try:

@@ -6,9 +6,18 @@ What it sends (messages in hub/protocol.py):
   delivered after the next connect, and the hub's cursor, moved in the same transaction that stores
   them, keeps each one single however often it is resent;
 - facts (host name, boot state, snapshots, ops) whenever they changed;
-- the state of each job run for a hub command.
+- the state of each job run for a hub command;
+- the state of each image update the hub asked for (`update_status`).
 Commands from the hub carry an id that the job records (a unique column): a command that arrives
 again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
+
+Image updates: the hub's `update` frame names a path on the hub (its /api/v1/images/ID/bundle); the
+link joins it to the hub's base as this host reaches the hub (the agent URL without /api/v1/agent,
+with http(s) for ws(s)),
+and asks the daemon to stage the bundle from there, sending this host's token with the download as
+`Authorization: Bearer` (never logged). An update id is staged once: a repeat (the hub sends it again
+after each welcome until it hears that it is staged or ended) is answered with its state; an update to the version this
+host runs already is answered by the facts alone, which show it.
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ import contextlib
 import json
 import logging
 import random
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from daemon.boot import BootState
 from daemon.errors import DaemonError
@@ -44,6 +56,10 @@ MAX_EVENT_BYTES = 192 * 1024  # one event, at most; the rest of its job stays in
 KEPT_OUTPUT_LINES = 100  # per step, in what the hub is sent of a finished job
 POLL_INTERVAL = 2.0  # events the daemon logs from its worker thread are picked up at least this often
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+MAX_UPDATE_DETAIL = 4000  # of a failure's message in update_status (the hub takes up to 4096 characters)
+AGENT_PATH = "/api/v1/agent"  # the hub's agent socket, below the hub's base
+UPDATE_PATH = re.compile(r"^/api/v1/images/[A-Za-z0-9._-]{1,64}/bundle$")  # what an update's url may be
+UpdateCompleted = Callable[[int, bool, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,15 @@ class DaemonCore(Protocol):
     def hostname(self) -> str: ...
     def boot_state(self) -> BootState: ...
 
+    # Image updates (docs/updates.md: the daemon's `Updates` API, which these pass on to as the hub's
+    # uid with method "HubUpdate"). `stage_update` starts staging the bundle at `source`, an http(s)
+    # URL fetched with `headers`, and returns the staging's id at once; a refusal (one staging at a
+    # time, a bad source) raises DaemonError. `on_update_completed` adds a callback for the end of any
+    # staging, called with (id, ok, result) from any thread; `result` may say "state" (staged, failed,
+    # cancelled) and "error".
+    def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int: ...
+    def on_update_completed(self, callback: UpdateCompleted) -> None: ...
+
 
 class HubLink:
     def __init__(self, daemon: DaemonCore, settings: HubSettings) -> None:
@@ -77,6 +102,10 @@ class HubLink:
         self._wake = asyncio.Event()
         self._outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._last_facts: dict[str, Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._updates: dict[str, dict[str, Any]] = {}  # hub update id -> its last update_status
+        self._stagings: dict[int, str] = {}  # the daemon's staging id -> the hub's update id
+        daemon.on_update_completed(self._update_completed)
 
     def wake(self) -> None:
         """Something worth telling happened (an event, a job's state): send it now, not at the next poll."""
@@ -91,6 +120,7 @@ class HubLink:
     async def run_forever(self) -> None:
         import aiohttp
 
+        self._loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
         while True:
             try:
@@ -162,6 +192,8 @@ class HubLink:
             self._cancel(str(message.get("command")))
         elif kind == "confirm":
             self._confirm(message.get("job"))
+        elif kind == "update":
+            self._take_update(message.get("update"))
         elif kind == "error":
             log.error("the hub refused a message: %s", message.get("message"))
         elif kind != "ack":
@@ -284,6 +316,75 @@ class HubLink:
     def _report(self, command_id: str, state: str, job_id: int | None, result: dict[str, Any] | None) -> None:
         """Queue a command's state for the hub and wake the writer to send it."""
         status = {"type": "command_status", "command": command_id, "state": state, "job": job_id, "result": result}
+        self._outgoing.put_nowait(status)
+        self.wake()
+
+    # Image updates
+
+    def _take_update(self, update: object) -> None:
+        if not isinstance(update, dict) or not isinstance(update.get("id"), str) or not update["id"]:
+            log.warning("the hub sent an update without an id: %.200r", update)
+            return
+        update_id, version = update["id"][:64], update.get("version")
+        if update_id in self._updates:  # sent again: the hub has not heard how it went
+            self._outgoing.put_nowait(self._updates[update_id])
+            self.wake()
+            return
+        if not isinstance(version, str) or not version or len(version) > 64:
+            self._update_status(update_id, "failed", "?", "version: must be a version string")
+            return
+        if version == self.daemon.boot_state().image_version:
+            log.info("hub update %s: this host runs %s already", update_id, version)
+            return
+        url, reboot = update.get("url"), update.get("reboot", True)
+        if not isinstance(url, str) or not UPDATE_PATH.match(url) or not isinstance(reboot, bool):
+            # Only a path on the hub: a whole URL could send this host's token anywhere.
+            self._update_status(update_id, "failed", version, "url: must be a bundle's path on the hub")
+            return
+        source = self.hub_base() + url
+        try:
+            staging = self.daemon.stage_update(
+                source, reboot=reboot, headers={"Authorization": f"Bearer {self.settings.token}"}
+            )
+        except DaemonError as error:
+            log.warning("hub update %s to %s refused: %s", update_id, version, error)
+            self._update_status(update_id, "failed", version, str(error))
+            return
+        except Exception:  # reported, not raised: the hub would send it again on every connect
+            log.exception("hub update %s to %s could not start", update_id, version)
+            self._update_status(update_id, "failed", version, "the daemon could not start staging: see its log")
+            return
+        log.info("hub update %s: staging %d of %s from %s", update_id, staging, version, source)
+        self._stagings[staging] = update_id
+        self._update_status(update_id, "staging", version, None)
+
+    def hub_base(self) -> str:
+        """The hub's http(s) base as this host reaches it: the agent URL without its /api/v1/agent
+        (a hub behind a proxy under a path keeps that path), with http(s) for ws(s)."""
+        parts = urlsplit(self.settings.url)
+        path = parts.path.rstrip("/").removesuffix(AGENT_PATH)
+        return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, path, "", ""))
+
+    def _update_completed(self, staging: int, ok: bool, result: dict[str, Any]) -> None:
+        """The daemon's completion callback, from whichever thread ends a staging."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._staging_ended, staging, ok, result)
+
+    def _staging_ended(self, staging: int, ok: bool, result: dict[str, Any]) -> None:
+        update_id = self._stagings.pop(staging, None)
+        if update_id is None:
+            return  # a staging of the host's own admin, not the hub's
+        last = self._updates[update_id]
+        state = result.get("state") if result.get("state") in ("staged", "failed", "cancelled") else None
+        detail = None if ok else str(result.get("error") or result.get("message") or "the daemon gave no reason")
+        self._update_status(update_id, state or ("staged" if ok else "failed"), last["version"], detail)
+
+    def _update_status(self, update_id: str, state: str, version: str, detail: str | None) -> None:
+        """Queue an update's state for the hub (kept, to answer a repeat of the update with it)."""
+        if detail is not None and len(detail) > MAX_UPDATE_DETAIL:
+            detail = detail[: MAX_UPDATE_DETAIL - 3] + "..."
+        status = {"type": "update_status", "update": update_id, "state": state, "version": version, "detail": detail}
+        self._updates[update_id] = status
         self._outgoing.put_nowait(status)
         self.wake()
 

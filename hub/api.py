@@ -60,6 +60,21 @@ NEW_RUN = {
     "required": ["target", "steps"],
     "additionalProperties": False,
 }
+NEW_ROLLOUT = {
+    "type": "object",
+    "properties": {
+        "image": {"type": "string", "minLength": 1, "maxLength": 64, "description": "an image's id"},
+        "target": TARGET,
+        "canary": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 1,
+                   "description": "hosts in the first wave (the first of `hosts` as given, by name otherwise)"},
+        "wave_percent": {"type": "integer", "minimum": 1, "maximum": 100, "default": 25,
+                         "description": "each later wave: this share of the hosts after the canary, rounded up"},
+        "health_timeout_s": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 900,
+                             "description": "seconds from a host's update to its healthy report on the version"},
+    },
+    "required": ["image", "target"],
+    "additionalProperties": False,
+}  # fmt: skip
 LOGIN = {
     "type": "object",
     "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 200}},
@@ -73,7 +88,7 @@ def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     return Draft202012Validator({"$ref": "#/$defs/body", "$defs": {"body": schema}, "components": {"schemas": SCHEMAS}})
 
 
-_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, LOGIN)}
+_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, LOGIN)}
 MAX_MESSAGE_CHARS = 300  # jsonschema's messages hold the value they are about, which may be large
 
 
@@ -169,6 +184,63 @@ EVENT = {
     },
     "required": ["id", "time", "host", "agent_event", "actor", "method", "detail"],
 }
+_IMAGE_FIELDS: dict[str, Any] = {
+    "id": {"type": "string"},
+    "profile": {"type": "string"},
+    "version": {"type": "string"},
+    "parent": {"type": ["string", "null"], "description": "a delta's parent version: the hosts it applies to"},
+    "delta": {"type": "boolean"},
+    "size": {"type": "integer", "description": "bytes"},
+    "sha256": {"type": "string"},
+    "uploaded_at": {"type": "number"},
+    "uploaded_by": {"type": "string"},
+    "key_id": {"type": "string", "description": "the key its signature names"},
+    "signature_checked": {"type": "boolean", "description": "checked against the hub's --trusted-keys"},
+}
+IMAGE = {"type": "object", "properties": _IMAGE_FIELDS, "required": list(_IMAGE_FIELDS)}
+IMAGE_DETAIL = {
+    "type": "object",
+    "properties": {**_IMAGE_FIELDS, "manifest": {"type": "object", "description": "its manifest.json"}},
+    "required": [*_IMAGE_FIELDS, "manifest"],
+}
+ROLLOUT_HOST = {
+    "type": "object",
+    "properties": {
+        "host": {"type": "string"},
+        "wave": {"type": "integer", "description": "1 is the canary; 0 for a host skipped at the start"},
+        "state": {"enum": ["pending", "sent", "staging", "staged", "done", "failed", "skipped", "cancelled"]},
+        "update_id": {"type": "string", "description": "the id of the agent's update frame"},
+        "sent": _NUMBER_OR_NULL,
+        "finished": _NUMBER_OR_NULL,
+        "detail": {"type": ["string", "null"], "description": "why it failed or was skipped"},
+        "from_version": {"type": ["string", "null"], "description": "the version it ran when it was sent"},
+        "fallback_before": {"type": ["string", "null"]},
+    },
+    "required": ["host", "wave", "state", "update_id", "sent", "finished", "detail", "from_version"],
+}
+ROLLOUT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "created": {"type": "number"},
+        "admin": {"type": "string"},
+        "image": {"type": "string"},
+        "profile": {"type": "string"},
+        "version": {"type": "string"},
+        "target": {"type": "object"},
+        "canary": {"type": "integer"},
+        "wave_percent": {"type": "integer"},
+        "health_timeout_s": {"type": "integer"},
+        "state": {"enum": ["running", "paused", "halted", "complete", "aborted"]},
+        "reason": {"type": ["string", "null"], "description": "why it halted: the host and what happened"},
+        "wave": {"type": "integer", "description": "the wave under way; 0 before the first"},
+        "waves": {"type": "integer"},
+        "finished": _NUMBER_OR_NULL,
+        "hosts": {"type": "array", "items": ROLLOUT_HOST},
+    },
+    "required": ["id", "created", "admin", "image", "profile", "version", "target", "canary", "wave_percent",
+                 "health_timeout_s", "state", "reason", "wave", "waves", "finished", "hosts"],
+}  # fmt: skip
 STATE = {
     "type": "object",
     "properties": {
@@ -177,7 +249,9 @@ STATE = {
             "hosts": {"type": "object", "additionalProperties": HOST},
             "runs": {"type": "object", "additionalProperties": RUN},
             "events": {"type": "array", "items": EVENT, "description": "the newest 100"},
-        }, "required": ["hosts", "runs", "events"]},
+            "images": {"type": "object", "additionalProperties": IMAGE},
+            "rollouts": {"type": "object", "additionalProperties": ROLLOUT},
+        }, "required": ["hosts", "runs", "events", "images", "rollouts"]},
     },
     "required": ["type", "epoch", "version", "state"],
 }  # fmt: skip
@@ -194,8 +268,23 @@ BODY_ERRORS = {
 NOT_FOUND = {"404": _error("no such host or run")}
 CONFLICT = {"409": _error("in conflict with the hub's state (a host of that name exists; a run ended already)")}
 BAD_STEP = {"422": _error("a step its op refuses, as rastosd would, the field named: steps[I].params.FIELD: reason")}
+IMAGE_ERRORS = {
+    "404": _error("no such image"),
+    "409": _error("another bundle is this version already"),
+    "413": _error("a bundle over the hub's --max-image-bytes"),
+    "415": _error("a body that is not application/octet-stream"),
+    "422": _error("not a complete bundle, a part that does not match its manifest, or a signature the hub's "
+                  "trusted keys refuse: bundle: reason"),
+}  # fmt: skip
+ROLLOUT_ERRORS = {
+    "404": _error("no such image, host, group or rollout"),
+    "409": _error("a host in another active rollout; a rollout in a state that cannot do this"),
+    "422": _error("a delta for hosts that run another version than its parent"),
+}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 HOST_NAME = {"name": "name", "in": "path", "required": True, "schema": NAME}
 RUN_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+IMAGE_ID = ROLLOUT_ID = RUN_ID
 PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/login": {"post": {"summary": "Trade an admin token for a session cookie (the web UI's login)",
                                "description": "The cookie holds a random session id (HttpOnly, SameSite=Strict, "
@@ -246,6 +335,54 @@ PATHS: dict[str, dict[str, Any]] = {
         ],
         "responses": {"200": _answer("events", {"type": "array", "items": EVENT})},
     }},
+    "/api/v1/images": {
+        "get": {"summary": "The update bundles the hub keeps",
+                "responses": {"200": _answer("images", {"type": "array", "items": IMAGE})}},
+        "post": {"summary": "Upload a bundle (rastos-image build writes them): the file itself as the body",
+                 "description": "Streamed to disk and checked whole: a complete bundle whose every part matches "
+                                "its manifest and, if the hub has trusted keys, signed by one of them. The same "
+                                "bundle again is answered 200 with the image it is already.",
+                 "requestBody": {"required": True, "content": {"application/octet-stream": BINARY}},
+                 "responses": {"201": _answer("the new image", IMAGE), "200": _answer("the image it is already", IMAGE),
+                               **IMAGE_ERRORS}},
+    },
+    "/api/v1/images/{id}": {
+        "parameters": [IMAGE_ID],
+        "get": {"summary": "One image, with its manifest",
+                "responses": {"200": _answer("image", IMAGE_DETAIL), "404": IMAGE_ERRORS["404"]}},
+        "delete": {"summary": "Remove an image and its file; refused while an active rollout uses it",
+                   "responses": {"204": {"description": "removed"}, "404": IMAGE_ERRORS["404"],
+                                 "409": _error("an active rollout uses it")}},
+    },
+    "/api/v1/images/{id}/bundle": {"parameters": [IMAGE_ID], "get": {
+        "summary": "The bundle file, with HTTP ranges (Range: bytes=N-): what hosts download their updates from",
+        "description": "For admins, and for hosts with their own agent token as a bearer token.",
+        "security": [{"admin": []}, {"cookie": []}, {"agent": []}],
+        "responses": {"200": {"description": "the bundle", "content": {"application/octet-stream": BINARY}},
+                      "206": {"description": "the range asked for", "content": {"application/octet-stream": BINARY}},
+                      "416": {"description": "a range that is not in the file"},
+                      "401": _error("no valid admin or host token"), "404": IMAGE_ERRORS["404"]}}},
+    "/api/v1/rollouts": {
+        "get": {"summary": "Recent rollouts and every active one, each with its hosts' states",
+                "responses": {"200": _answer("rollouts", {"type": "array", "items": ROLLOUT})}},
+        "post": {"summary": "Roll an image out to hosts in waves: a canary, then wave_percent at a time",
+                 "description": "Hosts on the image's version already are skipped. A wave starts when every host "
+                                "of the one before is back on the version with health good; a host that fails "
+                                "(its staging, a boot that fell back, health_timeout_s) halts the rollout.",
+                 "requestBody": _body(NEW_ROLLOUT),
+                 "responses": {"201": _answer("the rollout", ROLLOUT), **BODY_ERRORS, **ROLLOUT_ERRORS}},
+    },
+    "/api/v1/rollouts/{id}": {"parameters": [ROLLOUT_ID], "get": {
+        "summary": "One rollout", "responses": {"200": _answer("rollout", ROLLOUT), "404": ROLLOUT_ERRORS["404"]}}},
+    **{f"/api/v1/rollouts/{{id}}/{action}": {"parameters": [ROLLOUT_ID], "post": {
+        "summary": summary,
+        "responses": {"200": _answer("the rollout", ROLLOUT), "404": ROLLOUT_ERRORS["404"],
+                      "409": _error("a rollout in a state that cannot do this")}}}
+       for action, summary in (
+           ("pause", "Pause a running rollout: no update is sent until it resumes; those under way go on"),
+           ("resume", "Resume a paused or halted rollout (a failed host stays failed)"),
+           ("abort", "End a rollout: hosts not yet sent the update never are; updated hosts stay updated"),
+       )},
     "/api/v1/stream": {"get": {"summary": "WebSocket: init {state, version}, then delta {change, version} and "
                                           "sync {version} every few seconds; send get_state to start over",
                                "responses": {"101": {"description": "switching protocols"}}}},

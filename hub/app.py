@@ -8,6 +8,7 @@ hub/guard.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import weakref
 from dataclasses import dataclass
@@ -16,26 +17,39 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from hub import api, edge
+from hub import api, edge, updates_api
 from hub.edge import respond
 from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
 from hub.fleet import Fleet
+from hub.images import ImageFiles
 from hub.sockets import FLEET, SOCKETS, agent_socket, ui_stream
 from hub.store import Store
+from hub.updates_api import IMAGES
 from ops.errors import ExpectedError
 from ops.steps import checked_steps
+
+log = logging.getLogger("rastos-hub")
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
 MAX_EVENT_ID = 2**63 - 1
+DEFAULT_DATA_DIR = Path("/var/lib/rastos-hub")
+DEFAULT_MAX_IMAGE_BYTES = 16 << 30
+TICK = 1.0  # seconds between rollout checks (health timeouts)
 
 
 @dataclass(frozen=True)
 class Settings:
     database: str  # a SQLAlchemy URL
     sync_interval: float = 5.0  # seconds between `sync` beacons
+    data_dir: Path = DEFAULT_DATA_DIR  # images/ holds the kept bundles
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # the largest bundle an upload may carry
+    trusted_keys: Path | None = None  # *.pub keys a bundle must be signed by; None: not checked here
+
+    def image_files(self) -> ImageFiles:
+        return ImageFiles(self.data_dir / "images", self.max_image_bytes, self.trusted_keys)
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -44,6 +58,7 @@ SETTINGS = web.AppKey("settings", Settings)
 def make_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[edge.errors_as_json, edge.same_origin], client_max_size=MAX_REQUEST_BYTES)
     app[SETTINGS] = settings
+    app[IMAGES] = settings.image_files()
     app[SOCKETS] = weakref.WeakSet()
     app.cleanup_ctx.append(_fleet_context)
     app.on_shutdown.append(_close_sockets)
@@ -63,6 +78,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/runs/{id}", _run)
     app.router.add_post("/api/v1/runs/{id}/cancel", _cancel_run)
     app.router.add_get("/api/v1/events", _events)
+    updates_api.add_routes(app)
     app.router.add_get("/api/v1/stream", ui_stream)
     app.router.add_get("/api/v1/agent", agent_socket)
     return app
@@ -70,12 +86,15 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _fleet_context(app: web.Application) -> Any:
     store = Store(app[SETTINGS].database)
-    fleet = Fleet(store)
+    app[IMAGES].clean()
+    fleet = Fleet(store, app[IMAGES])
     await fleet.load()
     app[FLEET] = fleet
     beacon = asyncio.create_task(_beacons(fleet, app[SETTINGS].sync_interval))
+    ticks = asyncio.create_task(_ticks(fleet))
     yield
     beacon.cancel()
+    ticks.cancel()
     await store.close()
 
 
@@ -91,6 +110,15 @@ async def _beacons(fleet: Fleet, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         fleet.beacon()
+
+
+async def _ticks(fleet: Fleet) -> None:
+    while True:
+        await asyncio.sleep(TICK)
+        try:
+            await fleet.tick()
+        except Exception:  # the database away, say: the next tick tries again
+            log.exception("the rollouts' check failed")
 
 
 async def _admin(request: web.Request) -> str:

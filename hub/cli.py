@@ -7,12 +7,15 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from rastos.errors import RastosError
 
 DEFAULT_DATABASE = "/var/lib/rastos-hub/hub.db"
+DEFAULT_DATA_DIR = "/var/lib/rastos-hub"
 DEFAULT_LISTEN = "127.0.0.1:8470"
+DEFAULT_MAX_IMAGE_BYTES = 16 << 30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +42,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rastos-hub", description="rastOS fleet hub")
     parser.add_argument("--database", default=DEFAULT_DATABASE, help=f"SQLite file or postgresql:// URL "
                         f"(default {DEFAULT_DATABASE})")  # fmt: skip
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(DEFAULT_DATA_DIR),
+        help=f"where the hub keeps its files: images/ holds the bundles (default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--trusted-keys",
+        type=Path,
+        metavar="DIR",
+        help="a directory of *.pub keys (rastos-image key generate): a bundle signed by none of "
+        "them is refused; without it the hub records the signing key, and hosts check it",
+    )
     parser.add_argument("--debug", action="store_true")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the hub (API, UI, agent socket)")
     serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     serve.add_argument("--sync-interval", type=float, default=5.0, help="seconds between sync beacons to UIs")
+    serve.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        help=f"the largest bundle an upload may carry (default {DEFAULT_MAX_IMAGE_BYTES})",
+    )
     serve.set_defaults(action=_serve)
 
     host = commands.add_parser("host", help="hosts the hub accepts").add_subparsers(required=True, metavar="ACTION")
@@ -64,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     admin_add.add_argument("name")
     admin_add.set_defaults(action=_admin_add)
 
+    image = commands.add_parser("image", help="update bundles the hub keeps and rolls out").add_subparsers(
+        required=True, metavar="ACTION"
+    )
+    image_add = image.add_parser("add", help="check a bundle and keep it (the same bundle twice is one image)")
+    image_add.add_argument("bundle", type=Path)
+    image_add.set_defaults(action=_image_add)
+    image.add_parser("list", help="list images").set_defaults(action=_image_list)
+    image_remove = image.add_parser("remove", help="remove an image no active rollout uses, and its file")
+    image_remove.add_argument("id")
+    image_remove.set_defaults(action=_image_remove)
+
     db = commands.add_parser("db", help="the database").add_subparsers(required=True, metavar="ACTION")
     db.add_parser("upgrade", help="migrate to the newest schema (serve does it too)").set_defaults(
         action=lambda _args, _url: 0
@@ -80,9 +113,26 @@ def _serve(args: argparse.Namespace, url: str) -> int:
         raise RastosError(f"--listen: expected HOST:PORT, got {args.listen!r}")
     if args.sync_interval <= 0:
         raise RastosError("--sync-interval: must be positive")
-    app = make_app(Settings(url, args.sync_interval))
+    if args.max_image_bytes <= 0:
+        raise RastosError("--max-image-bytes: must be positive")
+    settings = Settings(url, args.sync_interval, args.data_dir, args.max_image_bytes, _trusted_keys(args))
+    app = make_app(settings)
     asyncio.run(serve(app, host.strip("[]"), int(port)))
     return 0
+
+
+def _trusted_keys(args: argparse.Namespace) -> Path | None:
+    directory: Path | None = args.trusted_keys
+    if directory is not None and not directory.is_dir():
+        raise RastosError(f"--trusted-keys: {directory} is not a directory")
+    return directory
+
+
+def _image_files(args: argparse.Namespace) -> Any:
+    from hub.images import ImageFiles
+
+    # A bundle given from the shell is the admin's own file: no upload's size limit applies.
+    return ImageFiles(args.data_dir / "images", sys.maxsize, _trusted_keys(args))
 
 
 def _with_store(url: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -127,3 +177,42 @@ def _admin_add(args: argparse.Namespace, url: str) -> int:
     token = _with_store(url, lambda store: store.add_admin(args.name))
     print(f"admin {args.name} added; their token (shown only now):\n{token}")
     return 0
+
+
+def _image_add(args: argparse.Namespace, url: str) -> int:
+    from hub.rollout_store import RolloutStore
+    from hub.rollouts import keep_image
+
+    files = _image_files(args)
+    checked = files.copy_in(args.bundle)
+    try:
+        image, logged = _with_store(url, lambda store: keep_image(files, RolloutStore(store), checked, "cli"))
+    finally:
+        files.discard(checked)
+    print(f"image {image['id']}: {_image_line(image)}{'' if logged else ' (there already)'}")
+    return 0
+
+
+def _image_list(args: argparse.Namespace, url: str) -> int:
+    from hub.rollout_store import RolloutStore
+    from hub.rollouts import image_view
+
+    for row in _with_store(url, lambda store: RolloutStore(store).images()):
+        image = image_view(row)
+        print(f"{image['id']}\t{_image_line(image)}")
+    return 0
+
+
+def _image_remove(args: argparse.Namespace, url: str) -> int:
+    from hub.rollout_store import RolloutStore
+
+    sha256, _ = _with_store(url, lambda store: RolloutStore(store).remove_image(args.id, "cli"))
+    _image_files(args).remove(sha256)
+    print(f"image {args.id} removed")
+    return 0
+
+
+def _image_line(image: dict[str, Any]) -> str:
+    kind = f"delta from {image['parent']}" if image["delta"] else "full"
+    key = f"key {image['key_id']}" + (" (checked)" if image["signature_checked"] else "")
+    return f"{image['profile']} {image['version']} ({kind}), {image['size']} bytes, sha256 {image['sha256']}, {key}"

@@ -9,6 +9,9 @@ Runs: a run sends the same steps to each of its hosts as one daemon pipeline, so
 (the daemon stops a host's pipeline at its first failed step) while the other hosts go on. At most
 `parallelism` commands of a run are in flight at once. A command's id is its idempotency key: the
 agent runs a command id once however often it is sent, which is what makes a hub restart safe.
+
+Image rollouts (hub/rollouts.py) run under the same lock: the fleet passes on what concerns them (an
+agent's welcome, its facts while an update is under way there, its update_status, the clock).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hub.errors import Conflict, NotFound
-from hub.protocol import AgentEvent, CommandStatus
+from hub.images import ImageFiles
+from hub.protocol import AgentEvent, CommandStatus, UpdateStatus
+from hub.rollout_store import RolloutStore
+from hub.rollouts import Rollouts
 from hub.store import FINAL_COMMAND_STATES, Store
 
 log = logging.getLogger("rastos-hub.fleet")
@@ -46,10 +52,11 @@ class AgentLink:
         self.host = host
         self.send = send
         self.close = close
+        self.connected = time.time()  # a rollout takes only facts of a connection newer than its update
 
 
 class Fleet:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, images: ImageFiles) -> None:
         self.store = store
         self.epoch = secrets.token_hex(8)  # a restarted hub starts a new epoch: UIs take a fresh init
         self.version = 0
@@ -63,6 +70,7 @@ class Fleet:
         self.cursors: dict[str, int] = {}
         self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
         self._closing: set[asyncio.Future[Any]] = set()
+        self.rollouts = Rollouts(self, RolloutStore(store), images)
 
     async def load(self) -> None:
         for row in await self.store.hosts():
@@ -76,11 +84,13 @@ class Fleet:
         for run in run_rows:
             self.runs[run["id"]] = {**run, "commands": [c for c in commands if c["run_id"] == run["id"]]}
         self.events.extend(await self.store.events(KEPT_EVENTS))
+        await self.rollouts.load()
 
     # What UIs see
 
     def state(self) -> dict[str, Any]:
-        return {"hosts": self.hosts, "runs": self.runs, "events": list(self.events)}
+        return {"hosts": self.hosts, "runs": self.runs, "events": list(self.events),
+                "images": self.rollouts.images, "rollouts": self.rollouts.rollouts}  # fmt: skip
 
     def init_message(self) -> dict[str, Any]:
         return {"type": "init", "epoch": self.epoch, "version": self.version, "state": self.state()}
@@ -125,7 +135,7 @@ class Fleet:
     def _publish_run(self, run: dict[str, Any]) -> None:
         self.publish({"kind": "run", "run": run})
 
-    def _publish_event(self, item: dict[str, Any]) -> None:
+    def publish_event(self, item: dict[str, Any]) -> None:
         self.events.append(item)
         self.publish({"kind": "event", "event": item})
 
@@ -145,7 +155,7 @@ class Fleet:
             self.cursors[name] = 0
             self.hosts[name] = self._host_view(row)
             self._publish_host(name)
-            self._publish_event(logged)
+            self.publish_event(logged)
         return token
 
     async def remove_host(self, name: str, admin: str) -> None:
@@ -156,7 +166,7 @@ class Fleet:
             if (link := self.agents.pop(name, None)) is not None:
                 self._close_later(link)
             self.publish({"kind": "host_removed", "name": name})
-            self._publish_event(logged)
+            self.publish_event(logged)
             # Its commands went with it (the store deletes them): the runs that had them must not
             # wait for them, and a run left with none was, in effect, cancelled.
             for run in list(self.runs.values()):
@@ -169,6 +179,7 @@ class Fleet:
                 await self._maybe_finish(run)
                 await self._pump(run)  # its slot may be free now
                 self._publish_run(run)
+            await self.rollouts.host_removed(name)
 
     def _close_later(self, link: AgentLink) -> None:
         """Close a link without waiting under the lock for its peer to answer the close (a stale
@@ -208,6 +219,7 @@ class Fleet:
                     if command["host"] == link.host and command["state"] in IN_FLIGHT:
                         await _send_quietly(link, {"type": "cancel", "command": command["id"]})
             await self._pump_all()
+            await self.rollouts.agent_ready(link)
 
     async def agent_disconnected(self, link: AgentLink) -> None:
         async with self.lock:
@@ -226,6 +238,9 @@ class Fleet:
         host["last_seen"] = time.time()
         self._publish_host(name)
         self.store.save_facts(name, facts)
+        if self.rollouts.watching(name):  # an update under way there: its facts may end it
+            async with self.lock:
+                await self.rollouts.facts(name)
 
     async def agent_events(self, name: str, batch: list[AgentEvent]) -> int:
         """Store the new ones, then publish them; returns the host's cursor for the acknowledgement."""
@@ -239,7 +254,7 @@ class Fleet:
             if (host := self.hosts.get(name)) is not None:
                 for item in stored:
                     _note_host_event(host, item)
-                    self._publish_event(item)
+                    self.publish_event(item)
                 host["last_seen"] = time.time()
                 self._publish_host(name)
             return self.cursors[name]
@@ -250,7 +265,7 @@ class Fleet:
         self, admin: str, target: dict[str, Any], steps: list[dict[str, Any]], flags: int, parallelism: int
     ) -> dict[str, Any]:
         async with self.lock:
-            names = self._resolve(target)
+            names = self.resolve(target)
             run: dict[str, Any] = {
                 "id": secrets.token_hex(16), "created": time.time(), "admin": admin, "target": target,
                 "steps": steps, "flags": flags, "parallelism": parallelism, "state": "running", "finished": None,
@@ -260,11 +275,11 @@ class Fleet:
             self.runs[run["id"]] = run
             self._forget_old_runs()
             self._publish_run(run)
-            self._publish_event(logged)
+            self.publish_event(logged)
             await self._pump(run)
             return run
 
-    def _resolve(self, target: dict[str, Any]) -> list[str]:
+    def resolve(self, target: dict[str, Any]) -> list[str]:
         if "hosts" in target:
             missing = [name for name in target["hosts"] if name not in self.hosts]
             if missing:
@@ -292,7 +307,7 @@ class Fleet:
                     await self._set_command(command, state="cancelled", finished=time.time())
                 elif command["state"] in IN_FLIGHT and (link := self.agents.get(command["host"])) is not None:
                     await _send_quietly(link, {"type": "cancel", "command": command["id"]})
-            self._publish_event(await self._log(admin, "RunCancelRequested", {"run": run_id}))
+            self.publish_event(await self._log(admin, "RunCancelRequested", {"run": run_id}))
             await self._maybe_finish(run)
             self._publish_run(run)
             return run
@@ -319,11 +334,21 @@ class Fleet:
                 link = self.agents.get(name)
                 if link is not None and status.job is not None:
                     await _send_quietly(link, {"type": "confirm", "job": status.job})
-                    self._publish_event(await self._log("hub", "ConfirmSent", {"host": name, "job": status.job}))
+                    self.publish_event(await self._log("hub", "ConfirmSent", {"host": name, "job": status.job}))
             if state in FINAL_COMMAND_STATES:
                 await self._maybe_finish(run)
                 await self._pump_all()
             self._publish_run(run)
+
+    # Rollouts (hub/rollouts.py): every step under the lock, as dispatch is
+
+    async def update_status(self, name: str, status: UpdateStatus) -> None:
+        async with self.lock:
+            await self.rollouts.update_status(name, status)
+
+    async def tick(self) -> None:
+        async with self.lock:
+            await self.rollouts.tick()
 
     # Dispatch internals (called with the lock held)
 
@@ -366,7 +391,7 @@ class Fleet:
             outcome = "failed"
         run["state"] = outcome
         run["finished"] = time.time()
-        self._publish_event(await self.store.finish_run(run["id"], outcome, "hub"))
+        self.publish_event(await self.store.finish_run(run["id"], outcome, "hub"))
 
     async def _set_command(self, command: dict[str, Any], **values: Any) -> None:
         await self.store.update_command(command["id"], **values)

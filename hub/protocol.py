@@ -5,6 +5,9 @@ Each frame is one JSON object with a `type`. Agent -> hub:
   events          {"events": [{"id", "time", "uid", "method", "job", "detail"}]}: the daemon's event
                   log after the hub's cursor, in order; the hub answers `ack` with its new cursor
   command_status  {"command", "state", "job", "result"}: where a dispatched command stands
+  update_status   {"update", "state", "version", "detail"}: where an image update the hub sent stands:
+                  staging, staged (the host reboots into it if asked), failed or cancelled; `detail`
+                  (a string, at most 4096 characters, or null) is the daemon's word on a failure
 Hub -> agent:
   welcome         {"host", "last_event", "commands": [...]}: who the agent is, the newest of its
                   events the hub has, and the commands the hub thinks are in flight there
@@ -13,6 +16,16 @@ Hub -> agent:
   confirm         {"job": N}: the agent's risky change made by job N stands (daemon/confirm.py). The hub
                   sends it when a command's final status arrives with a change pending: that the status
                   got here and the confirm gets back is the check that the host is still reachable
+  update          {"update": {"id", "url", "version", "reboot"}}: stage the image bundle at `url` (with
+                  `reboot`, boot into it once staged) and report with update_status. `url` is a path
+                  on the hub (/api/v1/images/ID/bundle), never a whole URL: the agent joins it to the
+                  hub's base as it reaches the hub (its agent URL without /api/v1/agent, http(s) for
+                  ws(s)), so the hub needs not know how its hosts see it (a NAT, a proxy, QEMU's
+                  10.0.2.2), and the host token the download carries (`Authorization: Bearer`) goes
+                  nowhere else. While a rollout runs, the hub sends it again after each welcome until
+                  the agent reports it staged or ended: the id is the key, an agent stages an id once
+                  and answers a repeat with its state. An update to the version the host runs
+                  already is answered by its facts alone
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is
@@ -43,6 +56,20 @@ MAX_JOB_ID = 2**62
 MAX_UID = 2**32 - 1
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: later than any clock a host can sensibly have
 COMMAND_STATES = frozenset({"queued", "running", "done", "failed", "cancelled", "interrupted", "rejected"})
+UPDATE_STATES = ("staging", "staged", "failed", "cancelled")
+MAX_UPDATE_DETAIL = 4096
+UPDATE_STATUS = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "update_status"},
+        "update": {"type": "string", "minLength": 1, "maxLength": 64},
+        "state": {"enum": list(UPDATE_STATES)},
+        "version": {"type": "string", "minLength": 1, "maxLength": 64},
+        "detail": {"type": ["string", "null"], "maxLength": MAX_UPDATE_DETAIL},
+    },
+    "required": ["type", "update", "state", "version"],
+}
+_UPDATE_STATUS = Draft202012Validator(UPDATE_STATUS)
 FACT_KEYS = {"hostname": str, "version": str, "boot_state": dict, "snapshots": list, "ops": list, "jobs": list}
 _TEXT = {"type": "string", "maxLength": 4096}
 FACTS = {
@@ -91,7 +118,15 @@ class CommandStatus:
     result: dict[str, Any] | None
 
 
-AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus
+@dataclass(frozen=True)
+class UpdateStatus:
+    update: str
+    state: str
+    version: str
+    detail: str | None
+
+
+AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus
 
 
 def decode(text: str) -> object:
@@ -113,7 +148,11 @@ def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
         return kind, _events(_field(message, "events", list, "message"))
     if kind == "command_status":
         return kind, _command_status(message)
-    raise ProtocolError(f"type: unknown message type {_shown(kind)}; known: facts, events, command_status")
+    if kind == "update_status":
+        return kind, _update_status(message)
+    raise ProtocolError(
+        f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status"
+    )
 
 
 def _shown(value: object) -> str:
@@ -156,10 +195,7 @@ def _facts(facts: dict[str, Any]) -> dict[str, Any]:
         _field(facts, key, kind, "facts", optional=True)
     if (size := len(strictjson.dumps(facts))) > MAX_FACTS_BYTES:
         raise ProtocolError(f"facts: {size} bytes, more than the {MAX_FACTS_BYTES} a host's facts may hold")
-    error = min(_FACTS.iter_errors(facts), key=lambda e: list(map(str, e.absolute_path)), default=None)
-    if error is not None:
-        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
-        raise ProtocolError(f"facts{path}: {error.message[:200]}")
+    _checked(_FACTS, facts, "facts")
     return facts
 
 
@@ -206,6 +242,19 @@ def _command_status(message: dict[str, Any]) -> CommandStatus:
         command, state, _ranged(message, "job", "message", 0, MAX_JOB_ID, optional=True),
         None if result is None else kept(result, "a command's result"),
     )  # fmt: skip
+
+
+def _update_status(message: dict[str, Any]) -> UpdateStatus:
+    _checked(_UPDATE_STATUS, message, "message")
+    return UpdateStatus(message["update"], message["state"], message["version"], message.get("detail"))
+
+
+def _checked(validator: Draft202012Validator, document: dict[str, Any], where: str) -> None:
+    """A ProtocolError naming the first field of `document` its schema refuses."""
+    error = min(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)), default=None)
+    if error is not None:
+        path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
+        raise ProtocolError(f"{where}{path}: {error.message[:200]}")
 
 
 def kept(detail: dict[str, Any], what: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -95,4 +96,59 @@ sessions = Table(
     Column("admin", String(64), ForeignKey("admins.name", ondelete="CASCADE"), nullable=False),
     Column("created", Float, nullable=False),
     Column("expires", Float, nullable=False),
+)
+
+images = Table(
+    "images",
+    metadata,
+    # An update bundle the hub keeps (hub/images.py): the file is DATA/images/SHA256.rbundle.
+    Column("id", String(36), primary_key=True),  # the first 16 hex digits of its sha256
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("size", BigInteger, nullable=False),
+    Column("profile", String(64), nullable=False),
+    Column("version", String(64), nullable=False, index=True),
+    Column("parent_version", String(64)),  # set for a delta: only hosts on that version can take it
+    Column("key_id", String(16), nullable=False),  # the key its signature names
+    Column("signature_checked", Boolean, nullable=False),  # against the hub's trusted keys
+    Column("uploaded", Float, nullable=False),
+    Column("uploaded_by", String(64), nullable=False),
+    Column("manifest", JSON, nullable=False),  # manifest.json as the bundle carries it
+)
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("created", Float, nullable=False),
+    Column("admin", String(64), nullable=False),
+    # No foreign key: a finished rollout outlives its image (an image in use cannot be removed).
+    Column("image", String(36), nullable=False, index=True),
+    Column("profile", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("target", JSON, nullable=False),  # {"hosts": [...]}, {"group": NAME} or {"all": true}
+    Column("canary", Integer, nullable=False),
+    Column("wave_percent", Integer, nullable=False),
+    Column("health_timeout_s", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # running, paused, halted, complete, aborted
+    Column("reason", String(1024)),  # why it halted: the host and what happened
+    Column("wave", Integer, nullable=False),  # the wave under way (1 is the canary), 0 before any
+    Column("waves", Integer, nullable=False),
+    Column("finished", Float),
+)
+
+rollout_hosts = Table(
+    "rollout_hosts",
+    metadata,
+    Column("rollout_id", String(36), ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    Column("host", String(64), ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True, index=True),
+    Column("wave", Integer, nullable=False),  # 0: skipped, it ran the version already
+    # pending, sent, staging, staged, done, failed, skipped, cancelled
+    Column("state", String(16), nullable=False),
+    Column("update_id", String(36), nullable=False, unique=True),  # the id of the agent's `update` frame
+    Column("sent", Float),
+    Column("finished", Float),
+    Column("detail", String(4096)),  # the agent's word on a failed staging, or why the hub failed it
+    Column("from_version", String(64)),  # the image version the host ran when the update was sent
+    # The entry a boot had fallen back from when the update was sent: that fallback is not this update's.
+    Column("fallback_before", String(4096)),
 )

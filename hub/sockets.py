@@ -20,7 +20,14 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from hub import edge, strictjson
 from hub.errors import HubError, Unauthorized
 from hub.fleet import AgentLink, Fleet
-from hub.protocol import MAX_MESSAGE_BYTES, CommandStatus, ProtocolError, decode, parse_agent_message
+from hub.protocol import (
+    MAX_MESSAGE_BYTES,
+    CommandStatus,
+    ProtocolError,
+    UpdateStatus,
+    decode,
+    parse_agent_message,
+)
 
 log = logging.getLogger("rastos-hub")
 
@@ -144,6 +151,9 @@ async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse,
         elif kind == "events":
             assert isinstance(body, list)
             await socket.send_str(strictjson.dumps({"type": "ack", "last_event": await fleet.agent_events(host, body)}))
+        elif kind == "update_status":
+            assert isinstance(body, UpdateStatus)
+            await fleet.update_status(host, body)
         else:
             assert isinstance(body, CommandStatus)
             await fleet.command_status(host, body)

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from hub import strictjson
 from hub.errors import Conflict, HubError, NotFound
-from hub.schema import admins, commands, events, hosts, runs, sessions
+from hub.schema import admins, commands, events, hosts, rollout_hosts, runs, sessions
 
 log = logging.getLogger("rastos-hub.store")
 
@@ -152,6 +152,7 @@ class Store:
     async def remove_host(self, name: str, actor: str) -> dict[str, Any]:
         async with self.transaction() as db:
             await db.execute(delete(commands).where(commands.c.host == name))
+            await db.execute(delete(rollout_hosts).where(rollout_hosts.c.host == name))  # it leaves its rollouts
             # Its events stay in the log, but no longer hold the (host, agent_event) key: a host added
             # again under the name starts from cursor 0, and its daemon resends from its first event.
             await db.execute(update(events).where(events.c.host == name).values(agent_event=None))

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+from rastos.bundle import PARTS, Manifest, Parent, SigningKey, write_bundle
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 HUB_CLI = [sys.executable, "-c", "import sys; from hub.cli import main; sys.exit(main())"]
@@ -75,6 +78,8 @@ class Hub:
     admin_token: str = ""
     starts: int = 0
     open_files: int | None = None  # the hub's open-file limit, soft and hard (None: this process's)
+    global_options: list[str] = field(default_factory=list)  # more options of every `rastos-hub` command
+    serve_options: list[str] = field(default_factory=list)  # more options of `rastos-hub serve`
 
     @property
     def database(self) -> str:
@@ -92,9 +97,14 @@ class Hub:
     def log(self) -> Path:
         return self.directory / "hub.log"
 
+    @property
+    def options(self) -> list[str]:
+        """The options every command of this hub's CLI takes: its database, its data directory, and more."""
+        return ["--database", self.database, "--data-dir", str(self.directory), *self.global_options]
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*HUB_CLI, "--database", self.database, *args],
+            [*HUB_CLI, *self.options, *args],
             capture_output=True, text=True, check=False, timeout=60, cwd=CHECKOUT,
         )  # fmt: skip
 
@@ -102,8 +112,8 @@ class Hub:
         self.starts += 1
         with self.log.open("a") as output:
             self.process = subprocess.Popen(
-                [*HUB_CLI, "--database", self.database, "serve", "--listen", f"127.0.0.1:{self.port}",
-                 "--sync-interval", "0.5"],
+                [*HUB_CLI, *self.options, "serve", "--listen", f"127.0.0.1:{self.port}", "--sync-interval", "0.5",
+                 *self.serve_options],
                 stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, preexec_fn=self._limits,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -266,6 +276,14 @@ class UiClient:
                 self.state["runs"].pop(change["id"], None)
             elif kind == "event":
                 self.state["events"].append(change["event"])
+            elif kind == "image":
+                self.state["images"][change["image"]["id"]] = change["image"]
+            elif kind == "image_removed":
+                self.state["images"].pop(change["id"], None)
+            elif kind == "rollout":
+                self.state["rollouts"][change["rollout"]["id"]] = change["rollout"]
+            elif kind == "rollout_removed":
+                self.state["rollouts"].pop(change["id"], None)
 
     async def assert_converged(self, timeout: float = 30) -> None:
         """The UI's state equals the hub's at the same version (the hub may move on meanwhile: retry)."""
@@ -287,3 +305,35 @@ class UiClient:
                 raise AssertionError(f"the UI never showed {what}:\n{json.dumps(self.state, indent=1)[:6000]}")
             with contextlib.suppress(TimeoutError):
                 await self.receive(timeout=left)
+
+
+# Update bundles, small but complete, and their upload
+
+
+def make_bundle(directory: Path, key_file: Path, version: str, parent: str | None = None) -> Path:
+    """A small but complete bundle of profile `minimal` (parts of a few kilobytes each)."""
+    parts = {}
+    for name in PARTS:
+        parts[name] = directory / f"{version}-{parent}.{name}"
+        parts[name].write_bytes(f"{name} of {version} from {parent}\n".encode() * 200)
+    identity = str(uuid.uuid5(uuid.NAMESPACE_URL, f"rastos/{version}"))
+    manifest = Manifest(
+        profile="minimal", version=version, built_at="2025-06-01T12:00:00Z", rastos_version="0.1",
+        kernel_version="6.12.0", subvolume_name=f"minimal-{version}", subvolume_uuid=identity,
+        parent=None if parent is None else Parent(parent, str(uuid.uuid5(uuid.NAMESPACE_URL, f"rastos/{parent}"))),
+        packages=(("bash", "5.2.37-1"), ("linux-image", "6.12.0")),
+    )  # fmt: skip
+    name = f"rastos-minimal-{version}" + (f"-from-{parent}" if parent else "") + ".rbundle"
+    write_bundle(directory / name, manifest, SigningKey.load(key_file), parts)
+    return directory / name
+
+
+def upload(hub: Hub, data: bytes, content_type: str = "application/octet-stream") -> tuple[int, Any]:
+    request = urllib.request.Request(f"{hub.url}/api/v1/images", data=data, method="POST")
+    request.add_header("Content-Type", content_type)
+    request.add_header("Authorization", f"Bearer {hub.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

@@ -230,8 +230,8 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
             url = database_url(str(tmp_path / "hub.db"))
         else:
             url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0002"
-        assert migrate(url) == "0002", "a second upgrade changes nothing"
+        assert migrate(url) == "0003"
+        assert migrate(url) == "0003", "a second upgrade changes nothing"
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as connection:

@@ -296,7 +296,7 @@ def test_migration_0002_widens_the_ids_of_a_postgresql_database_in_use(postgresq
                                     "('old', 'h', '[]', 1), ('new', 'i', '[]', 1)"))  # fmt: skip
             connection.execute(text("INSERT INTO events (time, host, agent_event, actor, method, detail) "
                                     "VALUES (1, 'old', 7, 'agent', 'M', '{}')"))  # fmt: skip
-        assert migrate(database_url(url)) == "0002"
+        assert migrate(database_url(url)) == "0003"
         with engine.begin() as connection:
             connection.execute(text("UPDATE hosts SET last_event = 4611686018427387904 WHERE name = 'new'"))
             connection.execute(text("SELECT setval('events_id_seq', 3000000000)"))
@@ -591,6 +591,10 @@ BODIES = {
         "steps": st.lists(st.fixed_dictionaries({"op": st.just("motd")}, optional={"params": VALUES}), max_size=2),
         "flags": st.integers(-1, 8), "parallelism": st.integers(0, 3),
     }),
+    "/api/v1/rollouts": body_of({
+        "image": st.text(max_size=20), "target": st.sampled_from([{"all": True}, {"hosts": ["base"]}]) | VALUES,
+        "canary": st.integers(-1, 3), "wave_percent": st.integers(0, 101), "health_timeout_s": st.integers(0, 9),
+    }),
 }  # fmt: skip
 CONTENT_TYPES = st.sampled_from(["application/json", "application/json", "application/json", "text/plain", ""])
 
@@ -608,8 +612,9 @@ def agent_token(shared_hub: Hub) -> str:
     return token
 
 
-def stored(hub: Hub) -> tuple[int, int]:
-    return len(hub.api("GET", "/api/v1/hosts")), len(hub.api("GET", "/api/v1/runs"))
+def stored(hub: Hub) -> tuple[int, int, int]:
+    hosts, runs, rollouts = (len(hub.api("GET", f"/api/v1/{kind}")) for kind in ("hosts", "runs", "rollouts"))
+    return hosts, runs, rollouts
 
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
@@ -654,6 +659,9 @@ FRAMES = st.one_of(
     st.fixed_dictionaries({"type": st.just("command_status")}, optional={
         "command": st.text(max_size=10) | VALUES, "state": st.sampled_from(["done", "running", "exploded"]) | VALUES,
         "job": st.integers(-1, 2**63) | VALUES, "result": VALUES}),
+    st.fixed_dictionaries({"type": st.just("update_status")}, optional={
+        "update": st.text(max_size=10) | VALUES, "state": st.sampled_from(["staged", "failed", "exploded"]) | VALUES,
+        "version": st.text(max_size=10) | VALUES, "detail": st.none() | st.text(max_size=10) | VALUES}),
     VALUES,
 )  # fmt: skip
 

@@ -18,7 +18,8 @@ from openapi_spec_validator import validate
 from schemathesis.config import PositiveDataAcceptanceConfig
 
 from hub.api import openapi_document
-from tests.hub_fixtures import Hub, _serving
+from rastos.bundle import generate_key
+from tests.hub_fixtures import Hub, _serving, make_bundle, upload
 
 EXAMPLES = 30  # per operation and phase: enough to cover each schema's edges, bounded for CI
 
@@ -29,10 +30,16 @@ def test_the_openapi_document_is_valid_openapi() -> None:
 
 @pytest.fixture(scope="module")
 def live_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    """One hub for every generated case, with a host and a run for the operations that need one."""
-    for hub in _serving(Hub(Path(tmp_path_factory.mktemp("openapi")) / "hub")):
+    """One hub for every generated case, with a host, a run, an image and a rollout, so that the answers
+    listing them are checked against the document too."""
+    directory = Path(tmp_path_factory.mktemp("openapi"))
+    generate_key(directory / "key")
+    for hub in _serving(Hub(directory / "hub")):
         hub.api("POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})
         hub.api("POST", "/api/v1/runs", {"target": {"all": True}, "steps": [{"op": "motd", "params": {"text": "x"}}]})
+        status, image = upload(hub, make_bundle(directory, directory / "key", "2.0").read_bytes())
+        assert status == 201, image
+        hub.api("POST", "/api/v1/rollouts", {"image": image["id"], "target": {"all": True}})
         yield hub
 
 

@@ -1,24 +1,31 @@
 """The hub's web UI in headless Chromium (Playwright driving Debian's chromium) against a real hub
 with a real rastosd agent: it logs in, shows a change on the host without a reload, and dispatches
-an op whose progress and result appear as they happen."""
+an op whose progress and result appear as they happen; with simulated agents, it uploads an image and
+follows and steers a rollout of it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
+from rastos.bundle import generate_key
 from tests.daemon_fixtures import MANAGER
-from tests.hub_fixtures import Hub
+from tests.hub_fixtures import Hub, make_bundle
 from tests.hub_fixtures import hub as hub
 from tests.test_hub_fleet import Fleet, online
 from tests.test_hub_fleet import fleet as fleet
+from tests.test_hub_rollouts import SimFleet
 
 pytestmark = pytest.mark.root
+T = TypeVar("T")
 CHROMIUM = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
 
 
@@ -75,3 +82,80 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
     assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
     assert (agent.scratch.root / "etc/motd").read_text() == "set from the web UI\n"
     page.close()
+
+
+class Background:
+    """An event loop in a thread of its own, for simulated agents beside Playwright's synchronous API."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def __call__(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(60)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser: Browser, tmp_path: Path) -> None:
+    generate_key(tmp_path / "key")
+    bundle = make_bundle(tmp_path, tmp_path / "key", "2.0")
+    run = Background()
+    sims = SimFleet(hub)
+    try:
+        run(sims.__aenter__())
+        for name in ("web-1", "web-2"):
+            run(sims.add(name, "1.0"))
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(hub.url)
+        page.fill("#token", hub.admin_token)
+        page.click("#login button")
+        expect(page.locator("#connection")).to_have_text("live")
+        page.evaluate("window.notReloaded = true")
+        expect(page.locator('#hosts tr[data-host="web-1"] td').nth(4)).to_have_text("1.0")
+
+        # An upload from the page: the bundle is kept, and listed with its size.
+        page.set_input_files("#bundle", str(bundle))
+        page.click("#image-upload button")
+        image = page.locator("#images tbody tr").first
+        expect(image).to_contain_text("minimal")
+        expect(image.locator("td").nth(4)).to_have_text("30.0 KiB")
+        image_id = image.get_attribute("data-image")
+
+        # A rollout from the page: its canary wave, live.
+        page.select_option("#rollout-target-kind", "group")
+        page.fill("#rollout-target-value", "web")
+        page.click("#rollout-form button")
+        rollout = page.locator("#rollouts .rollout").first
+        expect(rollout.locator(".badge").first).to_have_text("running")
+        expect(rollout.locator('[data-host="web-1"] .badge')).to_have_text("sent")
+        expect(rollout).to_contain_text("wave 1 (canary)")
+        canary = sims.agents["web-1"]
+        assert canary.updates[-1]["url"] == f"/api/v1/images/{image_id}/bundle"
+        run(canary.report("failed", "receive: <b>no space</b> left"))
+        expect(rollout.locator(".badge").first).to_have_text("halted")
+        expect(rollout.locator(".reason")).to_have_text("halted: web-1: staging failed: receive: <b>no space</b> left")
+        assert rollout.locator(".reason b").count() == 0, "an agent's words stay text"
+
+        # Steered from the page: resumed (the next wave goes), paused, aborted.
+        rollout.locator("button.resume").click()
+        expect(rollout.locator('[data-host="web-2"] .badge')).to_have_text("sent")
+        rollout.locator("button.pause").click()
+        expect(rollout.locator(".badge").first).to_have_text("paused")
+        rollout.locator("button.abort").click()
+        expect(rollout.locator(".badge").first).to_have_text("aborted")
+        expect(rollout.locator("button")).to_have_count(0)
+        # The image, no longer in use, removed from the page.
+        image.locator("button").click()
+        expect(page.locator("#images tbody tr")).to_have_count(0)
+        assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
+        assert errors == [], errors
+        page.close()
+    finally:
+        run(sims.__aexit__(None, None, None))
+        run.close()

@@ -29,6 +29,13 @@ const when = (seconds) => {
   const date = typeof seconds === "number" && seconds > 0 ? new Date(seconds * 1000) : null;
   return date && !isNaN(date) ? date.toLocaleString() : "";
 };
+const size = (bytes) => {
+  if (typeof bytes !== "number" || !isFinite(bytes) || bytes < 0) return "";
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let unit = 0;
+  while (bytes >= 1024 && unit < units.length - 1) { bytes /= 1024; unit += 1; }
+  return unit === 0 ? `${bytes} bytes` : `${bytes.toFixed(1)} ${units[unit]}`;
+};
 const badge = (value) => el("span", { class: `badge ${text(value).replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-")}` },
   text(value));
 
@@ -66,7 +73,8 @@ async function loggedIn() {
 function receive(message) {
   if (message.type === "init") {
     const fresh = obj(message.state);
-    state = { hosts: obj(fresh.hosts), runs: obj(fresh.runs), events: list(fresh.events) };
+    state = { hosts: obj(fresh.hosts), runs: obj(fresh.runs), events: list(fresh.events),
+              images: obj(fresh.images), rollouts: obj(fresh.rollouts) };
     ({ version, epoch } = message);
   } else if (message.epoch !== epoch || message.version > version + (message.type === "delta" ? 1 : 0)) {
     socket.send(JSON.stringify({ type: "get_state" }));
@@ -89,6 +97,10 @@ function applyChange(change) {
     case "run": state.runs[text(obj(change.run).id)] = obj(change.run); break;
     case "run_removed": delete state.runs[text(change.id)]; break;
     case "event": state.events.push(obj(change.event)); state.events.splice(0, state.events.length - 100); break;
+    case "image": state.images[text(obj(change.image).id)] = obj(change.image); break;
+    case "image_removed": delete state.images[text(change.id)]; break;
+    case "rollout": state.rollouts[text(obj(change.rollout).id)] = obj(change.rollout); break;
+    case "rollout_removed": delete state.rollouts[text(change.id)]; break;
   }
 }
 
@@ -105,6 +117,8 @@ function render() {
   renderHosts();
   renderDetail();
   renderRuns();
+  renderImages();
+  renderRollouts();
   renderEvents();
 }
 
@@ -117,6 +131,7 @@ function renderHosts() {
                       onclick: () => { selected = name; render(); } },
       el("td", {}, name), el("td", {}, badge(host.health)), el("td", {}, text(facts.hostname)),
       el("td", {}, boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : ""),
+      el("td", {}, text(boot.image_version)),
       el("td", {}, rollback ? `${text(rollback.method)} ${when(rollback.time)}` : ""),
       el("td", {}, list(host.groups).map(text).join(", ")), el("td", {}, when(host.last_seen)));
   });
@@ -155,6 +170,77 @@ function renderRuns() {
       el("td", {}, text(obj(c.result).error)))))))));
 }
 
+// Images and rollouts (docs/updates.md): the bundles the hub keeps, and each rollout wave by wave.
+
+function renderImages() {
+  const images = Object.values(state.images).map(obj)
+    .sort((a, b) => (Number(b.uploaded_at) || 0) - (Number(a.uploaded_at) || 0));
+  $("images").tBodies[0].replaceChildren(...images.map((image) => el("tr", { "data-image": text(image.id) },
+    el("td", {}, text(image.id)), el("td", {}, text(image.profile)), el("td", {}, text(image.version)),
+    el("td", {}, image.delta === true ? `delta from ${text(image.parent)}` : "full"), el("td", {}, size(image.size)),
+    el("td", {}, `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
+    el("td", {}, `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
+    el("td", {}, el("button", { onclick: () => act(`/api/v1/images/${encodeURIComponent(text(image.id))}`,
+                                                 "images-error", "DELETE") }, "Remove")))));
+  // The form's choice of image, kept across renders: only a changed list of images redraws it.
+  const choice = $("rollout-image"), ids = images.map((image) => text(image.id));
+  if (choice.dataset.ids !== ids.join(" ")) {
+    const chosen = choice.value;
+    choice.replaceChildren(...images.map((image) => el("option", { value: text(image.id) },
+      `${text(image.profile)} ${text(image.version)}${image.delta === true ? ` from ${text(image.parent)}` : ""}`
+      + ` (${text(image.id)})`)));
+    if (ids.includes(chosen)) choice.value = chosen;
+    choice.dataset.ids = ids.join(" ");
+  }
+}
+
+function renderRollouts() {
+  const rollouts = Object.values(state.rollouts).map(obj)
+    .sort((a, b) => (Number(b.created) || 0) - (Number(a.created) || 0));
+  $("rollouts").replaceChildren(...rollouts.map((rollout) => {
+    const id = text(rollout.id), path = `/api/v1/rollouts/${encodeURIComponent(id)}`, live = text(rollout.state);
+    const button = (action, label) => el("button", { class: action, onclick: () => act(`${path}/${action}`,
+                                                                                      "rollouts-error") }, label);
+    const waves = new Map();
+    for (const host of list(rollout.hosts).map(obj)) {
+      const wave = Number(host.wave) || 0;
+      if (!waves.has(wave)) waves.set(wave, []);
+      waves.get(wave).push(host);
+    }
+    const rows = [...waves.keys()].sort((a, b) => a - b).map((wave) => el("tr",
+      { class: wave === Number(rollout.wave) && live !== "complete" ? "current" : "" },
+      el("td", {}, wave === 0 ? "skipped"
+        : `wave ${wave}${wave === 1 && Number(rollout.canary) > 0 ? " (canary)" : ""}`),
+      el("td", {}, ...waves.get(wave).map((host) => el("span", { class: "host", "data-host": text(host.host) },
+        `${text(host.host)} `, badge(host.state),
+        host.state === "failed" && host.detail ? el("span", { class: "error" }, ` ${text(host.detail)}`) : "")))));
+    return el("div", { class: "run rollout", "data-rollout": id },
+      el("div", {}, badge(live), ` ${text(rollout.profile)} ${text(rollout.version)} to ${targetText(rollout.target)}`,
+        ` · wave ${text(rollout.wave)} of ${text(rollout.waves)}`,
+        ` · by ${text(rollout.admin)}, ${when(rollout.created)} `,
+        live === "running" ? button("pause", "Pause") : "",
+        live === "paused" || live === "halted" ? button("resume", "Resume") : "",
+        ["running", "paused", "halted"].includes(live) ? button("abort", "Abort") : ""),
+      rollout.reason ? el("p", { class: "error reason" }, `halted: ${text(rollout.reason)}`) : "",
+      el("table", {}, el("tbody", {}, ...rows)));
+  }));
+}
+
+function targetText(value) {
+  const target = obj(value);
+  if (Array.isArray(target.hosts)) return `hosts ${target.hosts.map(text).join(", ")}`;
+  return "group" in target ? `group ${text(target.group)}` : target.all === true ? "all hosts" : text(value);
+}
+
+async function act(path, errorId, method = "POST") {
+  try {
+    await request(method, path);
+    $(errorId).textContent = "";
+  } catch (error) {
+    $(errorId).textContent = error.message;
+  }
+}
+
 function renderEvents() {
   const rows = list(state.events).map(obj).reverse().slice(0, 100).map((e) => el("tr", {},
     el("td", {}, when(e.time)), el("td", {}, text(e.host)), el("td", {}, text(e.actor)), el("td", {}, text(e.method)),
@@ -162,9 +248,11 @@ function renderEvents() {
   $("events").tBodies[0].replaceChildren(...rows);
 }
 
-async function post(path, body) {
-  const answer = await fetch(path, { method: "POST", credentials: "same-origin",
-    headers: { "Content-Type": "application/json" }, body: body === undefined ? "{}" : JSON.stringify(body) });
+const post = (path, body) => request("POST", path, body === undefined ? "{}" : JSON.stringify(body));
+
+async function request(method, path, body, type = "application/json") {
+  const answer = await fetch(path, { method, credentials: "same-origin",
+    headers: body === undefined ? {} : { "Content-Type": type }, body });
   const text = await answer.text();
   if (!answer.ok) throw new Error(text ? (JSON.parse(text).error || text) : answer.statusText);
   return text ? JSON.parse(text) : null;
@@ -200,6 +288,35 @@ $("dispatch").onsubmit = async (event) => {
     $("dispatch-error").textContent = "";
   } catch (error) {
     $("dispatch-error").textContent = error.message;
+  }
+};
+
+$("image-upload").onsubmit = async (event) => {
+  event.preventDefault();
+  const file = $("bundle").files[0];
+  if (!file) return;
+  $("upload-error").textContent = `uploading ${file.name} (${size(file.size)})…`;
+  try {
+    await request("POST", "/api/v1/images", file, "application/octet-stream");
+    $("upload-error").textContent = "";
+    $("bundle").value = "";
+  } catch (error) {
+    $("upload-error").textContent = error.message;
+  }
+};
+
+$("rollout-form").onsubmit = async (event) => {
+  event.preventDefault();
+  const kind = $("rollout-target-kind").value, value = $("rollout-target-value").value.trim();
+  const target = kind === "all" ? { all: true }
+    : kind === "group" ? { group: value } : { hosts: value.split(/[\s,]+/).filter(Boolean) };
+  try {
+    await post("/api/v1/rollouts", { image: $("rollout-image").value, target, canary: Number($("canary").value),
+                                     wave_percent: Number($("wave-percent").value),
+                                     health_timeout_s: Number($("health-timeout").value) });
+    $("rollout-error").textContent = "";
+  } catch (error) {
+    $("rollout-error").textContent = error.message;
   }
 };
 

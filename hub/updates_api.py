@@ -1,0 +1,154 @@
+"""The REST routes of image updates: the image store (bundles in, bundles out) and rollouts.
+
+Uploads are the bundle file itself as the body (`application/octet-stream`), streamed to disk and
+checked whole before the hub keeps it (hub/images.py); the hub's 1 MiB limit on bodies is for JSON,
+an upload has its own (`--max-image-bytes`). Downloads serve the kept file with HTTP ranges, to
+admins and to agents with their own host token, which is how a host fetches its update and resumes
+a cut download.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import ClientError, hdrs, web
+
+from hub import api, edge
+from hub.edge import respond
+from hub.errors import HubError, NotFound, Unauthorized, UnsupportedMediaType
+from hub.images import ImageFiles
+from hub.rollouts import image_view
+from hub.sockets import FLEET
+
+log = logging.getLogger("rastos-hub")
+
+IMAGES = web.AppKey("images", ImageFiles)
+UPLOAD_CHUNK = 1 << 16
+BUNDLE_CHUNK = 1 << 18  # what a download sends at a time
+BUNDLE_TYPE = "application/octet-stream"
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/images", _images)
+    app.router.add_post("/api/v1/images", _add_image)
+    app.router.add_get("/api/v1/images/{id}", _image)
+    app.router.add_delete("/api/v1/images/{id}", _remove_image)
+    app.router.add_get("/api/v1/images/{id}/bundle", _bundle)
+    app.router.add_get("/api/v1/rollouts", _rollouts)
+    app.router.add_post("/api/v1/rollouts", _start_rollout)
+    app.router.add_get("/api/v1/rollouts/{id}", _rollout)
+    for action in ("pause", "resume", "abort"):
+        app.router.add_post(f"/api/v1/rollouts/{{id}}/{action}", _steer)
+
+
+async def _admin(request: web.Request) -> str:
+    return await edge.admin(request, request.app[FLEET].store)
+
+
+# Images
+
+
+async def _images(request: web.Request) -> web.StreamResponse:
+    await _admin(request)
+    # From the database, not the fleet's copy: an image `rastos-hub image add` put there shows at once.
+    return respond([image_view(row) for row in await request.app[FLEET].rollouts.store.images()])
+
+
+async def _image(request: web.Request) -> web.StreamResponse:
+    await _admin(request)
+    row = await _image_row(request)
+    return respond({**image_view(row), "manifest": row["manifest"]})
+
+
+async def _image_row(request: web.Request) -> dict[str, object]:
+    image_id = request.match_info["id"]
+    row = await request.app[FLEET].rollouts.store.image(image_id)
+    if row is None:
+        raise NotFound(f"id: no image {image_id[:100]!r}")
+    return row
+
+
+async def _add_image(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    if request.content_type != BUNDLE_TYPE:
+        raise UnsupportedMediaType(
+            f"content-type: {request.content_type!r}; the body must be the bundle file, as {BUNDLE_TYPE}"
+        )
+    files = request.app[IMAGES]
+    try:
+        checked = await files.receive(request.content.iter_chunked(UPLOAD_CHUNK), request.content_length)
+    except (ClientError, ConnectionError) as error:  # the client went away: nothing was kept
+        raise HubError(f"body: the upload was cut off before its end ({type(error).__name__})") from None
+    fleet = request.app[FLEET]
+    try:
+        async with fleet.lock:
+            image, new = await fleet.rollouts.add_image(checked, admin)
+    finally:
+        files.discard(checked)  # its temporary name, if it was not kept
+    return respond(image, status=201 if new else 200)
+
+
+async def _remove_image(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    fleet = request.app[FLEET]
+    async with fleet.lock:
+        await fleet.rollouts.remove_image(request.match_info["id"], admin)
+    return web.Response(status=204)
+
+
+async def _bundle(request: web.Request) -> web.StreamResponse:
+    await _admin_or_host(request)
+    row = await _image_row(request)
+    path = request.app[IMAGES].path(str(row["sha256"]))
+    if not path.is_file():
+        log.error("the bundle of image %s is missing: %s", row["id"], path)
+        raise NotFound(f"id: the bundle of image {row['id']} is missing from the hub's disk")
+    name = f"rastos-{row['profile']}-{row['version']}"
+    if row["parent_version"] is not None:
+        name += f"-from-{row['parent_version']}"
+    headers = {hdrs.CONTENT_TYPE: BUNDLE_TYPE, hdrs.CONTENT_DISPOSITION: f'attachment; filename="{name}.rbundle"'}
+    return web.FileResponse(path, chunk_size=BUNDLE_CHUNK, headers=headers)
+
+
+async def _admin_or_host(request: web.Request) -> str:
+    """An admin, or a host with its own agent token (as a bearer token): who may fetch a bundle."""
+    store = request.app[FLEET].store
+    token = edge.bearer(request)
+    if token is not None and (host := await store.host_for_token(token)) is not None:
+        edge.trusted(request)
+        return f"host {host}"
+    try:
+        return await edge.admin(request, store)
+    except Unauthorized:
+        raise Unauthorized("authorization: no valid admin or host token") from None
+
+
+# Rollouts
+
+
+async def _rollouts(request: web.Request) -> web.StreamResponse:
+    await _admin(request)
+    return respond(list(request.app[FLEET].rollouts.rollouts.values()))
+
+
+async def _rollout(request: web.Request) -> web.StreamResponse:
+    await _admin(request)
+    return respond(request.app[FLEET].rollouts.get(request.match_info["id"]))
+
+
+async def _start_rollout(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    body = await edge.json_body(request, api.NEW_ROLLOUT)
+    fleet = request.app[FLEET]
+    async with fleet.lock:
+        rollout = await fleet.rollouts.start(admin, body)
+    return respond(rollout, status=201)
+
+
+async def _steer(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    fleet = request.app[FLEET]
+    action = request.path.rsplit("/", 1)[1]
+    steer = {"pause": fleet.rollouts.pause, "resume": fleet.rollouts.resume, "abort": fleet.rollouts.abort}[action]
+    async with fleet.lock:
+        return respond(await steer(request.match_info["id"], admin))
