@@ -196,7 +196,7 @@ def run_pipeline(commands: Sequence[Argv], *, stdin: Path | None = None, stdout:
 
 
 def _run_connected(argvs: list[list[str]], source: IO[bytes] | None, sink: IO[bytes] | None,
-                   outputs: list[IO[bytes]]) -> list[int]:  # fmt: skip
+                   outputs: Sequence[IO[bytes]]) -> list[int]:  # fmt: skip
     """Start the commands with each one's stdout the next one's stdin; their exit statuses."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
