@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rastos.errors import RastosError
+from rastos.errors import CommandError, RastosError
 from rastos.process import run, run_pipeline
 
 IMAGE_INFO = "usr/lib/rastos/image.json"
@@ -81,7 +81,13 @@ def make_root(args: argparse.Namespace) -> dict[str, Any]:
         subvolume = top / args.name
         parent = None
         if args.parent_stream:
-            receive(args.parent_stream, top)
+            try:
+                receive(args.parent_stream, top)
+            except CommandError as error:
+                raise RastosError(
+                    f"the --delta-from bundle's root stream cannot be received: {error.output_tail}",
+                    hint="give the full bundle of an earlier build of this profile, as this builder wrote it",
+                ) from None
             parent = top / args.parent_name
             received = subvolume_field(parent, "Received UUID") if parent.is_dir() else "none"
             if received != args.parent_uuid:
