@@ -82,20 +82,29 @@ def build(profile: str | Path, output_dir: Path, *extra: str) -> BuildRun:
 
 def host_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Mounts and loop devices on the host: a build must leave both as it found them. A build attaches
-    loop devices only to files of its own scratch directory, never to the tests' temporary files:
-    loop devices on those belong to other tests (btrfs loop files, in any xdist worker, or of this
-    worker's earlier tests, which detach when their lazy unmount completes) and are left out."""
+    loop devices only to files of its own scratch directory (CACHE_DIR/work/PID, stage root), never to
+    tests' temporary files: loop devices on those belong to other tests (btrfs loop files, in any xdist
+    worker, of this worker's earlier tests, which detach when their lazy unmount completes, or of
+    another test session on this host) and are left out, as are those of builds still running (another
+    session's); a build's that is gone and left one behind counts."""
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     listing = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=True).stdout
-    tests_temp = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        tests_temp = tests_temp.parent  # every worker's
+    basetemp = tmp_path_factory.getbasetemp()
+    sessions = next((p for p in (basetemp, *basetemp.parents) if p.name.startswith("pytest-of-")), basetemp)
     loops = [
         loop
         for loop in json.loads(listing)["loopdevices"]
-        if not (loop["back-file"] or "").startswith(f"{tests_temp}/")
+        if not (loop["back-file"] or "").startswith(f"{sessions}/") and not _of_a_running_build(loop["back-file"])
     ]
     return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops}
+
+
+def _of_a_running_build(back_file: str | None) -> bool:
+    work = f"{CACHE_DIR}/work/"
+    if not (back_file or "").startswith(work):
+        return False
+    pid = (back_file or "").removeprefix(work).split("/", 1)[0]
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
 
 def require_root() -> None:
