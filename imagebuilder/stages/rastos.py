@@ -4,7 +4,8 @@ The Python packages go to /usr/lib/rastos/python, a directory of our own that th
 first on sys.path: a top-level package named `daemon` in dist-packages would collide with Debian's
 python3-daemon. Their dependencies come from the distribution (bootstrap stage; no pip inside an image).
 Units, D-Bus policy, activation and sysusers files go where systemd and dbus look, and every unit with
-an [Install] section is enabled.
+an [Install] section is enabled. The public half of the key the build signs its bundles with goes
+into /etc/rastos/update-keys.d/: the image takes the updates signed by it.
 """
 
 from __future__ import annotations
