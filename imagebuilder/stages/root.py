@@ -54,12 +54,13 @@ def send_root(ctx: BuildContext) -> str:
     scratch = ctx.work_dir / "scratch.btrfs"
     parent_args: list[str | Path] = []
     fresh = "filled afresh"
-    # Room for the tree twice over (a parent and its successor) and btrfs's own; the file is sparse.
+    # Room for the tree, a parent as large again (zstd -3 shrinks a root tree about twofold, so four
+    # times its stream) and btrfs's own: the file is sparse, only what is written takes space.
     size = 2 * tree_size(ctx.rootfs) + GiB
     if ctx.parent is not None:
         parent = ctx.parent.manifest
         parent_stream = ctx.work_dir / f"parent.{STREAM}"
-        size += 2 * parent.parts[STREAM].size
+        size += 4 * parent.parts[STREAM].size
         _extract(ctx, parent_stream)
         parent_args = [
             "--parent-stream", parent_stream, "--parent-name", parent.subvolume_name,
