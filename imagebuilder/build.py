@@ -88,6 +88,8 @@ STAGES = (
 class BuildResult:
     outputs: dict[str, Path]
     seconds: float
+    version: str
+    delta_from: str | None  # the version the delta bundle starts from
 
 
 def default_output_dir(profile: Profile) -> Path:
@@ -157,7 +159,7 @@ def build_image(
         seconds = time.monotonic() - started
         log.info("build finished in %.1fs", seconds)
         events.build_finished({k: str(v) for k, v in outputs.items()}, seconds)
-        return BuildResult(outputs, seconds)
+        return BuildResult(outputs, seconds, version, parent.manifest.version if parent else None)
 
 
 def _run_stage(stage: Stage, ctx: BuildContext, events: BuildEvents) -> None:

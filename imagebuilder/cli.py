@@ -99,9 +99,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     image = result.outputs.get("qcow2") or result.outputs["raw"]
     if not args.json:
         print(f"\nimage: {image}")
-        print(f"bundle: {_sized(result.outputs['bundle'])}")
+        print(f"bundle: {_sized(result.outputs['bundle'])}, version {result.version}")
         if delta := result.outputs.get("delta"):
-            print(f"delta: {_sized(delta)}, for hosts that run {args.delta_from.name}")
+            print(f"delta: {_sized(delta)}, for hosts that run version {result.delta_from}")
         print(f"boot it again: rastos-image boot {shlex.quote(str(image))}")
     if args.boot:
         return _boot_until_ready(VmOptions(image=image, accel=args.accel, snapshot=True), args.json)

@@ -60,6 +60,14 @@ def test_key_generate_makes_a_pair_and_never_overwrites(tmp_path: Path, capsys: 
     assert "cannot write the key" in capsys.readouterr().err
 
 
+def test_an_image_version_is_checked_as_a_bundle_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.parser().parse_args(["build", "--image-version", "2.1+rc1"]).image_version == "2.1+rc1"
+    for wrong in ("two words", "-1", "x" * 65):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["build", "--image-version", wrong])
+        assert "is not a valid image version" in capsys.readouterr().err
+
+
 def test_the_host_key_is_made_on_first_use_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="rastos.build")
     path = tmp_path / "var/lib/rastos-image/signing-key"
@@ -201,6 +209,7 @@ def test_a_delta_applies_where_its_parent_is_and_only_there(versions: Versions, 
     delta_path = versions.bundle(versions.second, "delta")
     assert delta_path.name == "rastos-minimal-2-from-1.rbundle"
     assert f"delta: {delta_path} (" in versions.second_stdout
+    assert "MiB), for hosts that run version 1\n" in versions.second_stdout
     delta = Bundle(delta_path, versions.trusted())
     delta.check_parts()
     assert delta.manifest.parent is not None
