@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
         private_mount_namespace()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test with an id of its own: xdist's --dist loadgroup hands tests to workers by id, and of
     tests that share one it would run only one. schemathesis 4.32 under pytest 9.2 names each API
     operation's test test_x[GET /path] but gives them all the id of test_x; they get the id their name
@@ -40,6 +40,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     shared = sorted(nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1)
     if shared:
         raise pytest.UsageError(f"tests that share an id, of which xdist would run one: {', '.join(shared)}")
+    if getattr(config.option, "loadgroup", False):  # xdist's workers under --dist loadgroup
+        name_groups(items)
+
+
+def name_groups(items: list[pytest.Item]) -> None:
+    """Each test's xdist_group in its id (`...::test_x@image-build`), which --dist loadgroup hands out
+    by. xdist 3.8 writes it to `item._nodeid`, which pytest 9.2 no longer reads (an item's id is its
+    `_id`): the groups were split over the workers, and each ran the image-build group's session
+    builds again, at the same time as the other."""
+    from _pytest.nodeid import NodeId  # pytest 9.2's; no public way to give an item its id
+
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) for mark in marks})
+        suffix = f"@{'_'.join(names)}"
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 def private_mount_namespace() -> None:

@@ -108,7 +108,9 @@ def minimal_profile(directory: Path, packages: tuple[str, ...] = ()) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+# Session-wide: xdist interleaves this module's tests with test_build's on their worker, and a
+# module's fixture would be made again each time the worker came back to the module.
+@pytest.fixture(scope="session")
 def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Versions]:
     require_root()
     top = tmp_path_factory.mktemp("versions")
