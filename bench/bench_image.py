@@ -3,7 +3,7 @@
 Measures, on this machine, in one run:
   - cold build of `minimal` (empty cache: mmdebstrap downloads everything),
   - warm rebuild after a late-stage change (a sysctl),
-  - qcow2 size,
+  - qcow2 size, and the size of its update bundle (the root's send stream, kernel and initrd),
   - QEMU start to rastosd answering the boot's first call to it, and to the boot report (the whole
     boot finished), with the guest's own breakdown and where its CPU time went,
 and a baseline measured in the same run: a bare mmdebstrap of the same package set, the part of a
@@ -112,6 +112,7 @@ def main() -> int:
         manifest = json.loads((work / "out" / "manifest.json").read_text())
         qcow2 = work / "out" / manifest["outputs"]["qcow2"]["file"]
         qcow2_mb = qcow2.stat().st_size / 1e6
+        bundle_mb = manifest["outputs"]["bundle"]["size"] / 1e6
         # Emulation speed on this machine varies by up to a factor of two over an hour: take the
         # median of several boots, each beside a firmware-only run measured just before it.
         reports = []
@@ -145,6 +146,8 @@ def main() -> int:
         f"{warm / cold:.2f}x",
     )
     table.add_row("qcow2 size", f"{qcow2_mb:.0f} MB", f"<= {TARGETS['qcow2_mb']:.0f} MB", "", "")
+    ratio = f"{bundle_mb / qcow2_mb:.2f}x"
+    table.add_row("update bundle size", f"{bundle_mb:.0f} MB", "", f"{qcow2_mb:.0f} MB (qcow2)", ratio)
     firmware = float(report["firmware_baseline"])
     table.add_row(
         f"QEMU start to rastosd answering (median of {boots}: {all_boots})",

@@ -1,12 +1,15 @@
 """The build: named stages run in order, each timed and reported, inside a scratch directory that
 is removed whatever happens. Outputs are written to a staging directory and moved beside any older
 outputs only when every stage succeeded, so a failed or interrupted build leaves no half-written
-image. Nothing is mounted and no loop device is attached along the way.
+image or bundle. What must be mounted (the root subvolume and its send stream, stage root) is
+mounted by a helper in a mount namespace of its own, through loop devices that clear themselves:
+nothing is left mounted or attached, however the build ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import logging
 import os
@@ -20,12 +23,14 @@ from types import FrameType
 
 from imagebuilder.context import BuildContext
 from imagebuilder.events import BuildEvents
-from imagebuilder.host import check_build_host
+from imagebuilder.host import check_build_host, require_programs
+from imagebuilder.keys import signing_key
 from imagebuilder.profile import Profile
 from imagebuilder.profile.model import DistributionName
 from imagebuilder.stages.bootloader import build_esp, configure_kernel
 from imagebuilder.stages.bootstrap import bootstrap
 from imagebuilder.stages.bootstrap_arch import ArchRecipe, bootstrap_arch, check_arch_host
+from imagebuilder.stages.bundle import check_names, open_parent, write_bundles
 from imagebuilder.stages.configure import configure
 from imagebuilder.stages.desired_state import apply_desired_state
 from imagebuilder.stages.disk import assemble_disk, build_btrfs
@@ -33,6 +38,7 @@ from imagebuilder.stages.initrd import build_initrd
 from imagebuilder.stages.kernel_build import build_profile_kernel
 from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
 from imagebuilder.stages.rastos import install_rastos
+from imagebuilder.stages.root import make_root
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build")
@@ -71,8 +77,10 @@ STAGES = (
     Stage("inventory", _inventory),
     Stage("esp", build_esp),
     Stage("btrfs", build_btrfs),
+    Stage("root", make_root),
     Stage("disk", assemble_disk),
     Stage("images", _images),
+    Stage("bundle", write_bundles),
 )
 
 
@@ -80,6 +88,8 @@ STAGES = (
 class BuildResult:
     outputs: dict[str, Path]
     seconds: float
+    version: str
+    delta_from: str | None  # the version the delta bundle starts from
 
 
 def default_output_dir(profile: Profile) -> Path:
@@ -94,10 +104,21 @@ def build_image(
     events: BuildEvents,
     refresh_bootstrap: bool = False,
     loop_fallback: bool = False,
+    version: str | None = None,
+    signing_key_path: Path | None = None,
+    delta_from: Path | None = None,
 ) -> BuildResult:
     host = check_build_host()  # before anything is created on disk
     if profile.distribution.name is DistributionName.arch:
         check_arch_host(ArchRecipe.of(profile).keyring)
+    built_at = datetime.datetime.now(datetime.UTC)
+    version = version or profile.version or built_at.strftime("%Y%m%d.%H%M%S")
+    check_names(profile.name)
+    key = signing_key(signing_key_path)
+    parent = None
+    if delta_from is not None:
+        require_programs(("rsync",))
+        parent = open_parent(delta_from, key, profile.name, version)
     stages = STAGES  # the same for every distribution: a stage that differs chooses inside
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,23 +136,30 @@ def build_image(
             refresh_bootstrap=refresh_bootstrap,
             btrfs_progs=host,
             loop_fallback=loop_fallback,
+            version=version,
+            built_at=built_at,
+            signing_key=key,
+            parent=parent,
         )
         log.info(
-            "building profile %s from %s; btrfs-progs %s",
+            "building profile %s version %s from %s; btrfs-progs %s; signing with key %s%s",
             profile.name,
+            version,
             ", ".join(profile.sources),
             ".".join(map(str, host)),
+            key.id,
+            f"; a delta from version {parent.manifest.version}" if parent else "",
         )
         events.build_started(profile.name, [s.name for s in stages])
         for stage in stages:
             _run_stage(stage, ctx, events)
-        manifest = write_manifest(ctx, ctx.images, ctx.packages)
-        outputs = _publish([*ctx.images.values(), manifest], output_dir)
+        manifest = write_manifest(ctx, {**ctx.images, **ctx.bundles}, ctx.packages)
+        outputs = _publish({**ctx.images, **ctx.bundles, "manifest": manifest}, output_dir)
         outputs["log"] = output_dir / "build.log"
         seconds = time.monotonic() - started
         log.info("build finished in %.1fs", seconds)
         events.build_finished({k: str(v) for k, v in outputs.items()}, seconds)
-        return BuildResult(outputs, seconds)
+        return BuildResult(outputs, seconds, version, parent.manifest.version if parent else None)
 
 
 def _run_stage(stage: Stage, ctx: BuildContext, events: BuildEvents) -> None:
@@ -152,13 +180,13 @@ def _run_stage(stage: Stage, ctx: BuildContext, events: BuildEvents) -> None:
     events.stage_finished(stage.name, seconds, note)
 
 
-def _publish(files: list[Path], output_dir: Path) -> dict[str, Path]:
-    """Move finished files into the output directory, each replacing its older version at once."""
+def _publish(files: dict[str, Path], output_dir: Path) -> dict[str, Path]:
+    """Move finished files into the output directory, each replacing its older version at once.
+    The manifest goes last: it names the others, which must be in place when it is."""
     published = {}
-    for path in files:
+    for kind, path in sorted(files.items(), key=lambda item: item[0] == "manifest"):
         target = output_dir / path.name
         path.replace(target)
-        kind = "manifest" if path.suffix == ".json" else path.suffix.lstrip(".")
         published[kind] = target
     return published
 

@@ -1,4 +1,4 @@
-"""rastos-image: list, show, build and boot image profiles; build kernels."""
+"""rastos-image: list, show, build and boot image profiles; build kernels; make signing keys."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from rich.console import Console
 from imagebuilder.build import build_image, default_output_dir
 from imagebuilder.events import BuildEvents, ConsoleEvents, JsonEvents
 from imagebuilder.kernel import cli as kernel_cli
+from imagebuilder.keys import DEFAULT_KEY
 from imagebuilder.profile import available_profiles, load_profile
 from imagebuilder.profile.load import PROFILE_DIR, profile_to_dict
+from imagebuilder.profile.model import VERSION_RULE
 from imagebuilder.vm import (
     VmOptions,
     choose_accel,
@@ -30,6 +32,7 @@ from imagebuilder.vm import (
     qemu_argv,
     running_vm,
 )
+from rastos.bundle import VERSION, generate_key
 from rastos.errors import RastosError
 from rastos.process import run_foreground
 
@@ -87,16 +90,44 @@ def cmd_build(args: argparse.Namespace) -> int:
             events=events,
             refresh_bootstrap=args.refresh_bootstrap,
             loop_fallback=args.loop_fallback,
+            version=args.image_version,
+            signing_key_path=args.signing_key,
+            delta_from=args.delta_from,
         )
     finally:
         events.close()
     image = result.outputs.get("qcow2") or result.outputs["raw"]
     if not args.json:
         print(f"\nimage: {image}")
+        print(f"bundle: {_sized(result.outputs['bundle'])}, version {result.version}")
+        if delta := result.outputs.get("delta"):
+            print(f"delta: {_sized(delta)}, for hosts that run version {result.delta_from}")
         print(f"boot it again: rastos-image boot {shlex.quote(str(image))}")
     if args.boot:
         return _boot_until_ready(VmOptions(image=image, accel=args.accel, snapshot=True), args.json)
     return 0
+
+
+def _sized(path: Path) -> str:
+    return f"{path} ({path.stat().st_size / (1024 * 1024):.1f} MiB)"
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    try:
+        public, key_id = generate_key(args.path)
+    except OSError as error:
+        raise RastosError(f"cannot write the key {args.path}: {error.strerror}") from None
+    print(f"private key: {args.path}")
+    print(f"public key: {public}")
+    print(f"key id: {key_id}")
+    print(f"sign with it: rastos-image build --signing-key {shlex.quote(str(args.path))}")
+    return 0
+
+
+def image_version(text: str) -> str:
+    if not VERSION.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} {VERSION_RULE}")
+    return text
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
@@ -203,6 +234,19 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fill the root file system through a loop mount, as hosts with btrfs-progs < 6.7 do",
     )
+    build.add_argument(
+        "--image-version", type=image_version, metavar="V",
+        help="the image's version (default: the profile's `version`, else the build's UTC time, YYYYMMDD.HHMMSS)",
+    )  # fmt: skip
+    build.add_argument(
+        "--signing-key", type=Path, metavar="PATH",
+        help=f"sign the update bundles with this key (rastos-image key generate); default: {DEFAULT_KEY}, "
+        "made on first use",
+    )  # fmt: skip
+    build.add_argument(
+        "--delta-from", type=Path, metavar="OLD.rbundle",
+        help="also write a delta bundle from this full bundle of an earlier version (signed with the same key)",
+    )  # fmt: skip
     build.add_argument("--boot", action="store_true", help="then boot it until the system inside is up")
     build.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     build.set_defaults(func=cmd_build)
@@ -226,6 +270,14 @@ def parser() -> argparse.ArgumentParser:
         help="forward 127.0.0.1:HOSTPORT to the guest's TCP GUESTPORT (repeatable)",
     )  # fmt: skip
     boot.set_defaults(func=cmd_boot)
+
+    key = sub.add_parser("key", help="signing keys for update bundles")
+    key_commands = key.add_subparsers(dest="key_command", required=True)
+    generate = key_commands.add_parser(
+        "generate", help="make an ed25519 key pair: PATH (private, mode 0600) and PATH.pub, which hosts trust"
+    )
+    generate.add_argument("path", type=Path)
+    generate.set_defaults(func=cmd_key_generate)
 
     kernel_cli.add_parser(sub, DEFAULT_CACHE)
     return p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import secrets
 import uuid
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagebuilder.profile import Profile
+from rastos.bundle import Bundle, SigningKey
 
 # The project checkout the builder runs from: the daemon, units and guest files come from here.
 
@@ -68,15 +70,37 @@ class BuildContext:
     progress: Callable[[str], None] = field(default=lambda note: None)
     packages: list[dict[str, str]] = field(default_factory=list)
     images: dict[str, Path] = field(default_factory=dict)
+    version: str = "0"
+    built_at: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+    signing_key: SigningKey | None = None  # None only where no bundle is made (tests of single stages)
+    parent: Bundle | None = None  # --delta-from: the full bundle of the version a delta starts from
+    subvolume_uuid: str = ""  # this version's identity, known once its root subvolume exists
+    bundles: dict[str, Path] = field(default_factory=dict)
 
     @property
     def fs_tree(self) -> Path:
-        """The top level of the btrfs file system; each subvolume is a directory in it."""
+        """The top level of the btrfs file system as mkfs.btrfs makes it: each subvolume but the root
+        is a directory in it (the root is received from this version's stream, stage root)."""
         return self.work_dir / "btrfs"
 
     @property
     def rootfs(self) -> Path:
-        return self.fs_tree / self.profile.btrfs.root
+        return self.work_dir / "root"
+
+    @property
+    def subvolume_name(self) -> str:
+        """The root subvolume's name, on the builder and in every host's @images/."""
+        return f"{self.image_name}-{self.version}"
+
+    @property
+    def root_stream(self) -> Path:
+        """`btrfs send` of the root subvolume, zstd-compressed: the full bundle's root.btrfs.zst."""
+        return self.work_dir / "root.btrfs.zst"
+
+    @property
+    def delta_stream(self) -> Path:
+        """The same sent with the parent version (`--delta-from`) as its parent: the delta's."""
+        return self.work_dir / "delta.btrfs.zst"
 
     @property
     def esp_tree(self) -> Path:

@@ -20,6 +20,7 @@ BUILD_PROGRAMS = (
     "sfdisk",
     "qemu-img",
     "cp",
+    "zstd",
 )
 
 

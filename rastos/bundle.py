@@ -245,6 +245,11 @@ class SigningKey:
             raise RastosError(f"the signing key {path} is not an ed25519 key")
         return cls(key, key_id(_public_raw(key.public_key())))
 
+    def public_pem(self) -> bytes:
+        """The public half, as the PEM file a host trusts (what `generate_key` writes as NAME.pub)."""
+        public = self.key.public_key()
+        return bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
     def sign(self, manifest: bytes) -> bytes:
         signature = base64.b64encode(self.key.sign(manifest)).decode()
         return (json.dumps({"algorithm": "ed25519", "key": self.id, "signature": signature}) + "\n").encode()

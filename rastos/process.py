@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 import os
 import shlex
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from rastos.errors import CommandError, RastosError
 
@@ -45,6 +48,8 @@ PACKAGE_OF_PROGRAM: dict[str, str] = {
     "make": "make",
     "dpkg-deb": "dpkg",
     "xz": "xz-utils",
+    "zstd": "zstd",
+    "rsync": "rsync",
 }
 
 TAIL_LINES = 25
@@ -159,7 +164,63 @@ def _run_streamed(
     return subprocess.CompletedProcess(args, returncode, "", "")
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def run_pipeline(commands: Sequence[Argv], *, stdin: Path | None = None, stdout: Path | None = None) -> None:
+    """Run `a | b | c` without a shell, for streams too large to hold in memory (`btrfs send | zstd`).
+
+    The first command reads the file `stdin` (or nothing); the last writes the new file `stdout`, or,
+    without one, into the log like every command's stderr. A failure raises CommandError for the
+    command that failed of itself, not for one that only lost its reader (SIGPIPE, a broken pipe)
+    because a later command had failed.
+    """
+    argvs = [[os.fspath(a) for a in argv] for argv in commands]
+    shown = " | ".join(map(shlex.join, argvs))
+    log.debug("+ %s%s%s", shown, f" < {stdin}" if stdin else "", f" > {stdout}" if stdout else "")
+    with contextlib.ExitStack() as files:
+        source = files.enter_context(stdin.open("rb")) if stdin else None
+        sink = files.enter_context(stdout.open("xb")) if stdout else None
+        outputs = [files.enter_context(tempfile.TemporaryFile()) for _ in argvs]
+        codes = _run_connected(argvs, source, sink, outputs)
+        tails = []
+        for args, output in zip(argvs, outputs, strict=True):
+            output.seek(0)
+            lines = output.read().decode(errors="replace").splitlines()
+            for line in lines:
+                log.debug("  %s: %s", Path(args[0]).name, line)
+            tails.append(lines[-TAIL_LINES:])
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if not failed:
+        return
+    of_itself = [i for i in failed if codes[i] != -signal.SIGPIPE and not any("Broken pipe" in t for t in tails[i])]
+    first = (of_itself or failed)[0]
+    raise CommandError(argvs[first], codes[first], "\n".join(tails[first]))
+
+
+def _run_connected(argvs: list[list[str]], source: IO[bytes] | None, sink: IO[bytes] | None,
+                   outputs: Sequence[IO[bytes]]) -> list[int]:  # fmt: skip
+    """Start the commands with each one's stdout the next one's stdin; their exit statuses."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        previous: IO[bytes] | int | None = source if source is not None else subprocess.DEVNULL
+        for index, args in enumerate(argvs):
+            last = index == len(argvs) - 1
+            out: IO[bytes] | int = (sink or outputs[index]) if last else subprocess.PIPE
+            with _program_lookup(args[0]):
+                proc = subprocess.Popen(args, stdin=previous, stdout=out, stderr=outputs[index])
+            if index:
+                # Only the next command may hold the read end: when it dies, the writer must see
+                # its reader gone (SIGPIPE) instead of blocking on a full pipe for ever.
+                assert isinstance(previous, io.BufferedReader)
+                previous.close()
+            previous = proc.stdout
+            procs.append(proc)
+        return [proc.wait() for proc in procs]
+    except BaseException:
+        for proc in procs:
+            _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
     # Every process below it as well, as systemd stops a unit: `unshare --fork` ignores SIGTERM while
     # it waits for its command, and the first process of a PID namespace ignores every signal it has
     # no handler for (Python has none for SIGTERM); what they wait for must be told itself, or the

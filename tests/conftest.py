@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
         private_mount_namespace()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test with an id of its own: xdist's --dist loadgroup hands tests to workers by id, and of
     tests that share one it would run only one. schemathesis 4.32 under pytest 9.2 names each API
     operation's test test_x[GET /path] but gives them all the id of test_x; they get the id their name
@@ -40,6 +40,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     shared = sorted(nodeid for nodeid, count in Counter(item.nodeid for item in items).items() if count > 1)
     if shared:
         raise pytest.UsageError(f"tests that share an id, of which xdist would run one: {', '.join(shared)}")
+    if getattr(config.option, "loadgroup", False):  # xdist's workers under --dist loadgroup
+        name_groups(items)
+
+
+def name_groups(items: list[pytest.Item]) -> None:
+    """Each test's xdist_group in its id (`...::test_x@image-build`), which --dist loadgroup hands out
+    by. xdist 3.8 writes it to `item._nodeid`, which pytest 9.2 no longer reads (an item's id is its
+    `_id`): the groups were split over the workers, and each ran the image-build group's session
+    builds again, at the same time as the other."""
+    from _pytest.nodeid import NodeId  # pytest 9.2's; no public way to give an item its id
+
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) for mark in marks})
+        suffix = f"@{'_'.join(names)}"
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 def private_mount_namespace() -> None:
@@ -82,20 +99,29 @@ def build(profile: str | Path, output_dir: Path, *extra: str) -> BuildRun:
 
 def host_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Mounts and loop devices on the host: a build must leave both as it found them. A build attaches
-    loop devices only to files of its own scratch directory, never to the tests' temporary files:
-    loop devices on those belong to other tests (btrfs loop files, in any xdist worker, or of this
-    worker's earlier tests, which detach when their lazy unmount completes) and are left out."""
+    loop devices only to files of its own scratch directory (CACHE_DIR/work/PID, stage root), never to
+    tests' temporary files: loop devices on those belong to other tests (btrfs loop files, in any xdist
+    worker, of this worker's earlier tests, which detach when their lazy unmount completes, or of
+    another test session on this host) and are left out, as are those of builds still running (another
+    session's); a build's that is gone and left one behind counts."""
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     listing = subprocess.run(["losetup", "--list", "--json"], capture_output=True, text=True, check=True).stdout
-    tests_temp = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:
-        tests_temp = tests_temp.parent  # every worker's
+    basetemp = tmp_path_factory.getbasetemp()
+    sessions = next((p for p in (basetemp, *basetemp.parents) if p.name.startswith("pytest-of-")), basetemp)
     loops = [
         loop
         for loop in json.loads(listing)["loopdevices"]
-        if not (loop["back-file"] or "").startswith(f"{tests_temp}/")
+        if not (loop["back-file"] or "").startswith(f"{sessions}/") and not _of_a_running_build(loop["back-file"])
     ]
     return {"mounts": sorted(line.split(" ", 4)[4] for line in mounts), "loops": loops}
+
+
+def _of_a_running_build(back_file: str | None) -> bool:
+    work = f"{CACHE_DIR}/work/"
+    if not (back_file or "").startswith(work):
+        return False
+    pid = (back_file or "").removeprefix(work).split("/", 1)[0]
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
 
 def require_root() -> None:

@@ -95,7 +95,7 @@ def test_manifest_matches_the_image(any_build: BuildRun, tmp_path: Path) -> None
     minimal_build = any_build
     manifest = manifest_of(minimal_build)
     outputs = manifest["outputs"]
-    assert set(outputs) == {"raw", "qcow2"}
+    assert set(outputs) == {"raw", "qcow2", "bundle"}
     for output in outputs.values():
         path = minimal_build.output_dir / output["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == output["sha256"]
@@ -129,7 +129,8 @@ def test_manifest_matches_the_image(any_build: BuildRun, tmp_path: Path) -> None
     with mounted_btrfs_top(raw, root["start"], root["size"], tmp_path / "mnt") as top:
         assert run("findmnt", "--noheadings", "--output", "UUID", top).strip() == root["fs_uuid"]
         subvolumes = {line.split()[-1] for line in run("btrfs", "subvolume", "list", top).splitlines()}
-        assert subvolumes == {s["name"] for s in manifest["btrfs"]["subvolumes"]}
+        received = f"{manifest['btrfs']['images']}/{manifest['subvolume']['name']}"
+        assert subvolumes == {s["name"] for s in manifest["btrfs"]["subvolumes"]} | {received}
         default = run("btrfs", "subvolume", "get-default", top).split()[-1]
         assert default == manifest["btrfs"]["default_subvolume"]
         rootfs = top / manifest["btrfs"]["default_subvolume"]

@@ -142,6 +142,9 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
         ('[hub]\nurl = "http://hub:8470"\n', "hub.url", "not a ws:// or wss:// URL"),
         ('[hub]\ntoken = "secret"\n', "hub.token", "unknown key"),
+        ('version = "1 0"\n', "version", "not a valid image version"),
+        ('version = "-1"\n', "version", "a letter or digit first"),
+        ("version = 2\n", "version", "expected a string"),
     ],
 )
 def test_impossible_values_are_refused_naming_file_and_key(tmp_path: Path, toml: str, key: str, reason: str) -> None:
@@ -150,6 +153,14 @@ def test_impossible_values_are_refused_naming_file_and_key(tmp_path: Path, toml:
     assert message.startswith(f"{path}: "), message
     assert f"'{key}'" in message, message
     assert reason in message, message
+
+
+def test_a_version_is_inherited_and_replaced(tmp_path: Path) -> None:
+    """No version: the build picks its time. A parent's version holds until a child sets its own."""
+    assert load_profile("minimal").version == ""
+    write(tmp_path, "parent", 'extends = "minimal"\nversion = "2.1"\n')
+    assert load_profile(write(tmp_path, "child", 'extends = "parent"\n')).version == "2.1"
+    assert load_profile(write(tmp_path, "next", 'extends = "parent"\nversion = "2.2+rc1"\n')).version == "2.2+rc1"
 
 
 def test_error_names_the_file_that_set_the_key(tmp_path: Path) -> None:

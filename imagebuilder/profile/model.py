@@ -18,6 +18,7 @@ from typing import Any
 from ops import get_op
 from ops.errors import InvalidParams
 from ops.params import check_param
+from rastos.bundle import VERSION
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -62,6 +63,8 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+# What rastos.bundle.VERSION allows, in words: a version names the bundle file and the host's deployment.
+VERSION_RULE = "is not a valid image version: up to 64 letters, digits and . _ + ~ -, a letter or digit first"
 _SUBVOLUME = re.compile(r"^@[A-Za-z0-9_.-]*$")
 # Debian's (policy 5.6.7, with :arch) and Arch's (also _ and @); load.py refuses _ and @ for Debian.
 _PACKAGE = re.compile(r"^[a-z0-9@_][a-z0-9@_+.-]+(:[a-z0-9]+)?$")
@@ -391,6 +394,14 @@ class Profile:
     name: str
     description: str = field(default="", metadata=_meta("one line shown by `rastos-image profiles`"))
     extends: str | None = field(default=None, metadata=_meta("profile this one builds on"))
+    version: str = field(
+        default="",
+        metadata=_meta(
+            "the image's version, in its bundle's name and /usr/lib/rastos/image.json ('': the build's UTC time, "
+            "YYYYMMDD.HHMMSS); `rastos-image build --image-version` overrides it",
+            check=lambda v: None if v == "" or VERSION.match(v) else f"{v!r} {VERSION_RULE}",
+        ),
+    )
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     packages: PackagesConfig = field(default_factory=PackagesConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)

@@ -169,7 +169,7 @@ def cached_root(ctx: BuildContext, inputs: dict[str, Any], make: Callable[[Path]
             note = f"rebuilt ({reason})" + (f"; {made}" if made else "")
             _evict(cache, keep=entry)
         last_file.write_text(json.dumps(inputs, indent=1, sort_keys=True))
-        ctx.fs_tree.mkdir(parents=True, exist_ok=True)
+        ctx.rootfs.parent.mkdir(parents=True, exist_ok=True)
         # Reflinks make the copy nearly free on btrfs/XFS; elsewhere it is a plain copy.
         run(["cp", "-a", "--reflink=auto", entry / "root", ctx.rootfs])
     return note

@@ -1,9 +1,10 @@
 """Stages `btrfs` and `disk`: the root file system as a file, then the GPT disk around it.
 
 The btrfs file system is made with `mkfs.btrfs --rootdir --subvol` (btrfs-progs >= 6.7): every
-subvolume is a directory of the staged tree, and no loop device or mount is involved. The disk is a
-sparse file: sfdisk writes the GPT, and the two file system images are copied in at their offsets,
-data extents only, so holes stay holes.
+subvolume but the root is a directory of the staged tree, and no loop device or mount is involved.
+The root comes after, received from this version's send stream (stage root, stages/root.py). The
+disk is a sparse file: sfdisk writes the GPT, and the two file system images are copied in at their
+offsets, data extents only, so holes stay holes.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def tree_size(path: Path) -> int:
 def build_btrfs(ctx: BuildContext) -> str:
     stage_subvolumes(ctx)
     layout = plan_layout(ctx.profile)
-    needed = int(tree_size(ctx.fs_tree) * BTRFS_OVERHEAD_RATIO) + BTRFS_FIXED_OVERHEAD
+    files = tree_size(ctx.fs_tree) + tree_size(ctx.rootfs)
+    needed = int(files * BTRFS_OVERHEAD_RATIO) + BTRFS_FIXED_OVERHEAD
     if needed > layout.root_size:
         raise RastosError(
             f"disk too small for the root file system: it needs about {needed // MiB} MiB, but the "
@@ -103,19 +105,23 @@ def build_btrfs(ctx: BuildContext) -> str:
     else:
         method = "made by mkfs.btrfs --rootdir, nothing mounted"
         _make_with_rootdir(ctx, image)
-    return f"{len(ctx.profile.btrfs.subvolumes())} subvolumes, {needed // MiB} MiB, {method}"
+    return f"{len(_others(ctx))} subvolumes and room for the root, {needed // MiB} MiB, {method}"
 
 
 def _mkfs_argv(ctx: BuildContext) -> list[str | Path]:
     return ["mkfs.btrfs", "--quiet", "--force", "--label", "rastos-root", "--uuid", ctx.ids.root_fs_uuid]
 
 
+def _others(ctx: BuildContext) -> list[str]:
+    """The subvolumes made with the file system: all but the root, which is received later."""
+    return [name for name in ctx.profile.btrfs.subvolumes() if name != ctx.profile.btrfs.root]
+
+
 def _make_with_rootdir(ctx: BuildContext, image: Path) -> None:
     btrfs = ctx.profile.btrfs
-    argv = [*_mkfs_argv(ctx), "--rootdir", ctx.fs_tree, "--subvol", f"default:{btrfs.root}"]
-    for subvolume in btrfs.subvolumes():
-        if subvolume != btrfs.root:
-            argv += ["--subvol", f"rw:{subvolume}"]
+    argv = [*_mkfs_argv(ctx), "--rootdir", ctx.fs_tree]
+    for subvolume in _others(ctx):
+        argv += ["--subvol", f"rw:{subvolume}"]
     # --compress arrived in 6.11; before it, files land uncompressed and later writes compress.
     if btrfs.compression and ctx.btrfs_progs >= MKFS_COMPRESS_VERSION:
         argv += ["--compress", btrfs.compression]
@@ -126,10 +132,9 @@ def _fill_by_mounting(ctx: BuildContext, image: Path) -> None:
     btrfs = ctx.profile.btrfs
     run([*_mkfs_argv(ctx), image])
     argv: list[str | Path] = [
-        sys.executable, "-m", "imagebuilder.loopfill", image, ctx.fs_tree,
-        "--default", btrfs.root, "--compression", btrfs.compression,
+        sys.executable, "-m", "imagebuilder.loopfill", image, ctx.fs_tree, "--compression", btrfs.compression,
     ]  # fmt: skip
-    for subvolume in btrfs.subvolumes():
+    for subvolume in _others(ctx):
         argv += ["--subvolume", subvolume]
     run(in_private_mount_namespace(argv), cwd=CHECKOUT)
 

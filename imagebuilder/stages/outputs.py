@@ -1,4 +1,5 @@
-"""Stage `outputs`: qcow2 and raw files, their checksums, and the manifest that describes them."""
+"""Stage `images`: qcow2 and raw files; then the manifest that describes them and the update bundles,
+with their checksums."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from imagebuilder.profile.load import profile_to_dict
 from imagebuilder.profile.model import DistributionName, ImageFormat
 from imagebuilder.stages.bootloader import entry_filename
 from imagebuilder.stages.disk import ESP_TYPE, ROOT_X86_64_TYPE, plan_layout
+from imagebuilder.stages.root import IMAGES
 from rastos import __version__
 from rastos.alpm import Alpm, AlpmOptions
 from rastos.process import run
@@ -94,9 +96,15 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
     layout = plan_layout(ctx.profile)
     btrfs = ctx.profile.btrfs
     digests = checksums(list(images.values()))
+    parent = ctx.parent.manifest if ctx.parent else None
     return {
         "rastos_version": __version__,
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "version": ctx.version,
+        # The version's identity: the received UUID of @images/NAME on every host that has it.
+        "subvolume": {"name": ctx.subvolume_name, "uuid": ctx.subvolume_uuid},
+        "delta_from": None if parent is None else {"version": parent.version, "uuid": parent.subvolume_uuid},
+        "signing_key": ctx.signing_key.id if ctx.signing_key else None,
         "profile": profile_to_dict(ctx.profile),
         "bootstrap_cache_key": ctx.bootstrap_key,
         "packages": packages,
@@ -133,6 +141,7 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
         },
         "btrfs": {
             "default_subvolume": btrfs.root,
+            "images": IMAGES,
             "compression": btrfs.compression,
             "subvolumes": [{"name": name, "mountpoint": mp} for name, mp in btrfs.subvolumes().items()],
         },

@@ -4,7 +4,8 @@ The Python packages go to /usr/lib/rastos/python, a directory of our own that th
 first on sys.path: a top-level package named `daemon` in dist-packages would collide with Debian's
 python3-daemon. Their dependencies come from the distribution (bootstrap stage; no pip inside an image).
 Units, D-Bus policy, activation and sysusers files go where systemd and dbus look, and every unit with
-an [Install] section is enabled.
+an [Install] section is enabled. The public half of the key the build signs its bundles with goes
+into /etc/rastos/update-keys.d/: the image takes the updates signed by it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ PYTHON_PACKAGES = ("rastos", "ops", "daemon")
 GUEST_FILES = CHECKOUT / "imagebuilder" / "guest"
 SITE_PACKAGES = "usr/lib/rastos/python"
 INTERFACE_XML = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"
+UPDATE_KEYS = "etc/rastos/update-keys.d"
 
 # Where each kind of file in units/ belongs inside the image, and the suffix it gets there.
 UNIT_DESTINATIONS = {
@@ -64,9 +66,20 @@ def install_rastos(ctx: BuildContext) -> str:
     # The admin group exists from the first boot on; sysusers would make it then, the policy needs it now.
     chroot_run(root, ["systemd-sysusers", "/usr/lib/sysusers.d/rastos.conf"])
     write_file(root / "etc/rastos/image.json", image_info(ctx))
+    trust_signing_key(ctx)
     # Byte-compile now: the first start of the daemon on a slow VM should not pay for it.
     chroot_run(root, ["python3", "-m", "compileall", "-q", *[f"/{SITE_PACKAGES}/{p}" for p in PYTHON_PACKAGES]])
     return f"rastos {__version__}, {len(enabled)} units enabled"
+
+
+def trust_signing_key(ctx: BuildContext) -> None:
+    """The image takes the next bundles signed with the key this one is built with; rastosd trusts only
+    root-owned files there that no one else may write (rastos.bundle.trusted_keys)."""
+    if ctx.signing_key is None:
+        return
+    keys = ctx.rootfs / UPDATE_KEYS
+    write_file(keys / f"{ctx.signing_key.id}.pub", ctx.signing_key.public_pem().decode())
+    keys.chmod(0o755)
 
 
 def install_units(root: Path, units_dir: Path) -> list[str]:
