@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from rastos import bundle
 from rastos.bundle import Bundle, BundleError, Manifest, SigningKey
+from rastos.errors import RastosError
 
+Keys = tuple[SigningKey, dict[str, Any]]
 UUID = "8ca33ea5-a651-8442-9b49-844d82d7ac80"
 
 
@@ -56,7 +58,7 @@ def write(tmp_path: Path, key: SigningKey, parts: dict[str, Path], **changes: An
     return path
 
 
-def test_a_written_bundle_verifies_and_its_parts_read_back(tmp_path, key, parts):
+def test_a_written_bundle_verifies_and_its_parts_read_back(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     path = write(tmp_path, key[0], parts)
     opened = Bundle(path, key[1])
     opened.check_parts()
@@ -68,7 +70,7 @@ def test_a_written_bundle_verifies_and_its_parts_read_back(tmp_path, key, parts)
         assert tar.getnames() == list(bundle.MEMBERS), "the manifest and its signature come first"
 
 
-def test_the_head_is_read_from_the_first_bytes_alone(tmp_path, key, parts):
+def test_the_head_is_read_from_the_first_bytes_alone(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     """A download is checked as soon as its head has arrived, long before the root stream."""
     path = write(tmp_path, key[0], parts)
     with path.open("rb") as file:
@@ -82,7 +84,7 @@ def test_the_head_is_read_from_the_first_bytes_alone(tmp_path, key, parts):
     assert refused.value.reason == "corrupt"
 
 
-def test_a_changed_manifest_byte_breaks_the_signature(tmp_path, key, parts):
+def test_a_changed_manifest_byte_breaks_the_signature(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     path = write(tmp_path, key[0], parts)
     raw = bytearray(path.read_bytes())
     at = raw.index(b'"version": "2"') + len('"version": "')
@@ -93,7 +95,7 @@ def test_a_changed_manifest_byte_breaks_the_signature(tmp_path, key, parts):
     assert refused.value.reason == "signature"
 
 
-def test_a_changed_part_byte_is_found_before_use(tmp_path, key, parts):
+def test_a_changed_part_byte_is_found_before_use(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     path = write(tmp_path, key[0], parts)
     offsets = bundle.part_offsets(path)
     raw = bytearray(path.read_bytes())
@@ -105,7 +107,7 @@ def test_a_changed_part_byte_is_found_before_use(tmp_path, key, parts):
     assert refused.value.reason == "corrupt"
 
 
-def test_a_key_the_host_does_not_trust_is_named(tmp_path, key, parts):
+def test_a_key_the_host_does_not_trust_is_named(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     path = write(tmp_path, key[0], parts)
     other_public, other_id = bundle.generate_key(tmp_path / "other")
     others = {other_id: bundle.load_public_key(other_public.read_bytes(), "o")[1]}
@@ -117,7 +119,7 @@ def test_a_key_the_host_does_not_trust_is_named(tmp_path, key, parts):
 
 
 @pytest.mark.root
-def test_trusted_keys_are_root_owned_files_not_links(tmp_path, key):
+def test_trusted_keys_are_root_owned_files_not_links(tmp_path: Path, key: Keys) -> None:
     keys = tmp_path / "update-keys.d"
     keys.mkdir()
     public, key_id = bundle.generate_key(tmp_path / "good")
@@ -133,14 +135,14 @@ def test_trusted_keys_are_root_owned_files_not_links(tmp_path, key):
     assert bundle.trusted_keys(tmp_path / "missing") == {}
 
 
-def test_keys_are_never_overwritten(tmp_path):
+def test_keys_are_never_overwritten(tmp_path: Path) -> None:
     bundle.generate_key(tmp_path / "k")
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
-    with pytest.raises(bundle.RastosError, match="exists already"):
+    with pytest.raises(RastosError, match="exists already"):
         bundle.generate_key(tmp_path / "k")
 
 
-def test_a_delta_names_its_parent(tmp_path, key, parts):
+def test_a_delta_names_its_parent(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
     path = write(tmp_path, key[0], parts, parent=bundle.Parent("1", "047336d3-139a-dd4c-9c05-54d68f0a5ff8"))
     opened = Bundle(path, key[1])
     assert opened.manifest.delta and opened.manifest.parent == bundle.Parent(
@@ -148,7 +150,7 @@ def test_a_delta_names_its_parent(tmp_path, key, parts):
     )
 
 
-def test_a_tar_that_is_not_a_bundle_is_refused(tmp_path, key):
+def test_a_tar_that_is_not_a_bundle_is_refused(tmp_path: Path, key: Keys) -> None:
     path = tmp_path / "other.tar"
     with tarfile.open(path, "w") as tar:
         tar.add(__file__, arcname="etc/passwd")
@@ -180,7 +182,7 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(_paths(VALID)), value=json_values)
-def test_any_one_bad_field_is_named(path, value):
+def test_any_one_bad_field_is_named(path: tuple[Any, ...], value: Any) -> None:
     """Whatever one field of a valid manifest becomes, the reader either accepts it or names a field
     on the way to it; it never fails otherwise."""
     data = json.loads(json.dumps(VALID))

@@ -96,8 +96,24 @@ def make_image(base: Path, top: Path) -> Path:
     btrfs("subvolume", "snapshot", base, image)
     write(image, "/etc/rastos/daemon.toml", IMAGE_DAEMON_TOML)
     write(image, "/etc/rastos/update-keys.d/builder.pub", IMAGE_UPDATE_KEY)
+    write(image, "/etc/fstab", fstab(*HOST_IDS))
+    write(image, "/etc/kernel/cmdline", cmdline(HOST_IDS[0]))
     btrfs("property", "set", "-ts", image, "ro", "true")
     return image
+
+
+# The file systems of the image the host was installed from, and those a later build made.
+HOST_IDS = ("0b1e8a57-3c5c-4d6e-9f10-1a2b3c4d5e6f", "12AB-34CD")
+NEW_IDS = ("7d0c4a31-9e8f-4b2a-8c6d-5e4f3a2b1c0d", "56EF-78AB")
+
+
+def fstab(root: str, esp: str) -> str:
+    return (f"UUID={root}\t/\tbtrfs\tnoatime\t0 0\nUUID={root}\t/home\tbtrfs\tsubvol=/@home,noatime\t0 0\n"
+            f"UUID={esp}\t/efi\tvfat\tumask=0077,noauto\t0 0\n")  # fmt: skip
+
+
+def cmdline(root: str) -> str:
+    return f"root=UUID={root} rootflags=subvol=@ rw quiet\n"
 
 
 def make_host_files(root: Path) -> None:
@@ -420,3 +436,19 @@ def test_an_op_that_fails_on_the_new_tree_fails_the_preparation_naming_it(host: 
     assert (error.job, error.step, error.op) == (host.jobs["user"], 1, "user")
     assert f"job {host.jobs['user']} step 1 (user) does not apply to the new tree" in str(error)
     assert "sudo is not installed" in str(error)
+
+
+def test_the_new_tree_names_the_hosts_file_systems_not_its_builds(host: Host) -> None:
+    """Every build makes new file system ids: the new tree's fstab and kernel command line are made to
+    name the host's, and keep what else the new image changed in them."""
+    new_root = host.snapshot(host.pristine, "new-ids")
+    (new_root / "etc/fstab").write_text(fstab(*NEW_IDS).replace("noatime\t0 0\nUUID", "noatime,ssd\t0 0\nUUID", 1))
+    (new_root / "etc/kernel/cmdline").write_text(cmdline(NEW_IDS[0]).replace("quiet", "quiet loglevel=3"))
+    result = host.prepare(new_root)
+    assert (new_root / "etc/fstab").read_text() == fstab(*HOST_IDS).replace(
+        "noatime\t0 0\nUUID", "noatime,ssd\t0 0\nUUID", 1
+    )
+    assert (new_root / "etc/kernel/cmdline").read_text() == cmdline(HOST_IDS[0]).replace("quiet", "quiet loglevel=3")
+    changed = [entry["path"] for entry in result["carried"] if entry["action"] == "host file system ids"]
+    assert changed == ["/etc/fstab", "/etc/kernel/cmdline"]
+    assert not [entry for entry in result["hand_changes"] if entry["path"] in changed]

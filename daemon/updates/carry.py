@@ -41,6 +41,7 @@ import btrfsutil
 from daemon.config import DaemonConfig
 from daemon.snapshots import subvolume_path
 from daemon.store import StateStore
+from daemon.updates.disk_ids import FILES, id_changes, with_host_ids
 from daemon.updates.hand_changes import hand_changes
 from daemon.updates.history import RECORD, StepRef, held_steps, record_text
 from ops.certs import CA_CERT, CA_KEY
@@ -57,6 +58,7 @@ from rastos.errors import RastosError
 log = logging.getLogger("rastosd.updates")
 
 DECLARED = "/etc/rastos/rastos.toml"
+FSTAB = "/etc/fstab"
 UPDATE_KEYS = "/etc/rastos/update-keys.d"
 SSH_DIR = "/etc/ssh"
 PASSWD, GROUP = "/etc/passwd", "/etc/group"
@@ -172,6 +174,7 @@ class _Files:
             self.carry(path, when_changed=True)
         self.carry_host_keys()
         self.carry_update_keys()
+        self.carry_disk_ids()
 
     def carry(self, path: str, *, when_changed: bool = False) -> None:
         try:
@@ -302,6 +305,20 @@ class _Files:
                 self.refuse(path, "not trusted on the running host (a link, not root's, or writable by others)")
                 continue
             self.carry(path, when_changed=True)
+
+    def carry_disk_ids(self) -> None:
+        """The host's file system ids in the new tree's fstab and kernel command line (disk_ids.py)."""
+        try:
+            changes = id_changes(self.running.read_text(FSTAB) or "", self.new.read_text(FSTAB) or "")
+            for path in FILES if changes else ():
+                status, text = self.new.lstat(path), self.new.read_text(path)
+                if status is None or text is None or (rewritten := with_host_ids(text, changes)) == text:
+                    continue
+                self.new.write(path, rewritten.encode(), stat.S_IMODE(status.st_mode), status.st_uid, status.st_gid)
+                self.paths.add(path)
+                self.carried.append({"path": path, "action": "host file system ids", "ids": sorted(changes.values())})
+        except UnsafePath as error:
+            self.refuse(FSTAB, str(error))
 
 
 class _Reapply:
