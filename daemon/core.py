@@ -31,6 +31,7 @@ from daemon.hub_link import HubLink
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
+from daemon.updates import Updates
 from ops.steps import step_from
 from ops.target import Target
 from rastos.errors import CommandError, RastosError
@@ -80,6 +81,8 @@ class Daemon:
         # What the root was made from is fixed for this boot: derived once, not per call.
         self.booted_snapshot = snapshot_of_root(self.root_subvolume)
         self.jobs = JobManager(self.target, self.store, self.snapshots, self, self.booted_snapshot)
+        refusal, running = self._update_refusal()
+        self.updates = Updates(config, self.store, self.entries, running, refusal=refusal, run_lock=self.jobs.run_lock)
         self.hub: HubLink | None = None
 
     def _read_root_subvolume(self) -> str:
@@ -88,6 +91,20 @@ class Daemon:
         if self.snapshots is None:
             return ""
         return subvolume_path(self.config.root)
+
+    def _update_refusal(self) -> tuple[str | None, str]:
+        """Why this boot cannot stage image updates (None if it can), and its root subvolume."""
+        if self.overlay_root is not None:
+            return (
+                f"this boot runs the read-only snapshot {self.overlay_root} under an overlay in memory: "
+                "stage updates from a deployment"
+            ), self.overlay_root
+        try:
+            if btrfsutil.is_subvolume(self.config.root):
+                return None, subvolume_path(self.config.root)
+        except btrfsutil.BtrfsUtilError:
+            pass
+        return f"the root {self.config.root} is not a btrfs subvolume: this host cannot take image updates", ""
 
     # State the properties show
 
@@ -101,7 +118,9 @@ class Daemon:
             health = "good"
         else:
             health = "pending" if entry else "unknown"
-        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback)
+        # The image version is read once, at start (updates.running_version): it is fixed for the boot.
+        version = self.updates.running_version
+        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback, version)
 
     def _find_fallback(self) -> Fallback | None:
         try:
@@ -120,14 +139,18 @@ class Daemon:
         self.listener.fell_back(failed, root, self._booted_entry)
 
     def reconcile(self) -> None:
-        """Once per start: repair what a crash or power cut between two steps left (snapshots.py)."""
-        if self.snapshots is None:
-            return
+        """Once per start: repair what a crash or power cut between two steps left (snapshots.py,
+        updates/reconcile.py)."""
+        done = []
+        if self.snapshots is not None:
+            try:
+                done += self.snapshots.reconcile(self.booted_snapshot)
+            except (OSError, btrfsutil.BtrfsUtilError) as error:
+                log.error("cannot reconcile snapshots and boot entries: %s", error)
         try:
-            done = self.snapshots.reconcile(self.booted_snapshot)
-        except (OSError, btrfsutil.BtrfsUtilError) as error:
-            log.error("cannot reconcile snapshots and boot entries: %s", error)
-            return
+            done += self.updates.reconcile()
+        except (OSError, btrfsutil.BtrfsUtilError, RastosError) as error:
+            log.error("cannot reconcile image updates: %s", error)
         for action in done:
             log.warning("reconciled: %s", action)
         if done:

@@ -60,6 +60,7 @@ async def serve(config: DaemonConfig) -> None:
     _notify("STOPPING=1")
     log.info("stopping")
     await daemon.jobs.shutdown(STOP_TIMEOUT)
+    await asyncio.to_thread(daemon.updates.shutdown, STOP_TIMEOUT)
     watchdog.cancel()
     worker.cancel()
     if link is not None:
