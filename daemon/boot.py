@@ -13,6 +13,11 @@ and moves an entry whose tries are used up (`+0`) to the end. So the new entry g
 boots next, and if it fails its tries, the one that ran before boots again by itself. (Naming the new
 entry in `default` would defeat this: systemd-boot boots a default entry even with no tries left.)
 
+An image update is a deployment too (`@deployments/VERSION`, daemon/updates), with its own kernel and
+initrd in `/ENTRY-TOKEN/VERSION/` on the ESP and an entry `rastos-update-VERSION+TRIES.conf`, ordered
+the same way. So entries no longer all share one kernel: a kernel directory goes when the last entry
+that refers to it goes.
+
 Every snapshot also has a read-only entry (`readonly-snapshot-N.conf`, sort-key `rastos-4`, no boot
 counter), so the menu lists each one with its date and description. It boots the read-only snapshot
 under a writable overlay held in memory (`rastos.overlay`, set up by the initrd): the system runs as the
@@ -22,11 +27,16 @@ so it only ever boots when chosen: from the menu, or once through `BootOnce()` (
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import secrets
+import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from daemon.errors import BootConfigError
 from daemon.failpoints import failpoint
@@ -41,6 +51,10 @@ COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
 DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
 READONLY_SUBVOL = re.compile(r"(?:^|/)(\d+)/snapshot$")
 SNAPSHOT_ENTRY = re.compile(r"^(rastos|readonly)-snapshot-(\d+)\.conf$")
+UPDATE_ENTRY = re.compile(r"^rastos-update-(.+)\.conf$")
+ENTRY_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KERNEL_FILES = ("linux", "initrd")
+TEMPORARY = re.compile(r"^\.(linux|initrd)\.[0-9a-f]{12}$")  # _write_streamed's names
 # Kernel command line words of a read-only snapshot boot: the initrd puts an overlay over the root,
 # and systemd must not remount that overlay with the btrfs options fstab gives "/".
 OVERLAY = "rastos.overlay"
@@ -71,6 +85,12 @@ def readonly_entry_id(snapshot_id: int) -> str:
 
 def deployment_entry_id(snapshot_id: int) -> str:
     return f"rastos-snapshot-{snapshot_id}.conf"
+
+
+def update_entry_id(version: str) -> str:
+    """The entry of an update's deployment. A version may hold '+' (Debian's style), which in an
+    entry's file name would read as a boot counter: it becomes '_' there (the deployment keeps it)."""
+    return f"rastos-update-{version.replace('+', '_')}.conf"
 
 
 def entry_options(template: dict[str, list[str]], root_subvolume: str, *, readonly: bool) -> list[str]:
@@ -144,16 +164,127 @@ class BootEntries:
         self.remove_for_snapshot(snapshot_id, readonly=False)
         lines = self._entry_lines(template, f"rastOS snapshot {snapshot_id} of {_date(taken)}: {description}",
                                   SORT_NEW, entry_options(template, deployment, readonly=False))  # fmt: skip
+        entry = deployment_entry_id(snapshot_id)
+        self._add_first(entry, lines, running)
+        log.info("boot entry %s for snapshot %d boots next", entry, snapshot_id)
+        return entry
+
+    def add_for_update(self, version: str, template_text: str, token: str, deployment: str, running_root: str) -> str:
+        """Write the entry of an update's deployment from the bundle's template, with its tries,
+        ordered to boot next; its kernel and initrd must be in place (`install_kernel`). The root
+        device is the running entry's: the deployment lives on the same file system, whatever the
+        builder's own file system was called. Returns the entry's id."""
+        running, running_template = self.template_for(running_root)
+        template = parse_entry(template_text)
+        root = [word for word in " ".join(running_template.get("options", [])).split() if word.startswith("root=")]
+        words = [word for word in " ".join(template.get("options", [])).split() if not word.startswith("root=")]
+        template["options"] = [" ".join([*root[:1], *words])]
+        template["linux"] = [f"/{token}/{version}/linux"]
+        template["initrd"] = [f"/{token}/{version}/initrd"]
+        template.pop("efi", None)
+        if "machine-id" not in template and "machine-id" in running_template:
+            template["machine-id"] = running_template["machine-id"]
+        title = (template.get("title") or [f"rastOS {version}"])[0]
+        lines = self._entry_lines(template, title, SORT_NEW, entry_options(template, deployment, readonly=False))
+        entry = update_entry_id(version)
+        # An entry of an earlier staging of this version goes; the kernel directory it names is this
+        # one's too, so it is not taken with it (remove_entry would, were the new entry not there yet).
+        earlier = [path for path in self.entry_files() if entry_id(path.name) == entry]
+        for path in earlier:
+            path.unlink()
+        self._add_first(entry, lines, running)
+        log.info("boot entry %s for update %s boots next", entry, version)
+        return entry
+
+    def _add_first(self, entry: str, lines: list[str], running: Path) -> None:
         # The others first: until the new entry exists, the order is the old one, whatever happens.
         for other in self.entry_files():
             if other.name.startswith("rastos"):
                 self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
         failpoint("order-changed")
-        entry = deployment_entry_id(snapshot_id)
         path = self.entries_dir / entry.replace(".conf", f"+{self.tries}.conf")
         write_atomically(path, "\n".join(lines) + "\n", 0o644, 0, 0)
-        log.info("boot entry %s for snapshot %d boots next", path.name, snapshot_id)
-        return entry
+
+    # Kernels of update deployments: /TOKEN/VERSION/{linux,initrd}, one directory per version
+
+    def entry_token(self, running_root: str, configured: str | None) -> str:
+        """The entry token (the ESP's directory of this installation's kernels): from the running
+        entry's kernel path (/TOKEN/VERSION/linux), else /etc/kernel/entry-token's (`configured`)."""
+        _, template = self.template_for(running_root)
+        for value in template.get("linux", []):
+            parts = PurePosixPath(value).parts
+            if len(parts) == 4 and parts[0] == "/" and ENTRY_TOKEN.match(parts[1]):
+                return parts[1]
+        token = (configured or "").strip()
+        if not ENTRY_TOKEN.match(token) or token in ("EFI", "loader"):
+            raise BootConfigError(
+                "cannot tell this host's entry token: the running entry's kernel is not in /TOKEN/VERSION/ "
+                "and /etc/kernel/entry-token names none"
+            )
+        return token
+
+    def kernel_directory(self, token: str, version: str) -> Path:
+        return self.esp / token / version
+
+    def install_kernel(self, token: str, version: str, files: Mapping[str, Iterable[bytes]]) -> Path:
+        """Write the files (linux, initrd) into /TOKEN/VERSION/ on the ESP, each through a temporary
+        name, fsynced and renamed: a cut leaves either the whole file or a temporary one (`leftovers`)."""
+        directory = self.kernel_directory(token, version)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, chunks in files.items():
+            _write_streamed(directory / name, chunks)
+        return directory
+
+    def referenced_directories(self, path: Path) -> set[PurePosixPath]:
+        """The kernel directories (/TOKEN/VERSION) the entry's linux, initrd, efi and devicetree name."""
+        try:
+            entry = parse_entry(path.read_text())
+        except FileNotFoundError:
+            return set()
+        found = set()
+        for key in ("linux", "initrd", "efi", "devicetree"):
+            for value in entry.get(key, []):
+                parts = PurePosixPath("/" + value.lstrip("/")).parts
+                if len(parts) >= 4 and ".." not in parts:  # a file in /TOKEN/VERSION/, not /rastos/vmlinuz
+                    found.add(PurePosixPath(*parts[:3]))
+        return found
+
+    def remove_entry(self, path: Path) -> None:
+        """Remove the entry, and each kernel directory it named that no other entry names (an
+        update's own kernel goes with its last entry; the image's shared one stays while any refers
+        to it). Only /TOKEN/VERSION directories are ever removed, never the ESP's others."""
+        directories = self.referenced_directories(path)
+        path.unlink()
+        still: set[PurePosixPath] = set()
+        for other in self.entry_files():
+            still |= self.referenced_directories(other)
+        for directory in sorted(directories - still):
+            target = self.esp / directory.relative_to("/")
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+                log.info("removed %s from the ESP: no entry refers to it any more", directory)
+
+    def drop_kernel_directory(self, token: str, version: str) -> None:
+        """Remove /TOKEN/VERSION unless an entry refers to it (a staging that failed after writing it)."""
+        directory = PurePosixPath("/", token, version)
+        for path in self.entry_files():
+            if directory in self.referenced_directories(path):
+                return
+        shutil.rmtree(self.kernel_directory(token, version), ignore_errors=True)
+
+    def remove_entry_id(self, entry: str) -> None:
+        for path in self.entry_files():
+            if entry_id(path.name) == entry:
+                self.remove_entry(path)
+
+    def update_entries(self) -> list[tuple[str, Path]]:
+        """Every entry made for an update: (the deployment it boots, its file)."""
+        return [(self.root_of(path), path) for path in self.entry_files() if UPDATE_ENTRY.match(entry_id(path.name))]
+
+    def kernel_leftovers(self) -> list[Path]:
+        """Temporary files of a kernel write that was cut short, in /TOKEN/VERSION/ directories."""
+        found = [path for name in KERNEL_FILES for path in self.esp.glob(f"*/*/.{name}.*")]
+        return sorted(path for path in found if TEMPORARY.match(path.name) and path.is_file())
 
     def add_readonly(self, snapshot_id: int, description: str, subvolume: str, running_root: str, taken: float) -> str:
         """Write the menu entry that boots the read-only snapshot under an overlay. Returns its id."""
@@ -207,7 +338,31 @@ class BootEntries:
         wanted = {deployment_entry_id(snapshot_id)} | ({readonly_entry_id(snapshot_id)} if readonly else set())
         for path in self.entry_files():
             if entry_id(path.name) in wanted:
-                path.unlink()
+                self.remove_entry(path)
+
+
+def _write_streamed(path: Path, chunks: Iterable[bytes]) -> None:
+    """`chunks` into `path` through a temporary name in the same directory, as write_atomically does
+    for a text: the file fsynced, renamed, fsynced again (vfat), the directory fsynced."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+            temporary.replace(path)
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _date(taken: float) -> str:
@@ -238,7 +393,7 @@ class BootState:
     entry: str  # the boot entry systemd-boot selected ("" when not booted by it)
     health: str  # good, pending, unknown
     fallback: Fallback | None = None
-    image_version: str = ""  # the image version this deployment runs (its /usr/lib/rastos/image.json); "" unknown
+    image_version: str = ""  # the image version the booted tree says it is (/usr/lib/rastos/image.json)
 
     @property
     def kind(self) -> str:

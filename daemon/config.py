@@ -35,6 +35,8 @@ class DaemonConfig:
     # Test seam: the scratch root's kernel and services are the ones beside the daemon (a test runs it
     # in network and UTS namespaces of its own), so runtime actions (nft, sysctl) are made. None: root is /.
     root_runtime: bool | None = None
+    updates_dir: Path | None = None  # where bundles are downloaded; default: STATE_DIR/updates
+    update_keys_dir: Path = Path("/etc/rastos/update-keys.d")  # the keys a bundle's signature may be by
 
     def boot_cmdline(self) -> str:
         if self.kernel_cmdline is not None:
@@ -47,6 +49,10 @@ class DaemonConfig:
     @property
     def snapshot_directory(self) -> Path:
         return self.snapshots_dir if self.snapshots_dir is not None else self.root / ".snapshots"
+
+    @property
+    def download_directory(self) -> Path:
+        return self.updates_dir if self.updates_dir is not None else self.state_dir / "updates"
 
     @property
     def database(self) -> Path:
@@ -65,6 +71,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "health.critical_units": ("critical_units", tuple),
     "hub.url": ("hub_url", str),
     "hub.token_file": ("hub_token_file", Path),
+    "updates.directory": ("updates_dir", Path),
+    "updates.keys_dir": ("update_keys_dir", Path),
 }
 
 

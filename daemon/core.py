@@ -10,7 +10,8 @@ import json
 import logging
 import socket
 from collections.abc import Mapping
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import btrfsutil
 
@@ -26,12 +27,13 @@ from daemon.boot import (
     snapshot_of_root,
 )
 from daemon.config import DaemonConfig
-from daemon.errors import BootConfigError, DaemonError, SnapshotProtected, SnapshotsUnavailable
+from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
-from daemon.hub_link import HubLink, UpdateCompleted
+from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
+from daemon.updates import Updates
 from ops.steps import step_from
 from ops.target import Target
 from rastos.errors import CommandError, RastosError
@@ -81,8 +83,10 @@ class Daemon:
         # What the root was made from is fixed for this boot: derived once, not per call.
         self.booted_snapshot = snapshot_of_root(self.root_subvolume)
         self.jobs = JobManager(self.target, self.store, self.snapshots, self, self.booted_snapshot)
+        refusal, running = self._update_refusal()
+        self.updates = Updates(config, self.store, self.entries, running, refusal=refusal,
+                               run_lock=self.jobs.run_lock, prepare_deployment=self._prepare_deployment)  # fmt: skip
         self.hub: HubLink | None = None
-        self._update_callbacks: list[UpdateCompleted] = []
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -90,6 +94,20 @@ class Daemon:
         if self.snapshots is None:
             return ""
         return subvolume_path(self.config.root)
+
+    def _update_refusal(self) -> tuple[str | None, str]:
+        """Why this boot cannot stage image updates (None if it can), and its root subvolume."""
+        if self.overlay_root is not None:
+            return (
+                f"this boot runs the read-only snapshot {self.overlay_root} under an overlay in memory: "
+                "stage updates from a deployment"
+            ), self.overlay_root
+        try:
+            if btrfsutil.is_subvolume(self.config.root):
+                return None, subvolume_path(self.config.root)
+        except btrfsutil.BtrfsUtilError:
+            pass
+        return f"the root {self.config.root} is not a btrfs subvolume: this host cannot take image updates", ""
 
     # State the properties show
 
@@ -103,16 +121,26 @@ class Daemon:
             health = "good"
         else:
             health = "pending" if entry else "unknown"
-        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback)
+        # The image version is read once, at start (updates.running_version): it is fixed for the boot.
+        version = self.updates.running_version
+        return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback, version)
 
-    # Image updates for the hub link (daemon/hub_link.py's DaemonCore). They pass on to the updates
-    # API (daemon/updates.py, docs/updates.md) once it is here; until then a staging is refused.
+    # Image updates (docs/updates.md)
+
+    def _prepare_deployment(self, new_root: Path, running_root: Path, pristine_image: Path | None) -> dict[str, Any]:
+        """The new deployment made this host's: files carried, host state re-applied, hand changes
+        reported (daemon/updates/carry.py, imported on the first staging: it loads the op library)."""
+        from daemon.updates.carry import prepare_deployment
+
+        return prepare_deployment(new_root, running_root, pristine_image, self.store, config=self.config,
+                                  running_subvolume=self.root_subvolume)  # fmt: skip
 
     def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int:
-        raise DaemonError("updates: this rastosd cannot stage image updates yet")
+        """A staging for the hub link (hub_link.py's DaemonCore), as the daemon's own."""
+        return self.updates.stage(source, uid=HUB_UID, method="HubUpdate", reboot=reboot, headers=dict(headers))
 
     def on_update_completed(self, callback: UpdateCompleted) -> None:
-        self._update_callbacks.append(callback)
+        self.updates.on_completed.append(callback)
 
     def _find_fallback(self) -> Fallback | None:
         try:
@@ -131,14 +159,18 @@ class Daemon:
         self.listener.fell_back(failed, root, self._booted_entry)
 
     def reconcile(self) -> None:
-        """Once per start: repair what a crash or power cut between two steps left (snapshots.py)."""
-        if self.snapshots is None:
-            return
+        """Once per start: repair what a crash or power cut between two steps left (snapshots.py,
+        updates/reconcile.py)."""
+        done = []
+        if self.snapshots is not None:
+            try:
+                done += self.snapshots.reconcile(self.booted_snapshot)
+            except (OSError, btrfsutil.BtrfsUtilError) as error:
+                log.error("cannot reconcile snapshots and boot entries: %s", error)
         try:
-            done = self.snapshots.reconcile(self.booted_snapshot)
-        except (OSError, btrfsutil.BtrfsUtilError) as error:
-            log.error("cannot reconcile snapshots and boot entries: %s", error)
-            return
+            done += self.updates.reconcile()
+        except (OSError, btrfsutil.BtrfsUtilError, RastosError) as error:
+            log.error("cannot reconcile image updates: %s", error)
         for action in done:
             log.warning("reconciled: %s", action)
         if done:

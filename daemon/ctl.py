@@ -2,13 +2,15 @@
 
 Readable tables by default, `--json` on every command (before or after its name). A D-Bus error prints
 its name and text and exits 1; a bad argument (a number out of range, an unknown command) is one line
-and exits 2; a job that ends other than `done` exits 3; a compliance scan with a failed check exits 4.
+and exits 2; a job that ends other than `done`, or an update staging that ends other than `staged`, exits 3;
+a compliance scan with a failed check exits 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,14 +31,30 @@ from sdbus import (
 )
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
-from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, JobInterface, ManagerInterface, SnapshotsInterface, job_path
+from daemon.bus.interfaces import (
+    BUS_NAME,
+    ROOT_PATH,
+    JobInterface,
+    ManagerInterface,
+    SnapshotsInterface,
+    UpdatesInterface,
+    job_path,
+)
 from daemon.compliance.model import Report, Status
 from daemon.compliance.remediate import pipeline as remediation_pipeline
 from daemon.compliance.remediate import select
 from daemon.compliance.report import render
 from daemon.config import DaemonConfig, load_config
 from daemon.ctl_args import EXIT_USAGE, build_parser, job_flags, key_values, params_from, steps_from_file
-from daemon.ctl_output import format_changes, format_diff, format_job, table
+from daemon.ctl_output import (
+    format_changes,
+    format_diff,
+    format_job,
+    format_progress,
+    format_update_result,
+    format_update_status,
+    table,
+)
 from daemon.jobs import FINAL_STATES
 from ops.declared import REQUIRED, desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
@@ -53,6 +71,7 @@ class Client:
         self.as_json = as_json
         self.manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
         self.snapshots = SnapshotsInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+        self.updates = UpdatesInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
 
     def emit(self, document: Any, text: str) -> None:
         print(json.dumps(document, indent=2) if self.as_json else text)
@@ -74,6 +93,7 @@ class Client:
             f"host name:   {document['hostname']}",
             f"root:        {boot.get('root') or '-'} ({boot.get('kind')}, {boot.get('health')})",
             f"boot entry:  {boot.get('entry') or '-'}",
+            f"image:       {boot.get('image_version') or '-'}",
             f"active jobs: {', '.join(map(str, active)) or 'none'}",
             f"snapshots:   {len(snapshots)}",
         ]
@@ -257,6 +277,57 @@ class Client:
             self.emit({"marked_good": True}, "this boot is marked good")
         return 0
 
+    async def update(self, args: argparse.Namespace) -> int:
+        if args.update_command == "status":
+            status = json.loads(await self.updates.get_update_status())
+            self.emit(status, format_update_status(status))
+            return 0
+        if args.update_command == "cancel":
+            await self.updates.cancel_update()
+            self.emit({"cancel": True}, "the staging stops; nothing half-made is left")
+            return 0
+        # A path is made absolute here, as the daemon (with a working directory of its own) takes absolute
+        # ones only; lexically: resolve() would follow a link the daemon must see, and refuse.
+        source = args.source if "://" in args.source else os.path.abspath(args.source)  # noqa: PTH100
+        if args.no_wait:
+            update_id = await self.updates.stage_update(source, args.reboot)
+            self.emit({"id": update_id}, f"update {update_id} is staging (rastosctl update status)")
+            return 0
+        result = await self.follow_update(source, args.reboot)
+        self.emit(result, format_update_result(result))
+        return 0 if result.get("state") == "staged" else EXIT_JOB_FAILED
+
+    async def follow_update(self, source: str, reboot: bool) -> dict[str, Any]:
+        """Stage, print the progress as it comes, and return the staging's result once it ended."""
+        results: dict[int, dict[str, Any]] = {}
+        heard = asyncio.Event()
+
+        async def completed() -> None:
+            async for update_id, _, result_json in self.updates.update_completed:
+                results[update_id] = json.loads(result_json)
+                heard.set()
+
+        listener = asyncio.create_task(completed())
+        try:
+            await asyncio.sleep(0.1)  # the signal's match rule reaches the bus before the staging can end
+            update_id = await self.updates.stage_update(source, reboot)
+            shown = None
+            while update_id not in results:
+                # The signal carries the news; the status read covers one that came before we listened.
+                status = json.loads(await self.updates.get_update_status())
+                if status["id"] == update_id and status["result"] is not None:
+                    return dict(status["result"])
+                progress = format_progress(*await self.updates.update_progress)
+                if progress != shown and not self.as_json:
+                    print(progress, file=sys.stderr, flush=True)
+                    shown = progress
+                heard.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(heard.wait(), 0.5)
+            return results[update_id]
+        finally:
+            listener.cancel()
+
     async def log(self, since: int, limit: int) -> int:
         events = await self.manager.get_event_log(since, limit)
         document = [
@@ -300,6 +371,8 @@ async def dispatch(args: argparse.Namespace) -> int:
         return await client.job(args.id)
     if command == "snapshot":
         return await client.snapshot(args)
+    if command == "update":
+        return await client.update(args)
     return await client.log(args.since, args.limit)
 
 

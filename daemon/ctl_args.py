@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         "boot-once", help="boot snapshot ID read-only (changes kept in memory only) on the next boot only"
     ).add_argument("id", type=SNAPSHOT_ID)
     snapshot_commands.add_parser("mark-good", help="mark this boot good")
+    update = commands.add_parser("update", help="stage an image update (a signed bundle); its status; cancel it")
+    update_commands = update.add_subparsers(dest="update_command", required=True, metavar="ACTION")
+    stage = update_commands.add_parser(
+        "stage", help="stage the bundle at SOURCE (a path or an http(s) URL): it boots next, on trial"
+    )
+    stage.add_argument("source", help="a bundle file (made absolute here) or an http(s) URL")
+    stage.add_argument("--reboot", action="store_true", help="reboot into it once it is staged")
+    stage.add_argument("--no-wait", action="store_true", help="print the update's id and return at once")
+    update_commands.add_parser("status", help="what is staging or was staged last, the running version")
+    update_commands.add_parser("cancel", help="stop the staging in progress; nothing half-made is left")
     log = commands.add_parser("log", help="the event log: every change, who asked for it, and the job")
     log.add_argument("--since", type=number(0, INT_MAX), default=0, help="only events after this id")
     log.add_argument("--limit", type=number(1, MAX_EVENTS), default=100, help="at most this many")

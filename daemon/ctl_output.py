@@ -62,3 +62,52 @@ def format_job(document: dict[str, Any]) -> str:
     elif confirmation:
         lines.append(f"  confirmation: {confirmation['state']} {confirmation.get('detail') or ''}".rstrip())
     return "\n".join(lines)
+
+
+def format_size(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB" if count >= 1 << 20 else f"{count / 1024:.1f} KiB"
+
+
+def format_progress(phase: str, done: int, total: int) -> str:
+    if not total:
+        return f"[{phase}]" + (f" {format_size(done)}" if done else "")
+    return f"[{phase}] {format_size(done)} of {format_size(total)} ({100 * done // total}%)"
+
+
+def format_update_result(result: dict[str, Any]) -> str:
+    """One staging's end, as Completed and GetStatus carry it."""
+    version = result.get("version") or "?"
+    if result.get("state") == "staged":
+        lines = [
+            f"update {result['id']} staged: version {version} boots next, on trial",
+            f"  deployment: {result.get('deployment')} (image {result.get('image')}"
+            f"{'' if result.get('received') else ', here already'})",
+            f"  entry:      {result.get('entry')} (kernel {result.get('kernel')})",
+        ]
+        hand = (result.get("carried") or {}).get("hand_changes") or []
+        lines += [f"  changed by hand, not carried: {change}" for change in hand]
+        if result.get("reboot"):
+            lines.append("  rebooting into it")
+        return "\n".join(lines)
+    error = result.get("error") or {}
+    name = f"{error['name']}: " if error.get("name") else ""
+    return f"update {result.get('id')} (version {version}) {result.get('state')}: {name}{error.get('message', '')}"
+
+
+def format_update_status(status: dict[str, Any]) -> str:
+    progress = status["progress"]
+    lines = [
+        f"state:           {status['state']}",
+        f"running version: {status['running_version'] or '-'}",
+        f"staged version:  {status['staged_version'] or '-'} (boots next)" if status["staged_version"] else
+        "staged version:  -",
+    ]  # fmt: skip
+    if status.get("id"):
+        lines.append(f"update:          {status['id']} from {status['source']} (version {status['version'] or '?'})")
+    if status["state"] not in ("idle", "staged", "failed", "cancelled"):
+        lines.append(f"progress:        {format_progress(progress['phase'], progress['done'], progress['total'])}")
+    if status.get("last_error"):
+        error = status["last_error"]
+        lines.append(f"last error:      {error.get('name') or ''} {error.get('message', '')}".rstrip())
+    lines += [f"hand change:     {change}" for change in status.get("hand_changes") or []]
+    return "\n".join(lines)

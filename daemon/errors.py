@@ -1,8 +1,8 @@
 """Failures the daemon expects, each with the D-Bus error name a client sees.
 
 The ops' own (InvalidParams, UnknownOp, OpFailed, UnsafePath) are in ops/errors.py, under the same
-base; these are the daemon's: jobs, snapshots, boot entries, access. This module does not import
-sdbus, so the op engine runs without it.
+base; these are the daemon's: jobs, snapshots, boot entries, access, image updates. This module does
+not import sdbus, so the op engine runs without it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,80 @@ class NotPending(DaemonError):
     dbus_name = ERROR_PREFIX + "NotPending"
 
 
+UPDATE_PREFIX = ERROR_PREFIX + "Update."
+
+
+class UpdateFailed(DaemonError):
+    """Staging an image update failed for a reason none of the names below gives (a download the
+    server refused, a deployment that cannot be replaced)."""
+
+    dbus_name = UPDATE_PREFIX + "Failed"
+
+
+class UpdateCorrupt(UpdateFailed):
+    """The bundle is cut short or a part does not match its sha256 in the signed manifest."""
+
+    dbus_name = UPDATE_PREFIX + "Corrupt"
+
+
+class UpdateSignature(UpdateFailed):
+    """The manifest's signature is malformed or does not match the manifest."""
+
+    dbus_name = UPDATE_PREFIX + "Signature"
+
+
+class UpdateUntrusted(UpdateFailed):
+    """The bundle is signed by a key that is not in the host's update-keys.d (or none is)."""
+
+    dbus_name = UPDATE_PREFIX + "Untrusted"
+
+
+class UpdateParent(UpdateFailed):
+    """A delta whose parent version this host does not hold."""
+
+    dbus_name = UPDATE_PREFIX + "Parent"
+
+
+class UpdateFormat(UpdateFailed):
+    """Not a bundle this rastOS reads: a manifest field is missing or wrong."""
+
+    dbus_name = UPDATE_PREFIX + "Format"
+
+
+class UpdateBusy(UpdateFailed):
+    """Another update is staging: one at a time."""
+
+    dbus_name = UPDATE_PREFIX + "Busy"
+
+
+class UpdateNoSpace(UpdateFailed):
+    """The file system ran out of space while the update was downloaded or received."""
+
+    dbus_name = UPDATE_PREFIX + "NoSpace"
+
+
+class UpdatesUnavailable(UpdateFailed):
+    """This boot cannot take updates: its root is not a btrfs subvolume, or it is a read-only
+    snapshot under an overlay."""
+
+    dbus_name = UPDATE_PREFIX + "Unavailable"
+
+
+class NotStaging(UpdateFailed):
+    """Cancel() while no update is staging."""
+
+    dbus_name = UPDATE_PREFIX + "NotStaging"
+
+
+# rastos.bundle's BundleError.reason -> the error a client sees.
+BUNDLE_ERRORS: dict[str, type[UpdateFailed]] = {
+    "corrupt": UpdateCorrupt,
+    "signature": UpdateSignature,
+    "untrusted": UpdateUntrusted,
+    "parent": UpdateParent,
+    "format": UpdateFormat,
+}
+
 ALL_ERRORS: tuple[type[DaemonError], ...] = (
     DaemonError,
     InvalidParams,
@@ -72,4 +146,10 @@ ALL_ERRORS: tuple[type[DaemonError], ...] = (
     OpFailed,
     UnsafePath,
     NotPending,
+    UpdateFailed,
+    *BUNDLE_ERRORS.values(),
+    UpdateBusy,
+    UpdateNoSpace,
+    UpdatesUnavailable,
+    NotStaging,
 )

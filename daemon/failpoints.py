@@ -23,9 +23,15 @@ SNAPSHOT_POINTS = (
     "order-changed",  # Rollback: the other entries are re-sorted, the new entry not yet written
     "entry-written",  # Rollback: the new entry is on the ESP, the state store not yet told
 )
+UPDATE_POINTS = (
+    "update-received",  # Stage: the image is in @images, no deployment yet
+    "update-deployed",  # Stage: @deployments/VERSION is in place, its kernel and entry not yet
+    "update-kernel-written",  # Stage: the kernel is on the ESP, the entry not yet
+)
 POINTS = (
     *SNAPSHOT_POINTS,
     "follow-ups-owed",  # a step: its files written, its follow-ups (service reloads) recorded, not yet run
+    *UPDATE_POINTS,
 )
 
 

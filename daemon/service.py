@@ -23,6 +23,8 @@ from rastos import __version__
 log = logging.getLogger("rastosd")
 
 STOP_TIMEOUT = 100.0  # a running step may finish; below the unit's TimeoutStopSec=120s
+# A cancelled staging stops at its next chunk and cleans up in seconds; with STOP_TIMEOUT still below 120s.
+UPDATE_STOP_TIMEOUT = 15.0
 
 
 async def serve(config: DaemonConfig) -> None:
@@ -60,6 +62,7 @@ async def serve(config: DaemonConfig) -> None:
     _notify("STOPPING=1")
     log.info("stopping")
     await daemon.jobs.shutdown(STOP_TIMEOUT)
+    await asyncio.to_thread(daemon.updates.shutdown, UPDATE_STOP_TIMEOUT)
     watchdog.cancel()
     worker.cancel()
     if link is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import UpdateFailed
 from daemon.store_schema import MIGRATIONS
 
 ACTIVE_STATES = ("queued", "running")
@@ -54,6 +55,19 @@ class BootRow:
     boot_id: str
     started: float  # when rastosd first started in this boot: before any job of the boot ran
     root: str  # the root subvolume it ran on
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    id: int
+    uid: int
+    source: str
+    reboot: bool
+    state: str
+    version: str | None
+    created: float
+    finished: float | None
+    result: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -353,6 +367,54 @@ class StateStore:
             row = self._db.execute("SELECT marked_good FROM boots WHERE boot_id = ?", (boot_id,)).fetchone()
         return row is not None and row[0] is not None
 
+    # Image updates (daemon/updates)
+
+    def add_update(self, uid: int, method: str, source: str, reboot: bool) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO updates (uid, source, reboot, state, created) VALUES (?, ?, ?, 'staging', ?)",
+                (uid, source, int(reboot), time.time()),
+            )
+            update_id = int(cursor.lastrowid or 0)
+            self._event(db, uid, method, None, update=update_id, source=source, reboot=reboot)
+        return update_id
+
+    def set_update_version(self, update_id: int, version: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE updates SET version = ? WHERE id = ?", (version, update_id))
+
+    def set_update_image(self, update_id: int, image: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE updates SET image = ? WHERE id = ?", (image, update_id))
+
+    def finish_update(self, update_id: int, state: str, result: dict[str, Any], uid: int = DAEMON_UID) -> None:
+        """The update's end, and its event: UpdateStaged, UpdateFailed or UpdateCancelled."""
+        method = {"staged": "UpdateStaged", "failed": "UpdateFailed", "cancelled": "UpdateCancelled"}[state]
+        error = result.get("error") or {}
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE updates SET state = ?, finished = ?, result = ? WHERE id = ?",
+                (state, time.time(), json.dumps(result), update_id),
+            )
+            self._event(db, uid, method, None, update=update_id, version=result.get("version"),
+                        reason=error.get("message"), error=error.get("name"))  # fmt: skip
+
+    def last_update(self) -> UpdateRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM updates ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else _update_row(row)
+
+    def interrupt_unfinished_updates(self) -> list[tuple[int, str | None]]:
+        """Updates the daemon stopped in the middle of (a crash, a power cut): failed, with their event.
+        Returns each one's id and the image it had received, if any."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, version, image FROM updates WHERE state = 'staging'").fetchall()
+        for update_id, version, _ in rows:
+            error = {"name": UpdateFailed.dbus_name, "message": "rastosd stopped while it staged this update"}
+            self.finish_update(update_id, "failed", {"id": update_id, "state": "failed", "version": version,
+                                                     "error": error})  # fmt: skip
+        return [(int(row[0]), row[2]) for row in rows]
+
     # Event log
 
     def event_log(self, since: int, limit: int) -> list[tuple[int, float, int, str, int, str]]:
@@ -390,6 +452,13 @@ def _job_row(row: sqlite3.Row) -> JobRow:
         result=None if row["result"] is None else json.loads(row["result"]),
         hub_command=row["hub_command"],
     )
+
+
+def _update_row(row: sqlite3.Row) -> UpdateRow:
+    return UpdateRow(
+        row["id"], row["uid"], row["source"], bool(row["reboot"]), row["state"], row["version"], row["created"],
+        row["finished"], None if row["result"] is None else json.loads(row["result"]),
+    )  # fmt: skip
 
 
 def _snapshot_row(row: sqlite3.Row) -> SnapshotRow:

@@ -86,4 +86,19 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT
     );
     """,
+    # 6: image updates staged (daemon/updates): their ids, who asked, how each ended.
+    """
+    CREATE TABLE updates (
+        id INTEGER PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        source TEXT NOT NULL,          -- as shown: a URL without its query
+        reboot INTEGER NOT NULL,
+        state TEXT NOT NULL,           -- staging, staged, failed, cancelled
+        version TEXT,                  -- once the manifest is read
+        image TEXT,                    -- the image this staging received (@images/NAME), once it has
+        created REAL NOT NULL,
+        finished REAL,
+        result TEXT                    -- JSON, as the Completed signal carries it
+    );
+    """,
 )

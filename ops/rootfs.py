@@ -246,6 +246,25 @@ class Root:
             raise UnsafePath(absolute, f"is larger than {limit} bytes")
         return content
 
+    def open_regular(self, absolute: str) -> int:
+        """A descriptor (read-only) of the regular file `absolute`, reached without following a link,
+        under the rules of `read_bytes`, for a file too big to read whole (an update bundle): the
+        caller reads it through the descriptor, so a file swapped in at that path later is not it.
+        FileNotFoundError when it is missing."""
+        with self.parent(absolute) as (parent, name):
+            fd = _open_file(parent, name, absolute)
+            directory_owner = os.fstat(parent).st_uid
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise UnsafePath(absolute, "is not a regular file")
+            if status.st_nlink > 1 and directory_owner != 0:
+                raise UnsafePath(absolute, f"has {status.st_nlink} hard links in a directory root does not own")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def read_text(self, absolute: str, *, links: Links = Links.NONE) -> str | None:
         content = self.read_bytes(absolute, links=links)
         # Bytes that are not UTF-8 become U+FFFD: the text differs from any wanted one (so it is

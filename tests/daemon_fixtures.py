@@ -254,14 +254,17 @@ class Rastosd:
     def get(self, interface: str, name: str, path: str = ROOT_PATH) -> Any:
         return json.loads(self.busctl("get-property", BUS_NAME, path, interface, name).stdout)["data"]
 
-    def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ctl_argv(self, user: str | None = None) -> list[str]:
+        """rastosctl on this daemon's bus (run it with the checkout as working directory or on PYTHONPATH)."""
         argv = [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())"]
         if user is not None:
             argv = [sys.executable, "-c", CTL_AS_USER, user]
+        return [*argv, "--bus-address", self.bus.address]
+
+    def ctl(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*argv, "--bus-address", self.bus.address, *args],
-            capture_output=True, text=True, check=False, timeout=120, cwd=CHECKOUT,
-        )  # fmt: skip
+            [*self.ctl_argv(user), *args], capture_output=True, text=True, check=False, timeout=120, cwd=CHECKOUT
+        )
 
     def wait_job(self, path: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout

@@ -38,6 +38,7 @@ from tests.daemon_fixtures import (
 )
 
 pytestmark = pytest.mark.root
+UPDATES = "org.rastos.Daemon1.Updates"
 CONTRACT = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"
 STANDARD = {
     "org.freedesktop.DBus.Peer",
@@ -73,9 +74,9 @@ def apply(daemon: Rastosd, op: str, params: dict[str, Any], flags: int = 0) -> t
 def test_exports_exactly_the_interface_in_the_repository(rastosd: Rastosd) -> None:
     contract = interfaces(CONTRACT.read_text())
     root = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, ROOT_PATH).stdout)
-    assert set(root) == STANDARD | {MANAGER, SNAPSHOTS}
-    assert {name: root[name] for name in (MANAGER, SNAPSHOTS)} == {
-        name: contract[name] for name in (MANAGER, SNAPSHOTS)
+    assert set(root) == STANDARD | {MANAGER, SNAPSHOTS, UPDATES}
+    assert {name: root[name] for name in (MANAGER, SNAPSHOTS, UPDATES)} == {
+        name: contract[name] for name in (MANAGER, SNAPSHOTS, UPDATES)
     }
     path, _ = apply(rastosd, "motd", {"text": "contract"})
     job = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, path).stdout)
@@ -87,6 +88,7 @@ def test_properties_and_read_only_methods(rastosd: Rastosd) -> None:
     assert rastosd.get(MANAGER, "Hostname") == "rastos"
     boot = rastosd.get(MANAGER, "BootState")
     assert boot["root"] == "@" and boot["kind"] == "deployment" and boot["snapshot"] == ""
+    assert boot["image_version"] == "", "this scratch root has no /usr/lib/rastos/image.json"
     ops = {name: json.loads(schema) for name, _, schema in rastosd.call(MANAGER, "ListOps")[0]}
     assert {"hostname", "sysctl", "motd", "user"} <= set(ops)
     assert ops["hostname"]["required"] == ["hostname"]

@@ -24,6 +24,7 @@ JOB_PATH_PREFIX = ROOT_PATH + "/job/"
 MANAGER_INTERFACE = "org.rastos.Daemon1.Manager"
 SNAPSHOTS_INTERFACE = "org.rastos.Daemon1.Snapshots"
 JOB_INTERFACE = "org.rastos.Daemon1.Job"
+UPDATES_INTERFACE = "org.rastos.Daemon1.Updates"
 
 # sd-bus would refuse every method not flagged unprivileged to callers without CAP_SYS_ADMIN, which
 # shuts out both readers and the admin group. rastosd decides itself (daemon/bus/callers.py).
@@ -129,6 +130,32 @@ class SnapshotsInterface(DbusInterfaceCommonAsync, interface_name=SNAPSHOTS_INTE
 
     @dbus_method_async(flags=OPEN)
     async def mark_good(self) -> None:
+        raise NotImplementedError
+
+
+class UpdatesInterface(DbusInterfaceCommonAsync, interface_name=UPDATES_INTERFACE):
+    # Python names of their own: the root object carries Manager and Snapshots too (and Job has a Cancel).
+
+    @dbus_method_async(
+        "sb", "t", input_args_names=("source", "reboot"), result_args_names=("id",), method_name="Stage", flags=OPEN
+    )
+    async def stage_update(self, source: str, reboot: bool) -> int:
+        raise NotImplementedError
+
+    @dbus_method_async(method_name="Cancel", flags=OPEN)
+    async def cancel_update(self) -> None:
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("status_json",), method_name="GetStatus", flags=OPEN)
+    async def get_update_status(self) -> str:
+        raise NotImplementedError
+
+    @dbus_property_async("(stt)", flags=DbusPropertyEmitsChangeFlag, property_name="Progress")
+    def update_progress(self) -> tuple[str, int, int]:
+        raise NotImplementedError
+
+    @dbus_signal_async("tbs", signal_args_names=("id", "ok", "result_json"), signal_name="Completed")
+    def update_completed(self) -> tuple[int, bool, str]:
         raise NotImplementedError
 
 

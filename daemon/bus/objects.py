@@ -26,9 +26,11 @@ from daemon.bus.errors import guarded
 from daemon.bus.interfaces import (
     JOB_INTERFACE,
     MANAGER_INTERFACE,
+    UPDATES_INTERFACE,
     JobInterface,
     ManagerInterface,
     SnapshotsInterface,
+    UpdatesInterface,
     job_path,
 )
 from daemon.core import Daemon
@@ -86,7 +88,7 @@ class JobObject(JobInterface):
         self._daemon.jobs.cancel(self.job.id, caller.uid)
 
 
-class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInterface):
+class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInterface, UpdatesInterface):
     def __init__(self, face: BusFace) -> None:
         super().__init__()
         self._face = face
@@ -249,6 +251,31 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
         caller = await self._face.callers.require_admin("MarkGood")
         self._daemon.mark_good(caller.uid)
 
+    # Updates
+
+    @dbus_method_async_override()
+    @guarded
+    async def stage_update(self, source: str, reboot: bool) -> int:
+        caller = await self._face.callers.require_admin("Stage")
+        updates = self._daemon.updates
+        # Opening a path and recording the update touch the disk: off the loop.
+        return await asyncio.to_thread(updates.stage, source, uid=caller.uid, method="Stage", reboot=reboot)
+
+    @dbus_method_async_override()
+    @guarded
+    async def cancel_update(self) -> None:
+        caller = await self._face.callers.require_admin("Cancel")
+        self._daemon.updates.cancel(uid=caller.uid, method="Cancel")
+
+    @dbus_method_async_override()
+    @guarded
+    async def get_update_status(self) -> str:
+        return json.dumps(self._daemon.updates.status())
+
+    @dbus_property_async_override()
+    def update_progress(self) -> tuple[str, int, int]:
+        return self._daemon.updates.progress
+
 
 def confirmation_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
@@ -283,6 +310,14 @@ class BusFace:
         self._hostname = daemon.hostname()
         self.open_plans = ThreadPoolExecutor(1, thread_name_prefix="open-plan")  # Plan() for non-admins
         daemon.listener = self
+        daemon.updates.on_progress.append(self.update_progress_changed)
+        daemon.updates.on_completed.append(self.update_completed)
+
+    def update_progress_changed(self, progress: tuple[str, int, int]) -> None:
+        emit_changed(self.root, UPDATES_INTERFACE, "Progress", "(stt)", progress)
+
+    def update_completed(self, update_id: int, ok: bool, result: dict[str, Any]) -> None:
+        self.root.update_completed.emit((update_id, ok, json.dumps(result)))
 
     def boot_state_changed(self) -> None:
         emit_changed(self.root, MANAGER_INTERFACE, "BootState", "a{ss}", self.daemon.boot_state().as_dbus())

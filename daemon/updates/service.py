@@ -1,0 +1,313 @@
+"""`Updates`: what the bus face (Stage, Cancel, GetStatus, Progress, Completed) and the hub agent call
+to stage image updates. One staging at a time, on a worker thread of its own (which takes a mount
+namespace of its own to reach the file system's top level: layout.py); the steps are steps.py's.
+
+Listeners (`on_progress`, `on_completed`) are called on the event loop's thread when `Updates` was
+made inside a running loop (as rastosd makes it), else on the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from daemon.boot import SORT_NEW, BootEntries, tries_left
+from daemon.config import DaemonConfig
+from daemon.errors import (
+    BUNDLE_ERRORS,
+    DaemonError,
+    NotStaging,
+    UpdateBusy,
+    UpdateFailed,
+    UpdateNoSpace,
+    UpdatesUnavailable,
+)
+from daemon.store import StateStore
+from daemon.updates.layout import DEPLOYMENTS, HostLayout, on_own_thread, top_level
+from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
+from daemon.updates.reconcile import reconcile
+from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
+from ops.errors import ERROR_PREFIX
+from rastos.errors import RastosError
+from rastos.process import run
+
+log = logging.getLogger("rastosd.updates")
+
+PHASES = ("idle", "downloading", "verifying", "receiving", "reapplying", "installing", "staged", "failed", "cancelled")
+PROGRESS_INTERVAL = 0.25  # seconds between two Progress notifications within one phase
+REBOOT_DELAY = 3.0  # seconds between Completed and the reboot: the hub agent tells the hub first
+INTERNAL = ERROR_PREFIX + "Internal"
+
+Progress = tuple[str, int, int]
+CompletedListener = Callable[[int, bool, dict[str, Any]], None]
+ProgressListener = Callable[[Progress], None]
+
+
+def logind_reboot(bus_address: str | None) -> Callable[[], None]:
+    """A reboot through systemd-logind on the daemon's own bus (a test's private bus has no logind,
+    so a test cannot reboot the machine it runs on)."""
+
+    def reboot() -> None:
+        address = [f"--address={bus_address}"] if bus_address else []
+        run(["busctl", *address, "call", "org.freedesktop.login1", "/org/freedesktop/login1",
+             "org.freedesktop.login1.Manager", "Reboot", "b", "false"], capture=True)  # fmt: skip
+
+    return reboot
+
+
+class Updates:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        store: StateStore,
+        entries: BootEntries,
+        running: str,
+        *,
+        refusal: str | None = None,
+        run_lock: threading.Lock | None = None,
+        prepare_deployment: PrepareDeployment = carry_nothing,
+        reboot: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.entries = entries
+        self.running = running  # the running root's subvolume (@, @deployments/1.2, ...)
+        self.refusal = refusal  # why this boot cannot stage updates, if it cannot
+        self.run_lock = run_lock if run_lock is not None else threading.Lock()
+        self.prepare_deployment = prepare_deployment
+        self.reboot = reboot if reboot is not None else logind_reboot(config.bus_address)
+        self.on_completed: list[CompletedListener] = []
+        self.on_progress: list[ProgressListener] = []
+        self.progress: Progress = ("idle", 0, 0)
+        self.running_version = image_version(config.root)
+        self.staged_version = self._staged_from_entries()
+        self._lock = threading.Lock()
+        self._current: Staging | None = None
+        self._worker: threading.Thread | None = None
+        self._last_notified = 0.0
+        self._last = self._last_result()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    # The API
+
+    def stage(
+        self, source: str, *, uid: int, method: str, reboot: bool, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Start staging the bundle at `source` (an absolute path or an http(s) URL); returns the
+        update's id at once. The source's form, a path's file and the headers are checked here
+        (InvalidParams); all else ends in on_completed."""
+        parsed = parse_source(source)
+        checked = check_headers(headers or {})
+        if self.refusal is not None:
+            raise UpdatesUnavailable(self.refusal)
+        with self._lock:
+            if self._current is not None:
+                current = self._current
+                raise UpdateBusy(
+                    f"update {current.id} ({current.version or current.source.shown}) is staging: one at a time; "
+                    "cancel it or wait for its end"
+                )
+            fd = open_local(parsed.text) if parsed.url is None else None
+            try:
+                update_id = self.store.add_update(uid, method, parsed.shown, reboot)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
+            self._current = staging
+            self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
+            self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)
+            self._worker.start()
+        log.info("update %d: staging %s", update_id, parsed.shown)
+        return update_id
+
+    def cancel(self, *, uid: int, method: str) -> None:
+        """Stop the staging in progress; it ends `cancelled` (on_completed) with nothing left of it,
+        unless it was writing its boot entry already, when it ends `staged`."""
+        with self._lock:
+            staging = self._current
+            if staging is None:
+                raise NotStaging("no update is staging")
+            self.store.record(uid, method, None, update=staging.id)
+            self._stop(staging, "cancelled before it was staged")
+        log.info("update %d: cancel asked for", staging.id)
+
+    def shutdown(self, timeout: float) -> None:
+        """On stop: the staging in progress is cancelled, and its end (its cleanup) waited for."""
+        with self._lock:
+            staging, worker = self._current, self._worker
+            if staging is None or worker is None:
+                return
+            self._stop(staging, "cancelled: rastosd stopped before it was staged")
+        worker.join(timeout)
+
+    @staticmethod
+    def _stop(staging: Staging, why: str) -> None:
+        staging.why_cancelled = why
+        staging.cancelled.set()
+        if staging.download is not None:
+            staging.download.cancel()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            current, last = self._current, self._last
+        phase, done, total = self.progress
+        shown = {"id": current.id, "source": current.source.shown, "version": current.version} if current else {}
+        last = last or {}
+        return {
+            "state": phase,
+            "id": shown.get("id", last.get("id", 0)),
+            "source": shown.get("source", last.get("source", "")),
+            "version": shown.get("version", last.get("version") or ""),
+            "running_version": self.running_version,
+            "staged_version": self.staged_version,
+            "last_error": None if current else last.get("error"),
+            "hand_changes": [] if current else (last.get("carried") or {}).get("hand_changes", []),
+            "progress": {"phase": phase, "done": done, "total": total},
+            "result": None if current else (last or None),
+        }
+
+    def reconcile(self) -> list[str]:
+        """Once per start: what a cut staging left (reconcile.py), and its record in the store."""
+        interrupted = self.store.interrupt_unfinished_updates()
+        self._last = self._last_result()
+        done = [f"update {update_id} was cut short by a stop of rastosd: failed" for update_id, _ in interrupted]
+        if self.refusal is not None:
+            return done
+        received = [image for _, image in interrupted if image]
+
+        def body() -> list[str]:
+            with top_level(self.config.root) as top:
+                layout = HostLayout(top)
+                return reconcile(layout, self.entries, self.running, self.config.download_directory, received)
+
+        return done + on_own_thread(body, "update-reconcile")
+
+    # The worker
+
+    def _run(self, staging: Staging) -> None:
+        state, result = "failed", self._ended(staging, {"message": "the staging ended unexpectedly"})
+        try:
+            result = self._stage(staging)
+            state = "staged"
+        except Cancelled:
+            state, result = "cancelled", self._ended(staging, {"message": staging.why_cancelled})
+        except Exception as error:  # every failure ends the staging, none the daemon
+            state, result = "failed", self._ended(staging, describe(error, staging.id))
+        finally:
+            if staging.fd is not None:
+                os.close(staging.fd)
+            result["state"] = state
+            try:
+                self.store.finish_update(staging.id, state, result, staging.uid)
+            finally:  # whatever the store says, the next staging may begin
+                with self._lock:
+                    self._current = None
+                    self._last = result
+                    if state == "staged":
+                        self.staged_version = staging.version
+        log.log(logging.INFO if state == "staged" else logging.WARNING, "update %d (%s): %s%s", staging.id,
+                staging.version or staging.source.shown, state,
+                f": {result['error']['message']}" if "error" in result else "")  # fmt: skip
+        self._set_progress(state, *self.progress[1:], force=True)
+        for listener in list(self.on_completed):
+            self._notify(listener, staging.id, state == "staged", result)
+        if state == "staged" and staging.reboot:
+            self._reboot(staging)
+
+    def _stage(self, staging: Staging) -> dict[str, Any]:
+        # Downloads, bundles and their checks are imported with the first staging, not at every start.
+        from daemon.updates.steps import Context, StagingRun
+
+        context = Context(
+            root=self.config.root, running=self.running, downloads=self.config.download_directory,
+            keys_dir=self.config.update_keys_dir, entries=self.entries, run_lock=self.run_lock,
+            prepare_deployment=self.prepare_deployment, progress=self._set_progress,
+            versioned=self.store.set_update_version, received=self.store.set_update_image,
+        )  # fmt: skip
+        with top_level(self.config.root) as top:
+            layout = HostLayout(top)
+            layout.ensure()
+            return StagingRun(context, staging, layout).run()
+
+    @staticmethod
+    def _ended(staging: Staging, error: dict[str, Any]) -> dict[str, Any]:
+        return {"id": staging.id, "source": staging.source.shown, "version": staging.version or None,
+                "reboot": staging.reboot, "error": error}  # fmt: skip
+
+    def _reboot(self, staging: Staging) -> None:
+        time.sleep(REBOOT_DELAY)
+        try:
+            self.reboot()
+        except RastosError as error:
+            log.error("update %d is staged, but the reboot asked for failed: %s", staging.id, error)
+            self.store.record(staging.uid, "RebootFailed", None, update=staging.id, error=str(error)[:2000])
+            return
+        self.store.record(staging.uid, "Reboot", None, update=staging.id, version=staging.version)
+
+    # Telling listeners
+
+    def _set_progress(self, phase: str, done: int, total: int, *, force: bool = False) -> None:
+        assert phase in PHASES, phase
+        changed = phase != self.progress[0]
+        self.progress = (phase, done, total)
+        now = time.monotonic()
+        if force or changed or done == total or now - self._last_notified >= PROGRESS_INTERVAL:
+            self._last_notified = now
+            for listener in list(self.on_progress):
+                self._notify(listener, self.progress)
+
+    def _notify(self, listener: Callable[..., None], *args: Any) -> None:
+        def call() -> None:
+            try:
+                listener(*args)
+            except Exception:  # one listener's bug must not keep the news from the others
+                log.exception("an update listener failed")
+
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: rastosd is stopping
+                self._loop.call_soon_threadsafe(call)
+        else:
+            call()
+
+    def _last_result(self) -> dict[str, Any] | None:
+        last = self.store.last_update()
+        return None if last is None else (last.result or {"id": last.id, "source": last.source})
+
+    def _staged_from_entries(self) -> str:
+        """The version whose entry boots next, if one was staged and not booted yet."""
+        try:
+            for root, path in self.entries.update_entries():
+                first = f"sort-key {SORT_NEW}" in path.read_text().splitlines()
+                if first and root != self.running and tries_left(path.name) != 0:
+                    return root.removeprefix(f"{DEPLOYMENTS}/")
+        except (RastosError, OSError):
+            pass
+        return ""
+
+
+def describe(error: Exception, update_id: int) -> dict[str, Any]:
+    """A failure as the result and the Completed signal carry it: its D-Bus error name and message."""
+    reason = getattr(error, "reason", None)  # rastos.bundle's BundleError, imported with the first staging
+    if isinstance(error, RastosError) and isinstance(reason, str):
+        name = BUNDLE_ERRORS.get(reason, UpdateFailed).dbus_name
+        return {"name": name, "reason": reason, "message": error.message, "hint": error.hint}
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return {"name": UpdateNoSpace.dbus_name, "message": f"no space left: {error.strerror} ({error.filename})"}
+    if isinstance(error, DaemonError):
+        return {"name": error.dbus_name, "message": error.message, "hint": error.hint}
+    if isinstance(error, RastosError):
+        return {"name": UpdateFailed.dbus_name, "message": error.message, "hint": error.hint}
+    log.error("update %d failed unexpectedly", update_id, exc_info=error)
+    return {"name": INTERNAL, "message": f"internal error in rastosd ({type(error).__name__}); the journal has details"}

@@ -1,0 +1,259 @@
+"""The steps of staging one bundle, in order (docs/updates.md, "On the host"), each leaving nothing
+behind if it fails or is cancelled:
+
+1. fetch: a path is read in place; a URL is downloaded (fetch.py). The head is checked as soon as it
+   is there: the signature against the trusted keys, then whether this host can take the version
+   at all (a delta's parent present, not the running deployment's version).
+2. verify: every part's sha256 against the signed manifest, before any of it is used.
+3. receive: the root stream into @images/NAME (layout.py), unless an image of that identity is
+   there already; a delta's parent is checked again first.
+4. deploy: a writable snapshot @deployments/.incoming-ID, readied by `prepare_deployment` (files
+   carried, host state re-applied), renamed to @deployments/VERSION and committed.
+5. install: kernel and initrd to the ESP's /ENTRY-TOKEN/VERSION/, then the entry, ordered first.
+A failure after the receive takes the image it received away again, and one after the deployment
+was placed takes the deployment: a staging either ends staged or leaves the host as it found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import btrfsutil
+
+from daemon.boot import BootEntries, update_entry_id
+from daemon.errors import UpdateFailed
+from daemon.failpoints import failpoint
+from daemon.updates.fetch import Download
+from daemon.updates.layout import HostLayout, delete_subvolume
+from daemon.updates.model import PrepareDeployment, Staging, image_identity
+from ops.errors import UnsafePath
+from ops.rootfs import Links, Root
+from rastos.bundle import PARTS, Bundle, BundleError, Head, Manifest, read_head, trusted_keys, verify_signature
+
+log = logging.getLogger("rastosd.updates")
+
+ENTRY_TOKEN_FILE = "/etc/kernel/entry-token"
+MAX_TEMPLATE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the steps need of the daemon."""
+
+    root: Path  # the running root (/ on a host)
+    running: str  # its subvolume, from the top of the file system
+    downloads: Path
+    keys_dir: Path
+    entries: BootEntries
+    run_lock: threading.Lock  # held while host state is read for the new deployment: no job runs beside it
+    prepare_deployment: PrepareDeployment
+    progress: Callable[[str, int, int], None]
+    versioned: Callable[[int, str], None]  # the staging's version is known (the state store records it)
+    received: Callable[[int, str], None]  # the staging received this image (recorded: a cut leaves it to remove)
+
+
+class StagingRun:
+    def __init__(self, context: Context, staging: Staging, layout: HostLayout) -> None:
+        self.context = context
+        self.staging = staging
+        self.layout = layout
+        self.keys = trusted_keys(context.keys_dir)
+        self.key = ""
+        self.downloaded: Path | None = None
+
+    def run(self) -> dict[str, Any]:
+        try:
+            bundle = self.verify(self.fetch())
+            manifest = bundle.manifest
+            image, received = self.image(bundle)
+            try:
+                deployment, carried = self.deploy(manifest, image)
+                try:
+                    entry, kernel = self.install(bundle, deployment)
+                except BaseException:
+                    self._undo("the deployment", lambda: delete_subvolume(deployment))
+                    raise
+            except BaseException:
+                if received:
+                    self._undo("the image received", lambda: delete_subvolume(image))
+                raise
+        finally:
+            if self.downloaded is not None:
+                self.downloaded.unlink(missing_ok=True)
+        return {
+            "id": self.staging.id, "source": self.staging.source.shown, "version": manifest.version,
+            "profile": manifest.profile, "delta": manifest.delta,
+            "parent": manifest.parent.version if manifest.parent else None, "key": self.key,
+            "image": self.layout.subvolume(image), "received": received,
+            "deployment": self.layout.subvolume(deployment), "entry": entry, "kernel": kernel,
+            "carried": carried, "reboot": self.staging.reboot,
+        }  # fmt: skip
+
+    @staticmethod
+    def _undo(what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except (OSError, btrfsutil.BtrfsUtilError) as error:
+            log.error("could not remove %s of a failed staging (the next start tries again): %s", what, error)
+
+    # 1. fetch, with the head checked first
+
+    def fetch(self) -> Path:
+        staging = self.staging
+        if staging.source.url is None:
+            path = Path(f"/proc/self/fd/{staging.fd}")
+            with self.named(path), path.open("rb") as file:
+                self.check_head(read_head(file))
+            return path
+        download = Download(
+            staging.source, self.context.downloads, staging.headers, staging.cancelled,
+            progress=lambda done, total: self.context.progress("downloading", done, total),
+            check_head=self.check_head,
+        )  # fmt: skip
+        staging.download = download
+        self.context.progress("downloading", 0, 0)
+        self.downloaded = download.complete
+        return download.run()
+
+    def check_head(self, head: Head) -> None:
+        """Signed by a trusted key, and a version this host can take: checked before the rest of the
+        bundle is fetched or read."""
+        self.key = verify_signature(head.manifest_bytes, head.signature, self.keys)
+        manifest = head.manifest
+        self.staging.version = manifest.version
+        self.context.versioned(self.staging.id, manifest.version)
+        deployment = self.layout.subvolume(self.layout.deployment(manifest.version))
+        if deployment == self.context.running:
+            raise UpdateFailed(
+                f"version {manifest.version} is the running deployment ({deployment}): it stays as it is"
+            )
+        self.needs_parent(manifest)
+
+    def needs_parent(self, manifest: Manifest) -> None:
+        if manifest.parent is None or self.layout.find_image(manifest.subvolume_uuid) is not None:
+            return
+        if self.layout.find_image(manifest.parent.uuid) is None:
+            raise BundleError(
+                "parent",
+                f"this host does not have version {manifest.parent.version} (uuid {manifest.parent.uuid}) "
+                "that the delta needs; stage the full bundle",
+            )
+
+    @contextlib.contextmanager
+    def named(self, path: Path) -> Iterator[None]:
+        """Errors about the bundle name its source, not the descriptor it is read through."""
+        try:
+            yield
+        except BundleError as error:
+            message = error.message.replace(str(path), self.staging.source.shown)
+            raise BundleError(error.reason, message, hint=error.hint) from None
+
+    # 2. verify
+
+    def verify(self, path: Path) -> Bundle:
+        with self.named(path):
+            bundle = Bundle(path, self.keys)
+            total = sum(part.size for part in bundle.manifest.parts.values())
+            done = 0
+            self.context.progress("verifying", done, total)
+            for name in PARTS:
+                for chunk in bundle.chunks(name):
+                    self.staging.check()
+                    done += len(chunk)
+                    self.context.progress("verifying", done, total)
+        return bundle
+
+    # 3. receive
+
+    def image(self, bundle: Bundle) -> tuple[Path, bool]:
+        """The image subvolume of the bundle's identity, and whether this staging received it."""
+        manifest = bundle.manifest
+        present = self.layout.find_image(manifest.subvolume_uuid)
+        if present is not None:
+            log.info("version %s is here already (%s): not received again", manifest.version, present.name)
+            return present, False
+        self.needs_parent(manifest)
+        self.staging.check()
+        with self.named(bundle.path):
+            image = self.layout.receive(
+                bundle, self.staging.cancelled, lambda done, total: self.context.progress("receiving", done, total)
+            )
+        self.context.received(self.staging.id, self.layout.subvolume(image))
+        failpoint("update-received")
+        return image, True
+
+    # 4. deploy
+
+    def deploy(self, manifest: Manifest, image: Path) -> tuple[Path, dict[str, Any]]:
+        self.staging.check()
+        self.context.progress("reapplying", 0, 0)
+        incoming = self.layout.make_deployment(image, self.staging.id)
+        try:
+            pristine = self.pristine_image()
+            with self.context.run_lock:
+                carried = self.context.prepare_deployment(incoming, self.context.root, pristine)
+            self.staging.check()
+            entries = self.context.entries
+            deployment = self.layout.place_deployment(
+                incoming, manifest.version, lambda: entries.remove_entry_id(update_entry_id(manifest.version))
+            )
+        except BaseException:
+            self._undo("the new deployment", lambda: delete_subvolume(incoming))
+            raise
+        failpoint("update-deployed")
+        return deployment, carried
+
+    def pristine_image(self) -> Path | None:
+        """The running version's image as it was built: what hand changes are told from."""
+        wanted = image_identity(self.context.root)
+        return None if wanted is None else self.layout.find_image(wanted)
+
+    # 5. install
+
+    def install(self, bundle: Bundle, deployment: Path) -> tuple[str, str]:
+        self.staging.check()
+        version = bundle.manifest.version
+        entries = self.context.entries
+        sizes = bundle.manifest.parts
+        total = sizes["linux"].size + sizes["initrd"].size
+        self.context.progress("installing", 0, total)
+        try:
+            configured = Root(self.context.root).read_text(ENTRY_TOKEN_FILE, links=Links.SYSTEM)
+        except (UnsafePath, OSError):
+            configured = None  # only wanted when the running entry does not say it
+        token = entries.entry_token(self.context.running, configured)
+        try:
+            with self.named(bundle.path):
+                template = self.template(bundle)
+                done = [0]
+                files = {name: self.counted(bundle.chunks(name), done, total) for name in ("linux", "initrd")}
+                entries.install_kernel(token, version, files)
+            failpoint("update-kernel-written")
+            self.staging.check()  # the last point a Cancel() reaches: after it the entry is written
+            entry = entries.add_for_update(
+                version, template, token, self.layout.subvolume(deployment), self.context.running
+            )
+        except BaseException:
+            self._undo("the kernel", lambda: entries.drop_kernel_directory(token, version))
+            raise
+        return entry, f"/{token}/{version}"
+
+    def counted(self, chunks: Iterable[bytes], done: list[int], total: int) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.staging.check()
+            done[0] += len(chunk)
+            self.context.progress("installing", done[0], total)
+            yield chunk
+
+    @staticmethod
+    def template(bundle: Bundle) -> str:
+        try:
+            return bundle.read_part("entry.conf", MAX_TEMPLATE).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleError("format", "entry.conf: not UTF-8 text") from None

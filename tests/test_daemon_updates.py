@@ -1,0 +1,241 @@
+"""Image updates through the real rastosd on a private bus: org.rastos.Daemon1.Updates driven by
+busctl, gdbus and rastosctl, on a host layout on a btrfs loop file (tests/update_fixtures.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.failpoints import UPDATE_POINTS
+from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
+from tests.daemon_fixtures import (
+    ADMIN_GROUP,
+    ADMIN_USER,
+    BUS_NAME,
+    CHECKOUT,
+    MANAGER,
+    PERMISSIVE_POLICY,
+    PLAIN_USER,
+    ROOT_PATH,
+    STRICT_POLICY,
+    Rastosd,
+    ensure_test_users,
+    private_bus,
+    require_root,
+)
+from tests.update_fixtures import NOTHING_LEFT, Bundles, BundleServer, host_layout, leftovers
+
+pytestmark = pytest.mark.root
+UPDATES = "org.rastos.Daemon1.Updates"
+ERROR = "org.rastos.Daemon1.Error.Update."
+
+
+def start_daemon(directory: Path, bundles: Bundles, policy: Path, **extra: Any) -> Iterator[Rastosd]:
+    require_root()
+    ensure_test_users()
+    config = directory / "daemon.toml"
+    config.write_text(
+        f'[access]\nadmin_group = "{ADMIN_GROUP}"\n'
+        f'[updates]\ndirectory = "{directory}/downloads"\nkeys_dir = "{bundles.keys}"\n'
+    )
+    with private_bus(policy) as bus, host_layout(directory, bundles) as scratch:
+        daemon = Rastosd(bus, scratch, directory / "state", config, **extra)
+        daemon.start()
+        yield daemon
+        if daemon.process is not None:
+            assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest.fixture
+def updating(tmp_path: Path, bundles: Bundles) -> Iterator[Rastosd]:
+    yield from start_daemon(tmp_path, bundles, STRICT_POLICY)
+
+
+def status(daemon: Rastosd) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(daemon.call(UPDATES, "GetStatus")[0])
+    return document
+
+
+def wait_ended(daemon: Rastosd, update_id: int, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = status(daemon)
+        if now["id"] == update_id and now["result"] is not None:
+            result: dict[str, Any] = now["result"]
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"update {update_id} did not end: {status(daemon)}")
+
+
+def events(daemon: Rastosd) -> list[tuple[int, str, dict[str, Any]]]:
+    return [(e[2], e[3], json.loads(e[5])) for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]]
+
+
+def test_rastosctl_stages_a_bundle_and_follows_it_to_its_end(updating: Rastosd, bundles: Bundles) -> None:
+    assert updating.get(MANAGER, "BootState")["image_version"] == "1"
+    staged = updating.ctl("update", "stage", str(bundles.full["2"]))
+    assert staged.returncode == 0, staged
+    assert staged.stdout.startswith("update 1 staged: version 2 boots next, on trial\n"), staged.stdout
+    assert "entry:      rastos-update-2.conf (kernel /rastos/2)" in staged.stdout
+    assert staged.stderr.startswith("[verifying]"), "progress is followed (the signal test sees every phase)"
+    document = json.loads(updating.ctl("--json", "update", "status").stdout)
+    assert (document["state"], document["staged_version"], document["running_version"]) == ("staged", "2", "1")
+    assert document["result"]["deployment"] == "@deployments/2"
+    assert "staged version:  2 (boots next)" in updating.ctl("update", "status").stdout
+    assert [(uid, method) for uid, method, _ in events(updating)] == [(0, "Stage"), (0, "UpdateStaged")]
+    assert (updating.scratch.esp / "loader/entries/rastos-update-2+3.conf").is_file()
+    assert updating.get(UPDATES, "Progress")[0] == "staged"
+    refused = updating.ctl("--json", "update", "stage", str(bundles.untrusted))
+    assert refused.returncode == 3, refused
+    assert json.loads(refused.stdout)["error"]["name"] == ERROR + "Untrusted"
+    nothing = updating.ctl("update", "cancel")
+    assert nothing.returncode == 1 and f"{ERROR}NotStaging: no update is staging" in nothing.stderr, nothing
+
+
+def test_a_relative_path_is_made_absolute_by_rastosctl_only(updating: Rastosd, bundles: Bundles) -> None:
+    result = subprocess.run(
+        [*updating.ctl_argv(), "update", "stage", "--no-wait", bundles.delta.name],
+        capture_output=True, text=True, check=False, cwd=bundles.delta.parent,
+        env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith("update 1 is staging"), result
+    assert wait_ended(updating, 1)["state"] == "staged"
+    refused = updating.gdbus(UPDATES, "Stage", bundles.delta.name, "false")
+    assert "org.freedesktop.DBus.Error.InvalidArgs: source: 'rastos-test-2-from-1.rbundle' is neither" in refused.stderr
+
+
+def test_stage_signals_progress_and_completed(updating: Rastosd, bundles: Bundles) -> None:
+    monitor = subprocess.Popen(
+        ["gdbus", "monitor", "--address", updating.bus.address, "--dest", BUS_NAME],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+    )  # fmt: skip
+    assert monitor.stdout is not None
+    try:
+        assert "Monitoring signals" in monitor.stdout.readline()
+        time.sleep(0.3)  # the match rule reaches the bus
+        update_id = updating.call(UPDATES, "Stage", "sb", str(bundles.delta), "false")[0]
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("Updates.Completed" in line for line in seen):
+            assert time.monotonic() < deadline, "\n".join(seen)
+            seen.append(monitor.stdout.readline())
+    finally:
+        monitor.terminate()
+        monitor.wait()
+    completed = next(line for line in seen if "Updates.Completed" in line)
+    assert f"(uint64 {update_id}, true, " in completed and '"deployment": "@deployments/2"' in completed
+    phases = [line for line in seen if "'Progress': <(" in line]
+    assert any("'receiving'" in line for line in phases) and any("'staged'" in line for line in phases), phases
+
+
+def test_url_staging_resumes_through_the_daemon(updating: Rastosd, bundles: Bundles) -> None:
+    content = bundles.full["2"].read_bytes()
+    with BundleServer(content, cut_after=len(content) // 3) as server:
+        staged = updating.ctl("--json", "update", "stage", server.url)
+    assert staged.returncode == 0, staged
+    assert json.loads(staged.stdout)["state"] == "staged"
+    assert [seen.range for seen in server.seen] == [None, f"bytes={len(content) // 3}-"]
+
+
+def test_rastosctl_cancels_a_download_midway(updating: Rastosd, bundles: Bundles) -> None:
+    with BundleServer(bundles.full["3"].read_bytes(), delay=0.05) as server:
+        assert updating.ctl("update", "stage", "--no-wait", server.url).returncode == 0
+        deadline = time.monotonic() + 30
+        while status(updating)["progress"]["done"] < 1 << 20:
+            assert time.monotonic() < deadline, status(updating)
+            time.sleep(0.05)
+        busy = updating.gdbus(UPDATES, "Stage", str(bundles.full["2"]), "false")
+        assert f"GDBus.Error:{ERROR}Busy: update 1 (3) is staging: one at a time" in busy.stderr, busy.stderr
+        cancelled = updating.ctl("update", "cancel")
+        assert cancelled.returncode == 0, cancelled
+        result = wait_ended(updating, 1, timeout=10)
+    assert result["state"] == "cancelled", result
+    assert leftovers(updating.scratch) == NOTHING_LEFT
+    assert not list((updating.scratch.top.parent / "downloads").iterdir()), "the partial download is gone"
+    assert [method for _, method, _ in events(updating)] == ["Stage", "Cancel", "UpdateCancelled"]
+
+
+def test_only_admins_stage_and_cancel(updating: Rastosd, bundles: Bundles) -> None:
+    for method, args in (("Stage", [str(bundles.full["2"]), "false"]), ("Cancel", [])):
+        refused = updating.gdbus(UPDATES, method, *args, user=PLAIN_USER)
+        assert "AccessDenied: Rejected send message" in refused.stderr, refused.stderr  # the bus policy
+    read = updating.busctl("call", BUS_NAME, ROOT_PATH, UPDATES, "GetStatus", user=PLAIN_USER)
+    assert json.loads(json.loads(read.stdout)["data"][0])["running_version"] == "1"
+    told = updating.ctl("update", "stage", str(bundles.full["2"]), user=PLAIN_USER)
+    assert told.returncode == 1, told
+    assert "AccessDenied: Stage changes the host: only root or members of group" in told.stderr, told.stderr
+    assert leftovers(updating.scratch) == NOTHING_LEFT and events(updating) == []
+
+
+def test_the_daemon_refuses_non_admins_under_a_loose_policy(tmp_path: Path, bundles: Bundles) -> None:
+    for daemon in start_daemon(tmp_path, bundles, PERMISSIVE_POLICY):
+        for method, args in (("Stage", [str(bundles.full["2"]), "false"]), ("Cancel", [])):
+            refused = daemon.gdbus(UPDATES, method, *args, user=PLAIN_USER)
+            assert f"AccessDenied: {method} changes the host: only root or members of group " in refused.stderr
+        assert events(daemon) == []
+        allowed = daemon.busctl("call", BUS_NAME, ROOT_PATH, UPDATES, "Stage", "sb", str(bundles.full["2"]), "false",
+                                user=ADMIN_USER)  # fmt: skip
+        update_id = json.loads(allowed.stdout)["data"][0]
+        assert wait_ended(daemon, update_id)["state"] == "staged"
+        uid = int(subprocess.run(["id", "-u", ADMIN_USER], capture_output=True, text=True, check=True).stdout)
+        assert [(u, m) for u, m, _ in events(daemon)] == [(uid, "Stage"), (uid, "UpdateStaged")]
+
+
+def test_reboot_after_staging_goes_to_logind(updating: Rastosd, bundles: Bundles) -> None:
+    """The reboot is asked of systemd-logind on the daemon's own bus: on this private bus there is
+    none, so the host running the test stays up, and the attempt is in the event log."""
+    update_id = updating.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "true")[0]
+    result = wait_ended(updating, update_id)
+    assert result["state"] == "staged" and result["reboot"] is True, result
+    deadline = time.monotonic() + 30
+    while not any(method == "RebootFailed" for _, method, _ in events(updating)):
+        assert time.monotonic() < deadline, events(updating)
+        time.sleep(0.2)
+    failed = next(detail for _, method, detail in events(updating) if method == "RebootFailed")
+    assert "org.freedesktop.login1" in failed["error"], failed
+
+
+@pytest.mark.parametrize("point", UPDATE_POINTS)
+def test_a_staging_cut_between_two_steps_is_undone_at_the_next_start(
+    tmp_path: Path, bundles: Bundles, point: str
+) -> None:
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, env={FAILPOINT_VARIABLE: point}):
+        daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
+        deadline = time.monotonic() + 60
+        while f"rastos failpoint {point} reached" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.1)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.env = {}
+        daemon.start()
+        assert leftovers(daemon.scratch) == NOTHING_LEFT, daemon.log_text()
+        after = status(daemon)
+        assert after["last_error"]["message"] == "rastosd stopped while it staged this update", after
+        reconciled = [detail for _, method, detail in events(daemon) if method == "Reconcile"]
+        assert reconciled and any("update 1 was cut short" in action for action in reconciled[0]["actions"])
+        again = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, again)["state"] == "staged", "staging works again"
+
+
+def test_a_stop_cancels_the_staging_and_says_so(updating: Rastosd, bundles: Bundles) -> None:
+    with BundleServer(bundles.full["3"].read_bytes(), delay=0.05) as server:
+        update_id = updating.call(UPDATES, "Stage", "sb", server.url, "false")[0]
+        deadline = time.monotonic() + 30
+        while status(updating)["progress"]["done"] < 1 << 20:
+            assert time.monotonic() < deadline, status(updating)
+            time.sleep(0.05)
+        assert updating.stop(signal.SIGTERM) == 0
+    updating.start()
+    after = status(updating)
+    assert after["id"] == update_id and after["result"]["state"] == "cancelled", after
+    assert after["last_error"]["message"] == "cancelled: rastosd stopped before it was staged"
+    assert leftovers(updating.scratch) == NOTHING_LEFT
+    assert not any(method == "Reconcile" for _, method, _ in events(updating)), "nothing was left to repair"

@@ -1,0 +1,384 @@
+"""Staging image updates with `daemon.updates.Updates` itself (no bus), on real btrfs loop files, with
+real signed bundles: full and delta, every kind of bad bundle, downloads that are cut, cancelled or
+refused at their head, a file system that fills up, and what a cut staging leaves for the next start.
+(The same through the real rastosd on a private bus: tests/test_daemon_updates.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import btrfsutil
+import pytest
+
+from daemon.boot import BootEntries
+from daemon.config import DaemonConfig
+from daemon.errors import InvalidParams, NotStaging, UpdateBusy
+from daemon.store import StateStore
+from daemon.updates import Updates
+from daemon.updates.layout import identity
+from rastos.bundle import part_offsets
+from tests.daemon_fixtures import ScratchRoot
+from tests.update_fixtures import (
+    KERNEL,
+    NOTHING_LEFT,
+    RUNNING_ENTRY,
+    Bundles,
+    BundleServer,
+    host_layout,
+    leftovers,
+)
+
+pytestmark = pytest.mark.root
+ERROR = "org.rastos.Daemon1.Error.Update."
+
+
+@dataclass
+class Host:
+    scratch: ScratchRoot
+    config: DaemonConfig
+    store: StateStore
+    entries: BootEntries
+    updates: Updates
+    completed: queue.Queue[tuple[int, bool, dict[str, Any]]] = field(default_factory=queue.Queue)
+    phases: list[str] = field(default_factory=list)
+
+    def stage(self, source: str | Path, **headers: str) -> dict[str, Any]:
+        update_id = self.updates.stage(str(source), uid=0, method="Stage", reboot=False, headers=headers or None)
+        return self.wait(update_id)
+
+    def wait(self, update_id: int) -> dict[str, Any]:
+        done, ok, result = self.completed.get(timeout=120)
+        assert done == update_id and ok == (result["state"] == "staged"), result
+        return result
+
+    def events(self) -> list[str]:
+        return [event.method for event in self.store.events(0, 1000)]
+
+
+def make_host(scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@") -> Host:
+    config = DaemonConfig(
+        root=scratch.root, esp=scratch.esp, state_dir=directory / "state", updates_dir=directory / "downloads",
+        update_keys_dir=keys,
+    )  # fmt: skip
+    store = StateStore(config.database)
+    entries = BootEntries(scratch.esp, 3)
+    host = Host(scratch, config, store, entries, Updates(config, store, entries, running))
+    host.updates.on_completed.append(lambda *args: host.completed.put(args))
+    host.updates.on_progress.append(lambda progress: host.phases.append(progress[0]))
+    return host
+
+
+@pytest.fixture
+def host(tmp_path: Path, bundles: Bundles) -> Iterator[Host]:
+    with host_layout(tmp_path, bundles) as scratch:
+        made = make_host(scratch, tmp_path, bundles.keys)
+        yield made
+        made.store.close()
+
+
+def entry_text(host: Host, version: str) -> str:
+    return (host.scratch.esp / f"loader/entries/rastos-update-{version}+3.conf").read_text()
+
+
+def test_a_full_bundle_becomes_a_deployment_that_boots_next(host: Host, bundles: Bundles) -> None:
+    result = host.stage(bundles.full["2"])
+    top, esp = host.scratch.top, host.scratch.esp
+    assert result["state"] == "staged" and result["received"] is True, result
+    assert (result["image"], result["deployment"], result["entry"]) == (
+        "@images/rastos-test-2", "@deployments/2", "rastos-update-2.conf"
+    )  # fmt: skip
+    assert identity(top / "@images/rastos-test-2") == bundles.versions["2"].uuid, "received: its identity kept"
+    deployment = top / "@deployments/2"
+    assert btrfsutil.is_subvolume(deployment) and not btrfsutil.get_subvolume_read_only(deployment)
+    assert (deployment / "usr/share/rastos-test/version").read_text() == "2\n"
+    lines = entry_text(host, "2").splitlines()
+    assert lines[:2] == ["title rastOS test 2", "sort-key rastos-1"], lines
+    assert f"version {KERNEL}" in lines and "linux /rastos/2/linux" in lines and "initrd /rastos/2/initrd" in lines
+    options = next(line for line in lines if line.startswith("options ")).split()[1:]
+    # The host's own root device, never the builder's; the new deployment named; rw.
+    assert options == ["root=UUID=host-root", "quiet", "console=ttyS0", "rootflags=subvol=@deployments/2", "rw"]
+    assert (esp / "rastos/2/linux").read_text() == "linux of version 2\n" * 64
+    assert (esp / "rastos/2/initrd").read_text() == "initrd of version 2\n" * 128
+    running = (esp / "loader/entries/rastos-test.conf").read_text()
+    assert "sort-key rastos-2\n" in running, "the running entry is second: the fallback"
+    assert (host.scratch.root / "usr/share/rastos-test/version").read_text() == "1\n", "the running root untouched"
+    assert result["carried"] == {"carried": [], "reapplied": [], "hand_changes": []}
+    assert host.events() == ["Stage", "UpdateStaged"]
+    status = host.updates.status()
+    assert (status["state"], status["staged_version"], status["running_version"]) == ("staged", "2", "1")
+    assert "receiving" in host.phases and host.phases[-1] == "staged"
+
+
+def test_a_delta_is_received_onto_the_version_it_was_made_from(host: Host, bundles: Bundles) -> None:
+    result = host.stage(bundles.delta)
+    assert result["state"] == "staged" and result["delta"] is True and result["parent"] == "1", result
+    deployment = host.scratch.top / "@deployments/2"
+    assert (deployment / "usr/share/rastos-test/new-in-2").read_text() == "added in version 2\n"
+    assert identity(host.scratch.top / "@images/rastos-test-2") == bundles.versions["2"].uuid
+
+
+def test_a_version_already_here_is_not_received_again_and_its_deployment_is_replaced(
+    host: Host, bundles: Bundles
+) -> None:
+    host.stage(bundles.delta)
+    (host.scratch.top / "@deployments/2/etc/made-by-hand").write_text("x\n")
+    again = host.stage(bundles.full["2"])
+    assert again["state"] == "staged" and again["received"] is False, again
+    assert not (host.scratch.top / "@deployments/2/etc/made-by-hand").exists(), "a fresh deployment of version 2"
+    names = sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir())
+    assert names == ["rastos-test.conf", "rastos-update-2+3.conf"], "one entry per version"
+
+
+def test_the_running_deployment_is_never_replaced(host: Host, bundles: Bundles, tmp_path: Path) -> None:
+    host.stage(bundles.full["2"])
+    on_two = make_host(host.scratch, tmp_path / "second", bundles.keys, running="@deployments/2")
+    result = on_two.stage(bundles.full["2"])
+    assert result["error"]["name"] == ERROR + "Failed", result
+    assert "version 2 is the running deployment (@deployments/2)" in result["error"]["message"]
+    assert (host.scratch.top / "@deployments/2/usr/share/rastos-test/version").read_text() == "2\n"
+    on_two.store.close()
+
+
+def test_a_delta_without_its_parent_is_refused_before_anything_is_received(host: Host, bundles: Bundles) -> None:
+    btrfsutil.delete_subvolume(host.scratch.top / "@images/rastos-test-1")
+    result = host.stage(bundles.delta)
+    assert result["state"] == "failed" and result["error"]["name"] == ERROR + "Parent", result
+    uuid = bundles.versions["1"].uuid
+    assert result["error"]["message"] == (
+        f"this host does not have version 1 (uuid {uuid}) that the delta needs; stage the full bundle"
+    )
+    assert "receiving" not in host.phases and "verifying" in host.phases, "refused from the head, before receive"
+    assert sorted(p.name for p in (host.scratch.top / "@images").iterdir()) == []
+    assert sorted(p.name for p in (host.scratch.top / "@deployments").iterdir()) == []
+    assert host.events() == ["Stage", "UpdateFailed"]
+
+
+def corrupt_part(bundle: Path, part: str) -> None:
+    offset, size = part_offsets(bundle)[part]
+    with bundle.open("r+b") as file:
+        file.seek(offset + size // 2)
+        byte = file.read(1)
+        file.seek(offset + size // 2)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+def spoil(bundles: Bundles, directory: Path, how: str) -> Path:
+    if how == "untrusted key":
+        return bundles.untrusted
+    bundle = bundles.copy(bundles.full["2"], directory)
+    if how == "corrupt root stream":
+        corrupt_part(bundle, "root.btrfs.zst")
+    elif how == "corrupt kernel":
+        corrupt_part(bundle, "linux")
+    elif how == "truncated":
+        os.truncate(bundle, bundle.stat().st_size * 6 // 10)
+    elif how == "bad signature":
+        raw = bundle.read_bytes()
+        assert raw.count(b"2024-05-01T12:00:00Z") == 1
+        bundle.write_bytes(raw.replace(b"2024-05-01T12:00:00Z", b"2099-05-01T12:00:00Z"))  # same length
+    return bundle
+
+
+SPOILED = {
+    "corrupt root stream": ("Corrupt", "part root.btrfs.zst does not match its sha256"),
+    "corrupt kernel": ("Corrupt", "part linux does not match its sha256"),
+    "truncated": ("Corrupt", "not a complete bundle"),
+    "bad signature": ("Signature", "does not match it"),
+    "untrusted key": ("Untrusted", "which this host does not trust"),
+}
+
+
+@pytest.mark.parametrize("how", SPOILED)
+def test_a_bad_bundle_is_refused_with_its_error_and_leaves_nothing(
+    host: Host, bundles: Bundles, tmp_path: Path, how: str
+) -> None:
+    bundle = spoil(bundles, tmp_path, how)
+    result = host.stage(bundle)
+    name, message = SPOILED[how]
+    assert result["state"] == "failed" and result["error"]["name"] == ERROR + name, result
+    assert message in result["error"]["message"], result
+    assert "/proc/self/fd" not in result["error"]["message"], "the error names the bundle, not a descriptor"
+    assert leftovers(host.scratch) == NOTHING_LEFT
+    assert (host.scratch.esp / "loader/entries/rastos-test.conf").read_text() == RUNNING_ENTRY, "still first"
+    assert "receiving" not in host.phases, "refused before btrfs receive saw a byte"
+    assert host.events() == ["Stage", "UpdateFailed"]
+    assert host.updates.status()["last_error"]["name"] == ERROR + name
+
+
+BAD_SOURCES = {
+    "relative": ("bundles/x.rbundle", "is neither an absolute path nor an http(s) URL"),
+    "empty": ("", "is empty"),
+    "missing": ("/nonexistent/x.rbundle", "no such file"),
+    "directory": ("/", "is the root itself"),
+    "device": ("/dev/null", "is not a regular file"),
+    "ftp": ("ftp://example.org/x.rbundle", "'ftp' URLs are not fetched"),
+    "file URL": ("file:///etc/passwd", "'file' URLs are not fetched"),
+    "credentials": ("https://user:secret@example.org/x", "holds a user name or password"),
+    "no host": ("https:///x.rbundle", "names no host"),
+    "control character": ("/tmp/x\n.rbundle", "without control characters"),
+    "dot dot": ("/tmp/../etc/passwd", "holds an empty, '.' or '..' component"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_a_bad_source_is_refused_at_once(host: Host, case: str) -> None:
+    source, message = BAD_SOURCES[case]
+    with pytest.raises(InvalidParams) as raised:
+        host.updates.stage(source, uid=0, method="Stage", reboot=False)
+    assert str(raised.value).startswith("source") and message in str(raised.value), raised.value
+    assert host.events() == [] and host.updates.status()["state"] == "idle"
+
+
+def test_links_and_fifos_are_refused_as_sources(host: Host, bundles: Bundles, tmp_path: Path) -> None:
+    bundle = bundles.copy(bundles.full["2"], tmp_path)
+    (tmp_path / "link.rbundle").symlink_to(bundle)
+    (tmp_path / "linked-dir").symlink_to(tmp_path)
+    os.mkfifo(tmp_path / "fifo.rbundle")
+    for source, message in (
+        (tmp_path / "link.rbundle", "is a symbolic link, which rastosd does not follow"),
+        (tmp_path / "linked-dir" / bundle.name, f"leads through a symbolic link, {tmp_path}/linked-dir"),
+        (tmp_path / "fifo.rbundle", "is not a regular file"),
+    ):
+        with pytest.raises(InvalidParams) as raised:
+            host.updates.stage(str(source), uid=0, method="Stage", reboot=False)
+        assert message in str(raised.value), raised.value
+    assert host.events() == []
+
+
+def test_the_file_opened_is_the_one_staged(host: Host, bundles: Bundles, tmp_path: Path) -> None:
+    """A path is opened when Stage() is called: a bundle swapped in at that path later is not read."""
+    bundle = bundles.copy(bundles.full["2"], tmp_path)
+    with host.store._lock:  # the worker waits to record the version it read, before it reads the rest
+        update_id = host.updates.stage(str(bundle), uid=0, method="Stage", reboot=False)
+        bundle.rename(tmp_path / "moved.rbundle")
+        bundle.write_bytes(bundles.untrusted.read_bytes())
+    assert host.wait(update_id)["state"] == "staged"
+
+
+def test_url_staging_resumes_after_a_cut_and_keeps_the_token_to_itself(
+    host: Host, bundles: Bundles, caplog: pytest.LogCaptureFixture
+) -> None:
+    content = bundles.full["2"].read_bytes()
+    cut = len(content) // 2
+    with BundleServer(content, cut_after=cut) as server:
+        result = host.stage(server.url, Authorization="Bearer secret-token")
+    assert result["state"] == "staged", result
+    assert [seen.range for seen in server.seen] == [None, f"bytes={cut}-"], "resumed where the cut was"
+    assert {seen.authorization for seen in server.seen} == {"Bearer secret-token"}
+    assert "secret-token" not in caplog.text and "secret-token" not in json.dumps(host.updates.status())
+    assert "secret-token" not in json.dumps([event.detail for event in host.store.events(0, 100)])
+    assert list(host.config.download_directory.iterdir()) == [], "the download is gone once staged"
+
+
+def test_a_url_bundle_by_an_untrusted_key_stops_at_its_head(host: Host, bundles: Bundles, tmp_path: Path) -> None:
+    """The signature is checked as soon as the head is in: the rest of 48 MiB is never fetched."""
+    content = bundles.full["3"].read_bytes()
+    host.config = host.updates.config = DaemonConfig(**{**host.config.__dict__, "update_keys_dir": tmp_path})
+    with BundleServer(content, delay=0.01) as server:
+        started = time.monotonic()
+        result = host.stage(server.url + "?token=abc")
+    assert result["error"]["name"] == ERROR + "Untrusted", result
+    assert time.monotonic() - started < 5, "stopped long before 48 MiB came at 6 MiB/s"
+    assert result["source"] == server.url + "?...", "a URL's query is not shown"
+    assert list(host.config.download_directory.iterdir()) == [], "the partial download is deleted"
+    assert "downloading" in host.phases and "receiving" not in host.phases
+
+
+def test_cancel_stops_a_download_and_leaves_nothing(host: Host, bundles: Bundles) -> None:
+    content = bundles.full["3"].read_bytes()
+    with BundleServer(content, delay=0.05) as server:
+        update_id = host.updates.stage(server.url, uid=0, method="Stage", reboot=False)
+        while host.updates.progress[1] < 1 << 20:
+            time.sleep(0.05)
+        with pytest.raises(UpdateBusy, match=f"update {update_id} \\(3\\) is staging: one at a time"):
+            host.updates.stage(str(bundles.full["2"]), uid=0, method="Stage", reboot=False)
+        host.updates.cancel(uid=0, method="Cancel")
+        started = time.monotonic()
+        result = host.wait(update_id)
+        assert time.monotonic() - started < 5, "the download's socket was cut, not waited out"
+    assert result["state"] == "cancelled", result
+    assert list(host.config.download_directory.iterdir()) == []
+    assert leftovers(host.scratch) == NOTHING_LEFT
+    assert host.events() == ["Stage", "Cancel", "UpdateCancelled"]
+    with pytest.raises(NotStaging):
+        host.updates.cancel(uid=0, method="Cancel")
+
+
+def test_running_out_of_space_while_receiving_leaves_nothing(tmp_path: Path, bundles: Bundles) -> None:
+    with host_layout(tmp_path, bundles, size="160M") as scratch:
+        filler = scratch.top / "filler"
+        with filler.open("wb") as out:  # leave about 24 MiB for the 48 MiB of version 3
+            free = os.statvfs(scratch.top)
+            out.write(b"\0" * max(0, free.f_bavail * free.f_frsize - (24 << 20)))
+        subprocess.run(["sync"], check=True)
+        host = make_host(scratch, tmp_path, bundles.keys)
+        try:
+            result = host.stage(bundles.full["3"])
+            assert result["error"]["name"] == ERROR + "NoSpace", result
+            assert "ran out of space while the image was received" in result["error"]["message"]
+            assert leftovers(scratch) == NOTHING_LEFT
+        finally:
+            host.store.close()
+
+
+def test_reconcile_removes_what_a_cut_staging_left(host: Host, bundles: Bundles) -> None:
+    top, esp = host.scratch.top, host.scratch.esp
+    host.stage(bundles.full["2"])
+    (top / "@deployments").mkdir(exist_ok=True)
+    btrfsutil.create_snapshot(top / "@images/rastos-test-1", top / "@deployments/.incoming-9")
+    btrfsutil.create_snapshot(top / "@images/rastos-test-1", top / "@deployments/5")  # placed, never given its entry
+    (esp / "rastos/5").mkdir()
+    (esp / "rastos/5/linux").write_text("x")
+    btrfsutil.create_subvolume(top / "@images/rastos-test-9")  # a receive cut short: writable, no identity
+    (esp / "loader/entries/rastos-update-7+2.conf").write_text(
+        "title gone\nlinux /rastos/7/linux\noptions root=UUID=host-root rootflags=subvol=@deployments/7 rw\n"
+    )
+    (esp / "rastos/7").mkdir()
+    (esp / "rastos/7/linux").write_text("x")
+    (esp / "rastos/2/.linux.0123456789ab").write_text("half a kernel")
+    downloads = host.config.download_directory
+    downloads.mkdir()
+    (downloads / "old.partial").write_text("x")
+    os.utime(downloads / "old.partial", (0, 0))
+    (downloads / "old.partial.json").write_text("{}")
+    (downloads / "fresh.partial").write_text("x")
+    (downloads / "fresh.partial.json").write_text("{}")
+    (downloads / "done.rbundle").write_text("x")
+    done = host.updates.reconcile()
+    assert sorted(done) == sorted([
+        "removed @images/rastos-test-9: an image whose receive was cut short",
+        "removed @deployments/.incoming-9: a deployment whose staging was cut short",
+        "removed boot entry rastos-update-7+2.conf: its deployment @deployments/7 is gone",
+        "removed @deployments/5: its boot entry was never written",
+        "removed rastos/2/.linux.0123456789ab: a write to the ESP cut short",
+        "removed the download done.rbundle: no staging will go on with it",
+        "removed the download old.partial: no staging will go on with it",
+        "removed the download old.partial.json: no staging will go on with it",
+    ]), done  # fmt: skip
+    assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2"]
+    assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["2", KERNEL], "the kernels no entry names went"
+    assert sorted(p.name for p in downloads.iterdir()) == ["fresh.partial", "fresh.partial.json"]
+    assert host.updates.reconcile() == [], "all in agreement now"
+
+
+def test_a_kernel_directory_goes_with_the_last_entry_that_names_it(host: Host, bundles: Bundles) -> None:
+    host.stage(bundles.full["2"])
+    entries = host.entries
+    path = host.scratch.esp / "loader/entries/rastos-update-2+3.conf"
+    copy = path.with_name("rastos-snapshot-4+3.conf")
+    copy.write_text(path.read_text().replace("@deployments/2", "@snapshots/4/deployment"))
+    entries.remove_entry(path)
+    assert (host.scratch.esp / "rastos/2/linux").is_file(), "the snapshot's entry still names it"
+    entries.remove_entry(copy)
+    assert not (host.scratch.esp / "rastos/2").exists()
+    assert (host.scratch.esp / "rastos" / KERNEL).is_dir(), "the running entry's stays"
+    assert stat.S_ISDIR((host.scratch.esp / "rastos").stat().st_mode)
