@@ -28,6 +28,7 @@ so it only ever boots when chosen: from the menu, or once through `BootOnce()` (
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -225,6 +226,20 @@ class BootEntries:
 
     def kernel_directory(self, token: str, version: str) -> Path:
         return self.esp / token / version
+
+    def file_with(self, name: str, size: int, sha256: str) -> Path | None:
+        """A kernel or initrd already on the ESP (/TOKEN/DIRECTORY/NAME, no link) with this content:
+        what a delta that keeps its parent's kernel is installed from."""
+        for candidate in sorted(self.esp.glob(f"*/*/{name}")):
+            try:
+                if candidate.is_symlink() or not candidate.is_file() or candidate.stat().st_size != size:
+                    continue
+                with candidate.open("rb") as file:
+                    if hashlib.file_digest(file, "sha256").hexdigest() == sha256:
+                        return candidate
+            except OSError:
+                continue
+        return None
 
     def install_kernel(self, token: str, version: str, files: Mapping[str, Iterable[bytes]]) -> Path:
         """Write the files (linux, initrd) into /TOKEN/VERSION/ on the ESP, each through a temporary

@@ -45,6 +45,7 @@ FORMAT = 1
 SUFFIX = ".rbundle"
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 PARTS = ("entry.conf", "linux", "initrd", "root.btrfs.zst")
+REUSABLE = ("linux", "initrd")  # the parts a delta may leave to the parent's copy on the host
 MEMBERS = (MANIFEST, SIGNATURE, *PARTS)
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 4096
@@ -72,8 +73,16 @@ class BundleError(RastosError):
 @dataclass(frozen=True)
 class Part:
     file: str
-    size: int
-    sha256: str
+    size: int  # of the content
+    sha256: str  # of the content
+    # A delta's kernel or initrd that is its parent's, byte for byte: the member is empty and the host
+    # uses the copy it has on its ESP, found by this sha256 (most updates keep the kernel).
+    in_parent: bool = False
+
+    @property
+    def stored(self) -> int:
+        """Bytes of the part inside the bundle file."""
+        return 0 if self.in_parent else self.size
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,12 @@ class Manifest:
                 raise BundleError("format", f"manifest.parts.{name}.size: {size} is out of range")
             if part.text("file", None, 64) != name:
                 raise BundleError("format", f"manifest.parts.{name}.file: must be {name}")
-            parts[name] = Part(name, size, part.text("sha256", SHA256))
+            in_parent = part.data.get("in_parent", False)
+            if not isinstance(in_parent, bool):
+                raise BundleError("format", f"manifest.parts.{name}.in_parent: must be true or false")
+            if in_parent and (parent is None or name not in REUSABLE):
+                raise BundleError("format", f"manifest.parts.{name}.in_parent: only a delta's {' or '.join(REUSABLE)}")
+            parts[name] = Part(name, size, part.text("sha256", SHA256), in_parent)
         if unknown := set(parts_data) - set(PARTS):
             raise BundleError("format", f"manifest.parts: unknown part {sorted(unknown)[0]}")
         return cls(
@@ -337,12 +351,23 @@ def file_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def write_bundle(destination: Path, manifest: Manifest, key: SigningKey, parts: Mapping[str, Path]) -> Manifest:
+def write_bundle(
+    destination: Path,
+    manifest: Manifest,
+    key: SigningKey,
+    parts: Mapping[str, Path],
+    *,
+    in_parent: frozenset[str] = frozenset(),
+) -> Manifest:
     """Write the bundle (to `destination` through a temporary name, so a reader never sees half of
-    one). The manifest's parts are filled in from the files; returns the manifest as written."""
+    one). The manifest's parts are filled in from the files; those named in `in_parent` (a delta's
+    kernel or initrd that its parent has too) are described but not stored. Returns the manifest as
+    written."""
     if set(parts) != set(PARTS):
         raise RastosError(f"a bundle needs exactly the parts {', '.join(PARTS)}")
-    measured = {name: Part(name, *file_sha256(parts[name])) for name in PARTS}
+    if in_parent and (manifest.parent is None or not in_parent <= set(REUSABLE)):
+        raise RastosError(f"only a delta's {' or '.join(REUSABLE)} can be left to its parent")
+    measured = {name: Part(name, *file_sha256(parts[name]), name in in_parent) for name in PARTS}
     manifest = dataclasses.replace(manifest, parts=measured)
     raw = manifest.to_bytes()
     signature = key.sign(raw)
@@ -352,7 +377,7 @@ def write_bundle(destination: Path, manifest: Manifest, key: SigningKey, parts: 
             tar.addfile(_member(name, len(data)), io.BytesIO(data))
         for name in PARTS:
             with parts[name].open("rb") as file:
-                tar.addfile(_member(name, measured[name].size), file)
+                tar.addfile(_member(name, measured[name].stored), None if measured[name].in_parent else file)
     partial.replace(destination)
     return manifest
 
@@ -443,13 +468,15 @@ class Bundle:
         self.manifest = head.manifest
         self.offsets = part_offsets(path)
         for name, part in self.manifest.parts.items():
-            if self.offsets[name][1] != part.size:
+            if self.offsets[name][1] != part.stored:
                 raise BundleError(
-                    "corrupt", f"{path}: part {name} has {self.offsets[name][1]} bytes, the manifest says {part.size}"
+                    "corrupt", f"{path}: part {name} has {self.offsets[name][1]} bytes, the manifest says {part.stored}"
                 )
 
     def chunks(self, name: str) -> Iterator[bytes]:
         """The part's bytes; raises BundleError at the end if they do not hash to the manifest's."""
+        if self.manifest.parts[name].in_parent:
+            raise BundleError("format", f"{self.path}: part {name} is the parent's: the host has it, the bundle not")
         offset, size = self.offsets[name]
         digest = hashlib.sha256()
         with self.path.open("rb") as file:
@@ -473,5 +500,5 @@ class Bundle:
     def check_parts(self) -> None:
         """Hash every part against the manifest before any of it is used."""
         for name in PARTS:
-            for _ in self.chunks(name):
+            for _ in [] if self.manifest.parts[name].in_parent else self.chunks(name):
                 pass

@@ -72,7 +72,7 @@ def head_so_far(file: IO[bytes], size: int, complete: bool) -> Head | None:
 def size_bound(head: Head) -> int:
     """The most bytes a bundle with this (verified) manifest can hold."""
     start = head.offsets[SIGNATURE] + len(head.signature)
-    parts = sum(TAR_BLOCK + -(-part.size // TAR_BLOCK) * TAR_BLOCK for part in head.manifest.parts.values())
+    parts = sum(TAR_BLOCK + -(-part.stored // TAR_BLOCK) * TAR_BLOCK for part in head.manifest.parts.values())
     return start + parts + TAR_SLACK + TAR_BLOCK * len(PARTS)
 
 

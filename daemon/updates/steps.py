@@ -17,6 +17,7 @@ was placed takes the deployment: a staging either ends staged or leaves the host
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +35,7 @@ from daemon.updates.layout import HostLayout, delete_subvolume
 from daemon.updates.model import PrepareDeployment, Staging, image_identity
 from ops.errors import UnsafePath
 from ops.rootfs import Links, Root
-from rastos.bundle import PARTS, Bundle, BundleError, Head, Manifest, read_head, trusted_keys, verify_signature
+from rastos.bundle import PARTS, Bundle, BundleError, Head, Manifest, Part, read_head, trusted_keys, verify_signature
 
 log = logging.getLogger("rastosd.updates")
 
@@ -144,6 +145,23 @@ class StagingRun:
                 f"this host does not have version {manifest.parent.version} (uuid {manifest.parent.uuid}) "
                 "that the delta needs; stage the full bundle",
             )
+        self.parents_files(manifest)
+
+    def parents_files(self, manifest: Manifest) -> dict[str, Path]:
+        """The ESP's copies of the parts a delta leaves to its parent (its kernel, its initrd)."""
+        found = {}
+        for name, part in manifest.parts.items():
+            if not part.in_parent:
+                continue
+            path = self.context.entries.file_with(name, part.size, part.sha256)
+            if path is None:
+                raise BundleError(
+                    "parent",
+                    f"the delta keeps version {manifest.parent.version if manifest.parent else '?'}'s {name}, "
+                    "which is not on this host's ESP; stage the full bundle",
+                )
+            found[name] = path
+        return found
 
     @contextlib.contextmanager
     def named(self, path: Path) -> Iterator[None]:
@@ -159,11 +177,11 @@ class StagingRun:
     def verify(self, path: Path) -> Bundle:
         with self.named(path):
             bundle = Bundle(path, self.keys)
-            total = sum(part.size for part in bundle.manifest.parts.values())
+            total = sum(part.stored for part in bundle.manifest.parts.values())
             done = 0
             self.context.progress("verifying", done, total)
             for name in PARTS:
-                for chunk in bundle.chunks(name):
+                for chunk in [] if bundle.manifest.parts[name].in_parent else bundle.chunks(name):
                     self.staging.check()
                     done += len(chunk)
                     self.context.progress("verifying", done, total)
@@ -222,6 +240,7 @@ class StagingRun:
         entries = self.context.entries
         sizes = bundle.manifest.parts
         total = sizes["linux"].size + sizes["initrd"].size
+        kept = self.parents_files(bundle.manifest)
         self.context.progress("installing", 0, total)
         try:
             configured = Root(self.context.root).read_text(ENTRY_TOKEN_FILE, links=Links.SYSTEM)
@@ -232,7 +251,11 @@ class StagingRun:
             with self.named(bundle.path):
                 template = self.template(bundle)
                 done = [0]
-                files = {name: self.counted(bundle.chunks(name), done, total) for name in ("linux", "initrd")}
+                sources = {
+                    name: _checked_file(kept[name], sizes[name]) if name in kept else bundle.chunks(name)
+                    for name in ("linux", "initrd")
+                }
+                files = {name: self.counted(chunks, done, total) for name, chunks in sources.items()}
                 entries.install_kernel(token, version, files)
             failpoint("update-kernel-written")
             self.staging.check()  # the last point a Cancel() reaches: after it the entry is written
@@ -257,3 +280,14 @@ class StagingRun:
             return bundle.read_part("entry.conf", MAX_TEMPLATE).decode("utf-8")
         except UnicodeDecodeError:
             raise BundleError("format", "entry.conf: not UTF-8 text") from None
+
+
+def _checked_file(path: Path, part: Part) -> Iterator[bytes]:
+    """A file's bytes, checked against the part they stand for once read (the ESP is not ours alone)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+            yield chunk
+    if digest.hexdigest() != part.sha256:
+        raise BundleError("parent", f"{path} changed while it was copied: stage the full bundle")

@@ -1,0 +1,154 @@
+"""Image updates end to end: v1 is built and booted, its admins change it through rastosd, v2 (one
+package more, a sysctl changed) reaches it as a delta rolled out by a real hub, and the guest reboots
+into v2 with its host name and user kept; v3, whose rastosd cannot start, falls back to v2 by itself
+and the hub halts its rollout with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CACHE_DIR, CHECKOUT
+from guest_console import PROMPT, GuestConsole, overlay, settled
+
+from tests.hub_fixtures import Hub, upload
+from tests.hub_fixtures import hub as hub
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.slow, pytest.mark.network]
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHVwZGF0ZXMtdGVzdC1rZXktMDAwMDAwMDAwMDAwMDAw alice@test"
+# One try for a new deployment: the fallback is seen after one failed boot, not three.
+PROFILE = """extends = "minimal"
+version = "{version}"
+[packages]
+include = [{packages}]
+[kernel.sysctl]
+"vm.swappiness" = {swappiness}
+[boot]
+tries = 1
+{extra}
+"""
+BOOT_STATE = (
+    'echo "STATE=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
+    'org.rastos.Daemon1.Manager BootState)"'
+)
+
+
+def build(folder: Path, key: Path, version: str, *, packages: str = "", swappiness: int = 10, extra: str = "",
+          delta_from: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Build profile v`version` into `folder`; returns its manifest.json, with the paths of its bundles."""
+    folder.mkdir()
+    profile = folder / "updates.toml"  # one profile name for every version: a delta is of one profile
+    profile.write_text(PROFILE.format(version=version, packages=packages, swappiness=swappiness, extra=extra))
+    argv = [sys.executable, "-m", "imagebuilder", "build", str(profile), "--output-dir", str(folder / "out"),
+            "--cache-dir", str(CACHE_DIR), "--signing-key", str(key)]  # fmt: skip
+    if delta_from is not None:
+        argv += ["--delta-from", str(delta_from)]
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=CHECKOUT, check=False)
+    assert result.returncode == 0, result.stderr
+    print(f"v{version} built in {time.monotonic() - started:.1f}s")
+    manifest: dict[str, Any] = json.loads((folder / "out" / "manifest.json").read_text())
+    for kind, output in manifest["outputs"].items():
+        output["path"] = folder / "out" / output["file"]
+        print(f"  {kind}: {output['file']} {output['size'] / 2**20:.1f} MiB")
+    return manifest
+
+
+def bundle_of(manifest: dict[str, Any], *, delta: bool) -> Path:
+    names = [o["path"] for o in manifest["outputs"].values() if str(o["file"]).endswith(".rbundle")]
+    chosen = [path for path in names if ("-from-" in path.name) == delta]
+    assert len(chosen) == 1, names
+    return Path(chosen[0])
+
+
+def boot_state(guest: GuestConsole) -> dict[str, str]:
+    return dict(json.loads(guest.run(BOOT_STATE, "STATE"))["data"])
+
+
+def roll_out(hub: Hub, bundle: Path) -> str:
+    status, image = upload(hub, bundle.read_bytes())
+    assert status in (200, 201), image
+    rollout = hub.api("POST", "/api/v1/rollouts", {"image": image["id"], "target": {"hosts": ["vm-1"]},
+                                                    "health_timeout_s": 1200})  # fmt: skip
+    return str(rollout["id"])
+
+
+def rollout_state(hub: Hub, rollout: str) -> dict[str, Any]:
+    document: dict[str, Any] = hub.api("GET", f"/api/v1/rollouts/{rollout}")
+    return document
+
+
+def wait_rollout(hub: Hub, rollout: str, states: set[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (state := rollout_state(hub, rollout))["state"] not in states:
+        assert time.monotonic() < deadline, f"rollout never reached {states}: {json.dumps(state)[:3000]}"
+        time.sleep(1)
+    return state
+
+
+def test_an_update_keeps_the_host_and_a_broken_one_falls_back(tmp_path: Path, hub: Hub, artifacts: Path) -> None:
+    key = tmp_path / "signing-key"
+    subprocess.run([sys.executable, "-m", "imagebuilder", "key", "generate", str(key)], cwd=CHECKOUT, check=True)
+    v1 = build(tmp_path / "v1", key, "1")
+    v2 = build(tmp_path / "v2", key, "2", packages='"hello"', swappiness=13, delta_from=bundle_of(v1, delta=False))
+    broken = '[kernel]\ncmdline = ["systemd.mask=rastosd.service"]'  # its boot entry masks rastosd
+    v3 = build(tmp_path / "v3", key, "3", packages='"hello"', swappiness=13, extra=broken,
+               delta_from=bundle_of(v2, delta=False))  # fmt: skip
+    full, delta = bundle_of(v2, delta=False).stat().st_size, bundle_of(v2, delta=True).stat().st_size
+    print(f"v2 full bundle {full / 2**20:.1f} MiB, delta {delta / 2**20:.2f} MiB ({100 * delta / full:.1f} %)")
+    assert delta < full / 5, "a one-package change makes a delta far smaller than the whole root"
+
+    token = hub.api("POST", "/api/v1/hosts", {"name": "vm-1", "groups": ["vms"]})["token"]
+    disk = overlay(Path(v1["outputs"]["qcow2"]["path"]), tmp_path / "disk.qcow2")
+    guest = GuestConsole(disk, keep_changes=True, boot_args=(
+        "--credential", f"rastos.hub.url=ws://10.0.2.2:{hub.port}/api/v1/agent",
+        "--credential", f"rastos.hub.token={token}"))  # fmt: skip
+    try:
+        assert guest.wait_for(PROMPT, 300)
+        settled(guest)
+        assert boot_state(guest)["image_version"] == "1"
+        hub.wait_state(lambda s: s["hosts"]["vm-1"]["facts"].get("boot_state", {}).get("image_version") == "1",
+                       "v1 on the hub", 120)  # fmt: skip
+        steps = [{"op": "hostname", "params": {"hostname": "kept-name"}},
+                 {"op": "user", "params": {"name": "alice", "authorized_keys": [KEY]}}]  # fmt: skip
+        run = hub.api("POST", "/api/v1/runs", {"target": {"hosts": ["vm-1"]}, "steps": steps})
+        state = hub.wait_state(lambda s: s["runs"][run["id"]]["state"] != "running", "the run's end", 300)
+        assert state["runs"][run["id"]]["state"] == "complete", state["runs"][run["id"]]
+
+        started = time.monotonic()
+        rollout = roll_out(hub, bundle_of(v2, delta=True))
+        assert guest.wait_for_new(b"BdsDxe: starting", 900), "the host staged v2 and rebooted"
+        staged = time.monotonic() - started
+        assert guest.wait_for_new(PROMPT, 400), "v2 boots"
+        settled(guest)
+        done = wait_rollout(hub, rollout, {"complete", "halted"}, 300)
+        assert done["state"] == "complete", done
+        healthy = time.monotonic() - started
+        print(f"rollout of v2: staged and rebooting after {staged:.0f}s, healthy after {healthy:.0f}s")
+        state = boot_state(guest)
+        assert state["image_version"] == "2" and state["root"] == "@deployments/2", state
+        assert state["health"] == "good" and state["kind"] == "deployment", state
+        seen = guest.run('echo "SEEN=$(hostname) $(sysctl -n vm.swappiness) $(dpkg-query -W -f=\'${Status}\' hello | '
+                         'tr " " _) $(grep -c alice@test /home/alice/.ssh/authorized_keys)"', "SEEN")  # fmt: skip
+        assert seen == "kept-name 13 install_ok_installed 1", "the new package and sysctl, the host's name and user"
+
+        rollout = roll_out(hub, bundle_of(v3, delta=True))
+        assert guest.wait_for_new(b"BdsDxe: starting", 900), "the host staged v3 and rebooted"
+        assert guest.wait_for_new(b"the health check failed", 600), "v3's trial boot fails its health check"
+        last = guest.seen.rfind(b"the health check failed")
+        assert guest.wait_for_after(last, b"BdsDxe: starting", 300), "the failed trial boot rebooted"
+        assert guest.wait_for_new(PROMPT, 400), "v2 boots again by itself"
+        settled(guest)
+        state = boot_state(guest)
+        assert state["kind"] == "fallback" and state["image_version"] == "2", state
+        assert state["failed_entry"].startswith("rastos-update-3"), state
+        halted = wait_rollout(hub, rollout, {"halted", "complete"}, 300)
+        assert halted["state"] == "halted" and "fallback" in json.dumps(halted).lower(), halted
+    finally:
+        guest.close(artifacts / "console.log")
