@@ -71,6 +71,12 @@ def boot_state(guest: GuestConsole) -> dict[str, str]:
     return dict(json.loads(guest.run(BOOT_STATE, "STATE"))["data"])
 
 
+def image_version(state: dict[str, Any], host: str) -> str | None:
+    facts = state["hosts"][host].get("facts") or {}
+    version = (facts.get("boot_state") or {}).get("image_version")
+    return str(version) if version is not None else None
+
+
 def roll_out(hub: Hub, bundle: Path) -> str:
     status, image = upload(hub, bundle.read_bytes())
     assert status in (200, 201), image
@@ -113,8 +119,7 @@ def test_an_update_keeps_the_host_and_a_broken_one_falls_back(tmp_path: Path, hu
         assert guest.wait_for(PROMPT, 300)
         settled(guest)
         assert boot_state(guest)["image_version"] == "1"
-        hub.wait_state(lambda s: s["hosts"]["vm-1"]["facts"].get("boot_state", {}).get("image_version") == "1",
-                       "v1 on the hub", 120)  # fmt: skip
+        hub.wait_state(lambda s: image_version(s, "vm-1") == "1", "v1 on the hub", 120)
         steps = [{"op": "hostname", "params": {"hostname": "kept-name"}},
                  {"op": "user", "params": {"name": "alice", "authorized_keys": [KEY]}}]  # fmt: skip
         run = hub.api("POST", "/api/v1/runs", {"target": {"hosts": ["vm-1"]}, "steps": steps})

@@ -194,3 +194,26 @@ def test_any_one_bad_field_is_named(path: tuple[Any, ...], value: Any) -> None:
         Manifest.from_dict(data)
     except BundleError as error:
         assert str(error).startswith(f"manifest.{path[0]}"), (path, error)
+
+
+def test_a_delta_can_leave_its_parents_kernel_out(tmp_path: Path, key: Keys, parts: dict[str, Path]) -> None:
+    """The kernel a delta keeps is described (size, sha256) but not stored; the host has it."""
+    parent = bundle.Parent("1", "047336d3-139a-dd4c-9c05-54d68f0a5ff8")
+    path = tmp_path / "delta.rbundle"
+    written = bundle.write_bundle(path, manifest(parent=parent), key[0], parts, in_parent=frozenset({"linux"}))
+    opened = Bundle(path, key[1])
+    opened.check_parts()
+    linux = opened.manifest.parts["linux"]
+    assert linux.in_parent and linux == written.parts["linux"]
+    assert (linux.size, linux.stored) == (3000, 0) and bundle.part_offsets(path)["linux"][1] == 0
+    assert linux.sha256 == bundle.file_sha256(parts["linux"])[1]
+    with pytest.raises(BundleError, match="the host has it"):
+        opened.read_part("linux")
+    with pytest.raises(RastosError, match="only a delta's linux or initrd"):
+        bundle.write_bundle(path, manifest(), key[0], parts, in_parent=frozenset({"linux"}))
+    with pytest.raises(RastosError, match="only a delta's linux or initrd"):
+        bundle.write_bundle(path, manifest(parent=parent), key[0], parts, in_parent=frozenset({"root.btrfs.zst"}))
+    data = json.loads(opened.manifest.to_bytes())
+    data["parent"] = None
+    with pytest.raises(BundleError, match=r"manifest\.parts\.linux\.in_parent: only a delta's"):
+        Manifest.from_dict(data)

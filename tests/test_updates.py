@@ -25,7 +25,7 @@ from daemon.errors import InvalidParams, NotStaging, UpdateBusy
 from daemon.store import StateStore
 from daemon.updates import Updates
 from daemon.updates.layout import identity
-from rastos.bundle import part_offsets
+from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
 from tests.daemon_fixtures import ScratchRoot
 from tests.update_fixtures import (
     KERNEL,
@@ -160,6 +160,41 @@ def test_a_delta_without_its_parent_is_refused_before_anything_is_received(host:
     assert sorted(p.name for p in (host.scratch.top / "@images").iterdir()) == []
     assert sorted(p.name for p in (host.scratch.top / "@deployments").iterdir()) == []
     assert host.events() == ["Stage", "UpdateFailed"]
+
+
+def kernel_kept(bundles: Bundles, folder: Path, linux: str) -> Path:
+    """Version 2 as a delta that leaves its `linux` (this text) to the host's ESP."""
+    opened = Bundle(bundles.delta, trusted_keys(bundles.keys))
+    parts = {"root.btrfs.zst": bundles.directory / "root-2-from-1.btrfs.zst", "linux": folder / "linux"}
+    parts["linux"].write_text(linux)
+    for name in ("entry.conf", "initrd"):
+        parts[name] = folder / name
+        parts[name].write_bytes(opened.read_part(name))
+    kept = folder / "kept.rbundle"
+    key = SigningKey.load(bundles.directory / "signing-key")
+    write_bundle(kept, opened.manifest, key, parts, in_parent=frozenset({"linux"}))
+    assert part_offsets(kept)["linux"][1] == 0, "the kernel is not in the bundle"
+    return kept
+
+
+def test_a_delta_that_keeps_its_parents_kernel_installs_the_copy_on_the_esp(
+    host: Host, bundles: Bundles, tmp_path: Path
+) -> None:
+    result = host.stage(kernel_kept(bundles, tmp_path, "the running kernel\n"))
+    assert result["state"] == "staged", result
+    assert (host.scratch.esp / "rastos/2/linux").read_text() == "the running kernel\n"
+    assert (host.scratch.esp / "rastos/2/initrd").read_text() == "initrd of version 2\n" * 128
+
+
+def test_a_delta_keeping_a_kernel_the_host_lacks_is_refused_before_receive(
+    host: Host, bundles: Bundles, tmp_path: Path
+) -> None:
+    result = host.stage(kernel_kept(bundles, tmp_path, "a kernel this host never had\n"))
+    assert result["state"] == "failed" and result["error"]["name"] == ERROR + "Parent", result
+    assert "keeps version 1's linux, which is not on this host's ESP" in result["error"]["message"]
+    assert "receiving" not in host.phases
+    assert sorted(p.name for p in (host.scratch.top / "@images").iterdir()) == ["rastos-test-1"]
+    assert not (host.scratch.esp / "rastos/2").exists()
 
 
 def corrupt_part(bundle: Path, part: str) -> None:

@@ -25,7 +25,12 @@ from rastos.errors import CommandError, RastosError
 from rastos.process import run
 
 # Bump when the way the bootstrap is made changes, so older cache entries are not reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
+# Every build's files get this date where a package or a script would stamp the build's own (mmdebstrap
+# and Debian's tools honour SOURCE_DATE_EPOCH), so the same packages give the same bytes: Debian's
+# initramfs in /boot above all. Two versions of an image then differ where their packages differ, and
+# the delta between them is that, not 12 MB of a regenerated initramfs and thousands of new dates.
+SOURCE_DATE_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
 KEEP_ENTRIES = 6  # one per shipped profile: switching between them never rebuilds
 
 # What every image needs whatever its profile says: init, the boot loader and its boot counting
@@ -198,7 +203,7 @@ def _make_root(ctx: BuildContext, partial: Path, inputs: dict[str, Any]) -> str:
     debs.mkdir(parents=True, exist_ok=True)
     argv = mmdebstrap_argv(ctx.profile, partial / "root", overlay, debs, ctx.kernel_package)
     try:
-        run(in_private_mount_namespace(argv))
+        run(in_private_mount_namespace(argv), env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH)})
     except CommandError as e:
         raise RastosError(
             f"mmdebstrap failed (exit status {e.returncode}); the last lines of its log:\n{e.output_tail}",

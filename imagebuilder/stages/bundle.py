@@ -17,6 +17,7 @@ from imagebuilder.profile.model import MiB
 from rastos import __version__
 from rastos.bundle import (
     PROFILE,
+    REUSABLE,
     SUFFIX,
     Bundle,
     BundleError,
@@ -106,14 +107,17 @@ def write_bundles(ctx: BuildContext) -> str:
     parts = {"entry.conf": entry, "linux": kernel_dir / "linux", "initrd": kernel_dir / "initrd"}
     full = ctx.staging_dir / f"{ctx.subvolume_name}{SUFFIX}"
     whole = manifest(ctx)
-    write_bundle(full, whole, ctx.signing_key, {**parts, "root.btrfs.zst": ctx.root_stream})
+    written = write_bundle(full, whole, ctx.signing_key, {**parts, "root.btrfs.zst": ctx.root_stream})
     ctx.bundles["bundle"] = full
     note = f"{full.name} {_mib(full)}"
     if ctx.parent is not None:
         parent = ctx.parent.manifest
         delta = ctx.staging_dir / f"{ctx.subvolume_name}-from-{parent.version}{SUFFIX}"
         from_parent = dataclasses.replace(whole, parent=Parent(parent.version, parent.subvolume_uuid))
-        write_bundle(delta, from_parent, ctx.signing_key, {**parts, "root.btrfs.zst": ctx.delta_stream})
+        # A kernel or initrd the parent has byte for byte stays out: hosts install it from their ESP.
+        kept = frozenset(name for name in REUSABLE if parent.parts[name].sha256 == written.parts[name].sha256)
+        write_bundle(delta, from_parent, ctx.signing_key, {**parts, "root.btrfs.zst": ctx.delta_stream},
+                     in_parent=kept)  # fmt: skip
         ctx.bundles["delta"] = delta
         note += f", {delta.name} {_mib(delta)}"
     return f"{note}, signed by key {ctx.signing_key.id}"
