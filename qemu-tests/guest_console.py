@@ -127,6 +127,7 @@ class GuestConsole:
         )
         os.close(terminal)
         self.seen = bytearray()
+        self.prompt = PROMPT  # the shell's, which names the host: a test that renames it says so here
 
     @classmethod
     def resume(cls, saved: SavedGuest, folder: Path) -> GuestConsole:
@@ -201,7 +202,7 @@ class GuestConsole:
                 answer = line.rsplit(needle, 1)[1] if needle in line else b"$("
                 offset += len(line) + 1
                 if line.endswith(b"\r") and not answer.startswith(b"$("):
-                    self._wait_after(offset, PROMPT, 60)
+                    self._wait_after(offset, self.prompt, 60)
                     return answer.decode(errors="replace").strip()
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"no {marker}= line within {timeout}s"
