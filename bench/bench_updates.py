@@ -90,8 +90,10 @@ def serving(directory: Path) -> Iterator[int]:
 def stage(guest: GuestConsole, url: str, reboot: bool = False) -> float:
     """Seconds `rastosctl update stage` took in the guest (its own clock)."""
     flags = " --reboot" if reboot else ""
-    answer = guest.run(f'S=$(date +%s.%N); rastosctl update stage{flags} {url} > /tmp/stage.out 2>&1; R=$?; '
-                       'echo "STAGED=$R $(awk "BEGIN {print $(date +%s.%N) - $S}")"', "STAGED", 900)  # fmt: skip
+    # The answer comes as STAGED=$(...), the form guest.run tells from the echo of the typed line.
+    answer = guest.run(f'S=$(date +%s.%N); rastosctl update stage{flags} {url} > /tmp/stage.out 2>&1; '
+                       'echo "$? $(awk "BEGIN {print $(date +%s.%N) - $S}")" > /tmp/stage.result; '
+                       'echo "STAGED=$(cat /tmp/stage.result)"', "STAGED", 900)  # fmt: skip
     status, seconds = answer.split()
     if status != "0":
         print(guest.run("echo \"OUT=$(tail -5 /tmp/stage.out | tr '\\n' ' ')\"", "OUT"))
