@@ -149,7 +149,7 @@ def test_a_link_swapped_in_while_reading_is_never_followed(tmp_path: Path) -> No
     thread = threading.Thread(target=swap, daemon=True)
     thread.start()
     root = Root(base)
-    seen = set()
+    seen: set[str | None] = set()
     # At least 2,000 reads, and on until both sides of the swap were met: on a busy machine the
     # swapping thread may get few turns among the first reads.
     reads = 0
