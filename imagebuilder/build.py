@@ -39,9 +39,11 @@ from imagebuilder.stages.kernel_build import build_profile_kernel
 from imagebuilder.stages.outputs import installed_packages, write_images, write_manifest
 from imagebuilder.stages.rastos import install_rastos
 from imagebuilder.stages.root import make_root
+from rastos.bundle import SUFFIX as BUNDLE_SUFFIX
 from rastos.errors import RastosError
 
 log = logging.getLogger("rastos.build")
+KEPT_BUNDLES = 3  # full bundles (and deltas) of an image kept in its output directory
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,9 @@ def build_image(
             _run_stage(stage, ctx, events)
         manifest = write_manifest(ctx, {**ctx.images, **ctx.bundles}, ctx.packages)
         outputs = _publish({**ctx.images, **ctx.bundles, "manifest": manifest}, output_dir)
+        spared = {path.resolve() for path in outputs.values()} | ({delta_from.resolve()} if delta_from else set())
+        for removed in prune_bundles(output_dir, ctx.image_name, spared):
+            log.info("removed the older bundle %s (the newest %d of each kind stay)", removed.name, KEPT_BUNDLES)
         outputs["log"] = output_dir / "build.log"
         seconds = time.monotonic() - started
         log.info("build finished in %.1fs", seconds)
@@ -189,6 +194,21 @@ def _publish(files: dict[str, Path], output_dir: Path) -> dict[str, Path]:
         path.replace(target)
         published[kind] = target
     return published
+
+
+def prune_bundles(output_dir: Path, image_name: str, spared: set[Path]) -> list[Path]:
+    """Remove all but the newest KEPT_BUNDLES full bundles and as many deltas of this image from
+    the output directory (each is some 190 MiB for minimal, and every build makes a version); the
+    bundles of this build and the one it made a delta from stay whatever their age. Returns what went."""
+    bundles = [path for path in output_dir.glob(f"{image_name}-*{BUNDLE_SUFFIX}") if path.is_file()]
+    removed = []
+    for delta in (False, True):
+        kind = sorted((p for p in bundles if ("-from-" in p.name) == delta), key=lambda p: p.stat().st_mtime)
+        for path in kind[: max(0, len(kind) - KEPT_BUNDLES)]:
+            if path.resolve() not in spared:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from daemon.config import load_config
+from imagebuilder.build import prune_bundles
 from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.profile import load_profile
 from imagebuilder.profile.model import MiB
@@ -135,3 +137,28 @@ def test_sha256_of_a_sparse_file_equals_the_plain_digest(tmp_path: Path) -> None
     empty = tmp_path / "empty.img"
     empty.write_bytes(b"")
     assert checksums([sparse, empty]) == {sparse: plain, empty: hashlib.sha256(b"").hexdigest()}
+
+
+def test_older_bundles_go_but_this_builds_and_its_parent_stay(tmp_path: Path) -> None:
+    """Every build is a version with a bundle of some 190 MiB: only the newest few stay."""
+    made = []
+    for number in range(6):
+        for name in (f"rastos-minimal-{number}.rbundle", f"rastos-minimal-{number}-from-{number - 1}.rbundle"):
+            path = tmp_path / name
+            path.write_bytes(b"x")
+            os.utime(path, (1000 + number, 1000 + number))
+            made.append(path)
+    other = tmp_path / "rastos-server-1.rbundle"
+    other.write_bytes(b"x")
+    os.utime(other, (1, 1))
+    parent = tmp_path / "rastos-minimal-0.rbundle"
+    removed = prune_bundles(tmp_path, "rastos-minimal", {parent.resolve()})
+    assert sorted(path.name for path in removed) == [
+        "rastos-minimal-0-from--1.rbundle", "rastos-minimal-1-from-0.rbundle", "rastos-minimal-1.rbundle",
+        "rastos-minimal-2-from-1.rbundle", "rastos-minimal-2.rbundle",
+    ]  # fmt: skip
+    assert parent.exists() and other.exists(), "the named parent and another profile's bundle stay"
+    assert sorted(p.name for p in tmp_path.glob("rastos-minimal-[345]*")) == [
+        "rastos-minimal-3-from-2.rbundle", "rastos-minimal-3.rbundle", "rastos-minimal-4-from-3.rbundle",
+        "rastos-minimal-4.rbundle", "rastos-minimal-5-from-4.rbundle", "rastos-minimal-5.rbundle",
+    ]  # fmt: skip
