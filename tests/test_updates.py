@@ -113,6 +113,7 @@ def test_a_full_bundle_becomes_a_deployment_that_boots_next(host: Host, bundles:
     assert (host.scratch.root / "usr/share/rastos-test/version").read_text() == "1\n", "the running root untouched"
     assert result["carried"] == {"carried": [], "reapplied": [], "hand_changes": []}
     assert host.events() == ["Stage", "UpdateStaged"]
+    assert list(host.config.download_directory.iterdir()) == [], "the private copy of the bundle went with it"
     status = host.updates.status()
     assert (status["state"], status["staged_version"], status["running_version"]) == ("staged", "2", "1")
     assert "receiving" in host.phases and host.phases[-1] == "staged"
@@ -381,7 +382,7 @@ def test_reconcile_removes_what_a_cut_staging_left(host: Host, bundles: Bundles)
     (esp / "rastos/7/linux").write_text("x")
     (esp / "rastos/2/.linux.0123456789ab").write_text("half a kernel")
     downloads = host.config.download_directory
-    downloads.mkdir()
+    downloads.mkdir(exist_ok=True)  # the staging above copied its bundle there
     (downloads / "old.partial").write_text("x")
     os.utime(downloads / "old.partial", (0, 0))
     (downloads / "old.partial.json").write_text("{}")

@@ -1,4 +1,4 @@
-"""Downloading a bundle from an http(s) URL (a path is read in place: source.py).
+"""Downloading a bundle from an http(s) URL (a path is copied into the same directory: steps.py).
 
 A URL is downloaded into the updates directory (/var/lib/rastos/updates, root's alone) as
 `KEY.partial`, KEY a hash of the URL. A cut connection is resumed with `Range: bytes=N-` (a few times

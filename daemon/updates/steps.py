@@ -1,7 +1,7 @@
 """The steps of staging one bundle, in order (docs/updates.md, "On the host"), each leaving nothing
 behind if it fails or is cancelled:
 
-1. fetch: a path is read in place; a URL is downloaded (fetch.py). The head is checked as soon as it
+1. fetch: a path is copied where only root writes; a URL is downloaded (fetch.py). The head is checked as soon as it
    is there: the signature against the trusted keys, then whether this host can take the version
    at all (a delta's parent present, not the running deployment's version).
 2. verify: every part's sha256 against the signed manifest, before any of it is used.
@@ -111,7 +111,7 @@ class StagingRun:
             path = Path(f"/proc/self/fd/{staging.fd}")
             with self.named(path), path.open("rb") as file:
                 self.check_head(read_head(file))
-            return path
+            return self.private_copy(path)
         download = Download(
             staging.source, self.context.downloads, staging.headers, staging.cancelled,
             progress=lambda done, total: self.context.progress("downloading", done, total),
@@ -121,6 +121,19 @@ class StagingRun:
         self.context.progress("downloading", 0, 0)
         self.downloaded = download.complete
         return download.run()
+
+    def private_copy(self, path: Path) -> Path:
+        """The bundle copied where only root writes (the updates directory): whoever owns the file
+        given could change it between the hash check and btrfs receive, which reads it again."""
+        self.context.downloads.mkdir(mode=0o700, parents=True, exist_ok=True)
+        copy = self.context.downloads / f"local-{self.staging.id}.rbundle"
+        self.downloaded = copy
+        self.context.progress("downloading", 0, 0)
+        with path.open("rb") as source, copy.open("wb") as target:
+            while chunk := source.read(1 << 20):
+                self.staging.check()
+                target.write(chunk)
+        return copy
 
     def check_head(self, head: Head) -> None:
         """Signed by a trusted key, and a version this host can take: checked before the rest of the
