@@ -31,7 +31,7 @@ from daemon.boot import BootEntries, update_entry_id
 from daemon.errors import UpdateFailed
 from daemon.failpoints import failpoint
 from daemon.updates.fetch import Download
-from daemon.updates.layout import HostLayout, delete_subvolume
+from daemon.updates.layout import IMAGES, HostLayout, delete_subvolume
 from daemon.updates.model import PrepareDeployment, Staging, image_identity
 from ops.errors import UnsafePath
 from ops.rootfs import Links, Root
@@ -211,11 +211,15 @@ class StagingRun:
             return present, False
         self.needs_parent(manifest)
         self.staging.check()
+        # Recorded before the receive: a cut after btrfs marks the image complete but before a record
+        # written after it would leave an image nothing knows was this staging's (reconcile.py).
+        # (Not when another image holds the name: receive refuses it, and it is not this staging's.)
+        if not (self.layout.images / manifest.subvolume_name).exists():
+            self.context.received(self.staging.id, f"{IMAGES}/{manifest.subvolume_name}")
         with self.named(bundle.path):
             image = self.layout.receive(
                 bundle, self.staging.cancelled, lambda done, total: self.context.progress("receiving", done, total)
             )
-        self.context.received(self.staging.id, self.layout.subvolume(image))
         failpoint("update-received")
         return image, True
 
