@@ -418,3 +418,19 @@ def test_a_kernel_directory_goes_with_the_last_entry_that_names_it(host: Host, b
     assert not (host.scratch.esp / "rastos/2").exists()
     assert (host.scratch.esp / "rastos" / KERNEL).is_dir(), "the running entry's stays"
     assert stat.S_ISDIR((host.scratch.esp / "rastos").stat().st_mode)
+
+
+def test_a_version_whose_kernel_directory_another_root_uses_is_refused(host: Host, bundles: Bundles) -> None:
+    """vfat folds case: a version named like another entry's kernel directory would overwrite it."""
+    entries = host.scratch.esp / "loader/entries"
+    (entries / "rastos-other.conf").write_text(
+        "title other\nlinux /rastos/2/linux\ninitrd /rastos/2/initrd\n"
+        "options root=UUID=host-root rootflags=subvol=@other rw\n"
+    )
+    (host.scratch.esp / "rastos/2").mkdir()
+    (host.scratch.esp / "rastos/2/linux").write_text("the other root's kernel\n")
+    result = host.stage(bundles.full["2"])
+    assert result["state"] == "failed", result
+    assert "would share its boot entry or kernel directory with rastos-other.conf" in result["error"]["message"]
+    assert (host.scratch.esp / "rastos/2/linux").read_text() == "the other root's kernel\n"
+    assert sorted(p.name for p in (host.scratch.top / "@images").iterdir()) == ["rastos-test-1"]

@@ -27,8 +27,8 @@ from typing import Any
 
 import btrfsutil
 
-from daemon.boot import BootEntries, update_entry_id
-from daemon.errors import UpdateFailed
+from daemon.boot import BootEntries, entry_id, update_entry_id
+from daemon.errors import BootConfigError, UpdateFailed
 from daemon.failpoints import failpoint
 from daemon.updates.fetch import Download
 from daemon.updates.layout import IMAGES, HostLayout, delete_subvolume
@@ -147,7 +147,29 @@ class StagingRun:
             raise UpdateFailed(
                 f"version {manifest.version} is the running deployment ({deployment}): it stays as it is"
             )
+        self.names_free(manifest.version, deployment)
         self.needs_parent(manifest)
+
+    def names_free(self, version: str, deployment: str) -> None:
+        """The version's entry and kernel directory are no other root's. The ESP is vfat, which folds
+        case, and `+` in an entry's name becomes `_`: two versions can meet in one name there, and the
+        staging of one would overwrite, then on failure remove, the other's kernel or entry."""
+        entries = self.context.entries
+        wanted = update_entry_id(version).casefold()
+        try:
+            files = entries.entry_files()
+        except BootConfigError:
+            return  # no ESP: install says so
+        for path in files:
+            if entries.root_of(path) == deployment:
+                continue  # an earlier staging of this very version: replaced
+            kernels = {directory.name.casefold() for directory in entries.referenced_directories(path)}
+            if entry_id(path.name).casefold() == wanted or version.casefold() in kernels:
+                raise UpdateFailed(
+                    f"version {version} would share its boot entry or kernel directory with {path.name}, which "
+                    f"boots {entries.root_of(path) or 'another root'} (the ESP's names ignore case, and + is _ there)",
+                    hint="give the new version a name of its own",
+                )
 
     def needs_parent(self, manifest: Manifest) -> None:
         if manifest.parent is None or self.layout.find_image(manifest.subvolume_uuid) is not None:
