@@ -434,3 +434,15 @@ def test_a_version_whose_kernel_directory_another_root_uses_is_refused(host: Hos
     assert "would share its boot entry or kernel directory with rastos-other.conf" in result["error"]["message"]
     assert (host.scratch.esp / "rastos/2/linux").read_text() == "the other root's kernel\n"
     assert sorted(p.name for p in (host.scratch.top / "@images").iterdir()) == ["rastos-test-1"]
+
+
+def test_the_status_any_caller_reads_stays_small_whatever_the_history() -> None:
+    from daemon.updates.service import SHOWN_STEPS, _bounded
+
+    steps = [{"job": number, "op": "sysctl", "changed": True} for number in range(5000)]
+    hand = [{"path": "/etc/issue", "change": "modified", "diff": "x" * 60000}]
+    result = {"state": "staged", "carried": {"reapplied": steps, "hand_changes": hand, "chain": ["@"] * 100}}
+    shown = _bounded(result)
+    assert shown["carried"]["reapplied"] == steps[-SHOWN_STEPS:] and shown["carried"]["reapplied_count"] == 5000
+    assert "hand_changes" not in shown["carried"] and "chain" not in shown["carried"]
+    assert len(json.dumps(shown)) < 4096

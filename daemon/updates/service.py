@@ -175,7 +175,7 @@ class Updates:
             "last_error": None if current else last.get("error"),
             "hand_changes": [] if current else (last.get("carried") or {}).get("hand_changes", []),
             "progress": {"phase": phase, "done": done, "total": total},
-            "result": None if current else (last or None),
+            "result": None if current else (_bounded(last) or None),
         }
 
     def reconcile(self) -> list[str]:
@@ -311,3 +311,21 @@ def describe(error: Exception, update_id: int) -> dict[str, Any]:
         return {"name": UpdateFailed.dbus_name, "message": error.message, "hint": error.hint}
     log.error("update %d failed unexpectedly", update_id, exc_info=error)
     return {"name": INTERNAL, "message": f"internal error in rastosd ({type(error).__name__}); the journal has details"}
+
+
+SHOWN_STEPS = 20  # of the steps re-applied, in a status any caller may ask for as often as it likes
+
+
+def _bounded(result: dict[str, Any]) -> dict[str, Any]:
+    """The last result as GetStatus shows it: hand changes once (at the top), and of the re-applied
+    steps and carried files their counts and the last few, whatever the host's history."""
+    carried = result.get("carried")
+    if not isinstance(carried, dict):
+        return result
+    shown = {key: value for key, value in carried.items() if key not in ("hand_changes", "chain")}
+    for key in ("reapplied", "not_reapplied", "carried", "not_carried"):
+        items = carried.get(key)
+        if isinstance(items, list) and len(items) > SHOWN_STEPS:
+            shown[key] = items[-SHOWN_STEPS:]
+            shown[f"{key}_count"] = len(items)
+    return {**result, "carried": shown}
