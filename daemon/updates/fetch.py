@@ -294,7 +294,11 @@ class Download:
     def _answer(self, response: http.client.HTTPResponse, have: int) -> tuple[int, int]:
         """(total size, bytes already here) from the response's status and headers."""
         etag = response.headers.get("ETag")
-        length = int(response.headers.get("Content-Length") or 0)
+        try:
+            length = int(response.headers.get("Content-Length") or 0)
+        except ValueError:
+            shown = response.headers["Content-Length"][:40]
+            raise _Cut(f"the server sent a Content-Length that is not a number: {shown!r}") from None
         if have and response.status == 206:
             content_range = response.headers.get("Content-Range") or ""
             try:
@@ -354,7 +358,11 @@ class Download:
         head = head_so_far(reader, size, complete)
         if head is None:
             return
-        self.check_head(head)
+        try:
+            self.check_head(head)
+        except UpdateFailed:
+            self.forget()  # a version this host will not take (the one it runs): nothing to resume
+            raise
         self.head, self.bound = head, size_bound(head)
         log.info("download of %s: the head of version %s is signed by a trusted key; fetching the rest",
                  self.source.shown, head.manifest.version)  # fmt: skip
