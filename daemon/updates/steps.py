@@ -172,6 +172,9 @@ class StagingRun:
                 )
 
     def needs_parent(self, manifest: Manifest) -> None:
+        """What a delta needs of its parent: its image (unless this version is here already), and the
+        kernel or initrd it keeps, on the ESP (even then: the deployment is made again)."""
+        self.parents_files(manifest)
         if manifest.parent is None or self.layout.find_image(manifest.subvolume_uuid) is not None:
             return
         if self.layout.find_image(manifest.parent.uuid) is None:
