@@ -32,6 +32,7 @@ POINTS = (
     *SNAPSHOT_POINTS,
     "follow-ups-owed",  # a step: its files written, its follow-ups (service reloads) recorded, not yet run
     *UPDATE_POINTS,
+    "update-entry-written",  # Stage: the entry boots next, the state store not yet told it is staged
 )
 
 

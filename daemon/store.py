@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,16 +404,27 @@ class StateStore:
             row = self._db.execute("SELECT * FROM updates ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else _update_row(row)
 
-    def interrupt_unfinished_updates(self) -> list[tuple[int, str | None]]:
-        """Updates the daemon stopped in the middle of (a crash, a power cut): failed, with their event.
-        Returns each one's id and the image it had received, if any."""
+    def interrupt_unfinished_updates(
+        self, entry_written: Callable[[str], bool] = lambda version: False
+    ) -> list[tuple[int, str | None]]:
+        """Updates the daemon stopped in the middle of (a crash, a power cut): failed, with their event,
+        unless `entry_written` says their version's boot entry is on the ESP (it is written last, so the
+        staging was over but for its record): staged. Returns each failed one's id and the image it had
+        received, if any."""
         with self._lock:
             rows = self._db.execute("SELECT id, version, image FROM updates WHERE state = 'staging'").fetchall()
-        for update_id, version, _ in rows:
+        failed = []
+        for update_id, version, image in rows:
+            if version and entry_written(version):
+                note = "rastosd stopped after its boot entry was written: it boots next"
+                self.finish_update(update_id, "staged", {"id": update_id, "state": "staged", "version": version,
+                                                         "note": note})  # fmt: skip
+                continue
             error = {"name": UpdateFailed.dbus_name, "message": "rastosd stopped while it staged this update"}
             self.finish_update(update_id, "failed", {"id": update_id, "state": "failed", "version": version,
                                                      "error": error})  # fmt: skip
-        return [(int(row[0]), row[2]) for row in rows]
+            failed.append((int(update_id), image))
+        return failed
 
     # Event log
 

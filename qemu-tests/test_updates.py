@@ -98,20 +98,24 @@ def wait_rollout(hub: Hub, rollout: str, states: set[str], timeout: float) -> di
     return state
 
 
-def test_an_update_keeps_the_host_and_a_broken_one_falls_back(tmp_path: Path, hub: Hub, artifacts: Path) -> None:
-    key = tmp_path / "signing-key"
+def test_an_update_keeps_the_host_and_a_broken_one_falls_back(
+    tmp_path_factory: pytest.TempPathFactory, hub: Hub, artifacts: Path
+) -> None:
+    # Builds and the disk apart from `artifacts` (the test's tmp_path), which a failure keeps whole.
+    work = tmp_path_factory.mktemp("updates")
+    key = work / "signing-key"
     subprocess.run([sys.executable, "-m", "imagebuilder", "key", "generate", str(key)], cwd=CHECKOUT, check=True)
-    v1 = build(tmp_path / "v1", key, "1")
-    v2 = build(tmp_path / "v2", key, "2", packages='"hello"', swappiness=13, delta_from=bundle_of(v1, delta=False))
+    v1 = build(work / "v1", key, "1")
+    v2 = build(work / "v2", key, "2", packages='"hello"', swappiness=13, delta_from=bundle_of(v1, delta=False))
     broken = '[kernel]\ncmdline = ["systemd.mask=rastosd.service"]'  # its boot entry masks rastosd
-    v3 = build(tmp_path / "v3", key, "3", packages='"hello"', swappiness=13, extra=broken,
+    v3 = build(work / "v3", key, "3", packages='"hello"', swappiness=13, extra=broken,
                delta_from=bundle_of(v2, delta=False))  # fmt: skip
     full, delta = bundle_of(v2, delta=False).stat().st_size, bundle_of(v2, delta=True).stat().st_size
     print(f"v2 full bundle {full / 2**20:.1f} MiB, delta {delta / 2**20:.2f} MiB ({100 * delta / full:.1f} %)")
     assert delta < full / 5, "a one-package change makes a delta far smaller than the whole root"
 
     token = hub.api("POST", "/api/v1/hosts", {"name": "vm-1", "groups": ["vms"]})["token"]
-    disk = overlay(Path(v1["outputs"]["qcow2"]["path"]), tmp_path / "disk.qcow2")
+    disk = overlay(Path(v1["outputs"]["qcow2"]["path"]), work / "disk.qcow2")
     guest = GuestConsole(disk, keep_changes=True, boot_args=(
         "--credential", f"rastos.hub.url=ws://10.0.2.2:{hub.port}/api/v1/agent",
         "--credential", f"rastos.hub.token={token}"))  # fmt: skip

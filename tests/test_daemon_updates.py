@@ -225,6 +225,24 @@ def test_a_staging_cut_between_two_steps_is_undone_at_the_next_start(
         assert wait_ended(daemon, again)["state"] == "staged", "staging works again"
 
 
+def test_a_staging_cut_once_its_entry_is_written_is_staged_at_the_next_start(tmp_path: Path, bundles: Bundles) -> None:
+    """The entry is written last: a cut after it leaves a deployment that boots next, and the next
+    start says so instead of calling it failed."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, env={FAILPOINT_VARIABLE: "update-entry-written"}):
+        daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
+        deadline = time.monotonic() + 60
+        while "rastos failpoint update-entry-written reached" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.1)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.env = {}
+        daemon.start()
+        after = status(daemon)
+        assert after["result"]["state"] == "staged" and after["last_error"] is None, after
+        assert (daemon.scratch.top / "@deployments/2").is_dir(), "the deployment stays"
+        assert any(p.name.startswith("rastos-update-2+") for p in (daemon.scratch.esp / "loader/entries").iterdir())
+
+
 def test_a_stop_cancels_the_staging_and_says_so(updating: Rastosd, bundles: Bundles) -> None:
     with BundleServer(bundles.full["3"].read_bytes(), delay=0.05) as server:
         update_id = updating.call(UPDATES, "Stage", "sb", server.url, "false")[0]

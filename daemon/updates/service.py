@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from daemon.boot import SORT_NEW, BootEntries, tries_left
+from daemon.boot import SORT_NEW, BootEntries, tries_left, update_entry_id
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BUNDLE_ERRORS,
+    BootConfigError,
     DaemonError,
     NotStaging,
     UpdateBusy,
@@ -178,9 +179,15 @@ class Updates:
             "result": None if current else (_bounded(last) or None),
         }
 
+    def _entry_written(self, version: str) -> bool:
+        try:
+            return self.entries.has_entry(update_entry_id(version))
+        except BootConfigError:
+            return False
+
     def reconcile(self) -> list[str]:
         """Once per start: what a cut staging left (reconcile.py), and its record in the store."""
-        interrupted = self.store.interrupt_unfinished_updates()
+        interrupted = self.store.interrupt_unfinished_updates(self._entry_written)
         self._last = self._last_result()
         done = [f"update {update_id} was cut short by a stop of rastosd: failed" for update_id, _ in interrupted]
         if self.refusal is not None:

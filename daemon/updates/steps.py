@@ -307,6 +307,7 @@ class StagingRun:
         except BaseException:
             self._undo("the kernel", lambda: entries.drop_kernel_directory(token, version))
             raise
+        failpoint("update-entry-written")
         return entry, f"/{token}/{version}"
 
     def counted(self, chunks: Iterable[bytes], done: list[int], total: int) -> Iterator[bytes]:
