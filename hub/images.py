@@ -30,10 +30,10 @@ from typing import IO, Any
 
 from hub.errors import HubError, Unprocessable
 from rastos.bundle import (
-    PARTS,
     SUFFIX,
     BundleError,
     Manifest,
+    check_stored_parts,
     load_public_key,
     part_offsets,
     read_head,
@@ -147,10 +147,7 @@ class ImageFiles:
         try:
             with path.open("rb") as file:
                 head = read_head(file)
-            offsets = part_offsets(path)
-            with path.open("rb") as file:
-                for name in PARTS:
-                    _check_part(file, name, offsets[name], head.manifest)
+            check_stored_parts(path, head.manifest, part_offsets(path))
         except BundleError as error:
             raise Unprocessable(f"bundle: {_without_path(error.message, path)}") from None
         key_id, checked = self._signature(head.manifest_bytes, head.signature)
@@ -197,25 +194,6 @@ def _sync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _check_part(file: IO[bytes], name: str, place: tuple[int, int], manifest: Manifest) -> None:
-    offset, size = place
-    expected = manifest.parts[name]
-    if size != expected.stored:
-        raise BundleError("corrupt", f"part {name} has {size} bytes, the manifest says {expected.stored}")
-    if expected.in_parent:
-        return  # a delta's kernel or initrd that hosts have from its parent: nothing stored to check
-    file.seek(offset)
-    digest, left = hashlib.sha256(), size
-    while left:
-        chunk = file.read(min(WRITE_BYTES, left))
-        if not chunk:
-            raise BundleError("corrupt", f"part {name} is cut short")
-        digest.update(chunk)
-        left -= len(chunk)
-    if digest.hexdigest() != expected.sha256:
-        raise BundleError("corrupt", f"part {name} does not match its sha256 in the manifest")
 
 
 def _without_path(message: str, path: Path) -> str:

@@ -456,6 +456,46 @@ def part_offsets(path: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+def stored_chunks(path: Path, name: str, part: Part, place: tuple[int, int]) -> Iterator[bytes]:
+    """The bytes of part `name`, stored at `place` (data offset, size) in the bundle file at `path`;
+    raises BundleError if they are not the manifest's: at once for the size, at the end for the sha256.
+    Whoever reads a part reads it through this, so every reader checks it the same way."""
+    if part.in_parent:
+        raise BundleError("format", f"{path}: part {name} is the parent's: the host has it, the bundle not")
+    offset, size = place
+    _check_size(path, name, part, size)
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        file.seek(offset)
+        left = size
+        while left:
+            chunk = file.read(min(CHUNK, left))
+            if not chunk:
+                raise BundleError("corrupt", f"{path}: part {name} is cut short")
+            digest.update(chunk)
+            left -= len(chunk)
+            yield chunk
+    if digest.hexdigest() != part.sha256:
+        raise BundleError("corrupt", f"{path}: part {name} does not match its sha256 in the manifest")
+
+
+def check_stored_parts(path: Path, manifest: Manifest, offsets: Mapping[str, tuple[int, int]]) -> None:
+    """Every part of the bundle file at `path` as its manifest says: its size, and the sha256 of what
+    is stored (a part left to the parent stores nothing)."""
+    for name in PARTS:
+        part = manifest.parts[name]
+        if part.in_parent:
+            _check_size(path, name, part, offsets[name][1])
+            continue
+        for _ in stored_chunks(path, name, part, offsets[name]):
+            pass
+
+
+def _check_size(path: Path, name: str, part: Part, size: int) -> None:
+    if size != part.stored:
+        raise BundleError("corrupt", f"{path}: part {name} has {size} bytes, the manifest says {part.stored}")
+
+
 class Bundle:
     """A complete bundle file whose signature has been checked: its parts, each read through a
     hash check against the manifest."""
@@ -468,29 +508,11 @@ class Bundle:
         self.manifest = head.manifest
         self.offsets = part_offsets(path)
         for name, part in self.manifest.parts.items():
-            if self.offsets[name][1] != part.stored:
-                raise BundleError(
-                    "corrupt", f"{path}: part {name} has {self.offsets[name][1]} bytes, the manifest says {part.stored}"
-                )
+            _check_size(path, name, part, self.offsets[name][1])
 
     def chunks(self, name: str) -> Iterator[bytes]:
         """The part's bytes; raises BundleError at the end if they do not hash to the manifest's."""
-        if self.manifest.parts[name].in_parent:
-            raise BundleError("format", f"{self.path}: part {name} is the parent's: the host has it, the bundle not")
-        offset, size = self.offsets[name]
-        digest = hashlib.sha256()
-        with self.path.open("rb") as file:
-            file.seek(offset)
-            left = size
-            while left:
-                chunk = file.read(min(CHUNK, left))
-                if not chunk:
-                    raise BundleError("corrupt", f"{self.path}: part {name} is cut short")
-                digest.update(chunk)
-                left -= len(chunk)
-                yield chunk
-        if digest.hexdigest() != self.manifest.parts[name].sha256:
-            raise BundleError("corrupt", f"{self.path}: part {name} does not match its sha256 in the manifest")
+        return stored_chunks(self.path, name, self.manifest.parts[name], self.offsets[name])
 
     def read_part(self, name: str, limit: int = 256 << 20) -> bytes:
         if self.offsets[name][1] > limit:
@@ -499,6 +521,4 @@ class Bundle:
 
     def check_parts(self) -> None:
         """Hash every part against the manifest before any of it is used."""
-        for name in PARTS:
-            for _ in [] if self.manifest.parts[name].in_parent else self.chunks(name):
-                pass
+        check_stored_parts(self.path, self.manifest, self.offsets)
