@@ -356,12 +356,15 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/api/v1/images/{id}/bundle": {"parameters": [IMAGE_ID], "get": {
         "summary": "The bundle file, with HTTP ranges (Range: bytes=N-): what hosts download their updates from",
-        "description": "For admins, and for hosts with their own agent token as a bearer token.",
+        "description": "For admins (any bundle), and for hosts with their own agent token as a bearer token: "
+                       "only a bundle a rollout has sent the host; any other is answered 404, as one the hub "
+                       "does not hold.",
         "security": [{"admin": []}, {"cookie": []}, {"agent": []}],
         "responses": {"200": {"description": "the bundle", "content": {"application/octet-stream": BINARY}},
                       "206": {"description": "the range asked for", "content": {"application/octet-stream": BINARY}},
                       "416": {"description": "a range that is not in the file"},
-                      "401": _error("no valid admin or host token"), "404": IMAGE_ERRORS["404"]}}},
+                      "401": _error("no valid admin or host token"),
+                      "404": _error("no such image, or (to a host) one no rollout has sent it")}}},
     "/api/v1/rollouts": {
         "get": {"summary": "Recent rollouts and every active one, each with its hosts' states",
                 "responses": {"200": _answer("rollouts", {"type": "array", "items": ROLLOUT})}},

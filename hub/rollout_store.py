@@ -96,6 +96,18 @@ class RolloutStore:
             logged = await self.store.log(db, actor, "ImageRemoved", {"image": image_id, "sha256": found[0]})
         return str(found[0]), logged
 
+    async def offered(self, host: str, image_id: str) -> bool:
+        """Whether a rollout has sent `host` the update to this image, now or in the past: the bundles a
+        host may download. A host still pending in a later wave, or cancelled before its turn, was not."""
+        query = (
+            select(rollout_hosts.c.rollout_id)
+            .join(rollouts, rollouts.c.id == rollout_hosts.c.rollout_id)
+            .where(rollout_hosts.c.host == host, rollouts.c.image == image_id, rollout_hosts.c.sent.is_not(None))
+            .limit(1)
+        )
+        async with self.store.engine.connect() as db:
+            return (await db.execute(query)).first() is not None
+
     # Rollouts
 
     async def add_rollout(self, rollout: dict[str, Any], hosts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Uploads are the bundle file itself as the body (`application/octet-stream`), str
 checked whole before the hub keeps it (hub/images.py); the hub's 1 MiB limit on bodies is for JSON,
 an upload has its own (`--max-image-bytes`). Downloads serve the kept file with HTTP ranges, to
 admins and to agents with their own host token, which is how a host fetches its update and resumes
-a cut download.
+a cut download; a host gets only the bundles a rollout has sent it.
 """
 
 from __future__ import annotations
@@ -64,8 +64,12 @@ async def _image_row(request: web.Request) -> dict[str, object]:
     image_id = request.match_info["id"]
     row = await request.app[FLEET].rollouts.store.image(image_id)
     if row is None:
-        raise NotFound(f"id: no image {image_id[:100]!r}")
+        raise _no_image(image_id)
     return row
+
+
+def _no_image(image_id: str) -> NotFound:
+    return NotFound(f"id: no image {image_id[:100]!r}")
 
 
 async def _add_image(request: web.Request) -> web.StreamResponse:
@@ -97,7 +101,12 @@ async def _remove_image(request: web.Request) -> web.StreamResponse:
 
 
 async def _bundle(request: web.Request) -> web.StreamResponse:
-    await _admin_or_host(request)
+    host = await _host_or_admin(request)
+    if host is not None and not await request.app[FLEET].rollouts.store.offered(host, request.match_info["id"]):
+        # The same 404 as for an image the hub does not hold, not a 403: a host's token lives on the
+        # host (and is carried across its updates), so one taken from a host learns nothing of the
+        # images the hub keeps beyond those sent to that host. Decided before the file is looked at.
+        raise _no_image(request.match_info["id"])
     row = await _image_row(request)
     path = request.app[IMAGES].path(str(row["sha256"]))
     if not path.is_file():
@@ -110,17 +119,19 @@ async def _bundle(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, chunk_size=BUNDLE_CHUNK, headers=headers)
 
 
-async def _admin_or_host(request: web.Request) -> str:
-    """An admin, or a host with its own agent token (as a bearer token): who may fetch a bundle."""
+async def _host_or_admin(request: web.Request) -> str | None:
+    """Who may fetch a bundle: a host with its own agent token as a bearer token (its name is
+    returned), or an admin (None: every bundle)."""
     store = request.app[FLEET].store
     token = edge.bearer(request)
     if token is not None and (host := await store.host_for_token(token)) is not None:
         edge.trusted(request)
-        return f"host {host}"
+        return host
     try:
-        return await edge.admin(request, store)
+        await edge.admin(request, store)
     except Unauthorized:
         raise Unauthorized("authorization: no valid admin or host token") from None
+    return None
 
 
 # Rollouts

@@ -162,24 +162,57 @@ def test_the_command_line_adds_lists_and_removes_images(hub: Hub, keys: Path, tm
     assert kept_files(hub) == [] and hub.api("GET", "/api/v1/images") == []
 
 
-def test_an_agent_downloads_a_bundle_with_its_own_token_and_ranges(hub: Hub, keys: Path, tmp_path: Path) -> None:
+def test_a_host_downloads_only_a_bundle_it_was_sent_with_its_own_token_and_ranges(
+    hub: Hub, keys: Path, tmp_path: Path
+) -> None:
     bundle = make_bundle(tmp_path, keys / "one", "2.0")
     image, data = added(hub, bundle), bundle.read_bytes()
-    token = hub.api("POST", "/api/v1/hosts", {"name": "web-1"})["token"]
+    other = added(hub, make_bundle(tmp_path, keys / "one", "3.0"))
     path = f"/api/v1/images/{image['id']}/bundle"
-    status, headers, body = download(hub, path, token)
-    assert status == 200 and body == data and headers["Content-Type"] == "application/octet-stream"
-    assert headers["Content-Disposition"] == 'attachment; filename="rastos-minimal-2.0.rbundle"'
-    status, headers, body = download(hub, path, token, first=1000)  # a download cut at 1000 bytes goes on
-    assert status == 206 and body == data[1000:], (status, len(body))
-    assert headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    missing = download(hub, "/api/v1/images/0123456789abcdef/bundle", hub.admin_token)
+    assert missing[0] == 404 and json.loads(missing[2]) == {"error": "id: no image '0123456789abcdef'"}
+
+    def refused(token: str, image_id: str) -> bool:
+        """Answered as an image the hub does not hold: a host's token tells it nothing of the others."""
+        status, _, body = download(hub, f"/api/v1/images/{image_id}/bundle", token)
+        return status == 404 and json.loads(body) == {"error": f"id: no image {image_id!r}"}
+
+    async def scenario() -> None:
+        async with SimFleet(hub) as fleet:
+            sent = await fleet.add("web-1", "1.0")
+            later = await fleet.add("web-2", "1.0")  # in the rollout's second wave: not sent anything yet
+            outside = await fleet.add("db-1", "1.0", groups=("db",))
+            assert await asyncio.to_thread(refused, sent.token, image["id"]), "before any rollout"
+            body = {"image": image["id"], "target": {"group": "web"}, "canary": 1}
+            rollout = await api(hub, "POST", "/api/v1/rollouts", body)
+            await eventually(lambda: sent.updates, "the canary's update")
+            assert sent.updates[0]["url"] == path
+            for token in (later.token, outside.token):
+                assert await asyncio.to_thread(refused, token, image["id"])
+            assert await asyncio.to_thread(refused, sent.token, other["id"]), "another image than it was sent"
+
+            status, headers, fetched = await asyncio.to_thread(download, hub, path, sent.token)
+            assert status == 200 and fetched == data and headers["Content-Type"] == "application/octet-stream"
+            assert headers["Content-Disposition"] == 'attachment; filename="rastos-minimal-2.0.rbundle"'
+            # A download cut at 1000 bytes goes on from there.
+            status, headers, fetched = await asyncio.to_thread(download, hub, path, sent.token, 1000)
+            assert status == 206 and fetched == data[1000:], (status, len(fetched))
+            assert headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+            # Aborted before web-2's turn: it never was sent the update, web-1 was and may still fetch it.
+            await api(hub, "POST", f"/api/v1/rollouts/{rollout['id']}/abort")
+            assert await asyncio.to_thread(refused, later.token, image["id"])
+            status, _, fetched = await asyncio.to_thread(download, hub, path, sent.token, len(data) - 10)
+            assert status == 206 and fetched == data[-10:]
+
+    run(scenario)
+    # Admins fetch any bundle; no token, or a wrong one, none.
+    assert download(hub, f"/api/v1/images/{other['id']}/bundle", hub.admin_token)[0] == 200
     assert download(hub, path, hub.admin_token, first=len(data) - 10)[2] == data[-10:]
     for wrong in (None, "not-a-token"):
         status, _, body = download(hub, path, wrong)
         assert status == 401 and json.loads(body)["error"].startswith("authorization:"), body
-    status, _, body = download(hub, "/api/v1/images/0123456789abcdef/bundle", token)
-    assert status == 404 and json.loads(body)["error"] == "id: no image '0123456789abcdef'"
     # A host's token reads bundles only: the rest of the API stays the admins'.
+    token = hub.api("POST", "/api/v1/hosts", {"name": "web-9"})["token"]
     assert hub.request("GET", "/api/v1/images", token=token)[0] == 401
 
 
