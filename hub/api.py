@@ -350,9 +350,15 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [IMAGE_ID],
         "get": {"summary": "One image, with its manifest",
                 "responses": {"200": _answer("image", IMAGE_DETAIL), "404": IMAGE_ERRORS["404"]}},
-        "delete": {"summary": "Remove an image and its file; refused while an active rollout uses it",
-                   "responses": {"204": {"description": "removed"}, "404": IMAGE_ERRORS["404"],
-                                 "409": _error("an active rollout uses it")}},
+        "delete": {"summary": "Remove an image and its file (admins only; rastos-hub image remove does the same)",
+                   "description": "Refused while a rollout that has not ended (running, paused, or halted, which "
+                                  "may resume) uses the image, or while a host of an ended one may still be "
+                                  "fetching its bundle; the error names the rollout. A full image may go while a "
+                                  "delta from its version stays: a host applies a delta to what it runs.",
+                   "security": [{"admin": []}, {"cookie": []}],
+                   "responses": {"204": {"description": "removed, its file too"}, "404": IMAGE_ERRORS["404"],
+                                 "409": _error("a rollout still needs it: id: image ID is in use by rollout R, "
+                                               "which is STATE; or a host of R is still fetching it")}},
     },
     "/api/v1/images/{id}/bundle": {"parameters": [IMAGE_ID], "get": {
         "summary": "The bundle file, with HTTP ranges (Range: bytes=N-): what hosts download their updates from",

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     image_add.add_argument("bundle", type=Path)
     image_add.set_defaults(action=_image_add)
     image.add_parser("list", help="list images").set_defaults(action=_image_list)
-    image_remove = image.add_parser("remove", help="remove an image no active rollout uses, and its file")
+    image_remove = image.add_parser(
+        "remove", help="remove an image and its file; refused while a rollout that has not ended uses it"
+    )
     image_remove.add_argument("id")
     image_remove.set_defaults(action=_image_remove)
 
@@ -206,9 +208,10 @@ def _image_list(args: argparse.Namespace, url: str) -> int:
 def _image_remove(args: argparse.Namespace, url: str) -> int:
     from hub.rollout_store import RolloutStore
 
-    sha256, _ = _with_store(url, lambda store: RolloutStore(store).remove_image(args.id, "cli"))
-    _image_files(args).remove(sha256)
-    print(f"image {args.id} removed")
+    image_id = args.id
+    sha256, _ = _with_store(url, lambda store: RolloutStore(store).remove_image(image_id, "cli", field="image"))
+    _image_files(args).remove(sha256)  # only once the row is gone: RolloutStore.remove_image says why
+    print(f"image {image_id} removed, and its bundle")
     return 0
 
 

@@ -8,12 +8,14 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from hub.errors import Conflict, NotFound
 from hub.schema import images, rollout_hosts, rollouts
 from hub.store import Store
 
 ACTIVE_ROLLOUT_STATES = ("running", "paused", "halted")  # what may still send an update frame
+FETCHING_HOST_STATES = ("sent", "staging")  # a host sent an update that may still be downloading its bundle
 # What the image list shows; the manifest (its package list may be large) only with one image.
 _LISTED = [column for column in images.c if column.name != "manifest"]
 LoggedEvent = tuple[str, str, dict[str, Any], str | None]  # actor, method, detail, host
@@ -56,7 +58,7 @@ class RolloutStore:
                 else images.c.parent_version == row["parent_version"],
             )
             if (other := (await db.execute(query)).first()) is not None:
-                kind = "full" if row["parent_version"] is None else f"delta from {row['parent_version']}"
+                kind = _kind(row["parent_version"])
                 raise Conflict(
                     f"bundle: image {other[0]} is {row['profile']} {row['version']} ({kind}) already, with other "
                     "contents; a version names one tree",
@@ -81,20 +83,50 @@ class RolloutStore:
             row = (await db.execute(select(images).where(images.c.id == image_id))).mappings().first()
         return None if row is None else dict(row)
 
-    async def remove_image(self, image_id: str, actor: str) -> tuple[str, dict[str, Any]]:
-        """Remove an image no active rollout uses; returns its sha256 (its file's name) and the event."""
+    async def remove_image(self, image_id: str, actor: str, field: str = "id") -> tuple[str, dict[str, Any]]:
+        """Remove the row of an image no rollout needs; returns its sha256 (its file's name) and the event.
+
+        The caller removes the file after this commits: a crash between the two leaves a file without a
+        row, never a row naming a missing file, with which a rollout could be started whose every host
+        would then fail its download.
+
+        A full image may go while it is the parent version of a delta the hub keeps: a host applies a
+        delta to the deployment it runs, and the hub never serves the parent to make one apply."""
         async with self.store.transaction() as db:
-            using = select(rollouts.c.id).where(
-                rollouts.c.image == image_id, rollouts.c.state.in_(ACTIVE_ROLLOUT_STATES)
-            )
-            if (rollout := (await db.execute(using)).first()) is not None:
-                raise Conflict(f"id: image {image_id} is in use by rollout {rollout[0]}; abort it or let it finish")
-            found = (await db.execute(select(images.c.sha256).where(images.c.id == image_id))).first()
+            # Deleted first and checked after, in one transaction: the delete holds the row (on SQLite,
+            # the database) against a rollout being started beside this, which inserts itself first and
+            # checks for its image after (add_rollout). Whichever commits first, the other sees it.
+            removed = delete(images).where(images.c.id == image_id).returning(images.c.sha256)
+            found = (await db.execute(removed)).first()
             if found is None:
-                raise NotFound(f"id: no image {image_id!r}")
-            await db.execute(delete(images).where(images.c.id == image_id))
+                raise NotFound(f"{field}: no image {image_id[:100]!r}")
+            await self._refuse_needed(db, image_id, field)
             logged = await self.store.log(db, actor, "ImageRemoved", {"image": image_id, "sha256": found[0]})
         return str(found[0]), logged
+
+    async def _refuse_needed(self, db: AsyncConnection, image_id: str, field: str) -> None:
+        """A Conflict naming the rollout if one still needs the image: it has not ended (running, paused,
+        or halted, which may be resumed), or it ended but a host of it is still fetching the bundle
+        (an abort leaves updates under way to go on, until staged or past the health timeout)."""
+        active = select(rollouts.c.id, rollouts.c.state).where(
+            rollouts.c.image == image_id, rollouts.c.state.in_(ACTIVE_ROLLOUT_STATES)
+        )
+        if (rollout := (await db.execute(active.limit(1))).first()) is not None:
+            raise Conflict(
+                f"{field}: image {image_id} is in use by rollout {rollout.id}, which is {rollout.state}; "
+                "abort it or let it finish"
+            )
+        fetching = (
+            select(rollout_hosts.c.host, rollouts.c.id, rollouts.c.state, rollouts.c.health_timeout_s)
+            .join(rollouts, rollouts.c.id == rollout_hosts.c.rollout_id)
+            .where(rollouts.c.image == image_id, rollout_hosts.c.state.in_(FETCHING_HOST_STATES))
+        )
+        if (host := (await db.execute(fetching.limit(1))).first()) is not None:
+            raise Conflict(
+                f"{field}: image {image_id} is still being fetched by host {host.host} for rollout {host.id}, "
+                f"which is {host.state}; try again once the host has staged it or failed (at the latest "
+                f"{host.health_timeout_s} s after it was sent the update)"
+            )
 
     async def offered(self, host: str, image_id: str) -> bool:
         """Whether a rollout has sent `host` the update to this image, now or in the past: the bundles a
@@ -119,6 +151,11 @@ class RolloutStore:
                     await db.execute(insert(rollout_hosts), [{"rollout_id": rollout["id"], **host} for host in hosts])
             except IntegrityError:  # `rastos-hub host remove` ran beside this hub
                 raise Conflict("target: a host of this rollout was removed meanwhile; try again") from None
+            # Looked for after the insert, and held: `rastos-hub image remove` beside this hub then
+            # either sees this rollout and refuses, or removed the image before this looks (remove_image).
+            kept = select(images.c.id).where(images.c.id == rollout["image"]).with_for_update(read=True)
+            if (await db.execute(kept)).first() is None:
+                raise NotFound(f"image: no image {rollout['image']!r}; it was removed meanwhile")
             detail = {"rollout": rollout["id"], "image": rollout["image"], "version": rollout["version"],
                       "hosts": [host["host"] for host in hosts], "waves": rollout["waves"]}  # fmt: skip
             return await self.store.log(db, rollout["admin"], "RolloutStarted", detail)
@@ -158,6 +195,10 @@ class RolloutStore:
                 for host in (await db.execute(query.order_by(rollout_hosts.c.host))).mappings().all():
                     by_id[host["rollout_id"]]["hosts"].append(_host_view(host))
         return sorted(by_id.values(), key=lambda rollout: rollout["created"])
+
+
+def _kind(parent_version: str | None) -> str:
+    return "full" if parent_version is None else f"delta from {parent_version}"
 
 
 def _host_view(row: Any) -> dict[str, Any]:

@@ -143,7 +143,7 @@ class Rollouts:
 
     async def remove_image(self, image_id: str, admin: str) -> None:
         sha256, logged = await self.store.remove_image(image_id, admin)
-        self.files.remove(sha256)
+        self.files.remove(sha256)  # only once the row is gone: RolloutStore.remove_image says why
         if self.images.pop(image_id, None) is not None:
             self.fleet.publish({"kind": "image_removed", "id": image_id})
         self.fleet.publish_event(logged)

@@ -539,13 +539,82 @@ def test_images_in_use_stay_and_a_host_is_in_one_rollout_at_a_time(hub: Hub, key
             status, answer = await asyncio.to_thread(hub.request, "DELETE", f"/api/v1/images/{delta['id']}")
             assert status == 409 and answer["error"].endswith("abort it or let it finish"), answer
             await api(hub, "POST", f"/api/v1/rollouts/{rollout['id']}/abort")
-            await asyncio.to_thread(hub.request, "DELETE", f"/api/v1/images/{delta['id']}")
+            await eventually(lambda: fleet.agents["web-1"].updates, "web-1's update")
+            await fleet.agents["web-1"].report("failed", "receive: no space left on device")
+            await rollout_where(hub, rollout["id"], lambda r: states(r)["web-1"] == "failed", "web-1 failed")
+            assert await asyncio.to_thread(hub.request, "DELETE", f"/api/v1/images/{delta['id']}") == (204, None)
 
     run(scenario)
     assert [image["id"] for image in hub.api("GET", "/api/v1/images")] == [full["id"]]
     assert kept_files(hub) == [f"{full['sha256']}.rbundle"]
     assert hub.request("GET", f"/api/v1/images/{delta['id']}")[0] == 404
     assert hub.api("GET", "/api/v1/rollouts")[0]["image"] == delta["id"], "a finished rollout outlives its image"
+
+
+def test_an_image_is_removed_only_when_no_rollout_needs_it(any_hub: Hub, keys: Path, tmp_path: Path) -> None:
+    hub = any_hub
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+    delta = added(hub, make_bundle(tmp_path, keys / "one", "2.0", parent="1.0"))
+    parent = added(hub, make_bundle(tmp_path, keys / "one", "1.0"))
+    path = f"/api/v1/images/{image['id']}"
+
+    def refused(status: int, error: str) -> Callable[[], None]:
+        """Refused by the REST API and the command line alike, the file and the row kept."""
+
+        def check() -> None:
+            answer = hub.request("DELETE", path)
+            assert answer[0] == status and answer[1]["error"] == f"id: {error}", answer
+            cli = hub.cli("image", "remove", image["id"])
+            assert cli.returncode == 1 and cli.stderr == f"rastos-hub: image: {error}\n", cli.stderr
+            assert hub.api("GET", path)["id"] == image["id"] and f"{image['sha256']}.rbundle" in kept_files(hub)
+
+        return check
+
+    async def scenario() -> None:
+        async with SimFleet(hub) as fleet:
+            await fleet.add("web-1", "1.0")
+            second = await fleet.add("web-2", "1.0")
+            rollout = await api(hub, "POST", "/api/v1/rollouts", {"image": image["id"], "target": {"all": True}})
+            steer = f"/api/v1/rollouts/{rollout['id']}"
+            in_use = f"image {image['id']} is in use by rollout {rollout['id']}, which is"
+            await eventually(lambda: fleet.agents["web-1"].updates, "the canary's update")
+            await asyncio.to_thread(refused(409, f"{in_use} running; abort it or let it finish"))
+            await api(hub, "POST", f"{steer}/pause")
+            await asyncio.to_thread(refused(409, f"{in_use} paused; abort it or let it finish"))
+            await api(hub, "POST", f"{steer}/resume")
+            await fleet.agents["web-1"].report("failed", "receive: no space left on device")
+            await rollout_where(hub, rollout["id"], lambda r: r["state"] == "halted", "halted")
+            await asyncio.to_thread(refused(409, f"{in_use} halted; abort it or let it finish"))
+            # Resumed, web-2 is sent the update, and the rollout aborted: web-2's download goes on.
+            await api(hub, "POST", f"{steer}/resume")
+            await eventually(lambda: second.updates, "the second wave")
+            await api(hub, "POST", f"{steer}/abort")
+            await asyncio.to_thread(refused(409, (
+                f"image {image['id']} is still being fetched by host web-2 for rollout {rollout['id']}, which is "
+                "aborted; try again once the host has staged it or failed (at the latest 900 s after it was sent "
+                "the update)"
+            )))  # fmt: skip
+            await second.report("staging")
+            await second.report("staged")
+            await rollout_where(hub, rollout["id"], lambda r: states(r)["web-2"] == "staged", "web-2 staged")
+
+    run(scenario)
+    assert hub.request("DELETE", path) == (204, None)
+    assert hub.request("GET", path)[0] == 404 and hub.request("DELETE", path)[0] == 404
+    assert download(hub, f"{path}/bundle", hub.admin_token)[0] == 404
+    assert f"{image['sha256']}.rbundle" not in kept_files(hub)
+    removed = [event for event in hub.api("GET", "/api/v1/events") if event["method"] == "ImageRemoved"]
+    assert [(event["actor"], event["detail"]) for event in removed] == [
+        ("alice", {"image": image["id"], "sha256": image["sha256"]})
+    ]
+    hub.wait_state(lambda state: image["id"] not in state["images"], "the image gone from the UIs' state")
+    assert hub.api("GET", "/api/v1/rollouts")[0]["image"] == image["id"], "a finished rollout outlives its image"
+
+    # A delta's parent version may go: a host applies the delta to the deployment it runs.
+    cli = hub.cli("image", "remove", parent["id"])
+    assert cli.returncode == 0 and cli.stdout == f"image {parent['id']} removed, and its bundle\n", cli.stderr
+    assert [image["id"] for image in hub.api("GET", "/api/v1/images")] == [delta["id"]]
+    assert kept_files(hub) == [f"{delta['sha256']}.rbundle"]
 
 
 def test_a_restarted_hub_goes_on_with_its_rollouts(any_hub: Hub, keys: Path, tmp_path: Path) -> None:

@@ -150,9 +150,14 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         rollout.locator("button.abort").click()
         expect(rollout.locator(".badge").first).to_have_text("aborted")
         expect(rollout.locator("button")).to_have_count(0)
-        # The image, no longer in use, removed from the page.
+        # The image is kept while web-2 may still be fetching it, then removed from the page.
+        image.locator("button").click()
+        expect(page.locator("#images-error")).to_contain_text("is still being fetched by host web-2 for rollout")
+        run(sims.agents["web-2"].report("staged"))
+        expect(rollout.locator('[data-host="web-2"] .badge')).to_have_text("staged")
         image.locator("button").click()
         expect(page.locator("#images tbody tr")).to_have_count(0)
+        expect(page.locator("#images-error")).to_have_text("")
         assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
         assert errors == [], errors
         page.close()
