@@ -86,9 +86,9 @@ def make_app(settings: Settings) -> web.Application:
 
 async def _fleet_context(app: web.Application) -> Any:
     store = Store(app[SETTINGS].database)
-    app[IMAGES].clean()
     fleet = Fleet(store, app[IMAGES])
     await fleet.load()
+    app[IMAGES].clean({image["sha256"] for image in fleet.rollouts.images.values()})
     app[FLEET] = fleet
     beacon = asyncio.create_task(_beacons(fleet, app[SETTINGS].sync_interval))
     ticks = asyncio.create_task(_ticks(fleet))

@@ -23,7 +23,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -78,13 +78,19 @@ class ImageFiles:
     def path(self, sha256: str) -> Path:
         return self.directory / f"{sha256}{SUFFIX}"
 
-    def clean(self) -> None:
-        """Remove what uploads cut off by a crash left behind (at the hub's start); one younger than
-        an hour may be `rastos-hub image add` at work."""
-        for leftover in self.directory.glob(f"{PARTIAL_PREFIX}*"):
+    def clean(self, kept: Collection[str]) -> None:
+        """Remove what a crash left behind (at the hub's start): uploads cut off, and bundles whose row
+        was removed but not yet their file (RolloutStore.remove_image); `kept` is the sha256 of every
+        image the database has. One younger than an hour is spared: it may be `rastos-hub image add`
+        at work, which keeps the file before it adds the row."""
+        stale = time.time() - STALE_PARTIAL
+        leftovers = list(self.directory.glob(f"{PARTIAL_PREFIX}*"))
+        leftovers += [path for path in self.directory.glob(f"*{SUFFIX}") if path.name.removesuffix(SUFFIX) not in kept]
+        for leftover in leftovers:
             with contextlib.suppress(FileNotFoundError):
-                if leftover.stat().st_mtime < time.time() - STALE_PARTIAL:
+                if leftover.stat().st_mtime < stale:
                     leftover.unlink()
+                    log.info("removed %s, which no image of the database names", leftover)
 
     @contextlib.contextmanager
     def _partial(self) -> Iterator[tuple[Path, IO[bytes]]]:
@@ -176,7 +182,12 @@ class ImageFiles:
         return kept
 
     def remove(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+        """Remove a kept bundle whose row is gone. A file that stays (a read-only disk, say) is only
+        space: the hub's next start sweeps it (`clean`)."""
+        try:
+            self.path(sha256).unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not remove %s: %s; the hub's next start does", self.path(sha256), error.strerror)
 
     def discard(self, checked: Checked) -> None:
         checked.path.unlink(missing_ok=True)

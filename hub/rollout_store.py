@@ -87,8 +87,8 @@ class RolloutStore:
         """Remove the row of an image no rollout needs; returns its sha256 (its file's name) and the event.
 
         The caller removes the file after this commits: a crash between the two leaves a file without a
-        row, never a row naming a missing file, with which a rollout could be started whose every host
-        would then fail its download.
+        row, which the next start sweeps (ImageFiles.clean), never a row naming a missing file, with
+        which a rollout could be started whose every host would then fail its download.
 
         A full image may go while it is the parent version of a delta the hub keeps: a host applies a
         delta to the deployment it runs, and the hub never serves the parent to make one apply."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -615,6 +616,24 @@ def test_an_image_is_removed_only_when_no_rollout_needs_it(any_hub: Hub, keys: P
     assert cli.returncode == 0 and cli.stdout == f"image {parent['id']} removed, and its bundle\n", cli.stderr
     assert [image["id"] for image in hub.api("GET", "/api/v1/images")] == [delta["id"]]
     assert kept_files(hub) == [f"{delta['sha256']}.rbundle"]
+
+
+def test_a_bundle_whose_row_was_removed_is_swept_at_the_next_start(hub: Hub, keys: Path, tmp_path: Path) -> None:
+    """A removal commits the row's deletion, then removes the file: a crash between leaves a file no
+    row names, never a row naming a missing file. The next start removes such a file, unless it is
+    young enough to be an `image add` at work (which keeps its file before its row)."""
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+    directory = hub.directory / "images"
+    hub.stop()
+    kept, orphan, young = (directory / f"{sha256}.rbundle" for sha256 in (image["sha256"], "a" * 64, "b" * 64))
+    orphan.write_bytes(kept.read_bytes())
+    young.write_bytes(kept.read_bytes())
+    hour_ago = time.time() - 3700
+    for old in (kept, orphan):
+        os.utime(old, (hour_ago, hour_ago))
+    hub.start()
+    assert kept_files(hub) == sorted([f"{image['sha256']}.rbundle", young.name])
+    assert download(hub, f"/api/v1/images/{image['id']}/bundle", hub.admin_token)[0] == 200
 
 
 def test_a_restarted_hub_goes_on_with_its_rollouts(any_hub: Hub, keys: Path, tmp_path: Path) -> None:
