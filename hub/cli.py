@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     image_remove = image.add_parser(
         "remove", help="remove an image and its file; refused while a rollout that has not ended uses it"
     )
-    image_remove.add_argument("id")
+    image_remove.add_argument("image", metavar="IMAGE", help="its id, or its version if no other image has it")
     image_remove.set_defaults(action=_image_remove)
 
     db = commands.add_parser("db", help="the database").add_subparsers(required=True, metavar="ACTION")
@@ -208,8 +208,13 @@ def _image_list(args: argparse.Namespace, url: str) -> int:
 def _image_remove(args: argparse.Namespace, url: str) -> int:
     from hub.rollout_store import RolloutStore
 
-    image_id = args.id
-    sha256, _ = _with_store(url, lambda store: RolloutStore(store).remove_image(image_id, "cli", field="image"))
+    async def remove(store: Any) -> tuple[str, str]:
+        images = RolloutStore(store)
+        image_id = await images.find_image(args.image)
+        sha256, _ = await images.remove_image(image_id, "cli", field="image")
+        return image_id, sha256
+
+    image_id, sha256 = _with_store(url, remove)
     _image_files(args).remove(sha256)  # only once the row is gone: RolloutStore.remove_image says why
     print(f"image {image_id} removed, and its bundle")
     return 0

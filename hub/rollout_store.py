@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from hub.errors import Conflict, NotFound
+from hub.errors import Conflict, HubError, NotFound
 from hub.schema import images, rollout_hosts, rollouts
 from hub.store import Store
 
@@ -82,6 +82,21 @@ class RolloutStore:
         async with self.store.engine.connect() as db:
             row = (await db.execute(select(images).where(images.c.id == image_id))).mappings().first()
         return None if row is None else dict(row)
+
+    async def find_image(self, key: str) -> str:
+        """The id of the image `key` names: an id, or a version exactly one image has (a version may name
+        a full image and deltas to it, or images of several profiles: then its id is needed)."""
+        async with self.store.engine.connect() as db:
+            if (await db.execute(select(images.c.id).where(images.c.id == key))).first() is not None:
+                return key
+            query = select(images.c.id, images.c.profile, images.c.parent_version).where(images.c.version == key)
+            rows = (await db.execute(query.order_by(images.c.uploaded))).all()
+        if not rows:
+            raise NotFound(f"image: no image with the id or version {key[:100]!r}")
+        if len(rows) > 1:
+            named = "; ".join(f"{row.id} ({row.profile} {key}, {_kind(row.parent_version)})" for row in rows)
+            raise HubError(f"image: version {key!r} names {len(rows)} images: {named}; give the id of the one meant")
+        return str(rows[0].id)
 
     async def remove_image(self, image_id: str, actor: str, field: str = "id") -> tuple[str, dict[str, Any]]:
         """Remove the row of an image no rollout needs; returns its sha256 (its file's name) and the event.

@@ -611,11 +611,24 @@ def test_an_image_is_removed_only_when_no_rollout_needs_it(any_hub: Hub, keys: P
     hub.wait_state(lambda state: image["id"] not in state["images"], "the image gone from the UIs' state")
     assert hub.api("GET", "/api/v1/rollouts")[0]["image"] == image["id"], "a finished rollout outlives its image"
 
+    # The command line takes a version too, if only one image has it.
+    for name, expected in (
+        ("2.1", "rastos-hub: image: no image with the id or version '2.1'\n"),
+        ("", "rastos-hub: image: no image with the id or version ''\n"),
+    ):
+        cli = hub.cli("image", "remove", name)
+        assert cli.returncode == 1 and cli.stderr == expected, cli.stderr
+    assert added(hub, make_bundle(tmp_path, keys / "one", "2.0"))["id"] == image["id"], "the same bundle again"
+    cli = hub.cli("image", "remove", "2.0")
+    assert cli.returncode == 1 and cli.stderr == (
+        f"rastos-hub: image: version '2.0' names 2 images: {delta['id']} (minimal 2.0, delta from 1.0); "
+        f"{image['id']} (minimal 2.0, full); give the id of the one meant\n"
+    ), cli.stderr
     # A delta's parent version may go: a host applies the delta to the deployment it runs.
-    cli = hub.cli("image", "remove", parent["id"])
+    cli = hub.cli("image", "remove", "1.0")
     assert cli.returncode == 0 and cli.stdout == f"image {parent['id']} removed, and its bundle\n", cli.stderr
-    assert [image["id"] for image in hub.api("GET", "/api/v1/images")] == [delta["id"]]
-    assert kept_files(hub) == [f"{delta['sha256']}.rbundle"]
+    assert {left["id"] for left in hub.api("GET", "/api/v1/images")} == {delta["id"], image["id"]}
+    assert kept_files(hub) == sorted(f"{left['sha256']}.rbundle" for left in (delta, image))
 
 
 def test_a_bundle_whose_row_was_removed_is_swept_at_the_next_start(hub: Hub, keys: Path, tmp_path: Path) -> None:
