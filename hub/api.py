@@ -218,6 +218,19 @@ ROLLOUT_HOST = {
     },
     "required": ["host", "wave", "state", "update_id", "sent", "finished", "detail", "from_version"],
 }
+ROLLOUT_CHANGE = {
+    "type": "object",
+    "properties": {
+        "time": {"type": "number"},
+        "state": {
+            "enum": ["running", "paused", "halted", "complete", "aborted"],
+            "description": "what it went to: running when started or resumed",
+        },
+        "by": {"type": "string", "description": "the admin who steered it, or hub"},
+        "reason": {"type": ["string", "null"], "description": "for a halt, why: the host and what happened"},
+    },
+    "required": ["time", "state", "by", "reason"],
+}
 ROLLOUT = {
     "type": "object",
     "properties": {
@@ -232,14 +245,17 @@ ROLLOUT = {
         "wave_percent": {"type": "integer"},
         "health_timeout_s": {"type": "integer"},
         "state": {"enum": ["running", "paused", "halted", "complete", "aborted"]},
-        "reason": {"type": ["string", "null"], "description": "why it halted: the host and what happened"},
+        "reason": {"type": ["string", "null"],
+                   "description": "why it is halted, while it is (a resume clears it; history keeps it)"},
         "wave": {"type": "integer", "description": "the wave under way; 0 before the first"},
         "waves": {"type": "integer"},
         "finished": _NUMBER_OR_NULL,
         "hosts": {"type": "array", "items": ROLLOUT_HOST},
+        "history": {"type": "array", "items": ROLLOUT_CHANGE,
+                    "description": "each change of its state, oldest first (the newest 32)"},
     },
     "required": ["id", "created", "admin", "image", "profile", "version", "target", "canary", "wave_percent",
-                 "health_timeout_s", "state", "reason", "wave", "waves", "finished", "hosts"],
+                 "health_timeout_s", "state", "reason", "wave", "waves", "finished", "hosts", "history"],
 }  # fmt: skip
 STATE = {
     "type": "object",

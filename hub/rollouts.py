@@ -50,6 +50,7 @@ RECONNECT_GRACE = 60.0
 IMAGE_REFRESH = 10.0  # seconds: images added by `rastos-hub image add` reach the UIs this soon
 MAX_DETAIL = 4096
 MAX_REASON = 1024
+MAX_HISTORY = 32  # a rollout's newest changes of state kept: each halt needs a failure and a resume
 
 
 class Link(Protocol):
@@ -183,7 +184,7 @@ class Rollouts:
             "profile": image["profile"], "version": version, "target": body["target"],
             "canary": int(body.get("canary", 1)), "wave_percent": int(body.get("wave_percent", 25)),
             "health_timeout_s": int(body.get("health_timeout_s", 900)), "state": "running", "reason": None,
-            "wave": 0, "waves": len(waves), "finished": None,
+            "wave": 0, "waves": len(waves), "finished": None, "history": [_change("running", admin)],
         }  # fmt: skip
         hosts = [_new_host(name, 0, "skipped", f"runs {version} already") for name in skipped]
         hosts += [_new_host(name, number, "pending") for number, wave in enumerate(waves, 1) for name in wave]
@@ -401,6 +402,10 @@ class Rollouts:
         detail: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         actor, method = logged
+        if "state" in values and values["state"] != rollout["state"]:
+            # Kept apart from `reason`, which a resume clears: why it halted, and who steered it, stay.
+            change = _change(values["state"], actor, values.get("reason"))
+            values = {**values, "history": [*rollout["history"], change][-MAX_HISTORY:]}
         event = (actor, method, {"rollout": rollout["id"], **(detail or {})}, None)
         stored = await self.store.update_rollout(rollout["id"], values, event)
         rollout.update(values)
@@ -451,6 +456,12 @@ def _new_host(name: str, wave: int, state: str, detail: str | None = None) -> di
     return {"host": name, "wave": wave, "state": state, "update_id": secrets.token_hex(16), "sent": None,
             "finished": time.time() if state in HOST_FINAL else None, "detail": detail, "from_version": None,
             "fallback_before": ""}  # fmt: skip
+
+
+def _change(state: str, by: str, reason: str | None = None) -> dict[str, Any]:
+    """An entry of a rollout's history: the state it went to, when, by whom (an admin, or the hub), and
+    for a halt why."""
+    return {"time": time.time(), "state": state, "by": by, "reason": reason}
 
 
 def _order(host: dict[str, Any]) -> tuple[int, str]:

@@ -130,7 +130,9 @@ rollouts = Table(
     Column("wave_percent", Integer, nullable=False),
     Column("health_timeout_s", Integer, nullable=False),
     Column("state", String(16), nullable=False),  # running, paused, halted, complete, aborted
-    Column("reason", String(1024)),  # why it halted: the host and what happened
+    Column("reason", String(1024)),  # why it is halted, while it is: the host and what happened
+    # Each change of its state: [{"time", "state", "by", "reason"}], the newest MAX_HISTORY (hub/rollouts.py).
+    Column("history", JSON, nullable=False, server_default="[]"),
     Column("wave", Integer, nullable=False),  # the wave under way (1 is the canary), 0 before any
     Column("waves", Integer, nullable=False),
     Column("finished", Float),

@@ -14,12 +14,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from hub.schema import metadata
-from hub.store import database_url, migrate
+from hub.store import MIGRATIONS, database_url, migrate
 from tests.hub_fixtures import Hub, UiClient, postgresql_server
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
@@ -230,14 +232,60 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
             url = database_url(str(tmp_path / "hub.db"))
         else:
             url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0003"
-        assert migrate(url) == "0003", "a second upgrade changes nothing"
+        assert migrate(url) == "0004"
+        assert migrate(url) == "0004", "a second upgrade changes nothing"
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as connection:
                 assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0004_gives_rollouts_made_before_it_their_history_from_the_event_log(
+    tmp_path: Path, backend: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            url = database_url(str(tmp_path / "hub.db"))
+        else:
+            url = database_url(stack.enter_context(postgresql_server()))
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        stack.callback(engine.dispose)
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0003")
+            connection.execute(
+                text("INSERT INTO rollouts (id, created, admin, image, profile, version, target, canary, "
+                     "wave_percent, health_timeout_s, state, wave, waves) VALUES (:id, 1, 'alice', 'i', 'minimal', "
+                     "'2.0', :target, 1, 25, 900, 'aborted', 1, 2)"),
+                [{"id": rollout, "target": json.dumps({"all": True})} for rollout in ("r1", "r2")],
+            )  # fmt: skip
+            logged = [("alice", "RolloutStarted", {"rollout": "r1", "waves": 2}),
+                      ("hub", "RolloutWave", {"rollout": "r1", "wave": 1}),
+                      ("hub", "RolloutHalted", {"rollout": "r1", "reason": "web-1: fell back"}),
+                      ("bob", "RolloutResumed", {"rollout": "r1"}),
+                      ("alice", "RolloutStarted", {"rollout": "r2"}),
+                      ("bob", "RolloutAborted", {"rollout": "r1"})]  # fmt: skip
+            for number, (actor, method, detail) in enumerate(logged, 1):
+                connection.execute(
+                    text("INSERT INTO events (time, actor, method, detail) VALUES (:time, :actor, :method, :detail)"),
+                    {"time": number, "actor": actor, "method": method, "detail": json.dumps(detail)},
+                )
+        assert migrate(url) == "0004"
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, history FROM rollouts ORDER BY id")).all()
+    histories = {row[0]: row[1] if isinstance(row[1], list) else json.loads(row[1]) for row in rows}
+    assert histories == {
+        "r1": [{"time": 1, "state": "running", "by": "alice", "reason": None},
+               {"time": 3, "state": "halted", "by": "hub", "reason": "web-1: fell back"},
+               {"time": 4, "state": "running", "by": "bob", "reason": None},
+               {"time": 6, "state": "aborted", "by": "bob", "reason": None}],
+        "r2": [{"time": 5, "state": "running", "by": "alice", "reason": None}],
+    }  # fmt: skip
 
 
 def test_removing_a_host_takes_its_commands_out_of_runs_so_none_waits_for_it(hub: Hub) -> None:

@@ -422,11 +422,26 @@ def test_a_host_that_falls_back_halts_the_rollout_with_the_reason(hub: Hub, keys
             resumed = await api(hub, "POST", f"/api/v1/rollouts/{rollout['id']}/resume")
             assert resumed["state"] == "running" and resumed["reason"] is None
             await eventually(lambda: fleet.sent() == {"web-1": 1, "web-2": 1, "web-3": 1}, "the second wave")
+            aborted = await api(hub, "POST", f"/api/v1/rollouts/{rollout['id']}/abort")
+            assert aborted["state"] == "aborted" and aborted["reason"] is None
 
     run(scenario)
     events = hub.api("GET", "/api/v1/events?limit=1000")
     halted = [event for event in events if event["method"] == "RolloutHalted"]
     assert len(halted) == 1 and halted[0]["detail"]["reason"].startswith("web-1: fell back")
+    # Resumed, then aborted: why it halted, and who steered it, stay in its history, restarts included.
+    expected = [
+        ("running", "alice", None),
+        ("halted", "hub", "web-1: fell back: the new deployment did not boot (rastos-update-2.0.conf); 1.0 runs again"),
+        ("running", "alice", None),
+        ("aborted", "alice", None),
+    ]
+    for _restart in range(2):
+        history = hub.api("GET", "/api/v1/rollouts")[0]["history"]
+        assert [(change["state"], change["by"], change["reason"]) for change in history] == expected
+        assert sorted(change["time"] for change in history) == [change["time"] for change in history]
+        hub.stop()
+        hub.start()
 
 
 def test_pause_resume_abort_and_a_failed_staging(hub: Hub, keys: Path, tmp_path: Path) -> None:

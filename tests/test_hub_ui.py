@@ -150,6 +150,16 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         rollout.locator("button.abort").click()
         expect(rollout.locator(".badge").first).to_have_text("aborted")
         expect(rollout.locator("button")).to_have_count(0)
+        # Why it halted stays in its history after the resume cleared it, with who steered it.
+        expect(rollout.locator(".reason")).to_have_count(0)
+        history = rollout.locator(".history li")
+        expect(history).to_have_count(5)
+        expect(history.nth(0)).to_contain_text("started by alice")
+        expect(history.nth(1)).to_contain_text("halted by hub: web-1: staging failed: receive: <b>no space</b> left")
+        expect(history.nth(2)).to_contain_text("resumed by alice")
+        expect(history.nth(3)).to_contain_text("paused by alice")
+        expect(history.nth(4)).to_contain_text("aborted by alice")
+        assert rollout.locator(".history b").count() == 0, "an agent's words stay text"
         # The image is kept while web-2 may still be fetching it, then removed from the page.
         image.locator("button").click()
         expect(page.locator("#images-error")).to_contain_text("is still being fetched by host web-2 for rollout")

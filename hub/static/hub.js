@@ -222,8 +222,20 @@ function renderRollouts() {
         live === "paused" || live === "halted" ? button("resume", "Resume") : "",
         ["running", "paused", "halted"].includes(live) ? button("abort", "Abort") : ""),
       rollout.reason ? el("p", { class: "error reason" }, `halted: ${text(rollout.reason)}`) : "",
-      el("table", {}, el("tbody", {}, ...rows)));
+      el("table", {}, el("tbody", {}, ...rows)),
+      historyList(rollout));
   }));
+}
+
+// Each change of a rollout's state, oldest first: why it halted stays here after a resume clears
+// `reason`, with who resumed, paused or aborted it.
+function historyList(rollout) {
+  const changes = list(rollout.history).map(obj);
+  const word = (change, index) => change.state === "running" ? (index === 0 ? "started" : "resumed")
+    : change.state === "complete" ? "finished" : text(change.state);
+  return el("ol", { class: "history" }, ...changes.map((change, index) => el("li", { "data-state": text(change.state) },
+    `${when(change.time)} ${word(change, index)} by ${text(change.by)}`,
+    change.reason ? el("span", { class: "error" }, `: ${text(change.reason)}`) : "")));
 }
 
 function targetText(value) {
