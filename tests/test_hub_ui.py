@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 from rastos.bundle import generate_key
 from tests.daemon_fixtures import MANAGER
@@ -27,6 +27,7 @@ from tests.test_hub_rollouts import SimFleet
 pytestmark = pytest.mark.root
 T = TypeVar("T")
 CHROMIUM = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
+DESKTOP, PHONE = ViewportSize(width=1280, height=800), ViewportSize(width=390, height=844)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,13 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
     page.close()
 
 
+def assert_fits(page: Page) -> None:
+    """The event log is no wider than the window: long details wrap inside it."""
+    widths = page.evaluate("""() => ({table: document.getElementById("events").scrollWidth,
+                                      window: document.documentElement.clientWidth})""")
+    assert widths["table"] <= widths["window"], widths
+
+
 class Background:
     """An event loop in a thread of its own, for simulated agents beside Playwright's synchronous API."""
 
@@ -109,7 +117,7 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         run(sims.__aenter__())
         for name in ("web-1", "web-2"):
             run(sims.add(name, "1.0"))
-        page = browser.new_page()
+        page = browser.new_page(viewport=DESKTOP)
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(hub.url)
@@ -137,10 +145,14 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         expect(rollout).to_contain_text("wave 1 (canary)")
         canary = sims.agents["web-1"]
         assert canary.updates[-1]["url"] == f"/api/v1/images/{image_id}/bundle"
-        run(canary.report("failed", "receive: <b>no space</b> left"))
+        # An agent's words, long and with a long path in them (as a receive's error may be).
+        why = f"receive: <b>no space</b> left writing /var/lib/rastos/updates/{'x' * 300}.partial"
+        run(canary.report("failed", why))
         expect(rollout.locator(".badge").first).to_have_text("halted")
-        expect(rollout.locator(".reason")).to_have_text("halted: web-1: staging failed: receive: <b>no space</b> left")
+        expect(rollout.locator(".reason")).to_have_text(f"halted: web-1: staging failed: {why}")
         assert rollout.locator(".reason b").count() == 0, "an agent's words stay text"
+        expect(page.locator("#events tbody tr").first).to_contain_text("RolloutHalted")
+        assert_fits(page)
 
         # Steered from the page: resumed (the next wave goes), paused, aborted.
         rollout.locator("button.resume").click()
@@ -155,7 +167,7 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         history = rollout.locator(".history li")
         expect(history).to_have_count(5)
         expect(history.nth(0)).to_contain_text("started by alice")
-        expect(history.nth(1)).to_contain_text("halted by hub: web-1: staging failed: receive: <b>no space</b> left")
+        expect(history.nth(1)).to_contain_text(f"halted by hub: web-1: staging failed: {why}")
         expect(history.nth(2)).to_contain_text("resumed by alice")
         expect(history.nth(3)).to_contain_text("paused by alice")
         expect(history.nth(4)).to_contain_text("aborted by alice")
@@ -170,6 +182,9 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
         expect(page.locator("#images-error")).to_have_text("")
         assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
         assert errors == [], errors
+        assert_fits(page)
+        page.set_viewport_size(PHONE)
+        assert_fits(page)
         page.close()
     finally:
         run(sims.__aexit__(None, None, None))

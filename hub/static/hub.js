@@ -253,10 +253,16 @@ async function act(path, errorId, method = "POST") {
   }
 }
 
+// A detail shows its first lines (hub.css clamps them) and, on hover, up to this many characters.
+const EVENT_DETAIL_CHARS = 2000;
+
 function renderEvents() {
-  const rows = list(state.events).map(obj).reverse().slice(0, 100).map((e) => el("tr", {},
-    el("td", {}, when(e.time)), el("td", {}, text(e.host)), el("td", {}, text(e.actor)), el("td", {}, text(e.method)),
-    el("td", {}, text(e.detail).slice(0, 160))));
+  const rows = list(state.events).map(obj).reverse().slice(0, 100).map((e) => {
+    const detail = text(e.detail).slice(0, EVENT_DETAIL_CHARS);
+    return el("tr", {},
+      el("td", {}, when(e.time)), el("td", {}, text(e.host)), el("td", {}, text(e.actor)),
+      el("td", {}, text(e.method)), el("td", { class: "detail" }, el("div", { title: detail }, detail)));
+  });
   $("events").tBodies[0].replaceChildren(...rows);
 }
 
