@@ -86,10 +86,11 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
 
 
 def assert_fits(page: Page) -> None:
-    """The event log is no wider than the window: long details wrap inside it."""
+    """The event log, and the page, are no wider than the window: long details wrap inside them."""
     widths = page.evaluate("""() => ({table: document.getElementById("events").scrollWidth,
+                                      page: document.documentElement.scrollWidth,
                                       window: document.documentElement.clientWidth})""")
-    assert widths["table"] <= widths["window"], widths
+    assert widths["table"] <= widths["window"] and widths["page"] <= widths["window"], widths
 
 
 class Background:
