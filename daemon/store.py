@@ -387,6 +387,10 @@ class StateStore:
         with self.transaction() as db:
             db.execute("UPDATE updates SET image = ? WHERE id = ?", (image, update_id))
 
+    def set_update_deployment(self, update_id: int, deployment: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE updates SET deployment = ? WHERE id = ?", (deployment, update_id))
+
     def finish_update(self, update_id: int, state: str, result: dict[str, Any], uid: int = DAEMON_UID) -> None:
         """The update's end, and its event: UpdateStaged, UpdateFailed or UpdateCancelled."""
         method = {"staged": "UpdateStaged", "failed": "UpdateFailed", "cancelled": "UpdateCancelled"}[state]
@@ -405,17 +409,19 @@ class StateStore:
         return None if row is None else _update_row(row)
 
     def interrupt_unfinished_updates(
-        self, entry_written: Callable[[str], bool] = lambda version: False
+        self, entry_written: Callable[[str], bool] = lambda deployment: False
     ) -> list[tuple[int, str | None]]:
         """Updates the daemon stopped in the middle of (a crash, a power cut): failed, with their event,
-        unless `entry_written` says their version's boot entry is on the ESP (it is written last, so the
-        staging was over but for its record): staged. Returns each failed one's id and the image it had
-        received, if any."""
+        unless `entry_written` says a boot entry names the deployment they placed (it is written last,
+        so the staging was over but for its record): staged. Returns each failed one's id and the
+        image it had received, if any."""
         with self._lock:
-            rows = self._db.execute("SELECT id, version, image FROM updates WHERE state = 'staging'").fetchall()
+            rows = self._db.execute(
+                "SELECT id, version, image, deployment FROM updates WHERE state = 'staging'"
+            ).fetchall()
         failed = []
-        for update_id, version, image in rows:
-            if version and entry_written(version):
+        for update_id, version, image, deployment in rows:
+            if version and deployment and entry_written(deployment):
                 note = "rastosd stopped after its boot entry was written: it boots next"
                 self.finish_update(update_id, "staged", {"id": update_id, "state": "staged", "version": version,
                                                          "note": note})  # fmt: skip

@@ -5,9 +5,13 @@ refused at their head, a file system that fills up, and what a cut staging leave
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
+import sqlite3
 import stat
 import subprocess
 import time
@@ -23,8 +27,10 @@ from daemon.boot import BootEntries
 from daemon.config import DaemonConfig
 from daemon.errors import InvalidParams, NotStaging, UpdateBusy
 from daemon.store import StateStore
+from daemon.store_schema import MIGRATIONS
 from daemon.updates import Updates
 from daemon.updates.layout import identity
+from daemon.updates.model import PrepareDeployment, carry_nothing
 from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
 from tests.daemon_fixtures import ScratchRoot
 from tests.update_fixtures import (
@@ -64,14 +70,16 @@ class Host:
         return [event.method for event in self.store.events(0, 1000)]
 
 
-def make_host(scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@") -> Host:
+def make_host(
+    scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@", prepare: PrepareDeployment = carry_nothing
+) -> Host:
     config = DaemonConfig(
-        root=scratch.root, esp=scratch.esp, state_dir=directory / "state", updates_dir=directory / "downloads",
-        update_keys_dir=keys,
+        root=scratch.top / running, esp=scratch.esp, state_dir=directory / "state",
+        updates_dir=directory / "downloads", update_keys_dir=keys,
     )  # fmt: skip
     store = StateStore(config.database)
     entries = BootEntries(scratch.esp, 3)
-    host = Host(scratch, config, store, entries, Updates(config, store, entries, running))
+    host = Host(scratch, config, store, entries, Updates(config, store, entries, running, prepare_deployment=prepare))
     host.updates.on_completed.append(lambda *args: host.completed.put(args))
     host.updates.on_progress.append(lambda progress: host.phases.append(progress[0]))
     return host
@@ -130,13 +138,27 @@ def test_a_delta_is_received_onto_the_version_it_was_made_from(host: Host, bundl
 def test_a_version_already_here_is_not_received_again_and_its_deployment_is_replaced(
     host: Host, bundles: Bundles
 ) -> None:
+    top, esp = host.scratch.top, host.scratch.esp
     host.stage(bundles.delta)
-    (host.scratch.top / "@deployments/2/etc/made-by-hand").write_text("x\n")
-    again = host.stage(bundles.full["2"])
-    assert again["state"] == "staged" and again["received"] is False, again
-    assert not (host.scratch.top / "@deployments/2/etc/made-by-hand").exists(), "a fresh deployment of version 2"
-    names = sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir())
-    assert names == ["rastos-test.conf", "rastos-update-2+3.conf"], "one entry per version"
+    (top / "@deployments/2/etc/made-by-hand").write_text("x\n")
+    for update_id in (2, 3):
+        again = host.stage(bundles.full["2"])
+        assert again["state"] == "staged" and again["received"] is False, again
+        # A name of its own: the earlier deployment kept its name, and so its entry, until this one's was in.
+        earlier = "@deployments/2" if update_id == 2 else f"@deployments/2@{update_id - 1}"
+        assert (again["deployment"], again["replaced"]) == (f"@deployments/2@{update_id}", [earlier]), again
+        assert again["kernel"] == f"/rastos/2@{update_id}"
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == [f"2@{update_id}"]
+        assert not (top / f"@deployments/2@{update_id}/etc/made-by-hand").exists(), "a fresh deployment"
+        names = sorted(p.name for p in (esp / "loader/entries").iterdir())
+        assert names == ["rastos-test.conf", "rastos-update-2+3.conf"], "one entry per version"
+        lines = entry_text(host, "2").splitlines()
+        assert f"linux /rastos/2@{update_id}/linux" in lines and lines[1] == "sort-key rastos-1", lines
+        assert f"rootflags=subvol=@deployments/2@{update_id}" in lines[-1].split()
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == [f"2@{update_id}", KERNEL], (
+            "the earlier kernel went"
+        )
+    assert host.updates.status()["staged_version"] == "2"
 
 
 def test_the_running_deployment_is_never_replaced(host: Host, bundles: Bundles, tmp_path: Path) -> None:
@@ -394,7 +416,7 @@ def test_reconcile_removes_what_a_cut_staging_left(host: Host, bundles: Bundles)
         "removed @images/rastos-test-9: an image whose receive was cut short",
         "removed @deployments/.incoming-9: a deployment whose staging was cut short",
         "removed boot entry rastos-update-7+2.conf: its deployment @deployments/7 is gone",
-        "removed @deployments/5: its boot entry was never written",
+        "removed @deployments/5: no boot entry names it",
         "removed rastos/2/.linux.0123456789ab: a write to the ESP cut short",
         "removed the download done.rbundle: no staging will go on with it",
         "removed the download old.partial: no staging will go on with it",
@@ -446,3 +468,115 @@ def test_the_status_any_caller_reads_stays_small_whatever_the_history() -> None:
     assert shown["carried"]["reapplied"] == steps[-SHOWN_STEPS:] and shown["carried"]["reapplied_count"] == 5000
     assert "hand_changes" not in shown["carried"] and "chain" not in shown["carried"]
     assert len(json.dumps(shown)) < 4096
+
+
+@contextlib.contextmanager
+def small_esp(scratch: ScratchRoot, size: str = "256k") -> Iterator[ScratchRoot]:
+    """The host with its ESP copied onto a small tmpfs: a real file system, which fills up."""
+    esp = scratch.esp.with_name("small-esp")
+    esp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", esp], check=True)
+    try:
+        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
+        yield ScratchRoot(scratch.top, esp)
+    finally:
+        subprocess.run(["umount", esp], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes all the space left on `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler
+
+
+def esp_state(scratch: ScratchRoot) -> dict[str, str]:
+    """Every file on the ESP but the filler, with its content."""
+    return {str(p.relative_to(scratch.esp)): p.read_text() for p in sorted(scratch.esp.rglob("*"))
+            if p.is_file() and p.name != "filler"}  # fmt: skip
+
+
+def test_a_full_esp_while_a_version_is_staged_again_keeps_the_earlier_staging(tmp_path: Path, bundles: Bundles) -> None:
+    """The ESP fills up (another writer) while the version is staged a second time: the new kernel
+    cannot be written, and the earlier staging still boots next, its entry, kernel and deployment
+    as they were."""
+    with host_layout(tmp_path, bundles) as scratch, small_esp(scratch) as small:
+        filled: list[Path] = []
+
+        def filling(new_root: Path, running_root: Path, pristine: Path | None) -> dict[str, Any]:
+            if len(filled) == 1:  # the second staging
+                filled.append(fill(small.esp))
+            filled.append(new_root)
+            return carry_nothing(new_root, running_root, pristine)
+
+        host = make_host(small, tmp_path, bundles.keys, prepare=filling)
+        try:
+            assert host.stage(bundles.full["2"])["state"] == "staged"
+            before = esp_state(small)
+            result = host.stage(bundles.full["2"])
+            assert result["state"] == "failed" and result["error"]["name"] == ERROR + "NoSpace", result
+            assert esp_state(small) == before, "nothing on the ESP changed"
+            assert sorted(p.name for p in (small.top / "@deployments").iterdir()) == ["2"]
+            assert host.updates.status()["staged_version"] == "2"
+            filled[1].unlink()
+            again = host.stage(bundles.full["2"])
+            assert again["state"] == "staged" and again["replaced"] == ["@deployments/2"], again
+            assert sorted(p.name for p in (small.esp / "rastos").iterdir()) == ["2@3", KERNEL]
+        finally:
+            host.store.close()
+
+
+def test_a_cancel_while_a_version_is_staged_again_keeps_the_earlier_staging(host: Host, bundles: Bundles) -> None:
+    """Cancelled as the new kernel is written: the earlier staging was never touched."""
+    assert host.stage(bundles.full["2"])["state"] == "staged"
+    before = esp_state(host.scratch)
+    asked: list[str] = []
+
+    def cancel_when_installing(progress: tuple[str, int, int]) -> None:
+        if progress[0] == "installing" and not asked:
+            asked.append(progress[0])
+            host.updates.cancel(uid=0, method="Cancel")
+
+    host.updates.on_progress.append(cancel_when_installing)
+    result = host.stage(bundles.full["2"])
+    assert result["state"] == "cancelled" and asked, result
+    assert esp_state(host.scratch) == before, "the earlier entry and kernel as they were"
+    assert sorted(p.name for p in (host.scratch.top / "@deployments").iterdir()) == ["2"]
+    assert "sort-key rastos-1" in entry_text(host, "2").splitlines()
+    assert host.updates.status()["staged_version"] == "2"
+
+
+def test_a_staging_cut_before_stagings_recorded_their_deployment_is_judged_by_its_version(tmp_path: Path) -> None:
+    """A store made before the deployment was recorded: a staging cut then had placed
+    @deployments/VERSION, as every staging did, and is staged if an entry names that."""
+    database = tmp_path / "state.db"
+    old = sqlite3.connect(database)
+    for version, script in enumerate(MIGRATIONS[:6]):
+        old.executescript(f"BEGIN; {script}; PRAGMA user_version = {version + 1}; COMMIT;")
+    old.execute(
+        "INSERT INTO updates (uid, source, reboot, state, created, version) VALUES (0, 'x', 0, 'staging', 0, '2')"
+    )
+    old.execute("INSERT INTO updates (uid, source, reboot, state, created) VALUES (0, 'y', 0, 'staging', 0)")
+    old.commit()
+    old.close()
+    store = StateStore(database)
+    try:
+        asked: list[str] = []
+
+        def entry_written(deployment: str) -> bool:
+            asked.append(deployment)
+            return True
+
+        failed = store.interrupt_unfinished_updates(entry_written)
+        assert asked == ["@deployments/2"] and [update_id for update_id, _ in failed] == [2]
+        last = store.last_update()
+        assert last is not None and last.state == "failed", last
+    finally:
+        store.close()

@@ -4,8 +4,9 @@ Each step of a staging is ordered so that a cut leaves something harmless or som
 an image whose receive never completed (no read-only received subvolume), or that a staging cut
 later received for a deployment it never made, a deployment never readied
 (`.incoming-ID`), a deployment placed but never given its entry (it was never going to boot), a
-kernel directory no entry names, an entry whose deployment is gone, a temporary file on the ESP, and
-downloads nobody will resume.
+kernel directory no entry names, an entry whose deployment is gone, two entries of one version (a
+staging of it again was cut after its entry was written: the later deployment stays), a temporary
+file on the ESP, and downloads nobody will resume.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from daemon.boot import BootEntries
+from daemon.boot import BootEntries, entry_id
 from daemon.errors import BootConfigError
-from daemon.updates.layout import DEPLOYMENTS, IMAGES, HostLayout, delete_subvolume, identity
+from daemon.updates.layout import DEPLOYMENTS, IMAGES, HostLayout, delete_subvolume, generation, identity
 from daemon.updates.model import image_identity
 
 log = logging.getLogger("rastosd.updates")
@@ -44,7 +45,7 @@ def reconcile(
 def _received(layout: HostLayout, received: list[str]) -> list[str]:
     """An image a cut staging received goes, unless a deployment was made of it after all."""
     done = []
-    used = {image_identity(layout.deployment(version)) for version in layout.deployment_versions()}
+    used = {image_identity(layout.deployment(name)) for name in layout.deployment_names()}
     for subvolume in received:
         path = layout.top / subvolume
         if not subvolume.startswith(f"{IMAGES}/") or ".." in subvolume or not path.exists():
@@ -59,25 +60,42 @@ def _entries_and_deployments(layout: HostLayout, entries: BootEntries, running: 
     if not entries.entry_files():  # an ESP not mounted looks like one without entries: judge nothing by it
         raise BootConfigError(f"no boot entries in {entries.entries_dir}")
     done = []
-    named = set()
+    named: dict[str, list[tuple[str, Path]]] = {}  # entry id -> (deployment, entry file)
     for root, path in entries.update_entries():
         if root.startswith(f"{DEPLOYMENTS}/") and (layout.top / root).is_dir():
-            named.add(root)
+            named.setdefault(entry_id(path.name), []).append((root, path))
         elif root != running:
             entries.remove_entry(path)
             done.append(f"removed boot entry {path.name}: its deployment {root or '(none)'} is gone")
+    done += _replaced(entries, named, running)
+    booted = {root for found in named.values() for root, path in found if path.exists()}
     token = _token(entries, running)
-    for version in layout.deployment_versions():
-        subvolume = layout.subvolume(layout.deployment(version))
-        if subvolume in named or subvolume == running:
+    for name in layout.deployment_names():
+        subvolume = layout.subvolume(layout.deployment(name))
+        if subvolume in booted or subvolume == running:
             continue
         if token is not None:
-            entries.drop_kernel_directory(token, version)
-        delete_subvolume(layout.deployment(version))
-        done.append(f"removed {subvolume}: its boot entry was never written")
+            entries.drop_kernel_directory(token, name)
+        delete_subvolume(layout.deployment(name))
+        done.append(f"removed {subvolume}: no boot entry names it")
     for leftover in [*entries.kernel_leftovers(), *entries.leftovers()]:
         leftover.unlink()
         done.append(f"removed {leftover.relative_to(entries.esp)}: a write to the ESP cut short")
+    return done
+
+
+def _replaced(entries: BootEntries, named: dict[str, list[tuple[str, Path]]], running: str) -> list[str]:
+    """Of two entries of one version, the one whose deployment was made first goes (its deployment
+    with it, as one without an entry): a staging of the version again was cut once its own entry was
+    written, before it retired the earlier one."""
+    done = []
+    for found in named.values():
+        latest = max(found, key=lambda item: generation(item[0].rsplit("/", 1)[-1]))
+        for root, path in found:
+            if root in (latest[0], running):
+                continue
+            entries.remove_entry(path)
+            done.append(f"removed boot entry {path.name}: {latest[0]} replaces its deployment {root}")
     return done
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from daemon.boot import SORT_NEW, BootEntries, tries_left, update_entry_id
+from daemon.boot import SORT_NEW, BootEntries, tries_left
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BUNDLE_ERRORS,
@@ -31,7 +31,7 @@ from daemon.errors import (
     UpdatesUnavailable,
 )
 from daemon.store import StateStore
-from daemon.updates.layout import DEPLOYMENTS, HostLayout, on_own_thread, top_level
+from daemon.updates.layout import HostLayout, on_own_thread, top_level, version_deployed
 from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
 from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
@@ -179,10 +179,11 @@ class Updates:
             "result": None if current else (_bounded(last) or None),
         }
 
-    def _entry_written(self, version: str) -> bool:
+    def _entry_written(self, deployment: str) -> bool:
+        """Whether an entry boots the deployment a staging cut short placed."""
         try:
-            return self.entries.has_entry(update_entry_id(version))
-        except BootConfigError:
+            return any(root == deployment for root, _ in self.entries.update_entries())
+        except (BootConfigError, OSError):
             return False
 
     def reconcile(self) -> list[str]:
@@ -242,6 +243,7 @@ class Updates:
             keys_dir=self.config.update_keys_dir, entries=self.entries, run_lock=self.run_lock,
             prepare_deployment=self.prepare_deployment, progress=self._set_progress,
             versioned=self.store.set_update_version, received=self.store.set_update_image,
+            deploying=self.store.set_update_deployment,
         )  # fmt: skip
         with top_level(self.config.root) as top:
             layout = HostLayout(top)
@@ -298,7 +300,7 @@ class Updates:
             for root, path in self.entries.update_entries():
                 first = f"sort-key {SORT_NEW}" in path.read_text().splitlines()
                 if first and root != self.running and tries_left(path.name) != 0:
-                    return root.removeprefix(f"{DEPLOYMENTS}/")
+                    return version_deployed(root) or ""
         except (RastosError, OSError):
             pass
         return ""
