@@ -291,10 +291,17 @@ class BootEntries:
                 return
         shutil.rmtree(self.kernel_directory(token, name), ignore_errors=True)
 
-    def remove_entry_id(self, entry: str) -> None:
+    def unnamed_kernels(self, token: str, names: Iterable[str]) -> list[Path]:
+        """Of the kernel directories /TOKEN/NAME, those that are there and no entry names."""
+        named: set[PurePosixPath] = set()
         for path in self.entry_files():
-            if entry_id(path.name) == entry:
-                self.remove_entry(path)
+            named |= self.referenced_directories(path)
+        found = []
+        for name in sorted(set(names)):
+            directory = self.kernel_directory(token, name)
+            if PurePosixPath("/", token, name) not in named and directory.is_dir() and not directory.is_symlink():
+                found.append(directory)
+        return found
 
     def update_entries(self) -> list[tuple[str, Path]]:
         """Every entry made for an update: (the deployment it boots, its file)."""

@@ -403,6 +403,12 @@ class StateStore:
             self._event(db, uid, method, None, update=update_id, version=result.get("version"),
                         reason=error.get("message"), error=error.get("name"))  # fmt: skip
 
+    def update_versions(self) -> list[tuple[int, str]]:
+        """Every staging's id and version, once its manifest was read."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, version FROM updates WHERE version IS NOT NULL ORDER BY id").fetchall()
+        return [(int(row[0]), str(row[1])) for row in rows]
+
     def last_update(self) -> UpdateRow | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM updates ORDER BY id DESC LIMIT 1").fetchone()

@@ -26,11 +26,13 @@ import pytest
 from daemon.boot import BootEntries
 from daemon.config import DaemonConfig
 from daemon.errors import InvalidParams, NotStaging, UpdateBusy
+from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from daemon.store_schema import MIGRATIONS
 from daemon.updates import Updates
-from daemon.updates.layout import identity
+from daemon.updates.layout import HostLayout, identity
 from daemon.updates.model import PrepareDeployment, carry_nothing
+from daemon.updates.retention import remove_deployment
 from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
 from tests.daemon_fixtures import ScratchRoot
 from tests.update_fixtures import (
@@ -580,3 +582,83 @@ def test_a_staging_cut_before_stagings_recorded_their_deployment_is_judged_by_it
         assert last is not None and last.state == "failed", last
     finally:
         store.close()
+
+
+# Kernels of update deployments go with the last entry that names them, whichever path removes it
+
+
+def snapshots_on(host: Host, root: str, keep_pairs: int = 10) -> Snapshots:
+    """rastosd's snapshots of `root`, as if it ran: their entries copy its entry, and so its kernel."""
+    snapshots = Snapshots(SnapshotLayout(host.scratch.top / root, host.scratch.snapshots), host.store, keep_pairs,
+                          host.entries)  # fmt: skip
+    snapshots.running_root = root
+    return snapshots
+
+
+def kernels(host: Host) -> list[str]:
+    return sorted(path.name for path in (host.scratch.esp / "rastos").iterdir())
+
+
+def test_a_kernel_stays_while_any_snapshot_entry_names_it_and_goes_with_the_last(host: Host, bundles: Bundles) -> None:
+    """Snapshots taken on version 2 name its kernel: removing its own entry, snapshot retention and
+    deleting all but the last snapshot keep it; deleting the last one (its read-only entry and its
+    rollback entry) takes it. The running entry's kernel is never taken."""
+    host.stage(bundles.full["2"])
+    snapshots = snapshots_on(host, "@deployments/2", keep_pairs=0)
+    kept = snapshots.create("before the rollback", "manual", uid=0, method="Create")
+    pre = snapshots.create("pre", "pre", uid=0, method="Job")
+    snapshots.create("post", "post", uid=0, method="Job", pre_id=pre)
+    deployment = snapshots.make_deployment(kept)
+    host.entries.add_for_snapshot(kept, "before", subvolume_path(deployment), "@deployments/2", time.time())
+    for path in (host.scratch.esp / "loader/entries").glob("*snapshot*"):
+        assert "linux /rastos/2/linux" in path.read_text().splitlines(), path.name
+    remove_deployment(HostLayout(host.scratch.top), host.entries, host.scratch.top / "@deployments/2", "rastos")
+    assert kernels(host) == ["2", KERNEL], "the snapshots' entries still name it"
+    assert snapshots.cleanup(booted_snapshot=None) == [pre, pre + 1]
+    assert kernels(host) == ["2", KERNEL], "snapshot retention took the pair, not the kernel the other names"
+    snapshots.delete(kept, uid=0, method="Delete", booted_snapshot=None)
+    assert kernels(host) == [KERNEL], "gone with the last entry that named it; the running entry's stays"
+    assert (host.scratch.esp / "loader/entries/rastos-test.conf").is_file()
+
+
+def test_snapshot_entries_reconciled_away_take_the_kernel_they_named_last(
+    host: Host, bundles: Bundles, tmp_path: Path
+) -> None:
+    """A rollback deployment removed behind rastosd's back: the next start removes its entry, and the
+    kernel stays for the snapshot's read-only entry. A state store that was lost: the next start
+    removes the entries of the snapshots it does not know, and the kernel they were the last to name."""
+    host.stage(bundles.full["2"])
+    snapshots = snapshots_on(host, "@deployments/2")
+    taken = snapshots.create("on version 2", "manual", uid=0, method="Create")
+    deployment = snapshots.make_deployment(taken)
+    host.entries.add_for_snapshot(taken, "on 2", subvolume_path(deployment), "@deployments/2", time.time())
+    remove_deployment(HostLayout(host.scratch.top), host.entries, host.scratch.top / "@deployments/2", "rastos")
+    btrfsutil.delete_subvolume(deployment)
+    done = snapshots.reconcile(None)
+    assert done == [f"removed boot entry rastos-snapshot-{taken}+3.conf: its subvolume is gone"], done
+    assert kernels(host) == ["2", KERNEL], "the read-only entry still names it"
+    forgotten = StateStore(tmp_path / "lost" / "state.db")
+    try:
+        lost = Snapshots(snapshots.layout, forgotten, 10, host.entries)
+        done = lost.reconcile(None)
+    finally:
+        forgotten.close()
+    assert done == [f"removed boot entry readonly-snapshot-{taken}.conf: its subvolume is gone"], done
+    assert kernels(host) == [KERNEL]
+
+
+def test_a_kernel_whose_last_entry_went_in_a_cut_is_removed_at_the_next_start(host: Host, bundles: Bundles) -> None:
+    """A cut between an entry's removal and its kernel's leaves a kernel directory no entry names:
+    the next start removes it if a staging of this host put it there, and leaves any other alone
+    (kernel-install's, say)."""
+    host.stage(bundles.full["2"])
+    host.stage(bundles.full["3"])
+    for path in (host.scratch.esp / "loader/entries").glob("rastos-update-2*"):
+        path.unlink()  # the entry went, the kernel not yet
+    btrfsutil.delete_subvolume(host.scratch.top / "@deployments/2")
+    (host.scratch.esp / "rastos/6.2.0-other").mkdir()
+    (host.scratch.esp / "rastos/6.2.0-other/linux").write_text("not rastosd's\n")
+    done = host.updates.reconcile()
+    assert done == ["removed rastos/2 from the ESP: no entry names it (its last entry's removal was cut short)"], done
+    assert kernels(host) == ["3", KERNEL, "6.2.0-other"]
+    assert host.updates.reconcile() == []

@@ -12,6 +12,7 @@ file on the ESP, and downloads nobody will resume.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,15 +27,17 @@ KEEP_PARTIAL = 7 * 24 * 3600  # seconds a download cut short is kept for a later
 
 
 def reconcile(
-    layout: HostLayout, entries: BootEntries, running: str, downloads: Path, received: list[str]
+    layout: HostLayout, entries: BootEntries, running: str, downloads: Path, received: list[str], kernels: list[str]
 ) -> list[str]:
-    """`received`: the images that stagings cut short had received."""
+    """`received`: the images that stagings cut short had received; `kernels`: the names of the
+    kernel directories stagings may have made."""
     done = []
     for path, why in layout.leftovers(running):
         delete_subvolume(path)
         done.append(f"removed {layout.subvolume(path)}: {why}")
     try:
         done += _entries_and_deployments(layout, entries, running)
+        done += _kernels(entries, running, kernels)
     except BootConfigError as error:  # no ESP here: no entries to agree with
         log.debug("update reconcile: no boot entries: %s", error)
     done += _received(layout, received)
@@ -96,6 +99,22 @@ def _replaced(entries: BootEntries, named: dict[str, list[tuple[str, Path]]], ru
                 continue
             entries.remove_entry(path)
             done.append(f"removed boot entry {path.name}: {latest[0]} replaces its deployment {root}")
+    return done
+
+
+def _kernels(entries: BootEntries, running: str, names: list[str]) -> list[str]:
+    """An update's kernel directory no entry names: removing an entry removes the entry first and
+    then the kernel directories it was the last to name, and a cut between the two left this."""
+    token = _token(entries, running)
+    if token is None:
+        return []
+    done = []
+    for directory in entries.unnamed_kernels(token, names):
+        shutil.rmtree(directory)
+        done.append(
+            f"removed {directory.relative_to(entries.esp)} from the ESP: no entry names it "
+            "(its last entry's removal was cut short)"
+        )
     return done
 
 

@@ -31,7 +31,7 @@ from daemon.errors import (
     UpdatesUnavailable,
 )
 from daemon.store import StateStore
-from daemon.updates.layout import HostLayout, on_own_thread, top_level, version_deployed
+from daemon.updates.layout import GENERATION, HostLayout, on_own_thread, top_level, version_deployed
 from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
 from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
@@ -194,11 +194,16 @@ class Updates:
         if self.refusal is not None:
             return done
         received = [image for _, image in interrupted if image]
+        # The kernel directories stagings of this host may have made (named as their deployments):
+        # only those are ever removed for want of an entry, never kernel-install's or another's.
+        kernels = [name for update_id, version in self.store.update_versions()
+                   for name in (version, f"{version}{GENERATION}{update_id}")]  # fmt: skip
 
         def body() -> list[str]:
             with top_level(self.config.root) as top:
                 layout = HostLayout(top)
-                return reconcile(layout, self.entries, self.running, self.config.download_directory, received)
+                downloads = self.config.download_directory
+                return reconcile(layout, self.entries, self.running, downloads, received, kernels)
 
         return done + on_own_thread(body, "update-reconcile")
 
