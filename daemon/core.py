@@ -232,6 +232,16 @@ class Daemon:
         self.store.mark_known_good(newest, uid, self.boot_id)
         self.listener.boot_state_changed()
 
+    def collect_updates(self, why: str) -> list[str]:
+        """Update retention, on a boot known good (docs/updates.md, "Retention"). A failure is logged:
+        what it left is collected at the next good boot, and the boot stays good."""
+        failed = self.fallback.failed_root if self.fallback is not None else None
+        try:
+            return self.updates.collect(why, failed=failed)
+        except (OSError, btrfsutil.BtrfsUtilError, RastosError) as error:
+            log.error("update retention failed (the next good boot tries again): %s", error)
+            return []
+
     # JobListener: passed on to the bus face, and to the hub link
 
     def job_added(self, job: Job) -> None:

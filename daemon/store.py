@@ -362,6 +362,14 @@ class StateStore:
             self._event(db, DAEMON_UID, "BootFallback", None, failed_entry=failed_entry, failed_root=failed_root)
         return True
 
+    def good_roots(self) -> list[str]:
+        """The roots boots were marked good on, the latest boot's first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT root FROM boots WHERE marked_good IS NOT NULL ORDER BY started DESC"
+            ).fetchall()
+        return list(dict.fromkeys(str(row[0]) for row in rows))
+
     def boot_marked_good(self, boot_id: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT marked_good FROM boots WHERE boot_id = ?", (boot_id,)).fetchone()

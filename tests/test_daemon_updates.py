@@ -27,6 +27,7 @@ from tests.daemon_fixtures import (
     PERMISSIVE_POLICY,
     PLAIN_USER,
     ROOT_PATH,
+    SNAPSHOTS,
     STRICT_POLICY,
     Rastosd,
     ScratchRoot,
@@ -330,3 +331,41 @@ def test_a_version_staged_again_keeps_the_earlier_staging_until_the_new_one_is_c
         again = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
         assert wait_ended(daemon, again)["state"] == "staged", "staging works again"
         assert_one_staging_of(daemon.scratch, "2")
+
+
+@pytest.mark.parametrize("trigger", ("MarkGood", "start"))
+def test_a_good_boot_collects_the_update_deployments_and_images_nothing_needs(
+    tmp_path: Path, bundles: Bundles, trigger: str
+) -> None:
+    """Version 2 staged, then version 3 staged over it: once this boot (on version 1's @) is known
+    good, version 2's deployment, entry, kernel and image go; version 3 (staged: it boots next) and
+    version 1's image (the running one's: a delta's parent) stay. Logged, and in the event log."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        top, esp = daemon.scratch.top, daemon.scratch.esp
+        for version in ("2", "3"):
+            update_id = daemon.call(UPDATES, "Stage", "sb", str(bundles.full[version]), "false")[0]
+            assert wait_ended(daemon, update_id)["state"] == "staged"
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2", "3"]
+        if trigger == "MarkGood":
+            daemon.call(SNAPSHOTS, "MarkGood")
+        else:
+            assert daemon.stop() == 0
+            daemon.start()  # not known good: nothing is collected
+            assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2", "3"]
+            assert daemon.stop() == 0
+            daemon.extra = ["--booted-entry", "rastos-test.conf"]  # blessed: no boot counter left
+            daemon.start()
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["3"]
+        assert sorted(p.name for p in (top / "@images").iterdir()) == ["rastos-test-1", "rastos-test-3"]
+        assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == [
+            "rastos-test.conf",
+            "rastos-update-3+3.conf",
+        ]
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["3", KERNEL]
+        assert status(daemon)["staged_version"] == "3"
+        cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
+        assert len(cleanups) == 1 and sorted(cleanups[0]["actions"]) == [
+            "removed @deployments/2 (version 2): neither the running deployment, the fallback nor the staged one",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ], cleanups  # fmt: skip
+        assert "removed @deployments/2" in daemon.log_text()

@@ -23,7 +23,7 @@ from typing import Any
 import btrfsutil
 import pytest
 
-from daemon.boot import BootEntries
+from daemon.boot import BootEntries, entry_id, tries_left
 from daemon.config import DaemonConfig
 from daemon.errors import InvalidParams, NotStaging, UpdateBusy
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
@@ -662,3 +662,130 @@ def test_a_kernel_whose_last_entry_went_in_a_cut_is_removed_at_the_next_start(ho
     assert done == ["removed rastos/2 from the ESP: no entry names it (its last entry's removal was cut short)"], done
     assert kernels(host) == ["3", KERNEL, "6.2.0-other"]
     assert host.updates.reconcile() == []
+
+
+# Retention: what a host keeps of its updates once a boot is known good
+
+
+def reboot(host: Host, running: str, boot: str) -> Host:
+    """The host booted into `running` and the boot found good: its entry blessed (the boot counter
+    dropped, as systemd-bless-boot does) and the boot recorded good (as MarkGood does)."""
+    host.store.close()
+    for root, path in host.entries.update_entries():
+        if root == running and tries_left(path.name) is not None:
+            path.rename(path.with_name(entry_id(path.name)))
+    booted = make_host(host.scratch, host.config.state_dir.parent, host.config.update_keys_dir, running)
+    booted.store.record_boot(boot, running)
+    booted.store.mark_known_good(None, 0, boot)
+    return booted
+
+
+def subvolumes(host: Host, directory: str) -> list[str]:
+    return sorted(path.name for path in (host.scratch.top / directory).iterdir())
+
+
+KEPT = "neither the running deployment, the fallback nor the staged one"
+
+
+def test_retention_keeps_the_running_the_fallback_the_staged_and_the_images_they_were_made_from(
+    host: Host, bundles: Bundles
+) -> None:
+    """A host's life: installed from version 1 (@), updated to 2 (a delta), to 3, then to 1 again.
+    At each good boot: the running deployment, the fallback (the last other root a boot was good on)
+    and the staged one stay, and the images they were made from; the rest goes. A snapshot taken on
+    version 2 keeps version 2's kernel when its deployment goes."""
+    hosts = [host]
+    try:
+        host.store.record_boot("boot-1", "@")
+        host.store.mark_known_good(None, 0, "boot-1")
+        assert host.stage(bundles.delta)["state"] == "staged"
+        assert host.updates.collect("test") == [], "staged: it boots next"
+        hosts.append(on_2 := reboot(host, "@deployments/2", "boot-2"))
+        assert on_2.updates.collect("test") == [], "@ is the fallback: its image (version 1) stays"
+        snapshots_on(on_2, "@deployments/2").create("on version 2", "manual", uid=0, method="Create")
+        assert on_2.stage(bundles.full["3"])["state"] == "staged"
+        hosts.append(on_3 := reboot(on_2, "@deployments/3", "boot-3"))
+        assert on_3.updates.collect("test") == ["removed @images/rastos-test-1: no deployment kept was made from it"]
+        assert subvolumes(on_3, "@deployments") == ["2", "3"] and (host.scratch.top / "@").is_dir(), (
+            "@ is not collected"
+        )
+        assert on_3.stage(bundles.full["1"])["received"] is True
+        hosts.append(on_1 := reboot(on_3, "@deployments/1", "boot-4"))
+        assert on_1.updates.collect("test") == [
+            f"removed @deployments/2 (version 2): {KEPT}",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ]
+        assert subvolumes(on_1, "@deployments") == ["1", "3"], "running and fallback"
+        assert subvolumes(on_1, "@images") == ["rastos-test-1", "rastos-test-3"]
+        entries = sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir())
+        assert entries == [
+            "rastos-test.conf",
+            "rastos-update-1.conf",
+            "rastos-update-3.conf",
+            "readonly-snapshot-1.conf",
+        ]
+        assert kernels(on_1) == ["1", "2", "3", KERNEL], "version 2's kernel stays for the snapshot's entry"
+        cleanups = [event.detail for event in on_1.store.events(0, 1000) if event.method == "UpdateCleanup"]
+        assert [len(detail["actions"]) for detail in cleanups] == [1, 2] and cleanups[0]["why"] == "test"
+        assert on_1.updates.collect("test") == [], "nothing more to do"
+    finally:
+        for each in hosts:
+            each.store.close()
+
+
+def test_a_deployment_a_boot_fell_back_from_is_kept_for_that_boot_only(host: Host, bundles: Bundles) -> None:
+    host.store.record_boot("boot-1", "@")
+    host.store.mark_known_good(None, 0, "boot-1")
+    host.stage(bundles.full["2"])
+    entry = host.scratch.esp / "loader/entries/rastos-update-2+3.conf"
+    entry.rename(entry.with_name("rastos-update-2+0-3.conf"))  # its tries used up: @ boots again
+    fell_back = reboot(host, "@", "boot-2")
+    try:
+        assert fell_back.updates.collect("test", failed="@deployments/2") == [], "kept while this boot reports it"
+        assert subvolumes(fell_back, "@deployments") == ["2"]
+    finally:
+        fell_back.store.close()
+    later = reboot(fell_back, "@", "boot-3")
+    try:
+        assert later.updates.collect("test") == [
+            f"removed @deployments/2 (version 2): {KEPT}",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ]
+        assert kernels(later) == [KERNEL]
+        assert sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir()) == ["rastos-test.conf"]
+    finally:
+        later.store.close()
+
+
+def test_retention_waits_while_a_staging_runs(tmp_path: Path, bundles: Bundles) -> None:
+    with host_layout(tmp_path, bundles) as scratch:
+        during: list[list[str]] = []
+        hosts: list[Host] = []
+
+        def collecting(new_root: Path, running_root: Path, pristine: Path | None) -> dict[str, Any]:
+            during.append(hosts[0].updates.collect("test"))
+            return carry_nothing(new_root, running_root, pristine)
+
+        hosts.append(host := make_host(scratch, tmp_path, bundles.keys, prepare=collecting))
+        try:
+            host.stage(bundles.full["2"])
+            host.stage(bundles.full["3"])
+            assert during == [[], []], "nothing collected while a staging ran"
+            assert host.updates.collect("test") == [
+                f"removed @deployments/2 (version 2): {KEPT}",
+                "removed @images/rastos-test-2: no deployment kept was made from it",
+            ]
+        finally:
+            host.store.close()
+
+
+def test_retention_removes_nothing_without_the_boot_entries(host: Host, bundles: Bundles) -> None:
+    """An ESP not mounted shows no entries: which deployment is staged cannot be told, so none goes."""
+    host.stage(bundles.full["2"])
+    host.stage(bundles.full["3"])
+    entries = host.scratch.esp / "loader/entries"
+    entries.rename(entries.with_name("elsewhere"))
+    entries.mkdir()
+    assert host.updates.collect("test") == []
+    assert subvolumes(host, "@deployments") == ["2", "3"]
+    assert subvolumes(host, "@images") == ["rastos-test-1", "rastos-test-2", "rastos-test-3"]

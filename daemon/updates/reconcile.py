@@ -20,6 +20,7 @@ from daemon.boot import BootEntries, entry_id
 from daemon.errors import BootConfigError
 from daemon.updates.layout import DEPLOYMENTS, IMAGES, HostLayout, delete_subvolume, generation, identity
 from daemon.updates.model import image_identity
+from daemon.updates.retention import entry_token
 
 log = logging.getLogger("rastosd.updates")
 
@@ -72,7 +73,7 @@ def _entries_and_deployments(layout: HostLayout, entries: BootEntries, running: 
             done.append(f"removed boot entry {path.name}: its deployment {root or '(none)'} is gone")
     done += _replaced(entries, named, running)
     booted = {root for found in named.values() for root, path in found if path.exists()}
-    token = _token(entries, running)
+    token = entry_token(entries, running)
     for name in layout.deployment_names():
         subvolume = layout.subvolume(layout.deployment(name))
         if subvolume in booted or subvolume == running:
@@ -105,7 +106,7 @@ def _replaced(entries: BootEntries, named: dict[str, list[tuple[str, Path]]], ru
 def _kernels(entries: BootEntries, running: str, names: list[str]) -> list[str]:
     """An update's kernel directory no entry names: removing an entry removes the entry first and
     then the kernel directories it was the last to name, and a cut between the two left this."""
-    token = _token(entries, running)
+    token = entry_token(entries, running)
     if token is None:
         return []
     done = []
@@ -116,13 +117,6 @@ def _kernels(entries: BootEntries, running: str, names: list[str]) -> list[str]:
             "(its last entry's removal was cut short)"
         )
     return done
-
-
-def _token(entries: BootEntries, running: str) -> str | None:
-    try:
-        return entries.entry_token(running, None)
-    except BootConfigError:
-        return None
 
 
 def _downloads(directory: Path, now: float) -> list[str]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from daemon.boot import SORT_NEW, BootEntries, tries_left
+from daemon.boot import BootEntries
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BUNDLE_ERRORS,
@@ -30,10 +30,11 @@ from daemon.errors import (
     UpdateNoSpace,
     UpdatesUnavailable,
 )
-from daemon.store import StateStore
+from daemon.store import DAEMON_UID, StateStore
 from daemon.updates.layout import GENERATION, HostLayout, on_own_thread, top_level, version_deployed
 from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
+from daemon.updates.retention import collect, staged_roots
 from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
 from ops.errors import ERROR_PREFIX
 from rastos.errors import RastosError
@@ -90,6 +91,8 @@ class Updates:
         self.running_version = image_version(config.root)
         self.staged_version = self._staged_from_entries()
         self._lock = threading.Lock()
+        # Held while a staging or retention changes subvolumes and entries: never both at once.
+        self._disk = threading.Lock()
         self._current: Staging | None = None
         self._worker: threading.Thread | None = None
         self._last_notified = 0.0
@@ -207,6 +210,32 @@ class Updates:
 
         return done + on_own_thread(body, "update-reconcile")
 
+    def collect(self, why: str, *, failed: str | None = None) -> list[str]:
+        """Retention (retention.py), once this boot is known good: the update deployments and images
+        nothing keeps go, each logged, and all in the event log as one `UpdateCleanup`. `failed`: the
+        deployment this boot fell back from, kept for the boot. Not while a staging runs (the next
+        good boot or start does it)."""
+        if self.refusal is not None:
+            return []
+        if not self._disk.acquire(blocking=False):
+            log.info("update retention left for later: a staging is under way")
+            return []
+        try:
+            good = self.store.good_roots()
+
+            def body() -> list[str]:
+                with top_level(self.config.root) as top:
+                    return collect(HostLayout(top), self.entries, self.running, good, failed)
+
+            done = on_own_thread(body, "update-retention")
+        finally:
+            self._disk.release()
+        for action in done:
+            log.info("update retention: %s", action)
+        if done:
+            self.store.record(DAEMON_UID, "UpdateCleanup", None, why=why, actions=done)
+        return done
+
     # The worker
 
     def _run(self, staging: Staging) -> None:
@@ -250,7 +279,7 @@ class Updates:
             versioned=self.store.set_update_version, received=self.store.set_update_image,
             deploying=self.store.set_update_deployment,
         )  # fmt: skip
-        with top_level(self.config.root) as top:
+        with self._disk, top_level(self.config.root) as top:
             layout = HostLayout(top)
             layout.ensure()
             return StagingRun(context, staging, layout).run()
@@ -302,13 +331,10 @@ class Updates:
     def _staged_from_entries(self) -> str:
         """The version whose entry boots next, if one was staged and not booted yet."""
         try:
-            for root, path in self.entries.update_entries():
-                first = f"sort-key {SORT_NEW}" in path.read_text().splitlines()
-                if first and root != self.running and tries_left(path.name) != 0:
-                    return version_deployed(root) or ""
+            staged = staged_roots(self.entries, self.running)
         except (RastosError, OSError):
-            pass
-        return ""
+            return ""
+        return (version_deployed(staged[0]) or "") if staged else ""
 
 
 def describe(error: Exception, update_id: int) -> dict[str, Any]:
