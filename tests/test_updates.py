@@ -789,3 +789,26 @@ def test_retention_removes_nothing_without_the_boot_entries(host: Host, bundles:
     assert host.updates.collect("test") == []
     assert subvolumes(host, "@deployments") == ["2", "3"]
     assert subvolumes(host, "@images") == ["rastos-test-1", "rastos-test-2", "rastos-test-3"]
+
+
+def test_reconcile_keeps_the_later_of_two_entries_of_a_version(host: Host, bundles: Bundles) -> None:
+    """What a second staging of version 2 cut right after writing its entry leaves, when the earlier
+    entry had another file name (it had been tried once): both entries, both deployments, both
+    kernels. The later deployment stays, the earlier goes with its entry and kernel."""
+    top, esp = host.scratch.top, host.scratch.esp
+    host.stage(bundles.full["2"])
+    earlier = esp / "loader/entries/rastos-update-2+3.conf"
+    tried = earlier.rename(earlier.with_name("rastos-update-2+2-1.conf"))
+    btrfsutil.create_snapshot(top / "@images/rastos-test-2", top / "@deployments/2@5")
+    shutil.copytree(esp / "rastos/2", esp / "rastos/2@5")
+    earlier.write_text(
+        tried.read_text().replace("/rastos/2/", "/rastos/2@5/").replace("@deployments/2 ", "@deployments/2@5 ")
+    )
+    done = host.updates.reconcile()
+    assert done == [
+        "removed boot entry rastos-update-2+2-1.conf: @deployments/2@5 replaces its deployment @deployments/2",
+        "removed @deployments/2: no boot entry names it",
+    ], done
+    assert subvolumes(host, "@deployments") == ["2@5"] and kernels(host) == ["2@5", KERNEL]
+    assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-test.conf", "rastos-update-2+3.conf"]
+    assert host.updates.status()["staged_version"] == "2"

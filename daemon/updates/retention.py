@@ -75,6 +75,8 @@ def collect(
     except BootConfigError:
         return []  # which deployment is staged cannot be told: nothing goes
     kept = kept_roots(layout, entries, running, good_roots, failed)
+    for root, why in kept.items():
+        log.debug("update retention keeps %s: %s", root, why)
     token = entry_token(entries, running)
     done = []
     for name in layout.deployment_names():
