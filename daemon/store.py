@@ -362,6 +362,14 @@ class StateStore:
             self._event(db, DAEMON_UID, "BootFallback", None, failed_entry=failed_entry, failed_root=failed_root)
         return True
 
+    def first_fallback_boot(self, failed_entry: str) -> str | None:
+        """The first boot recorded to have fallen back from the entry, if any was."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT boot_id FROM boots WHERE fallback_from = ? ORDER BY started LIMIT 1", (failed_entry,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def good_roots(self) -> list[str]:
         """The roots boots were marked good on, the latest boot's first."""
         with self._lock:

@@ -18,6 +18,7 @@ import pytest
 from daemon.boot import BootEntries
 from daemon.failpoints import UPDATE_POINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
+from daemon.store import StateStore
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     ADMIN_USER,
@@ -369,3 +370,39 @@ def test_a_good_boot_collects_the_update_deployments_and_images_nothing_needs(
             "removed @images/rastos-test-2: no deployment kept was made from it",
         ], cleanups  # fmt: skip
         assert "removed @deployments/2" in daemon.log_text()
+
+
+def test_a_deployment_that_failed_its_tries_is_kept_in_the_boot_that_fell_back_only(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    """Version 2 used up its tries and @ booted again: that boot keeps version 2 for its report
+    (BootState says fallback and names it); a later boot, one that also still sees the failed entry,
+    collects it."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        top, esp = daemon.scratch.top, daemon.scratch.esp
+        update_id = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, update_id)["state"] == "staged"
+        assert daemon.stop() == 0
+        entry = esp / "loader/entries/rastos-update-2+3.conf"
+        entry.rename(entry.with_name("rastos-update-2+0-3.conf"))
+        daemon.extra = ["--booted-entry", "rastos-test.conf"]
+        daemon.start()  # the boot that fell back: known good (its entry is blessed)
+        daemon.call(SNAPSHOTS, "MarkGood")
+        state = daemon.get(MANAGER, "BootState")
+        assert state["kind"] == "fallback" and state["failed_root"] == "@deployments/2", state
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2"]
+        assert not any(method == "UpdateCleanup" for _, method, _ in events(daemon))
+        assert daemon.stop() == 0
+        store = StateStore(tmp_path / "state" / "state.db")  # a boot before this one fell back from it too
+        try:
+            with store.transaction() as db:
+                db.execute("UPDATE boots SET boot_id = 'the-fallback-boot', started = started - 60")
+        finally:
+            store.close()
+        daemon.start()
+        assert not (top / "@deployments/2").exists()
+        assert sorted(p.name for p in (top / "@images").iterdir()) == ["rastos-test-1"]
+        assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-test.conf"]
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == [KERNEL]
+        cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
+        assert [detail["why"] for detail in cleanups] == ["rastosd started on a boot known good"], cleanups

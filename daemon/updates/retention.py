@@ -1,8 +1,9 @@
 """What a host keeps of its image updates, and removing the rest (docs/updates.md, "Retention").
 
 Kept: the running deployment, the fallback (the newest other root a boot was marked good on), the
-staged one (its entry boots next, with tries left), and during a boot that fell back, the deployment
-it fell back from. Every other update deployment (@deployments/*) goes. An image (@images/*) stays
+staged one (its entry boots next, with tries left), and during the boot that fell back from it, a
+deployment that used up its tries (`failed`: the daemon passes it in the first such boot only). Every
+other update deployment (@deployments/*) goes. An image (@images/*) stays
 while a kept root was made from it: the running one's is also the parent of the next delta, the
 staged one's the next running one's. The first deployment `@` and rollbacks (@snapshots/N/deployment)
 are not update deployments: they are never removed here.
