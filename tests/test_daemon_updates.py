@@ -301,7 +301,7 @@ def assert_one_staging_of(scratch: ScratchRoot, version: str) -> None:
     assert (scratch.esp / "rastos" / KERNEL / "linux").is_file()
 
 
-@pytest.mark.parametrize("point", (*UPDATE_POINTS, "update-entry-written"))
+@pytest.mark.parametrize("point", (*UPDATE_POINTS, "order-changed", "update-entry-written"))
 def test_a_version_staged_again_keeps_the_earlier_staging_until_the_new_one_is_complete(
     tmp_path: Path, bundles: Bundles, point: str
 ) -> None:
