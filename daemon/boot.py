@@ -170,37 +170,39 @@ class BootEntries:
         log.info("boot entry %s for snapshot %d boots next", entry, snapshot_id)
         return entry
 
-    def add_for_update(self, version: str, template_text: str, token: str, deployment: str, running_root: str) -> str:
+    def add_for_update(
+        self, version: str, template_text: str, kernel: PurePosixPath, deployment: str, running_root: str
+    ) -> str:
         """Write the entry of an update's deployment from the bundle's template, with its tries,
-        ordered to boot next; its kernel and initrd must be in place (`install_kernel`). The root
-        device is the running entry's: the deployment lives on the same file system, whatever the
-        builder's own file system was called. Returns the entry's id."""
+        ordered to boot next; its kernel and initrd must be in place in `kernel` (/TOKEN/NAME,
+        `install_kernel`). The root device is the running entry's: the deployment lives on the same
+        file system, whatever the builder's own file system was called. Returns the entry's id.
+
+        An entry of an earlier staging of the version is left as it is, first in the order: it boots
+        its own deployment and kernel until this one is written (in its place when the file names
+        meet, the rename being atomic), and the caller retires it after."""
         running, running_template = self.template_for(running_root)
         template = parse_entry(template_text)
         root = [word for word in " ".join(running_template.get("options", [])).split() if word.startswith("root=")]
         words = [word for word in " ".join(template.get("options", [])).split() if not word.startswith("root=")]
         template["options"] = [" ".join([*root[:1], *words])]
-        template["linux"] = [f"/{token}/{version}/linux"]
-        template["initrd"] = [f"/{token}/{version}/initrd"]
+        template["linux"] = [str(kernel / "linux")]
+        template["initrd"] = [str(kernel / "initrd")]
         template.pop("efi", None)
         if "machine-id" not in template and "machine-id" in running_template:
             template["machine-id"] = running_template["machine-id"]
         title = (template.get("title") or [f"rastOS {version}"])[0]
         lines = self._entry_lines(template, title, SORT_NEW, entry_options(template, deployment, readonly=False))
         entry = update_entry_id(version)
-        # An entry of an earlier staging of this version goes; the kernel directory it names is this
-        # one's too, so it is not taken with it (remove_entry would, were the new entry not there yet).
-        earlier = [path for path in self.entry_files() if entry_id(path.name) == entry]
-        for path in earlier:
-            path.unlink()
         self._add_first(entry, lines, running)
         log.info("boot entry %s for update %s boots next", entry, version)
         return entry
 
     def _add_first(self, entry: str, lines: list[str], running: Path) -> None:
         # The others first: until the new entry exists, the order is the old one, whatever happens.
+        # An earlier entry of the same id keeps its place: it is the one the new one stands in for.
         for other in self.entry_files():
-            if other.name.startswith("rastos"):
+            if other.name.startswith("rastos") and entry_id(other.name) != entry:
                 self.set_sort_key(other, SORT_RUNNING if other == running else SORT_OTHER)
         failpoint("order-changed")
         path = self.entries_dir / entry.replace(".conf", f"+{self.tries}.conf")
@@ -224,8 +226,8 @@ class BootEntries:
             )
         return token
 
-    def kernel_directory(self, token: str, version: str) -> Path:
-        return self.esp / token / version
+    def kernel_directory(self, token: str, name: str) -> Path:
+        return self.esp / token / name
 
     def file_with(self, name: str, size: int, sha256: str) -> Path | None:
         """A kernel or initrd already on the ESP (/TOKEN/DIRECTORY/NAME, no link) with this content:
@@ -241,10 +243,11 @@ class BootEntries:
                 continue
         return None
 
-    def install_kernel(self, token: str, version: str, files: Mapping[str, Iterable[bytes]]) -> Path:
-        """Write the files (linux, initrd) into /TOKEN/VERSION/ on the ESP, each through a temporary
-        name, fsynced and renamed: a cut leaves either the whole file or a temporary one (`leftovers`)."""
-        directory = self.kernel_directory(token, version)
+    def install_kernel(self, token: str, name: str, files: Mapping[str, Iterable[bytes]]) -> Path:
+        """Write the files (linux, initrd) into /TOKEN/NAME/ on the ESP (NAME: the deployment's), each
+        through a temporary name, fsynced and renamed: a cut leaves either the whole file or a
+        temporary one (`leftovers`)."""
+        directory = self.kernel_directory(token, name)
         directory.mkdir(parents=True, exist_ok=True)
         for name, chunks in files.items():
             _write_streamed(directory / name, chunks)
@@ -279,18 +282,26 @@ class BootEntries:
                 shutil.rmtree(target)
                 log.info("removed %s from the ESP: no entry refers to it any more", directory)
 
-    def drop_kernel_directory(self, token: str, version: str) -> None:
-        """Remove /TOKEN/VERSION unless an entry refers to it (a staging that failed after writing it)."""
-        directory = PurePosixPath("/", token, version)
+    def drop_kernel_directory(self, token: str, name: str) -> None:
+        """Remove /TOKEN/NAME unless an entry refers to it (a staging that failed after writing it, a
+        deployment retired after its entry was replaced)."""
+        directory = PurePosixPath("/", token, name)
         for path in self.entry_files():
             if directory in self.referenced_directories(path):
                 return
-        shutil.rmtree(self.kernel_directory(token, version), ignore_errors=True)
+        shutil.rmtree(self.kernel_directory(token, name), ignore_errors=True)
 
-    def remove_entry_id(self, entry: str) -> None:
+    def unnamed_kernels(self, token: str, names: Iterable[str]) -> list[Path]:
+        """Of the kernel directories /TOKEN/NAME, those that are there and no entry names."""
+        named: set[PurePosixPath] = set()
         for path in self.entry_files():
-            if entry_id(path.name) == entry:
-                self.remove_entry(path)
+            named |= self.referenced_directories(path)
+        found = []
+        for name in sorted(set(names)):
+            directory = self.kernel_directory(token, name)
+            if PurePosixPath("/", token, name) not in named and directory.is_dir() and not directory.is_symlink():
+                found.append(directory)
+        return found
 
     def update_entries(self) -> list[tuple[str, Path]]:
         """Every entry made for an update: (the deployment it boots, its file)."""

@@ -232,6 +232,22 @@ class Daemon:
         self.store.mark_known_good(newest, uid, self.boot_id)
         self.listener.boot_state_changed()
 
+    def collect_updates(self, why: str) -> list[str]:
+        """Update retention, on a boot known good (docs/updates.md, "Retention"). A failure is logged:
+        what it left is collected at the next good boot, and the boot stays good."""
+        failed = None
+        if self.fallback is not None:
+            # Kept for the boot that fell back from it (it reports it), not for every later boot that
+            # still finds its used-up entry.
+            first = self.store.first_fallback_boot(self.fallback.failed_entry)
+            if first in (None, self.boot_id):
+                failed = self.fallback.failed_root
+        try:
+            return self.updates.collect(why, failed=failed)
+        except (OSError, btrfsutil.BtrfsUtilError, RastosError) as error:
+            log.error("update retention failed (the next good boot tries again): %s", error)
+            return []
+
     # JobListener: passed on to the bus face, and to the hub link
 
     def job_added(self, job: Job) -> None:

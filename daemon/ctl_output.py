@@ -84,6 +84,7 @@ def format_update_result(result: dict[str, Any]) -> str:
             f"{'' if result.get('received') else ', here already'})",
             f"  entry:      {result.get('entry')} (kernel {result.get('kernel')})",
         ]
+        lines += [f"  replaces:   {earlier} (removed)" for earlier in result.get("replaced") or []]
         hand = (result.get("carried") or {}).get("hand_changes") or []
         lines += [f"  changed by hand, not carried: {change}" for change in hand]
         if result.get("reboot"):

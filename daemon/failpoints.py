@@ -25,14 +25,14 @@ SNAPSHOT_POINTS = (
 )
 UPDATE_POINTS = (
     "update-received",  # Stage: the image is in @images, no deployment yet
-    "update-deployed",  # Stage: @deployments/VERSION is in place, its kernel and entry not yet
+    "update-deployed",  # Stage: @deployments/NAME is in place, its kernel and entry not yet
     "update-kernel-written",  # Stage: the kernel is on the ESP, the entry not yet
 )
 POINTS = (
     *SNAPSHOT_POINTS,
     "follow-ups-owed",  # a step: its files written, its follow-ups (service reloads) recorded, not yet run
     *UPDATE_POINTS,
-    "update-entry-written",  # Stage: the entry boots next, the state store not yet told it is staged
+    "update-entry-written",  # Stage: the entry boots next; the store not told, an earlier staging not removed
 )
 
 

@@ -38,6 +38,8 @@ async def serve(config: DaemonConfig) -> None:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
     daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
     daemon.reconcile()
+    if daemon.boot_state().health == "good":  # rastosd restarted on a boot known good already
+        await asyncio.to_thread(daemon.collect_updates, "rastosd started on a boot known good")
     await asyncio.to_thread(run_owed, daemon.store, daemon.target)
     daemon.jobs.confirmations.resume()
     face.root.export_to_dbus(ROOT_PATH, bus)

@@ -152,7 +152,7 @@ class Snapshots:
                 kind == "deployment" and not self.layout.deployment(snapshot_id).is_dir()
             )
             if orphan and snapshot_id != booted_snapshot:
-                path.unlink()
+                self.entries.remove_entry(path)  # an update's kernel goes with the last entry naming it
                 done.append(f"removed boot entry {path.name}: its subvolume is gone")
         made = {(kind, snapshot_id) for kind, snapshot_id, _ in entries}
         for snapshot_id, row in existing.items():

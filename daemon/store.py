@@ -362,6 +362,22 @@ class StateStore:
             self._event(db, DAEMON_UID, "BootFallback", None, failed_entry=failed_entry, failed_root=failed_root)
         return True
 
+    def first_fallback_boot(self, failed_entry: str) -> str | None:
+        """The first boot recorded to have fallen back from the entry, if any was."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT boot_id FROM boots WHERE fallback_from = ? ORDER BY started LIMIT 1", (failed_entry,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def good_roots(self) -> list[str]:
+        """The roots boots were marked good on, the latest boot's first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT root FROM boots WHERE marked_good IS NOT NULL ORDER BY started DESC"
+            ).fetchall()
+        return list(dict.fromkeys(str(row[0]) for row in rows))
+
     def boot_marked_good(self, boot_id: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT marked_good FROM boots WHERE boot_id = ?", (boot_id,)).fetchone()
@@ -387,6 +403,10 @@ class StateStore:
         with self.transaction() as db:
             db.execute("UPDATE updates SET image = ? WHERE id = ?", (image, update_id))
 
+    def set_update_deployment(self, update_id: int, deployment: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE updates SET deployment = ? WHERE id = ?", (deployment, update_id))
+
     def finish_update(self, update_id: int, state: str, result: dict[str, Any], uid: int = DAEMON_UID) -> None:
         """The update's end, and its event: UpdateStaged, UpdateFailed or UpdateCancelled."""
         method = {"staged": "UpdateStaged", "failed": "UpdateFailed", "cancelled": "UpdateCancelled"}[state]
@@ -399,23 +419,31 @@ class StateStore:
             self._event(db, uid, method, None, update=update_id, version=result.get("version"),
                         reason=error.get("message"), error=error.get("name"))  # fmt: skip
 
+    def update_versions(self) -> list[tuple[int, str]]:
+        """Every staging's id and version, once its manifest was read."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, version FROM updates WHERE version IS NOT NULL ORDER BY id").fetchall()
+        return [(int(row[0]), str(row[1])) for row in rows]
+
     def last_update(self) -> UpdateRow | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM updates ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else _update_row(row)
 
     def interrupt_unfinished_updates(
-        self, entry_written: Callable[[str], bool] = lambda version: False
+        self, entry_written: Callable[[str], bool] = lambda deployment: False
     ) -> list[tuple[int, str | None]]:
         """Updates the daemon stopped in the middle of (a crash, a power cut): failed, with their event,
-        unless `entry_written` says their version's boot entry is on the ESP (it is written last, so the
-        staging was over but for its record): staged. Returns each failed one's id and the image it had
-        received, if any."""
+        unless `entry_written` says a boot entry names the deployment they placed (it is written last,
+        so the staging was over but for its record): staged. Returns each failed one's id and the
+        image it had received, if any."""
         with self._lock:
-            rows = self._db.execute("SELECT id, version, image FROM updates WHERE state = 'staging'").fetchall()
+            rows = self._db.execute(
+                "SELECT id, version, image, deployment FROM updates WHERE state = 'staging'"
+            ).fetchall()
         failed = []
-        for update_id, version, image in rows:
-            if version and entry_written(version):
+        for update_id, version, image, deployment in rows:
+            if version and deployment and entry_written(deployment):
                 note = "rastosd stopped after its boot entry was written: it boots next"
                 self.finish_update(update_id, "staged", {"id": update_id, "state": "staged", "version": version,
                                                          "note": note})  # fmt: skip

@@ -101,4 +101,11 @@ MIGRATIONS: tuple[str, ...] = (
         result TEXT                    -- JSON, as the Completed signal carries it
     );
     """,
+    # 7: the deployment a staging places, recorded before it is placed: a version staged again gets a
+    # name of its own (@deployments/VERSION@ID), and only this tells whose entry a cut left. Stagings
+    # cut before it was recorded placed @deployments/VERSION, as every staging did then.
+    """
+    ALTER TABLE updates ADD COLUMN deployment TEXT;
+    UPDATE updates SET deployment = '@deployments/' || version WHERE state = 'staging' AND version IS NOT NULL;
+    """,
 )

@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import btrfsutil
 import pytest
 
+from daemon.boot import BootEntries
 from daemon.failpoints import UPDATE_POINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
+from daemon.store import StateStore
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     ADMIN_USER,
@@ -25,13 +28,15 @@ from tests.daemon_fixtures import (
     PERMISSIVE_POLICY,
     PLAIN_USER,
     ROOT_PATH,
+    SNAPSHOTS,
     STRICT_POLICY,
     Rastosd,
+    ScratchRoot,
     ensure_test_users,
     private_bus,
     require_root,
 )
-from tests.update_fixtures import NOTHING_LEFT, Bundles, BundleServer, host_layout, leftovers
+from tests.update_fixtures import KERNEL, NOTHING_LEFT, Bundles, BundleServer, host_layout, leftovers
 
 pytestmark = pytest.mark.root
 UPDATES = "org.rastos.Daemon1.Updates"
@@ -257,3 +262,147 @@ def test_a_stop_cancels_the_staging_and_says_so(updating: Rastosd, bundles: Bund
     assert after["last_error"]["message"] == "cancelled: rastosd stopped before it was staged"
     assert leftovers(updating.scratch) == NOTHING_LEFT
     assert not any(method == "Reconcile" for _, method, _ in events(updating)), "nothing was left to repair"
+
+
+def staged_versions(scratch: ScratchRoot) -> dict[str, Any]:
+    """Every update deployment, update entry and update kernel directory on the host, and for each
+    entry what it boots: so a test can tell one consistent staging from two, or none."""
+    deployments = scratch.top / "@deployments"
+    entries = BootEntries(scratch.esp, 3)
+    booted = {}
+    for root, path in entries.update_entries():
+        kernels = sorted(str(directory) for directory in entries.referenced_directories(path))
+        complete = all((scratch.esp / k.lstrip("/") / name).is_file() for k in kernels for name in ("linux", "initrd"))
+        first = "sort-key rastos-1" in path.read_text().splitlines()
+        booted[path.name] = {"root": root, "kernels": kernels, "complete": complete, "first": first,
+                             "root_exists": (scratch.top / root).is_dir()}  # fmt: skip
+    return {
+        "deployments": sorted(p.name for p in deployments.iterdir()) if deployments.is_dir() else [],
+        "entries": booted,
+        "kernels": sorted(str(p.relative_to(scratch.esp)) for p in scratch.esp.glob("rastos/*") if p.name != KERNEL),
+    }
+
+
+def assert_one_staging_of(scratch: ScratchRoot, version: str) -> None:
+    """Exactly one deployment of the version, one entry naming it that boots next with its own
+    complete kernel, no other kernel directory; the running root and its entry as they were."""
+    found = staged_versions(scratch)
+    assert len(found["deployments"]) == 1, found
+    assert len(found["entries"]) == 1, found
+    (entry,) = found["entries"].values()
+    assert entry["root"] == f"@deployments/{found['deployments'][0]}" and entry["root_exists"], found
+    assert entry["complete"] and entry["first"], found
+    assert [f"/{k}" for k in found["kernels"]] == entry["kernels"], found
+    tree = scratch.top / entry["root"]
+    assert (tree / "usr/share/rastos-test/version").read_text() == f"{version}\n"
+    assert (scratch.root / "usr/share/rastos-test/version").read_text() == "1\n", "the running root untouched"
+    running = (scratch.esp / "loader/entries/rastos-test.conf").read_text()
+    assert "rootflags=subvol=@ " in running and "sort-key rastos-2" in running, "the running entry is the fallback"
+    assert (scratch.esp / "rastos" / KERNEL / "linux").is_file()
+
+
+@pytest.mark.parametrize("point", (*UPDATE_POINTS, "order-changed", "update-entry-written"))
+def test_a_version_staged_again_keeps_the_earlier_staging_until_the_new_one_is_complete(
+    tmp_path: Path, bundles: Bundles, point: str
+) -> None:
+    """A cut anywhere in a second staging of a version leaves one staging of it that boots next:
+    the earlier one until the new entry is written, the new one after."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        first = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, first)["state"] == "staged"
+        assert_one_staging_of(daemon.scratch, "2")
+        if point == "update-received":  # received again only when its image is gone meanwhile
+            btrfsutil.delete_subvolume(daemon.scratch.top / "@images" / bundles.versions["2"].name)
+        assert daemon.stop() == 0
+        daemon.env = {FAILPOINT_VARIABLE: point}
+        daemon.start()
+        daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
+        deadline = time.monotonic() + 60
+        while f"rastos failpoint {point} reached" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.1)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.env = {}
+        daemon.start()
+        assert_one_staging_of(daemon.scratch, "2")
+        after = status(daemon)
+        assert after["staged_version"] == "2", after
+        # Its own entry written, the cut staging is staged; before that it failed, the earlier one stays.
+        assert after["result"]["state"] == ("staged" if point == "update-entry-written" else "failed"), after
+        again = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, again)["state"] == "staged", "staging works again"
+        assert_one_staging_of(daemon.scratch, "2")
+
+
+@pytest.mark.parametrize("trigger", ("MarkGood", "start"))
+def test_a_good_boot_collects_the_update_deployments_and_images_nothing_needs(
+    tmp_path: Path, bundles: Bundles, trigger: str
+) -> None:
+    """Version 2 staged, then version 3 staged over it: once this boot (on version 1's @) is known
+    good, version 2's deployment, entry, kernel and image go; version 3 (staged: it boots next) and
+    version 1's image (the running one's: a delta's parent) stay. Logged, and in the event log."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        top, esp = daemon.scratch.top, daemon.scratch.esp
+        for version in ("2", "3"):
+            update_id = daemon.call(UPDATES, "Stage", "sb", str(bundles.full[version]), "false")[0]
+            assert wait_ended(daemon, update_id)["state"] == "staged"
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2", "3"]
+        if trigger == "MarkGood":
+            daemon.call(SNAPSHOTS, "MarkGood")
+        else:
+            assert daemon.stop() == 0
+            daemon.start()  # not known good: nothing is collected
+            assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2", "3"]
+            assert daemon.stop() == 0
+            daemon.extra = ["--booted-entry", "rastos-test.conf"]  # blessed: no boot counter left
+            daemon.start()
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["3"]
+        assert sorted(p.name for p in (top / "@images").iterdir()) == ["rastos-test-1", "rastos-test-3"]
+        assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == [
+            "rastos-test.conf",
+            "rastos-update-3+3.conf",
+        ]
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["3", KERNEL]
+        assert status(daemon)["staged_version"] == "3"
+        cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
+        assert len(cleanups) == 1 and sorted(cleanups[0]["actions"]) == [
+            "removed @deployments/2 (version 2): neither the running deployment, the fallback nor the staged one",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ], cleanups  # fmt: skip
+        assert "removed @deployments/2" in daemon.log_text()
+
+
+def test_a_deployment_that_failed_its_tries_is_kept_in_the_boot_that_fell_back_only(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    """Version 2 used up its tries and @ booted again: that boot keeps version 2 for its report
+    (BootState says fallback and names it); a later boot, one that also still sees the failed entry,
+    collects it."""
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        top, esp = daemon.scratch.top, daemon.scratch.esp
+        update_id = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, update_id)["state"] == "staged"
+        assert daemon.stop() == 0
+        entry = esp / "loader/entries/rastos-update-2+3.conf"
+        entry.rename(entry.with_name("rastos-update-2+0-3.conf"))
+        daemon.extra = ["--booted-entry", "rastos-test.conf"]
+        daemon.start()  # the boot that fell back: known good (its entry is blessed)
+        daemon.call(SNAPSHOTS, "MarkGood")
+        state = daemon.get(MANAGER, "BootState")
+        assert state["kind"] == "fallback" and state["failed_root"] == "@deployments/2", state
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == ["2"]
+        assert not any(method == "UpdateCleanup" for _, method, _ in events(daemon))
+        assert daemon.stop() == 0
+        store = StateStore(tmp_path / "state" / "state.db")  # a boot before this one fell back from it too
+        try:
+            with store.transaction() as db:
+                db.execute("UPDATE boots SET boot_id = 'the-fallback-boot', started = started - 60")
+        finally:
+            store.close()
+        daemon.start()
+        assert not (top / "@deployments/2").exists()
+        assert sorted(p.name for p in (top / "@images").iterdir()) == ["rastos-test-1"]
+        assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-test.conf"]
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == [KERNEL]
+        cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
+        assert [detail["why"] for detail in cleanups] == ["rastosd started on a boot known good"], cleanups

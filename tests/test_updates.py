@@ -5,9 +5,13 @@ refused at their head, a file system that fills up, and what a cut staging leave
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
+import sqlite3
 import stat
 import subprocess
 import time
@@ -19,12 +23,16 @@ from typing import Any
 import btrfsutil
 import pytest
 
-from daemon.boot import BootEntries
+from daemon.boot import BootEntries, entry_id, tries_left
 from daemon.config import DaemonConfig
 from daemon.errors import InvalidParams, NotStaging, UpdateBusy
+from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
+from daemon.store_schema import MIGRATIONS
 from daemon.updates import Updates
-from daemon.updates.layout import identity
+from daemon.updates.layout import HostLayout, identity
+from daemon.updates.model import PrepareDeployment, carry_nothing
+from daemon.updates.retention import remove_deployment
 from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
 from tests.daemon_fixtures import ScratchRoot
 from tests.update_fixtures import (
@@ -64,14 +72,16 @@ class Host:
         return [event.method for event in self.store.events(0, 1000)]
 
 
-def make_host(scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@") -> Host:
+def make_host(
+    scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@", prepare: PrepareDeployment = carry_nothing
+) -> Host:
     config = DaemonConfig(
-        root=scratch.root, esp=scratch.esp, state_dir=directory / "state", updates_dir=directory / "downloads",
-        update_keys_dir=keys,
+        root=scratch.top / running, esp=scratch.esp, state_dir=directory / "state",
+        updates_dir=directory / "downloads", update_keys_dir=keys,
     )  # fmt: skip
     store = StateStore(config.database)
     entries = BootEntries(scratch.esp, 3)
-    host = Host(scratch, config, store, entries, Updates(config, store, entries, running))
+    host = Host(scratch, config, store, entries, Updates(config, store, entries, running, prepare_deployment=prepare))
     host.updates.on_completed.append(lambda *args: host.completed.put(args))
     host.updates.on_progress.append(lambda progress: host.phases.append(progress[0]))
     return host
@@ -130,13 +140,27 @@ def test_a_delta_is_received_onto_the_version_it_was_made_from(host: Host, bundl
 def test_a_version_already_here_is_not_received_again_and_its_deployment_is_replaced(
     host: Host, bundles: Bundles
 ) -> None:
+    top, esp = host.scratch.top, host.scratch.esp
     host.stage(bundles.delta)
-    (host.scratch.top / "@deployments/2/etc/made-by-hand").write_text("x\n")
-    again = host.stage(bundles.full["2"])
-    assert again["state"] == "staged" and again["received"] is False, again
-    assert not (host.scratch.top / "@deployments/2/etc/made-by-hand").exists(), "a fresh deployment of version 2"
-    names = sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir())
-    assert names == ["rastos-test.conf", "rastos-update-2+3.conf"], "one entry per version"
+    (top / "@deployments/2/etc/made-by-hand").write_text("x\n")
+    for update_id in (2, 3):
+        again = host.stage(bundles.full["2"])
+        assert again["state"] == "staged" and again["received"] is False, again
+        # A name of its own: the earlier deployment kept its name, and so its entry, until this one's was in.
+        earlier = "@deployments/2" if update_id == 2 else f"@deployments/2@{update_id - 1}"
+        assert (again["deployment"], again["replaced"]) == (f"@deployments/2@{update_id}", [earlier]), again
+        assert again["kernel"] == f"/rastos/2@{update_id}"
+        assert sorted(p.name for p in (top / "@deployments").iterdir()) == [f"2@{update_id}"]
+        assert not (top / f"@deployments/2@{update_id}/etc/made-by-hand").exists(), "a fresh deployment"
+        names = sorted(p.name for p in (esp / "loader/entries").iterdir())
+        assert names == ["rastos-test.conf", "rastos-update-2+3.conf"], "one entry per version"
+        lines = entry_text(host, "2").splitlines()
+        assert f"linux /rastos/2@{update_id}/linux" in lines and lines[1] == "sort-key rastos-1", lines
+        assert f"rootflags=subvol=@deployments/2@{update_id}" in lines[-1].split()
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == [f"2@{update_id}", KERNEL], (
+            "the earlier kernel went"
+        )
+    assert host.updates.status()["staged_version"] == "2"
 
 
 def test_the_running_deployment_is_never_replaced(host: Host, bundles: Bundles, tmp_path: Path) -> None:
@@ -394,7 +418,7 @@ def test_reconcile_removes_what_a_cut_staging_left(host: Host, bundles: Bundles)
         "removed @images/rastos-test-9: an image whose receive was cut short",
         "removed @deployments/.incoming-9: a deployment whose staging was cut short",
         "removed boot entry rastos-update-7+2.conf: its deployment @deployments/7 is gone",
-        "removed @deployments/5: its boot entry was never written",
+        "removed @deployments/5: no boot entry names it",
         "removed rastos/2/.linux.0123456789ab: a write to the ESP cut short",
         "removed the download done.rbundle: no staging will go on with it",
         "removed the download old.partial: no staging will go on with it",
@@ -446,3 +470,345 @@ def test_the_status_any_caller_reads_stays_small_whatever_the_history() -> None:
     assert shown["carried"]["reapplied"] == steps[-SHOWN_STEPS:] and shown["carried"]["reapplied_count"] == 5000
     assert "hand_changes" not in shown["carried"] and "chain" not in shown["carried"]
     assert len(json.dumps(shown)) < 4096
+
+
+@contextlib.contextmanager
+def small_esp(scratch: ScratchRoot, size: str = "256k") -> Iterator[ScratchRoot]:
+    """The host with its ESP copied onto a small tmpfs: a real file system, which fills up."""
+    esp = scratch.esp.with_name("small-esp")
+    esp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", esp], check=True)
+    try:
+        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
+        yield ScratchRoot(scratch.top, esp)
+    finally:
+        subprocess.run(["umount", esp], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes all the space left on `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler
+
+
+def esp_state(scratch: ScratchRoot) -> dict[str, str]:
+    """Every file on the ESP but the filler, with its content."""
+    return {str(p.relative_to(scratch.esp)): p.read_text() for p in sorted(scratch.esp.rglob("*"))
+            if p.is_file() and p.name != "filler"}  # fmt: skip
+
+
+def test_a_full_esp_while_a_version_is_staged_again_keeps_the_earlier_staging(tmp_path: Path, bundles: Bundles) -> None:
+    """The ESP fills up (another writer) while the version is staged a second time: the new kernel
+    cannot be written, and the earlier staging still boots next, its entry, kernel and deployment
+    as they were."""
+    with host_layout(tmp_path, bundles) as scratch, small_esp(scratch) as small:
+        filled: list[Path] = []
+
+        def filling(new_root: Path, running_root: Path, pristine: Path | None) -> dict[str, Any]:
+            if len(filled) == 1:  # the second staging
+                filled.append(fill(small.esp))
+            filled.append(new_root)
+            return carry_nothing(new_root, running_root, pristine)
+
+        host = make_host(small, tmp_path, bundles.keys, prepare=filling)
+        try:
+            assert host.stage(bundles.full["2"])["state"] == "staged"
+            before = esp_state(small)
+            result = host.stage(bundles.full["2"])
+            assert result["state"] == "failed" and result["error"]["name"] == ERROR + "NoSpace", result
+            assert esp_state(small) == before, "nothing on the ESP changed"
+            assert sorted(p.name for p in (small.top / "@deployments").iterdir()) == ["2"]
+            assert host.updates.status()["staged_version"] == "2"
+            filled[1].unlink()
+            again = host.stage(bundles.full["2"])
+            assert again["state"] == "staged" and again["replaced"] == ["@deployments/2"], again
+            assert sorted(p.name for p in (small.esp / "rastos").iterdir()) == ["2@3", KERNEL]
+        finally:
+            host.store.close()
+
+
+def test_a_cancel_while_a_version_is_staged_again_keeps_the_earlier_staging(host: Host, bundles: Bundles) -> None:
+    """Cancelled as the new kernel is written: the earlier staging was never touched."""
+    assert host.stage(bundles.full["2"])["state"] == "staged"
+    before = esp_state(host.scratch)
+    asked: list[str] = []
+
+    def cancel_when_installing(progress: tuple[str, int, int]) -> None:
+        if progress[0] == "installing" and not asked:
+            asked.append(progress[0])
+            host.updates.cancel(uid=0, method="Cancel")
+
+    host.updates.on_progress.append(cancel_when_installing)
+    result = host.stage(bundles.full["2"])
+    assert result["state"] == "cancelled" and asked, result
+    assert esp_state(host.scratch) == before, "the earlier entry and kernel as they were"
+    assert sorted(p.name for p in (host.scratch.top / "@deployments").iterdir()) == ["2"]
+    assert "sort-key rastos-1" in entry_text(host, "2").splitlines()
+    assert host.updates.status()["staged_version"] == "2"
+
+
+def test_a_staging_cut_before_stagings_recorded_their_deployment_is_judged_by_its_version(tmp_path: Path) -> None:
+    """A store made before the deployment was recorded: a staging cut then had placed
+    @deployments/VERSION, as every staging did, and is staged if an entry names that."""
+    database = tmp_path / "state.db"
+    old = sqlite3.connect(database)
+    for version, script in enumerate(MIGRATIONS[:6]):
+        old.executescript(f"BEGIN; {script}; PRAGMA user_version = {version + 1}; COMMIT;")
+    old.execute(
+        "INSERT INTO updates (uid, source, reboot, state, created, version) VALUES (0, 'x', 0, 'staging', 0, '2')"
+    )
+    old.execute("INSERT INTO updates (uid, source, reboot, state, created) VALUES (0, 'y', 0, 'staging', 0)")
+    old.commit()
+    old.close()
+    store = StateStore(database)
+    try:
+        asked: list[str] = []
+
+        def entry_written(deployment: str) -> bool:
+            asked.append(deployment)
+            return True
+
+        failed = store.interrupt_unfinished_updates(entry_written)
+        assert asked == ["@deployments/2"] and [update_id for update_id, _ in failed] == [2]
+        last = store.last_update()
+        assert last is not None and last.state == "failed", last
+    finally:
+        store.close()
+
+
+# Kernels of update deployments go with the last entry that names them, whichever path removes it
+
+
+def snapshots_on(host: Host, root: str, keep_pairs: int = 10) -> Snapshots:
+    """rastosd's snapshots of `root`, as if it ran: their entries copy its entry, and so its kernel."""
+    snapshots = Snapshots(SnapshotLayout(host.scratch.top / root, host.scratch.snapshots), host.store, keep_pairs,
+                          host.entries)  # fmt: skip
+    snapshots.running_root = root
+    return snapshots
+
+
+def kernels(host: Host) -> list[str]:
+    return sorted(path.name for path in (host.scratch.esp / "rastos").iterdir())
+
+
+def test_a_kernel_stays_while_any_snapshot_entry_names_it_and_goes_with_the_last(host: Host, bundles: Bundles) -> None:
+    """Snapshots taken on version 2 name its kernel: removing its own entry, snapshot retention and
+    deleting all but the last snapshot keep it; deleting the last one (its read-only entry and its
+    rollback entry) takes it. The running entry's kernel is never taken."""
+    host.stage(bundles.full["2"])
+    snapshots = snapshots_on(host, "@deployments/2", keep_pairs=0)
+    kept = snapshots.create("before the rollback", "manual", uid=0, method="Create")
+    pre = snapshots.create("pre", "pre", uid=0, method="Job")
+    snapshots.create("post", "post", uid=0, method="Job", pre_id=pre)
+    deployment = snapshots.make_deployment(kept)
+    host.entries.add_for_snapshot(kept, "before", subvolume_path(deployment), "@deployments/2", time.time())
+    for path in (host.scratch.esp / "loader/entries").glob("*snapshot*"):
+        assert "linux /rastos/2/linux" in path.read_text().splitlines(), path.name
+    remove_deployment(HostLayout(host.scratch.top), host.entries, host.scratch.top / "@deployments/2", "rastos")
+    assert kernels(host) == ["2", KERNEL], "the snapshots' entries still name it"
+    assert snapshots.cleanup(booted_snapshot=None) == [pre, pre + 1]
+    assert kernels(host) == ["2", KERNEL], "snapshot retention took the pair, not the kernel the other names"
+    snapshots.delete(kept, uid=0, method="Delete", booted_snapshot=None)
+    assert kernels(host) == [KERNEL], "gone with the last entry that named it; the running entry's stays"
+    assert (host.scratch.esp / "loader/entries/rastos-test.conf").is_file()
+
+
+def test_snapshot_entries_reconciled_away_take_the_kernel_they_named_last(
+    host: Host, bundles: Bundles, tmp_path: Path
+) -> None:
+    """A rollback deployment removed behind rastosd's back: the next start removes its entry, and the
+    kernel stays for the snapshot's read-only entry. A state store that was lost: the next start
+    removes the entries of the snapshots it does not know, and the kernel they were the last to name."""
+    host.stage(bundles.full["2"])
+    snapshots = snapshots_on(host, "@deployments/2")
+    taken = snapshots.create("on version 2", "manual", uid=0, method="Create")
+    deployment = snapshots.make_deployment(taken)
+    host.entries.add_for_snapshot(taken, "on 2", subvolume_path(deployment), "@deployments/2", time.time())
+    remove_deployment(HostLayout(host.scratch.top), host.entries, host.scratch.top / "@deployments/2", "rastos")
+    btrfsutil.delete_subvolume(deployment)
+    done = snapshots.reconcile(None)
+    assert done == [f"removed boot entry rastos-snapshot-{taken}+3.conf: its subvolume is gone"], done
+    assert kernels(host) == ["2", KERNEL], "the read-only entry still names it"
+    forgotten = StateStore(tmp_path / "lost" / "state.db")
+    try:
+        lost = Snapshots(snapshots.layout, forgotten, 10, host.entries)
+        done = lost.reconcile(None)
+    finally:
+        forgotten.close()
+    assert done == [f"removed boot entry readonly-snapshot-{taken}.conf: its subvolume is gone"], done
+    assert kernels(host) == [KERNEL]
+
+
+def test_a_kernel_whose_last_entry_went_in_a_cut_is_removed_at_the_next_start(host: Host, bundles: Bundles) -> None:
+    """A cut between an entry's removal and its kernel's leaves a kernel directory no entry names:
+    the next start removes it if a staging of this host put it there, and leaves any other alone
+    (kernel-install's, say)."""
+    host.stage(bundles.full["2"])
+    host.stage(bundles.full["3"])
+    for path in (host.scratch.esp / "loader/entries").glob("rastos-update-2*"):
+        path.unlink()  # the entry went, the kernel not yet
+    btrfsutil.delete_subvolume(host.scratch.top / "@deployments/2")
+    (host.scratch.esp / "rastos/6.2.0-other").mkdir()
+    (host.scratch.esp / "rastos/6.2.0-other/linux").write_text("not rastosd's\n")
+    done = host.updates.reconcile()
+    assert done == ["removed rastos/2 from the ESP: no entry names it (its last entry's removal was cut short)"], done
+    assert kernels(host) == ["3", KERNEL, "6.2.0-other"]
+    assert host.updates.reconcile() == []
+
+
+# Retention: what a host keeps of its updates once a boot is known good
+
+
+def reboot(host: Host, running: str, boot: str) -> Host:
+    """The host booted into `running` and the boot found good: its entry blessed (the boot counter
+    dropped, as systemd-bless-boot does) and the boot recorded good (as MarkGood does)."""
+    host.store.close()
+    for root, path in host.entries.update_entries():
+        if root == running and tries_left(path.name) is not None:
+            path.rename(path.with_name(entry_id(path.name)))
+    booted = make_host(host.scratch, host.config.state_dir.parent, host.config.update_keys_dir, running)
+    booted.store.record_boot(boot, running)
+    booted.store.mark_known_good(None, 0, boot)
+    return booted
+
+
+def subvolumes(host: Host, directory: str) -> list[str]:
+    return sorted(path.name for path in (host.scratch.top / directory).iterdir())
+
+
+KEPT = "neither the running deployment, the fallback nor the staged one"
+
+
+def test_retention_keeps_the_running_the_fallback_the_staged_and_the_images_they_were_made_from(
+    host: Host, bundles: Bundles
+) -> None:
+    """A host's life: installed from version 1 (@), updated to 2 (a delta), to 3, then to 1 again.
+    At each good boot: the running deployment, the fallback (the last other root a boot was good on)
+    and the staged one stay, and the images they were made from; the rest goes. A snapshot taken on
+    version 2 keeps version 2's kernel when its deployment goes."""
+    hosts = [host]
+    try:
+        host.store.record_boot("boot-1", "@")
+        host.store.mark_known_good(None, 0, "boot-1")
+        assert host.stage(bundles.delta)["state"] == "staged"
+        assert host.updates.collect("test") == [], "staged: it boots next"
+        hosts.append(on_2 := reboot(host, "@deployments/2", "boot-2"))
+        assert on_2.updates.collect("test") == [], "@ is the fallback: its image (version 1) stays"
+        snapshots_on(on_2, "@deployments/2").create("on version 2", "manual", uid=0, method="Create")
+        assert on_2.stage(bundles.full["3"])["state"] == "staged"
+        hosts.append(on_3 := reboot(on_2, "@deployments/3", "boot-3"))
+        assert on_3.updates.collect("test") == ["removed @images/rastos-test-1: no deployment kept was made from it"]
+        assert subvolumes(on_3, "@deployments") == ["2", "3"] and (host.scratch.top / "@").is_dir(), (
+            "@ is not collected"
+        )
+        assert on_3.stage(bundles.full["1"])["received"] is True
+        hosts.append(on_1 := reboot(on_3, "@deployments/1", "boot-4"))
+        assert on_1.updates.collect("test") == [
+            f"removed @deployments/2 (version 2): {KEPT}",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ]
+        assert subvolumes(on_1, "@deployments") == ["1", "3"], "running and fallback"
+        assert subvolumes(on_1, "@images") == ["rastos-test-1", "rastos-test-3"]
+        entries = sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir())
+        assert entries == [
+            "rastos-test.conf",
+            "rastos-update-1.conf",
+            "rastos-update-3.conf",
+            "readonly-snapshot-1.conf",
+        ]
+        assert kernels(on_1) == ["1", "2", "3", KERNEL], "version 2's kernel stays for the snapshot's entry"
+        cleanups = [event.detail for event in on_1.store.events(0, 1000) if event.method == "UpdateCleanup"]
+        assert [len(detail["actions"]) for detail in cleanups] == [1, 2] and cleanups[0]["why"] == "test"
+        assert on_1.updates.collect("test") == [], "nothing more to do"
+    finally:
+        for each in hosts:
+            each.store.close()
+
+
+def test_a_deployment_a_boot_fell_back_from_is_kept_for_that_boot_only(host: Host, bundles: Bundles) -> None:
+    host.store.record_boot("boot-1", "@")
+    host.store.mark_known_good(None, 0, "boot-1")
+    host.stage(bundles.full["2"])
+    entry = host.scratch.esp / "loader/entries/rastos-update-2+3.conf"
+    entry.rename(entry.with_name("rastos-update-2+0-3.conf"))  # its tries used up: @ boots again
+    fell_back = reboot(host, "@", "boot-2")
+    try:
+        assert fell_back.updates.collect("test", failed="@deployments/2") == [], "kept while this boot reports it"
+        assert subvolumes(fell_back, "@deployments") == ["2"]
+    finally:
+        fell_back.store.close()
+    later = reboot(fell_back, "@", "boot-3")
+    try:
+        assert later.updates.collect("test") == [
+            f"removed @deployments/2 (version 2): {KEPT}",
+            "removed @images/rastos-test-2: no deployment kept was made from it",
+        ]
+        assert kernels(later) == [KERNEL]
+        assert sorted(p.name for p in (host.scratch.esp / "loader/entries").iterdir()) == ["rastos-test.conf"]
+    finally:
+        later.store.close()
+
+
+def test_retention_waits_while_a_staging_runs(tmp_path: Path, bundles: Bundles) -> None:
+    with host_layout(tmp_path, bundles) as scratch:
+        during: list[list[str]] = []
+        hosts: list[Host] = []
+
+        def collecting(new_root: Path, running_root: Path, pristine: Path | None) -> dict[str, Any]:
+            during.append(hosts[0].updates.collect("test"))
+            return carry_nothing(new_root, running_root, pristine)
+
+        hosts.append(host := make_host(scratch, tmp_path, bundles.keys, prepare=collecting))
+        try:
+            host.stage(bundles.full["2"])
+            host.stage(bundles.full["3"])
+            assert during == [[], []], "nothing collected while a staging ran"
+            assert host.updates.collect("test") == [
+                f"removed @deployments/2 (version 2): {KEPT}",
+                "removed @images/rastos-test-2: no deployment kept was made from it",
+            ]
+        finally:
+            host.store.close()
+
+
+def test_retention_removes_nothing_without_the_boot_entries(host: Host, bundles: Bundles) -> None:
+    """An ESP not mounted shows no entries: which deployment is staged cannot be told, so none goes."""
+    host.stage(bundles.full["2"])
+    host.stage(bundles.full["3"])
+    entries = host.scratch.esp / "loader/entries"
+    entries.rename(entries.with_name("elsewhere"))
+    entries.mkdir()
+    assert host.updates.collect("test") == []
+    assert subvolumes(host, "@deployments") == ["2", "3"]
+    assert subvolumes(host, "@images") == ["rastos-test-1", "rastos-test-2", "rastos-test-3"]
+
+
+def test_reconcile_keeps_the_later_of_two_entries_of_a_version(host: Host, bundles: Bundles) -> None:
+    """What a second staging of version 2 cut right after writing its entry leaves, when the earlier
+    entry had another file name (it had been tried once): both entries, both deployments, both
+    kernels. The later deployment stays, the earlier goes with its entry and kernel."""
+    top, esp = host.scratch.top, host.scratch.esp
+    host.stage(bundles.full["2"])
+    earlier = esp / "loader/entries/rastos-update-2+3.conf"
+    tried = earlier.rename(earlier.with_name("rastos-update-2+2-1.conf"))
+    btrfsutil.create_snapshot(top / "@images/rastos-test-2", top / "@deployments/2@5")
+    shutil.copytree(esp / "rastos/2", esp / "rastos/2@5")
+    earlier.write_text(
+        tried.read_text().replace("/rastos/2/", "/rastos/2@5/").replace("@deployments/2 ", "@deployments/2@5 ")
+    )
+    done = host.updates.reconcile()
+    assert done == [
+        "removed boot entry rastos-update-2+2-1.conf: @deployments/2@5 replaces its deployment @deployments/2",
+        "removed @deployments/2: no boot entry names it",
+    ], done
+    assert subvolumes(host, "@deployments") == ["2@5"] and kernels(host) == ["2@5", KERNEL]
+    assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["rastos-test.conf", "rastos-update-2+3.conf"]
+    assert host.updates.status()["staged_version"] == "2"

@@ -250,6 +250,8 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     async def mark_good(self) -> None:
         caller = await self._face.callers.require_admin("MarkGood")
         self._daemon.mark_good(caller.uid)
+        # A boot known good is when what the updates before it left can go (retention).
+        await asyncio.to_thread(self._daemon.collect_updates, "this boot was marked good")
 
     # Updates
 

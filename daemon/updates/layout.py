@@ -4,6 +4,8 @@
     @images/NAME             read-only, received: one per image version this host holds, the parent
                              of a later delta (found by its received UUID, the version's identity)
     @deployments/VERSION     the writable root of each version received as an update
+    @deployments/VERSION@ID  the same, made by staging ID while an earlier deployment of the version
+                             was still there: that one stays bootable until this one's entry is written
     @deployments/.incoming-ID  a deployment being made (removed at the next start if it was cut)
 
 Only the root subvolume is mounted on a host, so the top level (subvolid=5) is mounted here, at
@@ -49,6 +51,7 @@ log = logging.getLogger("rastosd.updates")
 TOP = Path("/run/rastos/top")
 IMAGES, DEPLOYMENTS = "@images", "@deployments"
 INCOMING = ".incoming-"
+GENERATION = "@"  # a version never holds one (rastos/bundle.py's VERSION)
 ROOT_STREAM = "root.btrfs.zst"
 CLONE_NEWNS = 0x00020000
 MS_REC, MS_SLAVE = 0x4000, 0x80000
@@ -133,6 +136,23 @@ def identity(path: Path) -> str | None:
     return None if received == bytes(16) else str(uuid.UUID(bytes=received))
 
 
+def deployment_version(name: str) -> str:
+    """The version a deployment's name (`VERSION` or `VERSION@ID`) is of."""
+    return name.split(GENERATION, 1)[0]
+
+
+def version_deployed(subvolume: str) -> str | None:
+    """The version a subvolume (named from the top) is an update deployment of; None for any other."""
+    name = subvolume.removeprefix(f"{DEPLOYMENTS}/")
+    return None if name == subvolume or "/" in name else deployment_version(name)
+
+
+def generation(name: str) -> int:
+    """Which of a version's deployments was made last: `VERSION` (0) first, then by staging id."""
+    _, _, made_by = name.partition(GENERATION)
+    return int(made_by) if made_by.isdigit() else 0
+
+
 def delete_subvolume(path: Path) -> None:
     """The subvolume and any nested in it (systemd makes some inside a root); a plain directory too."""
     if not path.exists():
@@ -164,8 +184,18 @@ class HostLayout:
         """The path as rootflags=subvol= and BootState name it: from the top of the file system."""
         return str(path.relative_to(self.top))
 
-    def deployment(self, version: str) -> Path:
-        return self.deployments / version
+    def deployment(self, name: str) -> Path:
+        return self.deployments / name
+
+    def deployments_of(self, version: str) -> list[Path]:
+        """The deployments of the version, the one made last at the end."""
+        names = [name for name in self.deployment_names() if deployment_version(name) == version]
+        return [self.deployment(name) for name in sorted(names, key=generation)]
+
+    def new_deployment_name(self, version: str, update_id: int) -> str:
+        """`VERSION`, or `VERSION@ID` while an earlier deployment of the version is there: that one
+        keeps its name, and so its entry, until the new one can boot in its stead."""
+        return f"{version}{GENERATION}{update_id}" if self.deployments_of(version) else version
 
     def find_image(self, wanted: str) -> Path | None:
         """The image in @images whose identity (received UUID) is `wanted`. (Its children only: a
@@ -245,14 +275,12 @@ class HostLayout:
         btrfsutil.create_snapshot(image, incoming, read_only=False)
         return incoming
 
-    def place_deployment(self, incoming: Path, version: str, before_replacing: Callable[[], None]) -> Path:
-        """Rename the readied deployment to @deployments/VERSION, replacing an earlier one of that
-        version (after `before_replacing`: its boot entry goes first, so no entry is ever left naming a
-        subvolume that is gone), and commit it before any entry names it."""
-        target = self.deployment(version)
-        if target.exists():
-            before_replacing()
-            delete_subvolume(target)
+    def place_deployment(self, incoming: Path, name: str) -> Path:
+        """Rename the readied deployment to @deployments/NAME (a name no deployment has: an earlier
+        one of the version is not touched here) and commit it before any entry names it."""
+        target = self.deployment(name)
+        if target.exists() or target.is_symlink():
+            raise UpdateFailed(f"{DEPLOYMENTS}/{name} exists already")
         incoming.rename(target)
         btrfsutil.sync(target)
         return target
@@ -272,7 +300,7 @@ class HostLayout:
                     found.append((path, "a deployment whose staging was cut short"))
         return found
 
-    def deployment_versions(self) -> list[str]:
+    def deployment_names(self) -> list[str]:
         if not self.deployments.is_dir():
             return []
         return sorted(path.name for path in self.deployments.iterdir() if not path.name.startswith(INCOMING))

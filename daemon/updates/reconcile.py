@@ -4,20 +4,23 @@ Each step of a staging is ordered so that a cut leaves something harmless or som
 an image whose receive never completed (no read-only received subvolume), or that a staging cut
 later received for a deployment it never made, a deployment never readied
 (`.incoming-ID`), a deployment placed but never given its entry (it was never going to boot), a
-kernel directory no entry names, an entry whose deployment is gone, a temporary file on the ESP, and
-downloads nobody will resume.
+kernel directory no entry names, an entry whose deployment is gone, two entries of one version (a
+staging of it again was cut after its entry was written: the later deployment stays), a temporary
+file on the ESP, and downloads nobody will resume.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
-from daemon.boot import BootEntries
+from daemon.boot import BootEntries, entry_id
 from daemon.errors import BootConfigError
-from daemon.updates.layout import DEPLOYMENTS, IMAGES, HostLayout, delete_subvolume, identity
+from daemon.updates.layout import DEPLOYMENTS, IMAGES, HostLayout, delete_subvolume, generation, identity
 from daemon.updates.model import image_identity
+from daemon.updates.retention import entry_token
 
 log = logging.getLogger("rastosd.updates")
 
@@ -25,15 +28,17 @@ KEEP_PARTIAL = 7 * 24 * 3600  # seconds a download cut short is kept for a later
 
 
 def reconcile(
-    layout: HostLayout, entries: BootEntries, running: str, downloads: Path, received: list[str]
+    layout: HostLayout, entries: BootEntries, running: str, downloads: Path, received: list[str], kernels: list[str]
 ) -> list[str]:
-    """`received`: the images that stagings cut short had received."""
+    """`received`: the images that stagings cut short had received; `kernels`: the names of the
+    kernel directories stagings may have made."""
     done = []
     for path, why in layout.leftovers(running):
         delete_subvolume(path)
         done.append(f"removed {layout.subvolume(path)}: {why}")
     try:
         done += _entries_and_deployments(layout, entries, running)
+        done += _kernels(entries, running, kernels)
     except BootConfigError as error:  # no ESP here: no entries to agree with
         log.debug("update reconcile: no boot entries: %s", error)
     done += _received(layout, received)
@@ -44,7 +49,7 @@ def reconcile(
 def _received(layout: HostLayout, received: list[str]) -> list[str]:
     """An image a cut staging received goes, unless a deployment was made of it after all."""
     done = []
-    used = {image_identity(layout.deployment(version)) for version in layout.deployment_versions()}
+    used = {image_identity(layout.deployment(name)) for name in layout.deployment_names()}
     for subvolume in received:
         path = layout.top / subvolume
         if not subvolume.startswith(f"{IMAGES}/") or ".." in subvolume or not path.exists():
@@ -59,33 +64,59 @@ def _entries_and_deployments(layout: HostLayout, entries: BootEntries, running: 
     if not entries.entry_files():  # an ESP not mounted looks like one without entries: judge nothing by it
         raise BootConfigError(f"no boot entries in {entries.entries_dir}")
     done = []
-    named = set()
+    named: dict[str, list[tuple[str, Path]]] = {}  # entry id -> (deployment, entry file)
     for root, path in entries.update_entries():
         if root.startswith(f"{DEPLOYMENTS}/") and (layout.top / root).is_dir():
-            named.add(root)
+            named.setdefault(entry_id(path.name), []).append((root, path))
         elif root != running:
             entries.remove_entry(path)
             done.append(f"removed boot entry {path.name}: its deployment {root or '(none)'} is gone")
-    token = _token(entries, running)
-    for version in layout.deployment_versions():
-        subvolume = layout.subvolume(layout.deployment(version))
-        if subvolume in named or subvolume == running:
+    done += _replaced(entries, named, running)
+    booted = {root for found in named.values() for root, path in found if path.exists()}
+    token = entry_token(entries, running)
+    for name in layout.deployment_names():
+        subvolume = layout.subvolume(layout.deployment(name))
+        if subvolume in booted or subvolume == running:
             continue
         if token is not None:
-            entries.drop_kernel_directory(token, version)
-        delete_subvolume(layout.deployment(version))
-        done.append(f"removed {subvolume}: its boot entry was never written")
+            entries.drop_kernel_directory(token, name)
+        delete_subvolume(layout.deployment(name))
+        done.append(f"removed {subvolume}: no boot entry names it")
     for leftover in [*entries.kernel_leftovers(), *entries.leftovers()]:
         leftover.unlink()
         done.append(f"removed {leftover.relative_to(entries.esp)}: a write to the ESP cut short")
     return done
 
 
-def _token(entries: BootEntries, running: str) -> str | None:
-    try:
-        return entries.entry_token(running, None)
-    except BootConfigError:
-        return None
+def _replaced(entries: BootEntries, named: dict[str, list[tuple[str, Path]]], running: str) -> list[str]:
+    """Of two entries of one version, the one whose deployment was made first goes (its deployment
+    with it, as one without an entry): a staging of the version again was cut once its own entry was
+    written, before it retired the earlier one."""
+    done = []
+    for found in named.values():
+        latest = max(found, key=lambda item: generation(item[0].rsplit("/", 1)[-1]))
+        for root, path in found:
+            if root in (latest[0], running):
+                continue
+            entries.remove_entry(path)
+            done.append(f"removed boot entry {path.name}: {latest[0]} replaces its deployment {root}")
+    return done
+
+
+def _kernels(entries: BootEntries, running: str, names: list[str]) -> list[str]:
+    """An update's kernel directory no entry names: removing an entry removes the entry first and
+    then the kernel directories it was the last to name, and a cut between the two left this."""
+    token = entry_token(entries, running)
+    if token is None:
+        return []
+    done = []
+    for directory in entries.unnamed_kernels(token, names):
+        shutil.rmtree(directory)
+        done.append(
+            f"removed {directory.relative_to(entries.esp)} from the ESP: no entry names it "
+            "(its last entry's removal was cut short)"
+        )
+    return done
 
 
 def _downloads(directory: Path, now: float) -> list[str]:

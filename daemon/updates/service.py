@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from daemon.boot import SORT_NEW, BootEntries, tries_left, update_entry_id
+from daemon.boot import BootEntries
 from daemon.config import DaemonConfig
 from daemon.errors import (
     BUNDLE_ERRORS,
@@ -30,10 +30,11 @@ from daemon.errors import (
     UpdateNoSpace,
     UpdatesUnavailable,
 )
-from daemon.store import StateStore
-from daemon.updates.layout import DEPLOYMENTS, HostLayout, on_own_thread, top_level
+from daemon.store import DAEMON_UID, StateStore
+from daemon.updates.layout import GENERATION, HostLayout, on_own_thread, top_level, version_deployed
 from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
+from daemon.updates.retention import collect, staged_roots
 from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
 from ops.errors import ERROR_PREFIX
 from rastos.errors import RastosError
@@ -90,6 +91,8 @@ class Updates:
         self.running_version = image_version(config.root)
         self.staged_version = self._staged_from_entries()
         self._lock = threading.Lock()
+        # Held while a staging or retention changes subvolumes and entries: never both at once.
+        self._disk = threading.Lock()
         self._current: Staging | None = None
         self._worker: threading.Thread | None = None
         self._last_notified = 0.0
@@ -179,10 +182,11 @@ class Updates:
             "result": None if current else (_bounded(last) or None),
         }
 
-    def _entry_written(self, version: str) -> bool:
+    def _entry_written(self, deployment: str) -> bool:
+        """Whether an entry boots the deployment a staging cut short placed."""
         try:
-            return self.entries.has_entry(update_entry_id(version))
-        except BootConfigError:
+            return any(root == deployment for root, _ in self.entries.update_entries())
+        except (BootConfigError, OSError):
             return False
 
     def reconcile(self) -> list[str]:
@@ -193,13 +197,44 @@ class Updates:
         if self.refusal is not None:
             return done
         received = [image for _, image in interrupted if image]
+        # The kernel directories stagings of this host may have made (named as their deployments):
+        # only those are ever removed for want of an entry, never kernel-install's or another's.
+        kernels = [name for update_id, version in self.store.update_versions()
+                   for name in (version, f"{version}{GENERATION}{update_id}")]  # fmt: skip
 
         def body() -> list[str]:
             with top_level(self.config.root) as top:
                 layout = HostLayout(top)
-                return reconcile(layout, self.entries, self.running, self.config.download_directory, received)
+                downloads = self.config.download_directory
+                return reconcile(layout, self.entries, self.running, downloads, received, kernels)
 
         return done + on_own_thread(body, "update-reconcile")
+
+    def collect(self, why: str, *, failed: str | None = None) -> list[str]:
+        """Retention (retention.py), once this boot is known good: the update deployments and images
+        nothing keeps go, each logged, and all in the event log as one `UpdateCleanup`. `failed`: the
+        deployment this boot fell back from, kept for the boot. Not while a staging runs (the next
+        good boot or start does it)."""
+        if self.refusal is not None:
+            return []
+        if not self._disk.acquire(blocking=False):
+            log.info("update retention left for later: a staging is under way")
+            return []
+        try:
+            good = self.store.good_roots()
+
+            def body() -> list[str]:
+                with top_level(self.config.root) as top:
+                    return collect(HostLayout(top), self.entries, self.running, good, failed)
+
+            done = on_own_thread(body, "update-retention")
+        finally:
+            self._disk.release()
+        for action in done:
+            log.info("update retention: %s", action)
+        if done:
+            self.store.record(DAEMON_UID, "UpdateCleanup", None, why=why, actions=done)
+        return done
 
     # The worker
 
@@ -242,8 +277,9 @@ class Updates:
             keys_dir=self.config.update_keys_dir, entries=self.entries, run_lock=self.run_lock,
             prepare_deployment=self.prepare_deployment, progress=self._set_progress,
             versioned=self.store.set_update_version, received=self.store.set_update_image,
+            deploying=self.store.set_update_deployment,
         )  # fmt: skip
-        with top_level(self.config.root) as top:
+        with self._disk, top_level(self.config.root) as top:
             layout = HostLayout(top)
             layout.ensure()
             return StagingRun(context, staging, layout).run()
@@ -295,13 +331,10 @@ class Updates:
     def _staged_from_entries(self) -> str:
         """The version whose entry boots next, if one was staged and not booted yet."""
         try:
-            for root, path in self.entries.update_entries():
-                first = f"sort-key {SORT_NEW}" in path.read_text().splitlines()
-                if first and root != self.running and tries_left(path.name) != 0:
-                    return root.removeprefix(f"{DEPLOYMENTS}/")
+            staged = staged_roots(self.entries, self.running)
         except (RastosError, OSError):
-            pass
-        return ""
+            return ""
+        return (version_deployed(staged[0]) or "") if staged else ""
 
 
 def describe(error: Exception, update_id: int) -> dict[str, Any]:

@@ -8,8 +8,12 @@ behind if it fails or is cancelled:
 3. receive: the root stream into @images/NAME (layout.py), unless an image of that identity is
    there already; a delta's parent is checked again first.
 4. deploy: a writable snapshot @deployments/.incoming-ID, readied by `prepare_deployment` (files
-   carried, host state re-applied), renamed to @deployments/VERSION and committed.
-5. install: kernel and initrd to the ESP's /ENTRY-TOKEN/VERSION/, then the entry, ordered first.
+   carried, host state re-applied), renamed to @deployments/VERSION and committed; VERSION@ID when an
+   earlier deployment of the version is there, which is left as it is.
+5. install: kernel and initrd to the ESP's /ENTRY-TOKEN/NAME/ (NAME the deployment's), then the
+   entry, ordered first.
+6. retire: an earlier deployment of the version, with its entry and kernel, once the new entry is
+   written: until then the earlier one boots as it did.
 A failure after the receive takes the image it received away again, and one after the deployment
 was placed takes the deployment: a staging either ends staged or leaves the host as it found it.
 """
@@ -22,7 +26,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import btrfsutil
@@ -31,8 +35,16 @@ from daemon.boot import BootEntries, entry_id, update_entry_id
 from daemon.errors import BootConfigError, UpdateFailed
 from daemon.failpoints import failpoint
 from daemon.updates.fetch import Download
-from daemon.updates.layout import IMAGES, HostLayout, delete_subvolume
+from daemon.updates.layout import (
+    DEPLOYMENTS,
+    IMAGES,
+    HostLayout,
+    delete_subvolume,
+    deployment_version,
+    version_deployed,
+)
 from daemon.updates.model import PrepareDeployment, Staging, image_identity
+from daemon.updates.retention import remove_deployment
 from ops.errors import UnsafePath
 from ops.rootfs import Links, Root
 from rastos.bundle import PARTS, Bundle, BundleError, Head, Manifest, Part, read_head, trusted_keys, verify_signature
@@ -57,6 +69,7 @@ class Context:
     progress: Callable[[str, int, int], None]
     versioned: Callable[[int, str], None]  # the staging's version is known (the state store records it)
     received: Callable[[int, str], None]  # the staging received this image (recorded: a cut leaves it to remove)
+    deploying: Callable[[int, str], None]  # the staging places this deployment (recorded: whose entry a cut left)
 
 
 class StagingRun:
@@ -76,7 +89,7 @@ class StagingRun:
             try:
                 deployment, carried = self.deploy(manifest, image)
                 try:
-                    entry, kernel = self.install(bundle, deployment)
+                    entry, token = self.install(bundle, deployment)
                 except BaseException:
                     self._undo("the deployment", lambda: delete_subvolume(deployment))
                     raise
@@ -87,13 +100,14 @@ class StagingRun:
         finally:
             if self.downloaded is not None:
                 self.downloaded.unlink(missing_ok=True)
+        replaced = self.retire_earlier(manifest.version, deployment, token)
         return {
             "id": self.staging.id, "source": self.staging.source.shown, "version": manifest.version,
             "profile": manifest.profile, "delta": manifest.delta,
             "parent": manifest.parent.version if manifest.parent else None, "key": self.key,
             "image": self.layout.subvolume(image), "received": received,
-            "deployment": self.layout.subvolume(deployment), "entry": entry, "kernel": kernel,
-            "carried": carried, "reboot": self.staging.reboot,
+            "deployment": self.layout.subvolume(deployment), "entry": entry, "kernel": f"/{token}/{deployment.name}",
+            "replaced": replaced, "carried": carried, "reboot": self.staging.reboot,
         }  # fmt: skip
 
     @staticmethod
@@ -142,15 +156,15 @@ class StagingRun:
         manifest = head.manifest
         self.staging.version = manifest.version
         self.context.versioned(self.staging.id, manifest.version)
-        deployment = self.layout.subvolume(self.layout.deployment(manifest.version))
-        if deployment == self.context.running:
+        ours = {self.layout.subvolume(path) for path in self.layout.deployments_of(manifest.version)}
+        if self.context.running in ours:
             raise UpdateFailed(
-                f"version {manifest.version} is the running deployment ({deployment}): it stays as it is"
+                f"version {manifest.version} is the running deployment ({self.context.running}): it stays as it is"
             )
-        self.names_free(manifest.version, deployment)
+        self.names_free(manifest.version)
         self.needs_parent(manifest)
 
-    def names_free(self, version: str, deployment: str) -> None:
+    def names_free(self, version: str) -> None:
         """The version's entry and kernel directory are no other root's. The ESP is vfat, which folds
         case, and `+` in an entry's name becomes `_`: two versions can meet in one name there, and the
         staging of one would overwrite, then on failure remove, the other's kernel or entry."""
@@ -161,9 +175,9 @@ class StagingRun:
         except BootConfigError:
             return  # no ESP: install says so
         for path in files:
-            if entries.root_of(path) == deployment:
-                continue  # an earlier staging of this very version: replaced
-            kernels = {directory.name.casefold() for directory in entries.referenced_directories(path)}
+            if version_deployed(entries.root_of(path)) == version:
+                continue  # an earlier staging of this very version: replaced once this one is in
+            kernels = {deployment_version(kernel.name).casefold() for kernel in entries.referenced_directories(path)}
             if entry_id(path.name).casefold() == wanted or version.casefold() in kernels:
                 raise UpdateFailed(
                     f"version {version} would share its boot entry or kernel directory with {path.name}, which "
@@ -259,10 +273,9 @@ class StagingRun:
             with self.context.run_lock:
                 carried = self.context.prepare_deployment(incoming, self.context.root, pristine)
             self.staging.check()
-            entries = self.context.entries
-            deployment = self.layout.place_deployment(
-                incoming, manifest.version, lambda: entries.remove_entry_id(update_entry_id(manifest.version))
-            )
+            name = self.layout.new_deployment_name(manifest.version, self.staging.id)
+            self.context.deploying(self.staging.id, f"{DEPLOYMENTS}/{name}")
+            deployment = self.layout.place_deployment(incoming, name)
         except BaseException:
             self._undo("the new deployment", lambda: delete_subvolume(incoming))
             raise
@@ -277,6 +290,8 @@ class StagingRun:
     # 5. install
 
     def install(self, bundle: Bundle, deployment: Path) -> tuple[str, str]:
+        """The deployment's kernel and initrd in /TOKEN/NAME/ on the ESP, then its entry; returns the
+        entry's id and the token."""
         self.staging.check()
         version = bundle.manifest.version
         entries = self.context.entries
@@ -298,17 +313,38 @@ class StagingRun:
                     for name in ("linux", "initrd")
                 }
                 files = {name: self.counted(chunks, done, total) for name, chunks in sources.items()}
-                entries.install_kernel(token, version, files)
+                entries.install_kernel(token, deployment.name, files)
             failpoint("update-kernel-written")
             self.staging.check()  # the last point a Cancel() reaches: after it the entry is written
+            kernel = PurePosixPath("/", token, deployment.name)
             entry = entries.add_for_update(
-                version, template, token, self.layout.subvolume(deployment), self.context.running
+                version, template, kernel, self.layout.subvolume(deployment), self.context.running
             )
         except BaseException:
-            self._undo("the kernel", lambda: entries.drop_kernel_directory(token, version))
+            self._undo("the kernel", lambda: entries.drop_kernel_directory(token, deployment.name))
             raise
         failpoint("update-entry-written")
-        return entry, f"/{token}/{version}"
+        return entry, token
+
+    # 6. retire
+
+    def retire_earlier(self, version: str, deployment: Path, token: str) -> list[str]:
+        """The version's earlier deployments, now that the new one's entry stands in for theirs. The
+        staging is staged already: a failure here is logged, and the next start finishes it."""
+        retired = []
+        for earlier in self.layout.deployments_of(version):
+            subvolume = self.layout.subvolume(earlier)
+            if earlier == deployment or subvolume == self.context.running:
+                continue
+            try:
+                remove_deployment(self.layout, self.context.entries, earlier, token)
+            except (OSError, btrfsutil.BtrfsUtilError, BootConfigError) as error:
+                log.error("could not remove %s, which %s replaces (the next start does): %s", subvolume,
+                          self.layout.subvolume(deployment), error)  # fmt: skip
+                continue
+            log.info("removed %s: %s replaces it", subvolume, self.layout.subvolume(deployment))
+            retired.append(subvolume)
+        return retired
 
     def counted(self, chunks: Iterable[bytes], done: list[int], total: int) -> Iterator[bytes]:
         for chunk in chunks:
