@@ -2,8 +2,9 @@
 
 A rollback makes a writable copy of a snapshot (`/.snapshots/N/deployment`) and a Boot Loader
 Specification entry that names that subvolume explicitly (`rootflags=subvol=@snapshots/N/deployment`),
-with a boot counter in its file name (`rastos-snapshot-N+3.conf`). The entry is made from the entry of
-the running deployment, so kernel, initrd and options stay those the image was built with. Deleting
+with a boot counter in its file name (`rastos-snapshot-N+3.conf`). The entry is made from the
+snapshot's read-only entry (below), which copied the entry of the deployment it was taken on: kernel,
+initrd and options stay those the snapshot's tree was built with, whichever version runs now. Deleting
 the snapshot deletes its entry: the menu and the snapshots never disagree (grub-btrfs's known failure).
 
 Which entry boots is decided by order, never by naming one entry the default: systemd-boot boots the
@@ -157,11 +158,32 @@ class BootEntries:
                 return path, entry
         return parsed[0]
 
+    def snapshot_template(self, snapshot_id: int) -> dict[str, list[str]] | None:
+        """The snapshot's own entry, to boot it with: its read-only entry, else its deployment's; None
+        when it has neither. It names the kernel, initrd and options of the root the snapshot was
+        taken on (the read-only entry copied them then), and the modules in the snapshot are that
+        kernel's: since each image update brings a kernel of its own, the running one may be another."""
+        found = {entry_id(path.name): path for path in self.entry_files()}
+        for wanted in (readonly_entry_id(snapshot_id), deployment_entry_id(snapshot_id)):
+            if wanted in found:
+                return parse_entry(found[wanted].read_text())
+        return None
+
     def add_for_snapshot(
         self, snapshot_id: int, description: str, deployment: str, running_root: str, taken: float
     ) -> str:
-        """Write the deployment's entry with its tries, ordered to boot next. Returns its id."""
-        running, template = self.template_for(running_root)
+        """Write the deployment's entry with its tries, ordered to boot next, with the kernel the
+        snapshot was taken with. Returns its id."""
+        running, running_template = self.template_for(running_root)
+        template = self.snapshot_template(snapshot_id)
+        if template is None:
+            # Only when no entry of it could be written (no entries to copy when it was taken, or a
+            # cut before its read-only entry that no start since could repair) or its entry was
+            # removed by hand: nothing says which kernel it was taken with, and the running one is
+            # the best guess left.
+            log.warning("snapshot %d has no boot entry to tell its kernel: its deployment boots the running one's",
+                        snapshot_id)  # fmt: skip
+            template = running_template
         self.remove_for_snapshot(snapshot_id, readonly=False)
         lines = self._entry_lines(template, f"rastOS snapshot {snapshot_id} of {_date(taken)}: {description}",
                                   SORT_NEW, entry_options(template, deployment, readonly=False))  # fmt: skip
@@ -313,8 +335,10 @@ class BootEntries:
         return sorted(path for path in found if TEMPORARY.match(path.name) and path.is_file())
 
     def add_readonly(self, snapshot_id: int, description: str, subvolume: str, running_root: str, taken: float) -> str:
-        """Write the menu entry that boots the read-only snapshot under an overlay. Returns its id."""
-        _, template = self.template_for(running_root)
+        """Write the menu entry that boots the read-only snapshot under an overlay. Returns its id. A
+        snapshot being taken has no entry yet and boots the running root's kernel; one whose entry is
+        written again keeps the kernel its deployment's entry names, if it has one."""
+        template = self.snapshot_template(snapshot_id) or self.template_for(running_root)[1]
         title = f"rastOS snapshot {snapshot_id} of {_date(taken)}, read-only: {description}"
         lines = self._entry_lines(template, title, SORT_READONLY, entry_options(template, subvolume, readonly=True))
         path = self.entries_dir / readonly_entry_id(snapshot_id)

@@ -273,6 +273,18 @@ def test_rollback_makes_a_boot_entry_and_delete_removes_it(rastosd: Rastosd) -> 
     assert names == ["rastos-0.conf", f"readonly-snapshot-{post}.conf"]
 
 
+def test_a_snapshot_without_entries_rolls_back_with_the_running_kernel(rastosd: Rastosd) -> None:
+    """The snapshot's read-only entry says which kernel it was taken with; with no entry of its own
+    left (one removed by hand) the running entry's is the only guess, and the log says so."""
+    snapshot = rastosd.call(SNAPSHOTS, "Create", "s", "its entry removed")[0]
+    entries = rastosd.scratch.esp / "loader/entries"
+    (entries / f"readonly-snapshot-{snapshot}.conf").unlink()
+    rastosd.call(SNAPSHOTS, "Rollback", "u", str(snapshot))
+    lines = (entries / f"rastos-snapshot-{snapshot}+3.conf").read_text().splitlines()
+    assert "linux /rastos/vmlinuz" in lines and "initrd /rastos/initrd.img" in lines, lines
+    assert f"snapshot {snapshot} has no boot entry to tell its kernel" in rastosd.log_text()
+
+
 def test_every_snapshot_is_in_the_boot_menu_read_only(rastosd: Rastosd) -> None:
     """Each snapshot gets an uncounted entry that boots it read-only under an overlay, listed after the
     deployments and never matched by `default rastos-*`; it goes when the snapshot goes."""

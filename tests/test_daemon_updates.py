@@ -406,3 +406,59 @@ def test_a_deployment_that_failed_its_tries_is_kept_in_the_boot_that_fell_back_o
         assert sorted(p.name for p in (esp / "rastos").iterdir()) == [KERNEL]
         cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
         assert [detail["why"] for detail in cleanups] == ["rastosd started on a boot known good"], cleanups
+
+
+# Rollbacks on a host whose deployments each have a kernel of their own
+
+
+def boot_into(daemon: Rastosd, root: str, entry: str) -> None:
+    """rastosd started again as the host booted into `root` from `entry` would start it."""
+    assert daemon.stop() == 0, daemon.log_text()
+    daemon.extra = ["--root", str(daemon.scratch.top / root), "--booted-entry", entry]
+    daemon.start()
+
+
+def kernel_of(entry: Path) -> list[str]:
+    return [line for line in entry.read_text().splitlines() if line.split(" ", 1)[0] in ("linux", "initrd")]
+
+
+def test_a_rollback_boots_the_kernel_its_snapshot_was_taken_with(tmp_path: Path, bundles: Bundles) -> None:
+    """A snapshot taken while version 2 ran, rolled back to while version 3 runs: the rollback's
+    entry boots version 2's kernel and initrd, as the snapshot's read-only entry does (the modules in
+    the snapshot are that kernel's), never the running version's. That kernel stays on the ESP while
+    an entry of the snapshot names it (version 2's deployment collected, a second rollback replacing
+    the first, the next start) and goes with the snapshot."""
+    version_2 = ["linux /rastos/2/linux", "initrd /rastos/2/initrd"]
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY):
+        top, esp = daemon.scratch.top, daemon.scratch.esp
+        entries = esp / "loader/entries"
+        staged = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")[0]
+        assert wait_ended(daemon, staged)["state"] == "staged"
+        boot_into(daemon, "@deployments/2", "rastos-update-2+3.conf")
+        snapshot = daemon.call(SNAPSHOTS, "Create", "s", "on version 2")[0]
+        assert kernel_of(entries / f"readonly-snapshot-{snapshot}.conf") == version_2
+        staged = daemon.call(UPDATES, "Stage", "sb", str(bundles.full["3"]), "false")[0]
+        assert wait_ended(daemon, staged)["state"] == "staged"
+        boot_into(daemon, "@deployments/3", "rastos-update-3+3.conf")
+        newer = daemon.call(SNAPSHOTS, "Create", "s", "on version 3")[0]
+        daemon.call(SNAPSHOTS, "MarkGood")  # retention takes version 2's deployment, not its kernel
+        assert not (top / "@deployments/2").exists()
+        for _ in range(2):  # the second replaces the first rollback deployment and its entry
+            assert daemon.call(SNAPSHOTS, "Rollback", "u", str(snapshot))[0] == f"rastos-snapshot-{snapshot}.conf"
+            (rollback,) = entries.glob(f"rastos-snapshot-{snapshot}+*.conf")
+            assert kernel_of(rollback) == version_2, rollback.read_text()
+            options = next(line for line in rollback.read_text().splitlines() if line.startswith("options "))
+            assert options.endswith(" rw") and "root=UUID=host-root" in options, options
+            assert (esp / "rastos/2/linux").read_text() == "linux of version 2\n" * 64
+            assert (esp / "rastos/2/initrd").read_text() == "initrd of version 2\n" * 128
+        # The rollback entry alone names the kernel now: the start's reconcile and retention keep it,
+        # and the read-only entry written again takes it from there, not from the running entry.
+        (entries / f"readonly-snapshot-{snapshot}.conf").unlink()
+        boot_into(daemon, "@deployments/3", "rastos-update-3+3.conf")
+        assert kernel_of(rollback) == version_2 and (esp / "rastos/2/linux").is_file()
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["2", "3", KERNEL]
+        assert kernel_of(entries / f"readonly-snapshot-{snapshot}.conf") == version_2
+        daemon.call(SNAPSHOTS, "Delete", "u", str(snapshot))
+        assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["3", KERNEL], "gone with its last entry"
+        assert kernel_of(entries / f"readonly-snapshot-{newer}.conf") == ["linux /rastos/3/linux",
+                                                                          "initrd /rastos/3/initrd"]  # fmt: skip
