@@ -4,8 +4,10 @@ A rollback makes a writable copy of a snapshot (`/.snapshots/N/deployment`) and 
 Specification entry that names that subvolume explicitly (`rootflags=subvol=@snapshots/N/deployment`),
 with a boot counter in its file name (`rastos-snapshot-N+3.conf`). The entry is made from the
 snapshot's read-only entry (below), which copied the entry of the deployment it was taken on: kernel,
-initrd and options stay those the snapshot's tree was built with, whichever version runs now. Deleting
-the snapshot deletes its entry: the menu and the snapshots never disagree (grub-btrfs's known failure).
+initrd and options stay those the snapshot's tree was built with, whichever version runs now. A
+rollback to a snapshot that has one already makes `N/deployment@G` beside the earlier deployment,
+which boots as it did until the new entry is written, and goes only then. Deleting the snapshot
+deletes its entries: the menu and the snapshots never disagree (grub-btrfs's known failure).
 
 Which entry boots is decided by order, never by naming one entry the default: systemd-boot boots the
 first entry matching loader.conf's `default rastos-*` in its sorted list, sorts entries by `sort-key`,
@@ -50,7 +52,8 @@ LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 EFIVARS = Path("/sys/firmware/efi/efivars")
 SORT_NEW, SORT_RUNNING, SORT_OTHER, SORT_READONLY = "rastos-1", "rastos-2", "rastos-3", "rastos-4"
 COUNTER = re.compile(r"\+\d+(-\d+)?(?=\.conf$)")
-DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment$")
+# A rollback deployment: N/deployment, or N/deployment@G made beside an earlier one (G counts up).
+DEPLOYMENT_SUBVOL = re.compile(r"(?:^|/)(\d+)/deployment(?:@(\d+))?$")
 READONLY_SUBVOL = re.compile(r"(?:^|/)(\d+)/snapshot$")
 SNAPSHOT_ENTRY = re.compile(r"^(rastos|readonly)-snapshot-(\d+)\.conf$")
 UPDATE_ENTRY = re.compile(r"^rastos-update-(.+)\.conf$")
@@ -79,6 +82,13 @@ def snapshot_of_root(root_subvolume: str) -> int | None:
     image's own root."""
     match = DEPLOYMENT_SUBVOL.search(root_subvolume) or READONLY_SUBVOL.search(root_subvolume)
     return int(match.group(1)) if match else None
+
+
+def rollback_generation(root_subvolume: str) -> int | None:
+    """Which of its snapshot's rollback deployments the root is, the later the greater: 0 for
+    `N/deployment`, G for `N/deployment@G`; None for any other root."""
+    match = DEPLOYMENT_SUBVOL.search(root_subvolume)
+    return None if match is None else int(match.group(2) or 0)
 
 
 def readonly_entry_id(snapshot_id: int) -> str:
@@ -173,7 +183,11 @@ class BootEntries:
         self, snapshot_id: int, description: str, deployment: str, running_root: str, taken: float
     ) -> str:
         """Write the deployment's entry with its tries, ordered to boot next, with the kernel the
-        snapshot was taken with. Returns its id."""
+        snapshot was taken with. Returns its id.
+
+        An entry of an earlier rollback to the snapshot is left as it is, first in the order: it
+        boots its own deployment until this one is written (in its place when the file names meet,
+        the rename being atomic), and the caller retires it after."""
         running, running_template = self.template_for(running_root)
         template = self.snapshot_template(snapshot_id)
         if template is None:
@@ -184,7 +198,6 @@ class BootEntries:
             log.warning("snapshot %d has no boot entry to tell its kernel: its deployment boots the running one's",
                         snapshot_id)  # fmt: skip
             template = running_template
-        self.remove_for_snapshot(snapshot_id, readonly=False)
         lines = self._entry_lines(template, f"rastOS snapshot {snapshot_id} of {_date(taken)}: {description}",
                                   SORT_NEW, entry_options(template, deployment, readonly=False))  # fmt: skip
         entry = deployment_entry_id(snapshot_id)
@@ -383,9 +396,9 @@ class BootEntries:
     def root_of(self, path: Path) -> str:
         return subvolume_option(" ".join(parse_entry(path.read_text()).get("options", [])).split())
 
-    def remove_for_snapshot(self, snapshot_id: int, *, readonly: bool = True) -> None:
-        """Remove the snapshot's deployment entry, and its read-only entry unless told not to."""
-        wanted = {deployment_entry_id(snapshot_id)} | ({readonly_entry_id(snapshot_id)} if readonly else set())
+    def remove_for_snapshot(self, snapshot_id: int) -> None:
+        """Remove the snapshot's entries: its read-only one and those of its deployments."""
+        wanted = {deployment_entry_id(snapshot_id), readonly_entry_id(snapshot_id)}
         for path in self.entry_files():
             if entry_id(path.name) in wanted:
                 self.remove_entry(path)

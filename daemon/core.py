@@ -200,16 +200,25 @@ class Daemon:
         row = snapshots.get(snapshot_id)
         if self.booted_snapshot == snapshot_id and self.overlay_root is None:
             raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
+        # An earlier rollback deployment of the snapshot, and its entry, stay as they were until the
+        # new one's entry is written: the new one has a name of its own, and the earlier goes only then.
         deployment = snapshots.make_deployment(snapshot_id)
         failpoint("deployment-made")
         try:
             entry = self.entries.add_for_snapshot(
                 snapshot_id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
             )
+        except OSError as error:  # the ESP full or failing
+            snapshots.remove_deployment(deployment)  # no deployment without its entry
+            raise BootConfigError(
+                f"cannot write the boot entry of snapshot {snapshot_id} in {self.entries.entries_dir}: "
+                f"{error.strerror or error}; any earlier rollback to it is left as it was"
+            ) from None
         except BaseException:
-            snapshots.remove_deployment(snapshot_id)  # no deployment without its entry
+            snapshots.remove_deployment(deployment)
             raise
         failpoint("entry-written")
+        snapshots.retire_earlier(snapshot_id, deployment)
         return entry
 
     def boot_once(self, snapshot_id: int) -> str:

@@ -21,7 +21,7 @@ SNAPSHOT_POINTS = (
     "snapshot-written",  # Create: the btrfs snapshot exists, its boot menu entry not yet
     "deployment-made",  # Rollback: the writable deployment exists, no entry changed yet
     "order-changed",  # Rollback: the other entries are re-sorted, the new entry not yet written
-    "entry-written",  # Rollback: the new entry is on the ESP, the state store not yet told
+    "entry-written",  # Rollback: the new entry is on the ESP; the store not told, an earlier deployment not retired
 )
 UPDATE_POINTS = (
     "update-received",  # Stage: the image is in @images, no deployment yet

@@ -4,6 +4,8 @@ Layout, inside the snapshot subvolume the image builder mounts at /.snapshots (a
     /.snapshots/N/snapshot     the read-only snapshot of the root subvolume
     /.snapshots/N/info.json    what it is, so a human or a rescue system can tell without the database
     /.snapshots/N/deployment   a writable copy made by a rollback: a root the boot loader can boot
+    /.snapshots/N/deployment@G the copy a later rollback to N makes while the earlier one is there; the
+                               earlier goes once the new one's entry is written (G counts up)
 Each snapshot has a read-only boot menu entry, written with it and removed with it (see boot.py).
 Other subvolumes (/home, /var/log, /var/lib/rastos) are separate and never part of a root snapshot.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import btrfsutil
 
-from daemon.boot import BootEntries, readonly_entry_id
+from daemon.boot import BootEntries, readonly_entry_id, rollback_generation, snapshot_of_root
 from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
 from daemon.store import SnapshotRow, StateStore
@@ -29,6 +31,7 @@ from ops.rootfs import Root
 log = logging.getLogger("rastosd.snapshots")
 
 KINDS = ("pre", "post", "manual")
+DEPLOYMENT = "deployment"
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,24 @@ class SnapshotLayout:
     def snapshot(self, snapshot_id: int) -> Path:
         return self.directory / str(snapshot_id) / "snapshot"
 
-    def deployment(self, snapshot_id: int) -> Path:
-        return self.directory / str(snapshot_id) / "deployment"
+    def deployments(self, snapshot_id: int) -> list[Path]:
+        """The snapshot's rollback deployments, the one made last at the end."""
+        found = [path for path in (self.directory / str(snapshot_id)).glob(f"{DEPLOYMENT}*") if _generation(path) >= 0]
+        return sorted(found, key=_generation)
+
+    def new_deployment(self, snapshot_id: int) -> Path:
+        """N/deployment, or N/deployment@G while an earlier one is there (G past its): that one keeps
+        its name, and so its entry, until the new one can boot in its stead."""
+        earlier = self.deployments(snapshot_id)
+        name = f"{DEPLOYMENT}@{_generation(earlier[-1]) + 1}" if earlier else DEPLOYMENT
+        return self.directory / str(snapshot_id) / name
+
+
+def _generation(deployment: Path) -> int:
+    """Which of its snapshot's rollback deployments the path is, the later the greater; -1 for no
+    deployment's name."""
+    found = rollback_generation(f"{deployment.parent.name}/{deployment.name}")
+    return -1 if found is None else found
 
 
 class Snapshots:
@@ -132,8 +151,10 @@ class Snapshots:
         """Make snapshots, deployments, boot entries and the state store agree again after a crash or
         a power cut between two steps of Create, Rollback or Delete; returns what was done. Each step
         is ordered so that what a cut leaves is either harmless or found here: a record whose
-        subvolume never reached the disk, a deployment without its entry (never activated), an entry
-        without its subvolume, a snapshot without its menu entry, a temporary file on the ESP."""
+        subvolume never reached the disk, a deployment no entry names (never activated, or replaced
+        by a later rollback's entry), an entry without its subvolume, two entries of one snapshot's
+        deployments (a rollback to it again, cut before it retired the earlier one), a snapshot
+        without its menu entry, a temporary file on the ESP."""
         done = []
         for row in self.store.snapshots():
             if not self.layout.snapshot(row.id).is_dir() and row.id != booted_snapshot:
@@ -147,24 +168,50 @@ class Snapshots:
         except BootConfigError:
             return done  # no ESP here: no boot entries to agree with
         existing = {row.id: row for row in self.existing()}
-        for kind, snapshot_id, path in entries:
-            orphan = snapshot_id not in existing or (
-                kind == "deployment" and not self.layout.deployment(snapshot_id).is_dir()
-            )
-            if orphan and snapshot_id != booted_snapshot:
-                self.entries.remove_entry(path)  # an update's kernel goes with the last entry naming it
-                done.append(f"removed boot entry {path.name}: its subvolume is gone")
-        made = {(kind, snapshot_id) for kind, snapshot_id, _ in entries}
+        done += self._reconcile_deployments(self.entries, entries, existing, booted_snapshot)
+        listed = {snapshot_id for kind, snapshot_id, _ in entries if kind == "readonly"}
         for snapshot_id, row in existing.items():
-            deployment = self.layout.deployment(snapshot_id)
-            if deployment.is_dir() and ("deployment", snapshot_id) not in made and snapshot_id != booted_snapshot:
-                self.remove_deployment(snapshot_id)
-                done.append(f"removed deployment {snapshot_id}: its boot entry was never written")
-            if ("readonly", snapshot_id) not in made and self.add_menu_entry(snapshot_id, row.description, row.created):
+            if snapshot_id not in listed and self.add_menu_entry(snapshot_id, row.description, row.created):
                 done.append(f"wrote the boot menu entry of snapshot {snapshot_id}")
         for leftover in self.entries.leftovers():
             leftover.unlink()
             done.append(f"removed {leftover.name}: an entry write cut short")
+        return done
+
+    def _reconcile_deployments(
+        self,
+        entries: BootEntries,
+        found: list[tuple[str, int, Path]],
+        existing: dict[int, SnapshotRow],
+        booted_snapshot: int | None,
+    ) -> list[str]:
+        """Entries without their subvolume go, then of two entries of one snapshot's deployments the
+        earlier's, then deployments no entry names. The running root and its entry always stay."""
+        done = []
+        deployments = {
+            subvolume_path(path): path for snapshot_id in existing for path in self.layout.deployments(snapshot_id)
+        }
+        booting: dict[int, list[tuple[str, Path]]] = {}  # snapshot -> (its deployment, an entry that boots it)
+        for kind, snapshot_id, path in found:
+            root = entries.root_of(path)
+            if kind == "deployment" and root in deployments and snapshot_of_root(root) == snapshot_id:
+                booting.setdefault(snapshot_id, []).append((root, path))
+                continue
+            orphan = kind == "deployment" or snapshot_id not in existing
+            if orphan and snapshot_id != booted_snapshot and root != self.running_root:
+                entries.remove_entry(path)  # an update's kernel goes with the last entry naming it
+                done.append(f"removed boot entry {path.name}: its subvolume is gone")
+        for pairs in booting.values():
+            latest = max(pairs, key=lambda pair: rollback_generation(pair[0]) or 0)[0]
+            for root, path in pairs:
+                if root not in (latest, self.running_root):
+                    entries.remove_entry(path)
+                    done.append(f"removed boot entry {path.name}: {latest} replaces its deployment {root}")
+        named = {root for pairs in booting.values() for root, path in pairs if path.exists()}
+        for root, deployment in deployments.items():
+            if root not in named and root != self.running_root:
+                self.remove_deployment(deployment)
+                done.append(f"removed deployment {root}: no boot entry names it")
         return done
 
     def existing(self) -> list[SnapshotRow]:
@@ -240,21 +287,44 @@ class Snapshots:
         return restored
 
     def make_deployment(self, snapshot_id: int) -> Path:
-        """A writable copy of the snapshot that a boot entry can name as its root."""
+        """A writable copy of the snapshot that a boot entry can name as its root, under a name of its
+        own: an earlier rollback deployment of the snapshot is left as it is (`retire_earlier`)."""
         self.get(snapshot_id)
-        deployment = self.layout.deployment(snapshot_id)
-        if deployment.exists():
-            btrfsutil.delete_subvolume(deployment)
+        deployment = self.layout.new_deployment(snapshot_id)
         btrfsutil.create_snapshot(self.layout.snapshot(snapshot_id), deployment, read_only=False)
         # Committed before any boot entry names it: after a power cut, an entry never points at a
         # subvolume the file system's last transaction did not have.
         btrfsutil.sync(deployment)
         return deployment
 
-    def remove_deployment(self, snapshot_id: int) -> None:
-        deployment = self.layout.deployment(snapshot_id)
-        if deployment.exists():
-            btrfsutil.delete_subvolume(deployment)
+    def retire_earlier(self, snapshot_id: int, deployment: Path) -> list[str]:
+        """The snapshot's earlier rollback deployments, each with its entries, now that the entry of
+        `deployment` stands in for theirs. The rollback is made already: a failure here is logged,
+        and the next start's reconcile finishes it."""
+        retired = []
+        for earlier in self.layout.deployments(snapshot_id):
+            if earlier == deployment:
+                continue
+            try:
+                subvolume = subvolume_path(earlier)
+                if subvolume == self.running_root:
+                    continue
+                if self.entries is not None:
+                    for path in self.entries.entry_files():
+                        if self.entries.root_of(path) == subvolume:
+                            self.entries.remove_entry(path)  # the snapshot's kernel stays: the new entry names it
+                self.remove_deployment(earlier)
+            except (OSError, btrfsutil.BtrfsUtilError, BootConfigError) as error:
+                log.error("could not remove %s, which a new rollback to snapshot %d replaces (the next start does): %s",
+                          earlier, snapshot_id, error)  # fmt: skip
+                continue
+            log.info("removed %s: %s replaces it", subvolume, subvolume_path(deployment))
+            retired.append(subvolume)
+        return retired
+
+    @staticmethod
+    def remove_deployment(deployment: Path) -> None:
+        _delete_subvolume(deployment)
 
     def _remove_directory(self, snapshot_id: int) -> None:
         if self.entries is not None:
@@ -263,10 +333,9 @@ class Snapshots:
             except (BootConfigError, OSError) as error:
                 log.warning("snapshot %d: its boot entry could not be checked: %s", snapshot_id, error)
         directory = self.layout.directory / str(snapshot_id)
-        for child in (self.layout.snapshot(snapshot_id), self.layout.deployment(snapshot_id)):
+        for child in (self.layout.snapshot(snapshot_id), *self.layout.deployments(snapshot_id)):
             with contextlib.suppress(btrfsutil.BtrfsUtilError):
-                if child.exists() and btrfsutil.is_subvolume(child):
-                    btrfsutil.delete_subvolume(child)
+                _delete_subvolume(child)
         if directory.exists():
             shutil.rmtree(directory)
 
@@ -274,3 +343,9 @@ class Snapshots:
 def subvolume_path(path: Path) -> str:
     """The subvolume's path from the top of the filesystem, as rootflags=subvol= names it."""
     return str(btrfsutil.subvolume_path(path))
+
+
+def _delete_subvolume(path: Path) -> None:
+    """The subvolume and any nested in it (systemd makes some inside a root that booted)."""
+    if path.exists() and btrfsutil.is_subvolume(path):
+        btrfsutil.delete_subvolume(path, recursive=True)

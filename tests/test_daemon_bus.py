@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -16,6 +19,7 @@ from typing import Any
 import btrfsutil
 import pytest
 
+from daemon.boot import BootEntries, entry_id
 from daemon.failpoints import SNAPSHOT_POINTS as FAILPOINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
 from ops import OP_CLASSES
@@ -649,9 +653,11 @@ def assert_consistent(daemon: Rastosd) -> list[int]:
     assert on_disk == listed, "every snapshot on disk is in the store and the reverse"
     for snapshot in listed:
         assert f"readonly-snapshot-{snapshot}.conf" in names, f"snapshot {snapshot} has its menu entry"
-        deployed = (snapshots / str(snapshot) / "deployment").is_dir()
-        counted = [name for name in names if name.startswith(f"rastos-snapshot-{snapshot}+")]
-        assert deployed == bool(counted), f"snapshot {snapshot}: a deployment exactly when it has an entry"
+        deployed = [f"@snapshots/{snapshot}/{p.name}" for p in (snapshots / str(snapshot)).glob("deployment*")]
+        counted = [name for name in names if entry_id(name) == f"rastos-snapshot-{snapshot}.conf"]
+        assert len(deployed) <= 1, f"snapshot {snapshot}: one rollback deployment at most, not {deployed}"
+        booted = [BootEntries(daemon.scratch.esp, 3).root_of(entries / name) for name in counted]
+        assert booted == deployed, f"snapshot {snapshot}: a deployment exactly when an entry boots it"
     for name in names:
         if "snapshot-" in name:
             assert int(name.split("snapshot-")[1].split("+")[0].split(".")[0]) in listed, name
@@ -697,3 +703,121 @@ def test_a_crash_between_two_steps_is_repaired_at_the_next_start(
         assert bool(reconciled) == (point in ("snapshot-written", "deployment-made", "order-changed")), reconciled
     finally:
         assert restarted.stop() == 0, restarted.log_text()
+
+
+ROLLBACK_POINTS = [point for point in FAILPOINTS if point != "snapshot-written"]
+
+
+def rollbacks_of(scratch: ScratchRoot, snapshot: int) -> list[tuple[str, str]]:
+    """Every entry of the snapshot's rollback deployments, with the root it boots."""
+    entries = BootEntries(scratch.esp, 3)
+    found = [path for path in entries.entry_files() if entry_id(path.name) == f"rastos-snapshot-{snapshot}.conf"]
+    return [(path.name, entries.root_of(path)) for path in found]
+
+
+@pytest.mark.parametrize("earlier", ("untried", "tried"))
+@pytest.mark.parametrize("point", ROLLBACK_POINTS)
+def test_a_second_rollback_cut_between_two_steps_keeps_one_that_boots(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], point: str, earlier: str
+) -> None:
+    """Rolling back to a snapshot that has a rollback deployment already, the daemon killed (SIGKILL)
+    at each point on the way: the earlier deployment, and what was written in it, boots next until
+    the new entry is written, the new one after; the next start leaves exactly one of them with its
+    entry first, the running deployment untouched and its entry second. An earlier entry that was
+    tried has a file name of its own (`+2-1`), so both entries are there for a moment."""
+    bus, scratch, state_dir = daemon_env
+    daemon = Rastosd(bus, scratch, state_dir)
+    daemon.start()
+    entries = scratch.esp / "loader/entries"
+    try:
+        daemon.call(SNAPSHOTS, "Create", "s", "base")
+        daemon.call(SNAPSHOTS, "Rollback", "u", "1")
+        (scratch.snapshots / "1/deployment/etc/motd").write_text("written in the earlier rollback\n")
+        if earlier == "tried":
+            (entries / "rastos-snapshot-1+3.conf").rename(entries / "rastos-snapshot-1+2-1.conf")
+        running = (entries / "rastos-0.conf").read_text()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    daemon.env = {FAILPOINT_VARIABLE: point}
+    daemon.start()
+    stuck = ["call", BUS_NAME, ROOT_PATH, SNAPSHOTS, "Rollback", "u", "1"]
+    client = subprocess.Popen(["busctl", f"--address={bus.address}", "--timeout=120", *stuck],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while f"rastos failpoint {point} reached" not in daemon.log_text():
+            assert time.monotonic() < deadline, daemon.log_text()
+            time.sleep(0.1)
+        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    finally:
+        client.kill()
+        client.wait()
+    daemon.env = {}
+    daemon.start()
+    try:
+        assert assert_consistent(daemon) == [1]
+        ((name, root),) = rollbacks_of(scratch, 1)
+        assert "sort-key rastos-1" in (entries / name).read_text().splitlines(), "it boots next"
+        kept = (scratch.top / root / "etc/motd").exists()
+        assert kept == (point != "entry-written"), "the earlier one until the new entry is written, then the new one"
+        assert (entries / "rastos-0.conf").read_text() == running, "the running entry as it was: the fallback"
+        assert (scratch.root / "etc/hostname").read_text() == "rastos\n" and not (scratch.root / "etc/motd").exists()
+        reconciled = [e for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "Reconcile"]
+        assert len(reconciled) == 1, "the next start finished or undid what the cut left"
+        assert daemon.call(SNAPSHOTS, "Rollback", "u", "1")[0] == "rastos-snapshot-1.conf", "it works again"
+        assert assert_consistent(daemon) == [1]
+        ((name, root),) = rollbacks_of(scratch, 1)
+        assert not (scratch.top / root / "etc/motd").exists() and name == "rastos-snapshot-1+3.conf"
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_a_second_rollback_that_cannot_write_its_entry_keeps_the_earlier_one(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    """The ESP full (a real tmpfs, filled to its last byte) when a snapshot is rolled back to again:
+    the call fails with a BootConfig error that says so, the new deployment goes, and the earlier
+    one and its entry are as they were, still booting next."""
+    bus, scratch, state_dir = daemon_env
+    esp = tmp_path / "small-esp"
+    esp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", esp], check=True)
+    try:
+        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
+        daemon = Rastosd(bus, ScratchRoot(scratch.top, esp), state_dir)
+        daemon.start()
+        try:
+            daemon.call(SNAPSHOTS, "Create", "s", "base")
+            daemon.call(SNAPSHOTS, "Rollback", "u", "1")
+            (scratch.snapshots / "1/deployment/etc/motd").write_text("written in the earlier rollback\n")
+            before = {p.name: p.read_text() for p in (esp / "loader/entries").iterdir()}
+            filler = fill(esp)
+            failed = daemon.gdbus(SNAPSHOTS, "Rollback", "1")
+            assert "org.rastos.Daemon1.Error.BootConfig" in failed.stderr, failed.stderr
+            assert "cannot write the boot entry of snapshot 1" in failed.stderr, failed.stderr
+            assert "No space left on device" in failed.stderr, failed.stderr
+            assert {p.name: p.read_text() for p in (esp / "loader/entries").iterdir()} == before
+            made = sorted(p.name for p in (scratch.snapshots / "1").iterdir())
+            assert made == ["deployment", "info.json", "snapshot"], "the new deployment went with the failure"
+            assert (scratch.snapshots / "1/deployment/etc/motd").is_file()
+            filler.unlink()
+            assert daemon.call(SNAPSHOTS, "Rollback", "u", "1")[0] == "rastos-snapshot-1.conf"
+            assert assert_consistent(daemon) == [1]
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()
+    finally:
+        subprocess.run(["umount", esp], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes all the space left on `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler

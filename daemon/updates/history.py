@@ -6,11 +6,12 @@ only some of them. The rule, read from the store as rastosd records it:
 - A job ran on the root of its boot: the `boots` row with the latest start before the job started
   (rastosd records a boot, with its root subvolume, before it runs any job of that boot).
 - A root holds the steps of the jobs that ran on it and ended `done`, dry runs aside, plus its base:
-  - a rollback deployment (`@snapshots/N/deployment`) or a read-only snapshot boot (`N/snapshot`)
+  - a rollback deployment (`@snapshots/N/deployment`, or `deployment@G`) or a read-only snapshot boot (`N/snapshot`)
     starts from snapshot N, which holds what the root it was taken from held at that moment: a `pre`
     snapshot of job J the jobs before J, a `post` snapshot the jobs up to J, a manual one the jobs
     finished before it was taken. Of a rollback deployment only the jobs since the `Rollback(N)`
-    that made it count: a second rollback to N makes it anew from the snapshot.
+    that made it count: a second rollback to N makes another anew from the snapshot, and a later
+    one may take an earlier one's name again.
   - an image deployment (`@`, or `@deployments/VERSION`) starts from what was re-applied when it was
     made, recorded in its own tree (`RECORD`, carried into every snapshot of it); nothing for the
     first deployment a host was installed with.
@@ -32,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.boot import snapshot_of_root
+from daemon.boot import rollback_generation, snapshot_of_root
 from daemon.jobs import FLAG_DRY_RUN
 from daemon.store import BootRow, JobRow, SnapshotRow, StateStore
 from ops import OPS
@@ -130,7 +131,7 @@ class History:
         """When the incarnation of `root` that existed at `until` was made: a rollback deployment is
         made anew by each Rollback() to its snapshot; any other root is made once."""
         snapshot = snapshot_of_root(root)
-        if snapshot is None or not root.endswith("/deployment"):
+        if snapshot is None or rollback_generation(root) is None:
             return float("-inf")
         times = [when for when in self.rollbacks.get(snapshot, []) if when <= until]
         return max(times, default=float("-inf"))
