@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from daemon.failpoints import failpoint
 from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
-from daemon.store import StateStore
+from daemon.store import SnapshotRow, StateStore
 from daemon.updates import Updates
 from ops.steps import step_from
 from ops.target import Target
@@ -87,6 +88,7 @@ class Daemon:
         self.updates = Updates(config, self.store, self.entries, running, refusal=refusal,
                                run_lock=self.jobs.run_lock, prepare_deployment=self._prepare_deployment)  # fmt: skip
         self.hub: HubLink | None = None
+        self._rollback_lock = threading.Lock()
 
     def _read_root_subvolume(self) -> str:
         if self.overlay_root is not None:
@@ -200,25 +202,31 @@ class Daemon:
         row = snapshots.get(snapshot_id)
         if self.booted_snapshot == snapshot_id and self.overlay_root is None:
             raise SnapshotProtected(f"snapshot {snapshot_id}: the running system was booted from it already")
+        # One at a time: each retires the snapshot's other deployments once its entry is written, so
+        # two at once would retire each other's (or make one under the same name).
+        with self._rollback_lock:
+            return self._roll_back(snapshots, row)
+
+    def _roll_back(self, snapshots: Snapshots, row: SnapshotRow) -> str:
         # An earlier rollback deployment of the snapshot, and its entry, stay as they were until the
         # new one's entry is written: the new one has a name of its own, and the earlier goes only then.
-        deployment = snapshots.make_deployment(snapshot_id)
+        deployment = snapshots.make_deployment(row.id)
         failpoint("deployment-made")
         try:
             entry = self.entries.add_for_snapshot(
-                snapshot_id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
+                row.id, row.description, subvolume_path(deployment), self.root_subvolume, row.created
             )
         except OSError as error:  # the ESP full or failing
             snapshots.remove_deployment(deployment)  # no deployment without its entry
             raise BootConfigError(
-                f"cannot write the boot entry of snapshot {snapshot_id} in {self.entries.entries_dir}: "
+                f"cannot write the boot entry of snapshot {row.id} in {self.entries.entries_dir}: "
                 f"{error.strerror or error}; any earlier rollback to it is left as it was"
             ) from None
         except BaseException:
             snapshots.remove_deployment(deployment)
             raise
         failpoint("entry-written")
-        snapshots.retire_earlier(snapshot_id, deployment)
+        snapshots.retire_earlier(row.id, deployment)
         return entry
 
     def boot_once(self, snapshot_id: int) -> str:

@@ -821,3 +821,17 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def test_rollbacks_to_one_snapshot_at_once_leave_one(rastosd: Rastosd) -> None:
+    """Two callers roll back to the same snapshot at the same moment, again and again: each rollback
+    retires the earlier deployments of the snapshot once its entry is written, so two at once would
+    retire each other's. They run one after the other, and one deployment with its entry is left."""
+    rastosd.call(SNAPSHOTS, "Create", "s", "base")
+    argv = ["busctl", f"--address={rastosd.bus.address}", "call", BUS_NAME, ROOT_PATH, SNAPSHOTS, "Rollback", "u", "1"]
+    for _ in range(8):
+        callers = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+        errors = [caller.communicate(timeout=60)[1] for caller in callers]
+        assert [caller.returncode for caller in callers] == [0, 0, 0], errors
+        assert assert_consistent(rastosd) == [1]
+        assert len(rollbacks_of(rastosd.scratch, 1)) == 1
