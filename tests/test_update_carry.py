@@ -29,7 +29,8 @@ from daemon.jobs import FINAL_STATES, FLAG_DRY_RUN
 from daemon.snapshots import subvolume_path
 from daemon.store import StateStore
 from daemon.updates.carry import CarryFailed, prepare_deployment
-from daemon.updates.history import RECORD
+from daemon.updates.history import RECORD, held_steps
+from ops.rootfs import Root
 from ops.steps import checked_step, step_from
 from tests.daemon_fixtures import ENTRY
 from tests.op_tree import op_tree_base, tree_digest  # noqa: F401  (fixtures)
@@ -452,3 +453,36 @@ def test_the_new_tree_names_the_hosts_file_systems_not_its_builds(host: Host) ->
     changed = [entry["path"] for entry in result["carried"] if entry["action"] == "host file system ids"]
     assert changed == ["/etc/fstab", "/etc/kernel/cmdline"]
     assert not [entry for entry in result["hand_changes"] if entry["path"] in changed]
+
+
+def test_a_rollback_deployment_holds_the_jobs_of_its_own_incarnation_only(tmp_path: Path) -> None:
+    """Each rollback to a snapshot makes its deployment anew, beside the earlier one
+    (`N/deployment@G`), and a name comes back once the earlier ones are gone: a root holds the jobs
+    that ran on it since the Rollback() that made it, never those of an earlier deployment of that
+    name, nor of the snapshot's other deployments."""
+    store = StateStore(tmp_path / "state.db")
+    try:
+        store.record_boot("boot-1", "@")
+        base = done_job(store)
+        snapshot = store.add_snapshot(0, "Create", "after the first job", "manual", None, None)
+        jobs = {}
+        for boot, root in enumerate(["deployment", "deployment@1", "deployment", "deployment@1"], start=2):
+            time.sleep(0.01)
+            store.record(0, "Rollback", None, snapshot=snapshot, entry=f"rastos-snapshot-{snapshot}.conf")
+            store.record_boot(f"boot-{boot}", f"@snapshots/{snapshot}/{root}")
+            jobs[boot] = done_job(store)
+        held = held_steps(store, Root(tmp_path), f"@snapshots/{snapshot}/deployment@1")
+        assert [ref.job for ref in held.steps] == [base, jobs[5]], "the jobs of boot 3 ran on the earlier @1"
+        assert held.chain == [f"@snapshots/{snapshot}/deployment@1", "@"]
+    finally:
+        store.close()
+
+
+def done_job(store: StateStore) -> int:
+    """A job that ended done with one step, as jobs.py records it, started now."""
+    time.sleep(0.01)
+    job_id = store.add_job("apply", [sysctl("90-rastos", "vm.swappiness", "10")], 0, 0, "Apply")
+    store.set_job_state(job_id, "running")
+    store.set_step(job_id, 0, "changed", {"op": "sysctl", "state": "changed"})
+    store.set_job_state(job_id, "done", {"steps": [{"op": "sysctl", "state": "changed"}], "state": "done"})
+    return job_id
