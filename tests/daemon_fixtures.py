@@ -8,9 +8,11 @@ btrfs snapshots, and callers are real uids (an unprivileged user is created for 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +133,33 @@ def scratch_root(directory: Path, size: str = "512M") -> Iterator[ScratchRoot]:
     finally:
         subprocess.run(["umount", "--lazy", top], check=False)
         image.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def small_esp(scratch: ScratchRoot, size: str = "256k") -> Iterator[ScratchRoot]:
+    """The host with its ESP copied onto a small tmpfs: a real file system, which fills up."""
+    esp = scratch.esp.with_name("small-esp")
+    esp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", esp], check=True)
+    try:
+        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
+        yield ScratchRoot(scratch.top, esp)
+    finally:
+        subprocess.run(["umount", esp], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes all the space left on `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
+    return filler
 
 
 def ensure_test_users() -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -38,7 +35,9 @@ from tests.daemon_fixtures import (
     Rastosd,
     ScratchRoot,
     ensure_test_users,
+    fill,
     private_bus,
+    small_esp,
 )
 
 pytestmark = pytest.mark.root
@@ -773,18 +772,15 @@ def test_a_second_rollback_cut_between_two_steps_keeps_one_that_boots(
 
 
 def test_a_second_rollback_that_cannot_write_its_entry_keeps_the_earlier_one(
-    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path],
 ) -> None:
     """The ESP full (a real tmpfs, filled to its last byte) when a snapshot is rolled back to again:
     the call fails with a BootConfig error that says so, the new deployment goes, and the earlier
     one and its entry are as they were, still booting next."""
     bus, scratch, state_dir = daemon_env
-    esp = tmp_path / "small-esp"
-    esp.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", esp], check=True)
-    try:
-        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
-        daemon = Rastosd(bus, ScratchRoot(scratch.top, esp), state_dir)
+    with small_esp(scratch) as small:
+        esp = small.esp
+        daemon = Rastosd(bus, small, state_dir)
         daemon.start()
         try:
             daemon.call(SNAPSHOTS, "Create", "s", "base")
@@ -805,22 +801,6 @@ def test_a_second_rollback_that_cannot_write_its_entry_keeps_the_earlier_one(
             assert assert_consistent(daemon) == [1]
         finally:
             assert daemon.stop() == 0, daemon.log_text()
-    finally:
-        subprocess.run(["umount", esp], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """A file that takes all the space left on `directory`'s file system."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as error:
-        assert error.errno == errno.ENOSPC, error
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_rollbacks_to_one_snapshot_at_once_leave_one(rastosd: Rastosd) -> None:

@@ -5,8 +5,6 @@ refused at their head, a file system that fills up, and what a cut staging leave
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import queue
@@ -34,7 +32,7 @@ from daemon.updates.layout import HostLayout, identity
 from daemon.updates.model import PrepareDeployment, carry_nothing
 from daemon.updates.retention import remove_deployment
 from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
-from tests.daemon_fixtures import ScratchRoot
+from tests.daemon_fixtures import ScratchRoot, fill, small_esp
 from tests.update_fixtures import (
     KERNEL,
     NOTHING_LEFT,
@@ -470,33 +468,6 @@ def test_the_status_any_caller_reads_stays_small_whatever_the_history() -> None:
     assert shown["carried"]["reapplied"] == steps[-SHOWN_STEPS:] and shown["carried"]["reapplied_count"] == 5000
     assert "hand_changes" not in shown["carried"] and "chain" not in shown["carried"]
     assert len(json.dumps(shown)) < 4096
-
-
-@contextlib.contextmanager
-def small_esp(scratch: ScratchRoot, size: str = "256k") -> Iterator[ScratchRoot]:
-    """The host with its ESP copied onto a small tmpfs: a real file system, which fills up."""
-    esp = scratch.esp.with_name("small-esp")
-    esp.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", esp], check=True)
-    try:
-        shutil.copytree(scratch.esp, esp, dirs_exist_ok=True)
-        yield ScratchRoot(scratch.top, esp)
-    finally:
-        subprocess.run(["umount", esp], check=True)
-
-
-def fill(directory: Path) -> Path:
-    """A file that takes all the space left on `directory`'s file system."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as error:
-        assert error.errno == errno.ENOSPC, error
-    finally:
-        os.close(fd)
-    return filler
 
 
 def esp_state(scratch: ScratchRoot) -> dict[str, str]:
