@@ -256,3 +256,10 @@ def test_a_desired_state_that_sets_a_profile_key_again_says_so(
     text = 'extends = "minimal"\n[system]\ndesired_state = "site.toml"\n[kernel.sysctl]\n"vm.swappiness" = 10\n'
     load_profile(write(tmp_path, "twice", text))
     assert "site.toml sets hostname, sysctl 90-rastos again, which the profile's own keys set" in caplog.text
+
+
+def test_a_generator_to_skip_must_be_a_generator_name(tmp_path: Path) -> None:
+    profile = tmp_path / "p.toml"
+    profile.write_text('extends = "minimal"\n[system]\nskip_generators = ["../../bin/sh"]\n')
+    with pytest.raises(ProfileError, match=r"skip_generators.*not a valid generator name: '\.\./\.\./bin/sh'"):
+        load_profile(profile)

@@ -14,8 +14,9 @@ from imagebuilder.profile import load_profile
 from imagebuilder.profile.model import MiB
 from imagebuilder.stages.bootloader import boot_entry, entry_filename, kernel_cmdline, loader_conf
 from imagebuilder.stages.bootstrap import cache_key, describe_change, package_set
-from imagebuilder.stages.configure import fstab, write_daemon_config
+from imagebuilder.stages.configure import GENERATORS, fstab, skip_generators, write_daemon_config
 from imagebuilder.stages.disk import plan_layout
+from rastos.errors import RastosError
 
 
 def context(profile_name: str = "minimal") -> BuildContext:
@@ -162,3 +163,20 @@ def test_older_bundles_go_but_this_builds_and_its_parent_stay(tmp_path: Path) ->
         "rastos-minimal-3-from-2.rbundle", "rastos-minimal-3.rbundle", "rastos-minimal-4-from-3.rbundle",
         "rastos-minimal-4.rbundle", "rastos-minimal-5-from-4.rbundle", "rastos-minimal-5.rbundle",
     ]  # fmt: skip
+
+
+def test_skipped_generators_are_linked_to_dev_null_and_unknown_ones_refused(tmp_path: Path) -> None:
+    profile = load_profile("minimal")
+    assert "systemd-gpt-auto-generator" in profile.system.skip_generators
+    assert "systemd-debug-generator" not in profile.system.skip_generators  # systemd.mask= at the boot menu
+    generators = tmp_path / GENERATORS
+    generators.mkdir(parents=True)
+    with pytest.raises(RastosError, match="systemd-gpt-auto-generator"):
+        skip_generators(tmp_path, profile)  # the image would not have them: said, not ignored
+    for name in profile.system.skip_generators:
+        (generators / name).write_text("#!/bin/sh\n")
+    (tmp_path / "etc/systemd/system-generators").mkdir(parents=True)
+    (tmp_path / "etc/systemd/system-generators/systemd-tpm2-generator").write_text("a local override\n")
+    skip_generators(tmp_path, profile)
+    for name in profile.system.skip_generators:
+        assert (tmp_path / "etc/systemd/system-generators" / name).readlink() == Path("/dev/null"), name

@@ -71,6 +71,7 @@ _PACKAGE = re.compile(r"^[a-z0-9@_][a-z0-9@_+.-]+(:[a-z0-9]+)?$")
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a pacman.conf section name
 _MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount|automount|swap|slice)$")
+_GENERATOR = re.compile(r"^[a-z0-9][a-z0-9-]*-generator$")
 
 
 def _check_all(pattern: re.Pattern[str], what: str) -> Any:
@@ -271,6 +272,14 @@ class SystemConfig:
     )
     mask: tuple[str, ...] = field(
         default=(), metadata=_meta("systemd units to mask", merge="append", check=_check_all(_UNIT, "unit name"))
+    )
+    skip_generators: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "systemd generators not to run at boot (file names in /usr/lib/systemd/system-generators)",
+            merge="append",
+            check=_check_all(_GENERATOR, "generator name"),
+        ),
     )
     desired_state: str = field(
         default="",
