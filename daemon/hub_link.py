@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import random
@@ -56,6 +57,17 @@ MAX_EVENT_BYTES = 192 * 1024  # one event, at most; the rest of its job stays in
 KEPT_OUTPUT_LINES = 100  # per step, in what the hub is sent of a finished job
 POLL_INTERVAL = 2.0  # events the daemon logs from its worker thread are picked up at least this often
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+# No route to the hub is this host's own state (early in a boot, before DHCP has answered: rastosd
+# starts before the network), not a hub that needs sparing: the next try comes after the first delay.
+NO_ROUTE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL})
+
+
+def no_route_yet(error: BaseException) -> bool:
+    """Whether a failed connection found no route (aiohttp keeps the socket's error as os_error)."""
+    cause = getattr(error, "os_error", error)
+    return isinstance(cause, OSError) and cause.errno in NO_ROUTE
+
+
 MAX_UPDATE_DETAIL = 4000  # of a failure's message in update_status (the hub takes up to 4096 characters)
 AGENT_PATH = "/api/v1/agent"  # the hub's agent socket, below the hub's base
 UPDATE_PATH = re.compile(r"^/api/v1/images/[A-Za-z0-9._-]{1,64}/bundle$")  # what an update's url may be
@@ -123,6 +135,7 @@ class HubLink:
         self._loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
         while True:
+            grow = True
             try:
                 async with (
                     aiohttp.ClientSession() as session,
@@ -140,13 +153,16 @@ class HubLink:
                 delay = BACKOFF_MAX
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
                 log.warning("hub at %s unreachable: %s", self.settings.url, error or type(error).__name__)
+                if no_route_yet(error):
+                    delay = BACKOFF_FIRST
+                    grow = False
             except Exception:  # anything else ends this connection, never the link: try again later
                 log.exception("the link to the hub failed")
             finally:
                 self.connected = False
             # Jitter keeps a fleet that lost its hub from coming back all in the same second.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, BACKOFF_MAX) if grow else delay
 
     async def _serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
 
