@@ -8,6 +8,11 @@ the work of stage `root` that needs btrfs files mounted (docs/updates.md, "One i
              the parent, to --delta.
     receive  the image's btrfs gets the whole stream in @images/ (read-only, its received UUID the
              version's identity) and the first deployment, a writable snapshot of it, as default.
+    build    without a parent: the root subvolume is made in the image's btrfs itself, in @images/
+             (read-only, its own UUID the version's identity), sent whole to --stream, and the first
+             deployment is a writable snapshot of it: one copy of the tree instead of a copy, a send
+             and a receive. A host finds a delta's parent by received UUID or, failing that, by
+             UUID, as `btrfs receive` does.
 
 Run as `unshare --mount --propagation private --fork -- python3 -m imagebuilder.sendfill ...`
 (chroot.in_private_mount_namespace): each mount lives in this namespace and its loop device is set
@@ -101,15 +106,38 @@ def make_root(args: argparse.Namespace) -> dict[str, Any]:
         else:
             run(["btrfs", "-q", "subvolume", "create", subvolume])
             run(["cp", "-a", f"{args.tree}/.", subvolume])
-        uuid = subvolume_field(subvolume, "UUID")
-        info = subvolume / IMAGE_INFO
-        info.parent.mkdir(parents=True, exist_ok=True)
-        info.write_text(image_info(args.profile, args.version, args.name, uuid))
-        info.chmod(0o644)
-        run(["btrfs", "property", "set", "-ts", subvolume, "ro", "true"])
+        uuid = seal(subvolume, args.profile, args.version)
         send(subvolume, args.stream)
         if parent is not None:
             send(subvolume, args.delta, parent)
+    return {"uuid": uuid}
+
+
+def seal(subvolume: Path, profile: str, version: str) -> str:
+    """The filled subvolume says what it is and is made read-only; returns its UUID."""
+    uuid = subvolume_field(subvolume, "UUID")
+    info = subvolume / IMAGE_INFO
+    info.parent.mkdir(parents=True, exist_ok=True)
+    info.write_text(image_info(profile, version, subvolume.name, uuid))
+    info.chmod(0o644)
+    run(["btrfs", "property", "set", "-ts", subvolume, "ro", "true"])
+    return uuid
+
+
+def build_root(args: argparse.Namespace) -> dict[str, Any]:
+    options = "noatime" + (f",compress={args.compression}" if args.compression else "")
+    with mounted(args.image, options) as top:
+        images, root = top / args.images, top / args.root
+        if root.exists():
+            raise RastosError(f"the image's file system has {args.root} before its root was made")
+        images.mkdir(exist_ok=True)
+        made = images / args.name
+        run(["btrfs", "-q", "subvolume", "create", made])
+        run(["cp", "-a", f"{args.tree}/.", made])
+        uuid = seal(made, args.profile, args.version)
+        send(made, args.stream)
+        run(["btrfs", "-q", "subvolume", "snapshot", made, root])
+        run(["btrfs", "subvolume", "set-default", root])
     return {"uuid": uuid}
 
 
@@ -152,7 +180,18 @@ def parser() -> argparse.ArgumentParser:
     take.add_argument("--root", required=True, help="the first deployment's subvolume, @")
     take.add_argument("--compression", default="")
     take.set_defaults(func=receive_root)
-    for command in (make, take):
+    build = sub.add_parser("build")
+    build.add_argument("image", type=Path, help="the image's btrfs file")
+    build.add_argument("tree", type=Path, help="the root tree")
+    build.add_argument("--name", required=True)
+    build.add_argument("--profile", required=True)
+    build.add_argument("--version", required=True)
+    build.add_argument("--stream", type=Path, required=True)
+    build.add_argument("--images", required=True, help="the directory of image subvolumes, @images")
+    build.add_argument("--root", required=True, help="the first deployment's subvolume, @")
+    build.add_argument("--compression", default="")
+    build.set_defaults(func=build_root)
+    for command in (make, take, build):
         command.add_argument("--result", type=Path, required=True)
     return p
 

@@ -97,11 +97,13 @@ SURVEY = (
 
 
 def survey(guest: GuestConsole) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Images, deployments, boot entries, kernel folders; an image half received fails here."""
+    """Images, deployments, boot entries, kernel folders; an image half received fails here (btrfs
+    receive makes its subvolume read-only last; v1's own image was made in place, never received)."""
     images, deployments, entries, kernels = guest.run(SURVEY, "SURVEY").split(";")
     for image in images.split():
         name, readonly, received = image.split(":")
-        assert readonly == "true" and received not in ("", "-"), f"image {name} half received: {image}"
+        assert readonly == "true", f"image {name} half received: {image}"
+        assert received not in ("", "-") or name == "rastos-updates-1", f"image {name} never received: {image}"
     listed = [sorted(part for part in field.split(",") if part) for field in (deployments, entries, kernels)]
     return images.split(), listed[0], listed[1], listed[2]
 

@@ -178,7 +178,7 @@ def test_a_build_writes_a_signed_bundle_whose_parts_check(versions: Versions) ->
 
 
 @with_builds
-def test_the_image_root_is_the_version_received_and_a_writable_snapshot_of_it(
+def test_the_image_root_is_the_version_made_in_place_and_a_writable_snapshot_of_it(
     versions: Versions, tmp_path: Path
 ) -> None:
     manifest = manifest_of(versions.first)
@@ -187,8 +187,9 @@ def test_the_image_root_is_the_version_received_and_a_writable_snapshot_of_it(
     raw, start, size = root_partition(versions.first)
     with mounted(raw, tmp_path / "top", "ro", f"offset={start}", f"sizelimit={size}") as top:
         image = subvolume(top / "@images" / identity["name"])
-        assert image["Received UUID"] == identity["uuid"] == bundle.manifest.subvolume_uuid
-        assert image["Flags"] == "readonly"
+        # Made here and sent from here: its own UUID is the version's identity, nothing was received.
+        assert image["UUID"] == identity["uuid"] == bundle.manifest.subvolume_uuid
+        assert image["Received UUID"] == "-" and image["Flags"] == "readonly"
         root = subvolume(top / "@")
         assert root["Parent UUID"] == image["UUID"] and root["Flags"] == "-"
         assert run("btrfs", "subvolume", "get-default", top).stdout.split()[-1] == "@"

@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,19 @@ def test_a_full_bundle_becomes_a_deployment_that_boots_next(host: Host, bundles:
     status = host.updates.status()
     assert (status["state"], status["staged_version"], status["running_version"]) == ("staged", "2", "1")
     assert "receiving" in host.phases and host.phases[-1] == "staged"
+
+
+def test_an_image_made_in_place_is_whole_once_read_only_and_its_own_uuid_is_its_identity(host: Host) -> None:
+    # The image a host is installed from: the builder made its root in the image's btrfs and sent the
+    # version's streams from it, so it was never received (btrfs receive finds a delta's parent by UUID
+    # then; tests/test_image_updates.py applies a delta to a built image that way).
+    made = host.scratch.top / "@images/made-in-place"
+    btrfsutil.create_subvolume(made)
+    assert identity(made) is None, "writable: as a receive that was cut"
+    btrfsutil.set_subvolume_read_only(made)
+    own = str(uuid.UUID(bytes=btrfsutil.subvolume_info(made).uuid))
+    assert identity(made) == own
+    assert HostLayout(host.scratch.top).find_image(own) == made
 
 
 def test_a_delta_is_received_onto_the_version_it_was_made_from(host: Host, bundles: Bundles) -> None:

@@ -1,8 +1,9 @@
 """The host's btrfs layout for image updates, reached through the file system's top level:
 
     @                        the first deployment (a writable snapshot of @images/<first version>)
-    @images/NAME             read-only, received: one per image version this host holds, the parent
-                             of a later delta (found by its received UUID, the version's identity)
+    @images/NAME             read-only: one per image version this host holds, the parent of a later
+                             delta (found by its identity: the received UUID of one received as an
+                             update, the own UUID of the one the host was installed from)
     @deployments/VERSION     the writable root of each version received as an update
     @deployments/VERSION@ID  the same, made by staging ID while an earlier deployment of the version
                              was still there: that one stays bootable until this one's entry is written
@@ -17,7 +18,8 @@ A bundle's root stream is received straight into @images/: btrfs receive names t
 the stream and marks it complete (read-only, with its received UUID) only at its very end. The kernel
 will not move a read-only subvolume to another directory (the move rewrites its ".."), and making it
 writable for a move would leave the received UUID to the kernel's good will; so the mark itself tells
-a complete image from one whose receive was cut, and anything in @images without it is removed.
+a complete image from one whose receive was cut, and anything in @images without it is removed. (The
+image a host was installed from was never received: read-only, with no received UUID, it is whole.)
 """
 
 from __future__ import annotations
@@ -126,14 +128,18 @@ def on_own_thread(function: Callable[[], T], name: str) -> T:
 
 
 def identity(path: Path) -> str | None:
-    """The image's identity: the received UUID of a complete, read-only received subvolume; else None."""
+    """The image's identity: the received UUID of a complete, read-only received subvolume, or the own
+    UUID of a read-only one never received (the image the host was installed from: the builder made
+    its root there and sent the version's streams from it); else None. btrfs receive sets the received
+    UUID before the read-only flag, so a cut receive is never read-only; and it finds a delta's parent
+    the same two ways."""
     try:
         if not btrfsutil.is_subvolume(path) or not btrfsutil.get_subvolume_read_only(path):
             return None
-        received = btrfsutil.subvolume_info(path).received_uuid
+        info = btrfsutil.subvolume_info(path)
     except btrfsutil.BtrfsUtilError:
         return None
-    return None if received == bytes(16) else str(uuid.UUID(bytes=received))
+    return str(uuid.UUID(bytes=info.received_uuid if info.received_uuid != bytes(16) else info.uuid))
 
 
 def deployment_version(name: str) -> str:

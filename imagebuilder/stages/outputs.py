@@ -101,7 +101,7 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
         "rastos_version": __version__,
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "version": ctx.version,
-        # The version's identity: the received UUID of @images/NAME on every host that has it.
+        # The version's identity: the UUID of @images/NAME where it was made, its received UUID elsewhere.
         "subvolume": {"name": ctx.subvolume_name, "uuid": ctx.subvolume_uuid},
         "delta_from": None if parent is None else {"version": parent.version, "uuid": parent.subvolume_uuid},
         "signing_key": ctx.signing_key.id if ctx.signing_key else None,

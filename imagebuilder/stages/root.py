@@ -1,14 +1,14 @@
-"""Stage `root`: this version's root subvolume, its send streams, and the image's root received from
-the whole stream, as a host receives a bundle (docs/updates.md, "One identity per version").
+"""Stage `root`: this version's root subvolume, its send streams, and the image's first deployment
+(docs/updates.md, "One identity per version").
 
-The subvolume is made in a scratch btrfs file, whose UUID for it becomes the version's identity
-(written into its /usr/lib/rastos/image.json before it is made read-only and sent). With
-`--delta-from`, the scratch first receives the parent version's whole stream, checked against its
-bundle's manifest, and the new subvolume is a snapshot of it: sent with the parent as `-p`, that is
-the delta every host holding the parent can take. The image's btrfs (stage btrfs made it without a
-root) then receives the whole stream into @images/, and its first deployment, the root subvolume
-the boot entry names, is a writable snapshot of that. All the mounting happens in the helper
-imagebuilder.sendfill, in a mount namespace of its own.
+The subvolume's UUID becomes the version's identity (written into its /usr/lib/rastos/image.json
+before it is made read-only and sent). Without a parent, it is made in the image's btrfs itself (stage
+btrfs made it without a root), in @images/, and sent from there. With `--delta-from`, it is made in a
+scratch btrfs file that first receives the parent version's whole stream, checked against its
+bundle's manifest, as a snapshot of that parent: sent with the parent as `-p`, that is the delta every
+host holding the parent can take; the image's btrfs then receives the whole stream into @images/. Either
+way the first deployment, the root subvolume the boot entry names, is a writable snapshot of the
+image. All the mounting happens in the helper imagebuilder.sendfill, in a mount namespace of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ STREAM = "root.btrfs.zst"
 
 
 def make_root(ctx: BuildContext) -> str:
+    if ctx.parent is None:
+        return build_root(ctx)
     fresh = send_root(ctx)
     received = _sendfill(
         ctx,
@@ -47,6 +49,22 @@ def make_root(ctx: BuildContext) -> str:
     if ctx.parent is not None:
         note += f", delta from {ctx.parent.manifest.version} {_mib(ctx.delta_stream)}"
     return note + f"; {ctx.profile.btrfs.root} is its snapshot"
+
+
+def build_root(ctx: BuildContext) -> str:
+    """Without a parent, the root subvolume is made in the image's own file system and sent from there
+    (imagebuilder/sendfill.py `build`): the tree is copied once, and nothing is received."""
+    made = _sendfill(
+        ctx,
+        "build", ctx.btrfs_image, ctx.rootfs, "--name", ctx.subvolume_name, "--profile", ctx.profile.name,
+        "--version", ctx.version, "--stream", ctx.root_stream, "--images", IMAGES,
+        "--root", ctx.profile.btrfs.root, "--compression", ctx.profile.btrfs.compression,
+    )  # fmt: skip
+    ctx.subvolume_uuid = made["uuid"]
+    return (
+        f"{ctx.subvolume_name} {ctx.subvolume_uuid} (made in the image), stream {_mib(ctx.root_stream)}; "
+        f"{ctx.profile.btrfs.root} is its snapshot"
+    )
 
 
 def send_root(ctx: BuildContext) -> str:
