@@ -238,6 +238,15 @@ class Rastosd:
             listener.close()
             notify_path.unlink()
 
+    def killed_at(self, point: str, timeout: float = 60) -> None:
+        """Wait until the daemon stops at failpoint `point` (daemon/failpoints.py), then kill it there
+        (SIGKILL: nothing it had not written survives, as in a power cut)."""
+        deadline = time.monotonic() + timeout
+        while f"rastos failpoint {point} reached" not in self.log_text():
+            assert time.monotonic() < deadline, self.log_text()
+            time.sleep(0.1)
+        assert self.stop(signal.SIGKILL) == -signal.SIGKILL
+
     def stop(self, signum: int = signal.SIGTERM) -> int:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -681,11 +681,7 @@ def test_a_crash_between_two_steps_is_repaired_at_the_next_start(
     client = subprocess.Popen(["busctl", f"--address={bus.address}", "--timeout=120", *stuck],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while f"rastos failpoint {point} reached" not in daemon.log_text():
-            assert time.monotonic() < deadline, daemon.log_text()
-            time.sleep(0.1)
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.killed_at(point)
     finally:
         client.kill()
         client.wait()
@@ -743,11 +739,7 @@ def test_a_second_rollback_cut_between_two_steps_keeps_one_that_boots(
     client = subprocess.Popen(["busctl", f"--address={bus.address}", "--timeout=120", *stuck],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while f"rastos failpoint {point} reached" not in daemon.log_text():
-            assert time.monotonic() < deadline, daemon.log_text()
-            time.sleep(0.1)
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.killed_at(point)
     finally:
         client.kill()
         client.wait()

@@ -214,11 +214,7 @@ def test_a_staging_cut_between_two_steps_is_undone_at_the_next_start(
 ) -> None:
     for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, env={FAILPOINT_VARIABLE: point}):
         daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
-        deadline = time.monotonic() + 60
-        while f"rastos failpoint {point} reached" not in daemon.log_text():
-            assert time.monotonic() < deadline, daemon.log_text()
-            time.sleep(0.1)
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.killed_at(point)
         daemon.env = {}
         daemon.start()
         assert leftovers(daemon.scratch) == NOTHING_LEFT, daemon.log_text()
@@ -235,11 +231,7 @@ def test_a_staging_cut_once_its_entry_is_written_is_staged_at_the_next_start(tmp
     start says so instead of calling it failed."""
     for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, env={FAILPOINT_VARIABLE: "update-entry-written"}):
         daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
-        deadline = time.monotonic() + 60
-        while "rastos failpoint update-entry-written reached" not in daemon.log_text():
-            assert time.monotonic() < deadline, daemon.log_text()
-            time.sleep(0.1)
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.killed_at("update-entry-written")
         daemon.env = {}
         daemon.start()
         after = status(daemon)
@@ -317,11 +309,7 @@ def test_a_version_staged_again_keeps_the_earlier_staging_until_the_new_one_is_c
         daemon.env = {FAILPOINT_VARIABLE: point}
         daemon.start()
         daemon.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "false")
-        deadline = time.monotonic() + 60
-        while f"rastos failpoint {point} reached" not in daemon.log_text():
-            assert time.monotonic() < deadline, daemon.log_text()
-            time.sleep(0.1)
-        assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+        daemon.killed_at(point)
         daemon.env = {}
         daemon.start()
         assert_one_staging_of(daemon.scratch, "2")
