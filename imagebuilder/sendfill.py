@@ -104,13 +104,18 @@ def make_root(args: argparse.Namespace) -> dict[str, Any]:
             run(["btrfs", "-q", "subvolume", "snapshot", parent, subvolume])
             run([*RSYNC, f"{args.tree}/", f"{subvolume}/"])
         else:
-            run(["btrfs", "-q", "subvolume", "create", subvolume])
-            run(["cp", "-a", f"{args.tree}/.", subvolume])
+            fill(subvolume, args.tree)
         uuid = seal(subvolume, args.profile, args.version)
         send(subvolume, args.stream)
         if parent is not None:
             send(subvolume, args.delta, parent)
     return {"uuid": uuid}
+
+
+def fill(subvolume: Path, tree: Path) -> None:
+    """A new subvolume with a copy of `tree`."""
+    run(["btrfs", "-q", "subvolume", "create", subvolume])
+    run(["cp", "-a", f"{tree}/.", subvolume])
 
 
 def seal(subvolume: Path, profile: str, version: str) -> str:
@@ -124,36 +129,41 @@ def seal(subvolume: Path, profile: str, version: str) -> str:
     return uuid
 
 
-def build_root(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def image_top(args: argparse.Namespace, how: str) -> Iterator[Path]:
+    """The image's btrfs mounted (its compression on), with its images' directory and no first
+    deployment yet: where stage root puts the version's image, `how` it comes."""
     options = "noatime" + (f",compress={args.compression}" if args.compression else "")
     with mounted(args.image, options) as top:
-        images, root = top / args.images, top / args.root
-        if root.exists():
-            raise RastosError(f"the image's file system has {args.root} before its root was made")
-        images.mkdir(exist_ok=True)
-        made = images / args.name
-        run(["btrfs", "-q", "subvolume", "create", made])
-        run(["cp", "-a", f"{args.tree}/.", made])
+        if (top / args.root).exists():
+            raise RastosError(f"the image's file system has {args.root} before its root was {how}")
+        (top / args.images).mkdir(exist_ok=True)
+        yield top
+
+
+def first_deployment(image: Path, root: Path) -> None:
+    """The image's root subvolume, booted by default: a writable snapshot of its version's image."""
+    run(["btrfs", "-q", "subvolume", "snapshot", image, root])
+    run(["btrfs", "subvolume", "set-default", root])
+
+
+def build_root(args: argparse.Namespace) -> dict[str, Any]:
+    with image_top(args, "made") as top:
+        made = top / args.images / args.name
+        fill(made, args.tree)
         uuid = seal(made, args.profile, args.version)
         send(made, args.stream)
-        run(["btrfs", "-q", "subvolume", "snapshot", made, root])
-        run(["btrfs", "subvolume", "set-default", root])
+        first_deployment(made, top / args.root)
     return {"uuid": uuid}
 
 
 def receive_root(args: argparse.Namespace) -> dict[str, Any]:
-    options = "noatime" + (f",compress={args.compression}" if args.compression else "")
-    with mounted(args.image, options) as top:
-        images, root = top / args.images, top / args.root
-        if root.exists():
-            raise RastosError(f"the image's file system has {args.root} before its root was received")
-        images.mkdir(exist_ok=True)
-        receive(args.stream, images)
-        received = images / args.name
+    with image_top(args, "received") as top:
+        receive(args.stream, top / args.images)
+        received = top / args.images / args.name
         if not received.is_dir():
             raise RastosError(f"the stream did not hold the subvolume {args.name}")
-        run(["btrfs", "-q", "subvolume", "snapshot", received, root])
-        run(["btrfs", "subvolume", "set-default", root])
+        first_deployment(received, top / args.root)
         return {"uuid": subvolume_field(received, "Received UUID")}
 
 
@@ -161,38 +171,30 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m imagebuilder.sendfill")
     sub = p.add_subparsers(dest="command", required=True)
     make = sub.add_parser("send")
+    take = sub.add_parser("receive")
+    build = sub.add_parser("build")
     make.add_argument("image", type=Path, help="the scratch btrfs file")
-    make.add_argument("tree", type=Path, help="the root tree")
-    make.add_argument("--name", required=True)
-    make.add_argument("--profile", required=True)
-    make.add_argument("--version", required=True)
-    make.add_argument("--stream", type=Path, required=True)
+    for command in (take, build):
+        command.add_argument("image", type=Path, help="the image's btrfs file")
+    for command in (make, build):  # they make the version's subvolume from the tree
+        command.add_argument("tree", type=Path, help="the root tree")
+        command.add_argument("--profile", required=True)
+        command.add_argument("--version", required=True)
+    for command in (make, take, build):
+        command.add_argument("--name", required=True)
+        command.add_argument("--stream", type=Path, required=True)
+        command.add_argument("--result", type=Path, required=True)
+    for command in (take, build):  # they put the image in the image's btrfs, and its first deployment
+        command.add_argument("--images", required=True, help="the directory of image subvolumes, @images")
+        command.add_argument("--root", required=True, help="the first deployment's subvolume, @")
+        command.add_argument("--compression", default="")
     make.add_argument("--parent-stream", type=Path)
     make.add_argument("--parent-name")
     make.add_argument("--parent-uuid")
     make.add_argument("--delta", type=Path)
     make.set_defaults(func=make_root)
-    take = sub.add_parser("receive")
-    take.add_argument("image", type=Path, help="the image's btrfs file")
-    take.add_argument("--stream", type=Path, required=True)
-    take.add_argument("--name", required=True)
-    take.add_argument("--images", required=True, help="the directory of image subvolumes, @images")
-    take.add_argument("--root", required=True, help="the first deployment's subvolume, @")
-    take.add_argument("--compression", default="")
     take.set_defaults(func=receive_root)
-    build = sub.add_parser("build")
-    build.add_argument("image", type=Path, help="the image's btrfs file")
-    build.add_argument("tree", type=Path, help="the root tree")
-    build.add_argument("--name", required=True)
-    build.add_argument("--profile", required=True)
-    build.add_argument("--version", required=True)
-    build.add_argument("--stream", type=Path, required=True)
-    build.add_argument("--images", required=True, help="the directory of image subvolumes, @images")
-    build.add_argument("--root", required=True, help="the first deployment's subvolume, @")
-    build.add_argument("--compression", default="")
     build.set_defaults(func=build_root)
-    for command in (make, take, build):
-        command.add_argument("--result", type=Path, required=True)
     return p
 
 
