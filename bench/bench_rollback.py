@@ -34,7 +34,7 @@ from imagebuilder.vm import VmOptions, running_vm
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TARGET_ADDED = 1.0  # seconds the machinery may add to a boot under TCG
-MACHINERY_UNITS = ("rastos-health.service", "rastos-trial-deadline.service", "systemd-bless-boot.service")
+MACHINERY_UNITS = ("rastos-health.service", "systemd-bless-boot.service")
 
 
 def build_minimal(out: Path) -> Path:

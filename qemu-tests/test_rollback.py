@@ -3,6 +3,8 @@ reboots happen inside it, so the disk and the ESP carry over from boot to boot).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 from typing import Any
@@ -135,13 +137,69 @@ def test_a_snapshot_boots_once_read_only_and_the_default_stays(guest: GuestConso
     assert seen == "changed KEPT=0", "the deployment as it was, without the snapshot boot's writes"
 
 
-def test_a_hung_kernel_is_reset_by_the_watchdog(guest: GuestConsole) -> None:
-    """A hard hang (here: a kernel panic with the kernel's own reboot turned off, so it stops dead)
-    stops systemd's pings to the hardware watchdog; QEMU's i6300esb resets the machine, and it boots
-    again. On a trial boot that reset counts as a failed try like any other."""
-    assert guest.wait_for(PROMPT, 300)
-    settled(guest)
+# A unit for the deployment under trial: its first boot hangs in userspace (a oneshot that never ends
+# holds multi-user.target, so boot-complete.target is never reached), its second hangs hard (a panic
+# with the kernel's own reboot off, so it stops dead). /root is in the deployment: the mark of the
+# first try is there on the second.
+HANG_UNIT = """[Unit]
+Description=Hang this boot: in userspace the first time, hard the next
+Before=multi-user.target
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/hang-this-boot
+[Install]
+WantedBy=multi-user.target
+"""
+HANG_SCRIPT = """#!/bin/sh
+if [ -e /root/hung-once ]; then
+    sysctl -q kernel.panic=0
+    echo 1 > /proc/sys/kernel/sysrq
+    echo c > /proc/sysrq-trigger
+fi
+touch /root/hung-once && sync
+exec sleep infinity
+"""
+# The deadline of the deployment under trial, shortened for the test (10 minutes as shipped).
+SHORT_DEADLINE = "[Unit]\nJobTimeoutSec=20\n"
+
+
+def write_into(guest: GuestConsole, path: str, text: str, mode: str = "644") -> None:
+    encoded = base64.b64encode(text.encode()).decode()
+    written = guest.run(
+        f"mkdir -p $(dirname {path}) && echo {encoded} | base64 -d > {path} && chmod {mode} {path}; "
+        f'echo "WRITTEN=$(sha256sum < {path} | cut -c1-16)"',
+        "WRITTEN",
+    )
+    assert written == hashlib.sha256(text.encode()).hexdigest()[:16], f"{path} written in the guest"
+
+
+def test_a_trial_boot_that_hangs_is_ended_and_falls_back(guest: GuestConsole) -> None:
+    """A trial boot that never completes is rebooted by PID 1 when boot-complete.target's start job
+    times out; one that hangs hard stops systemd's pings to the hardware watchdog, and QEMU's
+    i6300esb resets the machine. Both use up a try, and the deployment that ran before boots again."""
+    created = rollback_to_a_new_snapshot(guest, tries=FEW_TRIES)
     assert guest.run('echo "WATCHDOG=$(cat /sys/class/watchdog/watchdog0/state)"', "WATCHDOG") == "active"
-    guest.type("sysctl -q kernel.panic=0 && echo 1 > /proc/sys/kernel/sysrq && echo c > /proc/sysrq-trigger")
-    assert guest.wait_for_new(b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
-    assert guest.wait_for_new(PROMPT, 400), "and it booted again"
+    shipped = guest.run('echo "DEADLINE=$(systemctl show -P JobTimeoutUSec boot-complete.target)"', "DEADLINE")
+    assert shipped == "10min"
+    deployment = f"/.snapshots/{created}/deployment"
+    write_into(guest, f"{deployment}/etc/systemd/system/boot-complete.target.d/zz-short.conf", SHORT_DEADLINE)
+    write_into(guest, f"{deployment}/etc/systemd/system/hang-this-boot.service", HANG_UNIT)
+    write_into(guest, f"{deployment}/usr/local/sbin/hang-this-boot", HANG_SCRIPT, mode="755")
+    wants = f"{deployment}/etc/systemd/system/multi-user.target.wants"
+    reboot(guest, f"mkdir -p {wants} && ln -s ../hang-this-boot.service {wants}/ && systemctl reboot")
+    first_try = len(guest.seen)
+    assert guest.wait_for_new(b"BdsDxe: starting", 300), "the deadline rebooted the hung trial boot"
+    second_try = guest.seen.find(b"BdsDxe: starting", first_try)
+    assert guest.wait_for_after(second_try, b"sysrq triggered crash", 300), "the second try hung hard"
+    crashed = guest.seen.find(b"sysrq triggered crash", second_try)
+    assert guest.wait_for_after(crashed, b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
+    reset = guest.seen.find(b"BdsDxe: starting", crashed)
+    assert guest.wait_for_after(reset, PROMPT, 400), "after the tries run out, the previous deployment boots"
+    settled(guest)
+    state = boot_state(guest)
+    assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+    assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
+    # PID 1 says so only in the journal (/var/log is the host's, kept across deployments).
+    timeouts = "journalctl -q -o cat | grep -c 'boot-complete.target/start timed out'"
+    timed_out = guest.run(f'echo "TIMEOUTS=$({timeouts})"', "TIMEOUTS")
+    assert timed_out == "1", "the deadline, not something else, ended the first try"
