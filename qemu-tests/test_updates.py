@@ -1,7 +1,8 @@
 """Image updates end to end: v1 is built and booted, its admins change it through rastosd, v2 (one
 package more, a sysctl changed) is staged as a delta with the power cut at each step of the staging
-(the running version stays, nothing half-made is left, the last cut boots v2), and the guest runs v2
-with its host name and user kept, which the hub's rollout of v2 then finds done; v3, whose rastosd
+(the running version stays, nothing half-made is left), then rolled out by the hub with the power cut
+once its entry is written (v2 boots on trial, the rollout completes), and the guest runs v2 with its
+host name and user kept; a second rollout of v2 skips the host; v3, whose rastosd
 cannot start, is rolled out by the hub, falls back to v2 by itself, and the hub halts its rollout with
 the reason."""
 
@@ -189,12 +190,12 @@ def test_an_update_keeps_the_host_and_a_broken_one_falls_back(
         assert state["runs"][run["id"]]["state"] == "complete", state["runs"][run["id"]]
         guest.prompt = b"root@kept-name:~#"  # the shell's prompt from the next boot on
 
-        # The power cut at each step of staging v2: before its entry is written, the next boot is v1's,
-        # healthy, with nothing of v2 half made; a cut after it boots v2 (its entry is first, on trial).
+        # The power cut at each step of staging v2 before its entry is written: the next boot is v1's,
+        # healthy, with nothing of v2 half made.
         v2_delta = bundle_of(v2, delta=True)
         with served(v2_delta.parent) as port:
             url = f"http://10.0.2.2:{port}/{v2_delta.name}"
-            for point in (*UPDATE_POINTS, "update-entry-written"):
+            for point in UPDATE_POINTS:
                 cut_while_staging(guest, point, url, artifacts)
                 guest = GuestConsole(disk, keep_changes=True, boot_args=credentials)
                 guest.prompt = b"root@kept-name:~#"
@@ -202,23 +203,36 @@ def test_an_update_keeps_the_host_and_a_broken_one_falls_back(
                 settled(guest)
                 state = boot_state(guest)
                 assert state["health"] == "good", (point, state)
-                _, deployments, entries, kernels = survey(guest)
-                if point == "update-entry-written":
-                    break
                 assert state["image_version"] == "1" and state["root"] == "@", (point, state)
+                _, deployments, entries, kernels = survey(guest)
                 assert not [d for d in deployments if d.split("@")[0] == "2"], (point, deployments)
                 assert not [e for e in entries if e.startswith("rastos-update-2")], (point, entries)
                 assert not [k for k in kernels if k.split("@")[0] == "2"], (point, kernels)
-        assert "2" in deployments and [e for e in entries if e.startswith("rastos-update-2")], (deployments, entries)
 
-        # Hosts already on a version are skipped: the hub's rollout of v2 finds this one done.
-        hub.wait_state(lambda s: image_version(s, "vm-1") == "2", "v2 on the hub", 120)
-        rollout = roll_out(hub, bundle_of(v2, delta=True))
+        # The hub rolls v2 out, and the power is cut as soon as its entry is written, before rastosd
+        # reboots into it: the next boot is v2's on trial (its entry is first), the hub sees it come back
+        # healthy on v2, and the rollout completes.
+        connected = hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"], "the agent connected", 120)
+        guest.type("systemctl set-environment RASTOS_TEST_FAILPOINT=update-entry-written && systemctl restart rastosd")
+        hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"]
+                       and s["hosts"]["vm-1"]["last_seen"] > connected["hosts"]["vm-1"]["last_seen"],
+                       "the agent connected again", 120)  # fmt: skip
+        rollout = roll_out(hub, v2_delta)
+        assert guest.wait_for_new(b"rastos failpoint update-entry-written reached", 600), "v2 staged from the hub"
+        guest.power_cut()
+        guest.close(artifacts / "console-cut-at-update-entry-written.log")
+        guest = GuestConsole(disk, keep_changes=True, boot_args=credentials)
+        guest.prompt = b"root@kept-name:~#"
+        assert guest.wait_for(guest.prompt, 400), "the guest boots after the cut at update-entry-written"
+        settled(guest)
         done = wait_rollout(hub, rollout, {"complete", "halted"}, 300)
         assert done["state"] == "complete", done
         state = boot_state(guest)
         assert state["image_version"] == "2" and state["root"] == "@deployments/2", state
         assert state["health"] == "good" and state["kind"] == "deployment", state
+        # Hosts already on a version are skipped: a second rollout of v2 has nothing to do here.
+        again = wait_rollout(hub, roll_out(hub, v2_delta), {"complete", "halted"}, 120)
+        assert again["state"] == "complete" and again["hosts"][0]["state"] == "skipped", again
         seen = guest.run('echo "SEEN=$(hostname) $(sysctl -n vm.swappiness) $(dpkg-query -W -f=\'${Status}\' hello | '
                          'tr " " _) $(grep -c alice@test /home/alice/.ssh/authorized_keys)"', "SEEN")  # fmt: skip
         assert seen == "kept-name 13 install_ok_installed 1", "the new package and sysctl, the host's name and user"
