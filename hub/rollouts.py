@@ -9,11 +9,12 @@ is done.
 
 A host in a wave is sent `update` (hub/protocol.py) as soon as it is online; one that is offline gets
 it right after its next welcome. It is then
-- done when its facts, sent over a connection made after the update was sent (it rebooted), show
-  the image's version with health good;
-- failed when its agent reports the staging failed or was cancelled, when such facts show a boot that
-  fell back (the new deployment did not come up and the one before booted again), or when neither
-  happened within `health_timeout_s` of the update being sent.
+- done when its facts show the image's version with health good. A boot's version never changes, so
+  the facts of any connection tell: a host on the version already answers its update by them alone;
+- failed when its agent reports the staging failed or was cancelled, when facts sent over a connection
+  made after the update was sent (it rebooted) show a boot that fell back (the new deployment did not
+  come up and the one before booted again), or when neither happened within `health_timeout_s` of the
+  update being sent.
 A failure halts the rollout: nothing more is sent and the reason names the host and what happened.
 `resume` goes on from there (the failed host stays failed), `pause` stops sending until resumed, and
 `abort` ends it: hosts not yet sent the update never are, and hosts updated already stay updated.
@@ -275,21 +276,25 @@ class Rollouts:
         return self._in_flight[name] > 0
 
     async def facts(self, name: str) -> None:
-        """The host's new facts: done if it came back on the version and healthy, failed if it fell back."""
+        """The host's new facts: done if it runs the version and is healthy, failed if it fell back."""
         link = self.fleet.agents.get(name)
         boot = _boot_state(self.fleet.hosts.get(name))
         for rollout in list(self.rollouts.values()):
             for host in rollout["hosts"]:
                 if host["host"] != name or host["state"] not in IN_FLIGHT:
                     continue
-                if link is None or host["sent"] is None or link.connected <= host["sent"]:
-                    continue  # not yet a connection made after the update: not the new boot's word
-                await self._judge(rollout, host, boot)
+                rebooted = link is not None and host["sent"] is not None and link.connected > host["sent"]
+                await self._judge(rollout, host, boot, rebooted)
         self._flush()
 
-    async def _judge(self, rollout: dict[str, Any], host: dict[str, Any], boot: dict[str, Any]) -> None:
+    async def _judge(self, rollout: dict[str, Any], host: dict[str, Any], boot: dict[str, Any], rebooted: bool) -> None:
+        """`rebooted`: the facts came over a connection made after the update was sent. Only then can a
+        fallback be this update's: the boot it was sent to may be a fallback itself, from an earlier one."""
         failed_entry = str(boot.get("failed_entry") or "")
-        if boot.get("kind") == "fallback" and (host["state"] == "staged" or failed_entry != host["fallback_before"]):
+        fell_back = boot.get("kind") == "fallback" and (
+            host["state"] == "staged" or failed_entry != host["fallback_before"]
+        )
+        if rebooted and fell_back:
             what = failed_entry or "its entry used up its tries"
             running = boot.get("image_version") or "the deployment before"
             await self._fail(

@@ -825,6 +825,32 @@ def test_the_real_agent_reports_a_staging_its_daemon_refuses(hub: Hub, keys: Pat
     run(scenario)
 
 
+def test_a_host_back_on_the_version_when_its_update_goes_is_done_by_its_facts(
+    hub: Hub, keys: Path, tmp_path: Path
+) -> None:
+    """A host away when its wave starts is sent its update right after its next welcome, which comes
+    before that connection's facts: the hub decides on the facts of the boot before. A host that came
+    back on the version already (its own admin staged it) answers the update by its facts alone, over
+    that same connection, made before the update was sent; they end its update all the same."""
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+    token = hub.api("POST", "/api/v1/hosts", {"name": "real-1"})["token"]
+    core = UpdatingCore(tmp_path / "daemon", "1.0")
+
+    async def scenario() -> None:
+        async with linked(core, hub, token):
+            await eventually(lambda: hub.state()["hosts"]["real-1"]["facts"], "the agent's facts of 1.0")
+        await eventually(lambda: not hub.state()["hosts"]["real-1"]["online"], "the host away")
+        rollout = await api(hub, "POST", "/api/v1/rollouts", {"image": image["id"], "target": {"all": True}})
+        assert states(rollout) == {"real-1": "pending"}
+        core.version = "2.0"  # staged by its own admin meanwhile, and booted
+        async with linked(core, hub, token):
+            ended = await rollout_where(hub, rollout["id"], lambda r: r["state"] != "running", "its end")
+        assert (ended["state"], states(ended)) == ("complete", {"real-1": "done"}), ended
+        assert core.staged == [], "it runs the version: nothing to stage"
+
+    run(scenario)
+
+
 def test_the_agent_fetches_bundles_from_its_own_hub_only(tmp_path: Path) -> None:
     """An update's url is a path the agent joins to the hub it reaches (under a proxy's path too):
     anything else would send the host's token elsewhere, and is refused without a download."""
