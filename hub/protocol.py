@@ -25,7 +25,7 @@ Hub -> agent:
                   nowhere else. While a rollout runs, the hub sends it again after each welcome until
                   the agent reports it staged or ended: the id is the key, an agent stages an id once
                   and answers a repeat with its state. An update to the version the host runs
-                  already is answered by its facts alone
+                  already is answered by its facts alone, sent again after it
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is

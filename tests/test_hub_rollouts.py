@@ -28,12 +28,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from daemon.boot import BootState
 from daemon.hub_link import HubLink, HubSettings, UpdateCompleted
 from daemon.store import StateStore
 from rastos.bundle import SigningKey, generate_key, part_offsets
-from tests.hub_fixtures import Hub, UiClient, _serving, make_bundle, upload
+from tests.hub_fixtures import Hub, UiClient, _serving, free_port, make_bundle, upload
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 
@@ -865,3 +866,47 @@ def test_the_agent_fetches_bundles_from_its_own_hub_only(tmp_path: Path) -> None
     link._take_update({"id": "same", "url": "/api/v1/images/x/bundle", "version": "1.0", "reboot": True})
     assert "same" not in link._updates, "an update to the version it runs is answered by the facts alone"
     assert core.staged == []
+
+
+def test_the_agent_answers_an_update_to_the_version_it_runs_with_its_facts_again(tmp_path: Path) -> None:
+    """Facts sent before the update may reach the hub while it is still deciding to send it, when it
+    does not follow them for the update yet: the answer is the facts again, after the update. The peer
+    is a hub played over a real WebSocket, as nothing else sets that order for certain."""
+    core = UpdatingCore(tmp_path, "2.0")
+    update = {"id": "u-1", "url": "/api/v1/images/x/bundle", "version": "2.0", "reboot": True}
+    frames: list[dict[str, Any]] = []
+
+    def facts() -> list[dict[str, Any]]:
+        return [frame for frame in frames if frame["type"] == "facts"]
+
+    async def hub_side(request: web.Request) -> web.WebSocketResponse:
+        """Welcome, then the update once the first facts are in."""
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_json({"type": "welcome", "host": "real-1", "last_event": 0, "commands": []})
+        async for message in socket:
+            frames.append(json.loads(message.data))
+            if frames[-1]["type"] == "facts" and len(facts()) == 1:
+                await socket.send_json({"type": "update", "update": update})
+        return socket
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/agent", hub_side)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        link = HubLink(core, HubSettings(f"ws://127.0.0.1:{port}/api/v1/agent", "secret"))  # type: ignore[arg-type]
+        task = asyncio.create_task(link.run_forever())
+        try:
+            await eventually(lambda: len(facts()) == 2, "the facts again after the update")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
+
+    run(scenario)
+    first, again = facts()
+    assert again == first and first["facts"]["boot_state"]["image_version"] == "2.0"
+    assert "update_status" not in [frame["type"] for frame in frames] and core.staged == []
