@@ -15,10 +15,11 @@ it right after its next welcome. It is then
   made after the update was sent (it rebooted) show a boot that fell back (the new deployment did not
   come up and the one before booted again), or when neither happened within `health_timeout_s` of the
   update being sent.
-A failure halts the rollout: nothing more is sent and the reason names the host and what happened.
-`resume` goes on from there (the failed host stays failed), `pause` stops sending until resumed, and
-`abort` ends it: hosts not yet sent the update never are, and hosts updated already stay updated.
-Hosts under way when a rollout halts or ends are still followed to done or failed.
+A failure halts the rollout: no more hosts are sent it, and the reason names the host and what happened.
+`resume` goes on from there (the failed host stays failed), `pause` stops sending to more hosts until
+resumed, and `abort` ends it: hosts not yet sent the update never are, and hosts updated already stay
+updated. Hosts under way when a rollout halts or ends are still followed to done or failed; while it is
+paused or halted, their update still goes again after each welcome until their agent reports on it.
 
 Every method runs with the fleet's lock held (hub/fleet.py), so the engine never decides on a stale
 view; every change is in the database before it is published or sent.
@@ -260,9 +261,11 @@ class Rollouts:
 
     async def agent_ready(self, link: Link) -> None:
         """After its welcome: an update sent that the agent has not reported on goes again (the agent
-        answers a repeat with its state), then its wave's pending update if it has one."""
+        answers a repeat with its state), then its wave's pending update if it has one. The first holds
+        while the rollout is paused or halted too: the frame may have been lost with a dying link, and
+        an update under way goes on."""
         for rollout in list(self.rollouts.values()):
-            if rollout["state"] != "running":
+            if rollout["state"] not in ACTIVE:
                 continue
             for host in rollout["hosts"]:
                 if host["host"] == link.host and host["state"] in ("sent", "staging"):

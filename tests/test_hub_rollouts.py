@@ -510,6 +510,43 @@ def test_an_agent_offline_when_its_wave_starts_gets_its_update_when_it_returns(
     run(scenario)
 
 
+def test_an_update_under_way_comes_again_after_a_welcome_while_its_rollout_is_paused_or_halted(
+    hub: Hub, keys: Path, tmp_path: Path
+) -> None:
+    """A frame lost with a dying link is sent again after the next welcome, and an update under way goes
+    on while its rollout is paused or halted: the rollout's state stops new hosts, not those."""
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+
+    async def scenario() -> None:
+        async with SimFleet(hub) as fleet:
+            for name in ("web-1", "web-2", "web-3"):
+                await fleet.add(name, "1.0")
+            body = {"image": image["id"], "target": {"all": True}, "canary": 1, "wave_percent": 100}
+            rollout = await api(hub, "POST", "/api/v1/rollouts", body)
+            path = f"/api/v1/rollouts/{rollout['id']}"
+            canary = fleet.agents["web-1"]
+            await eventually(lambda: canary.updates, "the canary's update")
+            await api(hub, "POST", f"{path}/pause")
+            # Its link dropped before it said anything: the update was lost with it, and comes again.
+            await canary.reboot()
+            await eventually(lambda: len(canary.updates) == 2, "the update again while paused")
+            assert canary.updates[1] == canary.updates[0]
+            await canary.update()
+            await rollout_where(hub, rollout["id"], lambda r: states(r)["web-1"] == "done", "the canary done")
+            await api(hub, "POST", f"{path}/resume")
+            await eventually(fleet.sent_to(["web-2", "web-3"]), "the second wave")
+            await fleet.agents["web-2"].report("failed", "receive: no space left on device")
+            await rollout_where(hub, rollout["id"], lambda r: r["state"] == "halted", "halted")
+            late = fleet.agents["web-3"]
+            await late.reboot()
+            await eventually(lambda: len(late.updates) == 2, "the update again while halted")
+            await late.update()
+            ended = await rollout_where(hub, rollout["id"], lambda r: states(r)["web-3"] == "done", "web-3 done")
+            assert ended["state"] == "halted" and fleet.sent() == {"web-1": 2, "web-2": 1, "web-3": 2}
+
+    run(scenario)
+
+
 def test_a_host_not_back_healthy_in_time_halts_the_rollout(hub: Hub, keys: Path, tmp_path: Path) -> None:
     image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
 
