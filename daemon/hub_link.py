@@ -17,7 +17,7 @@ with http(s) for ws(s)),
 and asks the daemon to stage the bundle from there, sending this host's token with the download as
 `Authorization: Bearer` (never logged). An update id is staged once: a repeat (the hub sends it again
 after each welcome until it hears that it is staged or ended) is answered with its state; an update to the version this
-host runs already is answered by the facts alone, which show it.
+host runs already is answered by the facts alone, which show it, sent again after it.
 """
 
 from __future__ import annotations
@@ -227,8 +227,8 @@ class HubLink:
                 continue  # there may be more; facts after the log has caught up
             facts = await asyncio.to_thread(self.facts)
             if facts != self._last_facts:
+                self._last_facts = facts  # before the send: a reset meanwhile (_take_update) must hold
                 await socket.send_json({"type": "facts", "facts": facts})
-                self._last_facts = facts
             self._wake.clear()
             if self._outgoing.empty():
                 with contextlib.suppress(TimeoutError):
@@ -351,6 +351,10 @@ class HubLink:
             return
         if version == self.daemon.boot_state().image_version:
             log.info("hub update %s: this host runs %s already", update_id, version)
+            # The facts again, after the update: ones sent before may have reached the hub while it was
+            # still deciding to send it, and a hub follows a host's facts for an update only once sent.
+            self._last_facts = None
+            self.wake()
             return
         url, reboot = update.get("url"), update.get("reboot", True)
         if not isinstance(url, str) or not UPDATE_PATH.match(url) or not isinstance(reboot, bool):

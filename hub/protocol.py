@@ -22,10 +22,11 @@ Hub -> agent:
                   hub's base as it reaches the hub (its agent URL without /api/v1/agent, http(s) for
                   ws(s)), so the hub needs not know how its hosts see it (a NAT, a proxy, QEMU's
                   10.0.2.2), and the host token the download carries (`Authorization: Bearer`) goes
-                  nowhere else. While a rollout runs, the hub sends it again after each welcome until
-                  the agent reports it staged or ended: the id is the key, an agent stages an id once
-                  and answers a repeat with its state. An update to the version the host runs
-                  already is answered by its facts alone
+                  nowhere else. While a rollout is active (running, paused or halted), the hub
+                  sends it again after each welcome until the agent reports it staged or ended: the
+                  id is the key, an agent stages an id once and answers a repeat with its state. An
+                  update to the version the host runs already is answered by its facts alone, sent
+                  again after it
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is

@@ -9,15 +9,17 @@ is done.
 
 A host in a wave is sent `update` (hub/protocol.py) as soon as it is online; one that is offline gets
 it right after its next welcome. It is then
-- done when its facts, sent over a connection made after the update was sent (it rebooted), show
-  the image's version with health good;
-- failed when its agent reports the staging failed or was cancelled, when such facts show a boot that
-  fell back (the new deployment did not come up and the one before booted again), or when neither
-  happened within `health_timeout_s` of the update being sent.
-A failure halts the rollout: nothing more is sent and the reason names the host and what happened.
-`resume` goes on from there (the failed host stays failed), `pause` stops sending until resumed, and
-`abort` ends it: hosts not yet sent the update never are, and hosts updated already stay updated.
-Hosts under way when a rollout halts or ends are still followed to done or failed.
+- done when its facts show the image's version with health good. A boot's version never changes, so
+  the facts of any connection tell: a host on the version already answers its update by them alone;
+- failed when its agent reports the staging failed or was cancelled, when facts sent over a connection
+  made after the update was sent (it rebooted) show a boot that fell back (the new deployment did not
+  come up and the one before booted again), or when neither happened within `health_timeout_s` of the
+  update being sent.
+A failure halts the rollout: no more hosts are sent it, and the reason names the host and what happened.
+`resume` goes on from there (the failed host stays failed), `pause` stops sending to more hosts until
+resumed, and `abort` ends it: hosts not yet sent the update never are, and hosts updated already stay
+updated. Hosts under way when a rollout halts or ends are still followed to done or failed; while it is
+paused or halted, their update still goes again after each welcome until their agent reports on it.
 
 Every method runs with the fleet's lock held (hub/fleet.py), so the engine never decides on a stale
 view; every change is in the database before it is published or sent.
@@ -259,9 +261,11 @@ class Rollouts:
 
     async def agent_ready(self, link: Link) -> None:
         """After its welcome: an update sent that the agent has not reported on goes again (the agent
-        answers a repeat with its state), then its wave's pending update if it has one."""
+        answers a repeat with its state), then its wave's pending update if it has one. The first holds
+        while the rollout is paused or halted too: the frame may have been lost with a dying link, and
+        an update under way goes on."""
         for rollout in list(self.rollouts.values()):
-            if rollout["state"] != "running":
+            if rollout["state"] not in ACTIVE:
                 continue
             for host in rollout["hosts"]:
                 if host["host"] == link.host and host["state"] in ("sent", "staging"):
@@ -275,21 +279,25 @@ class Rollouts:
         return self._in_flight[name] > 0
 
     async def facts(self, name: str) -> None:
-        """The host's new facts: done if it came back on the version and healthy, failed if it fell back."""
+        """The host's new facts: done if it runs the version and is healthy, failed if it fell back."""
         link = self.fleet.agents.get(name)
         boot = _boot_state(self.fleet.hosts.get(name))
         for rollout in list(self.rollouts.values()):
             for host in rollout["hosts"]:
                 if host["host"] != name or host["state"] not in IN_FLIGHT:
                     continue
-                if link is None or host["sent"] is None or link.connected <= host["sent"]:
-                    continue  # not yet a connection made after the update: not the new boot's word
-                await self._judge(rollout, host, boot)
+                rebooted = link is not None and host["sent"] is not None and link.connected > host["sent"]
+                await self._judge(rollout, host, boot, rebooted)
         self._flush()
 
-    async def _judge(self, rollout: dict[str, Any], host: dict[str, Any], boot: dict[str, Any]) -> None:
+    async def _judge(self, rollout: dict[str, Any], host: dict[str, Any], boot: dict[str, Any], rebooted: bool) -> None:
+        """`rebooted`: the facts came over a connection made after the update was sent. Only then can a
+        fallback be this update's: the boot it was sent to may be a fallback itself, from an earlier one."""
         failed_entry = str(boot.get("failed_entry") or "")
-        if boot.get("kind") == "fallback" and (host["state"] == "staged" or failed_entry != host["fallback_before"]):
+        fell_back = boot.get("kind") == "fallback" and (
+            host["state"] == "staged" or failed_entry != host["fallback_before"]
+        )
+        if rebooted and fell_back:
             what = failed_entry or "its entry used up its tries"
             running = boot.get("image_version") or "the deployment before"
             await self._fail(

@@ -28,12 +28,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from daemon.boot import BootState
 from daemon.hub_link import HubLink, HubSettings, UpdateCompleted
 from daemon.store import StateStore
 from rastos.bundle import SigningKey, generate_key, part_offsets
-from tests.hub_fixtures import Hub, UiClient, _serving, make_bundle, upload
+from tests.hub_fixtures import Hub, UiClient, _serving, free_port, make_bundle, upload
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 
@@ -509,6 +510,43 @@ def test_an_agent_offline_when_its_wave_starts_gets_its_update_when_it_returns(
     run(scenario)
 
 
+def test_an_update_under_way_comes_again_after_a_welcome_while_its_rollout_is_paused_or_halted(
+    hub: Hub, keys: Path, tmp_path: Path
+) -> None:
+    """A frame lost with a dying link is sent again after the next welcome, and an update under way goes
+    on while its rollout is paused or halted: the rollout's state stops new hosts, not those."""
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+
+    async def scenario() -> None:
+        async with SimFleet(hub) as fleet:
+            for name in ("web-1", "web-2", "web-3"):
+                await fleet.add(name, "1.0")
+            body = {"image": image["id"], "target": {"all": True}, "canary": 1, "wave_percent": 100}
+            rollout = await api(hub, "POST", "/api/v1/rollouts", body)
+            path = f"/api/v1/rollouts/{rollout['id']}"
+            canary = fleet.agents["web-1"]
+            await eventually(lambda: canary.updates, "the canary's update")
+            await api(hub, "POST", f"{path}/pause")
+            # Its link dropped before it said anything: the update was lost with it, and comes again.
+            await canary.reboot()
+            await eventually(lambda: len(canary.updates) == 2, "the update again while paused")
+            assert canary.updates[1] == canary.updates[0]
+            await canary.update()
+            await rollout_where(hub, rollout["id"], lambda r: states(r)["web-1"] == "done", "the canary done")
+            await api(hub, "POST", f"{path}/resume")
+            await eventually(fleet.sent_to(["web-2", "web-3"]), "the second wave")
+            await fleet.agents["web-2"].report("failed", "receive: no space left on device")
+            await rollout_where(hub, rollout["id"], lambda r: r["state"] == "halted", "halted")
+            late = fleet.agents["web-3"]
+            await late.reboot()
+            await eventually(lambda: len(late.updates) == 2, "the update again while halted")
+            await late.update()
+            ended = await rollout_where(hub, rollout["id"], lambda r: states(r)["web-3"] == "done", "web-3 done")
+            assert ended["state"] == "halted" and fleet.sent() == {"web-1": 2, "web-2": 1, "web-3": 2}
+
+    run(scenario)
+
+
 def test_a_host_not_back_healthy_in_time_halts_the_rollout(hub: Hub, keys: Path, tmp_path: Path) -> None:
     image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
 
@@ -825,6 +863,32 @@ def test_the_real_agent_reports_a_staging_its_daemon_refuses(hub: Hub, keys: Pat
     run(scenario)
 
 
+def test_a_host_back_on_the_version_when_its_update_goes_is_done_by_its_facts(
+    hub: Hub, keys: Path, tmp_path: Path
+) -> None:
+    """A host away when its wave starts is sent its update right after its next welcome, which comes
+    before that connection's facts: the hub decides on the facts of the boot before. A host that came
+    back on the version already (its own admin staged it) answers the update by its facts alone, over
+    that same connection, made before the update was sent; they end its update all the same."""
+    image = added(hub, make_bundle(tmp_path, keys / "one", "2.0"))
+    token = hub.api("POST", "/api/v1/hosts", {"name": "real-1"})["token"]
+    core = UpdatingCore(tmp_path / "daemon", "1.0")
+
+    async def scenario() -> None:
+        async with linked(core, hub, token):
+            await eventually(lambda: hub.state()["hosts"]["real-1"]["facts"], "the agent's facts of 1.0")
+        await eventually(lambda: not hub.state()["hosts"]["real-1"]["online"], "the host away")
+        rollout = await api(hub, "POST", "/api/v1/rollouts", {"image": image["id"], "target": {"all": True}})
+        assert states(rollout) == {"real-1": "pending"}
+        core.version = "2.0"  # staged by its own admin meanwhile, and booted
+        async with linked(core, hub, token):
+            ended = await rollout_where(hub, rollout["id"], lambda r: r["state"] != "running", "its end")
+        assert (ended["state"], states(ended)) == ("complete", {"real-1": "done"}), ended
+        assert core.staged == [], "it runs the version: nothing to stage"
+
+    run(scenario)
+
+
 def test_the_agent_fetches_bundles_from_its_own_hub_only(tmp_path: Path) -> None:
     """An update's url is a path the agent joins to the hub it reaches (under a proxy's path too):
     anything else would send the host's token elsewhere, and is refused without a download."""
@@ -839,3 +903,47 @@ def test_the_agent_fetches_bundles_from_its_own_hub_only(tmp_path: Path) -> None
     link._take_update({"id": "same", "url": "/api/v1/images/x/bundle", "version": "1.0", "reboot": True})
     assert "same" not in link._updates, "an update to the version it runs is answered by the facts alone"
     assert core.staged == []
+
+
+def test_the_agent_answers_an_update_to_the_version_it_runs_with_its_facts_again(tmp_path: Path) -> None:
+    """Facts sent before the update may reach the hub while it is still deciding to send it, when it
+    does not follow them for the update yet: the answer is the facts again, after the update. The peer
+    is a hub played over a real WebSocket, as nothing else sets that order for certain."""
+    core = UpdatingCore(tmp_path, "2.0")
+    update = {"id": "u-1", "url": "/api/v1/images/x/bundle", "version": "2.0", "reboot": True}
+    frames: list[dict[str, Any]] = []
+
+    def facts() -> list[dict[str, Any]]:
+        return [frame for frame in frames if frame["type"] == "facts"]
+
+    async def hub_side(request: web.Request) -> web.WebSocketResponse:
+        """Welcome, then the update once the first facts are in."""
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_json({"type": "welcome", "host": "real-1", "last_event": 0, "commands": []})
+        async for message in socket:
+            frames.append(json.loads(message.data))
+            if frames[-1]["type"] == "facts" and len(facts()) == 1:
+                await socket.send_json({"type": "update", "update": update})
+        return socket
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/agent", hub_side)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        link = HubLink(core, HubSettings(f"ws://127.0.0.1:{port}/api/v1/agent", "secret"))  # type: ignore[arg-type]
+        task = asyncio.create_task(link.run_forever())
+        try:
+            await eventually(lambda: len(facts()) == 2, "the facts again after the update")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await runner.cleanup()
+
+    run(scenario)
+    first, again = facts()
+    assert again == first and first["facts"]["boot_state"]["image_version"] == "2.0"
+    assert "update_status" not in [frame["type"] for frame in frames] and core.staged == []
