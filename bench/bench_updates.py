@@ -3,8 +3,9 @@
 Measures, on this machine, in one run: three versions of a profile built on `minimal` (v2: one
 package more and a sysctl changed; v3: one kernel option more), their bundles beside the qcow2 a
 reinstall would ship and the space the root uses in the guest; then, in one guest booted from v1
-under TCG, the staging of v2 as a delta and of v3 as a full bundle (each from a URL on the host, as
-from a hub), and an update staged with --reboot up to the new version's healthy boot.
+under TCG, the staging of v3 as a full bundle and of v2 as a delta (each from a URL on the host, as
+from a hub), a reboot into v2, and a hub's rollout of v3 as a delta, from its start to the host
+back healthy on v3.
 Run as root: `.venv/bin/python -m bench.bench_updates`.
 """
 
@@ -30,6 +31,8 @@ from rich.table import Table
 CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT / "qemu-tests"))
 from guest_console import PROMPT, GuestConsole, overlay, settled  # noqa: E402 (after the path above)
+
+from tests.hub_fixtures import Hub, upload  # noqa: E402
 
 DELTA_TARGET = 0.05  # of the full bundle, for a one-package change
 PROFILE = """extends = "minimal"
@@ -101,6 +104,27 @@ def stage(guest: GuestConsole, url: str, reboot: bool = False) -> float:
     return float(seconds)
 
 
+def roll_out(hub: Hub, guest: GuestConsole, bundle: Path) -> float:
+    """Seconds from the rollout's start (the bundle already uploaded) to the hub's word that it is complete:
+    the host staged the update from the hub, rebooted into it and came back healthy on it."""
+    status, image = upload(hub, bundle.read_bytes())
+    assert status in (200, 201), image
+    hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"], "the agent connected", 120)
+    before = len(guest.seen)
+    started = time.monotonic()
+    rollout = hub.api("POST", "/api/v1/rollouts", {"image": image["id"], "target": {"hosts": ["vm-1"]},
+                                                    "health_timeout_s": 1200})  # fmt: skip
+    while (state := hub.api("GET", f"/api/v1/rollouts/{rollout['id']}"))["state"] not in ("complete", "halted"):
+        assert time.monotonic() - started < 1500, f"the rollout did not end: {state}"
+        time.sleep(0.5)
+    seconds = time.monotonic() - started
+    assert state["state"] == "complete", state
+    assert guest.wait_for_after(before, b"BdsDxe: starting", 60), "the host rebooted for the update"
+    assert guest.wait_for_after(guest.seen.find(b"BdsDxe: starting", before), PROMPT, 400), "v3 boots"
+    settled(guest)
+    return seconds
+
+
 def main() -> int:
     argparse.ArgumentParser(description=__doc__).parse_args()
     console = Console()
@@ -119,8 +143,15 @@ def main() -> int:
         full, delta = output(v2, "bundle").stat().st_size, output(v2, "delta").stat().st_size
         qcow2 = output(v1, "qcow2").stat().st_size
 
+        hub = Hub(folder / "hub")
+        hub.directory.mkdir()
+        hub.admin_token = hub.cli("admin", "add", "bench").stdout.strip().splitlines()[-1]
+        hub.start()
+        token = hub.api("POST", "/api/v1/hosts", {"name": "vm-1", "groups": ["vms"]})["token"]
+        credentials = ("--credential", f"rastos.hub.url=ws://10.0.2.2:{hub.port}/api/v1/agent",
+                       "--credential", f"rastos.hub.token={token}")  # fmt: skip
         disk = overlay(output(v1, "qcow2"), folder / "disk.qcow2")
-        guest = GuestConsole(disk, keep_changes=True)
+        guest = GuestConsole(disk, keep_changes=True, boot_args=credentials)
         try:
             assert guest.wait_for(PROMPT, 300), "v1 boots"
             settled(guest)
@@ -128,20 +159,21 @@ def main() -> int:
                                  "USED"))  # fmt: skip
             with serving(served) as port:
                 base = f"http://10.0.2.2:{port}"
-                delta_seconds = stage(guest, f"{base}/{output(v2, 'delta').name}")
                 full_seconds = stage(guest, f"{base}/{output(v3, 'bundle').name}")
-                started = time.monotonic()
-                guest.type(f"rastosctl update stage --reboot {base}/{output(v3, 'delta').name} > /dev/null 2>&1")
-                assert guest.wait_for_new(b"BdsDxe: starting", 900), "the guest rebooted into v3"
-                assert guest.wait_for_new(PROMPT, 400), "v3 boots"
-                settled(guest)
-                healthy = time.monotonic() - started
+                delta_seconds = stage(guest, f"{base}/{output(v2, 'delta').name}")
+            # v2, staged last, boots next: the host runs the parent of v3's delta.
+            guest.type("systemctl reboot")
+            assert guest.wait_for_new(b"BdsDxe: starting", 300), "the guest rebooted into v2"
+            assert guest.wait_for_new(PROMPT, 400), "v2 boots"
+            settled(guest)
+            rollout_seconds = roll_out(hub, guest, output(v3, "delta"))
             version = guest.run(
                 'echo "VERSION=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
                 "org.rastos.Daemon1.Manager BootState | grep -o '\"image_version\":\"[^\"]*\"')\"", "VERSION"
             )  # fmt: skip
         finally:
             guest.close(folder / "console.log")
+            hub.stop()
 
     table = Table(title="image updates, profile minimal + one package (sizes)")
     for column in ("what", "size", "of the full bundle"):
@@ -168,7 +200,7 @@ def main() -> int:
         ("build v3 with --delta-from v2", built3),
         ("stage v2 as a delta (download, verify, receive, carry, install)", delta_seconds),
         ("stage v3 as a full bundle", full_seconds),
-        ("stage v3 (delta) --reboot to v3 booted and healthy", healthy),
+        ("hub rollout of v3 (delta): start to the host back healthy on v3", rollout_seconds),
     ):
         table.add_row(what, f"{seconds:.1f}")
     console.print(table)
