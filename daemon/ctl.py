@@ -80,6 +80,7 @@ from rastos.errors import RastosError
 EXIT_BUS_ERROR = 1
 EXIT_JOB_FAILED = 3
 EXIT_NONCOMPLIANT = 4
+EXIT_INTERRUPTED = 130  # as a shell reports a command that SIGINT ended
 UNREACHABLE = "rastosd is not reachable on {bus}: is rastosd.service running?"
 
 
@@ -440,7 +441,7 @@ def run_inventory(args: argparse.Namespace) -> int:
     runner = functools.partial(run_host, args)
     results = asyncio.run(run_fleet(hosts, runner, parallel=args.parallel, fail_fast=args.fail_fast, as_json=args.json))
     if not args.json:
-        print(f"\n{summary(results)}")
+        print(summary(results))
     return exit_status(results)
 
 
@@ -466,6 +467,10 @@ def main(argv: list[str]) -> int:
         return asyncio.run(run_on(target, args, PrintOutput(args.json)))
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        # Every connection is closed by now, and with it its ssh; a job already submitted goes on.
+        print("rastosctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (SdBusBaseError, RastosError) as error:
         status, message = failure(error, target)
         print(f"rastosctl: {message}", file=sys.stderr)

@@ -26,8 +26,9 @@ from tests.daemon_fixtures import CHECKOUT
 
 SSHD = Path("/usr/sbin/sshd")
 SYSTEM_BUS_DIR = Path("/run/dbus")  # where the bridge looks for system_bus_socket
-# In the namespace: /run/dbus becomes the given directory, then sshd runs (the values are arguments,
-# never pasted into the script).
+CTL = [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())"]  # rastosctl
+# In the namespace: /run/dbus becomes the given directory, then the command runs (sshd, or a container's
+# first process); the values are arguments, never pasted into the script.
 IN_NAMESPACE = 'mount --bind -- "$1" /run/dbus && shift && exec "$@"'
 
 
@@ -88,8 +89,7 @@ class SshClient:
 
     def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """rastosctl with this client's ssh; in a session of its own, without a terminal ssh could ask on."""
-        argv = [sys.executable, "-c", "import sys; from daemon.cli import ctl_main; sys.exit(ctl_main())", *args]
-        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout, cwd=CHECKOUT,
+        return subprocess.run([*CTL, *args], capture_output=True, text=True, check=False, timeout=timeout, cwd=CHECKOUT,
                               env=self.env(), start_new_session=True)  # fmt: skip
 
 
