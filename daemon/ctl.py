@@ -74,7 +74,7 @@ from daemon.ctl_output import (
 from daemon.ctl_target import Target, Unreachable, Via, connect, parse_destination, parse_machine
 from daemon.inventory import InventoryHost, load_inventory
 from daemon.jobs import FINAL_STATES
-from ops.declared import REQUIRED, desired_state_steps, list_workflows, load_workflow
+from ops.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
 
 EXIT_BUS_ERROR = 1
@@ -88,8 +88,11 @@ class Client:
     """The commands, on one bus; what they print goes to `out`. `variables`: values for a workflow's
     variables that come before --set's (an inventory's, for its host)."""
 
-    def __init__(self, bus: SdBus, out: Output, variables: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, bus: SdBus, out: Output, variables: Mapping[str, Any] | None = None, remote: bool = False
+    ) -> None:
         self.bus = bus
+        self.remote = remote
         self.out = out
         self.variables = dict(variables or {})
         self.manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
@@ -178,9 +181,14 @@ class Client:
         return await self.after_submit(path, args.no_wait, diff=args.dry_run)
 
     async def apply_config(self, args: argparse.Namespace) -> int:
-        steps = desired_state_steps(args.file)
+        # rastosctl reads the file, not rastosd: over SSH the default would be this host's desired state,
+        # applied to another.
+        if args.file is None and self.remote:
+            raise RastosError(f"apply-config reads {DESIRED_STATE} here, not on that host", hint="name it: --file FILE")
+        file = args.file or DESIRED_STATE
+        steps = desired_state_steps(file)
         if not steps:
-            self.emit({"steps": []}, f"{args.file} declares nothing")
+            self.emit({"steps": []}, f"{file} declares nothing")
             return 0
         path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
         return await self.after_submit(path, args.no_wait, diff=args.dry_run)
@@ -412,7 +420,7 @@ async def run_on(
         if target.via is not Via.LOCAL:
             await connection.reach(args.connect_timeout)
         try:
-            return await dispatch(Client(connection.bus, out, variables), args)
+            return await dispatch(Client(connection.bus, out, variables, target.via is not Via.LOCAL), args)
         except DbusNoReplyError as error:
             raise (connection.lost(error) or error) from None
     finally:

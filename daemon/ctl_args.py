@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply_config = commands.add_parser(
         "apply-config", help="make the host what /etc/rastos/rastos.toml declares (--dry-run: the whole diff)"
     )
-    apply_config.add_argument("--file", type=Path, default=DESIRED_STATE, help=f"default {DESIRED_STATE}")
+    apply_config.add_argument("--file", type=Path, help=f"default {DESIRED_STATE} (of this host: -H needs --file)")
     add_job_flags(apply_config)
     compliance = commands.add_parser("compliance", help="check the host against the compliance checks; remediate")
     compliance_commands = compliance.add_subparsers(dest="compliance_command", required=True, metavar="ACTION")
