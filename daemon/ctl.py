@@ -421,7 +421,7 @@ async def run_on(
             await connection.reach(args.connect_timeout)
         try:
             return await dispatch(Client(connection.bus, out, variables, target.via is not Via.LOCAL), args)
-        except DbusNoReplyError as error:
+        except (DbusNoReplyError, SdBusLibraryError) as error:
             raise (connection.lost(error) or error) from None
     finally:
         connection.close()

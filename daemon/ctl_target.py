@@ -191,9 +191,12 @@ class Connection:
                            "logged in, but systemd-stdio-bridge there could not connect to the system bus",
                            hint="is dbus running there (systemctl status dbus.service)?")  # fmt: skip
 
-    def lost(self, error: DbusNoReplyError) -> Unreachable | None:
-        """A connection that ends in the middle of a command (ssh killed, the host gone)."""
-        if self.target.via is not Via.SSH or "terminated" not in str(error):
+    def lost(self, error: SdBusBaseError) -> Unreachable | None:
+        """A connection that ends in the middle of a command (ssh killed, the host gone): a call waiting
+        then hears "Connection terminated", one made after it sd-bus's ENOTCONN."""
+        if self.target.via is Via.LOCAL:
+            return None
+        if not isinstance(error, SdBusLibraryError) and "terminated" not in str(error):
             return None
         said = [line.strip() for line in self.ssh_said().splitlines() if line.strip()]
         detail = f" ({said[-1]})" if said else ""

@@ -6,14 +6,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixtures import PLAIN_USER, STRICT_POLICY, Rastosd, private_bus
-from tests.ssh_fixtures import IN_NAMESPACE, SshClient, Sshd, bus_dir, closed_port, keygen, silent_listener, sshd
+from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
+from tests.daemon_fixtures import CHECKOUT, PLAIN_USER, STRICT_POLICY, PrivateBus, Rastosd, ScratchRoot, private_bus
+from tests.ssh_fixtures import CTL, IN_NAMESPACE, SshClient, Sshd, bus_dir, closed_port, keygen, silent_listener, sshd
 
 pytestmark = pytest.mark.root
 
@@ -168,3 +171,36 @@ def test_a_local_container_by_name(rastosd: Rastosd, client: SshClient) -> None:
     missing = client.ctl("-M", name, "status")
     assert missing.returncode == 1
     assert missing.stderr.startswith(f"rastosctl: container {name}: no container of that name is running here")
+
+
+def test_a_connection_lost_during_a_command_is_named(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], client: SshClient, tmp_path: Path
+) -> None:
+    bus, scratch, state_dir = daemon_env
+    # The job stops at its pre snapshot, so rastosctl is still following it when the connection goes.
+    daemon = Rastosd(bus, scratch, state_dir, env={FAILPOINT_VARIABLE: "snapshot-written"})
+    daemon.start()
+    try:
+        with sshd(tmp_path / "sshd", client, bus_dir(bus.address)) as server:
+            argv = [*CTL, "-H", server.destination(), "apply", "motd", "text=cut"]
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=CHECKOUT,
+                                  env=client.env(), start_new_session=True) as following:  # fmt: skip
+                deadline = time.monotonic() + 30
+                while "rastos failpoint snapshot-written reached" not in daemon.log_text():
+                    assert time.monotonic() < deadline, daemon.log_text()
+                    time.sleep(0.05)
+                for session in children(server.process.pid):  # sshd's process for this connection
+                    os.kill(session, signal.SIGTERM)
+                _, stderr = following.communicate(timeout=30)
+        assert following.returncode == 1, stderr
+        assert "[  0%] step 1/1: motd" in stderr, "it was following the job"
+        assert f"\nrastosctl: {server.destination()}: the connection was lost during the command" in stderr
+        assert "rastosctl jobs there" in stderr
+    finally:
+        daemon.killed_at("snapshot-written")
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
