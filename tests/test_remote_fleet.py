@@ -157,8 +157,9 @@ def test_parallel_bounds_how_many_hosts_are_waited_on_at_once(tmp_path: Path) ->
                              "status")  # fmt: skip
             timings[parallel] = time.monotonic() - started
             assert [r["error"]["reason"] for r in records(ran.stdout).values()] == ["no-answer"] * 3
-    assert timings["3"] < 5, "three hosts waited on together: one timeout"
-    assert timings["1"] >= 6, "one at a time: three timeouts"
+    assert timings["1"] >= 6, "one at a time: three timeouts of 2 s"
+    # Together: one timeout. Compared, not bounded, as a loaded machine starts rastosctl slowly either way.
+    assert timings["1"] - timings["3"] > 3, timings
 
 
 def on_a_terminal(client: SshClient, *args: str) -> tuple[int, str]:
