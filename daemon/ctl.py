@@ -3,7 +3,10 @@
 Readable tables by default, `--json` on every command (before or after its name). A D-Bus error prints
 its name and text and exits 1; a bad argument (a number out of range, an unknown command) is one line
 and exits 2; a job that ends other than `done`, or an update staging that ends other than `staged`, exits 3;
-a compliance scan with a failed check exits 4.
+a compliance scan with a failed check exits 4. rastosd that cannot be reached exits 1, with why.
+
+The same commands reach another host's rastosd over SSH (`-H`), a local container's (`-M`), or every
+host of an inventory at once (`--inventory`, daemon/ctl_fleet.py); daemon/ctl_target.py connects.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,11 @@ from sdbus import (
     DbusAccessDeniedError,
     DbusFailedError,
     DbusNameHasNoOwnerError,
+    DbusNoReplyError,
     DbusServiceUnknownError,
     SdBus,
     SdBusBaseError,
     SdBusLibraryError,
-    sd_bus_open_system,
 )
 
 import daemon.bus.errors  # noqa: F401  (registers our error names, so errors arrive by name)
@@ -45,8 +50,19 @@ from daemon.compliance.remediate import pipeline as remediation_pipeline
 from daemon.compliance.remediate import select
 from daemon.compliance.report import render
 from daemon.config import DaemonConfig, load_config
-from daemon.ctl_args import EXIT_USAGE, build_parser, job_flags, key_values, params_from, steps_from_file
+from daemon.ctl_args import (
+    DEFAULT_PARALLEL,
+    EXIT_USAGE,
+    build_parser,
+    job_flags,
+    key_values,
+    params_from,
+    steps_from_file,
+)
+from daemon.ctl_fleet import HostResult, Outcome, Recorder, exit_status, run_fleet, summary
 from daemon.ctl_output import (
+    Output,
+    PrintOutput,
     format_changes,
     format_diff,
     format_job,
@@ -55,26 +71,36 @@ from daemon.ctl_output import (
     format_update_status,
     table,
 )
+from daemon.ctl_target import Target, Unreachable, Via, connect, parse_destination, parse_machine
+from daemon.inventory import InventoryHost, load_inventory
 from daemon.jobs import FINAL_STATES
-from ops.declared import REQUIRED, desired_state_steps, list_workflows, load_workflow
+from ops.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
 
 EXIT_BUS_ERROR = 1
 EXIT_JOB_FAILED = 3
 EXIT_NONCOMPLIANT = 4
+EXIT_INTERRUPTED = 130  # as a shell reports a command that SIGINT ended
 UNREACHABLE = "rastosd is not reachable on {bus}: is rastosd.service running?"
 
 
 class Client:
-    def __init__(self, bus: SdBus, as_json: bool) -> None:
+    """The commands, on one bus; what they print goes to `out`. `variables`: values for a workflow's
+    variables that come before --set's (an inventory's, for its host)."""
+
+    def __init__(
+        self, bus: SdBus, out: Output, variables: Mapping[str, Any] | None = None, remote: bool = False
+    ) -> None:
         self.bus = bus
-        self.as_json = as_json
+        self.remote = remote
+        self.out = out
+        self.variables = dict(variables or {})
         self.manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
         self.snapshots = SnapshotsInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
         self.updates = UpdatesInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
 
     def emit(self, document: Any, text: str) -> None:
-        print(json.dumps(document, indent=2) if self.as_json else text)
+        self.out.emit(document, text)
 
     async def status(self) -> int:
         boot = await self.manager.boot_state
@@ -119,6 +145,7 @@ class Client:
 
     async def plan(self, op: str, params: list[str]) -> int:
         plan = json.loads(await self.manager.plan(op, params_from(params)))
+        self.out.changed = bool(plan["changes"])
         self.emit(plan, format_changes(plan["changes"]) if plan["changes"] else f"{op}: nothing to change")
         return 0
 
@@ -142,7 +169,10 @@ class Client:
             rows = [[w.name, ", ".join(w.variables) or "-", w.description] for w in workflows]
             self.emit(document, table(["NAME", "VARIABLES", "DESCRIPTION"], rows))
             return 0
-        steps = load_workflow(args.name).steps_for(key_values(args.set, "--set", "VAR=VALUE"))
+        workflow = load_workflow(args.name)
+        # An inventory's variables go to the workflows that declare them; --set's must all be known.
+        inherited = {name: value for name, value in self.variables.items() if name in workflow.variables}
+        steps = workflow.steps_for({**inherited, **key_values(args.set, "--set", "VAR=VALUE")})
         if args.workflow_command == "show":
             text = "\n".join(f"{i}. {s['op']} {json.dumps(s['params'])}" for i, s in enumerate(steps, 1))
             self.emit(steps, text)
@@ -151,9 +181,14 @@ class Client:
         return await self.after_submit(path, args.no_wait, diff=args.dry_run)
 
     async def apply_config(self, args: argparse.Namespace) -> int:
-        steps = desired_state_steps(args.file)
+        # rastosctl reads the file, not rastosd: over SSH the default would be this host's desired state,
+        # applied to another.
+        if args.file is None and self.remote:
+            raise RastosError(f"apply-config reads {DESIRED_STATE} here, not on that host", hint="name it: --file FILE")
+        file = args.file or DESIRED_STATE
+        steps = desired_state_steps(file)
         if not steps:
-            self.emit({"steps": []}, f"{args.file} declares nothing")
+            self.emit({"steps": []}, f"{file} declares nothing")
             return 0
         path = await self.manager.run_pipeline(json.dumps(steps), job_flags(args))
         return await self.after_submit(path, args.no_wait, diff=args.dry_run)
@@ -161,9 +196,9 @@ class Client:
     async def compliance(self, args: argparse.Namespace) -> int:
         report = Report.from_json(json.loads(await self.manager.compliance_scan()))
         if args.compliance_command == "scan":
-            text = render(report, args.format or ("json" if self.as_json else "table"))
+            text = render(report, args.format or ("json" if self.out.as_json else "table"))
             if args.output is None:
-                print(text)
+                self.out.emit(json.loads(render(report, "json")), text, verbatim=True)
             else:
                 try:
                     args.output.write_text(text + "\n")
@@ -176,7 +211,7 @@ class Client:
             raise RastosError(str(error)) from None
         for result in chosen:
             if result.status is Status.FAIL and result.remediation is None:
-                print(f"rastosctl: by hand: {result.id}: {result.manual or result.finding}", file=sys.stderr)
+                self.out.note(f"by hand: {result.id}: {result.manual or result.finding}")
         steps = remediation_pipeline(chosen, report.context)
         if not steps:
             self.emit({"steps": []}, "nothing an op can remediate among the checks that fail")
@@ -193,6 +228,7 @@ class Client:
 
     async def confirm(self, job_id: int) -> int:
         await self.manager.confirm(job_id)
+        self.out.changed = True
         self.emit({"confirmed": job_id}, f"job {job_id}'s change is confirmed: it stays")
         return 0
 
@@ -208,6 +244,7 @@ class Client:
         if paths.get(job_id, "/") != "/":
             await self.follow(JobInterface.new_proxy(BUS_NAME, job_path(job_id), self.bus))
         document = json.loads(await self.manager.get_job(job_id))
+        self.out.changed = self.out.changed or job_changed(document)
         self.emit(document, format_job(document) + (format_diff(document) if diff else ""))
         return 0 if document["state"] == "done" else EXIT_JOB_FAILED
 
@@ -217,8 +254,7 @@ class Client:
 
         async def output() -> None:
             async for line in job.output:
-                if not self.as_json:
-                    print(f"  | {line}", flush=True)
+                self.out.line(line)
 
         async def completed() -> None:
             async for _ in job.completed:
@@ -233,8 +269,8 @@ class Client:
                 if state in FINAL_STATES:
                     break
                 progress = await job.progress
-                if progress != last_progress and not self.as_json:
-                    print(f"[{progress[0]:3d}%] {progress[1]}", file=sys.stderr, flush=True)
+                if progress != last_progress:
+                    self.out.progress(f"[{progress[0]:3d}%] {progress[1]}")
                     last_progress = progress
                 try:
                     await asyncio.wait_for(finished.wait(), 0.25)
@@ -275,6 +311,7 @@ class Client:
         else:
             await self.snapshots.mark_good()
             self.emit({"marked_good": True}, "this boot is marked good")
+        self.out.changed = action != "list"
         return 0
 
     async def update(self, args: argparse.Namespace) -> int:
@@ -294,6 +331,7 @@ class Client:
             self.emit({"id": update_id}, f"update {update_id} is staging (rastosctl update status)")
             return 0
         result = await self.follow_update(source, args.reboot)
+        self.out.changed = result.get("state") == "staged"
         self.emit(result, format_update_result(result))
         return 0 if result.get("state") == "staged" else EXIT_JOB_FAILED
 
@@ -318,8 +356,8 @@ class Client:
                 if status["id"] == update_id and status["result"] is not None:
                     return dict(status["result"])
                 progress = format_progress(*await self.updates.update_progress)
-                if progress != shown and not self.as_json:
-                    print(progress, file=sys.stderr, flush=True)
+                if progress != shown:
+                    self.out.progress(progress)
                     shown = progress
                 heard.clear()
                 with contextlib.suppress(TimeoutError):
@@ -342,10 +380,7 @@ class Client:
         return 0
 
 
-async def dispatch(args: argparse.Namespace) -> int:
-    if args.bus_address:
-        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = args.bus_address
-    client = Client(sd_bus_open_system(), args.json)
+async def dispatch(client: Client, args: argparse.Namespace) -> int:
     command = args.command
     if command == "status":
         return await client.status()
@@ -376,50 +411,119 @@ async def dispatch(args: argparse.Namespace) -> int:
     return await client.log(args.since, args.limit)
 
 
+async def run_on(
+    target: Target, args: argparse.Namespace, out: Output, variables: Mapping[str, Any] | None = None
+) -> int:
+    """One command on one target: the same path for the local bus, -H, -M and each inventory host."""
+    connection = connect(target)
+    try:
+        if target.via is not Via.LOCAL:
+            await connection.reach(args.connect_timeout)
+        try:
+            return await dispatch(Client(connection.bus, out, variables, target.via is not Via.LOCAL), args)
+        except (DbusNoReplyError, SdBusLibraryError) as error:
+            raise (connection.lost(error) or error) from None
+    finally:
+        connection.close()
+
+
+async def run_host(args: argparse.Namespace, host: InventoryHost, recorder: Recorder) -> HostResult:
+    try:
+        status = await run_on(host.target, args, recorder, host.variables)
+    except Unreachable as error:
+        return HostResult(host, Outcome.UNREACHABLE, EXIT_BUS_ERROR, error=str(error), reason=str(error.reason))
+    except (SdBusBaseError, RastosError) as error:
+        status, message = failure(error, host.target)
+        return HostResult(host, Outcome.FAILED, status, document=recorder.document, text=recorder.text, error=message)
+    outcome = Outcome.FAILED if status else Outcome.CHANGED if recorder.changed else Outcome.UNCHANGED
+    return HostResult(host, outcome, status, document=recorder.document, text=recorder.text)
+
+
+def run_inventory(args: argparse.Namespace) -> int:
+    hosts = load_inventory(args.inventory).select(args.limits)
+    if not hosts:
+        raise RastosError(f"{args.inventory}: no hosts to run on", hint="declare them in [[host]] tables")
+    # Many ssh at once on one terminal must not ask anything there (an unknown host key, a key's
+    # passphrase): each question goes to an askpass that answers no, and that host fails, named.
+    os.environ["SSH_ASKPASS"], os.environ["SSH_ASKPASS_REQUIRE"] = "false", "force"
+    runner = functools.partial(run_host, args)
+    results = asyncio.run(run_fleet(hosts, runner, parallel=args.parallel, fail_fast=args.fail_fast, as_json=args.json))
+    if not args.json:
+        print(summary(results))
+    return exit_status(results)
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    if args.inventory is None and (args.limits or args.fail_fast or args.parallel is not None):
+        raise RastosError("--limit, --parallel and --fail-fast choose among an inventory's hosts: add --inventory FILE")
+    if args.parallel is None:
+        args.parallel = DEFAULT_PARALLEL
+    if args.host is not None:
+        return parse_destination(args.host)
+    if args.machine is not None:
+        return parse_machine(args.machine)
+    return Target(bus_address=args.bus_address)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    target = Target(bus_address=args.bus_address)
     try:
-        return asyncio.run(dispatch(args))
-    except (DbusServiceUnknownError, DbusNameHasNoOwnerError):
-        print(f"rastosctl: {unreachable(args)} (no one owns {BUS_NAME} on that bus)", file=sys.stderr)
-        return EXIT_BUS_ERROR
-    except DbusAccessDeniedError as error:
-        print(f"rastosctl: {error.dbus_error_name}: {access_denied(error.args[0] if error.args else '')}",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_BUS_ERROR
-    except DbusFailedError as error:
-        print(f"rastosctl: {error.dbus_error_name}: {error.args[0] if error.args else ''}", file=sys.stderr)
-        return EXIT_BUS_ERROR
-    except SdBusLibraryError as error:  # sd-bus could not connect: its text names a C file and an errno
-        found = re.search(r"error number: (\d+)", str(error))
-        reason = os.strerror(int(found[1])) if found else str(error)
-        print(f"rastosctl: {unreachable(args)} (cannot connect to the bus: {reason})", file=sys.stderr)
-        return EXIT_BUS_ERROR
-    except SdBusBaseError as error:
-        print(f"rastosctl: {error}", file=sys.stderr)
-        return EXIT_BUS_ERROR
-    except RastosError as error:
-        print(f"rastosctl: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        target = target_of(args)
+        if args.inventory is not None:
+            return run_inventory(args)
+        return asyncio.run(run_on(target, args, PrintOutput(args.json)))
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        # Every connection is closed by now, and with it its ssh; a job already submitted goes on.
+        print("rastosctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SdBusBaseError, RastosError) as error:
+        status, message = failure(error, target)
+        print(f"rastosctl: {message}", file=sys.stderr)
+        return status
 
 
-def unreachable(args: argparse.Namespace) -> str:
-    return UNREACHABLE.format(bus=f"the bus at {args.bus_address}" if args.bus_address else "the system bus")
+def failure(error: SdBusBaseError | RastosError, target: Target) -> tuple[int, str]:
+    """The exit status and the message for an error a command ended with."""
+    if isinstance(error, Unreachable):
+        return EXIT_BUS_ERROR, str(error)
+    if isinstance(error, RastosError):
+        return EXIT_USAGE, str(error)
+    if isinstance(error, DbusServiceUnknownError | DbusNameHasNoOwnerError):
+        return EXIT_BUS_ERROR, f"{UNREACHABLE.format(bus=target)} (no one owns {BUS_NAME} on that bus)"
+    if isinstance(error, DbusAccessDeniedError):
+        return EXIT_BUS_ERROR, f"{error.dbus_error_name}: {access_denied(error.args[0] if error.args else '', target)}"
+    if isinstance(error, DbusFailedError):
+        return EXIT_BUS_ERROR, f"{error.dbus_error_name}: {error.args[0] if error.args else ''}"
+    if isinstance(error, SdBusLibraryError):  # sd-bus could not connect: its text names a C file and an errno
+        found = re.search(r"error number: (\d+)", str(error))
+        reason = os.strerror(int(found[1])) if found else str(error)
+        return EXIT_BUS_ERROR, f"{UNREACHABLE.format(bus=target)} (cannot connect to the bus: {reason})"
+    return EXIT_BUS_ERROR, str(error)
 
 
-def access_denied(message: str) -> str:
+def access_denied(message: str, target: Target) -> str:
     """The daemon's own refusal says what needs root; the bus policy's names a rule and a member
     ("Rejected send message, 1 matched rules; type=..."), so say it in the daemon's words."""
     if not message.startswith("Rejected send message"):
         return message
     found = re.search(r'member="([^"]+)"', message)
     method = found[1] if found else "this call"
-    group = admin_group()
+    # The group is the daemon's setting: this host's file says it only for this host's daemon.
+    group = f"group {admin_group()!r}" if target.via is Via.LOCAL else "the group admin_group names there"
     if method == "ComplianceScan":
-        return f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
-    return f"{method} changes the host: only root or members of group {group!r} may call it (the bus refused it)"
+        return f"ComplianceScan reads /etc/shadow and users' keys: only root or members of {group} may call it"
+    return f"{method} changes the host: only root or members of {group} may call it (the bus refused it)"
+
+
+def job_changed(document: dict[str, Any]) -> bool:
+    """A step changed the host, or in a dry run planned a change."""
+    return any(
+        step["state"] == "changed" or (step["state"] == "planned" and (step.get("result") or {}).get("changes"))
+        for step in document.get("steps", [])
+    )
 
 
 def admin_group() -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from daemon.compliance.report import FORMATS
+from daemon.ctl_target import CONNECT_TIMEOUT
 from daemon.jobs import FLAG_DRY_RUN, FLAG_NO_SNAPSHOT, FLAG_RESTORE_ON_FAILURE
 from ops.declared import DESIRED_STATE
 from ops.params import INT_MAX
@@ -19,6 +20,8 @@ from rastos.errors import RastosError
 EXIT_USAGE = 2
 UINT32_MAX = (1 << 32) - 1
 MAX_EVENTS = 10000  # GetEventLog's limit
+DEFAULT_PARALLEL = 10
+MAX_PARALLEL = 256  # each host is an ssh process and its file descriptors
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,7 +59,19 @@ SNAPSHOT_ID = number(1, UINT32_MAX, "a snapshot id")
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="rastosctl", description="control rastosd (org.rastos.Daemon1)")
     parser.set_defaults(json=False)
-    parser.add_argument("--bus-address", help="D-Bus address of the daemon's bus (default: the system bus)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--bus-address", help="D-Bus address of the daemon's bus (default: the system bus)")
+    where.add_argument("-H", "--host", metavar="[USER@]HOST[:PORT]", help="rastosd on that host, over SSH")
+    where.add_argument("-M", "--machine", metavar="NAME", help="rastosd in that local container")
+    where.add_argument("--inventory", type=Path, metavar="FILE",
+                       help="run the command on the hosts of this inventory (TOML), over SSH")  # fmt: skip
+    parser.add_argument("--limit", action="append", default=[], dest="limits", metavar="GROUP|HOST",
+                        help="only these hosts and groups (repeatable, or comma-separated)")  # fmt: skip
+    parser.add_argument("--parallel", type=number(1, MAX_PARALLEL), metavar="N",
+                        help=f"at most N hosts at once (default {DEFAULT_PARALLEL})")  # fmt: skip
+    parser.add_argument("--fail-fast", action="store_true", help="start no more hosts once one failed")
+    parser.add_argument("--connect-timeout", type=number(1, 3600), default=int(CONNECT_TIMEOUT), metavar="SECONDS",
+                        help=f"give up on a host silent this long (default {CONNECT_TIMEOUT:g})")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("status", help="version, host name, boot state, jobs and snapshots")
@@ -86,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply_config = commands.add_parser(
         "apply-config", help="make the host what /etc/rastos/rastos.toml declares (--dry-run: the whole diff)"
     )
-    apply_config.add_argument("--file", type=Path, default=DESIRED_STATE, help=f"default {DESIRED_STATE}")
+    apply_config.add_argument("--file", type=Path, help=f"default {DESIRED_STATE} (of this host: -H needs --file)")
     add_job_flags(apply_config)
     compliance = commands.add_parser("compliance", help="check the host against the compliance checks; remediate")
     compliance_commands = compliance.add_subparsers(dest="compliance_command", required=True, metavar="ACTION")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -112,3 +114,43 @@ def format_update_status(status: dict[str, Any]) -> str:
         lines.append(f"last error:      {error.get('name') or ''} {error.get('message', '')}".rstrip())
     lines += [f"hand change:     {change}" for change in status.get("hand_changes") or []]
     return "\n".join(lines)
+
+
+class Output(Protocol):
+    """Where a command's output goes: printed (one host), or kept per host (daemon/ctl_fleet.py)."""
+
+    as_json: bool
+    changed: bool  # set when the command changed the host, or in a dry run would
+
+    def emit(self, document: Any, text: str, verbatim: bool = False) -> None:
+        """The command's result: `document` with --json, else `text`; `verbatim`: `text` either way
+        (a report already rendered in the format asked for)."""
+
+    def line(self, text: str) -> None:
+        """A line of a running job's output."""
+
+    def progress(self, text: str) -> None:
+        """How far a job or a staging has got."""
+
+    def note(self, text: str) -> None:
+        """A remark beside the result, on stderr."""
+
+
+class PrintOutput:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.changed = False
+
+    def emit(self, document: Any, text: str, verbatim: bool = False) -> None:
+        print(json.dumps(document, indent=2) if self.as_json and not verbatim else text)
+
+    def line(self, text: str) -> None:
+        if not self.as_json:
+            print(f"  | {text}", flush=True)
+
+    def progress(self, text: str) -> None:
+        if not self.as_json:
+            print(text, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"rastosctl: {text}", file=sys.stderr)
