@@ -16,16 +16,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TextIO
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.spinner import Spinner
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO
 
 from daemon.ctl_output import table
 from daemon.inventory import InventoryHost
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.live import Live
 
 VIEW_REFRESH = 0.125  # seconds between redraws of the live view
 
@@ -119,7 +117,9 @@ STYLE = {"waiting": "dim", "changed": "yellow", "unchanged": "green", "failed": 
 class FleetView:
     """On a terminal, a live row per host (state, time, its latest news) on stderr; elsewhere nothing
     but the blocks and the table. Redrawn from the event loop, not rich's thread: connecting moves
-    stderr for a moment (daemon/ctl_target.py), and a redraw then would land in ssh's file."""
+    stderr for a moment (daemon/ctl_target.py), and a redraw then would land in ssh's file. rich is
+    imported only for the live rows: an image's rastosctl has no rich (it is not among the image's
+    Debian packages), and there the run goes on without them."""
 
     hosts: Sequence[InventoryHost]
     as_json: bool
@@ -129,6 +129,13 @@ class FleetView:
 
     def __post_init__(self) -> None:
         self.rows = {host.name: _Row() for host in self.hosts}
+        if not sys.stderr.isatty():
+            return
+        try:
+            from rich.console import Console
+            from rich.live import Live
+        except ImportError:
+            return
         console = Console(stderr=True)
         if console.is_terminal:
             self.live = Live(self.render(), console=console, auto_refresh=False, redirect_stdout=False,
@@ -136,6 +143,11 @@ class FleetView:
             self.live.start()
 
     def render(self) -> Group:
+        from rich.console import Group
+        from rich.spinner import Spinner
+        from rich.table import Table
+        from rich.text import Text
+
         grid = Table.grid(padding=(0, 2))
         now = time.monotonic()
         for name, row in self.rows.items():

@@ -8,6 +8,7 @@ inside a function or under TYPE_CHECKING (that is how circles hide).
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -120,3 +121,46 @@ def test_no_string_in_the_code_holds_a_lone_surrogate() -> None:
             if any(0xD800 <= ord(char) <= 0xDFFF for char in node.value):
                 found.append(f"{name}:{node.lineno}")
     assert found == []
+
+
+# The Python modules the image's Debian packages give it (imagebuilder/stages/bootstrap.py's
+# DAEMON_PACKAGES): python3-sdbus, -systemd, -btrfsutil, -pyroute2, -aiohttp, -cryptography.
+IMAGE_MODULES = {"sdbus", "systemd", "btrfsutil", "pyroute2", "aiohttp", "cryptography"}
+
+
+def top_level_imports(path: Path) -> list[tuple[str, int]]:
+    """What a module imports when it is loaded: its module-level imports, also under try or if, but not
+    under TYPE_CHECKING and not inside a function (those run only when called)."""
+    found: list[tuple[str, int]] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.extend((alias.name.split(".")[0], node.lineno) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append((node.module.split(".")[0], node.lineno))
+            elif isinstance(node, ast.If) and not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_what_the_image_runs_imports_only_what_the_image_has() -> None:
+    """rastosd and rastosctl run in the image on Debian's python3 and the Python packages above, not on
+    this checkout's .venv: a module-level import of anything else (rich, say) breaks them there, and
+    only a booted image would tell. The image has the packages rastos, ops and daemon."""
+    from imagebuilder.stages.rastos import PYTHON_PACKAGES
+
+    allowed = set(sys.stdlib_module_names) | IMAGE_MODULES | set(PYTHON_PACKAGES) | {"__future__"}
+    found = [
+        f"{name}:{line} imports {module}"
+        for name, path in modules().items()
+        if name.split(".")[0] in PYTHON_PACKAGES
+        for module, line in top_level_imports(path)
+        if module not in allowed
+    ]
+    assert found == [], "import these inside the function that needs them, or add the image's Debian package"
