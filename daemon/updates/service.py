@@ -35,7 +35,7 @@ from daemon.updates.layout import GENERATION, HostLayout, on_own_thread, top_lev
 from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
 from daemon.updates.retention import collect, staged_roots
-from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
+from daemon.updates.source import Cancelled, Source, check_headers, open_local, parse_source
 from ops.errors import ERROR_PREFIX
 from rastos.errors import RastosError
 from rastos.process import run
@@ -115,24 +115,28 @@ class Updates:
         if self.refusal is not None:
             raise UpdatesUnavailable(self.refusal)
         with self._lock:
-            if self._current is not None:
-                current = self._current
-                raise UpdateBusy(
-                    f"update {current.id} ({current.version or current.source.shown}) is staging: one at a time; "
-                    "cancel it or wait for its end"
-                )
-            fd = open_local(parsed.text) if parsed.url is None else None
-            try:
-                update_id = self.store.add_update(uid, method, parsed.shown, reboot)
-            except BaseException:
-                if fd is not None:
-                    os.close(fd)
-                raise
-            staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
-            self._current = staging
-            self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
-            self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)
-            self._worker.start()
+            return self._start(parsed, checked, uid=uid, method=method, reboot=reboot)
+
+    def _start(self, parsed: Source, checked: dict[str, str], *, uid: int, method: str, reboot: bool) -> int:
+        """A new staging on a worker of its own; called with `_lock` held."""
+        if self._current is not None:
+            current = self._current
+            raise UpdateBusy(
+                f"update {current.id} ({current.version or current.source.shown}) is staging: one at a time; "
+                "cancel it or wait for its end"
+            )
+        fd = open_local(parsed.text) if parsed.url is None else None
+        try:
+            update_id = self.store.add_update(uid, method, parsed.shown, reboot)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
+        self._current = staging
+        self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
+        self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)
+        self._worker.start()
         log.info("update %d: staging %s", update_id, parsed.shown)
         return update_id
 
@@ -266,7 +270,7 @@ class Updates:
         for listener in list(self.on_completed):
             self._notify(listener, staging.id, state == "staged", result)
         if state == "staged" and staging.reboot:
-            self._reboot(staging)
+            self._reboot(staging.id, staging.uid, staging.version)
 
     def _stage(self, staging: Staging) -> dict[str, Any]:
         # Downloads, bundles and their checks are imported with the first staging, not at every start.
@@ -289,15 +293,16 @@ class Updates:
         return {"id": staging.id, "source": staging.source.shown, "version": staging.version or None,
                 "reboot": staging.reboot, "error": error}  # fmt: skip
 
-    def _reboot(self, staging: Staging) -> None:
+    def _reboot(self, update_id: int, uid: int, version: str) -> None:
+        """Into the staged deployment of `version` (that `update_id` placed), as `uid` asked."""
         time.sleep(REBOOT_DELAY)
         try:
             self.reboot()
         except RastosError as error:
-            log.error("update %d is staged, but the reboot asked for failed: %s", staging.id, error)
-            self.store.record(staging.uid, "RebootFailed", None, update=staging.id, error=str(error)[:2000])
+            log.error("update %d is staged, but the reboot asked for failed: %s", update_id, error)
+            self.store.record(uid, "RebootFailed", None, update=update_id or None, error=str(error)[:2000])
             return
-        self.store.record(staging.uid, "Reboot", None, update=staging.id, version=staging.version)
+        self.store.record(uid, "Reboot", None, update=update_id or None, version=version)
 
     # Telling listeners
 
@@ -330,11 +335,17 @@ class Updates:
 
     def _staged_from_entries(self) -> str:
         """The version whose entry boots next, if one was staged and not booted yet."""
+        staged = self._staged_deployment()
+        return (version_deployed(staged) or "") if staged else ""
+
+    def _staged_deployment(self) -> str | None:
+        """The update deployment whose entry boots next with tries left, read from the ESP now: a
+        rollback or a boot that used up the entry's tries since the staging leaves none."""
         try:
             staged = staged_roots(self.entries, self.running)
         except (RastosError, OSError):
-            return ""
-        return (version_deployed(staged[0]) or "") if staged else ""
+            return None
+        return staged[0] if staged else None
 
 
 def describe(error: Exception, update_id: int) -> dict[str, Any]:
