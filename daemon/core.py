@@ -34,7 +34,7 @@ from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import SnapshotRow, StateStore
-from daemon.updates import Updates
+from daemon.updates import StageAnswer, Updates
 from ops.steps import step_from
 from ops.target import Target
 from rastos.errors import CommandError, RastosError
@@ -137,9 +137,10 @@ class Daemon:
         return prepare_deployment(new_root, running_root, pristine_image, self.store, config=self.config,
                                   running_subvolume=self.root_subvolume)  # fmt: skip
 
-    def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int:
-        """A staging for the hub link (hub_link.py's DaemonCore), as the daemon's own."""
-        return self.updates.stage(source, uid=HUB_UID, method="HubUpdate", reboot=reboot, headers=dict(headers))
+    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer:
+        """A staging of `version` for the hub link (hub_link.py's DaemonCore), as the daemon's own."""
+        return self.updates.stage_version(source, version, uid=HUB_UID, method="HubUpdate", reboot=reboot,
+                                          headers=dict(headers))  # fmt: skip
 
     def on_update_completed(self, callback: UpdateCompleted) -> None:
         self.updates.on_completed.append(callback)

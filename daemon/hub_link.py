@@ -17,7 +17,11 @@ with http(s) for ws(s)),
 and asks the daemon to stage the bundle from there, sending this host's token with the download as
 `Authorization: Bearer` (never logged). An update id is staged once: a repeat (the hub sends it again
 after each welcome until it hears that it is staged or ended) is answered with its state; an update to the version this
-host runs already is answered by the facts alone, which show it, sent again after it.
+host runs already is answered by the facts alone, which show it, sent again after it. The ids
+handled are kept in memory only; what outlasts a restart of rastosd is the daemon's own state, which
+it reads by the update's version (Updates.stage_version): a version staged already, its entry booting
+next, is answered `staged` without a second download (and rebooted into, if the update asks), and a
+staging of it under way is followed, not started again.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from rastos import __version__
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from daemon.updates import StageAnswer
 
 log = logging.getLogger("rastosd.hub")
 
@@ -97,12 +103,13 @@ class DaemonCore(Protocol):
     def boot_state(self) -> BootState: ...
 
     # Image updates (docs/updates.md: the daemon's `Updates` API, which these pass on to as the hub's
-    # uid with method "HubUpdate"). `stage_update` starts staging the bundle at `source`, an http(s)
-    # URL fetched with `headers`, and returns the staging's id at once; a refusal (one staging at a
-    # time, a bad source) raises DaemonError. `on_update_completed` adds a callback for the end of any
-    # staging, called with (id, ok, result) from any thread; `result` may say "state" (staged, failed,
-    # cancelled) and "error".
-    def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int: ...
+    # uid with method "HubUpdate"). `stage_update` stages `version` from the bundle at `source`, an
+    # http(s) URL fetched with `headers`, and answers at once: `staging` with the staging's id (a new
+    # one, or the one of that version under way), or `staged` (that version's entry boots next already;
+    # rebooted into when `reboot` asks); a refusal (one staging at a time, a bad source) raises
+    # DaemonError. `on_update_completed` adds a callback for the end of any staging, called with
+    # (id, ok, result) from any thread; `result` may say "state" (staged, failed, cancelled) and "error".
+    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer: ...
     def on_update_completed(self, callback: UpdateCompleted) -> None: ...
 
 
@@ -116,7 +123,7 @@ class HubLink:
         self._last_facts: dict[str, Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._updates: dict[str, dict[str, Any]] = {}  # hub update id -> its last update_status
-        self._stagings: dict[int, str] = {}  # the daemon's staging id -> the hub's update id
+        self._stagings: dict[int, list[str]] = {}  # the daemon's staging id -> the hub's update ids it answers
         daemon.on_update_completed(self._update_completed)
 
     def wake(self) -> None:
@@ -363,8 +370,8 @@ class HubLink:
             return
         source = self.hub_base() + url
         try:
-            staging = self.daemon.stage_update(
-                source, reboot=reboot, headers={"Authorization": f"Bearer {self.settings.token}"}
+            answer = self.daemon.stage_update(
+                source, version=version, reboot=reboot, headers={"Authorization": f"Bearer {self.settings.token}"}
             )
         except DaemonError as error:
             log.warning("hub update %s to %s refused: %s", update_id, version, error)
@@ -374,8 +381,12 @@ class HubLink:
             log.exception("hub update %s to %s could not start", update_id, version)
             self._update_status(update_id, "failed", version, "the daemon could not start staging: see its log")
             return
-        log.info("hub update %s: staging %d of %s from %s", update_id, staging, version, source)
-        self._stagings[staging] = update_id
+        if answer.state == "staged":  # before rastosd restarted (and forgot the id), or by the host's admin
+            log.info("hub update %s: %s is staged already (update %d), not staged again", update_id, version, answer.id)
+            self._update_status(update_id, "staged", version, None)
+            return
+        log.info("hub update %s: staging %d of %s from %s", update_id, answer.id, version, source)
+        self._stagings.setdefault(answer.id, []).append(update_id)
         self._update_status(update_id, "staging", version, None)
 
     def hub_base(self) -> str:
@@ -391,13 +402,12 @@ class HubLink:
             self._loop.call_soon_threadsafe(self._staging_ended, staging, ok, result)
 
     def _staging_ended(self, staging: int, ok: bool, result: dict[str, Any]) -> None:
-        update_id = self._stagings.pop(staging, None)
-        if update_id is None:
-            return  # a staging of the host's own admin, not the hub's
-        last = self._updates[update_id]
         state = result.get("state") if result.get("state") in ("staged", "failed", "cancelled") else None
         detail = None if ok else str(result.get("error") or result.get("message") or "the daemon gave no reason")
-        self._update_status(update_id, state or ("staged" if ok else "failed"), last["version"], detail)
+        # none for a staging of the host's own admin that no update of the hub's joined
+        for update_id in self._stagings.pop(staging, []):
+            last = self._updates[update_id]
+            self._update_status(update_id, state or ("staged" if ok else "failed"), last["version"], detail)
 
     def _update_status(self, update_id: str, state: str, version: str, detail: str | None) -> None:
         """Queue an update's state for the hub (kept, to answer a repeat of the update with it)."""

@@ -425,6 +425,15 @@ class StateStore:
             rows = self._db.execute("SELECT id, version FROM updates WHERE version IS NOT NULL ORDER BY id").fetchall()
         return [(int(row[0]), str(row[1])) for row in rows]
 
+    def staged_update_of(self, deployment: str) -> int | None:
+        """The staging that placed the deployment and ended staged, if the store knows it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM updates WHERE deployment = ? AND state = 'staged' ORDER BY id DESC LIMIT 1",
+                (deployment,),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
     def last_update(self) -> UpdateRow | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM updates ORDER BY id DESC LIMIT 1").fetchone()

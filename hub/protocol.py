@@ -26,7 +26,9 @@ Hub -> agent:
                   sends it again after each welcome until the agent reports it staged or ended: the
                   id is the key, an agent stages an id once and answers a repeat with its state. An
                   update to the version the host runs already is answered by its facts alone, sent
-                  again after it
+                  again after it; one to the version staged already (after a restart of rastosd,
+                  which forgot the id) with staged, and a reboot into it if asked; one to the version
+                  staging with staging, then as that staging ends
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is

@@ -3,22 +3,25 @@ busctl, gdbus and rastosctl, on a host layout on a btrfs loop file (tests/update
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import btrfsutil
 import pytest
+from aiohttp import web
 
 from daemon.boot import BootEntries
 from daemon.failpoints import UPDATE_POINTS
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
 from daemon.store import StateStore
+from daemon.updates.fetch import CHUNK
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     ADMIN_USER,
@@ -36,6 +39,8 @@ from tests.daemon_fixtures import (
     private_bus,
     require_root,
 )
+from tests.hub_fixtures import Hub, free_port, upload
+from tests.hub_fixtures import hub as hub
 from tests.update_fixtures import KERNEL, NOTHING_LEFT, Bundles, BundleServer, host_layout, leftovers
 
 pytestmark = pytest.mark.root
@@ -43,13 +48,16 @@ UPDATES = "org.rastos.Daemon1.Updates"
 ERROR = "org.rastos.Daemon1.Error.Update."
 
 
-def start_daemon(directory: Path, bundles: Bundles, policy: Path, **extra: Any) -> Iterator[Rastosd]:
+def start_daemon(
+    directory: Path, bundles: Bundles, policy: Path, settings: str = "", **extra: Any
+) -> Iterator[Rastosd]:
+    """A real rastosd on a private bus and a host layout of version 1; `settings`: more of daemon.toml."""
     require_root()
     ensure_test_users()
     config = directory / "daemon.toml"
     config.write_text(
         f'[access]\nadmin_group = "{ADMIN_GROUP}"\n'
-        f'[updates]\ndirectory = "{directory}/downloads"\nkeys_dir = "{bundles.keys}"\n'
+        f'[updates]\ndirectory = "{directory}/downloads"\nkeys_dir = "{bundles.keys}"\n{settings}'
     )
     with private_bus(policy) as bus, host_layout(directory, bundles) as scratch:
         daemon = Rastosd(bus, scratch, directory / "state", config, **extra)
@@ -200,11 +208,7 @@ def test_reboot_after_staging_goes_to_logind(updating: Rastosd, bundles: Bundles
     update_id = updating.call(UPDATES, "Stage", "sb", str(bundles.full["2"]), "true")[0]
     result = wait_ended(updating, update_id)
     assert result["state"] == "staged" and result["reboot"] is True, result
-    deadline = time.monotonic() + 30
-    while not any(method == "RebootFailed" for _, method, _ in events(updating)):
-        assert time.monotonic() < deadline, events(updating)
-        time.sleep(0.2)
-    failed = next(detail for _, method, detail in events(updating) if method == "RebootFailed")
+    failed = first_event(updating, "RebootFailed")
     assert "org.freedesktop.login1" in failed["error"], failed
 
 
@@ -450,3 +454,140 @@ def test_a_rollback_boots_the_kernel_its_snapshot_was_taken_with(tmp_path: Path,
         assert sorted(p.name for p in (esp / "rastos").iterdir()) == ["3", KERNEL], "gone with its last entry"
         assert kernel_of(entries / f"readonly-snapshot-{newer}.conf") == ["linux /rastos/3/linux",
                                                                           "initrd /rastos/3/initrd"]  # fmt: skip
+
+
+# Image updates from the hub (daemon/hub_link.py) to a real rastosd
+
+
+def hub_settings(url: str, directory: Path, token: str) -> str:
+    (directory / "hub-token").write_text(token + "\n")
+    return f'[hub]\nurl = "{url}"\ntoken_file = "{directory / "hub-token"}"\n'
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.1)
+    return found
+
+
+def first_event(daemon: Rastosd, method: str) -> dict[str, Any]:
+    """The detail of the daemon's first event of `method`, waited for."""
+    found = until(lambda: [detail for _, name, detail in events(daemon) if name == method], f"a {method} event")
+    return dict(found[0])
+
+
+def test_a_hub_update_staged_before_rastosd_restarted_is_answered_staged_and_rebooted_into(
+    tmp_path: Path, bundles: Bundles, hub: Hub
+) -> None:
+    """rastosd stops once the entry of the hub's update is written, before the hub heard it staged
+    (killed there, as by a power cut). The hub sends the update again after the next welcome; the
+    agent, which kept the update's id in memory only, answers it from the entry that boots next:
+    `staged`, with the bundle fetched once, and the reboot the update asks for asked of logind as
+    after a staging with reboot (there is none on this private bus: RebootFailed, recorded)."""
+    status_code, image = upload(hub, bundles.full["2"].read_bytes())
+    assert status_code == 201, image
+    token = hub.api("POST", "/api/v1/hosts", {"name": "host-1"})["token"]
+    bundle_get = f'"GET /api/v1/images/{image["id"]}/bundle '
+
+    def fetched() -> int:
+        return hub.log.read_text().count(bundle_get)
+
+    def host_state(rollout_id: str) -> str:
+        return str(hub.api("GET", f"/api/v1/rollouts/{rollout_id}")["hosts"][0]["state"])
+
+    def told(rollout_id: str, state: str) -> Callable[[], bool]:
+        return lambda: host_state(rollout_id) == state
+
+    settings = hub_settings(hub.agent_url, tmp_path, token)
+    env = {FAILPOINT_VARIABLE: "update-entry-written"}
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, settings, env=env):
+        hub.wait_state(lambda state: (state["hosts"]["host-1"]["facts"] or {}).get("boot_state", {})
+                       .get("image_version") == "1", "host-1 on version 1")  # fmt: skip
+        rollout = hub.api("POST", "/api/v1/rollouts", {"image": image["id"], "target": {"hosts": ["host-1"]}})
+        daemon.killed_at("update-entry-written")
+        assert host_state(rollout["id"]) == "staging", "the hub never heard it staged"
+        assert fetched() == 1
+        daemon.env = {}
+        daemon.start()
+        until(told(rollout["id"], "staged"), "the hub told it is staged")
+        failed = first_event(daemon, "RebootFailed")
+        assert fetched() == 1, "not downloaded again"
+        assert_one_staging_of(daemon.scratch, "2")
+        asked = [detail for _, method, detail in events(daemon) if method == "HubUpdate"]
+        assert [(detail["update"], detail.get("answered")) for detail in asked] == [(1, None), (1, "staged")], asked
+        assert failed["update"] == 1 and "org.freedesktop.login1" in failed["error"], failed
+        assert [method for _, method, _ in events(daemon)].count("RebootFailed") == 1
+        assert status(daemon)["id"] == 1, "one staging in all"
+
+
+def test_a_second_hub_update_of_the_version_under_way_follows_that_staging(tmp_path: Path, bundles: Bundles) -> None:
+    """Another update of the version staging (another rollout's id for the image, while the first
+    download runs) is answered `staging`, then `staged` with the first: one download, one staging,
+    and the reboot the second asks for is added to it. The hub is played over a real WebSocket and
+    serves the bundle itself, so the download can be held after its head until the second is answered."""
+    content = bundles.full["3"].read_bytes()
+    port, token = free_port(), "host-token"
+    first = {"id": "u-1", "url": "/api/v1/images/x/bundle", "version": "3", "reboot": False}
+    second = {**first, "id": "u-2", "reboot": True}
+    requests: list[str | None] = []
+    statuses: list[tuple[str, str]] = []
+
+    async def scenario(daemon: Rastosd) -> None:
+        held = asyncio.Event()
+        sockets: list[web.WebSocketResponse] = []
+
+        async def agent(request: web.Request) -> web.WebSocketResponse:
+            """Welcome, then the first update; every update_status heard is kept."""
+            socket = web.WebSocketResponse()
+            await socket.prepare(request)
+            sockets.append(socket)
+            await socket.send_json({"type": "welcome", "host": "host-1", "last_event": 0, "commands": []})
+            await socket.send_json({"type": "update", "update": first})
+            async for message in socket:
+                frame = json.loads(message.data)
+                if frame["type"] == "update_status":
+                    statuses.append((frame["update"], frame["state"]))
+            return socket
+
+        async def bundle(request: web.Request) -> web.StreamResponse:
+            """The head (the download's first chunk), then the rest once the test lets it go."""
+            assert request.headers["Authorization"] == f"Bearer {token}"
+            requests.append(request.headers.get("Range"))
+            response = web.StreamResponse(headers={"Content-Length": str(len(content))})
+            await response.prepare(request)
+            await response.write(content[:CHUNK])
+            await held.wait()
+            await response.write(content[CHUNK:])
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_get("/api/v1/agent", agent)
+        app.router.add_get("/api/v1/images/x/bundle", bundle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await asyncio.to_thread(until, lambda: status(daemon)["version"] == "3", "the head read, the rest held")
+            await sockets[-1].send_json({"type": "update", "update": second})
+            await asyncio.to_thread(until, lambda: ("u-2", "staging") in statuses, "u-2 answered staging")
+            held.set()
+            await asyncio.to_thread(until, lambda: {("u-1", "staged"), ("u-2", "staged")} <= set(statuses), "staged")
+        finally:
+            held.set()
+            for socket in sockets:  # the agent's: the server's cleanup would wait for it to go
+                await socket.close()
+            await runner.cleanup()
+
+    for daemon in start_daemon(tmp_path, bundles, STRICT_POLICY, hub_settings(f"ws://127.0.0.1:{port}/api/v1/agent",
+                                                                               tmp_path, token)):  # fmt: skip
+        asyncio.run(scenario(daemon))
+        assert requests == [None], "one download, from its start"
+        assert statuses == [("u-1", "staging"), ("u-2", "staging"), ("u-1", "staged"), ("u-2", "staged")], statuses
+        asked = [detail for _, method, detail in events(daemon) if method == "HubUpdate"]
+        assert [(detail["update"], detail.get("answered")) for detail in asked] == [(1, None), (1, "staging")], asked
+        assert first_event(daemon, "RebootFailed")["update"] == 1, "the reboot u-2 asked for"
+        assert status(daemon)["result"]["reboot"] is True
+        assert_one_staging_of(daemon.scratch, "3")

@@ -33,6 +33,7 @@ from aiohttp import web
 from daemon.boot import BootState
 from daemon.hub_link import HubLink, HubSettings, UpdateCompleted
 from daemon.store import StateStore
+from daemon.updates import StageAnswer
 from rastos.bundle import SigningKey, generate_key, part_offsets
 from tests.hub_fixtures import Hub, UiClient, _serving, free_port, make_bundle, upload
 from tests.hub_fixtures import any_hub as any_hub
@@ -782,7 +783,7 @@ class UpdatingCore:
     def boot_state(self) -> BootState:
         return BootState("@", None, "rastos.conf", "good", image_version=self.version)
 
-    def stage_update(self, source: str, *, reboot: bool, headers: Mapping[str, str]) -> int:
+    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer:
         from daemon.errors import DaemonError
 
         if self.refuse is not None:
@@ -790,7 +791,7 @@ class UpdatingCore:
         self.staged.append((source, reboot, dict(headers)))
         staging = len(self.staged)
         threading.Thread(target=self._stage, args=(staging, source, dict(headers))).start()
-        return staging
+        return StageAnswer(staging, "staging")
 
     def _stage(self, staging: int, source: str, headers: dict[str, str]) -> None:
         first = urllib.request.Request(source, headers={**headers, "Range": "bytes=0-999"})

@@ -14,7 +14,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ from daemon.errors import InvalidParams, NotStaging, UpdateBusy
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import StateStore
 from daemon.store_schema import MIGRATIONS
-from daemon.updates import Updates
+from daemon.updates import StageAnswer, Updates
 from daemon.updates.layout import HostLayout, identity
 from daemon.updates.model import PrepareDeployment, carry_nothing
 from daemon.updates.retention import remove_deployment
+from daemon.updates.service import REBOOT_DELAY
 from rastos.bundle import Bundle, SigningKey, part_offsets, trusted_keys, write_bundle
 from tests.daemon_fixtures import ScratchRoot, fill, small_esp
 from tests.update_fixtures import (
@@ -72,15 +73,17 @@ class Host:
 
 
 def make_host(
-    scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@", prepare: PrepareDeployment = carry_nothing
-) -> Host:
+    scratch: ScratchRoot, directory: Path, keys: Path, running: str = "@", prepare: PrepareDeployment = carry_nothing,
+    reboot: Callable[[], None] | None = None,
+) -> Host:  # fmt: skip
     config = DaemonConfig(
         root=scratch.top / running, esp=scratch.esp, state_dir=directory / "state",
         updates_dir=directory / "downloads", update_keys_dir=keys,
     )  # fmt: skip
     store = StateStore(config.database)
     entries = BootEntries(scratch.esp, 3)
-    host = Host(scratch, config, store, entries, Updates(config, store, entries, running, prepare_deployment=prepare))
+    updates = Updates(config, store, entries, running, prepare_deployment=prepare, reboot=reboot)
+    host = Host(scratch, config, store, entries, updates)
     host.updates.on_completed.append(lambda *args: host.completed.put(args))
     host.updates.on_progress.append(lambda progress: host.phases.append(progress[0]))
     return host
@@ -383,6 +386,73 @@ def test_cancel_stops_a_download_and_leaves_nothing(host: Host, bundles: Bundles
     assert host.events() == ["Stage", "Cancel", "UpdateCancelled"]
     with pytest.raises(NotStaging):
         host.updates.cancel(uid=0, method="Cancel")
+
+
+def test_a_version_asked_for_while_it_stages_is_answered_by_that_staging(host: Host, bundles: Bundles) -> None:
+    """The version asked for again (by another update of the hub's) while it stages: the answer is
+    the staging under way, nothing is fetched for it, and the reboot it asks for is added to that
+    staging's. A staging of another version under way is refused, as Stage() refuses it."""
+    reboots: list[float] = []
+    host.updates.reboot = lambda: reboots.append(time.monotonic())
+    with BundleServer(bundles.full["2"].read_bytes()) as server:
+        with host.store._lock:  # the worker waits to record the version it read, before it reads the rest
+            first = host.updates.stage_version(str(bundles.full["2"]), "2", uid=0, method="Stage", reboot=False)
+            while host.updates.status()["version"] != "2":
+                time.sleep(0.01)
+            again = host.updates.stage_version(server.url, "2", uid=0, method="HubUpdate", reboot=True)
+            with pytest.raises(UpdateBusy, match=f"update {first.id} \\(2\\) is staging: one at a time"):
+                host.updates.stage_version(str(bundles.full["3"]), "3", uid=0, method="HubUpdate", reboot=True)
+        result = host.wait(first.id)
+    assert first.state == "staging" and again == first, again
+    assert server.seen == [], "nothing fetched for the second"
+    assert result["state"] == "staged" and result["reboot"] is True, result
+    deadline = time.monotonic() + REBOOT_DELAY + 10
+    while not reboots:
+        assert time.monotonic() < deadline, host.events()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert len(reboots) == 1 and host.completed.empty(), "one staging, one reboot"
+    assert host.events() == ["Stage", "HubUpdate", "UpdateStaged", "Reboot"]
+    asked = [event.detail for event in host.store.events(0, 100) if event.method == "HubUpdate"]
+    assert asked == [{"update": first.id, "version": "2", "reboot": True, "answered": "staging"}]
+
+
+def test_a_version_staged_already_is_the_answer_and_is_rebooted_into_as_after_a_staging(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    """The version asked for again after rastosd restarted (the hub agent forgot the update's id):
+    its entry boots next, so the answer is `staged`, at once, with nothing fetched, and the reboot
+    asked for is the one a staging with reboot makes, REBOOT_DELAY after the answer, recorded the
+    same way. Once that entry used up its tries (read from the ESP at each request), it is staged
+    again."""
+    reboots: list[float] = []
+    with host_layout(tmp_path, bundles) as scratch:
+        before = make_host(scratch, tmp_path, bundles.keys)
+        assert before.stage(bundles.full["2"])["state"] == "staged"
+        before.store.close()
+        host = make_host(scratch, tmp_path, bundles.keys, reboot=lambda: reboots.append(time.monotonic()))
+        try:
+            with BundleServer(bundles.full["2"].read_bytes()) as server:
+                asked = time.monotonic()
+                answer = host.updates.stage_version(server.url, "2", uid=0, method="HubUpdate", reboot=True)
+                assert answer == StageAnswer(1, "staged") and reboots == [], "answered before the reboot"
+                deadline = time.monotonic() + REBOOT_DELAY + 10
+                while not reboots:
+                    assert time.monotonic() < deadline, host.events()
+                    time.sleep(0.1)
+            assert reboots[0] - asked >= REBOOT_DELAY, "the hub agent tells the hub first"
+            assert server.seen == [] and host.completed.empty(), "nothing fetched, nothing staged"
+            assert host.events() == ["Stage", "UpdateStaged", "HubUpdate", "Reboot"]
+            details = [event.detail for event in host.store.events(0, 100)]
+            assert details[2:] == [{"update": 1, "version": "2", "reboot": True, "answered": "staged"},
+                                   {"update": 1, "version": "2"}]  # fmt: skip
+            entry = scratch.esp / "loader/entries/rastos-update-2+3.conf"
+            entry.rename(entry.with_name("rastos-update-2+0-3.conf"))  # its tries used up: not staged now
+            answer = host.updates.stage_version(str(bundles.full["2"]), "2", uid=0, method="HubUpdate", reboot=False)
+            assert answer == StageAnswer(2, "staging")
+            assert host.wait(2)["state"] == "staged" and len(reboots) == 1
+        finally:
+            host.store.close()
 
 
 def test_running_out_of_space_while_receiving_leaves_nothing(tmp_path: Path, bundles: Bundles) -> None:

@@ -52,6 +52,16 @@ def image_version(root: Path) -> str:
     return version if isinstance(version, str) and version.isprintable() and len(version) <= 64 else ""
 
 
+@dataclass(frozen=True)
+class StageAnswer:
+    """What a request to stage a named version came to (Updates.stage_version): `staging`, a staging
+    of it started or under way already, with that staging's id; or `staged`, a deployment of it
+    boots next already, with the id of the staging that placed it (0 when the store does not know)."""
+
+    id: int
+    state: str
+
+
 @dataclass
 class Staging:
     """One staging: what was asked, and what a Cancel() must reach."""

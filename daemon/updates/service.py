@@ -24,6 +24,7 @@ from daemon.errors import (
     BUNDLE_ERRORS,
     BootConfigError,
     DaemonError,
+    InvalidParams,
     NotStaging,
     UpdateBusy,
     UpdateFailed,
@@ -32,10 +33,10 @@ from daemon.errors import (
 )
 from daemon.store import DAEMON_UID, StateStore
 from daemon.updates.layout import GENERATION, HostLayout, on_own_thread, top_level, version_deployed
-from daemon.updates.model import PrepareDeployment, Staging, carry_nothing, image_version
+from daemon.updates.model import PrepareDeployment, StageAnswer, Staging, carry_nothing, image_version
 from daemon.updates.reconcile import reconcile
 from daemon.updates.retention import collect, staged_roots
-from daemon.updates.source import Cancelled, check_headers, open_local, parse_source
+from daemon.updates.source import Cancelled, Source, check_headers, open_local, parse_source
 from ops.errors import ERROR_PREFIX
 from rastos.errors import RastosError
 from rastos.process import run
@@ -115,24 +116,75 @@ class Updates:
         if self.refusal is not None:
             raise UpdatesUnavailable(self.refusal)
         with self._lock:
-            if self._current is not None:
-                current = self._current
-                raise UpdateBusy(
-                    f"update {current.id} ({current.version or current.source.shown}) is staging: one at a time; "
-                    "cancel it or wait for its end"
-                )
-            fd = open_local(parsed.text) if parsed.url is None else None
-            try:
-                update_id = self.store.add_update(uid, method, parsed.shown, reboot)
-            except BaseException:
-                if fd is not None:
-                    os.close(fd)
-                raise
-            staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
-            self._current = staging
-            self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
-            self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)
-            self._worker.start()
+            return self._start(parsed, checked, uid=uid, method=method, reboot=reboot)
+
+    def stage_version(
+        self, source: str, version: str, *, uid: int, method: str, reboot: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> StageAnswer:  # fmt: skip
+        """Stage `version` from `source`, for a caller that names the version before the bundle does
+        (the hub agent), unless this daemon has it: a staging of the version under way is joined (a
+        reboot asked for is added to it), and a deployment of it that boots next is the answer,
+        rebooted into if `reboot` asks, as after a staging. So a request sent again, after rastosd
+        restarted or under another id, is not a second download and receive. Refusals as `stage`'s,
+        a staging of another version under way included."""
+        parsed = parse_source(source)
+        checked = check_headers(headers or {})
+        if not version:
+            raise InvalidParams("version", "is empty")
+        if self.refusal is not None:
+            raise UpdatesUnavailable(self.refusal)
+        # The version stands for the update asked for: a version names one image build of a profile
+        # (one root subvolume per version on the builder, and the hub refuses another bundle of a
+        # profile's version with other contents: docs/updates.md, "One identity per version"), and the
+        # hub itself judges a host by its version alone, skipped or done. Held under the lock, so no
+        # staging starts between the look and the answer: one of another version under way is refused
+        # (`_start`), never rebooted through, as it may be about to put its own entry first.
+        with self._lock:
+            current = self._current
+            if current is not None and current.version == version:
+                return self._join(current, uid=uid, method=method, reboot=reboot)
+            staged = self._staged_deployment() if current is None else None
+            if staged is None or version_deployed(staged) != version:
+                return StageAnswer(self._start(parsed, checked, uid=uid, method=method, reboot=reboot), "staging")
+            update_id = self.store.staged_update_of(staged) or 0
+            self.store.record(uid, method, None, update=update_id or None, version=version, reboot=reboot,
+                              answered="staged")  # fmt: skip
+        log.info("%s is staged already (%s boots next): asked for again, not staged again", version, staged)
+        if reboot:
+            threading.Thread(target=self._reboot, args=(update_id, uid, version), name=f"reboot-{update_id}",
+                             daemon=True).start()  # fmt: skip
+        return StageAnswer(update_id, "staged")
+
+    def _join(self, current: Staging, *, uid: int, method: str, reboot: bool) -> StageAnswer:
+        """The staging under way is the one asked for; called with `_lock` held, so its worker reads
+        the reboot asked for here when it ends (`_run`)."""
+        current.reboot = current.reboot or reboot
+        self.store.record(uid, method, None, update=current.id, version=current.version, reboot=reboot,
+                          answered="staging")  # fmt: skip
+        log.info("update %d: staging %s already, asked for again", current.id, current.version)
+        return StageAnswer(current.id, "staging")
+
+    def _start(self, parsed: Source, checked: dict[str, str], *, uid: int, method: str, reboot: bool) -> int:
+        """A new staging on a worker of its own; called with `_lock` held."""
+        if self._current is not None:
+            current = self._current
+            raise UpdateBusy(
+                f"update {current.id} ({current.version or current.source.shown}) is staging: one at a time; "
+                "cancel it or wait for its end"
+            )
+        fd = open_local(parsed.text) if parsed.url is None else None
+        try:
+            update_id = self.store.add_update(uid, method, parsed.shown, reboot)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
+        self._current = staging
+        self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
+        self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)
+        self._worker.start()
         log.info("update %d: staging %s", update_id, parsed.shown)
         return update_id
 
@@ -250,11 +302,12 @@ class Updates:
         finally:
             if staging.fd is not None:
                 os.close(staging.fd)
-            result["state"] = state
-            try:
-                self.store.finish_update(staging.id, state, result, staging.uid)
-            finally:  # whatever the store says, the next staging may begin
-                with self._lock:
+            # Under the lock: a request for this version (`_join`) may ask for a reboot until the end.
+            with self._lock:
+                result["state"], result["reboot"] = state, staging.reboot
+                try:
+                    self.store.finish_update(staging.id, state, result, staging.uid)
+                finally:  # whatever the store says, the next staging may begin
                     self._current = None
                     self._last = result
                     if state == "staged":
@@ -266,7 +319,7 @@ class Updates:
         for listener in list(self.on_completed):
             self._notify(listener, staging.id, state == "staged", result)
         if state == "staged" and staging.reboot:
-            self._reboot(staging)
+            self._reboot(staging.id, staging.uid, staging.version)
 
     def _stage(self, staging: Staging) -> dict[str, Any]:
         # Downloads, bundles and their checks are imported with the first staging, not at every start.
@@ -289,15 +342,17 @@ class Updates:
         return {"id": staging.id, "source": staging.source.shown, "version": staging.version or None,
                 "reboot": staging.reboot, "error": error}  # fmt: skip
 
-    def _reboot(self, staging: Staging) -> None:
+    def _reboot(self, update_id: int, uid: int, version: str) -> None:
+        """Into the staged deployment of `version` (that `update_id` placed), as `uid` asked: after a
+        staging, or when a version staged already is asked for again (`stage_version`)."""
         time.sleep(REBOOT_DELAY)
         try:
             self.reboot()
         except RastosError as error:
-            log.error("update %d is staged, but the reboot asked for failed: %s", staging.id, error)
-            self.store.record(staging.uid, "RebootFailed", None, update=staging.id, error=str(error)[:2000])
+            log.error("update %d is staged, but the reboot asked for failed: %s", update_id, error)
+            self.store.record(uid, "RebootFailed", None, update=update_id or None, error=str(error)[:2000])
             return
-        self.store.record(staging.uid, "Reboot", None, update=staging.id, version=staging.version)
+        self.store.record(uid, "Reboot", None, update=update_id or None, version=version)
 
     # Telling listeners
 
@@ -330,11 +385,17 @@ class Updates:
 
     def _staged_from_entries(self) -> str:
         """The version whose entry boots next, if one was staged and not booted yet."""
+        staged = self._staged_deployment()
+        return (version_deployed(staged) or "") if staged else ""
+
+    def _staged_deployment(self) -> str | None:
+        """The update deployment whose entry boots next with tries left, read from the ESP now: a
+        rollback or a boot that used up the entry's tries since the staging leaves none."""
         try:
             staged = staged_roots(self.entries, self.running)
         except (RastosError, OSError):
-            return ""
-        return (version_deployed(staged[0]) or "") if staged else ""
+            return None
+        return staged[0] if staged else None
 
 
 def describe(error: Exception, update_id: int) -> dict[str, Any]:
