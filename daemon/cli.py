@@ -37,7 +37,8 @@ def daemon_main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.debug)
     try:
-        config = load_config(args.config)
+        # Absolute: Hub.Join writes this file back through the file access that takes absolute paths only.
+        config = load_config(args.config.absolute() if args.config is not None else None)
         overrides = {
             "root": args.root, "state_dir": args.state_dir, "snapshots_dir": args.snapshots_dir,
             "esp": args.esp, "bus_address": args.bus_address, "booted_entry": args.booted_entry,

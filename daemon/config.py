@@ -32,11 +32,13 @@ class DaemonConfig:
     kernel_cmdline: str | None = None  # test seam: this boot's kernel command line (default: /proc/cmdline)
     hub_url: str | None = None  # ws:// or wss:// URL of the hub's agent socket; None: no hub
     hub_token_file: Path = Path("/etc/rastos/hub-token")  # this host's token (rastos-hub host add)
+    hub_ca: Path | None = None  # the CA a wss:// hub's certificate must chain to; None: the system's store
     # Test seam: the scratch root's kernel and services are the ones beside the daemon (a test runs it
     # in network and UTS namespaces of its own), so runtime actions (nft, sysctl) are made. None: root is /.
     root_runtime: bool | None = None
     updates_dir: Path | None = None  # where bundles are downloaded; default: STATE_DIR/updates
     update_keys_dir: Path = Path("/etc/rastos/update-keys.d")  # the keys a bundle's signature may be by
+    config_file: Path = DEFAULT_CONFIG  # the file these came from (or would have): Hub.Join writes [hub] there
 
     def boot_cmdline(self) -> str:
         if self.kernel_cmdline is not None:
@@ -71,19 +73,29 @@ _KEYS: dict[str, tuple[str, type]] = {
     "health.critical_units": ("critical_units", tuple),
     "hub.url": ("hub_url", str),
     "hub.token_file": ("hub_token_file", Path),
+    "hub.ca": ("hub_ca", Path),
     "updates.directory": ("updates_dir", Path),
     "updates.keys_dir": ("update_keys_dir", Path),
 }
 
 
 def load_config(path: Path | None) -> DaemonConfig:
-    config = DaemonConfig(boot_tries=_image_boot_tries())
     source = path if path is not None else DEFAULT_CONFIG
     if path is None and not source.exists():
-        return config
+        return DaemonConfig(boot_tries=_image_boot_tries())
     try:
-        document = tomllib.loads(source.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+        text = source.read_text()
+    except OSError as error:
+        raise RastosError(f"{source}: cannot read the daemon configuration: {error}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: Path) -> DaemonConfig:
+    """The configuration `text` (the file `source`) says, over the defaults; RastosError naming the key."""
+    config = DaemonConfig(boot_tries=_image_boot_tries(), config_file=source)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         raise RastosError(f"{source}: cannot read the daemon configuration: {error}") from None
     changes: dict[str, Any] = {}
     for key, value in _flatten(document):
@@ -104,6 +116,8 @@ def load_config(path: Path | None) -> DaemonConfig:
     config = replace(config, **changes)
     if config.hub_url is not None and not config.hub_url.startswith(("ws://", "wss://")):
         raise RastosError(f"{source}: hub.url must be a ws:// or wss:// URL, got {config.hub_url!r}")
+    if config.hub_ca is not None and config.hub_url is not None and not config.hub_url.startswith("wss://"):
+        raise RastosError(f"{source}: hub.ca needs a wss:// hub.url (TLS), got {config.hub_url!r}")
     if config.keep_pairs < 1 or not 1 <= config.boot_tries <= 9:
         raise RastosError(f"{source}: snapshots.keep_pairs must be >= 1 and boot.tries between 1 and 9")
     return config
