@@ -6,11 +6,13 @@ The bus face (daemon/bus/objects.py) calls in here for every method and is told 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +32,8 @@ from daemon.boot import (
 from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
-from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted
+from daemon.hub_join import Joined, join
+from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted, load_settings
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import SnapshotRow, StateStore
@@ -55,8 +58,9 @@ class Daemon:
     snapshots, boot entries, jobs. It is the job manager's listener and passes on what the bus face
     (`listener`, daemon/bus/objects.py) shows; the hub link hears of jobs here too."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, credentials: Path | None = None) -> None:
         self.config = config
+        self.credentials = credentials  # systemd's credentials directory: hub settings given at boot
         self.listener: Listener = _Unheard()
         self.target = Target(config.root, runtime=config.root_runtime)
         self.store = StateStore(config.database)
@@ -88,6 +92,10 @@ class Daemon:
         self.updates = Updates(config, self.store, self.entries, running, refusal=refusal,
                                run_lock=self.jobs.run_lock, prepare_deployment=self._prepare_deployment)  # fmt: skip
         self.hub: HubLink | None = None
+        self._hub_task: asyncio.Task[None] | None = None
+        self._hub_update_completed: UpdateCompleted | None = None  # the link's (only the newest link's)
+        self.updates.on_completed.append(self._tell_hub_update_completed)
+        self._join_lock = asyncio.Lock()
         self._rollback_lock = threading.Lock()
 
     def _read_root_subvolume(self) -> str:
@@ -143,7 +151,51 @@ class Daemon:
                                           headers=dict(headers))  # fmt: skip
 
     def on_update_completed(self, callback: UpdateCompleted) -> None:
-        self.updates.on_completed.append(callback)
+        """The link's callback for the end of a staging: a link made anew (Hub.Join) replaces the
+        one before, which must not hear of stagings any more."""
+        self._hub_update_completed = callback
+
+    def _tell_hub_update_completed(self, staging: int, ok: bool, result: dict[str, Any]) -> None:
+        if (callback := self._hub_update_completed) is not None:
+            callback(staging, ok, result)
+
+    # The hub link (hub_link.py): started with the daemon, made anew by Hub.Join
+
+    def start_hub(self) -> None:
+        """Connect to the hub the settings name, if any (on the event loop)."""
+        settings = load_settings(self.config.hub_url, self.config.hub_token_file, self.credentials)
+        if settings is None:
+            return
+        self.hub = HubLink(self, settings)
+        self._hub_task = asyncio.create_task(self.hub.run_forever())
+
+    async def stop_hub(self) -> None:
+        """End the link, its connection closed, before returning."""
+        task, self._hub_task, self.hub = self._hub_task, None, None
+        self._hub_update_completed = None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def join_hub(self, url: str, token: str, ca_pem: str, uid: int) -> Joined:
+        """Hub.Join (hub_join.py): check, write, record (never the token), then a new link at once.
+        One at a time: two would write the same files and start a link each."""
+        async with self._join_lock:
+            joined = await asyncio.to_thread(join, self.config, self.credentials, url, token, ca_pem)
+            self.store.record(uid, "HubJoin", None, **joined.as_json())
+            log.info("joined the hub at %s (token in %s)", url, joined.token_file)
+            self.config = replace(self.config, hub_url=url, hub_token_file=joined.token_file, hub_ca=joined.ca_file)
+            await self.stop_hub()
+            self.start_hub()
+            return joined
+
+    def hub_status(self) -> dict[str, Any]:
+        if self.hub is not None:
+            return self.hub.status()
+        reason = None
+        if self.config.hub_url is not None:
+            reason = "the hub's settings cannot be used (the token file cannot be read?): the journal says why"
+        return {"state": "off", "url": self.config.hub_url, "error": reason, "since": None}
 
     def _find_fallback(self) -> Fallback | None:
         try:

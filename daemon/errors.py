@@ -58,6 +58,13 @@ class NotPending(DaemonError):
     dbus_name = ERROR_PREFIX + "NotPending"
 
 
+class HubCredentials(DaemonError):
+    """Hub.Join on a host that takes its hub settings from systemd credentials, which come before the
+    files Join writes."""
+
+    dbus_name = ERROR_PREFIX + "HubCredentials"
+
+
 UPDATE_PREFIX = ERROR_PREFIX + "Update."
 
 
@@ -146,6 +153,7 @@ ALL_ERRORS: tuple[type[DaemonError], ...] = (
     OpFailed,
     UnsafePath,
     NotPending,
+    HubCredentials,
     UpdateFailed,
     *BUNDLE_ERRORS.values(),
     UpdateBusy,

@@ -33,6 +33,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,9 @@ class DaemonCore(Protocol):
     # http(s) URL fetched with `headers`, and answers at once: `staging` with the staging's id (a new
     # one, or the one of that version under way), or `staged` (that version's entry boots next already;
     # rebooted into when `reboot` asks); a refusal (one staging at a time, a bad source) raises
-    # DaemonError. `on_update_completed` adds a callback for the end of any staging, called with
-    # (id, ok, result) from any thread; `result` may say "state" (staged, failed, cancelled) and "error".
+    # DaemonError. `on_update_completed` sets the link's callback for the end of any staging (a link
+    # made anew, Hub.Join, replaces the one before's), called with (id, ok, result) from any thread;
+    # `result` may say "state" (staged, failed, cancelled) and "error".
     def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer: ...
     def on_update_completed(self, callback: UpdateCompleted) -> None: ...
 
@@ -124,7 +126,18 @@ class HubLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._updates: dict[str, dict[str, Any]] = {}  # hub update id -> its last update_status
         self._stagings: dict[int, list[str]] = {}  # the daemon's staging id -> the hub's update ids it answers
+        self.state = "connecting"  # then connected, or why not: refused, unreachable, disconnected, failed
+        self.error: str | None = None  # what the last failure was, as logged
+        self.since = time.time()  # when the state last changed
         daemon.on_update_completed(self._update_completed)
+
+    def status(self) -> dict[str, Any]:
+        """What Hub.GetStatus tells: the state, the URL, the last failure and since when."""
+        return {"state": self.state, "url": self.settings.url, "error": self.error, "since": self.since}
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if (state, error) != (self.state, self.error):
+            self.state, self.error, self.since = state, error, time.time()
 
     def wake(self) -> None:
         """Something worth telling happened (an event, a job's state): send it now, not at the next poll."""
@@ -154,16 +167,22 @@ class HubLink:
                     log.info("connected to the hub at %s", self.settings.url)
                     delay = BACKOFF_FIRST
                     await self._serve(socket)
-                    log.warning("the hub closed the connection (%s)", socket.close_code)
+                    self._set_state("disconnected", f"the hub closed the connection ({socket.close_code})")
+                    log.warning("%s", self.error)
             except aiohttp.WSServerHandshakeError as error:
-                log.error("the hub refused this host (%s %s): check hub.url and the token", error.status, error.message)
+                self._set_state("refused", f"the hub refused this host ({error.status} {error.message}): "
+                                "check hub.url and the token")  # fmt: skip
+                log.error("%s", self.error)
                 delay = BACKOFF_MAX
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
-                log.warning("hub at %s unreachable: %s", self.settings.url, error or type(error).__name__)
+                self._set_state("unreachable", f"hub at {self.settings.url} unreachable: "
+                                f"{error or type(error).__name__}")  # fmt: skip
+                log.warning("%s", self.error)
                 if no_route_yet(error):
                     delay = BACKOFF_FIRST
                     grow = False
             except Exception:  # anything else ends this connection, never the link: try again later
+                self._set_state("failed", "the link to the hub failed: the journal has details")
                 log.exception("the link to the hub failed")
             finally:
                 self.connected = False
@@ -179,6 +198,7 @@ class HubLink:
         self._outgoing = asyncio.Queue()
         self._last_facts = None
         self.connected = True
+        self._set_state("connected")  # the hub took the token: its welcome comes only after
         cursor = int(welcome.get("last_event", 0))
         for command in welcome.get("commands", []):
             await self._take_command(command)

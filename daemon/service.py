@@ -16,7 +16,6 @@ from daemon.bus.objects import BusFace
 from daemon.config import DaemonConfig
 from daemon.core import Daemon
 from daemon.followups import run_owed
-from daemon.hub_link import HubLink, load_settings
 from ops import OP_CLASSES
 from rastos import __version__
 
@@ -31,7 +30,8 @@ async def serve(config: DaemonConfig) -> None:
     if config.bus_address is not None:
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = config.bus_address  # sd-bus reads it when it connects
     bus = sd_bus_open_system()
-    daemon = Daemon(config)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    daemon = Daemon(config, Path(credentials) if credentials else None)
     face = BusFace(daemon, bus)
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:
@@ -51,12 +51,7 @@ async def serve(config: DaemonConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     worker = asyncio.create_task(daemon.jobs.run_forever())
     watchdog = asyncio.create_task(_watchdog())
-    link = None
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    settings = load_settings(config.hub_url, config.hub_token_file, Path(credentials) if credentials else None)
-    if settings is not None:
-        daemon.hub = HubLink(daemon, settings)
-        link = asyncio.create_task(daemon.hub.run_forever())
+    daemon.start_hub()
     snapshots = "on" if daemon.snapshots else "off"
     _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OP_CLASSES)} ops; snapshots {snapshots}")
     log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
@@ -67,8 +62,7 @@ async def serve(config: DaemonConfig) -> None:
     await asyncio.to_thread(daemon.updates.shutdown, UPDATE_STOP_TIMEOUT)
     watchdog.cancel()
     worker.cancel()
-    if link is not None:
-        link.cancel()
+    await daemon.stop_hub()
     daemon.store.close()
 
 

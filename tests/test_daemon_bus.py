@@ -42,6 +42,7 @@ from tests.daemon_fixtures import (
 
 pytestmark = pytest.mark.root
 UPDATES = "org.rastos.Daemon1.Updates"
+HUB = "org.rastos.Daemon1.Hub"
 CONTRACT = CHECKOUT / "daemon" / "bus" / "org.rastos.Daemon1.xml"
 STANDARD = {
     "org.freedesktop.DBus.Peer",
@@ -77,9 +78,9 @@ def apply(daemon: Rastosd, op: str, params: dict[str, Any], flags: int = 0) -> t
 def test_exports_exactly_the_interface_in_the_repository(rastosd: Rastosd) -> None:
     contract = interfaces(CONTRACT.read_text())
     root = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, ROOT_PATH).stdout)
-    assert set(root) == STANDARD | {MANAGER, SNAPSHOTS, UPDATES}
-    assert {name: root[name] for name in (MANAGER, SNAPSHOTS, UPDATES)} == {
-        name: contract[name] for name in (MANAGER, SNAPSHOTS, UPDATES)
+    assert set(root) == STANDARD | {MANAGER, SNAPSHOTS, UPDATES, HUB}
+    assert {name: root[name] for name in (MANAGER, SNAPSHOTS, UPDATES, HUB)} == {
+        name: contract[name] for name in (MANAGER, SNAPSHOTS, UPDATES, HUB)
     }
     path, _ = apply(rastosd, "motd", {"text": "contract"})
     job = interfaces(rastosd.busctl("introspect", "--xml-interface", BUS_NAME, path).stdout)

@@ -6,8 +6,12 @@ enrolment, from the hub over SSH."""
 from __future__ import annotations
 
 import datetime
+import json
+import stat
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +19,21 @@ from daemon.config_write import REWRITTEN, with_hub_keys
 from ops.pki import cert_pem, key_pem, make_ca
 from rastos.errors import RastosError
 from rastos.hub_settings import agent_url, check_agent_url, check_ca, check_token
+from tests.daemon_fixtures import (
+    ADMIN_GROUP,
+    BUS_NAME,
+    MANAGER,
+    PERMISSIVE_POLICY,
+    PLAIN_USER,
+    ROOT_PATH,
+    PrivateBus,
+    Rastosd,
+    ScratchRoot,
+    ensure_test_users,
+    private_bus,
+)
 
+HUB = "org.rastos.Daemon1.Hub"
 TOKEN = "k" * 43  # the form of the hub's tokens (secrets.token_urlsafe(32)); never a real one
 NOW = datetime.datetime.now(datetime.UTC)
 SOURCE = Path("/etc/rastos/daemon.toml")
@@ -139,3 +157,189 @@ def test_a_file_rastosd_would_not_start_on_is_not_touched() -> None:
                           ("[hub\n", "cannot read the daemon configuration")):  # fmt: skip
         with pytest.raises(RastosError, match=problem):
             with_hub_keys(text, SOURCE, {"url": "ws://hub/api/v1/agent"})
+
+
+# Hub.Join on a real rastosd
+
+
+def host_config(scratch: ScratchRoot, extra: str = "") -> Path:
+    """daemon.toml in the scratch root with settings of its own and a comment, naming a token file in the
+    root too: a Join there writes nothing outside it."""
+    config = scratch.root / "etc/rastos/daemon.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    token_file = scratch.root / "etc/rastos/hub-token"
+    config.write_text(f'# kept\n[snapshots]\nkeep_pairs = 7\n\n[hub]\ntoken_file = "{token_file}"\n{extra}')
+    return config
+
+
+@pytest.fixture
+def joinable(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
+    bus, scratch, state_dir = daemon_env
+    daemon = Rastosd(bus, scratch, state_dir, config=host_config(scratch))
+    daemon.start()
+    yield daemon
+    if daemon.process is not None:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def hub_status(daemon: Rastosd) -> dict[str, Any]:
+    status: dict[str, Any] = json.loads(daemon.call(HUB, "GetStatus")[0])
+    return status
+
+
+def etc(daemon: Rastosd) -> dict[str, tuple[int, str]]:
+    """The files of the root's /etc/rastos: mode and content."""
+    directory = daemon.scratch.root / "etc/rastos"
+    return {p.name: (stat.S_IMODE(p.stat().st_mode), p.read_text()) for p in sorted(directory.iterdir())}
+
+
+BAD_JOINS = [
+    ("http://hub/api/v1/agent", TOKEN, "", "url: must start with ws:// or wss://"),
+    ("ws://hub:8470", TOKEN, "", "url: must be the hub's agent socket, a path ending in /api/v1/agent"),
+    ("ws://hub/api/v1/agent", "short", "", "token: must be a hub agent token"),
+    ("wss://hub/api/v1/agent", TOKEN, "not a certificate", "ca_pem: holds no PEM certificate"),
+    ("ws://hub/api/v1/agent", TOKEN, ca(), "ca_pem: a CA is for a wss:// hub (TLS); the url is ws://"),
+]
+
+
+def join_error(daemon: Rastosd, url: str, token: str, pem: str) -> str:
+    """busctl's text for a Join that must fail ("--": a PEM's first line is no option)."""
+    result = daemon.busctl("--", "call", BUS_NAME, ROOT_PATH, HUB, "Join", "sss", url, token, pem, check=False)
+    assert result.returncode != 0, result.stdout
+    return result.stderr.strip()
+
+
+@pytest.mark.root
+def test_bad_arguments_are_refused_naming_the_field_and_change_nothing(joinable: Rastosd) -> None:
+    before = etc(joinable)
+    for url, token, pem, message in BAD_JOINS:
+        text = join_error(joinable, url, token, pem)
+        assert message in text, (url, text)
+        if not pem.startswith("-"):  # gdbus shows the error's name too
+            named = joinable.gdbus(HUB, "Join", url, token, pem)
+            assert f"GDBus.Error:org.freedesktop.DBus.Error.InvalidArgs: {message}" in named.stderr, named.stderr
+    key, certificate = make_ca("with its key", NOW)
+    text = join_error(joinable, "wss://hub/api/v1/agent", TOKEN, cert_pem(certificate) + key_pem(key))
+    assert "ca_pem: holds a private key" in text
+    assert etc(joinable) == before
+    assert [e for e in joinable.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"] == []
+    assert hub_status(joinable) == {"state": "off", "url": None, "error": None, "since": None}
+
+
+@pytest.mark.root
+def test_join_writes_the_token_the_ca_and_the_url_and_the_link_starts_at_once(joinable: Rastosd) -> None:
+    pem = ca()
+    url = "wss://127.0.0.1:9/api/v1/agent"  # the discard port: nothing answers there
+    reply = joinable.busctl("--", "call", BUS_NAME, ROOT_PATH, HUB, "Join", "sss", url, TOKEN, pem)
+    joined = json.loads(json.loads(reply.stdout)["data"][0])
+    rastos = joinable.scratch.root / "etc/rastos"
+    assert joined == {
+        "url": url, "config_file": str(rastos / "daemon.toml"), "token_file": str(rastos / "hub-token"),
+        "ca_file": str(rastos / "hub-ca.pem"),
+        "ca": [{"subject": "O=rastOS local CA,CN=test hub CA", "sha256": check_ca(pem).certificates[0].sha256,
+                "not_after": check_ca(pem).certificates[0].not_after}],
+    }  # fmt: skip
+    files = etc(joinable)
+    assert files["hub-token"] == (0o600, TOKEN + "\n")
+    assert files["hub-ca.pem"] == (0o644, pem)
+    assert (rastos / "hub-token").stat().st_uid == 0
+    settings = tomllib.loads(files["daemon.toml"][1])
+    assert settings == {
+        "snapshots": {"keep_pairs": 7},
+        "hub": {"token_file": str(rastos / "hub-token"), "url": url, "ca": str(rastos / "hub-ca.pem")},
+    }
+    assert files["daemon.toml"][1].startswith("# kept\n"), "the file's own lines stay"
+    left = sorted(p.name for p in rastos.iterdir())
+    assert left == ["daemon.toml", "hub-ca.pem", "hub-token"], "no temporary file is left"
+    status = hub_status(joinable)
+    assert status["url"] == url and status["state"] in ("connecting", "unreachable"), status
+    (event,) = [e for e in joinable.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"]
+    assert event[2] == 0 and json.loads(event[5]) == joined, "the event log records what was written, by whom"
+    assert TOKEN not in event[5] and TOKEN not in joinable.log_text()
+    # Joined again to a ws:// hub without a CA: the CA setting goes (a CA is for TLS), the file stays.
+    again = json.loads(joinable.call(HUB, "Join", "sss", "ws://127.0.0.1:9/api/v1/agent", "t" * 43, "")[0])
+    assert again["ca_file"] is None and again["ca"] == []
+    assert "ca" not in tomllib.loads(etc(joinable)["daemon.toml"][1])["hub"]
+    assert etc(joinable)["hub-token"] == (0o600, "t" * 43 + "\n")
+    assert hub_status(joinable)["url"] == "ws://127.0.0.1:9/api/v1/agent", "the link was made anew"
+    # What was written is what rastosd starts on.
+    assert joinable.stop() == 0
+    joinable.start()
+    assert hub_status(joinable)["url"] == "ws://127.0.0.1:9/api/v1/agent"
+    assert "TOKEN" not in joinable.log_text() and "t" * 43 not in joinable.log_text()
+
+
+@pytest.mark.root
+def test_no_link_is_written_through(daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path) -> None:
+    """A link in the token's place is replaced, not written through; a link on the way to it is refused."""
+    bus, scratch, state_dir = daemon_env
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "hub-token").write_text("not to be overwritten\n")
+    keys = scratch.root / "etc/rastos/keys"
+    config = host_config(scratch)
+    config.write_text(config.read_text().replace("etc/rastos/hub-token", "etc/rastos/keys/hub-token"))
+    keys.symlink_to(outside)
+    daemon = Rastosd(bus, scratch, state_dir, config=config)
+    daemon.start()
+    try:
+        named = daemon.gdbus(HUB, "Join", "ws://127.0.0.1:9/api/v1/agent", TOKEN, "")
+        assert (f"GDBus.Error:org.rastos.Daemon1.Error.UnsafePath: {keys}/hub-token: leads through a symbolic link, "
+                f"{keys}, which rastosd does not follow") in named.stderr, named.stderr  # fmt: skip
+        keys.unlink()
+        keys.mkdir()
+        (keys / "hub-token").symlink_to(outside / "hub-token")
+        daemon.call(HUB, "Join", "sss", "ws://127.0.0.1:9/api/v1/agent", TOKEN, "")
+        assert not (keys / "hub-token").is_symlink() and (keys / "hub-token").read_text() == TOKEN + "\n"
+    finally:
+        assert daemon.stop() == 0
+    assert (outside / "hub-token").read_text() == "not to be overwritten\n"
+    assert "ws://127.0.0.1:9" in config.read_text()
+
+
+@pytest.mark.root
+def test_a_plain_user_is_refused_by_the_bus_and_by_rastosd_itself(
+    joinable: Rastosd, daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    ensure_test_users()
+    before = etc(joinable)
+    refused = joinable.gdbus(HUB, "Join", "ws://hub/api/v1/agent", TOKEN, "", user=PLAIN_USER)
+    assert "AccessDenied: Rejected send message" in refused.stderr, refused.stderr
+    read = joinable.busctl("call", BUS_NAME, ROOT_PATH, HUB, "GetStatus", user=PLAIN_USER)
+    assert json.loads(json.loads(read.stdout)["data"][0])["state"] == "off", "anyone may read the status"
+    assert joinable.stop() == 0
+    _, scratch, _ = daemon_env
+    config = host_config(scratch, f'[access]\nadmin_group = "{ADMIN_GROUP}"\n')
+    with private_bus(PERMISSIVE_POLICY) as bus:
+        loose = Rastosd(bus, scratch, tmp_path / "state-loose", config=config)
+        loose.start()
+        try:
+            refused = loose.gdbus(HUB, "Join", "ws://hub/api/v1/agent", TOKEN, "", user=PLAIN_USER)
+        finally:
+            assert loose.stop() == 0
+    assert (f"org.freedesktop.DBus.Error.AccessDenied: Join changes the host: only root or members of group "
+            f"'{ADMIN_GROUP}' may call it") in refused.stderr  # fmt: skip
+    assert {k: v for k, v in etc(joinable).items() if k != "daemon.toml"} == {
+        k: v for k, v in before.items() if k != "daemon.toml"
+    }
+    assert "ws://hub" not in (scratch.root / "etc/rastos/daemon.toml").read_text()
+
+
+@pytest.mark.root
+def test_credentials_given_at_boot_come_first_so_join_is_refused(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    bus, scratch, state_dir = daemon_env
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "rastos.hub.token").write_text("from-the-boot-" + "x" * 30)
+    daemon = Rastosd(bus, scratch, state_dir, config=host_config(scratch),
+                     env={"CREDENTIALS_DIRECTORY": str(credentials)})  # fmt: skip
+    daemon.start()
+    try:
+        named = daemon.gdbus(HUB, "Join", "ws://hub/api/v1/agent", TOKEN, "")
+        assert "GDBus.Error:org.rastos.Daemon1.Error.HubCredentials: this host takes its hub settings from the " \
+               "systemd credentials rastos.hub.token" in named.stderr, named.stderr  # fmt: skip
+        assert not (scratch.root / "etc/rastos/hub-token").exists()
+    finally:
+        assert daemon.stop() == 0

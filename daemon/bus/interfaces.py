@@ -25,6 +25,7 @@ MANAGER_INTERFACE = "org.rastos.Daemon1.Manager"
 SNAPSHOTS_INTERFACE = "org.rastos.Daemon1.Snapshots"
 JOB_INTERFACE = "org.rastos.Daemon1.Job"
 UPDATES_INTERFACE = "org.rastos.Daemon1.Updates"
+HUB_INTERFACE = "org.rastos.Daemon1.Hub"
 
 # sd-bus would refuse every method not flagged unprivileged to callers without CAP_SYS_ADMIN, which
 # shuts out both readers and the admin group. rastosd decides itself (daemon/bus/callers.py).
@@ -156,6 +157,21 @@ class UpdatesInterface(DbusInterfaceCommonAsync, interface_name=UPDATES_INTERFAC
 
     @dbus_signal_async("tbs", signal_args_names=("id", "ok", "result_json"), signal_name="Completed")
     def update_completed(self) -> tuple[int, bool, str]:
+        raise NotImplementedError
+
+
+class HubInterface(DbusInterfaceCommonAsync, interface_name=HUB_INTERFACE):
+    # Python names of their own, as Updates': the root object has a GetStatus already.
+
+    @dbus_method_async(
+        "sss", "s", input_args_names=("url", "token", "ca_pem"), result_args_names=("result_json",),
+        method_name="Join", flags=OPEN,
+    )  # fmt: skip
+    async def join_hub(self, url: str, token: str, ca_pem: str) -> str:
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="s", result_args_names=("status_json",), method_name="GetStatus", flags=OPEN)
+    async def get_hub_status(self) -> str:
         raise NotImplementedError
 
 

@@ -27,6 +27,7 @@ from daemon.bus.interfaces import (
     JOB_INTERFACE,
     MANAGER_INTERFACE,
     UPDATES_INTERFACE,
+    HubInterface,
     JobInterface,
     ManagerInterface,
     SnapshotsInterface,
@@ -88,7 +89,7 @@ class JobObject(JobInterface):
         self._daemon.jobs.cancel(self.job.id, caller.uid)
 
 
-class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInterface, UpdatesInterface):
+class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInterface, UpdatesInterface, HubInterface):
     def __init__(self, face: BusFace) -> None:
         super().__init__()
         self._face = face
@@ -277,6 +278,20 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_property_async_override()
     def update_progress(self) -> tuple[str, int, int]:
         return self._daemon.updates.progress
+
+    # Hub
+
+    @dbus_method_async_override()
+    @guarded
+    async def join_hub(self, url: str, token: str, ca_pem: str) -> str:
+        caller = await self._face.callers.require_admin("Join")
+        joined = await self._daemon.join_hub(url, token, ca_pem, caller.uid)
+        return json.dumps(joined.as_json())
+
+    @dbus_method_async_override()
+    @guarded
+    async def get_hub_status(self) -> str:
+        return json.dumps(self._daemon.hub_status())
 
 
 def confirmation_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
