@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import getpass
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import daemon.bus.errors  # noqa: F401  (registers our error names, so errors ar
 from daemon.bus.interfaces import (
     BUS_NAME,
     ROOT_PATH,
+    HubInterface,
     JobInterface,
     ManagerInterface,
     SnapshotsInterface,
@@ -65,7 +67,9 @@ from daemon.ctl_output import (
     PrintOutput,
     format_changes,
     format_diff,
+    format_hub_status,
     format_job,
+    format_joined,
     format_progress,
     format_update_result,
     format_update_status,
@@ -76,10 +80,12 @@ from daemon.inventory import InventoryHost, load_inventory
 from daemon.jobs import FINAL_STATES
 from ops.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
+from rastos.hub_settings import agent_url, check_ca, check_token
 
 EXIT_BUS_ERROR = 1
 EXIT_JOB_FAILED = 3
 EXIT_NONCOMPLIANT = 4
+EXIT_NOT_CONNECTED = 5  # hub join/status --wait: the link did not connect in time
 EXIT_INTERRUPTED = 130  # as a shell reports a command that SIGINT ended
 UNREACHABLE = "rastosd is not reachable on {bus}: is rastosd.service running?"
 
@@ -98,6 +104,7 @@ class Client:
         self.manager = ManagerInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
         self.snapshots = SnapshotsInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
         self.updates = UpdatesInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
+        self.hub_link = HubInterface.new_proxy(BUS_NAME, ROOT_PATH, bus)
 
     def emit(self, document: Any, text: str) -> None:
         self.out.emit(document, text)
@@ -366,6 +373,32 @@ class Client:
         finally:
             listener.cancel()
 
+    async def hub(self, args: argparse.Namespace) -> int:
+        if args.hub_command == "join":
+            joined = json.loads(await self.hub_link.join_hub(args.agent_url, args.token, args.ca_pem))
+            self.out.changed = True
+            self.out.progress(format_joined(joined))
+            status = await self.hub_status(args.wait)
+            self.emit({"joined": joined, "status": status}, format_hub_status(status))
+        else:
+            status = await self.hub_status(args.wait)
+            self.emit(status, format_hub_status(status))
+        if args.wait and status["state"] != "connected":
+            self.out.note(f"the link did not connect within {args.wait} s: {status['state']}: {status['error']}")
+            return EXIT_NOT_CONNECTED
+        return 0
+
+    async def hub_status(self, wait: int) -> dict[str, Any]:
+        """The link's status: once, or as soon as it is connected within `wait` seconds (the last one read)."""
+        status: dict[str, Any] = json.loads(await self.hub_link.get_hub_status())
+        if wait and status["state"] != "connected":
+            self.out.progress(f"waiting up to {wait} s for the link to connect to {status['url']}")
+            deadline = time.monotonic() + wait
+            while status["state"] != "connected" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                status = json.loads(await self.hub_link.get_hub_status())
+        return status
+
     async def log(self, since: int, limit: int) -> int:
         events = await self.manager.get_event_log(since, limit)
         document = [
@@ -408,6 +441,8 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
         return await client.snapshot(args)
     if command == "update":
         return await client.update(args)
+    if command == "hub":
+        return await client.hub(args)
     return await client.log(args.since, args.limit)
 
 
@@ -465,11 +500,44 @@ def target_of(args: argparse.Namespace) -> Target:
     return Target(bus_address=args.bus_address)
 
 
+def prepare_join(args: argparse.Namespace) -> None:
+    """What `hub join` sends, read and checked here before anything is reached: the URL, the CA file
+    and the token, which comes on standard input (an argument would show in every process list)."""
+    if args.inventory is not None:
+        raise RastosError("hub join takes one host: each host has a token of its own",
+                          hint="rastos-hub host enrol makes a host's token and installs it there")  # fmt: skip
+    try:
+        args.agent_url = agent_url(args.url)
+    except ValueError as error:
+        raise RastosError(f"--url: {error}") from None
+    args.ca_pem = ""
+    if args.ca is not None:
+        try:
+            args.ca_pem = check_ca(args.ca.read_text(errors="replace")).pem
+        except OSError as error:
+            raise RastosError(f"--ca {args.ca}: {error.strerror}") from None
+        except ValueError as error:
+            raise RastosError(f"--ca {args.ca}: {error}") from None
+    try:
+        args.token = check_token(read_token().strip())
+    except ValueError as error:
+        raise RastosError(f"the token on standard input {error}",
+                          hint="rastosctl hub join --url URL < FILE, FILE holding the token") from None  # fmt: skip
+
+
+def read_token() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("the host's agent token (not shown): ")
+    return sys.stdin.readline(4096)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     target = Target(bus_address=args.bus_address)
     try:
         target = target_of(args)
+        if args.command == "hub" and args.hub_command == "join":
+            prepare_join(args)
         if args.inventory is not None:
             return run_inventory(args)
         return asyncio.run(run_on(target, args, PrintOutput(args.json)))

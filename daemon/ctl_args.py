@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--no-wait", action="store_true", help="print the update's id and return at once")
     update_commands.add_parser("status", help="what is staging or was staged last, the running version")
     update_commands.add_parser("cancel", help="stop the staging in progress; nothing half-made is left")
+    hub = commands.add_parser("hub", help="connect this host to a hub (the token on stdin); the link's status")
+    hub_commands = hub.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+    join = hub_commands.add_parser(
+        "join", help="connect to the hub at --url with the token read from standard input (never an argument)"
+    )
+    join.add_argument("--url", required=True, help="the hub as this host reaches it: ws(s)://HUB[:PORT]/api/v1/agent, "
+                      "or its http(s):// base")  # fmt: skip
+    join.add_argument("--ca", type=Path, metavar="FILE", help="PEM certificate(s) a wss:// hub is verified with "
+                      "(read here, installed there as hub-ca.pem beside daemon.toml)")  # fmt: skip
+    for command in (join, hub_commands.add_parser("status", help="whether the link is connected, and if not, why")):
+        command.add_argument("--wait", type=number(0, 3600), default=0, metavar="SECONDS",
+                             help="wait up to SECONDS for the link to be connected (exit 5 if it is not)")  # fmt: skip
     log = commands.add_parser("log", help="the event log: every change, who asked for it, and the job")
     log.add_argument("--since", type=number(0, INT_MAX), default=0, help="only events after this id")
     log.add_argument("--limit", type=number(1, MAX_EVENTS), default=100, help="at most this many")

@@ -116,6 +116,30 @@ def format_update_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_hub_status(status: dict[str, Any]) -> str:
+    since = status.get("since")
+    lines = [
+        f"state: {status['state']}" + (f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))})"
+                                       if since else ""),
+        f"hub:   {status.get('url') or '-'}",
+    ]  # fmt: skip
+    if status.get("error"):
+        lines.append(f"error: {status['error']}")
+    return "\n".join(lines)
+
+
+def format_joined(joined: dict[str, Any]) -> str:
+    lines = [
+        f"joined the hub at {joined['url']}",
+        f"  token:    {joined['token_file']} (0600)",
+        f"  settings: {joined['config_file']} ([hub] url{', ca' if joined['ca_file'] else ''})",
+    ]
+    if joined["ca_file"]:
+        lines.append(f"  CA:       {joined['ca_file']}")
+    lines += [f"            {c['subject']} (SHA256 {c['sha256']}, until {c['not_after']})" for c in joined["ca"]]
+    return "\n".join(lines)
+
+
 class Output(Protocol):
     """Where a command's output goes: printed (one host), or kept per host (daemon/ctl_fleet.py)."""
 

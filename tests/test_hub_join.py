@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import stat
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from rastos.hub_settings import agent_url, check_agent_url, check_ca, check_toke
 from tests.daemon_fixtures import (
     ADMIN_GROUP,
     BUS_NAME,
+    CHECKOUT,
     MANAGER,
     PERMISSIVE_POLICY,
     PLAIN_USER,
@@ -343,3 +345,26 @@ def test_credentials_given_at_boot_come_first_so_join_is_refused(
         assert not (scratch.root / "etc/rastos/hub-token").exists()
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.mark.root
+def test_rastosctl_hub_join_reads_the_token_from_stdin_and_waits_for_the_link(joinable: Rastosd) -> None:
+    def ctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*joinable.ctl_argv(), *args], input=stdin, capture_output=True, text=True,
+                              check=False, timeout=120, cwd=CHECKOUT)  # fmt: skip
+
+    empty = ctl("hub", "join", "--url", "http://127.0.0.1:9")
+    assert empty.returncode == 2 and "rastosctl: the token on standard input must be a hub agent token" in empty.stderr
+    bad_url = ctl("hub", "join", "--url", "ftp://127.0.0.1:9", stdin=TOKEN)
+    assert bad_url.returncode == 2 and "rastosctl: --url: must start with ws:// or wss://" in bad_url.stderr
+    joined = ctl("--json", "hub", "join", "--url", "http://127.0.0.1:9", "--wait", "1", stdin=TOKEN + "\n")
+    assert joined.returncode == 5, joined
+    document = json.loads(joined.stdout)
+    assert document["joined"]["url"] == "ws://127.0.0.1:9/api/v1/agent", "the hub's base becomes its agent socket"
+    assert document["status"]["state"] == "unreachable" and "Connect" in document["status"]["error"]
+    assert "rastosctl: the link did not connect within 1 s: unreachable: hub at ws://127.0.0.1:9/api/v1/agent" in (
+        joined.stderr
+    )
+    status = ctl("hub", "status")
+    assert status.returncode == 0 and "state: unreachable" in status.stdout
+    assert etc(joinable)["hub-token"] == (0o600, TOKEN + "\n")
