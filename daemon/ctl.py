@@ -599,3 +599,7 @@ def admin_group() -> str:
         return load_config(None).admin_group
     except RastosError:  # unreadable or invalid: the daemon would not start on it either
         return DaemonConfig.admin_group
+
+
+if __name__ == "__main__":  # `python -m daemon.ctl`: how rastos-hub runs this installation's rastosctl
+    sys.exit(main(sys.argv[1:]))

@@ -78,6 +78,46 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     remove.set_defaults(action=_host_remove)
     host.add_parser("list", help="list hosts").set_defaults(action=_host_list)
+    enrol = host.add_parser(
+        "enrol", help="make a running host one of the hub's over SSH: its token made here and installed there by "
+        "rastosd, then wait until its agent is connected"
+    )  # fmt: skip
+    enrol.add_argument("destination", metavar="[USER@]HOST[:PORT]", help="as rastosctl -H takes it (ssh from PATH)")
+    enrol.add_argument(
+        "--hub-url",
+        required=True,
+        metavar="URL",
+        help="the hub as the host reaches it: its http(s):// or ws(s):// base, or its agent socket",
+    )
+    enrol.add_argument("--group", action="append", default=[], help="a group it belongs to (repeatable)")
+    enrol.add_argument("--name", help="the host's name on the hub (default: the first label of HOST)")
+    enrol.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificate(s) a wss:// hub is verified with, "
+        "installed on the host as hub-ca.pem beside daemon.toml (/etc/rastos/hub-ca.pem)",
+    )
+    enrol.add_argument(
+        "--timeout",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="how long to wait for the agent to connect (default 60)",
+    )
+    enrol.add_argument(
+        "--connect-timeout",
+        type=int,
+        default=20,
+        metavar="SECONDS",
+        help="give up on a host silent this long (default 20)",
+    )
+    enrol.add_argument(
+        "--rotate",
+        action="store_true",
+        help="the hub has the host already: give it a new token, installed the same way",
+    )
+    enrol.set_defaults(action=_host_enrol)
 
     admin = commands.add_parser("admin", help="admins of the API and UI").add_subparsers(
         required=True, metavar="ACTION"
@@ -162,6 +202,14 @@ def _host_add(args: argparse.Namespace, url: str) -> int:
 def _host_remove(args: argparse.Namespace, url: str) -> int:
     _with_store(url, lambda store: store.remove_host(args.name, "cli"))
     print(f"host {args.name} removed")
+    return 0
+
+
+def _host_enrol(args: argparse.Namespace, url: str) -> int:
+    from hub.enrol import Enrol, plan_from
+
+    plan = plan_from(args)
+    _with_store(url, lambda store: Enrol(store, plan, lambda line: print(line, flush=True))())
     return 0
 
 

@@ -161,6 +161,24 @@ class Store:
                 raise NotFound(f"name: no host named {name!r}")
             return await self.log(db, actor, "HostRemoved", {}, host=name)
 
+    async def replace_host_token(self, name: str, actor: str) -> tuple[str, str]:
+        """A new token for the host, the one before ending now (`host enrol --rotate`); returns the
+        token and the hash of the one before, which `restore_host_token` puts back if the new one
+        never reached the host."""
+        token, digest = new_token()
+        async with self.transaction() as db:
+            row = (await db.execute(select(hosts.c.token_hash).where(hosts.c.name == name))).first()
+            if row is None:
+                raise NotFound(f"name: no host named {name!r}")
+            await db.execute(update(hosts).where(hosts.c.name == name).values(token_hash=digest))
+            await self.log(db, actor, "HostTokenReplaced", {}, host=name)
+        return token, str(row[0])
+
+    async def restore_host_token(self, name: str, previous: str, actor: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(update(hosts).where(hosts.c.name == name).values(token_hash=previous))
+            await self.log(db, actor, "HostTokenRestored", {}, host=name)
+
     async def add_admin(self, name: str) -> str:
         token, digest = new_token()
         async with self.transaction() as db:

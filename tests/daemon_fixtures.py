@@ -148,6 +148,16 @@ def small_esp(scratch: ScratchRoot, size: str = "256k") -> Iterator[ScratchRoot]
         subprocess.run(["umount", esp], check=True)
 
 
+def config_in_root(scratch: ScratchRoot, extra: str = "") -> Path:
+    """daemon.toml in the scratch root's /etc/rastos, with a setting and a comment of its own, naming a
+    token file there too: what Hub.Join writes stays inside the root (on a host, both are in /etc/rastos)."""
+    config = scratch.root / "etc/rastos/daemon.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    token_file = scratch.root / "etc/rastos/hub-token"
+    config.write_text(f'# kept\n[snapshots]\nkeep_pairs = 7\n\n[hub]\ntoken_file = "{token_file}"\n{extra}')
+    return config
+
+
 def fill(directory: Path) -> Path:
     """A file that takes all the space left on `directory`'s file system."""
     filler = directory / "filler"

@@ -31,6 +31,7 @@ from tests.daemon_fixtures import (
     PrivateBus,
     Rastosd,
     ScratchRoot,
+    config_in_root,
     ensure_test_users,
     private_bus,
 )
@@ -164,20 +165,10 @@ def test_a_file_rastosd_would_not_start_on_is_not_touched() -> None:
 # Hub.Join on a real rastosd
 
 
-def host_config(scratch: ScratchRoot, extra: str = "") -> Path:
-    """daemon.toml in the scratch root with settings of its own and a comment, naming a token file in the
-    root too: a Join there writes nothing outside it."""
-    config = scratch.root / "etc/rastos/daemon.toml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    token_file = scratch.root / "etc/rastos/hub-token"
-    config.write_text(f'# kept\n[snapshots]\nkeep_pairs = 7\n\n[hub]\ntoken_file = "{token_file}"\n{extra}')
-    return config
-
-
 @pytest.fixture
 def joinable(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
     bus, scratch, state_dir = daemon_env
-    daemon = Rastosd(bus, scratch, state_dir, config=host_config(scratch))
+    daemon = Rastosd(bus, scratch, state_dir, config=config_in_root(scratch))
     daemon.start()
     yield daemon
     if daemon.process is not None:
@@ -279,7 +270,7 @@ def test_no_link_is_written_through(daemon_env: tuple[PrivateBus, ScratchRoot, P
     outside.mkdir()
     (outside / "hub-token").write_text("not to be overwritten\n")
     keys = scratch.root / "etc/rastos/keys"
-    config = host_config(scratch)
+    config = config_in_root(scratch)
     config.write_text(config.read_text().replace("etc/rastos/hub-token", "etc/rastos/keys/hub-token"))
     keys.symlink_to(outside)
     daemon = Rastosd(bus, scratch, state_dir, config=config)
@@ -311,7 +302,7 @@ def test_a_plain_user_is_refused_by_the_bus_and_by_rastosd_itself(
     assert json.loads(json.loads(read.stdout)["data"][0])["state"] == "off", "anyone may read the status"
     assert joinable.stop() == 0
     _, scratch, _ = daemon_env
-    config = host_config(scratch, f'[access]\nadmin_group = "{ADMIN_GROUP}"\n')
+    config = config_in_root(scratch, f'[access]\nadmin_group = "{ADMIN_GROUP}"\n')
     with private_bus(PERMISSIVE_POLICY) as bus:
         loose = Rastosd(bus, scratch, tmp_path / "state-loose", config=config)
         loose.start()
@@ -335,7 +326,7 @@ def test_credentials_given_at_boot_come_first_so_join_is_refused(
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "rastos.hub.token").write_text("from-the-boot-" + "x" * 30)
-    daemon = Rastosd(bus, scratch, state_dir, config=host_config(scratch),
+    daemon = Rastosd(bus, scratch, state_dir, config=config_in_root(scratch),
                      env={"CREDENTIALS_DIRECTORY": str(credentials)})  # fmt: skip
     daemon.start()
     try:
