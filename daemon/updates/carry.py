@@ -67,9 +67,10 @@ SSH_HOST_KEY = re.compile(r"^ssh_host_[a-z0-9]+_key(\.pub)?$")
 # would make new ones and void what the old CA issued): always the running root's.
 ALWAYS = ("/etc/machine-id", DECLARED, CA_KEY, CA_CERT, TLS_KEY, TLS_CERT)
 # Shipped by the image and changed by an admin: the host's when it differs from the image it ran. A
-# daemon.toml holds the hub's URL: losing it would cut the host off its fleet. root's keys are not in
-# @home: without them an admin who logs in as root would be locked out.
-WHEN_CHANGED = ("/etc/rastos/daemon.toml", "/root/.ssh/authorized_keys")
+# daemon.toml holds the hub's URL, and hub-ca.pem the CA enrolment installed beside it (Hub.Join):
+# losing either would cut the host off its fleet. root's keys are not in @home: without them an admin
+# who logs in as root would be locked out.
+WHEN_CHANGED = ("/etc/rastos/daemon.toml", "/etc/rastos/hub-ca.pem", "/root/.ssh/authorized_keys")
 
 Output = Callable[[str], None]
 
