@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -36,7 +37,12 @@ hosts = Table(
     Column("last_seen", Float),
     Column("last_event", ID, nullable=False, server_default="0"),  # the agent's newest event the hub has
     Column("facts", JSON),  # the agent's newest report: hostname, version, boot state, snapshots, ops
+    # After `host rotate --grace`: the token before, accepted beside the new one until it expires.
+    Column("old_token_hash", String(64)),
+    Column("old_token_expires", Float),
+    Column("token_revoked", Float),  # when `host revoke` ended its token; None while it has one
 )
+Index("hosts_old_token_hash", hosts.c.old_token_hash, unique=True)
 
 admins = Table(
     "admins",
@@ -86,6 +92,16 @@ events = Table(
     Column("method", String(64), nullable=False),
     Column("detail", JSON, nullable=False),
     UniqueConstraint("host", "agent_event", name="events_host_agent_event"),
+)
+
+# One row: a counter that every change able to end a credential moves (a token rotated or revoked,
+# an admin removed, a session ended), in the same transaction. A running hub polls it to close the
+# connections whose credentials ended, whichever process made the change.
+credential_changes = Table(
+    "credential_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
+    Column("revision", ID, nullable=False),
 )
 
 sessions = Table(

@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from hub import strictjson
 from hub.errors import Conflict, HubError, NotFound
-from hub.schema import admins, commands, events, hosts, rollout_hosts, runs, sessions
+from hub.schema import admins, commands, credential_changes, events, hosts, rollout_hosts, runs, sessions
 
 log = logging.getLogger("rastos-hub.store")
 
@@ -38,6 +39,7 @@ FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
 KEPT_AGENT_EVENTS = 5000  # per host, the newest: older ones are deleted as new ones arrive
 PRUNE_EVERY = 500  # events stored for a host between two prunings of its oldest
 PAGE_BYTES = 4 << 20  # an /events page holds at most this much (and at least one event)
+SECRET_COLUMNS = frozenset({"token_hash", "old_token_hash"})
 
 
 def database_url(value: str) -> str:
@@ -90,7 +92,18 @@ def _revision(connection: Connection) -> str:
 
 
 def _without_token(row: RowMapping) -> dict[str, Any]:
-    return {key: value for key, value in row.items() if key != "token_hash"}
+    return {key: value for key, value in row.items() if key not in SECRET_COLUMNS}
+
+
+@dataclass
+class LiveCredentials:
+    """What may authenticate now, by hash: each host's tokens (its old one while its grace lasts),
+    the admins' tokens, the sessions not expired; and when the soonest of them expires."""
+
+    hosts: dict[str, set[str]] = field(default_factory=dict)  # host name -> its valid token hashes
+    admins: set[str] = field(default_factory=set)
+    sessions: set[str] = field(default_factory=set)
+    next_expiry: float = float("inf")
 
 
 def new_token() -> tuple[str, str]:
@@ -159,6 +172,7 @@ class Store:
             result = await db.execute(delete(hosts).where(hosts.c.name == name))
             if result.rowcount == 0:
                 raise NotFound(f"name: no host named {name!r}")
+            await self._credentials_changed(db)
             return await self.log(db, actor, "HostRemoved", {}, host=name)
 
     async def replace_host_token(self, name: str, actor: str) -> tuple[str, str]:
@@ -190,14 +204,105 @@ class Store:
         return token
 
     async def host_for_token(self, token: str) -> str | None:
+        """The host whose token this is: its current one, or the one before a rotation while its
+        grace lasts; None for a revoked host's."""
+        digest = token_hash(token)
+        live = hosts.c.token_revoked.is_(None)
         async with self.engine.connect() as db:
-            row = (await db.execute(select(hosts.c.name).where(hosts.c.token_hash == token_hash(token)))).first()
+            row = (await db.execute(select(hosts.c.name).where(hosts.c.token_hash == digest, live))).first()
+            if row is None:  # two lookups, each by its own index, rather than one OR that may scan
+                old = (hosts.c.old_token_hash == digest) & (hosts.c.old_token_expires > time.time())
+                row = (await db.execute(select(hosts.c.name).where(old, live))).first()
         return None if row is None else str(row[0])
 
     async def admin_for_token(self, token: str) -> str | None:
         async with self.engine.connect() as db:
             row = (await db.execute(select(admins.c.name).where(admins.c.token_hash == token_hash(token)))).first()
         return None if row is None else str(row[0])
+
+    # Token lifecycle: every change that can end a credential moves the revision running hubs poll
+
+    async def rotate_host_token(self, name: str, grace: int, actor: str) -> tuple[str, float | None, dict[str, Any]]:
+        """A new token for the host; the one it had stays valid `grace` seconds more (0: it ends
+        now). Returns the token, when the old one stops (None: it has) and the logged event. A
+        revoked host's rotation gives it a token again; a rotation within another's grace ends the
+        older token at once (a host has at most two)."""
+        token, digest = new_token()
+        now = time.time()
+        async with self.transaction() as db:
+            query = select(hosts.c.token_hash, hosts.c.token_revoked).where(hosts.c.name == name)
+            row = (await db.execute(query)).first()
+            if row is None:
+                raise NotFound(f"name: no host named {name!r}")
+            keep_old = grace > 0 and row.token_revoked is None
+            expires = now + grace if keep_old else None
+            values = {"token_hash": digest, "old_token_hash": row.token_hash if keep_old else None,
+                      "old_token_expires": expires, "token_revoked": None}  # fmt: skip
+            await db.execute(update(hosts).where(hosts.c.name == name).values(**values))
+            await self._credentials_changed(db)
+            logged = await self.log(db, actor, "HostTokenRotated", {"grace_s": grace if keep_old else 0}, host=name)
+        return token, expires, logged
+
+    async def revoke_host_token(self, name: str, actor: str) -> dict[str, Any]:
+        """The host's token (and an old one in its grace) stop now; the host stays until removed."""
+        values = {"old_token_hash": None, "old_token_expires": None, "token_revoked": time.time()}
+        async with self.transaction() as db:
+            result = await db.execute(update(hosts).where(hosts.c.name == name).values(**values))
+            if result.rowcount == 0:
+                raise NotFound(f"name: no host named {name!r}")
+            await self._credentials_changed(db)
+            return await self.log(db, actor, "HostTokenRevoked", {}, host=name)
+
+    async def rotate_admin_token(self, name: str, actor: str) -> str:
+        """A new token for the admin; the old one stops now, and so do the sessions it opened."""
+        token, digest = new_token()
+        async with self.transaction() as db:
+            result = await db.execute(update(admins).where(admins.c.name == name).values(token_hash=digest))
+            if result.rowcount == 0:
+                raise NotFound(f"name: no admin named {name!r}")
+            await db.execute(delete(sessions).where(sessions.c.admin == name))
+            await self._credentials_changed(db)
+            await self.log(db, actor, "AdminTokenRotated", {"admin": name})
+        return token
+
+    async def remove_admin(self, name: str, actor: str) -> None:
+        async with self.transaction() as db:
+            await db.execute(delete(sessions).where(sessions.c.admin == name))
+            result = await db.execute(delete(admins).where(admins.c.name == name))
+            if result.rowcount == 0:
+                raise NotFound(f"name: no admin named {name!r}")
+            await self._credentials_changed(db)
+            await self.log(db, actor, "AdminRemoved", {"admin": name})
+
+    async def admins(self) -> list[dict[str, Any]]:
+        async with self.engine.connect() as db:
+            rows = (await db.execute(select(admins).order_by(admins.c.name))).mappings().all()
+        return [_without_token(row) for row in rows]
+
+    @staticmethod
+    async def _credentials_changed(db: AsyncConnection) -> None:
+        await db.execute(update(credential_changes).values(revision=credential_changes.c.revision + 1))
+
+    async def credentials_revision(self) -> int:
+        async with self.engine.connect() as db:
+            return int((await db.execute(select(credential_changes.c.revision))).scalar_one())
+
+    async def live_credentials(self) -> LiveCredentials:
+        now = time.time()
+        live = LiveCredentials()
+        columns = (hosts.c.name, hosts.c.token_hash, hosts.c.old_token_hash, hosts.c.old_token_expires)
+        async with self.engine.connect() as db:
+            for name, digest, old, expires in await db.execute(select(*columns).where(hosts.c.token_revoked.is_(None))):
+                live.hosts[name] = {digest}
+                if old is not None and expires > now:
+                    live.hosts[name].add(old)
+                    live.next_expiry = min(live.next_expiry, expires)
+            live.admins = set((await db.execute(select(admins.c.token_hash))).scalars())
+            query = select(sessions.c.id_hash, sessions.c.expires).where(sessions.c.expires > now)
+            for digest, expires in await db.execute(query):
+                live.sessions.add(digest)
+                live.next_expiry = min(live.next_expiry, expires)
+        return live
 
     # Sessions of the web UI: the cookie holds a random id, the database its hash and when it ends
 
@@ -218,6 +323,7 @@ class Store:
     async def remove_session(self, session: str) -> None:
         async with self.transaction() as db:
             await db.execute(delete(sessions).where(sessions.c.id_hash == token_hash(session)))
+            await self._credentials_changed(db)
 
     async def hosts(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as db:
