@@ -75,6 +75,15 @@ NEW_ROLLOUT = {
     "required": ["image", "target"],
     "additionalProperties": False,
 }  # fmt: skip
+MAX_GRACE = 30 * 86400  # seconds an old token may outlive its rotation
+ROTATION = {
+    "type": "object",
+    "properties": {
+        "grace_s": {"type": "integer", "minimum": 0, "maximum": MAX_GRACE, "default": 0,
+                    "description": "seconds the old token keeps working (0: it stops now)"},
+    },
+    "additionalProperties": False,
+}  # fmt: skip
 LOGIN = {
     "type": "object",
     "properties": {"token": {"type": "string", "minLength": 1, "maxLength": 200}},
@@ -88,7 +97,7 @@ def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     return Draft202012Validator({"$ref": "#/$defs/body", "$defs": {"body": schema}, "components": {"schemas": SCHEMAS}})
 
 
-_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, LOGIN)}
+_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, ROTATION, LOGIN)}
 MAX_MESSAGE_CHARS = 300  # jsonschema's messages hold the value they are about, which may be large
 
 
@@ -326,6 +335,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "delete": {"summary": "Remove a host (its token stops working)",
                    "responses": {"204": {"description": "removed"}, **NOT_FOUND}},
     },
+    "/api/v1/hosts/{name}/rotate": {"parameters": [HOST_NAME], "post": {
+        "summary": "A new agent token for the host, shown this once; the old one works grace_s seconds more",
+        "description": "The agent connected with the old token is disconnected when the old token stops (at "
+                       "once without grace). A revoked host gets a token again this way.",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": ROTATION}}},
+        "responses": {"200": _answer("the new token", {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "token": {"type": "string"},
+                           "old_token_expires": {**_NUMBER_OR_NULL,
+                                                 "description": "when the old token stops; null: it has"}},
+            "required": ["name", "token", "old_token_expires"]}), **BODY_ERRORS, **NOT_FOUND}}},
+    "/api/v1/hosts/{name}/revoke": {"parameters": [HOST_NAME], "post": {
+        "summary": "End the host's token now: its agent is disconnected and refused until the host is "
+                   "given a new token (rotate) or removed",
+        "responses": {"204": {"description": "revoked"}, **NOT_FOUND}}},
     "/api/v1/runs": {
         "get": {"summary": "Recent runs with their commands",
                 "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},

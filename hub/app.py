@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from hub import api, edge, updates_api
+from hub.credentials import CREDENTIALS, CredentialWatch
 from hub.edge import respond
 from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
 from hub.fleet import Fleet
@@ -73,6 +74,8 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/v1/hosts", _add_host)
     app.router.add_get("/api/v1/hosts/{name}", _host)
     app.router.add_delete("/api/v1/hosts/{name}", _remove_host)
+    app.router.add_post("/api/v1/hosts/{name}/rotate", _rotate_host)
+    app.router.add_post("/api/v1/hosts/{name}/revoke", _revoke_host)
     app.router.add_get("/api/v1/runs", _runs)
     app.router.add_post("/api/v1/runs", _start_run)
     app.router.add_get("/api/v1/runs/{id}", _run)
@@ -90,11 +93,16 @@ async def _fleet_context(app: web.Application) -> Any:
     await fleet.load()
     app[IMAGES].clean({image["sha256"] for image in fleet.rollouts.images.values()})
     app[FLEET] = fleet
+    app[CREDENTIALS] = watch = CredentialWatch(store)
+    await watch.check()  # learns the revision, and when the first grace or session ends
     beacon = asyncio.create_task(_beacons(fleet, app[SETTINGS].sync_interval))
     ticks = asyncio.create_task(_ticks(fleet))
+    polls = asyncio.create_task(watch.run())
     yield
     beacon.cancel()
     ticks.cancel()
+    polls.cancel()
+    await watch.stop()
     await store.close()
 
 
@@ -190,6 +198,24 @@ async def _add_host(request: web.Request) -> web.StreamResponse:
 async def _remove_host(request: web.Request) -> web.StreamResponse:
     admin = await _admin(request)
     await request.app[FLEET].remove_host(request.match_info["name"], admin)
+    return web.Response(status=204)
+
+
+async def _rotate_host(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    body = await edge.json_body(request, api.ROTATION) if request.can_read_body else {}
+    name, fleet = request.match_info["name"], request.app[FLEET]
+    token, expires, logged = await fleet.store.rotate_host_token(name, int(body.get("grace_s", 0)), admin)
+    fleet.publish_event(logged)
+    await request.app[CREDENTIALS].check()  # without grace, the agent on the old token goes now
+    return respond({"name": name, "token": token, "old_token_expires": expires})
+
+
+async def _revoke_host(request: web.Request) -> web.StreamResponse:
+    admin = await _admin(request)
+    fleet = request.app[FLEET]
+    fleet.publish_event(await fleet.store.revoke_host_token(request.match_info["name"], admin))
+    await request.app[CREDENTIALS].check()
     return web.Response(status=204)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,24 @@ def _parser() -> argparse.ArgumentParser:
     remove = host.add_parser("remove", help="remove a host; its token stops working")
     remove.add_argument("name")
     remove.set_defaults(action=_host_remove)
+    rotate = host.add_parser(
+        "rotate", help="give a host a new agent token and print it (shown this once); also after a revoke"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument(
+        "--grace",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="the old token keeps working this long, while the new one reaches the host (default 0: it stops "
+        "now, and the agent connected with it is disconnected)",
+    )
+    rotate.set_defaults(action=_host_rotate)
+    revoke = host.add_parser(
+        "revoke", help="end a host's token now: its agent is disconnected and refused until `host rotate`"
+    )
+    revoke.add_argument("name")
+    revoke.set_defaults(action=_host_revoke)
     host.add_parser("list", help="list hosts").set_defaults(action=_host_list)
     enrol = host.add_parser(
         "enrol", help="make a running host one of the hub's over SSH: its token made here and installed there by "
@@ -125,6 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     admin_add = admin.add_parser("add", help="add an admin and print their token (shown this once)")
     admin_add.add_argument("name")
     admin_add.set_defaults(action=_admin_add)
+    admin_rotate = admin.add_parser(
+        "rotate", help="give an admin a new token and print it (shown this once); the old one and its sessions end"
+    )
+    admin_rotate.add_argument("name")
+    admin_rotate.set_defaults(action=_admin_rotate)
+    admin_remove = admin.add_parser("remove", help="remove an admin: their token and sessions stop working")
+    admin_remove.add_argument("name")
+    admin_remove.set_defaults(action=_admin_remove)
+    admin.add_parser("list", help="list admins").set_defaults(action=_admin_list)
 
     image = commands.add_parser("image", help="update bundles the hub keeps and rolls out").add_subparsers(
         required=True, metavar="ACTION"
@@ -213,11 +242,45 @@ def _host_enrol(args: argparse.Namespace, url: str) -> int:
     return 0
 
 
+def _host_rotate(args: argparse.Namespace, url: str) -> int:
+    from hub.api import MAX_GRACE
+
+    if not 0 <= args.grace <= MAX_GRACE:
+        raise RastosError(f"--grace: must be between 0 and {MAX_GRACE} seconds, got {args.grace}")
+    token, expires, _ = _with_store(url, lambda store: store.rotate_host_token(args.name, args.grace, "cli"))
+    if expires is None:
+        old = "the old token stopped working; the agent connected with it is disconnected within a second"
+    else:
+        old = f"the old token works until {_when(expires)} ({args.grace} s)"
+    print(f"host {args.name}: {old}; its new agent token (shown only now):\n{token}")
+    return 0
+
+
+def _host_revoke(args: argparse.Namespace, url: str) -> int:
+    _with_store(url, lambda store: store.revoke_host_token(args.name, "cli"))
+    print(f"host {args.name}: token revoked; its agent is disconnected within a second "
+          f"(`rastos-hub host rotate {args.name}` gives it a new token)")  # fmt: skip
+    return 0
+
+
 def _host_list(_args: argparse.Namespace, url: str) -> int:
     for host in _with_store(url, lambda store: store.hosts()):
         facts = host["facts"] or {}
-        print(f"{host['name']}\tgroups={','.join(host['groups']) or '-'}\thostname={facts.get('hostname', '-')}")
+        print(f"{host['name']}\tgroups={','.join(host['groups']) or '-'}\thostname={facts.get('hostname', '-')}"
+              f"\ttoken={_token_state(host)}")  # fmt: skip
     return 0
+
+
+def _token_state(host: dict[str, Any]) -> str:
+    if host["token_revoked"] is not None:
+        return f"revoked {_when(host['token_revoked'])}"
+    if host["old_token_expires"] is not None and host["old_token_expires"] > time.time():
+        return f"rotated (the old one works until {_when(host['old_token_expires'])})"
+    return "valid"
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _admin_add(args: argparse.Namespace, url: str) -> int:
@@ -226,6 +289,25 @@ def _admin_add(args: argparse.Namespace, url: str) -> int:
     validate(NEW_HOST, {"name": args.name})  # admins are named like hosts
     token = _with_store(url, lambda store: store.add_admin(args.name))
     print(f"admin {args.name} added; their token (shown only now):\n{token}")
+    return 0
+
+
+def _admin_rotate(args: argparse.Namespace, url: str) -> int:
+    token = _with_store(url, lambda store: store.rotate_admin_token(args.name, "cli"))
+    print(f"admin {args.name}: the old token and its sessions stopped working; the new token (shown only now):"
+          f"\n{token}")  # fmt: skip
+    return 0
+
+
+def _admin_remove(args: argparse.Namespace, url: str) -> int:
+    _with_store(url, lambda store: store.remove_admin(args.name, "cli"))
+    print(f"admin {args.name} removed; their token and sessions stopped working")
+    return 0
+
+
+def _admin_list(_args: argparse.Namespace, url: str) -> int:
+    for admin in _with_store(url, lambda store: store.admins()):
+        print(f"{admin['name']}\tadded {_when(admin['created'])}")
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from hub import api, strictjson
+from hub.credentials import Credential, Kind
 from hub.errors import Forbidden, HubError, Unauthorized, UnsupportedMediaType
 from hub.store import Store
 
@@ -125,17 +126,23 @@ def session_id(request: web.Request) -> str | None:
 
 async def admin(request: web.Request, store: Store) -> str:
     """The admin making the request, by bearer token or session cookie; Unauthorized otherwise."""
+    name, _credential = await admin_credential(request, store)
+    return name
+
+
+async def admin_credential(request: web.Request, store: Store) -> tuple[str, Credential]:
+    """The admin making the request and what they authenticated with (a WebSocket is closed when
+    that ends: hub/credentials.py)."""
     token = bearer(request)
+    name, credential = None, None
     if token is not None:
-        name = await store.admin_for_token(token)
+        name, credential = await store.admin_for_token(token), Credential.of(Kind.admin, token)
     elif (session := session_id(request)) is not None:
-        name = await store.admin_for_session(session)
-    else:
-        name = None
-    if name is None:
+        name, credential = await store.admin_for_session(session), Credential.of(Kind.session, session)
+    if name is None or credential is None:
         raise Unauthorized("authorization: no valid admin token", hint="rastos-hub admin add NAME prints one")
     trusted(request)
-    return name
+    return name, credential
 
 
 def trusted(request: web.Request) -> None:

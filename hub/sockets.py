@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from hub import edge, strictjson
+from hub.credentials import CREDENTIALS, Credential, Kind
 from hub.errors import HubError, Unauthorized
 from hub.fleet import AgentLink, Fleet
 from hub.protocol import (
@@ -58,10 +59,19 @@ class _AgentSocket(web.WebSocketResponse):
 
 
 async def ui_stream(request: web.Request) -> web.StreamResponse:
-    fleet = request.app[FLEET]
-    await edge.admin(request, fleet.store)
+    fleet, watch = request.app[FLEET], request.app[CREDENTIALS]
+    generation = watch.generation
+    _admin, credential = await edge.admin_credential(request, fleet.store)
     socket = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=UI_MESSAGE_BYTES)
     await socket.prepare(request)
+    watch.add(socket, credential, generation)
+    try:
+        return await _follow(request, fleet, socket)
+    finally:
+        watch.discard(socket)
+
+
+async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketResponse) -> web.StreamResponse:
     request.app[SOCKETS].add(socket)
     queue = fleet.subscribe()
     # Everything a UI is sent goes through its queue, in order; an init is made when it is sent,
@@ -101,14 +111,23 @@ async def _forward(fleet: Fleet, queue: asyncio.Queue[dict[str, Any]], socket: w
 
 
 async def agent_socket(request: web.Request) -> web.StreamResponse:
-    fleet = request.app[FLEET]
+    fleet, watch = request.app[FLEET], request.app[CREDENTIALS]
+    generation = watch.generation
     token = edge.bearer(request)
     host = await fleet.store.host_for_token(token) if token else None
-    if host is None:
+    if host is None or token is None:
         raise Unauthorized("authorization: not a valid host token")
     edge.trusted(request)
     socket = _AgentSocket(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE_BYTES)
     await socket.prepare(request)
+    watch.add(socket, Credential.of(Kind.host, token, host), generation)
+    try:
+        return await _serve_agent(request, fleet, host, socket)
+    finally:
+        watch.discard(socket)
+
+
+async def _serve_agent(request: web.Request, fleet: Fleet, host: str, socket: _AgentSocket) -> web.StreamResponse:
     request.app[SOCKETS].add(socket)
     link = AgentLink(host, lambda message: socket.send_str(strictjson.dumps(message)), socket.close)
     try:
