@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import btrfsutil
 
@@ -42,6 +42,9 @@ from ops.steps import step_from
 from ops.target import Target
 from rastos.errors import CommandError, RastosError
 from rastos.process import run
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("rastosd")
 
@@ -145,10 +148,13 @@ class Daemon:
         return prepare_deployment(new_root, running_root, pristine_image, self.store, config=self.config,
                                   running_subvolume=self.root_subvolume)  # fmt: skip
 
-    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer:
+    def stage_update(
+        self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str],
+        tls: ssl.SSLContext | None = None,
+    ) -> StageAnswer:  # fmt: skip
         """A staging of `version` for the hub link (hub_link.py's DaemonCore), as the daemon's own."""
         return self.updates.stage_version(source, version, uid=HUB_UID, method="HubUpdate", reboot=reboot,
-                                          headers=dict(headers))  # fmt: skip
+                                          headers=dict(headers), tls=tls)  # fmt: skip
 
     def on_update_completed(self, callback: UpdateCompleted) -> None:
         """The link's callback for the end of a staging: a link made anew (Hub.Join) replaces the
@@ -163,7 +169,8 @@ class Daemon:
 
     def start_hub(self) -> None:
         """Connect to the hub the settings name, if any (on the event loop)."""
-        settings = load_settings(self.config.hub_url, self.config.hub_token_file, self.credentials)
+        settings = load_settings(self.config.hub_url, self.config.hub_token_file, self.credentials,
+                                 self.config.hub_ca)  # fmt: skip
         if settings is None:
             return
         self.hub = HubLink(self, settings)

@@ -11,6 +11,14 @@ What it sends (messages in hub/protocol.py):
 Commands from the hub carry an id that the job records (a unique column): a command that arrives
 again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
 
+TLS: a wss:// hub is verified against the CA file of `hub.ca` (daemon.toml, or the image profile's
+`[hub] ca`), or the system's store without one, TLS 1.2 at least; a bundle's download from the hub is
+verified the same way. A hub that fails the check (another CA, an expired certificate, another name)
+is logged as such, naming what it was checked against, and tried again after the longest backoff.
+
+Tokens: a token file is read again before each connect, so a token rotated on the hub
+(`rastos-hub host rotate NAME --grace S`) is taken up by writing the new one there, without a restart.
+
 Image updates: the hub's `update` frame names a path on the hub (its /api/v1/images/ID/bundle); the
 link joins it to the hub's base as this host reaches the hub (the agent URL without /api/v1/agent,
 with http(s) for ws(s)),
@@ -33,6 +41,7 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -85,6 +94,29 @@ UpdateCompleted = Callable[[int, bool, dict[str, Any]], None]
 class HubSettings:
     url: str
     token: str
+    ca: Path | None = None  # the CA file a wss:// hub's certificate must chain to; None: the system's store
+    token_file: Path | None = None  # read again before each connect; None: `token` (a credential) stays
+
+    @property
+    def verified_against(self) -> str:
+        return f"hub.ca {self.ca}" if self.ca is not None else "the system's CA store"
+
+    def tls(self) -> ssl.SSLContext | None:
+        """What a wss:// hub is verified with (None for ws://), made at each connect so that a CA file
+        replaced meanwhile is read; TlsSetupError when it cannot be used."""
+        if not self.url.startswith("wss://"):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=None if self.ca is None else str(self.ca))
+        except (OSError, ssl.SSLError, ValueError) as error:
+            what = f"hub.ca: cannot use {self.ca} as a CA file" if self.ca else "the system's CA store cannot be read"
+            raise TlsSetupError(f"{what}: {error}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+
+class TlsSetupError(Exception):
+    """The CA file the hub is to be verified against cannot be read or holds no certificate."""
 
 
 class HubRefused(Exception):
@@ -105,13 +137,17 @@ class DaemonCore(Protocol):
 
     # Image updates (docs/updates.md: the daemon's `Updates` API, which these pass on to as the hub's
     # uid with method "HubUpdate"). `stage_update` stages `version` from the bundle at `source`, an
-    # http(s) URL fetched with `headers`, and answers at once: `staging` with the staging's id (a new
-    # one, or the one of that version under way), or `staged` (that version's entry boots next already;
-    # rebooted into when `reboot` asks); a refusal (one staging at a time, a bad source) raises
-    # DaemonError. `on_update_completed` sets the link's callback for the end of any staging (a link
-    # made anew, Hub.Join, replaces the one before's), called with (id, ok, result) from any thread;
-    # `result` may say "state" (staged, failed, cancelled) and "error".
-    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer: ...
+    # http(s) URL fetched with `headers` and verified with `tls` (None: the system's store), and answers
+    # at once: `staging` with the staging's id (a new one, or the one of that version under way), or
+    # `staged` (that version's entry boots next already; rebooted into when `reboot` asks); a refusal
+    # (one staging at a time, a bad source) raises DaemonError. `on_update_completed` sets the link's
+    # callback for the end of any staging (a link made anew, Hub.Join, replaces the one before's),
+    # called with (id, ok, result) from any thread; `result` may say "state" (staged, failed,
+    # cancelled) and "error".
+    def stage_update(
+        self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str],
+        tls: ssl.SSLContext | None = None,
+    ) -> StageAnswer: ...  # fmt: skip
     def on_update_completed(self, callback: UpdateCompleted) -> None: ...
 
 
@@ -119,7 +155,10 @@ class HubLink:
     def __init__(self, daemon: DaemonCore, settings: HubSettings) -> None:
         self.daemon = daemon
         self.settings = settings
+        self.token = settings.token
+        self.tls: ssl.SSLContext | None = None  # what the hub was verified with at the last connect
         self.connected = False
+        self._closed_with = ""  # the hub's reason for its last close
         self._wake = asyncio.Event()
         self._outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._last_facts: dict[str, Any] | None = None
@@ -157,21 +196,40 @@ class HubLink:
         while True:
             grow = True
             try:
+                self.tls = self.settings.tls()
                 async with (
                     aiohttp.ClientSession() as session,
                     session.ws_connect(
-                        self.settings.url, headers={"Authorization": f"Bearer {self.settings.token}"},
-                        heartbeat=20.0, max_msg_size=1 << 20,
+                        self.settings.url, headers={"Authorization": f"Bearer {self._current_token()}"},
+                        heartbeat=20.0, max_msg_size=1 << 20, ssl=self.tls or True,
                     ) as socket,
                 ):  # fmt: skip
                     log.info("connected to the hub at %s", self.settings.url)
                     delay = BACKOFF_FIRST
+                    self._closed_with = ""
                     await self._serve(socket)
-                    self._set_state("disconnected", f"the hub closed the connection ({socket.close_code})")
+                    closed = self._closed_with or str(socket.close_code)
+                    self._set_state("disconnected", f"the hub closed the connection ({closed})")
                     log.warning("%s", self.error)
             except aiohttp.WSServerHandshakeError as error:
                 self._set_state("refused", f"the hub refused this host ({error.status} {error.message}): "
                                 "check hub.url and the token")  # fmt: skip
+                log.error("%s", self.error)
+                delay = BACKOFF_MAX
+            except TlsSetupError as error:
+                self._set_state("untrusted", f"{error}: not connecting to the hub until it can be read")
+                log.error("%s", self.error)
+                delay = BACKOFF_MAX
+            except aiohttp.ClientConnectorCertificateError as error:
+                # A hub this host cannot trust: another CA, an expired certificate, another name.
+                problem = error.certificate_error
+                reason = getattr(problem, "verify_message", None) or str(problem)
+                self._set_state("untrusted", f"the hub at {self.settings.url} failed TLS verification against "
+                                f"{self.settings.verified_against}: {reason}")  # fmt: skip
+                log.error("%s", self.error)
+                delay = BACKOFF_MAX
+            except aiohttp.ClientSSLError as error:  # no verification to speak of: a hub not speaking TLS, say
+                self._set_state("unreachable", f"TLS with the hub at {self.settings.url} failed: {error}")
                 log.error("%s", self.error)
                 delay = BACKOFF_MAX
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
@@ -189,6 +247,23 @@ class HubLink:
             # Jitter keeps a fleet that lost its hub from coming back all in the same second.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BACKOFF_MAX) if grow else delay
+
+    def _current_token(self) -> str:
+        """The token file's token now (rotated on the hub, it may have been replaced); the one before
+        if it cannot be read."""
+        path = self.settings.token_file
+        if path is None:
+            return self.token
+        try:
+            token = path.read_text().strip()
+        except OSError as error:
+            log.warning("hub.token_file: cannot read %s (%s): connecting with the token read before", path,
+                        error.strerror)  # fmt: skip
+            return self.token
+        if token and token != self.token:
+            log.info("hub.token_file: %s holds a new token: connecting with it", path)
+            self.token = token
+        return self.token
 
     async def _serve(self, socket: aiohttp.ClientWebSocketResponse) -> None:
 
@@ -219,7 +294,10 @@ class HubLink:
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         import aiohttp
 
-        async for message in socket:
+        while True:
+            message = await socket.receive()
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                self._closed_with = f"{message.data}: {message.extra}" if message.extra else str(message.data)
             if message.type != aiohttp.WSMsgType.TEXT:
                 return
             await self._on_message(json.loads(message.data))
@@ -391,7 +469,11 @@ class HubLink:
         source = self.hub_base() + url
         try:
             answer = self.daemon.stage_update(
-                source, version=version, reboot=reboot, headers={"Authorization": f"Bearer {self.settings.token}"}
+                source,
+                version=version,
+                reboot=reboot,
+                headers={"Authorization": f"Bearer {self.token}"},
+                tls=self.tls,
             )
         except DaemonError as error:
             log.warning("hub update %s to %s refused: %s", update_id, version, error)
@@ -443,7 +525,9 @@ CREDENTIAL_URL = "rastos.hub.url"  # systemd credentials (ImportCredential=rasto
 CREDENTIAL_TOKEN = "rastos.hub.token"
 
 
-def load_settings(url: str | None, token_file: Path, credentials: Path | None) -> HubSettings | None:
+def load_settings(
+    url: str | None, token_file: Path, credentials: Path | None, ca: Path | None = None
+) -> HubSettings | None:
     """The link's settings, or None when no hub is configured or its token cannot be read (logged).
     Credentials given to the machine at boot (`rastos-image boot --credential`, or any systemd
     credential source) come before /etc/rastos/daemon.toml and the token file."""
@@ -453,7 +537,10 @@ def load_settings(url: str | None, token_file: Path, credentials: Path | None) -
     if not url.startswith(("ws://", "wss://")):
         log.error("credential %s: must be a ws:// or wss:// URL, got %r: not connecting", CREDENTIAL_URL, url)
         return None
+    if ca is not None and not url.startswith("wss://"):
+        log.warning("hub.ca is set but the hub's URL %s is not wss://: the hub is reached without TLS", url)
     token = _credential(credentials, CREDENTIAL_TOKEN)
+    from_file = token is None
     if token is None:
         try:
             token = token_file.read_text().strip()
@@ -463,7 +550,12 @@ def load_settings(url: str | None, token_file: Path, credentials: Path | None) -
     if not token:
         log.error("hub.token_file: %s is empty: not connecting to the hub", token_file)
         return None
-    return HubSettings(url, token)
+    settings = HubSettings(url, token, ca, token_file if from_file else None)
+    try:
+        settings.tls()
+    except TlsSetupError as error:  # said now, at start; the link says it again at each try
+        log.error("%s", error)
+    return settings
 
 
 def _credential(directory: Path | None, name: str) -> str | None:

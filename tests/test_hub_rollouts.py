@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 import urllib.error
@@ -783,22 +784,25 @@ class UpdatingCore:
     def boot_state(self) -> BootState:
         return BootState("@", None, "rastos.conf", "good", image_version=self.version)
 
-    def stage_update(self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str]) -> StageAnswer:
+    def stage_update(
+        self, source: str, *, version: str, reboot: bool, headers: Mapping[str, str],
+        tls: ssl.SSLContext | None = None,
+    ) -> StageAnswer:  # fmt: skip
         from daemon.errors import DaemonError
 
         if self.refuse is not None:
             raise DaemonError(self.refuse)
         self.staged.append((source, reboot, dict(headers)))
         staging = len(self.staged)
-        threading.Thread(target=self._stage, args=(staging, source, dict(headers))).start()
+        threading.Thread(target=self._stage, args=(staging, source, dict(headers), tls)).start()
         return StageAnswer(staging, "staging")
 
-    def _stage(self, staging: int, source: str, headers: dict[str, str]) -> None:
+    def _stage(self, staging: int, source: str, headers: dict[str, str], tls: ssl.SSLContext | None) -> None:
         first = urllib.request.Request(source, headers={**headers, "Range": "bytes=0-999"})
-        with urllib.request.urlopen(first, timeout=30) as response:
+        with urllib.request.urlopen(first, timeout=30, context=tls) as response:
             head = response.read()
         rest = urllib.request.Request(source, headers={**headers, "Range": f"bytes={len(head)}-"})
-        with urllib.request.urlopen(rest, timeout=30) as response:
+        with urllib.request.urlopen(rest, timeout=30, context=tls) as response:
             self.downloaded.append(head + response.read())
         for callback in self._callbacks:
             callback(staging, True, {"state": "staged", "version": "2.0"})

@@ -3,7 +3,8 @@ revoked, an admin's rotated and an admin removed. A connection ends with its cre
 or UI connected with a token that stops working is disconnected, within a second of a change made
 from the command line beside the hub and at once for one made through the REST API.
 
-The hub is the real `rastos-hub serve`; agents and UIs are real WebSocket clients.
+The hub is the real `rastos-hub serve`; agents and UIs are real WebSocket clients, and the last test
+runs a real rastosd that takes its new token from its token file.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from hub.credentials import CLOSE_REASON
 from hub.store import Store, database_url, token_hash
+from tests.daemon_fixtures import require_root
 from tests.hub_fixtures import Hub
 from tests.hub_fixtures import hub as hub
+from tests.test_hub_fleet import Fleet, online
+from tests.test_hub_fleet import fleet as fleet
 
 CLOSED_BY_POLL = 3.0  # seconds: the hub polls the database every second for changes made beside it
 
@@ -268,3 +273,25 @@ def test_tokens_made_before_the_lifecycle_migration_keep_working(tmp_path: Path)
         return found
 
     assert asyncio.run(lookups()) == ("old", "ada", None)
+
+
+@pytest.mark.root
+def test_a_real_agent_takes_its_rotated_token_from_its_token_file(hub: Hub, fleet: Fleet) -> None:
+    """The daemon reads its token file again before each connect: an operator rotates with a grace,
+    writes the new token where the daemon reads it, and the agent is back within a second or two of
+    the grace's end, on the new token."""
+    require_root()
+    daemon = fleet.add("web-1")
+    hub.wait_state(online("web-1"), "the agent online")
+    answer = hub.api("POST", "/api/v1/hosts/web-1/rotate", {"grace_s": 2})
+    (fleet.directory / "web-1" / "token").write_text(answer["token"] + "\n")
+    deadline = time.monotonic() + 20
+    while daemon.log_text().count("connected to the hub at") < 2:  # closed at the grace's end, then back
+        assert time.monotonic() < deadline, daemon.log_text()[-3000:]
+        time.sleep(0.1)
+    assert time.time() >= answer["old_token_expires"], "the old token's link lasted through its grace"
+    hub.wait_state(online("web-1"), "the agent online on its new token")
+    log = daemon.log_text()
+    assert "the hub closed the connection (1008: credentials: no longer valid" in log, log[-3000:]
+    assert "holds a new token: connecting with it" in log and "refused this host" not in log, log[-3000:]
+    assert answer["token"] not in log, "the token is never logged"

@@ -102,10 +102,13 @@ class _Connections:
                 self._socket.shutdown(socket.SHUT_RDWR)
 
 
-def _opener(connections: _Connections, headers: Mapping[str, str], origin: tuple[str, str]) -> Any:
-    """urllib's opener whose connections report their sockets, and whose redirects carry the extra
-    headers only while they stay on the URL's own scheme, host and port."""
-    context = ssl.create_default_context()
+def _opener(
+    connections: _Connections, headers: Mapping[str, str], origin: tuple[str, str], tls: ssl.SSLContext | None
+) -> Any:
+    """urllib's opener whose connections report their sockets, whose https is verified with `tls`
+    (the system's store if None), and whose redirects carry the extra headers only while they stay
+    on the URL's own scheme, host and port."""
+    context = tls or ssl.create_default_context()
 
     class Http(http.client.HTTPConnection):
         def connect(self) -> None:
@@ -164,6 +167,7 @@ class Download:
     cancelled: threading.Event
     progress: Callable[[int, int], None]  # bytes so far, bytes in all (0: not known yet)
     check_head: Callable[[Head], None]  # raises BundleError (or another error) to stop the download
+    tls: ssl.SSLContext | None = None  # verifies an https URL (the hub's own CA); None: the system's store
 
     def __post_init__(self) -> None:
         assert self.source.url is not None
@@ -173,7 +177,7 @@ class Download:
         self.meta = self.directory / f"{key}.partial.json"
         self.complete = self.directory / f"{key}.rbundle"
         self.connections = _Connections(self.cancelled)
-        self.opener = _opener(self.connections, self.headers, _origin(self.url))
+        self.opener = _opener(self.connections, self.headers, _origin(self.url), self.tls)
         self.head: Head | None = None
         self.bound = 0
         self.resumed_from = 0  # where the last Range request started (0: none was made)

@@ -16,6 +16,8 @@ from ops.errors import UnsafePath
 from ops.rootfs import Links, Root
 
 if TYPE_CHECKING:
+    import ssl
+
     from daemon.updates.fetch import Download
 
 IMAGE_INFO = "/usr/lib/rastos/image.json"
@@ -73,6 +75,7 @@ class Staging:
     reboot: bool
     headers: dict[str, str]
     fd: int | None  # the bundle's file, for a path
+    tls: ssl.SSLContext | None = None  # what an https source is verified with; None: the system's store
     cancelled: threading.Event = field(default_factory=threading.Event)
     download: Download | None = None
     version: str = ""

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.boot import BootEntries
 from daemon.config import DaemonConfig
@@ -40,6 +40,9 @@ from daemon.updates.source import Cancelled, Source, check_headers, open_local, 
 from ops.errors import ERROR_PREFIX
 from rastos.errors import RastosError
 from rastos.process import run
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("rastosd.updates")
 
@@ -106,7 +109,14 @@ class Updates:
     # The API
 
     def stage(
-        self, source: str, *, uid: int, method: str, reboot: bool, headers: Mapping[str, str] | None = None
+        self,
+        source: str,
+        *,
+        uid: int,
+        method: str,
+        reboot: bool,
+        headers: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> int:
         """Start staging the bundle at `source` (an absolute path or an http(s) URL); returns the
         update's id at once. The source's form, a path's file and the headers are checked here
@@ -116,11 +126,11 @@ class Updates:
         if self.refusal is not None:
             raise UpdatesUnavailable(self.refusal)
         with self._lock:
-            return self._start(parsed, checked, uid=uid, method=method, reboot=reboot)
+            return self._start(parsed, checked, uid=uid, method=method, reboot=reboot, tls=tls)
 
     def stage_version(
         self, source: str, version: str, *, uid: int, method: str, reboot: bool,
-        headers: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, tls: ssl.SSLContext | None = None,
     ) -> StageAnswer:  # fmt: skip
         """Stage `version` from `source`, for a caller that names the version before the bundle does
         (the hub agent), unless this daemon has it: a staging of the version under way is joined (a
@@ -146,7 +156,8 @@ class Updates:
                 return self._join(current, uid=uid, method=method, reboot=reboot)
             staged = self._staged_deployment() if current is None else None
             if staged is None or version_deployed(staged) != version:
-                return StageAnswer(self._start(parsed, checked, uid=uid, method=method, reboot=reboot), "staging")
+                started = self._start(parsed, checked, uid=uid, method=method, reboot=reboot, tls=tls)
+                return StageAnswer(started, "staging")
             update_id = self.store.staged_update_of(staged) or 0
             self.store.record(uid, method, None, update=update_id or None, version=version, reboot=reboot,
                               answered="staged")  # fmt: skip
@@ -165,8 +176,12 @@ class Updates:
         log.info("update %d: staging %s already, asked for again", current.id, current.version)
         return StageAnswer(current.id, "staging")
 
-    def _start(self, parsed: Source, checked: dict[str, str], *, uid: int, method: str, reboot: bool) -> int:
-        """A new staging on a worker of its own; called with `_lock` held."""
+    def _start(
+        self, parsed: Source, checked: dict[str, str], *, uid: int, method: str, reboot: bool,
+        tls: ssl.SSLContext | None,
+    ) -> int:  # fmt: skip
+        """A new staging on a worker of its own, an https source verified with `tls` (None: the system's
+        store); called with `_lock` held."""
         if self._current is not None:
             current = self._current
             raise UpdateBusy(
@@ -180,7 +195,7 @@ class Updates:
             if fd is not None:
                 os.close(fd)
             raise
-        staging = Staging(update_id, parsed, uid, method, reboot, checked, fd)
+        staging = Staging(update_id, parsed, uid, method, reboot, checked, fd, tls)
         self._current = staging
         self._set_progress("downloading" if parsed.url else "verifying", 0, 0, force=True)
         self._worker = threading.Thread(target=self._run, args=(staging,), name=f"update-{update_id}", daemon=True)

@@ -129,7 +129,7 @@ class StagingRun:
         download = Download(
             staging.source, self.context.downloads, staging.headers, staging.cancelled,
             progress=lambda done, total: self.context.progress("downloading", done, total),
-            check_head=self.check_head,
+            check_head=self.check_head, tls=staging.tls,
         )  # fmt: skip
         staging.download = download
         self.context.progress("downloading", 0, 0)
