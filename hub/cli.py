@@ -10,9 +10,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rastos.errors import RastosError
+
+if TYPE_CHECKING:
+    from hub.tls import TlsFiles
 
 DEFAULT_DATABASE = "/var/lib/rastos-hub/hub.db"
 DEFAULT_DATA_DIR = "/var/lib/rastos-hub"
@@ -61,7 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the hub (API, UI, agent socket)")
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    serve.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help=f"HOST:PORT (default {DEFAULT_LISTEN}); plain HTTP only on loopback, unless --insecure-listen",
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve HTTPS and wss:// with this PEM certificate (and chain)"
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="the PEM private key of --tls-cert")
+    serve.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        help="serve plain HTTP on a --listen address that is not loopback (tokens cross the network in the "
+        "clear: only behind a TLS proxy on a network of its own)",
+    )
     serve.add_argument("--sync-interval", type=float, default=5.0, help="seconds between sync beacons to UIs")
     serve.add_argument(
         "--max-image-bytes",
@@ -178,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, url: str) -> int:
     from hub.app import Settings, make_app
     from hub.guard import serve
+    from hub.tls import check_listen
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
@@ -186,10 +204,23 @@ def _serve(args: argparse.Namespace, url: str) -> int:
         raise RastosError("--sync-interval: must be positive")
     if args.max_image_bytes <= 0:
         raise RastosError("--max-image-bytes: must be positive")
+    tls = _tls_files(args)
+    check_listen(host.strip("[]"), tls is not None, args.insecure_listen)
     settings = Settings(url, args.sync_interval, args.data_dir, args.max_image_bytes, _trusted_keys(args))
     app = make_app(settings)
-    asyncio.run(serve(app, host.strip("[]"), int(port)))
+    asyncio.run(serve(app, host.strip("[]"), int(port), tls))
     return 0
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    from hub.tls import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
+        raise RastosError(f"{missing}: needed with {given}")
+    return TlsFiles(args.tls_cert, args.tls_key)
 
 
 def _trusted_keys(args: argparse.Namespace) -> Path | None:

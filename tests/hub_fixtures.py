@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from ops import pki
 from rastos.bundle import PARTS, Manifest, Parent, SigningKey, write_bundle
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -69,6 +75,50 @@ def postgresql_server() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Pki:
+    """A CA, and a certificate and key it issued for the hub (as the certs op makes them: ops/pki.py),
+    as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path, names: tuple[str, ...] = ("localhost",), expired: bool = False) -> Pki:
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC)
+        ca_key, ca_cert = pki.make_ca(f"ca-{directory.name}", now)
+        key, cert = pki.issue(ca_key, ca_cert, names, now + datetime.timedelta(days=30))
+        if expired:  # the same certificate, from ten days ago to yesterday
+            cert = _expired(ca_key, cert)
+        found = cls(directory / "ca.crt", directory / "hub.crt", directory / "hub.key")
+        found.ca.write_text(pki.cert_pem(ca_cert))
+        found.cert.write_text(pki.cert_pem(cert))
+        found.key.write_text(pki.key_pem(key))
+        return found
+
+    def client(self) -> ssl.SSLContext:
+        """What a client that trusts this CA verifies the hub with."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def _expired(ca_key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=10))
+        .not_valid_after(now - datetime.timedelta(days=1))
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
 @dataclass
 class Hub:
     directory: Path
@@ -80,6 +130,8 @@ class Hub:
     open_files: int | None = None  # the hub's open-file limit, soft and hard (None: this process's)
     global_options: list[str] = field(default_factory=list)  # more options of every `rastos-hub` command
     serve_options: list[str] = field(default_factory=list)  # more options of `rastos-hub serve`
+    tls: Pki | None = None  # serve HTTPS with its certificate, reached as localhost (the name it is for)
+    client: ssl.SSLContext | None = None  # what the tests' own requests verify it with; default: its CA
 
     @property
     def database(self) -> str:
@@ -87,11 +139,15 @@ class Hub:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
 
     @property
     def agent_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/agent"
+        return f"wss://localhost:{self.port}/api/v1/agent" if self.tls else f"ws://127.0.0.1:{self.port}/api/v1/agent"
+
+    @property
+    def client_tls(self) -> ssl.SSLContext | None:
+        return self.client or (self.tls.client() if self.tls else None)
 
     @property
     def log(self) -> Path:
@@ -110,17 +166,23 @@ class Hub:
 
     def start(self, timeout: float = 30) -> None:
         self.starts += 1
+        tls = ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)] if self.tls else []
         with self.log.open("a") as output:
             self.process = subprocess.Popen(
                 [*HUB_CLI, *self.options, "serve", "--listen", f"127.0.0.1:{self.port}", "--sync-interval", "0.5",
-                 *self.serve_options],
+                 *tls, *self.serve_options],
                 stdout=output, stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, preexec_fn=self._limits,
             )  # fmt: skip
+        # Whether it answers, not whom it is: a hub serving an expired certificate has started too.
+        unverified = None
+        if self.tls:
+            unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
         deadline = time.monotonic() + timeout
         while True:
             assert self.process.poll() is None, f"rastos-hub exited at start:\n{self.log.read_text()}"
             try:
-                urllib.request.urlopen(f"{self.url}/api/v1/openapi.json", timeout=2).close()
+                urllib.request.urlopen(f"{self.url}/api/v1/openapi.json", timeout=2, context=unverified).close()
                 return
             except (urllib.error.URLError, ConnectionError):
                 assert time.monotonic() < deadline, f"rastos-hub did not answer:\n{self.log.read_text()}"
@@ -154,7 +216,7 @@ class Hub:
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=self.client_tls) as response:
                 text = response.read().decode()
                 return response.status, json.loads(text) if text else None
         except urllib.error.HTTPError as error:
@@ -333,7 +395,7 @@ def upload(hub: Hub, data: bytes, content_type: str = "application/octet-stream"
     request.add_header("Content-Type", content_type)
     request.add_header("Authorization", f"Bearer {hub.admin_token}")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=60, context=hub.client_tls) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())

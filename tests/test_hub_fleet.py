@@ -11,7 +11,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -38,12 +38,22 @@ class Fleet:
         self.stack = stack
         self.agents: dict[str, Rastosd] = {}
 
-    def add(self, name: str, groups: list[str] = [], extra: list[str] = [], start: bool = True) -> Rastosd:  # noqa: B006
+    def add(
+        self, name: str, groups: list[str] = [], extra: list[str] = [], start: bool = True,  # noqa: B006
+        ca: Path | Literal["hub"] | None = "hub",
+    ) -> Rastosd:  # fmt: skip
+        """A real agent of host `name`; with a TLS hub it verifies the hub against `ca`: by default the
+        hub's own CA, None for the system's store."""
         token = self.hub.api("POST", "/api/v1/hosts", {"name": name, "groups": groups})["token"]
         home = self.directory / name
         home.mkdir(parents=True)
         (home / "token").write_text(token + "\n")
-        (home / "daemon.toml").write_text(f'[hub]\nurl = "{self.hub.agent_url}"\ntoken_file = "{home / "token"}"\n')
+        config = f'[hub]\nurl = "{self.hub.agent_url}"\ntoken_file = "{home / "token"}"\n'
+        if ca == "hub":
+            ca = self.hub.tls.ca if self.hub.tls else None
+        if ca is not None:
+            config += f'ca = "{ca}"\n'
+        (home / "daemon.toml").write_text(config)
         bus = self.stack.enter_context(private_bus(STRICT_POLICY))
         scratch = self.stack.enter_context(scratch_root(home))
         daemon = Rastosd(bus, scratch, home / "state", config=home / "daemon.toml", extra=extra)
