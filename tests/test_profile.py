@@ -142,6 +142,8 @@ def test_unknown_top_level_table(tmp_path: Path) -> None:
         ('[btrfs]\nhome = "@x"\nvar_log = "@x"\n', "btrfs", "named for two mount points"),
         ('[hub]\nurl = "http://hub:8470"\n', "hub.url", "not a ws:// or wss:// URL"),
         ('[hub]\ntoken = "secret"\n', "hub.token", "unknown key"),
+        ('[hub]\nurl = "ws://hub:8470/api/v1/agent"\nca = "ca.pem"\n', "hub.ca", "needs a wss:// hub.url"),
+        ('[hub]\nca = "ca.pem"\n', "hub.ca", "needs a wss:// hub.url, got none"),
         ('version = "1 0"\n', "version", "not a valid image version"),
         ('version = "-1"\n', "version", "a letter or digit first"),
         ("version = 2\n", "version", "expected a string"),
@@ -263,3 +265,25 @@ def test_a_generator_to_skip_must_be_a_generator_name(tmp_path: Path) -> None:
     profile.write_text('extends = "minimal"\n[system]\nskip_generators = ["../../bin/sh"]\n')
     with pytest.raises(ProfileError, match=r"skip_generators.*not a valid generator name: '\.\./\.\./bin/sh'"):
         load_profile(profile)
+
+
+def test_the_hubs_ca_is_found_beside_the_profile_and_must_be_a_current_pem_certificate(tmp_path: Path) -> None:
+    from tests.hub_fixtures import Pki
+
+    good, expired = Pki.make(tmp_path / "good"), Pki.make(tmp_path / "old", expired=True)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "hub-ca.pem").write_bytes(good.ca.read_bytes())
+    (tmp_path / "site" / "garbage.pem").write_text("not a certificate\n")
+    hub = '[hub]\nurl = "wss://hub.example:8470/api/v1/agent"\n'
+    path = write(tmp_path / "site", "fleet", f'extends = "minimal"\n{hub}ca = "hub-ca.pem"\n')
+    profile = load_profile(path)
+    assert profile.hub.ca == str(tmp_path / "site" / "hub-ca.pem"), "resolved beside the file that names it"
+    assert profile_from_dict(json.loads(json.dumps(profile_to_dict(profile)))) == profile
+    for ca, reason in (
+        ("missing.pem", f"cannot read {tmp_path / 'site' / 'missing.pem'}: No such file or directory"),
+        ("garbage.pem", f"{tmp_path / 'site' / 'garbage.pem'} holds no PEM certificate"),
+        (str(expired.cert), "expired on"),
+    ):
+        bad = write(tmp_path / "site", "bad", f'extends = "minimal"\n{hub}ca = "{ca}"\n')
+        message = error_of(bad)
+        assert message.startswith(f"{bad}: key 'hub.ca': ") and reason in message, message

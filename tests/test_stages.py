@@ -60,8 +60,26 @@ def test_the_hub_url_goes_into_the_image_and_the_daemon_reads_it(tmp_path: Path)
     write_daemon_config(root, load_profile(path))
     config = load_config(root / "etc/rastos/daemon.toml")
     assert config.hub_url == "wss://hub.example.org:8470/api/v1/agent"
+    assert config.hub_ca is None and not (root / "etc/rastos/hub-ca.pem").exists()
     write_daemon_config(tmp_path / "plain", load_profile("minimal"))
     assert not (tmp_path / "plain/etc/rastos/daemon.toml").exists(), "no hub, no file"
+
+
+def test_the_hubs_ca_goes_into_the_image_and_the_daemon_verifies_the_hub_with_it(tmp_path: Path) -> None:
+    from daemon.hub_link import HubSettings
+    from tests.hub_fixtures import Pki
+
+    pki = Pki.make(tmp_path / "pki")
+    path = tmp_path / "fleet.toml"
+    path.write_text(f'extends = "minimal"\n[hub]\nurl = "wss://hub.example.org:8470/api/v1/agent"\nca = "{pki.ca}"\n')
+    root = tmp_path / "root"
+    write_daemon_config(root, load_profile(path))
+    shipped = root / "etc/rastos/hub-ca.pem"
+    assert shipped.read_bytes() == pki.ca.read_bytes() and shipped.stat().st_mode & 0o777 == 0o644
+    config = load_config(root / "etc/rastos/daemon.toml")
+    assert config.hub_ca == Path("/etc/rastos/hub-ca.pem"), "the path the host will have"
+    tls = HubSettings(config.hub_url or "", "token", shipped).tls()
+    assert tls is not None and len(tls.get_ca_certs()) == 1, "the image's CA file is one the agent can load"
 
 
 def test_describe_change_names_what_changed() -> None:

@@ -10,6 +10,7 @@ marked `merge="append"` (packages, kernel arguments, sysctl, users, ...), which 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import logging
 import tomllib
@@ -45,6 +46,7 @@ def load_profile(name_or_path: str | Path, directory: Path = PROFILE_DIR) -> Pro
     found = Origins(origins, path)
     profile: Profile = build(Profile, merged, "", found)
     profile = _resolve_desired_state(profile, found)
+    profile = _resolve_hub_ca(profile, found)
     profile = _resolve_distribution(profile, found)
     _check_kernel_build(profile, found)
     _check_whole(profile, found)
@@ -71,6 +73,31 @@ def _resolve_desired_state(profile: Profile, origins: Origins) -> Profile:
                     "state is applied last and wins", named_in, path.name, ", ".join(twice))  # fmt: skip
     system = dataclasses.replace(profile.system, desired_state=str(path))
     return dataclasses.replace(profile, system=system)
+
+
+def _resolve_hub_ca(profile: Profile, origins: Origins) -> Profile:
+    """The hub's CA file, found beside the profile that named it and checked now: certificates in PEM,
+    none expired, and a wss:// hub to check (a ws:// hub has no certificate)."""
+    if not profile.hub.ca:
+        return profile
+    named_in = origins.of("hub.ca")
+    if not profile.hub.url.startswith("wss://"):
+        raise ProfileError(f"{named_in}: key 'hub.ca': needs a wss:// hub.url, got {profile.hub.url or 'none'}")
+    path = (named_in.parent / profile.hub.ca).resolve()
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as error:
+        raise ProfileError(f"{named_in}: key 'hub.ca': cannot read {path}: {error.strerror}") from None
+    except ValueError:
+        raise ProfileError(f"{named_in}: key 'hub.ca': {path} holds no PEM certificate") from None
+    now = datetime.datetime.now(datetime.UTC)
+    for certificate in certificates:
+        if certificate.not_valid_after_utc <= now:
+            raise ProfileError(f"{named_in}: key 'hub.ca': the certificate {certificate.subject.rfc4514_string()} "
+                               f"in {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")  # fmt: skip
+    return dataclasses.replace(profile, hub=dataclasses.replace(profile.hub, ca=str(path)))
 
 
 def _check_kernel_build(profile: Profile, origins: Origins) -> None:

@@ -383,6 +383,7 @@ class BootConfig:
     )
 
 
+HUB_CA_IN_IMAGE = "/etc/rastos/hub-ca.pem"
 _HUB_URL = re.compile(r"^wss?://[A-Za-z0-9.:\[\]-]+(:\d+)?(/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -394,6 +395,13 @@ class HubConfig:
             "ws:// or wss:// URL of the hub's agent socket ('' for none); the host's token is not baked in: "
             "give it as the credential rastos.hub.token or in /etc/rastos/hub-token",
             check=lambda v: None if v == "" or _HUB_URL.match(v) else f"not a ws:// or wss:// URL: {v!r}",
+        ),
+    )
+    ca: str = field(
+        default="",
+        metadata=_meta(
+            "a PEM file (path relative to the profile's file) of the CA a wss:// hub's certificate chains to, "
+            f"shipped as {HUB_CA_IN_IMAGE} for rastosd's hub.ca ('': the system's CA store)"
         ),
     )
 

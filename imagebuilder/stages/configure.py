@@ -19,7 +19,7 @@ from imagebuilder.chroot import chroot_run
 from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
 from imagebuilder.profile.host import host_steps
-from imagebuilder.profile.model import Profile
+from imagebuilder.profile.model import HUB_CA_IN_IMAGE, Profile
 from ops.errors import OpFailed
 from ops.steps import checked_steps, run_step
 from ops.target import Target
@@ -134,13 +134,16 @@ def write_watchdog(root: Path, profile: Profile) -> None:
 
 
 def write_daemon_config(root: Path, profile: Profile) -> None:
-    """rastosd's hub. The URL is the same for a whole fleet and goes into the image; each host's
-    token does not (one image, many hosts): it comes as a credential at boot or in /etc/rastos."""
-    if profile.hub.url:
-        write_file(
-            root / "etc/rastos/daemon.toml",
-            f'# From profile {profile.name} ([hub] url)\n[hub]\nurl = "{profile.hub.url}"\n',
-        )
+    """rastosd's hub. The URL, and the CA its certificate chains to, are the same for a whole fleet
+    and go into the image; each host's token does not (one image, many hosts): it comes as a
+    credential at boot or in /etc/rastos."""
+    if not profile.hub.url:
+        return
+    body = f'[hub]\nurl = "{profile.hub.url}"\n'
+    if profile.hub.ca:
+        write_file(root / HUB_CA_IN_IMAGE.lstrip("/"), Path(profile.hub.ca).read_text())
+        body += f'ca = "{HUB_CA_IN_IMAGE}"\n'
+    write_file(root / "etc/rastos/daemon.toml", f"# From profile {profile.name} ([hub])\n{body}")
 
 
 def write_network(root: Path) -> None:
