@@ -8,6 +8,7 @@ hub/guard.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import weakref
@@ -102,6 +103,8 @@ async def _fleet_context(app: web.Application) -> Any:
     beacon.cancel()
     ticks.cancel()
     polls.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await polls  # a read of the revision it was making ends before the store closes
     await watch.stop()
     await store.close()
 
