@@ -91,6 +91,10 @@ def _revision(connection: Connection) -> str:
     return MigrationContext.configure(connection).get_current_revision() or ""
 
 
+# What a host's token is: its hash, the one before a rotation and its end, and whether it is revoked.
+TOKEN_COLUMNS = (hosts.c.token_hash, hosts.c.old_token_hash, hosts.c.old_token_expires, hosts.c.token_revoked)
+
+
 def _without_token(row: RowMapping) -> dict[str, Any]:
     return {key: value for key, value in row.items() if key not in SECRET_COLUMNS}
 
@@ -175,22 +179,25 @@ class Store:
             await self._credentials_changed(db)
             return await self.log(db, actor, "HostRemoved", {}, host=name)
 
-    async def replace_host_token(self, name: str, actor: str) -> tuple[str, str]:
-        """A new token for the host, the one before ending now (`host enrol --rotate`); returns the
-        token and the hash of the one before, which `restore_host_token` puts back if the new one
-        never reached the host."""
+    async def replace_host_token(self, name: str, actor: str) -> tuple[str, dict[str, Any]]:
+        """A new token for the host, the one before ending now (`host enrol --rotate`), a revoked
+        host's too; returns the token and what the host's token columns held, which
+        `restore_host_token` puts back if the new one never reached the host."""
         token, digest = new_token()
         async with self.transaction() as db:
-            row = (await db.execute(select(hosts.c.token_hash).where(hosts.c.name == name))).first()
+            row = (await db.execute(select(*TOKEN_COLUMNS).where(hosts.c.name == name))).mappings().first()
             if row is None:
                 raise NotFound(f"name: no host named {name!r}")
-            await db.execute(update(hosts).where(hosts.c.name == name).values(token_hash=digest))
+            values = {"token_hash": digest, "old_token_hash": None, "old_token_expires": None, "token_revoked": None}
+            await db.execute(update(hosts).where(hosts.c.name == name).values(**values))
+            await self._credentials_changed(db)  # the agent on the token before is disconnected
             await self.log(db, actor, "HostTokenReplaced", {}, host=name)
-        return token, str(row[0])
+        return token, dict(row)
 
-    async def restore_host_token(self, name: str, previous: str, actor: str) -> None:
+    async def restore_host_token(self, name: str, previous: dict[str, Any], actor: str) -> None:
         async with self.transaction() as db:
-            await db.execute(update(hosts).where(hosts.c.name == name).values(token_hash=previous))
+            await db.execute(update(hosts).where(hosts.c.name == name).values(**previous))
+            await self._credentials_changed(db)  # a connection the new token made ends with it
             await self.log(db, actor, "HostTokenRestored", {}, host=name)
 
     async def add_admin(self, name: str) -> str:

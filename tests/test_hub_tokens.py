@@ -295,3 +295,35 @@ def test_a_real_agent_takes_its_rotated_token_from_its_token_file(hub: Hub, flee
     assert "the hub closed the connection (1008: credentials: no longer valid" in log, log[-3000:]
     assert "holds a new token: connecting with it" in log and "refused this host" not in log, log[-3000:]
     assert answer["token"] not in log, "the token is never logged"
+
+
+def test_enrols_replacement_of_a_token_ends_the_one_before_and_its_undo_puts_back_all_it_was(tmp_path: Path) -> None:
+    """`host enrol --rotate` replaces a host's token, a revoked host's too, and puts the one before
+    back, revoked or in its grace as it was, if the host never took the new one; both move the
+    credentials revision, so a connection on a token that ended is closed."""
+    from hub.store import migrate
+
+    url = database_url(str(tmp_path / "hub.db"))
+    migrate(url)
+
+    async def scenario() -> None:
+        store = Store(url)
+        try:
+            first, _ = await store.add_host("web-1", [], "alice")
+            second, _, _ = await store.rotate_host_token("web-1", 600, "alice")  # first in its grace
+            revision = await store.credentials_revision()
+            third, before = await store.replace_host_token("web-1", "cli")
+            assert await store.credentials_revision() == revision + 1
+            assert [await store.host_for_token(t) for t in (first, second, third)] == [None, None, "web-1"]
+            await store.restore_host_token("web-1", before, "cli")
+            assert await store.credentials_revision() == revision + 2
+            assert [await store.host_for_token(t) for t in (first, second, third)] == ["web-1", "web-1", None]
+            await store.revoke_host_token("web-1", "alice")
+            fourth, before = await store.replace_host_token("web-1", "cli")
+            assert await store.host_for_token(fourth) == "web-1", "a revoked host's replacement token works"
+            await store.restore_host_token("web-1", before, "cli")
+            assert [await store.host_for_token(t) for t in (second, fourth)] == [None, None], "revoked again"
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
