@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import ssl
@@ -110,6 +111,10 @@ def test_an_agent_refuses_a_hub_its_ca_did_not_issue_and_says_against_what(tls_h
         assert "connected to the hub" not in log
         wait_for(system, "failed TLS verification against the system's CA store: unable to get local issuer")
         assert wrong.process is not None and wrong.process.poll() is None, "the daemon runs on without its hub"
+        status = json.loads(wrong.call("org.rastos.Daemon1.Hub", "GetStatus")[0])  # rastosctl hub status
+        assert status["state"] == "untrusted", status
+        assert status["error"].endswith(f"failed TLS verification against hub.ca {other.ca}: unable to get local "
+                                        "issuer certificate"), status  # fmt: skip
         hosts = tls_hub.state()["hosts"]
         assert not hosts["web-1"]["online"] and not hosts["web-2"]["online"]
         assert hosts["web-1"]["facts"] is None, "nothing crossed"
@@ -125,6 +130,7 @@ def test_an_agent_refuses_an_expired_hub_certificate(tmp_path: Path) -> None:
             daemon = fleet.add("web-1")
             log = wait_for(daemon, f"failed TLS verification against hub.ca {expired.ca}: certificate has expired")
             assert "connected to the hub" not in log
+            assert json.loads(daemon.call("org.rastos.Daemon1.Hub", "GetStatus")[0])["state"] == "untrusted"
             assert hub.state()["hosts"]["web-1"]["online"] is False
 
 
