@@ -155,6 +155,6 @@ def minimal_build_via_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield run
 
 
-from tests.daemon_fixtures import daemon_env, rastosd  # noqa: E402, F401  (fixtures for the daemon tests)
+from tests.daemon_fixtures import configured_rastosd, daemon_env, rastosd  # noqa: E402, F401  (fixtures for the daemon tests)
 from tests.op_tree import op_root, op_tree_base  # noqa: E402, F401  (a real Debian root for op tests)
 from tests.update_fixtures import bundles  # noqa: E402, F401  (signed update bundles, made once)

@@ -339,7 +339,18 @@ def daemon_env(tmp_path: Path) -> Iterator[tuple[PrivateBus, ScratchRoot, Path]]
 @pytest.fixture
 def rastosd(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
     bus, scratch, state_dir = daemon_env
-    daemon = Rastosd(bus, scratch, state_dir)
+    yield from _running(Rastosd(bus, scratch, state_dir))
+
+
+@pytest.fixture
+def configured_rastosd(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
+    """rastosd whose daemon.toml (and the token file it names) is in its scratch root, so that what it
+    writes to its own configuration lands there, as on a host."""
+    bus, scratch, state_dir = daemon_env
+    yield from _running(Rastosd(bus, scratch, state_dir, config=config_in_root(scratch)))
+
+
+def _running(daemon: Rastosd) -> Iterator[Rastosd]:
     daemon.start()
     yield daemon
     if daemon.process is not None:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.daemon_fixtures import CHECKOUT
 
 SSHD = Path("/usr/sbin/sshd")
@@ -91,6 +93,12 @@ class SshClient:
         """rastosctl with this client's ssh; in a session of its own, without a terminal ssh could ask on."""
         return subprocess.run([*CTL, *args], capture_output=True, text=True, check=False, timeout=timeout, cwd=CHECKOUT,
                               env=self.env(), start_new_session=True)  # fmt: skip
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> SshClient:
+    """The test's ssh client, with a key of its own."""
+    return SshClient(tmp_path / "client")
 
 
 @dataclass

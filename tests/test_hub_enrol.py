@@ -23,33 +23,21 @@ from tests.daemon_fixtures import (
     CHECKOUT,
     MANAGER,
     PLAIN_USER,
-    PrivateBus,
     Rastosd,
-    ScratchRoot,
-    config_in_root,
     ensure_test_users,
 )
 from tests.hub_fixtures import HUB_CLI, Hub
 from tests.hub_fixtures import hub as hub
 from tests.ssh_fixtures import SshClient, Sshd, bus_dir, closed_port, sshd
+from tests.ssh_fixtures import client as client
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def host(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
-    """rastosd whose daemon.toml and token file are in its scratch root, with settings of their own."""
-    bus, scratch, state_dir = daemon_env
-    daemon = Rastosd(bus, scratch, state_dir, config=config_in_root(scratch))
-    daemon.start()
-    yield daemon
-    if daemon.process is not None:
-        assert daemon.stop() == 0, daemon.log_text()
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> SshClient:
-    return SshClient(tmp_path / "client")
+def host(configured_rastosd: Rastosd) -> Rastosd:
+    """The host to enrol: rastosd whose daemon.toml and token file are in its scratch root."""
+    return configured_rastosd
 
 
 @pytest.fixture

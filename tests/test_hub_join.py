@@ -10,7 +10,6 @@ import json
 import stat
 import subprocess
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +164,6 @@ def test_a_file_rastosd_would_not_start_on_is_not_touched() -> None:
 # Hub.Join on a real rastosd
 
 
-@pytest.fixture
-def joinable(daemon_env: tuple[PrivateBus, ScratchRoot, Path]) -> Iterator[Rastosd]:
-    bus, scratch, state_dir = daemon_env
-    daemon = Rastosd(bus, scratch, state_dir, config=config_in_root(scratch))
-    daemon.start()
-    yield daemon
-    if daemon.process is not None:
-        assert daemon.stop() == 0, daemon.log_text()
-
-
 def hub_status(daemon: Rastosd) -> dict[str, Any]:
     status: dict[str, Any] = json.loads(daemon.call(HUB, "GetStatus")[0])
     return status
@@ -203,36 +192,36 @@ def join_error(daemon: Rastosd, url: str, token: str, pem: str) -> str:
 
 
 @pytest.mark.root
-def test_bad_arguments_are_refused_naming_the_field_and_change_nothing(joinable: Rastosd) -> None:
-    before = etc(joinable)
+def test_bad_arguments_are_refused_naming_the_field_and_change_nothing(configured_rastosd: Rastosd) -> None:
+    before = etc(configured_rastosd)
     for url, token, pem, message in BAD_JOINS:
-        text = join_error(joinable, url, token, pem)
+        text = join_error(configured_rastosd, url, token, pem)
         assert message in text, (url, text)
         if not pem.startswith("-"):  # gdbus shows the error's name too
-            named = joinable.gdbus(HUB, "Join", url, token, pem)
+            named = configured_rastosd.gdbus(HUB, "Join", url, token, pem)
             assert f"GDBus.Error:org.freedesktop.DBus.Error.InvalidArgs: {message}" in named.stderr, named.stderr
     key, certificate = make_ca("with its key", NOW)
-    text = join_error(joinable, "wss://hub/api/v1/agent", TOKEN, cert_pem(certificate) + key_pem(key))
+    text = join_error(configured_rastosd, "wss://hub/api/v1/agent", TOKEN, cert_pem(certificate) + key_pem(key))
     assert "ca_pem: holds a private key" in text
-    assert etc(joinable) == before
-    assert [e for e in joinable.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"] == []
-    assert hub_status(joinable) == {"state": "off", "url": None, "error": None, "since": None}
+    assert etc(configured_rastosd) == before
+    assert [e for e in configured_rastosd.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"] == []
+    assert hub_status(configured_rastosd) == {"state": "off", "url": None, "error": None, "since": None}
 
 
 @pytest.mark.root
-def test_join_writes_the_token_the_ca_and_the_url_and_the_link_starts_at_once(joinable: Rastosd) -> None:
+def test_join_writes_the_token_the_ca_and_the_url_and_the_link_starts_at_once(configured_rastosd: Rastosd) -> None:
     pem = ca()
     url = "wss://127.0.0.1:9/api/v1/agent"  # the discard port: nothing answers there
-    reply = joinable.busctl("--", "call", BUS_NAME, ROOT_PATH, HUB, "Join", "sss", url, TOKEN, pem)
+    reply = configured_rastosd.busctl("--", "call", BUS_NAME, ROOT_PATH, HUB, "Join", "sss", url, TOKEN, pem)
     joined = json.loads(json.loads(reply.stdout)["data"][0])
-    rastos = joinable.scratch.root / "etc/rastos"
+    rastos = configured_rastosd.scratch.root / "etc/rastos"
     assert joined == {
         "url": url, "config_file": str(rastos / "daemon.toml"), "token_file": str(rastos / "hub-token"),
         "ca_file": str(rastos / "hub-ca.pem"),
         "ca": [{"subject": "O=rastOS local CA,CN=test hub CA", "sha256": check_ca(pem).certificates[0].sha256,
                 "not_after": check_ca(pem).certificates[0].not_after}],
     }  # fmt: skip
-    files = etc(joinable)
+    files = etc(configured_rastosd)
     assert files["hub-token"] == (0o600, TOKEN + "\n")
     assert files["hub-ca.pem"] == (0o644, pem)
     assert (rastos / "hub-token").stat().st_uid == 0
@@ -244,22 +233,22 @@ def test_join_writes_the_token_the_ca_and_the_url_and_the_link_starts_at_once(jo
     assert files["daemon.toml"][1].startswith("# kept\n"), "the file's own lines stay"
     left = sorted(p.name for p in rastos.iterdir())
     assert left == ["daemon.toml", "hub-ca.pem", "hub-token"], "no temporary file is left"
-    status = hub_status(joinable)
+    status = hub_status(configured_rastosd)
     assert status["url"] == url and status["state"] in ("connecting", "unreachable"), status
-    (event,) = [e for e in joinable.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"]
+    (event,) = [e for e in configured_rastosd.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"]
     assert event[2] == 0 and json.loads(event[5]) == joined, "the event log records what was written, by whom"
-    assert TOKEN not in event[5] and TOKEN not in joinable.log_text()
+    assert TOKEN not in event[5] and TOKEN not in configured_rastosd.log_text()
     # Joined again to a ws:// hub without a CA: the CA setting goes (a CA is for TLS), the file stays.
-    again = json.loads(joinable.call(HUB, "Join", "sss", "ws://127.0.0.1:9/api/v1/agent", "t" * 43, "")[0])
+    again = json.loads(configured_rastosd.call(HUB, "Join", "sss", "ws://127.0.0.1:9/api/v1/agent", "t" * 43, "")[0])
     assert again["ca_file"] is None and again["ca"] == []
-    assert "ca" not in tomllib.loads(etc(joinable)["daemon.toml"][1])["hub"]
-    assert etc(joinable)["hub-token"] == (0o600, "t" * 43 + "\n")
-    assert hub_status(joinable)["url"] == "ws://127.0.0.1:9/api/v1/agent", "the link was made anew"
+    assert "ca" not in tomllib.loads(etc(configured_rastosd)["daemon.toml"][1])["hub"]
+    assert etc(configured_rastosd)["hub-token"] == (0o600, "t" * 43 + "\n")
+    assert hub_status(configured_rastosd)["url"] == "ws://127.0.0.1:9/api/v1/agent", "the link was made anew"
     # What was written is what rastosd starts on.
-    assert joinable.stop() == 0
-    joinable.start()
-    assert hub_status(joinable)["url"] == "ws://127.0.0.1:9/api/v1/agent"
-    assert "TOKEN" not in joinable.log_text() and "t" * 43 not in joinable.log_text()
+    assert configured_rastosd.stop() == 0
+    configured_rastosd.start()
+    assert hub_status(configured_rastosd)["url"] == "ws://127.0.0.1:9/api/v1/agent"
+    assert "TOKEN" not in configured_rastosd.log_text() and "t" * 43 not in configured_rastosd.log_text()
 
 
 @pytest.mark.root
@@ -292,15 +281,15 @@ def test_no_link_is_written_through(daemon_env: tuple[PrivateBus, ScratchRoot, P
 
 @pytest.mark.root
 def test_a_plain_user_is_refused_by_the_bus_and_by_rastosd_itself(
-    joinable: Rastosd, daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+    configured_rastosd: Rastosd, daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
 ) -> None:
     ensure_test_users()
-    before = etc(joinable)
-    refused = joinable.gdbus(HUB, "Join", "ws://hub/api/v1/agent", TOKEN, "", user=PLAIN_USER)
+    before = etc(configured_rastosd)
+    refused = configured_rastosd.gdbus(HUB, "Join", "ws://hub/api/v1/agent", TOKEN, "", user=PLAIN_USER)
     assert "AccessDenied: Rejected send message" in refused.stderr, refused.stderr
-    read = joinable.busctl("call", BUS_NAME, ROOT_PATH, HUB, "GetStatus", user=PLAIN_USER)
+    read = configured_rastosd.busctl("call", BUS_NAME, ROOT_PATH, HUB, "GetStatus", user=PLAIN_USER)
     assert json.loads(json.loads(read.stdout)["data"][0])["state"] == "off", "anyone may read the status"
-    assert joinable.stop() == 0
+    assert configured_rastosd.stop() == 0
     _, scratch, _ = daemon_env
     config = config_in_root(scratch, f'[access]\nadmin_group = "{ADMIN_GROUP}"\n')
     with private_bus(PERMISSIVE_POLICY) as bus:
@@ -312,7 +301,7 @@ def test_a_plain_user_is_refused_by_the_bus_and_by_rastosd_itself(
             assert loose.stop() == 0
     assert (f"org.freedesktop.DBus.Error.AccessDenied: Join changes the host: only root or members of group "
             f"'{ADMIN_GROUP}' may call it") in refused.stderr  # fmt: skip
-    assert {k: v for k, v in etc(joinable).items() if k != "daemon.toml"} == {
+    assert {k: v for k, v in etc(configured_rastosd).items() if k != "daemon.toml"} == {
         k: v for k, v in before.items() if k != "daemon.toml"
     }
     assert "ws://hub" not in (scratch.root / "etc/rastos/daemon.toml").read_text()
@@ -339,9 +328,9 @@ def test_credentials_given_at_boot_come_first_so_join_is_refused(
 
 
 @pytest.mark.root
-def test_rastosctl_hub_join_reads_the_token_from_stdin_and_waits_for_the_link(joinable: Rastosd) -> None:
+def test_rastosctl_hub_join_reads_the_token_from_stdin_and_waits_for_the_link(configured_rastosd: Rastosd) -> None:
     def ctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*joinable.ctl_argv(), *args], input=stdin, capture_output=True, text=True,
+        return subprocess.run([*configured_rastosd.ctl_argv(), *args], input=stdin, capture_output=True, text=True,
                               check=False, timeout=120, cwd=CHECKOUT)  # fmt: skip
 
     empty = ctl("hub", "join", "--url", "http://127.0.0.1:9")
@@ -358,4 +347,4 @@ def test_rastosctl_hub_join_reads_the_token_from_stdin_and_waits_for_the_link(jo
     )
     status = ctl("hub", "status")
     assert status.returncode == 0 and "state: unreachable" in status.stdout
-    assert etc(joinable)["hub-token"] == (0o600, TOKEN + "\n")
+    assert etc(configured_rastosd)["hub-token"] == (0o600, TOKEN + "\n")

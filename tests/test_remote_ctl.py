@@ -17,13 +17,9 @@ import pytest
 from daemon.failpoints import VARIABLE as FAILPOINT_VARIABLE
 from tests.daemon_fixtures import CHECKOUT, PLAIN_USER, STRICT_POLICY, PrivateBus, Rastosd, ScratchRoot, private_bus
 from tests.ssh_fixtures import CTL, IN_NAMESPACE, SshClient, Sshd, bus_dir, closed_port, keygen, silent_listener, sshd
+from tests.ssh_fixtures import client as client
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def client(tmp_path: Path) -> SshClient:
-    return SshClient(tmp_path / "client")
 
 
 @pytest.fixture
