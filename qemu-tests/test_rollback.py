@@ -59,6 +59,15 @@ def boot_state(guest: GuestConsole) -> dict[str, str]:
     return dict(document["data"])
 
 
+def fell_back_from(guest: GuestConsole, created: str) -> None:
+    """Once the boot has settled: it is the first deployment's, as a fallback from snapshot `created`'s
+    entry, and healthy."""
+    settled(guest)
+    state = boot_state(guest)
+    assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
+    assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
+
+
 def test_rollback_takes_back_an_op_and_keeps_the_history(guest: GuestConsole) -> None:
     assert guest.wait_for(PROMPT, 300)
     settled(guest)
@@ -104,10 +113,7 @@ def test_a_deployment_whose_health_check_fails_falls_back(guest: GuestConsole) -
     assert guest.wait_for_after(last_failure, b"BdsDxe: starting", 300), "the last trial boot rebooted"
     rebooted = guest.seen.find(b"BdsDxe: starting", last_failure)
     assert guest.wait_for_after(rebooted, PROMPT, 400), "after the tries run out, the previous deployment boots"
-    settled(guest)
-    state = boot_state(guest)
-    assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
-    assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
+    fell_back_from(guest, created)
 
 
 def test_a_snapshot_boots_once_read_only_and_the_default_stays(guest: GuestConsole) -> None:
@@ -192,10 +198,7 @@ def test_a_trial_boot_that_hangs_is_ended_and_falls_back(guest: GuestConsole) ->
     assert guest.wait_for_after(crashed, b"BdsDxe: starting", 300), "the watchdog reset the hung machine"
     reset = guest.seen.find(b"BdsDxe: starting", crashed)
     assert guest.wait_for_after(reset, PROMPT, 400), "after the tries run out, the previous deployment boots"
-    settled(guest)
-    state = boot_state(guest)
-    assert state["kind"] == "fallback" and state["failed_entry"] == f"rastos-snapshot-{created}.conf", state
-    assert state["entry"] == "rastos-0.conf" and state["health"] == "good", state
+    fell_back_from(guest, created)
     # PID 1 says so only in the journal (/var/log is the host's, kept across deployments).
     timeouts = "journalctl -q -o cat | grep -c 'boot-complete.target/start timed out'"
     timed_out = guest.run(f'echo "TIMEOUTS=$({timeouts})"', "TIMEOUTS")
