@@ -78,6 +78,23 @@ async def _query(client: QMPClient, command: str) -> object:
     return answer.get("status") if isinstance(answer, dict) else None
 
 
+async def _qmp_cpu_state(socket_path: str) -> str:
+    """What QEMU says the guest's CPUs are doing: its run state and, sampled twice, each CPU's
+    instruction pointer (firmware addresses lie below 4 GiB, the kernel's at 0xffffffff8...)."""
+    client = QMPClient("rastos-state")
+    await client.connect(socket_path)
+    try:
+        lines = [f"status: {await _query(client, 'query-status')}"]
+        for sample in range(2):
+            registers = await client.execute("human-monitor-command", {"command-line": "info registers -a"})
+            pointers = re.findall(r"RIP=([0-9a-f]+)", str(registers))
+            lines.append(f"sample {sample}: RIP {' '.join(pointers)}")
+            await asyncio.sleep(0.5)
+        return "\n".join(lines)
+    finally:
+        await client.disconnect()
+
+
 async def _qmp_save(socket_path: str, state: Path) -> None:
     client = QMPClient("rastos-save")
     await client.connect(socket_path)
@@ -241,11 +258,22 @@ class GuestConsole:
         asyncio.run(_qmp_quit(self.qmp_path()))
         self.process.wait(60)
 
+    def _cpu_state(self) -> bytes:
+        """The CPUs' state for the log while QEMU still runs: a guest that stalled with a quiet console
+        (seen once in CI, between systemd-boot and the kernel's first line) says at least where."""
+        if self.process.poll() is not None:
+            return b""
+        try:
+            state = asyncio.run(asyncio.wait_for(_qmp_cpu_state(self.qmp_path()), 10))
+        except Exception as error:  # a diagnosis must not fail the test's own teardown
+            state = f"no CPU state from QMP: {error!r}"
+        return f"\n=== QEMU at close ===\n{state}\n".encode()
+
     def close(self, log: Path) -> None:
         """Keep the console's log and stop the session; a second call does nothing."""
         if self.controller < 0:
             return
-        log.write_bytes(bytes(self.seen))
+        log.write_bytes(bytes(self.seen) + self._cpu_state())
         # The whole session: stopping only `rastos-image boot` would leave its QEMU running, orphaned.
         # SIGTERM first, so that it removes its scratch directory; SIGKILL if that takes too long.
         with contextlib.suppress(ProcessLookupError):
