@@ -136,6 +136,7 @@ class GuestConsole:
         snapshot = [] if keep_changes else ["--snapshot"]
         self._spawn([sys.executable, "-m", "imagebuilder", "boot", *snapshot, *boot_args, str(image)])
         self.qmp_socket: str | None = None  # printed by `rastos-image boot`
+        self.forwarded_ssh: int | None = None  # likewise
 
     def _spawn(self, argv: list[str]) -> None:
         self.controller, terminal = pty.openpty()
@@ -155,14 +156,16 @@ class GuestConsole:
         scratch = folder / "vm"
         scratch.mkdir()
         firmware = find_firmware()
+        options = VmOptions(image=disk)
         argv = qemu_argv(
-            VmOptions(image=disk), accel=choose_accel("auto", firmware), firmware=firmware,
+            options, accel=choose_accel("auto", firmware), firmware=firmware,
             vars_file=efivars_path(disk), qmp_socket=scratch / "qmp.sock", status_socket=scratch / "status.sock",
             console=["-serial", "mon:stdio"],
         )  # fmt: skip
         guest = cls.__new__(cls)
         guest._spawn([*argv, "-incoming", f"file:{saved.state}"])
         guest.qmp_socket = str(scratch / "qmp.sock")
+        guest.forwarded_ssh = options.ssh_port
         asyncio.run(_qmp_wait_running(guest.qmp_socket, 120))
         os.write(guest.controller, b"\r")
         return guest
@@ -172,6 +175,17 @@ class GuestConsole:
         is then the saved one. Call it at a shell prompt on a settled system."""
         asyncio.run(_qmp_save(self.qmp_path(), state))
         self.process.wait(60)
+
+    def ssh_port(self) -> int:
+        """The port of 127.0.0.1 forwarded to the guest's sshd (`rastos-image boot` prints it)."""
+        deadline = time.monotonic() + 60
+        while self.forwarded_ssh is None:
+            if match := re.search(rb"ssh -p (\d+)", bytes(self.seen)):
+                self.forwarded_ssh = int(match.group(1))
+            else:
+                assert time.monotonic() < deadline, "rastos-image boot printed no ssh port"
+                self._read_some(1.0)
+        return self.forwarded_ssh
 
     def qmp_path(self) -> str:
         if self.qmp_socket is None:
