@@ -1,20 +1,17 @@
-"""Hosts without a hub, then one joined to a hub, all over SSH: guests of the `server` profile (root's
-key given as a systemd credential, sshd forwarded to a port of 127.0.0.1 by QEMU), driven from the host.
-
-The server profile boots once (Debian's initramfs: about a minute under TCG) and is saved; each guest
-here is that saved guest resumed on a disk of its own, in seconds."""
+"""Hosts without a hub, then one joined to a hub, all over SSH: guests of the `server` profile
+(remote_guests.py), driven from the host."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_console import GuestConsole, SavedGuest, overlay
+from guest_console import GuestConsole, SavedGuest
+from remote_guests import boot_and_save, resume, ssh
 
 from tests.hub_fixtures import HUB_CLI, Hub
 from tests.hub_fixtures import hub as hub
@@ -37,23 +34,6 @@ def records(output: str) -> dict[str, dict[str, Any]]:
     return {record["host"]: record for record in found}
 
 
-def ssh(client: SshClient, port: int, command: str, timeout: float = 300) -> str:
-    """A command on a guest through its forwarded sshd; its output."""
-    done = subprocess.run([str(client.bin / "ssh"), "-p", str(port), "root@127.0.0.1", command], capture_output=True,
-                          text=True, timeout=timeout, check=False)  # fmt: skip
-    assert done.returncode == 0, f"{command}: {done.stderr}"
-    return done.stdout.strip()
-
-
-def known(client: SshClient, port: int) -> None:
-    """The guest's host key, as an admin takes it on first contact (the guest is on this machine)."""
-    scanned = subprocess.run(["ssh-keyscan", "-p", str(port), "-t", "ed25519", "127.0.0.1"], capture_output=True,
-                             text=True, timeout=120, check=False).stdout  # fmt: skip
-    assert scanned.strip(), f"no host key from port {port}"
-    with client.known_hosts.open("a") as hosts:
-        hosts.write(scanned)
-
-
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> SshClient:
     return SshClient(tmp_path_factory.mktemp("ssh-client"))
@@ -61,32 +41,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> SshClient:
 
 @pytest.fixture(scope="module")
 def saved_server(server_image: Path, client: SshClient, tmp_path_factory: pytest.TempPathFactory) -> SavedGuest:
-    """The server image booted once with the client's key for root, its boot over and rastosd up, saved."""
-    folder = tmp_path_factory.mktemp("saved-server")
-    disk = overlay(server_image, folder / "saved.qcow2")
-    console = GuestConsole(
-        disk, keep_changes=True, boot_args=("--credential", f"ssh.authorized_keys.root={client.public_key}")
-    )
-    try:
-        assert console.wait_for(b"login:", 400), "the guest boots to its login prompt"
-        port = console.ssh_port()
-        known(client, port)
-        assert ssh(client, port, "systemctl is-system-running --wait; systemctl is-active rastosd") == "running\nactive"
-        console.save(folder / "state")
-    finally:
-        console.close(folder / "console.log")
-    return SavedGuest(disk, folder / "state")
-
-
-def resume(saved: SavedGuest, client: SshClient, folder: Path) -> GuestConsole:
-    """One more host: the saved guest running again, its host key known, its clock set to this host's
-    (it stood still while the guest was saved, and apt refuses a mirror's index dated in its future)."""
-    folder.mkdir()
-    guest = GuestConsole.resume(saved, folder)
-    port = guest.ssh_port()
-    known(client, port)
-    ssh(client, port, f"date --set=@{time.time():.0f} >/dev/null")
-    return guest
+    return boot_and_save(server_image, client, tmp_path_factory.mktemp("saved-server"))
 
 
 @pytest.fixture
