@@ -337,7 +337,9 @@ class Store:
                 if old is not None and expires > now:
                     live.hosts[name].add(old)
                     live.next_expiry = min(live.next_expiry, expires)
-            live.admins = dict((await db.execute(select(admins.c.token_hash, admins.c.role))).tuples().all())
+            live.admins = {
+                digest: role for digest, role in await db.execute(select(admins.c.token_hash, admins.c.role))
+            }
             query = select(sessions.c.id_hash, sessions.c.expires, admins.c.role).join(admins)
             for digest, expires, role in await db.execute(query.where(sessions.c.expires > now)):
                 live.sessions[digest] = role
