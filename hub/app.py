@@ -1,8 +1,8 @@
 """The hub's web server (aiohttp): the REST API, the UI, and its two WebSockets (hub/sockets.py).
 
 What every request goes through first (errors, headers, origin, credentials, bodies) is in
-hub/edge.py; what an agent may send, in hub/protocol.py; how the listening socket stays fair, in
-hub/guard.py.
+hub/edge.py; who may call each route (ROUTES, below, says what each needs), in hub/access.py; what an
+agent may send, in hub/protocol.py; how the listening socket stays fair, in hub/guard.py.
 """
 
 from __future__ import annotations

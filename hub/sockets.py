@@ -39,6 +39,7 @@ log = logging.getLogger("rastos-hub")
 UI_MESSAGE_BYTES = 4096  # a UI only ever sends {"type": ACTION}
 # What a UI may send on its stream, and the role each needs: only asking for the whole state again.
 UI_ACTIONS: Mapping[str, Role] = MappingProxyType({"get_state": Role.viewer})
+UNDERSTOOD = f"only {' or '.join(json.dumps({'type': action}) for action in UI_ACTIONS)} is understood".encode()
 HEARTBEAT = 20.0  # WebSocket pings: a peer that vanished is noticed within two of them
 FLEET = web.AppKey("fleet", Fleet)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
@@ -92,7 +93,7 @@ async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketRespo
                 queue.put_nowait({"type": "error", **error.document()})
                 continue
             if action is None:
-                await socket.close(code=1008, message=f"only {' or '.join(UI_ACTIONS)} is understood".encode())
+                await socket.close(code=1008, message=UNDERSTOOD)
             elif action == "get_state":
                 queue.put_nowait({"type": "init_needed"})
     finally:

@@ -309,7 +309,7 @@ def test_the_stream_takes_every_role_and_its_actions_are_checked(world: World, r
                 assert message["type"] in ("delta", "sync"), message
             await socket.send_json({"type": "start_run"})  # no such action: the stream is closed
             closed = await socket.receive(timeout=10)
-            assert closed.type == aiohttp.WSMsgType.CLOSE and closed.extra == "only get_state is understood"
+            assert closed.type == aiohttp.WSMsgType.CLOSE and closed.extra == 'only {"type": "get_state"} is understood'
 
     asyncio.run(scenario())
 
