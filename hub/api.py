@@ -3,6 +3,7 @@ document built from the same schemas, so what the document promises is what the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from itertools import islice
 from typing import Any
 
@@ -10,6 +11,7 @@ from jsonschema import Draft202012Validator
 
 from hub import strictjson
 from hub.errors import HubError
+from hub.roles import RANKS, Access
 from rastos import __version__
 
 # Any JSON value the hub takes in (hub/strictjson.py), where the API takes free-form JSON. Its depth
@@ -127,11 +129,26 @@ def _error(description: str) -> dict[str, Any]:
 
 
 # What the hub answers: the objects of its state, as the UI's stream carries them too.
+ROLE = {"enum": [role.value for role in RANKS]}
 ERROR = {
     "type": "object",
-    "properties": {"error": {"type": "string", "description": "FIELD: reason"}},
+    "properties": {
+        "error": {"type": "string", "description": "FIELD: reason"},
+        "needed_role": {**ROLE, "description": "a 403 for a role too low: the role the operation needs"},
+        "role": {**ROLE, "description": "a 403 for a role too low: the caller's"},
+    },
     "required": ["error"],
 }
+ME = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "role": ROLE,
+        "may": {"type": "array", "items": {"type": "string"},
+                "description": "each operation the role allows, as METHOD PATH (POST /api/v1/runs/{id}/cancel)"},
+    },
+    "required": ["name", "role", "may"],
+}  # fmt: skip
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _OBJECT_OR_NULL = {"type": ["object", "null"]}
 HOST = {
@@ -284,7 +301,11 @@ STATE = {
 ERRORS = {
     "400": _error("bad input, the field named: FIELD: reason"),
     "401": _error("no valid admin token (Authorization: Bearer TOKEN, or the session cookie of POST /api/v1/login)"),
-    "403": _error("a request that changes something, or a WebSocket, from a page of another origin"),
+    "403": _error(
+        "a request that changes something, or a WebSocket, from a page of another origin; or an "
+        "admin whose role does not allow the operation (its x-rastos-role): role: METHOD PATH needs "
+        "the role R; NAME has the role ROLE, with needed_role and role"
+    ),
 }
 BODY_ERRORS = {
     "413": _error("a body over 1 MiB"),
@@ -318,6 +339,8 @@ PATHS: dict[str, dict[str, Any]] = {
                                "responses": {"204": {"description": "logged in"}, **BODY_ERRORS}}},
     "/api/v1/logout": {"post": {"summary": "End this session (its cookie stops working)",
                                 "responses": {"204": {"description": "logged out"}}}},
+    "/api/v1/me": {"get": {"summary": "Who is asking: the admin's name and role, and what the role allows",
+                           "responses": {"200": _answer("the caller", ME)}}},
     "/api/v1/state": {"get": {"summary": "The fleet state and its version (what a UI's init holds)",
                               "responses": {"200": _answer("state", STATE)}}},
     "/api/v1/hosts": {
@@ -390,7 +413,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [IMAGE_ID],
         "get": {"summary": "One image, with its manifest",
                 "responses": {"200": _answer("image", IMAGE_DETAIL), "404": IMAGE_ERRORS["404"]}},
-        "delete": {"summary": "Remove an image and its file (admins only; rastos-hub image remove does the same)",
+        "delete": {"summary": "Remove an image and its file (rastos-hub image remove does the same)",
                    "description": "Refused while a rollout that has not ended (running, paused, or halted, which "
                                   "may resume) uses the image, or while a host of an ended one may still be "
                                   "fetching its bundle; the error names the rollout. A full image may go while a "
@@ -441,11 +464,13 @@ PATHS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(access: Mapping[tuple[str, str], Access]) -> dict[str, Any]:
+    """The document, each operation saying what its route is registered with (`access`, by method and
+    path: hub/access.py), as `x-rastos-role` and a sentence of its description."""
     paths: dict[str, dict[str, Any]] = {}
     for path, items in PATHS.items():
         paths[path] = {
-            key: item if key == "parameters" else {**item, "responses": {**ERRORS, **item["responses"]}}
+            key: item if key == "parameters" else _operation(item, _access_of(access, key, path))
             for key, item in items.items()
         }
     return {
@@ -460,3 +485,16 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"admin": []}, {"cookie": []}],
         "paths": paths,
     }  # fmt: skip
+
+
+def _access_of(access: Mapping[tuple[str, str], Access], method: str, path: str) -> Access:
+    found = access.get((method.upper(), path))
+    if found is None:
+        raise KeyError(f"{method.upper()} {path}: in the document, but no route is registered for it")
+    return found
+
+
+def _operation(item: dict[str, Any], access: Access) -> dict[str, Any]:
+    description = " ".join(part for part in (item.get("description"), access.sentence) if part)
+    responses = {**ERRORS, **item["responses"]}
+    return {**item, "description": description, "x-rastos-role": access.label, "responses": responses}

@@ -1,8 +1,8 @@
 """The hub's web server (aiohttp): the REST API, the UI, and its two WebSockets (hub/sockets.py).
 
 What every request goes through first (errors, headers, origin, credentials, bodies) is in
-hub/edge.py; what an agent may send, in hub/protocol.py; how the listening socket stays fair, in
-hub/guard.py.
+hub/edge.py; who may call each route (ROUTES, below, says what each needs), in hub/access.py; what an
+agent may send, in hub/protocol.py; how the listening socket stays fair, in hub/guard.py.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from hub import api, edge, updates_api
+from hub import access, api, edge, updates_api
+from hub.access import STORE, Route, caller
 from hub.credentials import CREDENTIALS, CredentialWatch
 from hub.edge import respond
 from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
 from hub.fleet import Fleet
 from hub.images import ImageFiles
+from hub.roles import ADMIN, AGENT, OPERATOR, PUBLIC, VIEWER
 from hub.sockets import FLEET, SOCKETS, agent_socket, ui_stream
 from hub.store import Store
 from hub.updates_api import IMAGES
@@ -58,34 +60,23 @@ SETTINGS = web.AppKey("settings", Settings)
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[edge.errors_as_json, edge.same_origin], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(
+        middlewares=[edge.errors_as_json, edge.same_origin, access.authorize], client_max_size=MAX_REQUEST_BYTES
+    )
     app[SETTINGS] = settings
     app[IMAGES] = settings.image_files()
     app[SOCKETS] = weakref.WeakSet()
     app.cleanup_ctx.append(_fleet_context)
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(edge.security_headers)
-    app.router.add_get("/", _index)
-    app.router.add_static("/static/", STATIC)
-    app.router.add_get("/api/v1/openapi.json", _openapi)
-    app.router.add_post("/api/v1/login", _login)
-    app.router.add_post("/api/v1/logout", _logout)
-    app.router.add_get("/api/v1/state", _state)
-    app.router.add_get("/api/v1/hosts", _hosts)
-    app.router.add_post("/api/v1/hosts", _add_host)
-    app.router.add_get("/api/v1/hosts/{name}", _host)
-    app.router.add_delete("/api/v1/hosts/{name}", _remove_host)
-    app.router.add_post("/api/v1/hosts/{name}/rotate", _rotate_host)
-    app.router.add_post("/api/v1/hosts/{name}/revoke", _revoke_host)
-    app.router.add_get("/api/v1/runs", _runs)
-    app.router.add_post("/api/v1/runs", _start_run)
-    app.router.add_get("/api/v1/runs/{id}", _run)
-    app.router.add_post("/api/v1/runs/{id}/cancel", _cancel_run)
-    app.router.add_get("/api/v1/events", _events)
-    updates_api.add_routes(app)
-    app.router.add_get("/api/v1/stream", ui_stream)
-    app.router.add_get("/api/v1/agent", agent_socket)
+    access.register_static(app, "/static", STATIC)
+    access.register(app, ROUTES)
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The REST API's document, each operation with the access its route is registered with."""
+    return api.openapi_document({(route.method, route.path): route.access for route in ROUTES})
 
 
 async def _fleet_context(app: web.Application) -> Any:
@@ -94,6 +85,7 @@ async def _fleet_context(app: web.Application) -> Any:
     await fleet.load()
     app[IMAGES].clean({image["sha256"] for image in fleet.rollouts.images.values()})
     app[FLEET] = fleet
+    app[STORE] = store
     app[CREDENTIALS] = watch = CredentialWatch(store)
     await watch.check()  # learns the revision, and when the first grace or session ends
     beacon = asyncio.create_task(_beacons(fleet, app[SETTINGS].sync_interval))
@@ -132,10 +124,6 @@ async def _ticks(fleet: Fleet) -> None:
             log.exception("the rollouts' check failed")
 
 
-async def _admin(request: web.Request) -> str:
-    return await edge.admin(request, request.app[FLEET].store)
-
-
 # Pages, documents and sessions
 
 
@@ -144,7 +132,7 @@ async def _index(_request: web.Request) -> web.StreamResponse:
 
 
 async def _openapi(_request: web.Request) -> web.StreamResponse:
-    return respond(api.openapi_document())
+    return respond(openapi_document())
 
 
 async def _login(request: web.Request) -> web.StreamResponse:
@@ -154,14 +142,13 @@ async def _login(request: web.Request) -> web.StreamResponse:
     if admin is None:
         raise Unauthorized("token: not a valid admin token")
     edge.trusted(request)
-    session, _expires = await store.add_session(admin, edge.SESSION_LIFETIME)
+    session, _expires = await store.add_session(admin.name, edge.SESSION_LIFETIME)
     response = web.Response(status=204)
     edge.set_session(request, response, session)
     return response
 
 
 async def _logout(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     if (session := edge.session_id(request)) is not None:
         await request.app[FLEET].store.remove_session(session)
     response = web.Response(status=204)
@@ -172,18 +159,20 @@ async def _logout(request: web.Request) -> web.StreamResponse:
 # REST
 
 
+async def _me(request: web.Request) -> web.StreamResponse:
+    who = caller(request)
+    return respond({"name": who.name, "role": who.role, "may": access.allowed(request.app, who.role)})
+
+
 async def _state(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     return respond(request.app[FLEET].init_message())
 
 
 async def _hosts(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     return respond(list(request.app[FLEET].hosts.values()))
 
 
 async def _host(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     name = request.match_info["name"]
     host = request.app[FLEET].hosts.get(name)
     if host is None:
@@ -192,20 +181,20 @@ async def _host(request: web.Request) -> web.StreamResponse:
 
 
 async def _add_host(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     body = await edge.json_body(request, api.NEW_HOST)
     token = await request.app[FLEET].add_host(body["name"], body.get("groups", []), admin)
     return respond({"name": body["name"], "token": token}, status=201)
 
 
 async def _remove_host(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     await request.app[FLEET].remove_host(request.match_info["name"], admin)
     return web.Response(status=204)
 
 
 async def _rotate_host(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     body = await edge.json_body(request, api.ROTATION) if request.can_read_body else {}
     name, fleet = request.match_info["name"], request.app[FLEET]
     token, expires, logged = await fleet.store.rotate_host_token(name, int(body.get("grace_s", 0)), admin)
@@ -215,7 +204,7 @@ async def _rotate_host(request: web.Request) -> web.StreamResponse:
 
 
 async def _revoke_host(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     fleet = request.app[FLEET]
     fleet.publish_event(await fleet.store.revoke_host_token(request.match_info["name"], admin))
     await request.app[CREDENTIALS].check()
@@ -223,12 +212,10 @@ async def _revoke_host(request: web.Request) -> web.StreamResponse:
 
 
 async def _runs(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     return respond(list(request.app[FLEET].runs.values()))
 
 
 async def _run(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     run = request.app[FLEET].runs.get(request.match_info["id"])
     if run is None:
         raise NotFound(f"id: no run {request.match_info['id'][:100]!r}")
@@ -236,7 +223,7 @@ async def _run(request: web.Request) -> web.StreamResponse:
 
 
 async def _start_run(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     body = await edge.json_body(request, api.NEW_RUN)
     steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
     try:  # the op library's own checks, as each host's rastosd will make them: refused before sending
@@ -250,12 +237,11 @@ async def _start_run(request: web.Request) -> web.StreamResponse:
 
 
 async def _cancel_run(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     return respond(await request.app[FLEET].cancel_run(request.match_info["id"], admin))
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     query = request.query
     limit = _integer(query, "limit", 1, MAX_EVENTS_PAGE) or DEFAULT_EVENTS_PAGE
     before = _integer(query, "before", 1, MAX_EVENT_ID)
@@ -272,3 +258,27 @@ def _integer(query: Any, key: str, low: int, high: int) -> int | None:
     if not re.fullmatch(r"[+-]?[0-9]{1,20}", text) or not low <= int(text) <= high:
         raise HubError(f"{key}: must be an integer between {low} and {high}, got {text[:40]!r}")
     return int(text)
+
+
+ROUTES = (
+    Route("GET", "/", _index, PUBLIC),
+    Route("GET", "/api/v1/openapi.json", _openapi, PUBLIC),
+    Route("POST", "/api/v1/login", _login, PUBLIC),
+    Route("POST", "/api/v1/logout", _logout, VIEWER),
+    Route("GET", "/api/v1/me", _me, VIEWER),
+    Route("GET", "/api/v1/state", _state, VIEWER),
+    Route("GET", "/api/v1/hosts", _hosts, VIEWER),
+    Route("POST", "/api/v1/hosts", _add_host, ADMIN),
+    Route("GET", "/api/v1/hosts/{name}", _host, VIEWER),
+    Route("DELETE", "/api/v1/hosts/{name}", _remove_host, ADMIN),
+    Route("POST", "/api/v1/hosts/{name}/rotate", _rotate_host, ADMIN),
+    Route("POST", "/api/v1/hosts/{name}/revoke", _revoke_host, ADMIN),
+    Route("GET", "/api/v1/runs", _runs, VIEWER),
+    Route("POST", "/api/v1/runs", _start_run, OPERATOR),  # dry runs too: flags are the run's
+    Route("GET", "/api/v1/runs/{id}", _run, VIEWER),
+    Route("POST", "/api/v1/runs/{id}/cancel", _cancel_run, OPERATOR),
+    Route("GET", "/api/v1/events", _events, VIEWER),
+    *updates_api.ROUTES,
+    Route("GET", "/api/v1/stream", ui_stream, VIEWER),  # its messages: sockets.UI_ACTIONS
+    Route("GET", "/api/v1/agent", agent_socket, AGENT),
+)

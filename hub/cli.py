@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hub.roles import RANKS, Role
 from rastos.errors import RastosError
 
 if TYPE_CHECKING:
@@ -161,7 +162,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_add = admin.add_parser("add", help="add an admin and print their token (shown this once)")
     admin_add.add_argument("name")
+    # Default admin: `admin add NAME` has always made an admin who may do everything, and the scripts
+    # and docs that add one and then add hosts or upload images with its token go on working.
+    admin_add.add_argument(
+        "--role",
+        choices=[role.value for role in RANKS],
+        default="admin",
+        help="viewer (reads), operator (and runs and rollouts) or admin (and hosts and images; the default)",
+    )
     admin_add.set_defaults(action=_admin_add)
+    set_role = admin.add_parser(
+        "set-role", help="change an admin's role (their open UI pages reconnect with it); the last admin stays one"
+    )
+    set_role.add_argument("name")
+    set_role.add_argument("role", choices=[role.value for role in RANKS])
+    set_role.set_defaults(action=_admin_set_role)
     admin_rotate = admin.add_parser(
         "rotate", help="give an admin a new token and print it (shown this once); the old one and its sessions end"
     )
@@ -318,8 +333,17 @@ def _admin_add(args: argparse.Namespace, url: str) -> int:
     from hub.api import NEW_HOST, validate
 
     validate(NEW_HOST, {"name": args.name})  # admins are named like hosts
-    token = _with_store(url, lambda store: store.add_admin(args.name))
-    print(f"admin {args.name} added; their token (shown only now):\n{token}")
+    token = _with_store(url, lambda store: store.add_admin(args.name, Role(args.role), "cli"))
+    print(f"admin {args.name} added with the role {args.role}; their token (shown only now):\n{token}")
+    return 0
+
+
+def _admin_set_role(args: argparse.Namespace, url: str) -> int:
+    before = _with_store(url, lambda store: store.set_admin_role(args.name, Role(args.role), "cli"))
+    if before == args.role:
+        print(f"admin {args.name} has the role {args.role} already")
+    else:
+        print(f"admin {args.name}: the role {args.role} (was {before}); their open UI pages reconnect with it")
     return 0
 
 
@@ -338,7 +362,7 @@ def _admin_remove(args: argparse.Namespace, url: str) -> int:
 
 def _admin_list(_args: argparse.Namespace, url: str) -> int:
     for admin in _with_store(url, lambda store: store.admins()):
-        print(f"{admin['name']}\tadded {_when(admin['created'])}")
+        print(f"{admin['name']}\trole={admin['role']}\tadded {_when(admin['created'])}")
     return 0
 
 

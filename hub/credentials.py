@@ -1,6 +1,7 @@
 """Connections end with their credentials: a WebSocket opened with a token that is then revoked,
 rotated without grace, or past its grace, or by an admin since removed, or with a session since ended,
-is closed, and its next connect is refused (401).
+is closed, and its next connect is refused (401). An admin's stream is closed too when their role
+changes, so their page connects again and shows what the new role allows.
 
 A WebSocket is authenticated once, when it opens. Each is registered here with the hash of what it
 authenticated with; every change that can end a credential moves a revision in the database (hub/store.py),
@@ -27,6 +28,7 @@ log = logging.getLogger("rastos-hub.credentials")
 
 POLL = 1.0  # seconds between reads of the revision: a change made beside the hub takes effect this soon
 CLOSE_REASON = b"credentials: no longer valid (revoked, rotated or removed)"
+ROLE_CHANGED = b"credentials: the admin's role changed; connect again to work with the new one"
 POLICY_VIOLATION = 1008
 
 
@@ -41,15 +43,21 @@ class Credential:
     kind: Kind
     digest: str  # sha256 of the token or session id, as the database keeps it
     host: str = ""  # for a host token: whose
+    role: str = ""  # for an admin's token or session: the admin's role when it authenticated
 
     @classmethod
-    def of(cls, kind: Kind, secret: str, host: str = "") -> Credential:
-        return cls(kind, token_hash(secret), host)
+    def of(cls, kind: Kind, secret: str, host: str = "", role: str = "") -> Credential:
+        return cls(kind, token_hash(secret), host, role)
 
-    def valid_in(self, live: LiveCredentials) -> bool:
+    def ended(self, live: LiveCredentials) -> bytes | None:
+        """Why a connection it opened must close now, or None while it is good."""
         if self.kind is Kind.host:
-            return self.digest in live.hosts.get(self.host, ())
-        return self.digest in (live.admins if self.kind is Kind.admin else live.sessions)
+            return None if self.digest in live.hosts.get(self.host, ()) else CLOSE_REASON
+        roles = live.admins if self.kind is Kind.admin else live.sessions
+        if self.digest not in roles:
+            return CLOSE_REASON
+        # A page shows what its admin's role allows: with another role, it connects again and learns it.
+        return None if roles[self.digest] == self.role else ROLE_CHANGED
 
 
 class CredentialWatch:
@@ -86,13 +94,13 @@ class CredentialWatch:
                 revision = await self.store.credentials_revision()
             live = await self.store.live_credentials()
             self._revision, self._deadline = revision, live.next_expiry
-            ended = [(socket, credential) for socket, credential in self.sockets.items()
-                     if not credential.valid_in(live)]  # fmt: skip
-            for socket, credential in ended:
+            ended = [(socket, credential, reason) for socket, credential in self.sockets.items()
+                     if (reason := credential.ended(live)) is not None]  # fmt: skip
+            for socket, credential, reason in ended:
                 del self.sockets[socket]
-                log.info("closing a connection of %s: its credentials ended", credential.host or credential.kind)
+                log.info("closing a connection of %s: %s", credential.host or credential.kind, reason.decode())
                 # In the background: a peer slow to answer the close must not hold up the next check.
-                task = asyncio.ensure_future(_close(socket))
+                task = asyncio.ensure_future(_close(socket, reason))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
             self.generation += 1
@@ -113,9 +121,9 @@ class CredentialWatch:
                 await task
 
 
-async def _close(socket: web.WebSocketResponse) -> None:
+async def _close(socket: web.WebSocketResponse, reason: bytes) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError):  # gone already: nothing to close
-        await socket.close(code=POLICY_VIOLATION, message=CLOSE_REASON)
+        await socket.close(code=POLICY_VIOLATION, message=reason)
 
 
 CREDENTIALS = web.AppKey("credentials", CredentialWatch)

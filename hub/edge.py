@@ -10,6 +10,7 @@ asking: JSON errors, security headers, the same-origin rule, credentials and req
   session cookie. (Requests without an Origin come from programs with a bearer token.)
 - Admins authenticate with `Authorization: Bearer TOKEN` (the scheme in any case) or with the session
   cookie `POST /api/v1/login` sets: a random id the database knows by its hash, never the token.
+  Which routes need whom, and the check itself, are in hub/access.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from aiohttp import hdrs, web
 from hub import api, strictjson
 from hub.credentials import Credential, Kind
 from hub.errors import Forbidden, HubError, Unauthorized, UnsupportedMediaType
+from hub.roles import Admin
 from hub.store import Store
 
 log = logging.getLogger("rastos-hub")
@@ -53,7 +55,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except HubError as error:
-        return respond({"error": error.message}, status=error.status)
+        return respond(error.document(), status=error.status)
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -124,25 +126,20 @@ def session_id(request: web.Request) -> str | None:
         return None  # a mangled cookie is no session: the answer is the same 401 as without one
 
 
-async def admin(request: web.Request, store: Store) -> str:
-    """The admin making the request, by bearer token or session cookie; Unauthorized otherwise."""
-    name, _credential = await admin_credential(request, store)
-    return name
-
-
-async def admin_credential(request: web.Request, store: Store) -> tuple[str, Credential]:
+async def admin_credential(request: web.Request, store: Store) -> tuple[Admin, Credential]:
     """The admin making the request and what they authenticated with (a WebSocket is closed when
     that ends: hub/credentials.py)."""
     token = bearer(request)
-    name, credential = None, None
     if token is not None:
-        name, credential = await store.admin_for_token(token), Credential.of(Kind.admin, token)
+        kind, secret, admin = Kind.admin, token, await store.admin_for_token(token)
     elif (session := session_id(request)) is not None:
-        name, credential = await store.admin_for_session(session), Credential.of(Kind.session, session)
-    if name is None or credential is None:
+        kind, secret, admin = Kind.session, session, await store.admin_for_session(session)
+    else:
+        kind, secret, admin = Kind.admin, "", None
+    if admin is None:
         raise Unauthorized("authorization: no valid admin token", hint="rastos-hub admin add NAME prints one")
     trusted(request)
-    return name, credential
+    return admin, Credential.of(kind, secret, role=admin.role)
 
 
 def trusted(request: web.Request) -> None:

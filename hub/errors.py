@@ -10,6 +10,11 @@ class HubError(RastosError):
 
     status = 400
 
+    def document(self) -> dict[str, str]:
+        """What the API answers with: the message, and for some errors fields a program can act on
+        without parsing it."""
+        return {"error": self.message}
+
 
 class NotFound(HubError):
     status = 404
@@ -31,6 +36,18 @@ class Unprocessable(HubError):
 
 class Forbidden(HubError):
     status = 403
+
+
+class RoleRefused(Forbidden):
+    """An admin whose role does not allow what they asked for."""
+
+    def __init__(self, what: str, needed: str, name: str, role: str) -> None:
+        super().__init__(f"role: {what} needs the role {needed}; {name} has the role {role}")
+        self.needed = needed
+        self.role = role
+
+    def document(self) -> dict[str, str]:
+        return {**super().document(), "needed_role": self.needed, "role": self.role}
 
 
 class UnsupportedMediaType(HubError):

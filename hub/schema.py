@@ -50,6 +50,8 @@ admins = Table(
     Column("name", String(64), primary_key=True),
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created", Float, nullable=False),
+    # viewer, operator or admin (hub/roles.py); the admins made before roles became admins (migration 0006).
+    Column("role", String(16), nullable=False, server_default="admin"),
 )
 
 runs = Table(

@@ -13,13 +13,16 @@ import contextlib
 import json
 import logging
 import weakref
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from hub import edge, strictjson
-from hub.credentials import CREDENTIALS, Credential, Kind
-from hub.errors import HubError, Unauthorized
+from hub import strictjson
+from hub.access import GENERATION, Caller, agent, caller
+from hub.credentials import CREDENTIALS
+from hub.errors import HubError, RoleRefused
 from hub.fleet import AgentLink, Fleet
 from hub.protocol import (
     MAX_MESSAGE_BYTES,
@@ -29,10 +32,14 @@ from hub.protocol import (
     decode,
     parse_agent_message,
 )
+from hub.roles import Role
 
 log = logging.getLogger("rastos-hub")
 
-UI_MESSAGE_BYTES = 4096  # a UI only ever sends {"type": "get_state"}
+UI_MESSAGE_BYTES = 4096  # a UI only ever sends {"type": ACTION}
+# What a UI may send on its stream, and the role each needs: only asking for the whole state again.
+UI_ACTIONS: Mapping[str, Role] = MappingProxyType({"get_state": Role.viewer})
+UNDERSTOOD = f"only {' or '.join(json.dumps({'type': action}) for action in UI_ACTIONS)} is understood".encode()
 HEARTBEAT = 20.0  # WebSocket pings: a peer that vanished is noticed within two of them
 FLEET = web.AppKey("fleet", Fleet)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
@@ -59,19 +66,17 @@ class _AgentSocket(web.WebSocketResponse):
 
 
 async def ui_stream(request: web.Request) -> web.StreamResponse:
-    fleet, watch = request.app[FLEET], request.app[CREDENTIALS]
-    generation = watch.generation
-    _admin, credential = await edge.admin_credential(request, fleet.store)
+    fleet, watch, who = request.app[FLEET], request.app[CREDENTIALS], caller(request)
     socket = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=UI_MESSAGE_BYTES)
     await socket.prepare(request)
-    watch.add(socket, credential, generation)
+    watch.add(socket, who.credential, request[GENERATION])
     try:
-        return await _follow(request, fleet, socket)
+        return await _follow(request, fleet, socket, who)
     finally:
         watch.discard(socket)
 
 
-async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketResponse) -> web.StreamResponse:
+async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketResponse, who: Caller) -> web.StreamResponse:
     request.app[SOCKETS].add(socket)
     queue = fleet.subscribe()
     # Everything a UI is sent goes through its queue, in order; an init is made when it is sent,
@@ -80,10 +85,17 @@ async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketRespo
     sender = asyncio.create_task(_forward(fleet, queue, socket))
     try:
         async for message in socket:
-            if message.type == WSMsgType.TEXT and _is_get_state(message.data):
+            if message.type != WSMsgType.TEXT:
+                continue
+            try:
+                action = ui_action(message.data, who)
+            except RoleRefused as error:  # the stream goes on, as the REST API's 403 leaves a client
+                queue.put_nowait({"type": "error", **error.document()})
+                continue
+            if action is None:
+                await socket.close(code=1008, message=UNDERSTOOD)
+            elif action == "get_state":
                 queue.put_nowait({"type": "init_needed"})
-            elif message.type == WSMsgType.TEXT:
-                await socket.close(code=1008, message=b'only {"type": "get_state"} is understood')
     finally:
         fleet.unsubscribe(queue)
         sender.cancel()
@@ -92,11 +104,19 @@ async def _follow(request: web.Request, fleet: Fleet, socket: web.WebSocketRespo
     return socket
 
 
-def _is_get_state(data: str) -> bool:
+def ui_action(data: str, who: Caller, actions: Mapping[str, Role] = UI_ACTIONS) -> str | None:
+    """The action a UI's message asks for ({"type": ACTION}), checked against the caller's role here
+    for every action; None for a message that is not one."""
     try:
-        return bool(json.loads(data) == {"type": "get_state"})
+        message = json.loads(data)
     except ValueError:
-        return False
+        return None
+    if not isinstance(message, dict) or set(message) != {"type"} or message["type"] not in actions:
+        return None
+    action: str = message["type"]
+    if not who.role.allows(actions[action]):
+        raise RoleRefused(f"the stream's {action}", actions[action].value, who.name, who.role.value)
+    return action
 
 
 async def _forward(fleet: Fleet, queue: asyncio.Queue[dict[str, Any]], socket: web.WebSocketResponse) -> None:
@@ -111,18 +131,13 @@ async def _forward(fleet: Fleet, queue: asyncio.Queue[dict[str, Any]], socket: w
 
 
 async def agent_socket(request: web.Request) -> web.StreamResponse:
-    fleet, watch = request.app[FLEET], request.app[CREDENTIALS]
-    generation = watch.generation
-    token = edge.bearer(request)
-    host = await fleet.store.host_for_token(token) if token else None
-    if host is None or token is None:
-        raise Unauthorized("authorization: not a valid host token")
-    edge.trusted(request)
+    fleet, watch, by = request.app[FLEET], request.app[CREDENTIALS], agent(request)
+    assert by is not None, "the route lets only hosts in"
     socket = _AgentSocket(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE_BYTES)
     await socket.prepare(request)
-    watch.add(socket, Credential.of(Kind.host, token, host), generation)
+    watch.add(socket, by.credential, request[GENERATION])
     try:
-        return await _serve_agent(request, fleet, host, socket)
+        return await _serve_agent(request, fleet, by.host, socket)
     finally:
         watch.discard(socket)
 

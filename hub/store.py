@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from hub import strictjson
 from hub.errors import Conflict, HubError, NotFound
+from hub.roles import Admin, Role
 from hub.schema import admins, commands, credential_changes, events, hosts, rollout_hosts, runs, sessions
 
 log = logging.getLogger("rastos-hub.store")
@@ -102,11 +103,12 @@ def _without_token(row: RowMapping) -> dict[str, Any]:
 @dataclass
 class LiveCredentials:
     """What may authenticate now, by hash: each host's tokens (its old one while its grace lasts),
-    the admins' tokens, the sessions not expired; and when the soonest of them expires."""
+    the admins' tokens and the sessions not expired, each with its admin's role; and when the soonest
+    of them expires."""
 
     hosts: dict[str, set[str]] = field(default_factory=dict)  # host name -> its valid token hashes
-    admins: set[str] = field(default_factory=set)
-    sessions: set[str] = field(default_factory=set)
+    admins: dict[str, str] = field(default_factory=dict)  # token hash -> the admin's role
+    sessions: dict[str, str] = field(default_factory=dict)  # session id hash -> its admin's role
     next_expiry: float = float("inf")
 
 
@@ -200,14 +202,14 @@ class Store:
             await self._credentials_changed(db)  # a connection the new token made ends with it
             await self.log(db, actor, "HostTokenRestored", {}, host=name)
 
-    async def add_admin(self, name: str) -> str:
+    async def add_admin(self, name: str, role: Role, actor: str) -> str:
         token, digest = new_token()
         async with self.transaction() as db:
             try:
-                await db.execute(insert(admins).values(name=name, token_hash=digest, created=time.time()))
+                await db.execute(insert(admins).values(name=name, token_hash=digest, created=time.time(), role=role))
             except IntegrityError:
                 raise Conflict(f"name: an admin named {name!r} exists already") from None
-            await self.log(db, "hub", "AdminAdded", {"admin": name})
+            await self.log(db, actor, "AdminAdded", {"admin": name, "role": role.value})
         return token
 
     async def host_for_token(self, token: str) -> str | None:
@@ -222,10 +224,11 @@ class Store:
                 row = (await db.execute(select(hosts.c.name).where(old, live))).first()
         return None if row is None else str(row[0])
 
-    async def admin_for_token(self, token: str) -> str | None:
+    async def admin_for_token(self, token: str) -> Admin | None:
+        query = select(admins.c.name, admins.c.role).where(admins.c.token_hash == token_hash(token))
         async with self.engine.connect() as db:
-            row = (await db.execute(select(admins.c.name).where(admins.c.token_hash == token_hash(token)))).first()
-        return None if row is None else str(row[0])
+            row = (await db.execute(query)).first()
+        return None if row is None else Admin(str(row.name), Role(row.role))
 
     # Token lifecycle: every change that can end a credential moves the revision running hubs poll
 
@@ -274,12 +277,42 @@ class Store:
 
     async def remove_admin(self, name: str, actor: str) -> None:
         async with self.transaction() as db:
+            await self._keep_an_admin(db, name, "removing them")
             await db.execute(delete(sessions).where(sessions.c.admin == name))
             result = await db.execute(delete(admins).where(admins.c.name == name))
             if result.rowcount == 0:
                 raise NotFound(f"name: no admin named {name!r}")
             await self._credentials_changed(db)
             await self.log(db, actor, "AdminRemoved", {"admin": name})
+
+    async def set_admin_role(self, name: str, role: Role, actor: str) -> Role:
+        """Give the admin `role`; returns the one they had. Their open UI streams are closed, so their
+        pages connect again and show what the new role allows (hub/credentials.py)."""
+        async with self.transaction() as db:
+            row = (await db.execute(select(admins.c.role).where(admins.c.name == name))).first()
+            if row is None:
+                raise NotFound(f"name: no admin named {name!r}")
+            before = Role(row.role)
+            if before == role:
+                return before
+            if role != Role.admin:
+                await self._keep_an_admin(db, name, f"making them {role.value}")
+            await db.execute(update(admins).where(admins.c.name == name).values(role=role))
+            await self._credentials_changed(db)
+            await self.log(db, actor, "AdminRoleSet", {"admin": name, "role": role.value, "was": before.value})
+        return before
+
+    @staticmethod
+    async def _keep_an_admin(db: AsyncConnection, name: str, change: str) -> None:
+        """Refuse a change that would leave the hub with no admin: nobody could then manage its hosts
+        or images through the API. The admins' rows are locked (on PostgreSQL) while it is decided, so
+        two such changes at once cannot both pass."""
+        query = select(admins.c.name).where(admins.c.role == Role.admin).with_for_update()
+        if set((await db.execute(query)).scalars()) == {name}:
+            raise Conflict(
+                f"name: {name} is the hub's last admin, and {change} would leave it without one",
+                hint="make another admin first: rastos-hub admin add NAME --role admin, or admin set-role NAME admin",
+            )
 
     async def admins(self) -> list[dict[str, Any]]:
         async with self.engine.connect() as db:
@@ -304,10 +337,12 @@ class Store:
                 if old is not None and expires > now:
                     live.hosts[name].add(old)
                     live.next_expiry = min(live.next_expiry, expires)
-            live.admins = set((await db.execute(select(admins.c.token_hash))).scalars())
-            query = select(sessions.c.id_hash, sessions.c.expires).where(sessions.c.expires > now)
-            for digest, expires in await db.execute(query):
-                live.sessions.add(digest)
+            live.admins = {
+                digest: role for digest, role in await db.execute(select(admins.c.token_hash, admins.c.role))
+            }
+            query = select(sessions.c.id_hash, sessions.c.expires, admins.c.role).join(admins)
+            for digest, expires, role in await db.execute(query.where(sessions.c.expires > now)):
+                live.sessions[digest] = role
                 live.next_expiry = min(live.next_expiry, expires)
         return live
 
@@ -321,11 +356,11 @@ class Store:
             await db.execute(insert(sessions).values(id_hash=digest, admin=admin, created=now, expires=now + lifetime))
         return session, now + lifetime
 
-    async def admin_for_session(self, session: str) -> str | None:
-        query = select(sessions.c.admin).where(sessions.c.id_hash == token_hash(session))
+    async def admin_for_session(self, session: str) -> Admin | None:
+        query = select(admins.c.name, admins.c.role).join(sessions).where(sessions.c.id_hash == token_hash(session))
         async with self.engine.connect() as db:
             row = (await db.execute(query.where(sessions.c.expires > time.time()))).first()
-        return None if row is None else str(row[0])
+        return None if row is None else Admin(str(row.name), Role(row.role))
 
     async def remove_session(self, session: str) -> None:
         async with self.transaction() as db:

@@ -14,9 +14,11 @@ import logging
 from aiohttp import ClientError, hdrs, web
 
 from hub import api, edge
+from hub.access import Route, agent, caller
 from hub.edge import respond
-from hub.errors import HubError, NotFound, Unauthorized, UnsupportedMediaType
+from hub.errors import HubError, NotFound, UnsupportedMediaType
 from hub.images import ImageFiles
+from hub.roles import ADMIN, OPERATOR, VIEWER, VIEWER_OR_HOST
 from hub.rollouts import image_view
 from hub.sockets import FLEET
 
@@ -28,34 +30,15 @@ BUNDLE_CHUNK = 1 << 18  # what a download sends at a time
 BUNDLE_TYPE = "application/octet-stream"
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/v1/images", _images)
-    app.router.add_post("/api/v1/images", _add_image)
-    app.router.add_get("/api/v1/images/{id}", _image)
-    app.router.add_delete("/api/v1/images/{id}", _remove_image)
-    app.router.add_get("/api/v1/images/{id}/bundle", _bundle)
-    app.router.add_get("/api/v1/rollouts", _rollouts)
-    app.router.add_post("/api/v1/rollouts", _start_rollout)
-    app.router.add_get("/api/v1/rollouts/{id}", _rollout)
-    for action in ("pause", "resume", "abort"):
-        app.router.add_post(f"/api/v1/rollouts/{{id}}/{action}", _steer)
-
-
-async def _admin(request: web.Request) -> str:
-    return await edge.admin(request, request.app[FLEET].store)
-
-
 # Images
 
 
 async def _images(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     # From the database, not the fleet's copy: an image `rastos-hub image add` put there shows at once.
     return respond([image_view(row) for row in await request.app[FLEET].rollouts.store.images()])
 
 
 async def _image(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     row = await _image_row(request)
     return respond({**image_view(row), "manifest": row["manifest"]})
 
@@ -73,7 +56,7 @@ def _no_image(image_id: str) -> NotFound:
 
 
 async def _add_image(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     if request.content_type != BUNDLE_TYPE:
         raise UnsupportedMediaType(
             f"content-type: {request.content_type!r}; the body must be the bundle file, as {BUNDLE_TYPE}"
@@ -93,7 +76,7 @@ async def _add_image(request: web.Request) -> web.StreamResponse:
 
 
 async def _remove_image(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     fleet = request.app[FLEET]
     async with fleet.lock:
         await fleet.rollouts.remove_image(request.match_info["id"], admin)
@@ -101,7 +84,7 @@ async def _remove_image(request: web.Request) -> web.StreamResponse:
 
 
 async def _bundle(request: web.Request) -> web.StreamResponse:
-    host = await _host_or_admin(request)
+    host = None if (by := agent(request)) is None else by.host
     if host is not None and not await request.app[FLEET].rollouts.store.offered(host, request.match_info["id"]):
         # The same 404 as for an image the hub does not hold, not a 403: a host's token lives on the
         # host (and is carried across its updates), so one taken from a host learns nothing of the
@@ -119,36 +102,19 @@ async def _bundle(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, chunk_size=BUNDLE_CHUNK, headers=headers)
 
 
-async def _host_or_admin(request: web.Request) -> str | None:
-    """Who may fetch a bundle: a host with its own agent token as a bearer token (its name is
-    returned), or an admin (None: every bundle)."""
-    store = request.app[FLEET].store
-    token = edge.bearer(request)
-    if token is not None and (host := await store.host_for_token(token)) is not None:
-        edge.trusted(request)
-        return host
-    try:
-        await edge.admin(request, store)
-    except Unauthorized:
-        raise Unauthorized("authorization: no valid admin or host token") from None
-    return None
-
-
 # Rollouts
 
 
 async def _rollouts(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     return respond(list(request.app[FLEET].rollouts.rollouts.values()))
 
 
 async def _rollout(request: web.Request) -> web.StreamResponse:
-    await _admin(request)
     return respond(request.app[FLEET].rollouts.get(request.match_info["id"]))
 
 
 async def _start_rollout(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     body = await edge.json_body(request, api.NEW_ROLLOUT)
     fleet = request.app[FLEET]
     async with fleet.lock:
@@ -157,9 +123,23 @@ async def _start_rollout(request: web.Request) -> web.StreamResponse:
 
 
 async def _steer(request: web.Request) -> web.StreamResponse:
-    admin = await _admin(request)
+    admin = caller(request).name
     fleet = request.app[FLEET]
     action = request.path.rsplit("/", 1)[1]
     steer = {"pause": fleet.rollouts.pause, "resume": fleet.rollouts.resume, "abort": fleet.rollouts.abort}[action]
     async with fleet.lock:
         return respond(await steer(request.match_info["id"], admin))
+
+
+ROUTES = (
+    Route("GET", "/api/v1/images", _images, VIEWER),
+    Route("POST", "/api/v1/images", _add_image, ADMIN),
+    Route("GET", "/api/v1/images/{id}", _image, VIEWER),
+    Route("DELETE", "/api/v1/images/{id}", _remove_image, ADMIN),
+    # A host fetches its update here with its own token, and gets only the bundles sent it (_bundle).
+    Route("GET", "/api/v1/images/{id}/bundle", _bundle, VIEWER_OR_HOST),
+    Route("GET", "/api/v1/rollouts", _rollouts, VIEWER),
+    Route("POST", "/api/v1/rollouts", _start_rollout, OPERATOR),
+    Route("GET", "/api/v1/rollouts/{id}", _rollout, VIEWER),
+    *(Route("POST", f"/api/v1/rollouts/{{id}}/{action}", _steer, OPERATOR) for action in ("pause", "resume", "abort")),
+)

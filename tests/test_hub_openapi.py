@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.config import PositiveDataAcceptanceConfig
 
-from hub.api import openapi_document
+from hub.app import openapi_document
 from rastos.bundle import generate_key
 from tests.hub_fixtures import Hub, _serving, make_bundle, upload
 

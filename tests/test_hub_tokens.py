@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from hub.credentials import CLOSE_REASON
+from hub.roles import Admin, Role
 from hub.store import Store, database_url, token_hash
 from tests.daemon_fixtures import require_root
 from tests.hub_fixtures import Hub
@@ -261,9 +262,9 @@ def test_tokens_made_before_the_lifecycle_migration_keep_working(tmp_path: Path)
         connection.execute(text("INSERT INTO admins (name, token_hash, created) VALUES ('ada', :h, 1)"),
                            {"h": token_hash("admin-token")})  # fmt: skip
     engine.dispose()
-    assert migrate(url) == "0005"
+    assert migrate(url) == "0006"
 
-    async def lookups() -> tuple[str | None, str | None, str | None]:
+    async def lookups() -> tuple[str | None, Admin | None, str | None]:
         store = Store(url)
         try:
             found = (await store.host_for_token("host-token"), await store.admin_for_token("admin-token"),
@@ -272,7 +273,7 @@ def test_tokens_made_before_the_lifecycle_migration_keep_working(tmp_path: Path)
             await store.close()
         return found
 
-    assert asyncio.run(lookups()) == ("old", "ada", None)
+    assert asyncio.run(lookups()) == ("old", Admin("ada", Role.admin), None)
 
 
 @pytest.mark.root

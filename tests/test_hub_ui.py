@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwr
 
 from rastos.bundle import generate_key
 from tests.daemon_fixtures import MANAGER
-from tests.hub_fixtures import Hub, make_bundle
+from tests.hub_fixtures import Hub, make_bundle, upload
 from tests.hub_fixtures import hub as hub
 from tests.test_hub_fleet import Fleet, online
 from tests.test_hub_fleet import fleet as fleet
@@ -190,3 +190,71 @@ def test_the_ui_shows_images_and_rollouts_live_and_steers_them(hub: Hub, browser
     finally:
         run(sims.__aexit__(None, None, None))
         run.close()
+
+
+def test_the_ui_offers_each_role_only_what_it_may_do(hub: Hub, browser: Browser, tmp_path: Path) -> None:
+    """The page shows the forms and buttons of what the role allows (/api/v1/me), follows a role
+    changed while it is open, and the hub refuses what a page sends anyway."""
+    tokens = {"admin": hub.admin_token}
+    for name, role in (("vera", "viewer"), ("otto", "operator")):
+        added = hub.cli("admin", "add", name, "--role", role)
+        assert added.returncode == 0, added.stderr
+        tokens[role] = added.stdout.strip().splitlines()[-1]
+    generate_key(tmp_path / "key")
+    hub.api("POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})
+    hub.api("POST", "/api/v1/runs", {"target": {"all": True}, "steps": [{"op": "motd", "params": {"text": "x"}}]})
+    status, image = upload(hub, make_bundle(tmp_path, tmp_path / "key", "2.0").read_bytes())
+    assert status == 201, image
+    hub.api("POST", "/api/v1/rollouts", {"image": image["id"], "target": {"all": True}})
+    run_form, upload_form, rollout_form = (
+        f'[data-needs="{operation}"]'
+        for operation in ("POST /api/v1/runs", "POST /api/v1/images", "POST /api/v1/rollouts")
+    )
+
+    def logged_in(role: str) -> Page:
+        page = browser.new_page(viewport=DESKTOP)
+        page.goto(hub.url)
+        page.fill("#token", tokens[role])
+        page.click("#login button")
+        expect(page.locator("#who")).to_contain_text(f"({role})")
+        # Everything is there to read, whatever the role.
+        expect(page.locator('#hosts tr[data-host="web-1"]')).to_be_visible()
+        expect(page.locator("#runs .run")).to_have_count(1)
+        expect(page.locator(f'#images tr[data-image="{image["id"]}"]')).to_be_visible()
+        expect(page.locator("#rollouts .rollout .badge").first).to_have_text("running")
+        return page
+
+    def offers(page: Page, runs: bool, rollouts: bool, images: bool) -> None:
+        for selector, shown in ((run_form, runs), (rollout_form, rollouts), (upload_form, images)):
+            if shown:
+                expect(page.locator(selector)).to_be_visible()
+            else:
+                expect(page.locator(selector)).to_be_hidden()
+        expect(page.locator("#runs button")).to_have_count(1 if runs else 0)  # Cancel
+        expect(page.locator("#rollouts button")).to_have_count(2 if rollouts else 0)  # Pause, Abort
+        expect(page.locator("#images button")).to_have_count(1 if images else 0)  # Remove
+
+    for role, allowed in (("admin", (True, True, True)), ("operator", (True, True, False))):
+        page = logged_in(role)
+        offers(page, *allowed)
+        page.close()
+
+    page = logged_in("viewer")
+    expect(page.locator("#who")).to_have_text("vera (viewer)")
+    offers(page, False, False, False)
+    page.evaluate("window.notReloaded = true")
+    # What the page does not offer, the hub refuses all the same.
+    refused = page.evaluate("""async () => {
+        const answer = await fetch("/api/v1/runs", {method: "POST", headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({target: {all: true}, steps: [{op: "motd", params: {text: "y"}}]})});
+        return [answer.status, await answer.json()];
+    }""")
+    assert refused == [403, {"error": "role: POST /api/v1/runs needs the role operator; vera has the role viewer",
+                             "needed_role": "operator", "role": "viewer"}], refused  # fmt: skip
+    # Made an operator while the page is open: it reconnects and offers runs and rollouts, unreloaded.
+    changed = hub.cli("admin", "set-role", "vera", "operator")
+    assert changed.returncode == 0, changed.stderr
+    expect(page.locator("#who")).to_have_text("vera (operator)", timeout=10_000)
+    offers(page, True, True, False)
+    assert page.evaluate("window.notReloaded") is True
+    page.close()

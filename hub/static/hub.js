@@ -7,9 +7,14 @@
 //
 // What agents report reaches this page as data of any shape the hub let through: every value is read
 // through obj/list/text below, so a null where an object was expected shows as blank, never throws.
+//
+// Who is logged in comes from /api/v1/me: their role, and every operation it allows ("POST /api/v1/runs").
+// The page shows only the forms and buttons of those (elements with data-needs, and the buttons drawn
+// below); the hub checks each call again, whatever the page shows. A role changed meanwhile closes the
+// stream, and the reconnect asks again.
 "use strict";
 
-let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500;
+let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attributes = {}, ...children) => {
@@ -36,13 +41,14 @@ const size = (bytes) => {
   while (bytes >= 1024 && unit < units.length - 1) { bytes /= 1024; unit += 1; }
   return unit === 0 ? `${bytes} bytes` : `${bytes.toFixed(1)} ${units[unit]}`;
 };
+const may = (operation) => me !== null && list(me.may).includes(operation);
 const badge = (value) => el("span", { class: `badge ${text(value).replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-")}` },
   text(value));
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/api/v1/stream`);
-  socket.onopen = () => { retry = 500; setConnection(true); };
+  socket.onopen = () => { retry = 500; setConnection(true); whoAmI(); };
   socket.onmessage = (message) => {
     try {
       receive(JSON.parse(message.data));
@@ -63,6 +69,20 @@ function connect() {
     setTimeout(connect, retry);
     retry = Math.min(retry * 2, 10000);
   };
+}
+
+async function whoAmI() {
+  try {
+    me = obj(await request("GET", "/api/v1/me"));
+  } catch (error) {
+    me = null;  // the stream says what happened; until then, no action is offered
+  }
+  if (state) render(); else showRole();
+}
+
+function showRole() {
+  $("who").textContent = me ? `${text(me.name)} (${text(me.role)})` : "";
+  for (const node of document.querySelectorAll("[data-needs]")) node.hidden = !may(node.dataset.needs);
 }
 
 async function loggedIn() {
@@ -114,6 +134,7 @@ function render() {
   $("login").hidden = true;
   $("logout").hidden = false;
   $("version").textContent = `state version ${version}`;
+  showRole();
   renderHosts();
   renderDetail();
   renderRuns();
@@ -162,7 +183,7 @@ function renderRuns() {
     el("div", {}, badge(run.state),
       ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${text(run.target)}`,
       ` by ${text(run.admin)}, ${when(run.created)} `,
-      run.state === "running"
+      run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
         ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
         : ""),
     el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).map((c) => el("tr", {},
@@ -180,8 +201,10 @@ function renderImages() {
     el("td", {}, image.delta === true ? `delta from ${text(image.parent)}` : "full"), el("td", {}, size(image.size)),
     el("td", {}, `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
     el("td", {}, `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
-    el("td", {}, el("button", { onclick: () => act(`/api/v1/images/${encodeURIComponent(text(image.id))}`,
-                                                 "images-error", "DELETE") }, "Remove")))));
+    el("td", {}, may("DELETE /api/v1/images/{id}")
+      ? el("button", { onclick: () => act(`/api/v1/images/${encodeURIComponent(text(image.id))}`, "images-error",
+                                          "DELETE") }, "Remove")
+      : ""))));
   // The form's choice of image, kept across renders: only a changed list of images redraws it.
   const choice = $("rollout-image"), ids = images.map((image) => text(image.id));
   if (choice.dataset.ids !== ids.join(" ")) {
@@ -199,8 +222,8 @@ function renderRollouts() {
     .sort((a, b) => (Number(b.created) || 0) - (Number(a.created) || 0));
   $("rollouts").replaceChildren(...rollouts.map((rollout) => {
     const id = text(rollout.id), path = `/api/v1/rollouts/${encodeURIComponent(id)}`, live = text(rollout.state);
-    const button = (action, label) => el("button", { class: action, onclick: () => act(`${path}/${action}`,
-                                                                                      "rollouts-error") }, label);
+    const button = (action, label) => may(`POST /api/v1/rollouts/{id}/${action}`)
+      ? el("button", { class: action, onclick: () => act(`${path}/${action}`, "rollouts-error") }, label) : "";
     const waves = new Map();
     for (const host of list(rollout.hosts).map(obj)) {
       const wave = Number(host.wave) || 0;
@@ -343,6 +366,8 @@ $("logout").onclick = async () => {
     await post("/api/v1/logout");
   } finally {
     state = null;
+    me = null;
+    showRole();
     if (socket) { socket.onclose = null; socket.close(); }
     setConnection(false, "logged out");
     showLogin();
