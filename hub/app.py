@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from hub import api, edge, updates_api
+from hub import api, edge, runs_api, updates_api
 from hub.credentials import CREDENTIALS, CredentialWatch
 from hub.edge import respond
 from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
@@ -83,6 +83,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/v1/runs/{id}/cancel", _cancel_run)
     app.router.add_get("/api/v1/events", _events)
     updates_api.add_routes(app)
+    runs_api.add_routes(app)
     app.router.add_get("/api/v1/stream", ui_stream)
     app.router.add_get("/api/v1/agent", agent_socket)
     return app
