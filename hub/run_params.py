@@ -165,7 +165,8 @@ def checked(op: OpSchema, params: object, where: str) -> dict[str, Any]:
     if errors:
         error = errors[0]
         path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.absolute_path)
-        raise UsageError(f"{where}{path}: {error.message[:300]}")
+        field = f"{where}: {path[1:]}" if path.startswith(".") else f"{where}{path}"
+        raise UsageError(f"{field}: {error.message[:300]}")
     assert isinstance(params, dict)
     return params
 
