@@ -19,7 +19,7 @@ import logging
 import os
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,11 +52,8 @@ class UsageError(RastosError):
 @dataclass(frozen=True)
 class HubAddress:
     url: str  # http(s)://HOST:PORT[/PREFIX], without a trailing slash
-    token: str
+    token: str = field(repr=False)  # never shown, whatever prints this
     ca: Path | None = None
-
-    def __repr__(self) -> str:  # never the token, whatever prints this
-        return f"HubAddress(url={self.url!r}, ca={self.ca!r})"
 
     def tls(self) -> ssl.SSLContext | bool:
         if self.ca is None:
@@ -74,7 +71,8 @@ def address_from(url: str | None, token_file: Path | None, ca: Path | None) -> H
 
 
 def hub_url(given: str | None) -> str:
-    where = "--hub" if given is not None else URL_ENV if os.environ.get(URL_ENV) else "--hub"
+    from_env = given is None and bool(os.environ.get(URL_ENV))
+    where = URL_ENV if from_env else "--hub"
     url = (given or os.environ.get(URL_ENV) or DEFAULT_HUB).rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

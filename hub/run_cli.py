@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from hub.run_view import Follower, run_text, runs_table, steps_text, tally
 from rastos.errors import RastosError
 
 RUN_ENDED_BADLY = 3
+INTERRUPTED = 130  # as a shell says a command ended by Ctrl-C
 Action = Callable[[HubClient, argparse.Namespace], Awaitable[int]]
 
 
@@ -84,7 +86,11 @@ def _command(action: Action) -> Callable[[argparse.Namespace], int]:
             async with HubClient(address) as hub:
                 return await action(hub, args)
 
-        return asyncio.run(session())
+        try:
+            return asyncio.run(session())
+        except KeyboardInterrupt:
+            print("rastos-hub: interrupted; a run started goes on on the hub (rastos-hub run list)", file=sys.stderr)
+            return INTERRUPTED
 
     return run
 
@@ -184,6 +190,6 @@ async def _follow_run(hub: HubClient, args: argparse.Namespace, run_id: str) -> 
 
 def _run_id(text: str) -> str:
     """An id as the hub makes them (hex); anything else could not name a run, nor belongs in a URL."""
-    if not 1 <= len(text) <= 64 or not all(c in "0123456789abcdef" for c in text):
+    if not 1 <= len(text) <= 64 or not all(c in "0123456789abcdef" for c in text.lower()):
         raise UsageError(f"ID: {text[:80]!r} is not a run's id (hex digits, as `rastos-hub run list` shows them)")
-    return text
+    return text.lower()

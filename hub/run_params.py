@@ -49,9 +49,13 @@ class OpLibrary:
 
     @classmethod
     def from_json(cls, document: object) -> OpLibrary:
+        wrong = RastosError("hub: /api/v1/ops answered something other than a list of ops")
         if not isinstance(document, list):
-            raise RastosError("hub: /api/v1/ops answered something other than a list of ops")
-        return cls({item["name"]: OpSchema(item["name"], item["description"], item["schema"]) for item in document})
+            raise wrong
+        try:
+            return cls({item["name"]: OpSchema(item["name"], item["description"], item["schema"]) for item in document})
+        except (KeyError, TypeError):
+            raise wrong from None
 
     def op(self, name: str, where: str) -> OpSchema:
         if name not in self.ops:

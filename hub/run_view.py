@@ -111,7 +111,12 @@ class Follower:
                 self._changed(command)
         elif message["type"] == "command":
             command = message["command"]
-            self.run["commands"] = [c for c in self.run["commands"] if c["id"] != command["id"]] + [command]
+            commands = self.run["commands"]
+            index = next((i for i, known in enumerate(commands) if known["id"] == command["id"]), None)
+            if index is None:
+                commands.append(command)
+            else:
+                commands[index] = command
             self._changed(command)
         if message["type"] != "end":
             return False

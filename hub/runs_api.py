@@ -15,6 +15,7 @@ every host after it: too much to follow one run from a shell.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -66,6 +67,8 @@ async def _run_stream(request: web.Request) -> web.StreamResponse:
         fleet.unsubscribe(queue)
         watch.discard(socket)
         sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
     return socket
 
 
@@ -113,5 +116,5 @@ async def _forward(
                 await socket.send_str(strictjson.dumps({"type": "command", "command": command}))
         await socket.send_str(strictjson.dumps({"type": "end", "run": run}))
         await socket.close()
-    except ConnectionError:
-        return  # the follower went away
+    except (ConnectionError, RuntimeError):
+        return  # the follower went away, or its socket is closing
