@@ -197,6 +197,12 @@ RUN = {
     },
     "required": ["id", "created", "admin", "target", "steps", "flags", "parallelism", "state", "finished", "commands"],
 }
+OP = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                   "schema": {"type": "object", "description": "its params, as JSON Schema (draft 2020-12)"}},
+    "required": ["name", "description", "schema"],
+}  # fmt: skip
 EVENT = {
     "type": "object",
     "properties": {
@@ -386,6 +392,14 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/runs/{id}/cancel": {"parameters": [RUN_ID], "post": {
         "summary": "Cancel a run: pending commands end, running ones are asked to",
         "responses": {"200": _answer("the run", RUN), **NOT_FOUND, **CONFLICT}}},
+    "/api/v1/runs/{id}/stream": {"parameters": [RUN_ID], "get": {
+        "summary": "WebSocket following one run: run {run} at once (and whenever the hub cannot say what "
+                   "changed), command {command} for each change of one of its commands, end {run} once it "
+                   "has ended; then the hub closes it",
+        "responses": {"101": {"description": "switching protocols"}, **NOT_FOUND}}},
+    "/api/v1/ops": {"get": {
+        "summary": "The ops hosts run, each with its parameters as JSON Schema: what a run's steps are checked by",
+        "responses": {"200": _answer("ops", {"type": "array", "items": OP})}}},
     "/api/v1/events": {"get": {
         "summary": "The event log, newest last: a page of at most `limit` events and 4 MiB; the next page "
                    "back is `before` the first id of this one",

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from hub import access, api, edge, updates_api
+from hub import access, api, edge, runs_api, updates_api
 from hub.access import STORE, Route, caller
 from hub.credentials import CREDENTIALS, CredentialWatch
 from hub.edge import respond
@@ -279,6 +279,7 @@ ROUTES = (
     Route("POST", "/api/v1/runs/{id}/cancel", _cancel_run, OPERATOR),
     Route("GET", "/api/v1/events", _events, VIEWER),
     *updates_api.ROUTES,
+    *runs_api.ROUTES,
     Route("GET", "/api/v1/stream", ui_stream, VIEWER),  # its messages: sockets.UI_ACTIONS
     Route("GET", "/api/v1/agent", agent_socket, AGENT),
 )

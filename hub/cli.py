@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         logging.getLogger("alembic").setLevel(logging.WARNING)  # it narrates every migration check
     try:
+        if getattr(args, "over_api", False):  # a client of a running hub (rastos-hub run): no database here
+            over_api: int = args.action(args)
+            return over_api
         from hub.store import database_url, migrate
 
         url = database_url(args.database)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except RastosError as error:
         print(f"rastos-hub: {error}", file=sys.stderr)
-        return 1
+        return int(getattr(error, "exit_status", 1))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,6 +202,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     image_remove.add_argument("image", metavar="IMAGE", help="its id, or its version if no other image has it")
     image_remove.set_defaults(action=_image_remove)
+
+    from hub import run_cli
+
+    run_cli.add_commands(commands)
 
     db = commands.add_parser("db", help="the database").add_subparsers(required=True, metavar="ACTION")
     db.add_parser("upgrade", help="migrate to the newest schema (serve does it too)").set_defaults(
