@@ -52,14 +52,16 @@ class PrivateBus:
 
 
 @contextlib.contextmanager
-def private_bus(policy: Path) -> Iterator[PrivateBus]:
-    """A dbus-daemon with the system bus's policy plus `policy`, on a socket any user can reach."""
+def private_bus(policy: Path, *more: Path) -> Iterator[PrivateBus]:
+    """A dbus-daemon with the system bus's policy plus `policy` (and `more`: another service's, such as
+    polkitd's), on a socket any user can reach."""
     directory = Path(tempfile.mkdtemp(prefix="rastos-bus-", dir="/run"))
     directory.chmod(0o755)
     config = directory / "bus.conf"
     socket_path = directory / "system_bus_socket"
     template = (DATA / "system-bus.conf.in").read_text()
-    config.write_text(template.replace("@SOCKET@", str(socket_path)).replace("@POLICY@", str(policy)))
+    includes = "\n  ".join(f"<include>{path}</include>" for path in (policy, *more))
+    config.write_text(template.replace("@SOCKET@", str(socket_path)).replace("@INCLUDES@", includes))
     process = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"], stderr=subprocess.DEVNULL
     )
