@@ -38,6 +38,7 @@ JOB = "org.rastos.Daemon1.Job"
 PLAIN_USER = "rastos-test-user"
 ADMIN_USER = "rastos-test-admin"
 ADMIN_GROUP = "rastos-test-admins"
+USERS_LOCK = Path("/run/rastos-test-users.lock")  # held while test users and groups are made
 
 
 def require_root() -> None:
@@ -178,7 +179,7 @@ def ensure_test_users() -> None:
     """An unprivileged user, and a member of the admin group the daemon is configured with. Under a
     lock: xdist workers starting their first daemon test together would both find the user missing,
     and the second useradd fail (or find /etc/passwd locked by the first)."""
-    with Path("/run/rastos-test-users.lock").open("w") as lock:
+    with USERS_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True, check=False).returncode != 0:
             subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)

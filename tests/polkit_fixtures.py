@@ -10,6 +10,7 @@ on a host; the bus it joins carries polkit's own bus policy beside rastosd's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixtures import CHECKOUT, PrivateBus
+from tests.daemon_fixtures import CHECKOUT, USERS_LOCK, PrivateBus
 
 POLKITD = Path("/usr/lib/polkit-1/polkitd")
 POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
@@ -40,12 +41,15 @@ def require_polkitd() -> None:
 
 
 def ensure_group_member() -> None:
-    """A user in the group the shipped rule names (the host's own group "rastos", made if missing)."""
-    if subprocess.run(["getent", "group", SHIPPED_ADMIN_GROUP], capture_output=True, check=False).returncode:
-        subprocess.run(["groupadd", "--system", SHIPPED_ADMIN_GROUP], check=False)  # another worker may win
-    if subprocess.run(["id", GROUP_MEMBER], capture_output=True, check=False).returncode:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--groups", SHIPPED_ADMIN_GROUP, GROUP_MEMBER],
-                       check=False)  # fmt: skip
+    """A user in the group the shipped rule names (the host's own group "rastos", made if missing).
+    Under the lock ensure_test_users takes, for the same reason: xdist workers starting together."""
+    with USERS_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if subprocess.run(["getent", "group", SHIPPED_ADMIN_GROUP], capture_output=True, check=False).returncode:
+            subprocess.run(["groupadd", "--system", SHIPPED_ADMIN_GROUP], check=True)
+        if subprocess.run(["id", GROUP_MEMBER], capture_output=True, check=False).returncode:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--groups", SHIPPED_ADMIN_GROUP, GROUP_MEMBER],
+                           check=True)  # fmt: skip
     groups = subprocess.run(["id", "-nG", GROUP_MEMBER], capture_output=True, text=True, check=True).stdout.split()
     assert SHIPPED_ADMIN_GROUP in groups, groups
 
