@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -235,3 +236,25 @@ def test_rastosctl_tells_a_plain_user_which_action_it_needs(daemon: Rastosd) -> 
         f"rastosctl: {INTERACTIVE_REQUIRED}: Apply: polkit action org.rastos.Daemon1.apply needs an administrator's "
         "authentication (call it with interactive authorization allowed and an authentication agent running)\n"
     )
+
+
+def test_a_question_polkit_does_not_answer_is_a_no(tmp_path: Path) -> None:
+    """polkitd gone after rastosd found it: a plain user's call is refused (closed, not open), root's
+    still goes through, and the daemon's log says why."""
+    require_root()
+    require_polkitd()
+    ensure_test_users()
+    with private_bus(STRICT_POLICY, POLKIT_BUS_POLICY) as bus, scratch_root(tmp_path) as scratch:
+        rastosd = Rastosd(bus, scratch, tmp_path / "state")
+        with polkitd(bus):
+            rastosd.start()
+        try:
+            refused = gdbus(rastosd, MANAGER, "Apply", ["motd", '\'{"text": "x"}\'', "uint64 0"], PLAIN_USER)
+            assert (
+                f"GDBus.Error:{ACCESS_DENIED}: Apply: polkit could not be asked about org.rastos.Daemon1.apply "
+                "(org.freedesktop.DBus.Error.ServiceUnknown)"
+            ) in refused.stderr, refused.stderr
+            assert "polkit could not be asked about org.rastos.Daemon1.apply" in rastosd.log_text()
+            assert apply_as_root(rastosd, "root needs no polkit")[1] == "done"
+        finally:
+            assert rastosd.stop() == 0
