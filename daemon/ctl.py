@@ -573,8 +573,9 @@ def failure(error: SdBusBaseError | RastosError, target: Target) -> tuple[int, s
 
 
 def access_denied(message: str, target: Target) -> str:
-    """The daemon's own refusal says what needs root; the bus policy's names a rule and a member
-    ("Rejected send message, 1 matched rules; type=..."), so say it in the daemon's words."""
+    """The daemon's own refusal says what needs root; the bus policy of an older host, which refused
+    mutating calls itself, names a rule and a member ("Rejected send message, 1 matched rules;
+    type=..."), so say that in the daemon's words."""
     if not message.startswith("Rejected send message"):
         return message
     found = re.search(r'member="([^"]+)"', message)

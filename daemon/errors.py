@@ -22,6 +22,12 @@ class NotPermitted(DaemonError):
     dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
 
 
+class AuthenticationRequired(NotPermitted):
+    """polkit would allow the call once the caller authenticates, and the call did not allow it to ask."""
+
+    dbus_name = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
 class NoSuchJob(DaemonError):
     dbus_name = ERROR_PREFIX + "NoSuchJob"
 
@@ -143,6 +149,7 @@ ALL_ERRORS: tuple[type[DaemonError], ...] = (
     DaemonError,
     InvalidParams,
     NotPermitted,
+    AuthenticationRequired,
     UnknownOp,
     NoSuchJob,
     JobNotCancellable,

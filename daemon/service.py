@@ -13,6 +13,7 @@ from sdbus import sd_bus_open_system
 
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH
 from daemon.bus.objects import BusFace
+from daemon.bus.polkit import find_polkit
 from daemon.config import DaemonConfig
 from daemon.core import Daemon
 from daemon.followups import run_owed
@@ -33,6 +34,8 @@ async def serve(config: DaemonConfig) -> None:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     daemon = Daemon(config, Path(credentials) if credentials else None)
     face = BusFace(daemon, bus)
+    face.callers.polkit = await find_polkit(bus)
+    log.info("access: %s", face.callers.describe())
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))

@@ -38,6 +38,7 @@ JOB = "org.rastos.Daemon1.Job"
 PLAIN_USER = "rastos-test-user"
 ADMIN_USER = "rastos-test-admin"
 ADMIN_GROUP = "rastos-test-admins"
+USERS_LOCK = Path("/run/rastos-test-users.lock")  # held while test users and groups are made
 
 
 def require_root() -> None:
@@ -52,14 +53,16 @@ class PrivateBus:
 
 
 @contextlib.contextmanager
-def private_bus(policy: Path) -> Iterator[PrivateBus]:
-    """A dbus-daemon with the system bus's policy plus `policy`, on a socket any user can reach."""
+def private_bus(policy: Path, *more: Path) -> Iterator[PrivateBus]:
+    """A dbus-daemon with the system bus's policy plus `policy` (and `more`: another service's, such as
+    polkitd's), on a socket any user can reach."""
     directory = Path(tempfile.mkdtemp(prefix="rastos-bus-", dir="/run"))
     directory.chmod(0o755)
     config = directory / "bus.conf"
     socket_path = directory / "system_bus_socket"
     template = (DATA / "system-bus.conf.in").read_text()
-    config.write_text(template.replace("@SOCKET@", str(socket_path)).replace("@POLICY@", str(policy)))
+    includes = "\n  ".join(f"<include>{path}</include>" for path in (policy, *more))
+    config.write_text(template.replace("@SOCKET@", str(socket_path)).replace("@INCLUDES@", includes))
     process = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"], stderr=subprocess.DEVNULL
     )
@@ -176,7 +179,7 @@ def ensure_test_users() -> None:
     """An unprivileged user, and a member of the admin group the daemon is configured with. Under a
     lock: xdist workers starting their first daemon test together would both find the user missing,
     and the second useradd fail (or find /etc/passwd locked by the first)."""
-    with Path("/run/rastos-test-users.lock").open("w") as lock:
+    with USERS_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if subprocess.run(["getent", "group", ADMIN_GROUP], capture_output=True, check=False).returncode != 0:
             subprocess.run(["groupadd", "--system", ADMIN_GROUP], check=True)

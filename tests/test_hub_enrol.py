@@ -132,9 +132,9 @@ def test_a_user_who_may_not_change_the_host_is_refused_and_the_hub_is_put_back(
     refused = enrol(hub, client, remote.destination(PLAIN_USER), "--name", "web-1", "--hub-url", hub.url)
     assert refused.returncode == 1
     assert (f"rastos-hub: web-1: rastosd on {remote.destination(PLAIN_USER)} did not take the token: "
-            "org.freedesktop.DBus.Error.AccessDenied: Join changes the host: only root or members of the group "
-            "admin_group names there may call it (the bus refused it); host web-1 was removed from the hub again: "
-            "nothing of it is left there") in refused.stderr  # fmt: skip
+            "org.freedesktop.DBus.Error.AccessDenied: Join changes the host: only root or members of group "
+            "'rastos' may call it; host web-1 was removed from the hub again: nothing of it is left there"
+            ) in refused.stderr  # fmt: skip
     assert root_files(host) == before, "nothing changed on the host"
     assert token_hash(hub, "web-1") is None
     assert hub_events(hub, "web-1") == [("cli", "HostAdded"), ("cli", "HostRemoved")], "the hub's log says what it did"

@@ -12,7 +12,12 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
-from sdbus import DbusAccessDeniedError, DbusFailedError, DbusInvalidArgsError
+from sdbus import (
+    DbusAccessDeniedError,
+    DbusFailedError,
+    DbusInteractiveAuthorizationRequiredError,
+    DbusInvalidArgsError,
+)
 
 from daemon.errors import ALL_ERRORS, ERROR_PREFIX, DaemonError
 
@@ -24,6 +29,7 @@ R = TypeVar("R")
 _PREDEFINED: dict[str, type[DbusFailedError]] = {
     DbusInvalidArgsError.dbus_error_name: DbusInvalidArgsError,
     DbusAccessDeniedError.dbus_error_name: DbusAccessDeniedError,
+    DbusInteractiveAuthorizationRequiredError.dbus_error_name: DbusInteractiveAuthorizationRequiredError,
 }
 
 

@@ -214,10 +214,18 @@ class JobInterface(DbusInterfaceCommonAsync, interface_name=JOB_INTERFACE):
 
 
 class BusDriver(DbusInterfaceCommonAsync, interface_name="org.freedesktop.DBus"):
-    """The bus itself: the only trustworthy source of a caller's uid and groups."""
+    """The bus itself: the only trustworthy source of a caller's uid and groups, and of who is on it."""
 
     @dbus_method_async("s", "a{sv}")
     async def get_connection_credentials(self, name: str) -> dict[str, tuple[str, Any]]:
+        raise NotImplementedError
+
+    @dbus_method_async("s", "b")
+    async def name_has_owner(self, name: str) -> bool:
+        raise NotImplementedError
+
+    @dbus_method_async(result_signature="as")
+    async def list_activatable_names(self) -> list[str]:
         raise NotImplementedError
 
     @dbus_method_async(result_signature="s")

@@ -1,8 +1,9 @@
 """rastosd on the bus: the objects it exports (org.rastos.Daemon1's root and its jobs), wired to the
 core (daemon/core.py).
 
-Read-only methods answer from memory or the database. Mutating methods first establish the caller
-(`Callers.require_admin`), validate every argument, then act; long work becomes a job.
+Read-only methods answer from memory or the database. Mutating methods first establish that the caller
+may (`Callers.authorize`: root, then polkit or the admin group), validate every argument, then act;
+long work becomes a job.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from daemon.bus.interfaces import (
     job_path,
 )
 from daemon.core import Daemon
-from daemon.errors import InvalidParams, NoSuchJob, NotPermitted
+from daemon.errors import InvalidParams, NoSuchJob
 from daemon.jobs import Job, check_flags, parse_params
 from ops import OPS
 from ops.params import INT_MAX, json_schema
@@ -85,7 +86,7 @@ class JobObject(JobInterface):
     @dbus_method_async_override()
     @guarded
     async def cancel(self) -> None:
-        caller = await self._face.callers.require_admin("Cancel")
+        caller = await self._face.callers.authorize("Job.Cancel")
         self._daemon.jobs.cancel(self.job.id, caller.uid)
 
 
@@ -167,13 +168,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def compliance_scan(self) -> str:
-        try:
-            await self._face.callers.require_admin("ComplianceScan")
-        except NotPermitted:
-            group = self._daemon.config.admin_group
-            raise NotPermitted(
-                f"ComplianceScan reads /etc/shadow and users' keys: only root or members of group {group!r} may call it"
-            ) from None
+        await self._face.callers.authorize("Manager.ComplianceScan", refusal="reads /etc/shadow and users' keys")
         from daemon.compliance import scan  # 65 checks, imported when first asked for, not at every start
         from daemon.compliance.report import to_json
 
@@ -185,7 +180,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def apply(self, op: str, params_json: str, flags: int) -> str:
-        caller = await self._face.callers.require_admin("Apply")
+        caller = await self._face.callers.authorize("Manager.Apply")
         check_flags(flags)
         step = step_from(self._daemon.target, op, parse_params(params_json), "")
         job = self._daemon.jobs.submit("apply", [step], flags, caller.uid, "Apply")
@@ -194,7 +189,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def run_pipeline(self, steps_json: str, flags: int) -> str:
-        caller = await self._face.callers.require_admin("RunPipeline")
+        caller = await self._face.callers.authorize("Manager.RunPipeline")
         check_flags(flags)
         steps = parse_steps(self._daemon.target, steps_json)
         job = self._daemon.jobs.submit("pipeline", steps, flags, caller.uid, "RunPipeline")
@@ -203,7 +198,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def confirm(self, job_id: int) -> None:
-        caller = await self._face.callers.require_admin("Confirm")
+        caller = await self._face.callers.authorize("Manager.Confirm")
         self._daemon.jobs.confirmations.confirm(job_id, caller.uid)
 
     # Snapshots
@@ -217,7 +212,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def create_snapshot(self, description: str) -> int:
-        caller = await self._face.callers.require_admin("Create")
+        caller = await self._face.callers.authorize("Snapshots.Create")
         check_description(description)
         snapshots = self._daemon.require_snapshots()
         return await asyncio.to_thread(snapshots.create, description, "manual", uid=caller.uid, method="Create")
@@ -225,7 +220,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def delete_snapshot(self, snapshot_id: int) -> None:
-        caller = await self._face.callers.require_admin("Delete")
+        caller = await self._face.callers.authorize("Snapshots.Delete")
         snapshots = self._daemon.require_snapshots()
         booted = self._daemon.booted_snapshot
         await asyncio.to_thread(snapshots.delete, snapshot_id, uid=caller.uid, method="Delete", booted_snapshot=booted)
@@ -233,7 +228,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def rollback(self, snapshot_id: int) -> str:
-        caller = await self._face.callers.require_admin("Rollback")
+        caller = await self._face.callers.authorize("Snapshots.Rollback")
         entry = await asyncio.to_thread(self._daemon.prepare_rollback, snapshot_id)
         self._daemon.store.record(caller.uid, "Rollback", None, snapshot=snapshot_id, entry=entry)
         return entry
@@ -241,7 +236,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def boot_once(self, snapshot_id: int) -> str:
-        caller = await self._face.callers.require_admin("BootOnce")
+        caller = await self._face.callers.authorize("Snapshots.BootOnce")
         entry = await asyncio.to_thread(self._daemon.boot_once, snapshot_id)
         self._daemon.store.record(caller.uid, "BootOnce", None, snapshot=snapshot_id, entry=entry)
         return entry
@@ -249,7 +244,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def mark_good(self) -> None:
-        caller = await self._face.callers.require_admin("MarkGood")
+        caller = await self._face.callers.authorize("Snapshots.MarkGood")
         self._daemon.mark_good(caller.uid)
         # A boot known good is when what the updates before it left can go (retention).
         await asyncio.to_thread(self._daemon.collect_updates, "this boot was marked good")
@@ -259,7 +254,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def stage_update(self, source: str, reboot: bool) -> int:
-        caller = await self._face.callers.require_admin("Stage")
+        caller = await self._face.callers.authorize("Updates.Stage")
         updates = self._daemon.updates
         # Opening a path and recording the update touch the disk: off the loop.
         return await asyncio.to_thread(updates.stage, source, uid=caller.uid, method="Stage", reboot=reboot)
@@ -267,7 +262,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def cancel_update(self) -> None:
-        caller = await self._face.callers.require_admin("Cancel")
+        caller = await self._face.callers.authorize("Updates.Cancel")
         self._daemon.updates.cancel(uid=caller.uid, method="Cancel")
 
     @dbus_method_async_override()
@@ -284,7 +279,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def join_hub(self, url: str, token: str, ca_pem: str) -> str:
-        caller = await self._face.callers.require_admin("Join")
+        caller = await self._face.callers.authorize("Hub.Join")
         joined = await self._daemon.join_hub(url, token, ca_pem, caller.uid)
         return json.dumps(joined.as_json())
 

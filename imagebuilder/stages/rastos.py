@@ -3,8 +3,8 @@
 The Python packages go to /usr/lib/rastos/python, a directory of our own that the /usr/bin wrappers put
 first on sys.path: a top-level package named `daemon` in dist-packages would collide with Debian's
 python3-daemon. Their dependencies come from the distribution (bootstrap stage; no pip inside an image).
-Units, D-Bus policy, activation and sysusers files go where systemd and dbus look, and every unit with
-an [Install] section is enabled. The public half of the key the build signs its bundles with goes
+Units, D-Bus policy, activation, sysusers and polkit files go where systemd, dbus and polkitd look, and
+every unit with an [Install] section is enabled. The public half of the key the build signs its bundles with goes
 into /etc/rastos/update-keys.d/: the image takes the updates signed by it.
 """
 
@@ -37,6 +37,10 @@ UNIT_DESTINATIONS = {
     ".conf": ("usr/share/dbus-1/system.d", ".conf"),
     ".dbus-service": ("usr/share/dbus-1/system-services", ".service"),
     ".sysusers": ("usr/lib/sysusers.d", ".conf"),
+    # polkit's actions and rules: read by polkitd where the profile installs it (Debian's polkitd),
+    # inert files otherwise.
+    ".policy": ("usr/share/polkit-1/actions", ".policy"),
+    ".rules": ("usr/share/polkit-1/rules.d", ".rules"),
 }
 
 ENTRY_POINTS = {
