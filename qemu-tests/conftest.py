@@ -22,6 +22,9 @@ if str(CHECKOUT) not in sys.path:
     sys.path.insert(0, str(CHECKOUT))
 
 from guest_console import PROMPT, GuestConsole, SavedGuest, overlay, settled  # noqa: E402 (after the path above)
+from remote_guests import boot_and_save  # noqa: E402
+
+from tests.ssh_fixtures import SshClient  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("RASTOS_CACHE_DIR", "/var/cache/rastos"))
 ARTIFACTS = Path(os.environ.get("RASTOS_TEST_ARTIFACTS", CHECKOUT / "qemu-tests" / "artifacts"))
@@ -69,6 +72,19 @@ def saved_minimal(minimal_image: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         console.close(folder / "console.log")
     return SavedGuest(disk, folder / "state")
+
+
+@pytest.fixture(scope="session")
+def ssh_client(tmp_path_factory: pytest.TempPathFactory) -> SshClient:
+    """This side of SSH to the server guests: its key is root's on each (remote_guests.py)."""
+    return SshClient(tmp_path_factory.mktemp("ssh-client"))
+
+
+@pytest.fixture(scope="session")
+def saved_server(server_image: Path, ssh_client: SshClient, tmp_path_factory: pytest.TempPathFactory) -> SavedGuest:
+    """server_image booted once with ssh_client's key for root, its boot over, saved: each test that needs
+    a server resumes a copy of it (remote_guests.resume)."""
+    return boot_and_save(server_image, ssh_client, tmp_path_factory.mktemp("saved-server"))
 
 
 @pytest.fixture

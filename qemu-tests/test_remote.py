@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from guest_console import GuestConsole, SavedGuest
-from remote_guests import boot_and_save, resume, ssh
+from remote_guests import resume, ssh
 
 from tests.hub_fixtures import HUB_CLI, Hub
 from tests.hub_fixtures import hub as hub
@@ -34,22 +34,12 @@ def records(output: str) -> dict[str, dict[str, Any]]:
     return {record["host"]: record for record in found}
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> SshClient:
-    return SshClient(tmp_path_factory.mktemp("ssh-client"))
-
-
-@pytest.fixture(scope="module")
-def saved_server(server_image: Path, client: SshClient, tmp_path_factory: pytest.TempPathFactory) -> SavedGuest:
-    return boot_and_save(server_image, client, tmp_path_factory.mktemp("saved-server"))
-
-
 @pytest.fixture
-def guests(saved_server: SavedGuest, client: SshClient, artifacts: Path) -> Iterator[list[GuestConsole]]:
+def guests(saved_server: SavedGuest, ssh_client: SshClient, artifacts: Path) -> Iterator[list[GuestConsole]]:
     running: list[GuestConsole] = []
     try:
         for number in range(2):
-            running.append(resume(saved_server, client, artifacts / f"guest-{number}"))
+            running.append(resume(saved_server, ssh_client, artifacts / f"guest-{number}"))
         yield running
     finally:
         for number, guest in enumerate(running):
@@ -57,7 +47,7 @@ def guests(saved_server: SavedGuest, client: SshClient, artifacts: Path) -> Iter
 
 
 def test_an_inventory_runs_a_workflow_on_two_guests_and_names_each_ones_end(
-    guests: list[GuestConsole], client: SshClient, tmp_path: Path
+    guests: list[GuestConsole], ssh_client: SshClient, tmp_path: Path
 ) -> None:
     ports = [guest.ssh_port() for guest in guests]
     inventory = tmp_path / "fleet.toml"
@@ -68,21 +58,21 @@ def test_an_inventory_runs_a_workflow_on_two_guests_and_names_each_ones_end(
     )  # fmt: skip
 
     # A dry run on the group: each guest's plan, nothing changed (no snapshot, the file as it was).
-    before = [ssh(client, port, f"sha256sum {SYSCTL_FILE}") for port in ports]
-    snapshots = [json.loads(ssh(client, port, "rastosctl --json status"))["snapshots"] for port in ports]
-    planned = client.ctl("--inventory", str(inventory), "--limit", "vms", "--json", "workflow", "run", WORKFLOW,
+    before = [ssh(ssh_client, port, f"sha256sum {SYSCTL_FILE}") for port in ports]
+    snapshots = [json.loads(ssh(ssh_client, port, "rastosctl --json status"))["snapshots"] for port in ports]
+    planned = ssh_client.ctl("--inventory", str(inventory), "--limit", "vms", "--json", "workflow", "run", WORKFLOW,
                          "--dry-run", timeout=600)  # fmt: skip
     assert planned.returncode == 0, planned.stderr
     plans = records(planned.stdout)
     print("dry run", {name: round(r["seconds"], 1) for name, r in plans.items()})
     assert sorted(plans) == ["a", "b"] and {r["outcome"] for r in plans.values()} == {"changed"}, plans
     for port, hashed, count in zip(ports, before, snapshots, strict=True):
-        assert json.loads(ssh(client, port, "rastosctl --json status"))["snapshots"] == count, "no snapshot taken"
-        assert ssh(client, port, f"sha256sum {SYSCTL_FILE}") == hashed, "the dry run wrote nothing"
+        assert json.loads(ssh(ssh_client, port, "rastosctl --json status"))["snapshots"] == count, "no snapshot taken"
+        assert ssh(ssh_client, port, f"sha256sum {SYSCTL_FILE}") == hashed, "the dry run wrote nothing"
 
     # The real run on every host: b cannot take the first step, c does not answer, a completes.
-    ssh(client, ports[1], f"ln -sf /etc/shadow {SYSCTL_FILE}")
-    ran = client.ctl("--inventory", str(inventory), "--json", "workflow", "run", WORKFLOW, timeout=900)
+    ssh(ssh_client, ports[1], f"ln -sf /etc/shadow {SYSCTL_FILE}")
+    ran = ssh_client.ctl("--inventory", str(inventory), "--json", "workflow", "run", WORKFLOW, timeout=900)
     assert ran.returncode != 0, "a host failed: the run says so"
     ends = records(ran.stdout)
     print({name: (r["outcome"], round(r.get("seconds", 0), 1)) for name, r in ends.items()})
@@ -93,21 +83,21 @@ def test_an_inventory_runs_a_workflow_on_two_guests_and_names_each_ones_end(
     assert len(steps) == 3 and {step["state"] for step in steps} <= {"changed", "unchanged"}, steps
     failed = ends["b"]["result"]["result"]["steps"]
     assert failed[0]["state"] == "failed" and "link" in json.dumps(failed[0]).lower(), failed
-    assert ssh(client, ports[0], f"sha256sum {SYSCTL_FILE}") != before[0], "a's sysctl file has the new set"
-    assert ssh(client, ports[1], f"readlink {SYSCTL_FILE}") == "/etc/shadow", "b's link is left as it was"
+    assert ssh(ssh_client, ports[0], f"sha256sum {SYSCTL_FILE}") != before[0], "a's sysctl file has the new set"
+    assert ssh(ssh_client, ports[1], f"readlink {SYSCTL_FILE}") == "/etc/shadow", "b's link is left as it was"
 
 
 def test_a_running_guest_is_enrolled_into_a_hub_over_ssh(
-    saved_server: SavedGuest, client: SshClient, hub: Hub, artifacts: Path
+    saved_server: SavedGuest, ssh_client: SshClient, hub: Hub, artifacts: Path
 ) -> None:
-    guest = resume(saved_server, client, artifacts / "guest")
+    guest = resume(saved_server, ssh_client, artifacts / "guest")
     try:
         port = guest.ssh_port()
         # The guest reaches this host's loopback, where the hub listens, as 10.0.2.2 (QEMU's user network).
         enrolled = subprocess.run(
             [*HUB_CLI, *hub.options, "host", "enrol", f"root@127.0.0.1:{port}", "--name", "vm-a", "--group", "vms",
              "--hub-url", f"http://10.0.2.2:{hub.port}", "--timeout", "120"],
-            capture_output=True, text=True, check=False, timeout=300, cwd=CHECKOUT, env=client.env(),
+            capture_output=True, text=True, check=False, timeout=300, cwd=CHECKOUT, env=ssh_client.env(),
             start_new_session=True,
         )  # fmt: skip
         assert enrolled.returncode == 0, enrolled.stderr
@@ -116,10 +106,10 @@ def test_a_running_guest_is_enrolled_into_a_hub_over_ssh(
         assert state["hosts"]["vm-a"]["online"] and state["hosts"]["vm-a"]["groups"] == ["vms"]
         assert state["hosts"]["vm-a"]["facts"]["boot_state"]["root"] == "@"
         # The agent's own word, over the same SSH path an admin would use.
-        assert json.loads(ssh(client, port, "rastosctl --json hub status"))["state"] == "connected"
-        assert ssh(client, port, "stat -c '%a %U' /etc/rastos/hub-token") == "600 root"
+        assert json.loads(ssh(ssh_client, port, "rastosctl --json hub status"))["state"] == "connected"
+        assert ssh(ssh_client, port, "stat -c '%a %U' /etc/rastos/hub-token") == "600 root"
         # grep reads the token from its file, so it is on no command line either.
-        logged = ssh(client, port, "journalctl --boot --no-pager | grep -c -F -f /etc/rastos/hub-token || true")
+        logged = ssh(ssh_client, port, "journalctl --boot --no-pager | grep -c -F -f /etc/rastos/hub-token || true")
         assert logged == "0", "the token is in the guest's journal"
     finally:
         guest.close(artifacts / "console.log")

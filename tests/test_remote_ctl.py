@@ -59,9 +59,8 @@ def test_the_ssh_users_rights_decide(rastosd: Rastosd, remote: Sshd, client: Ssh
     assert json.loads(read.stdout)["hostname"] == "rastos"
     refused = client.ctl("-H", remote.destination(PLAIN_USER), "apply", "motd", "text=not yours")
     assert refused.returncode == 1
-    assert "AccessDenied: Apply changes the host: only root or members of the group admin_group names there" in (
-        refused.stderr
-    )
+    # No polkit on the test's bus: rastosd's own check decides, and says so.
+    assert "AccessDenied: Apply changes the host: only root or members of group 'rastos' may call it" in refused.stderr
     assert not (rastosd.scratch.root / "etc/motd").exists()
 
 
