@@ -7,8 +7,10 @@ Measures the real daemon on a private system-like bus with its root on btrfs on 
   - ListJobs() with 1,000 stored jobs (each asked for a 16 KiB motd, its result holds the diff), called
     by 8 clients at once, beside ListOps() called the same way: a read anyone may call must not cost
     more because of what the stored jobs hold,
+  - the shipped units' sandboxes as `systemd-analyze security --offline` rates them,
 with baselines from the same run: the bus driver's own GetId() (dbus-daemon, in C: the floor of any
-round trip on this bus) and btrfsutil.create_snapshot() called directly (the floor of a snapshot).
+round trip on this bus), btrfsutil.create_snapshot() called directly (the floor of a snapshot) and
+rastosd's unit without its sandbox.
 Run as root: `.venv/bin/python -m bench.bench_daemon`.
 """
 
@@ -32,6 +34,7 @@ from sdbus import sd_bus_open_system
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH, BusDriver, ManagerInterface, SnapshotsInterface
 from daemon.store import StateStore
 from tests.daemon_fixtures import STRICT_POLICY, Rastosd, private_bus, scratch_root
+from tests.test_units_security import BOUNDS, UNITS, exposure, without_sandbox
 
 CALLS = 2000
 SNAPSHOTS = 30
@@ -173,7 +176,23 @@ def main() -> int:
         p50 = statistics.median(results[key])
         reads.add_row(label, f"{p50:.2f} ms", f"{percentile(results[key], 0.99):.2f} ms", f"{p50 / baseline:.1f}x")
     Console().print(reads)
+    Console().print(sandbox_ratings())
     return 0
+
+
+def sandbox_ratings() -> Table:
+    """systemd-analyze's exposure of each shipped unit (0 best, 10 worst; deterministic, so the bound is
+    a test: tests/test_units_security.py), beside rastosd's unit without its sandbox."""
+    table = Table(title="the units' sandboxes: systemd-analyze security --offline (this host's systemd)")
+    for column in ("unit", "exposure", "bound", "vs no sandbox"):
+        table.add_column(column, justify="left" if column == "unit" else "right")
+    with tempfile.TemporaryDirectory() as folder:
+        bare = exposure(without_sandbox(UNITS / "rastosd.service", Path(folder)))
+    table.add_row("baseline: rastosd.service without its sandbox", f"{bare:.1f}", "", "1.00x")
+    for name, bound in sorted(BOUNDS.items()):
+        rated = exposure(UNITS / name)
+        table.add_row(name, f"{rated:.1f}", f"<= {bound:.1f}", f"{rated / bare:.2f}x")
+    return table
 
 
 if __name__ == "__main__":

@@ -45,14 +45,16 @@ def test_a_unit_is_rated_within_its_bound(name: str) -> None:
     assert rated <= BOUNDS[name], f"{name} is rated {rated}, above {BOUNDS[name]}: what opened it?"
 
 
+def without_sandbox(unit: Path, folder: Path) -> Path:
+    """The unit file with its sandboxing directives left out, under its own name in `folder`."""
+    bare = folder / unit.name
+    sandbox = ("NoNewPrivileges", "Capability", "SystemCall", "Restrict", "Lock", "Private", "Protect")
+    kept = [line for line in unit.read_text().splitlines() if not line.startswith(sandbox)]
+    bare.write_text("\n".join(kept) + "\n")
+    return bare
+
+
 def test_the_rating_sees_the_sandbox(tmp_path: Path) -> None:
     """The same unit without its sandbox rates as exposed as a bare root service: the figure above
     comes from the directives, not from a unit systemd-analyze failed to read."""
-    bare = tmp_path / "rastosd.service"
-    kept = []
-    for line in (UNITS / "rastosd.service").read_text().splitlines():
-        if not line.startswith(("NoNewPrivileges", "Capability", "SystemCall", "Restrict", "Lock", "Private",
-                                "Protect")):  # fmt: skip
-            kept.append(line)
-    bare.write_text("\n".join(kept) + "\n")
-    assert exposure(bare) >= 9.0
+    assert exposure(without_sandbox(UNITS / "rastosd.service", tmp_path)) >= 9.0
