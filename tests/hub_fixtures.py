@@ -26,10 +26,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from alembic import command
+from alembic.config import Config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import Engine, create_engine
 
+from hub.store import MIGRATIONS, database_url
 from ops import pki
 from rastos.bundle import PARTS, Manifest, Parent, SigningKey, write_bundle
 
@@ -399,3 +403,19 @@ def upload(hub: Hub, data: bytes, content_type: str = "application/octet-stream"
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+@contextlib.contextmanager
+def database_at(revision: str, backend: str, folder: Path) -> Iterator[tuple[str, Engine]]:
+    """A hub database migrated only to `revision` (SQLite in `folder`, or a PostgreSQL server of its
+    own): a test fills it as a hub of that age left it, then migrates it on. Its URL and an engine."""
+    with contextlib.ExitStack() as stack:
+        url = database_url(str(folder / "hub.db") if backend == "sqlite" else stack.enter_context(postgresql_server()))
+        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+        stack.callback(engine.dispose)
+        with engine.begin() as connection:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+        yield url, engine

@@ -14,15 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from hub.schema import metadata
-from hub.store import MIGRATIONS, database_url, migrate
-from tests.hub_fixtures import Hub, UiClient, postgresql_server
+from hub.store import database_url, migrate
+from tests.hub_fixtures import Hub, UiClient, database_at, postgresql_server
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 
@@ -246,18 +244,8 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
 def test_migration_0004_gives_rollouts_made_before_it_their_history_from_the_event_log(
     tmp_path: Path, backend: str
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            url = database_url(str(tmp_path / "hub.db"))
-        else:
-            url = database_url(stack.enter_context(postgresql_server()))
-        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-        stack.callback(engine.dispose)
+    with database_at("0003", backend, tmp_path) as (url, engine):
         with engine.begin() as connection:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0003")
             connection.execute(
                 text("INSERT INTO rollouts (id, created, admin, image, profile, version, target, canary, "
                      "wave_percent, health_timeout_s, state, wave, waves) VALUES (:id, 1, 'alice', 'i', 'minimal', "

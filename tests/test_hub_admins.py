@@ -5,20 +5,17 @@ admins made before roles (they become admins). The hub is the real `rastos-hub s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from hub.credentials import ROLE_CHANGED
 from hub.roles import Admin, Role
-from hub.store import MIGRATIONS, Store, database_url, migrate, token_hash
-from tests.hub_fixtures import Hub, postgresql_server
+from hub.store import Store, migrate, token_hash
+from tests.hub_fixtures import Hub, database_at
 from tests.hub_fixtures import hub as hub
 
 CLOSED_BY_POLL = 3.0  # seconds: the hub polls the database every second for changes made beside it
@@ -144,17 +141,8 @@ def test_a_role_change_closes_the_admins_streams_and_the_next_one_has_the_new_ro
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_migration_0006_makes_every_admin_there_was_an_admin(tmp_path: Path, backend: str) -> None:
     """Admins, and the sessions they had, from before roles keep doing everything they did."""
-    with contextlib.ExitStack() as stack:
-        url = database_url(
-            str(tmp_path / "hub.db") if backend == "sqlite" else stack.enter_context(postgresql_server())
-        )
-        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-        stack.callback(engine.dispose)
+    with database_at("0005", backend, tmp_path) as (url, engine):
         with engine.begin() as connection:
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0005")
             for name in ("ada", "bo"):
                 connection.execute(text("INSERT INTO admins (name, token_hash, created) VALUES (:n, :h, 1)"),
                                    {"n": name, "h": token_hash(f"{name}-token")})  # fmt: skip
