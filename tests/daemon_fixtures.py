@@ -46,6 +46,26 @@ def require_root() -> None:
         pytest.skip("needs root")
 
 
+@contextlib.contextmanager
+def logged_process(
+    argv: list[str], log: Path, ready: str, what: str, timeout: float, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A daemon started with its output in `log`, handed over once `log` holds `ready` (it says
+    `what`, e.g. "sshd listening", when it does not), and stopped afterwards."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while ready not in log.read_text():
+            assert process.poll() is None, f"{what.split()[0]} exited at start:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:g} s:\n{log.read_text()}"
+            time.sleep(0.02)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 @dataclass
 class PrivateBus:
     address: str

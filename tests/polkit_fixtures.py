@@ -15,13 +15,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixtures import CHECKOUT, USERS_LOCK, PrivateBus
+from tests.daemon_fixtures import CHECKOUT, USERS_LOCK, PrivateBus, logged_process
 
 POLKITD = Path("/usr/lib/polkit-1/polkitd")
 POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
@@ -73,17 +72,8 @@ def polkitd(bus: PrivateBus, site_rules: str = "") -> Iterator[Path]:
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", IN_NAMESPACE, "sh", str(share),
                 str(etc), str(POLKITD)]  # fmt: skip
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
-        with log.open("wb") as output:
-            process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 20
-            while "Acquired the name org.freedesktop.PolicyKit1" not in log.read_text():
-                assert process.poll() is None, f"polkitd exited at start:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"polkitd did not own its name within 20 s:\n{log.read_text()}"
-                time.sleep(0.05)
+        with logged_process(argv, log, "Acquired the name org.freedesktop.PolicyKit1", "polkitd owning its name", 20,
+                            env):  # fmt: skip
             yield log
-        finally:
-            process.terminate()
-            process.wait(10)
     finally:
         shutil.rmtree(directory)

@@ -17,14 +17,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_fixtures import CHECKOUT
+from tests.daemon_fixtures import CHECKOUT, logged_process
 
 SSHD = Path("/usr/sbin/sshd")
 SYSTEM_BUS_DIR = Path("/run/dbus")  # where the bridge looks for system_bus_socket
@@ -147,18 +146,8 @@ def running_sshd(directory: Path, bus_dir: Path) -> Iterator[tuple[subprocess.Po
     log = directory / "sshd.log"
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", IN_NAMESPACE, "sh", str(bus_dir),
             str(SSHD), "-D", "-e", "-f", str(directory / "sshd_config")]  # fmt: skip
-    with log.open("wb") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while "Server listening" not in log.read_text():
-            assert process.poll() is None, f"sshd exited at start:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"sshd did not listen within 10 s:\n{log.read_text()}"
-            time.sleep(0.02)
+    with logged_process(argv, log, "Server listening", "sshd listening", 10) as process:
         yield process, log
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @contextlib.contextmanager
