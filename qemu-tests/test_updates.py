@@ -212,11 +212,17 @@ def test_an_update_keeps_the_host_and_a_broken_one_falls_back(
         # The hub rolls v2 out, and the power is cut as soon as its entry is written, before rastosd
         # reboots into it: the next boot is v2's on trial (its entry is first), the hub sees it come back
         # healthy on v2, and the rollout completes.
-        connected = hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"], "the agent connected", 120)
-        guest.type("systemctl set-environment RASTOS_TEST_FAILPOINT=update-entry-written && systemctl restart rastosd")
-        hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"]
-                       and s["hosts"]["vm-1"]["last_seen"] > connected["hosts"]["vm-1"]["last_seen"],
-                       "the agent connected again", 120)  # fmt: skip
+        # The update must reach the restarted rastosd, which stops at the failpoint: one sent to the old
+        # one, still connected while the restart is typed, is staged whole and rebooted into. So wait for
+        # the restart to end in the guest (the old process gone), then for a report made after it: facts
+        # the new agent sends when it connects. A report of the old one (facts change as a boot settles)
+        # is no sign of the new connection.
+        restart = ("systemctl set-environment RASTOS_TEST_FAILPOINT=update-entry-written && systemctl restart rastosd"
+                   ' && echo "RESTARTED=$(systemctl is-active rastosd)"')  # fmt: skip
+        assert guest.run(restart, "RESTARTED") == "active"
+        restarted = time.time()
+        hub.wait_state(lambda s: s["hosts"]["vm-1"]["online"] and s["hosts"]["vm-1"]["last_seen"] > restarted,
+                       "the restarted agent connected", 120)  # fmt: skip
         rollout = roll_out(hub, v2_delta)
         assert guest.wait_for_new(b"rastos failpoint update-entry-written reached", 600), "v2 staged from the hub"
         guest.power_cut()
