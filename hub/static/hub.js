@@ -12,6 +12,8 @@
 // The page shows only the forms and buttons of those (elements with data-needs, and the buttons drawn
 // below); the hub checks each call again, whatever the page shows. A role changed meanwhile closes the
 // stream, and the reconnect asks again.
+//
+// The run form (its steps made from the ops' schemas) is runform.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -83,6 +85,7 @@ async function whoAmI() {
 function showRole() {
   $("who").textContent = me ? `${text(me.name)} (${text(me.role)})` : "";
   for (const node of document.querySelectorAll("[data-needs]")) node.hidden = !may(node.dataset.needs);
+  if (may("POST /api/v1/runs")) loadOps();
 }
 
 async function loggedIn() {
@@ -136,6 +139,7 @@ function render() {
   $("version").textContent = `state version ${version}`;
   showRole();
   renderHosts();
+  renderTarget();
   renderDetail();
   renderRuns();
   renderImages();
@@ -177,18 +181,52 @@ function renderDetail() {
   $("jobs").replaceChildren(...jobs);
 }
 
+const DRY_RUN = 1;  // a run's flags: dry-run 1, no-snapshot 2, restore 4 (hub/api.py)
+const planOpen = new Map();  // command id -> its plan shown or not, as the admin left it, across renders
+
 function renderRuns() {
   const runs = Object.values(state.runs).map(obj).sort((a, b) => (Number(b.created) || 0) - (Number(a.created) || 0));
-  $("runs").replaceChildren(...runs.map((run) => el("div", { class: "run" },
-    el("div", {}, badge(run.state),
-      ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${text(run.target)}`,
-      ` by ${text(run.admin)}, ${when(run.created)} `,
-      run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
-        ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
-        : ""),
-    el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).map((c) => el("tr", {},
-      el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
-      el("td", {}, text(obj(c.result).error)))))))));
+  $("runs").replaceChildren(...runs.map((run) => {
+    const dry = (Number(run.flags) & DRY_RUN) !== 0;
+    return el("div", { class: "run", "data-run": text(run.id) },
+      el("div", {}, badge(run.state), dry ? " " : "", dry ? el("span", { class: "badge dry-run" }, "dry run") : "",
+        ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${targetText(run.target)}`,
+        ` by ${text(run.admin)}, ${when(run.created)} `,
+        run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
+          ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
+          : ""),
+      el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).flatMap((c) => [
+        el("tr", { class: "command", "data-host": text(c.host) },
+          el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
+          el("td", {}, text(obj(c.result).error))),
+        ...planRow(c, dry)]))));
+  }));
+}
+
+// What each step of a host's command planned (a dry run) or changed, with the diffs, as its result
+// carries them; nothing when it carries none.
+function planRow(command, dry) {
+  const result = obj(command.result), id = text(command.id);
+  const steps = list(result.steps).map(obj).filter((step) => step.state === "planned" || list(step.changes).length);
+  if (!steps.length) return [];
+  const changes = steps.reduce((sum, step) => sum + list(step.changes).length, 0);
+  const details = el("details", { class: "plan", ontoggle: () => planOpen.set(id, details.open) },
+    el("summary", {}, `${dry ? "plan" : "changes"}: ${changes === 1 ? "1 change" : `${changes} changes`}`),
+    result.note ? el("p", { class: "help" }, text(result.note)) : "",
+    ...steps.map((step) => el("div", { class: "plan-step" },
+      el("div", {}, `${text(step.op)}: `, badge(step.state), list(step.changes).length ? "" : " nothing to change"),
+      ...list(step.changes).map(obj).map((change) => el("div", { class: "change" },
+        el("div", {}, `${dry ? "would " : ""}${text(change.action)} ${text(change.subject)}`),
+        change.detail ? diffView(text(change.detail), text(change.action)) : "")))));
+  details.open = planOpen.get(id) ?? dry;
+  return [el("tr", { class: "plan-row" }, el("td", { colspan: "4" }, details))];
+}
+
+function diffView(detail, action) {
+  if (action === "run") return el("pre", {}, `$ ${detail}`);
+  const kind = (line) => line.startsWith("+") && !line.startsWith("+++") ? "add"
+    : line.startsWith("-") && !line.startsWith("---") ? "del" : "";
+  return el("pre", { class: "diff" }, ...detail.split("\n").map((line) => el("span", { class: kind(line) }, `${line}\n`)));
 }
 
 // Images and rollouts (docs/updates.md): the bundles the hub keeps, and each rollout wave by wave.
@@ -317,21 +355,6 @@ $("login").onsubmit = async (event) => {
   }
 };
 
-$("dispatch").onsubmit = async (event) => {
-  event.preventDefault();
-  const kind = $("target-kind").value, value = $("target-value").value.trim();
-  const target = kind === "all" ? { all: true }
-    : kind === "group" ? { group: value } : { hosts: value.split(/[\s,]+/).filter(Boolean) };
-  try {
-    const steps = JSON.parse($("steps").value);
-    await post("/api/v1/runs", { target, steps, flags: $("dry-run").checked ? 1 : 0,
-                                 parallelism: Number($("parallelism").value) });
-    $("dispatch-error").textContent = "";
-  } catch (error) {
-    $("dispatch-error").textContent = error.message;
-  }
-};
-
 $("image-upload").onsubmit = async (event) => {
   event.preventDefault();
   const file = $("bundle").files[0];
@@ -374,4 +397,5 @@ $("logout").onclick = async () => {
   }
 };
 
+initRunForm();
 connect();

@@ -1,0 +1,212 @@
+"""The hub's web UI as an operator uses it, in headless Chromium against a real hub with simulated
+agents (the real protocol over a real WebSocket, answering as each test says): runs started from the
+forms the ops' schemas make, a pipeline of two ops among them, checked in the page before anything is
+sent. Each test saves the pages it looks at, on a desktop and on a phone, under its tmp_path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from tests.hub_fixtures import Hub
+from tests.hub_fixtures import hub as hub
+from tests.test_hub_rollouts import SimAgent, SimFleet, api, eventually
+from tests.test_hub_ui import DESKTOP, PHONE, Background
+from tests.test_hub_ui import browser as browser
+
+pytestmark = pytest.mark.root
+
+
+class Agent(SimAgent):
+    """A simulated agent that keeps the commands the hub sends it, and reports on them as told."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.commands: list[dict[str, Any]] = []
+
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        async for message in socket:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                return
+            frame = json.loads(message.data)
+            if frame["type"] == "command":
+                self.commands.append(frame["command"])
+
+    async def status(self, state: str, job: int | None = None, result: dict[str, Any] | None = None) -> None:
+        """Where the last command sent stands, as rastosd's hub link reports it."""
+        await self.send({"type": "command_status", "command": self.commands[-1]["id"], "state": state, "job": job,
+                         "result": result})  # fmt: skip
+
+
+class Agents:
+    """Simulated agents on an event loop of their own, beside Playwright's synchronous API."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub, self.run, self.sims = hub, Background(), SimFleet(hub)
+        self.run(self.sims.__aenter__())
+
+    def add(self, name: str, groups: list[str], online: bool = True, **boot: str) -> Agent:
+        async def add() -> Agent:
+            token = (await api(self.hub, "POST", "/api/v1/hosts", {"name": name, "groups": groups}))["token"]
+            assert self.sims.session is not None
+            agent = self.sims.agents[name] = Agent(self.hub, name, token, "1.0", self.sims.session)
+            agent.boot.update(boot)
+            if online:
+                await agent.connect()
+            return agent
+
+        return self.run(add())
+
+    def close(self) -> None:
+        self.run(self.sims.__aexit__(None, None, None))
+        self.run.close()
+
+
+@contextmanager
+def agents(hub: Hub) -> Iterator[Agents]:
+    fleet = Agents(hub)
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def logged_in(hub: Hub, browser: Browser, token: str) -> tuple[Page, list[str]]:
+    page = browser.new_page(viewport=DESKTOP)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(hub.url)
+    page.fill("#token", token)
+    page.click("#login button")
+    expect(page.locator("#connection")).to_have_text("live")
+    page.evaluate("window.notReloaded = true")
+    return page, errors
+
+
+def screenshots(page: Page, directory: Path, name: str) -> None:
+    """The whole page on a desktop and on a phone, saved to look at; neither is wider than its window."""
+    for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(viewport)
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        assert widths[0] <= widths[1], f"{name} at {size}: the page is {widths[0]} px wide in {widths[1]}"
+        page.screenshot(path=directory / f"{name}-{size}.png", full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def test_runs_start_from_forms_made_from_the_ops_schemas(hub: Hub, browser: Browser, tmp_path: Path) -> None:
+    added = hub.cli("admin", "add", "otto", "--role", "operator")
+    assert added.returncode == 0, added.stderr
+    with agents(hub) as fleet:
+        web1, web2, db1 = fleet.add("web-1", ["web"]), fleet.add("web-2", ["web"]), fleet.add("db-1", ["db"])
+        page, errors = logged_in(hub, browser, added.stdout.strip().splitlines()[-1])
+        expect(page.locator("#who")).to_have_text("otto (operator)")
+
+        # The target: a group of the live state's, and how many hosts it names.
+        page.select_option("#target-kind", "group")
+        expect(page.locator("#target-group option")).to_have_text(["db", "web"])
+        page.select_option("#target-group", "web")
+        expect(page.locator("#target-count")).to_have_text("2 hosts")
+        page.select_option("#target-kind", "hosts")
+        page.fill("#target-value", "web-1, web-9")
+        expect(page.locator("#target-count")).to_have_text("1 host; no host named web-9")
+        page.select_option("#target-kind", "group")
+
+        # A step's form from its op's schema: labelled fields, defaults filled, required ones marked.
+        steps = page.locator("#step-list .step")
+        first = steps.nth(0)
+        first.locator("select.op").select_option("motd")
+        expect(first.get_by_label("dynamic")).not_to_be_checked()
+        expect(first.locator('.field:has([name="text"]) abbr[title="required"]')).to_have_count(1)
+        expect(first.locator('[name="text"]')).to_have_attribute("aria-required", "true")
+        page.click("#add-step")
+        expect(steps).to_have_count(2)
+        second = steps.nth(1)
+        expect(second.locator("select.op")).to_be_focused()
+        second.locator("select.op").select_option("sysctl")
+        expect(second.locator('[name="name"]')).to_have_value("90-rastos")
+        expect(second.get_by_label("security")).not_to_be_checked()
+        expect(second.locator(".field.pairs .help")).to_contain_text("NAME=VALUE, one a line")
+
+        # Checked in the page: a required field left empty, a line that is no NAME=VALUE, a number out
+        # of its range, each named; the first refused gets the focus; nothing is sent.
+        second.locator('[name="settings"]').fill("vm.swappiness=10\nnot a setting")
+        page.click("#add-step")
+        third = steps.nth(2)
+        third.locator("select.op").select_option("ssh")
+        third.locator('[name="port"]').fill("70000")
+        page.click("#run-button")
+        expect(page.locator("#dispatch-error")).to_have_text(
+            "step 1 (motd): text: required; step 2 (sysctl): settings: line 2: write NAME=VALUE; "
+            "step 3 (ssh): port: must be at most 65535"
+        )
+        expect(first.locator('[name="text"]')).to_be_focused()
+        expect(first.locator('[name="text"]')).to_have_attribute("aria-invalid", "true")
+        expect(third.locator(".field:has([name=port]) .error")).to_have_text("must be at most 65535")
+        assert hub.api("GET", "/api/v1/runs") == [], "nothing was sent"
+        screenshots(page, tmp_path, "run-form-refused")
+
+        # Put right, the third step removed: a pipeline of two ops goes to the group's hosts, with the
+        # params set and none of the defaults.
+        third.get_by_role("button", name="Remove step 3").click()
+        expect(steps).to_have_count(2)
+        first.locator('[name="text"]').fill("set from a form")
+        second.locator('[name="settings"]').fill("vm.swappiness=10\nnet.core.somaxconn = 1024")
+        second.get_by_label("security").check()
+        page.click("#run-button")
+        expect(page.locator("#dispatch-error")).to_have_text("")
+        fleet.run(eventually(lambda: web1.commands and web2.commands, "both hosts have the command"))
+        assert web1.commands[0]["steps"] == [
+            {"op": "motd", "params": {"text": "set from a form"}},
+            {"op": "sysctl", "params": {"settings": {"vm.swappiness": "10", "net.core.somaxconn": "1024"},
+                                        "sets": ["security"]}},
+        ], web1.commands  # fmt: skip
+        assert web1.commands[0]["flags"] == 0
+        assert db1.commands == [], "db-1 is not in the group"
+
+        # Its progress, live: each host's state and job as its agent reports them, then the outcome.
+        run = page.locator("#runs .run").first
+        expect(run).to_contain_text("motd && sysctl on group web by otto")
+        fleet.run(web1.status("running", 7))
+        expect(run.locator('tr[data-host="web-1"]')).to_contain_text("running")
+        expect(run.locator('tr[data-host="web-1"]')).to_contain_text("job 7")
+        expect(run.locator(".badge").first).to_have_text("running")
+        changed = {"op": "motd", "state": "changed",
+                   "changes": [{"subject": "/etc/motd", "action": "create", "detail": "+set from a form"}]}  # fmt: skip
+        fleet.run(web1.status("done", 7, {"steps": [changed, {"op": "sysctl", "state": "unchanged", "changes": []}]}))
+        # What a real run changed is there too, folded away; unfolded, it stays so as the run goes on.
+        expect(run.locator(".plan summary")).to_have_text("changes: 1 change")
+        expect(run.locator(".plan .diff")).to_be_hidden()
+        run.locator(".plan summary").click()
+        fleet.run(web2.status("failed", 3, {"error": "step 1 (motd): /etc/motd: is a directory"}))
+        expect(run.locator(".badge").first).to_have_text("partial")
+        expect(run.locator('tr[data-host="web-2"]')).to_contain_text("/etc/motd: is a directory")
+        expect(run.locator(".plan .diff .add")).to_have_text(["+set from a form"])
+        screenshots(page, tmp_path, "run-form")
+
+        # The JSON mode holds what the form does; a parameter no form has keeps the page in it.
+        page.check("#advanced")
+        expect(page.locator("#steps-form")).to_be_hidden()
+        assert json.loads(page.input_value("#steps")) == web1.commands[0]["steps"]
+        page.fill("#steps", json.dumps([{"op": "motd", "params": {"text": "x", "colour": "red"}}]))
+        page.click("#advanced")
+        expect(page.locator("#advanced")).to_be_checked()
+        expect(page.locator("#dispatch-error")).to_contain_text("steps[0].params.colour: motd has no such parameter")
+        # Sent as written, the hub refuses it, naming the field, beside the form.
+        page.click("#run-button")
+        expect(page.locator("#dispatch-error")).to_contain_text("colour")
+        page.fill("#steps", json.dumps([{"op": "hostname", "params": {"hostname": "web-7"}}]))
+        page.click("#advanced")
+        expect(steps).to_have_count(1)
+        expect(steps.first.locator("select.op")).to_have_value("hostname")
+        expect(steps.first.locator('[name="hostname"]')).to_have_value("web-7")
+        assert len(hub.api("GET", "/api/v1/runs")) == 1
+        assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
+        assert errors == [], errors
+        page.close()
