@@ -1,11 +1,13 @@
 """The hub's web UI as an operator uses it, in headless Chromium against a real hub with simulated
 agents (the real protocol over a real WebSocket, answering as each test says): runs started from the
 forms the ops' schemas make, a pipeline of two ops among them, checked in the page before anything is
-sent. Each test saves the pages it looks at, on a desktop and on a phone, under its tmp_path."""
+sent; and the fleet at a glance, its counts live, its hosts sorted and filtered, whatever the agents
+report. Each test saves the pages it looks at, on a desktop and on a phone, under its tmp_path."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +109,9 @@ def test_runs_start_from_forms_made_from_the_ops_schemas(hub: Hub, browser: Brow
         web1, web2, db1 = fleet.add("web-1", ["web"]), fleet.add("web-2", ["web"]), fleet.add("db-1", ["db"])
         page, errors = logged_in(hub, browser, added.stdout.strip().splitlines()[-1])
         expect(page.locator("#who")).to_have_text("otto (operator)")
+        # An operator may not upload images: neither the form nor its empty error line takes room.
+        assert page.locator("#images-error").bounding_box() is None
+        expect(page.locator("#image-upload")).to_be_hidden()
 
         # The target: a group of the live state's, and how many hosts it names.
         page.select_option("#target-kind", "group")
@@ -188,6 +193,7 @@ def test_runs_start_from_forms_made_from_the_ops_schemas(hub: Hub, browser: Brow
         expect(run.locator(".badge").first).to_have_text("partial")
         expect(run.locator('tr[data-host="web-2"]')).to_contain_text("/etc/motd: is a directory")
         expect(run.locator(".plan .diff .add")).to_have_text(["+set from a form"])
+        expect(page.locator('#glance [data-glance="failed-run"] strong')).to_have_text("1")
         screenshots(page, tmp_path, "run-form")
 
         # The JSON mode holds what the form does; a parameter no form has keeps the page in it.
@@ -207,6 +213,108 @@ def test_runs_start_from_forms_made_from_the_ops_schemas(hub: Hub, browser: Brow
         expect(steps.first.locator("select.op")).to_have_value("hostname")
         expect(steps.first.locator('[name="hostname"]')).to_have_value("web-7")
         assert len(hub.api("GET", "/api/v1/runs")) == 1
+        assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
+        assert errors == [], errors
+        page.close()
+
+
+# What an agent may send that the hub lets through (hub/protocol.py): strings up to their limits and of
+# any content, and job summaries and results of any shape.
+HOSTILE = "<img src=x onerror=window.pwned=1><script>window.pwned=1</script>"
+HOSTILE_BOOT = {"kind": HOSTILE, "root": "@" + "x" * 4000, "health": "<b>bold</b>", "image_version": "\u202e1.0"}
+HOSTILE_STEPS = [7, {"op": {"a": 1}, "state": None, "changes": HOSTILE, "output": {"x": HOSTILE}},
+                 {"op": HOSTILE, "changes": [5, {"subject": [HOSTILE], "detail": {"a": 1}}]}]  # fmt: skip
+HOSTILE_JOB = {"state": {"nested": [HOSTILE]}, "kind": 5, "ops": HOSTILE, "result": {"steps": HOSTILE_STEPS}}
+
+
+def run_on(hub: Hub, fleet: Agents, agent: Agent, state: str, result: dict[str, Any]) -> None:
+    """A run of one op on the agent's host, which the agent reports ended in `state` with `result`."""
+    body = {"target": {"hosts": [agent.name]}, "steps": [{"op": "motd", "params": {"text": "x"}}]}
+    command = hub.api("POST", "/api/v1/runs", body)["commands"][0]["id"]
+    fleet.run(eventually(lambda: agent.commands and agent.commands[-1]["id"] == command, f"{agent.name}'s command"))
+    fleet.run(agent.status(state, 1, result))
+
+
+def test_the_fleet_at_a_glance_counts_sorts_and_filters_live_whatever_agents_report(
+    hub: Hub, browser: Browser, tmp_path: Path
+) -> None:
+    with agents(hub) as fleet:
+        web1 = fleet.add("web-1", ["web"], image_version="1.10")
+        fleet.add("web-2", ["web"], kind="fallback", health="bad", image_version="1.9")
+        db1 = fleet.add("db-1", ["db"], image_version="1.2")
+        fleet.add("web-3", ["web"], online=False)
+        evil = fleet.add("evil", ["db"])
+        fleet.run(evil.send({"type": "facts", "facts": {"hostname": HOSTILE, "boot_state": HOSTILE_BOOT,
+                                                        "jobs": [HOSTILE_JOB]}}))  # fmt: skip
+        event = {"id": 1, "time": time.time(), "uid": 0, "method": "JobFinished", "job": 4, "detail": HOSTILE_JOB}
+        fleet.run(evil.send({"type": "events", "events": [event]}))
+        # db-1's last run failed; evil's result is of no shape the page expects.
+        for agent, state in ((db1, "failed"), (evil, "done")):
+            run_on(hub, fleet, agent, state, {"error": {"nested": HOSTILE}, "steps": HOSTILE_STEPS})
+        page, errors = logged_in(hub, browser, hub.admin_token)
+        hosts = page.locator("#hosts tbody tr")
+
+        def shown() -> list[str | None]:
+            return [row.get_attribute("data-host") for row in hosts.all()]
+
+        # The counts: web-3 never came online; evil's health is whatever its agent said.
+        glance = page.locator("#glance li")
+        expect(glance).to_have_text(["4 online", "1 offline", "2 healthy", "1 in fallback", "1 failed last run"])
+        expect(hosts).to_have_count(5)
+        assert shown() == ["db-1", "evil", "web-1", "web-2", "web-3"], "by name at first"
+
+        # An agent goes away: the counts follow, unreloaded, and the count the keyboard is on keeps its focus.
+        offline = page.locator('#glance [data-glance="offline"] button')
+        offline.focus()
+        fleet.run(web1.disconnect())
+        expect(glance).to_have_text(["3 online", "2 offline", "1 healthy", "1 in fallback", "1 failed last run"])
+        expect(offline).to_be_focused()
+
+        # Sorted by a click on a column's header, the other way by a second; by the keyboard too.
+        page.locator('#hosts th[data-sort="name"] button').click()
+        expect(page.locator('#hosts th[data-sort="name"]')).to_have_attribute("aria-sort", "descending")
+        assert shown() == ["web-3", "web-2", "web-1", "evil", "db-1"]
+        page.locator('#hosts th[data-sort="image"] button').focus()
+        page.keyboard.press("Enter")
+        expect(page.locator('#hosts th[data-sort="image"]')).to_have_attribute("aria-sort", "ascending")
+        # Versions in their order (1.2 < 1.9 < 1.10), hosts without one first.
+        assert shown() == ["web-3", "evil", "db-1", "web-2", "web-1"], shown()
+        page.locator('#hosts th[data-sort="run"] button').press("Space")
+        assert shown()[-2:] == ["evil", "db-1"], "done, then failed: by the last run's state"
+
+        # Filtered: by group, by a count (which is the health filter's choice too), by words.
+        page.select_option("#filter-group", "db")
+        expect(hosts).to_have_count(2)
+        expect(page.locator("#hosts-shown")).to_have_text("2 of 5 hosts")
+        page.select_option("#filter-group", "")
+        page.locator('#glance [data-glance="fallback"] button').click()
+        expect(page.locator("#filter-health")).to_have_value("is:fallback")
+        assert shown() == ["web-2"]
+        page.select_option("#filter-health", "is:offline")
+        assert sorted(shown()) == ["web-1", "web-3"]  # type: ignore[type-var]
+        page.select_option("#filter-health", "")
+        page.fill("#filter-text", "web-")
+        expect(hosts).to_have_count(3)
+        page.fill("#filter-text", "no such host")
+        expect(hosts).to_have_text(["No host matches these filters."])
+        page.fill("#filter-text", "")
+        expect(hosts).to_have_count(5)
+
+        # Nothing an agent sent ran or became markup; its host's detail and run show as text.
+        page.locator('#hosts tr[data-host="evil"]').click()
+        expect(page.locator("#detail-name")).to_have_text("evil")
+        expect(page.locator("#jobs .run")).to_have_count(1)
+        expect(page.locator('#hosts tr[data-host="evil"] td').nth(2)).to_have_text(HOSTILE)
+        evil_run = page.locator("#runs .run", has_text="on hosts evil")
+        expect(evil_run.locator("tr").first).to_contain_text(json.dumps({"nested": HOSTILE}, separators=(",", ":")))
+        expect(evil_run.locator(".plan summary")).to_have_text("changes: 2 changes")
+        evil_run.locator(".plan summary").click()
+        expect(evil_run.locator(".plan .change").last).to_contain_text(f'["{HOSTILE}"]')
+        for area in ("#main img", "#main script", "#main b"):
+            expect(page.locator(area)).to_have_count(0)
+        assert page.evaluate("window.pwned") is None
+        expect(page.locator('#hosts tr[data-host="db-1"]')).to_be_visible()
+        screenshots(page, tmp_path, "fleet")
         assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
         assert errors == [], errors
         page.close()

@@ -44,8 +44,13 @@ const size = (bytes) => {
   return unit === 0 ? `${bytes} bytes` : `${bytes.toFixed(1)} ${units[unit]}`;
 };
 const may = (operation) => me !== null && list(me.may).includes(operation);
-const badge = (value) => el("span", { class: `badge ${text(value).replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-")}` },
-  text(value));
+// A state's badge stays on one line: what an agent calls a health can be 4,096 characters, cut here.
+const BADGE_CHARS = 40;
+const badge = (value) => {
+  const whole = text(value), cut = whole.length > BADGE_CHARS;
+  return el("span", { class: `badge ${whole.replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-").slice(0, 80)}`,
+                      ...(cut ? { title: whole.slice(0, 2000) } : {}) }, cut ? `${whole.slice(0, BADGE_CHARS)}…` : whole);
+};
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -147,20 +152,123 @@ function render() {
   renderEvents();
 }
 
+// Hosts: counts of what needs a look, then the table, sorted and filtered in the page. A count is
+// also a filter: choosing it shows those hosts.
+
+let sorting = { key: "name", descending: false };
+
+// Each host's command in the newest run that has one: its last run, as the table and counts show it.
+function lastCommands() {
+  const last = new Map();
+  const runs = Object.values(state.runs).map(obj).sort((a, b) => (Number(a.created) || 0) - (Number(b.created) || 0));
+  for (const run of runs) for (const command of list(run.commands).map(obj)) last.set(text(command.host), command);
+  return last;
+}
+
+const FAILED_COMMANDS = ["failed", "interrupted"];
+const GLANCE = [
+  ["online", "online", (host) => host.online === true],
+  ["offline", "offline", (host) => host.online !== true],
+  ["healthy", "healthy", (host) => host.health === "good"],
+  ["fallback", "in fallback", (host) => obj(obj(host.facts).boot_state).kind === "fallback"],
+  ["failed-run", "failed last run", (host, last) => FAILED_COMMANDS.includes(text(obj(last.get(text(host.name))).state))],
+];
+
+// What an agent says can be 4,096 characters long: a cell shows its start, and the rest on hover.
+const CELL_CHARS = 100;
+const short = (value) => {
+  const whole = text(value);
+  return whole.length <= CELL_CHARS ? whole : el("span", { title: whole.slice(0, EVENT_DETAIL_CHARS) },
+    `${whole.slice(0, CELL_CHARS)}…`);
+};
+const bootText = (boot) => boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : "";
+const SORT_KEYS = {
+  name: (host) => text(host.name),
+  health: (host) => text(host.health),
+  hostname: (host) => text(obj(host.facts).hostname),
+  boot: (host) => bootText(obj(obj(host.facts).boot_state)),
+  image: (host) => text(obj(obj(host.facts).boot_state).image_version),
+  run: (host, last) => text(obj(last.get(text(host.name))).state),
+  rollback: (host) => Number(obj(host.last_rollback).time) || 0,
+  groups: (host) => list(host.groups).map(text).join(", "),
+  seen: (host) => Number(host.last_seen) || 0,
+};
+
+function compareHosts(last) {
+  const value = SORT_KEYS[sorting.key] || SORT_KEYS.name, sign = sorting.descending ? -1 : 1;
+  const compare = (a, b) => typeof a === "number" && typeof b === "number" ? a - b
+    : String(a).localeCompare(String(b), undefined, { numeric: true });
+  return (a, b) => sign * compare(value(a, last), value(b, last)) || compare(text(a.name), text(b.name));
+}
+
+function sortBy(key) {
+  sorting = { key, descending: sorting.key === key ? !sorting.descending : false };
+  render();
+}
+
+function hostFilter(last) {
+  const group = $("filter-group").value, health = $("filter-health").value;
+  const words = $("filter-text").value.toLowerCase().split(/\s+/).filter(Boolean);
+  const glance = GLANCE.find(([key]) => `is:${key}` === health);
+  return (host) => {
+    if (group && !list(host.groups).map(text).includes(group)) return false;
+    if (glance ? !glance[2](host, last) : health && `health:${text(host.health)}` !== health) return false;
+    const facts = obj(host.facts), boot = obj(facts.boot_state);
+    const haystack = [host.name, host.health, facts.hostname, boot.kind, boot.root, boot.image_version,
+                      ...list(host.groups)].map(text).join(" ").toLowerCase();
+    return words.every((word) => haystack.includes(word));
+  };
+}
+
 function renderHosts() {
-  const hosts = Object.values(state.hosts).map(obj);
-  const rows = hosts.sort((a, b) => text(a.name).localeCompare(text(b.name))).map((host) => {
+  const hosts = Object.values(state.hosts).map(obj), last = lastCommands();
+  keepOptions($("filter-group"), [["", "any"], ...[...new Set(hosts.flatMap((host) => list(host.groups).map(text)))]
+    .sort().map((group) => [group, group])]);
+  const healths = [...new Set(hosts.map((host) => text(host.health)))].sort();
+  keepOptions($("filter-health"), [["", "any"], ...GLANCE.map(([key, label]) => [`is:${key}`, label]),
+    ...healths.map((health) => [`health:${health}`, `health: ${health}`])]);
+  renderGlance(hosts, last);
+  const header = $("hosts").tHead.rows[0].cells;
+  for (const th of header) {
+    th.setAttribute("aria-sort", th.dataset.sort !== sorting.key ? "none" : sorting.descending ? "descending" : "ascending");
+  }
+  const shown = hosts.filter(hostFilter(last)).sort(compareHosts(last));
+  $("hosts-shown").textContent = shown.length === hosts.length ? `${hosts.length} hosts`
+    : `${shown.length} of ${hosts.length} hosts`;
+  const rows = shown.map((host) => {
     const name = text(host.name), facts = obj(host.facts), boot = obj(facts.boot_state);
-    const rollback = host.last_rollback ? obj(host.last_rollback) : null;
+    const rollback = host.last_rollback ? obj(host.last_rollback) : null, command = last.get(name);
+    const cells = [el("button", { type: "button", class: "link" }, name), badge(host.health), short(facts.hostname),
+      short(bootText(boot)), short(boot.image_version), command ? badge(command.state) : "",
+      rollback ? `${text(rollback.method)} ${when(rollback.time)}` : "", short(list(host.groups).map(text).join(", ")),
+      when(host.last_seen)];
+    // Each cell says what it is: on a phone each host is a card of labelled lines (hub.css).
     return el("tr", { class: `selectable ${name === selected ? "selected" : ""}`, "data-host": name,
                       onclick: () => { selected = name; render(); } },
-      el("td", {}, name), el("td", {}, badge(host.health)), el("td", {}, text(facts.hostname)),
-      el("td", {}, boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : ""),
-      el("td", {}, text(boot.image_version)),
-      el("td", {}, rollback ? `${text(rollback.method)} ${when(rollback.time)}` : ""),
-      el("td", {}, list(host.groups).map(text).join(", ")), el("td", {}, when(host.last_seen)));
+      ...cells.map((cell, index) => el("td", index < 2 ? {} : { "data-label": header[index].textContent }, cell)));
   });
+  if (hosts.length && !shown.length) {
+    rows.push(el("tr", { class: "none" }, el("td", { colspan: "9" }, "No host matches these filters.")));
+  }
   $("hosts").tBodies[0].replaceChildren(...rows);
+}
+
+// The count buttons are made once and updated in place: one the keyboard is on keeps its focus as
+// the fleet changes.
+function renderGlance(hosts, last) {
+  if (!$("glance").children.length) {
+    $("glance").replaceChildren(...GLANCE.map(([key, label]) => el("li", { "data-glance": key },
+      el("button", { type: "button", onclick: () => {
+        $("filter-health").value = $("filter-health").value === `is:${key}` ? "" : `is:${key}`;
+        render();
+      } }, el("strong"), ` ${label}`))));
+  }
+  for (const [index, [key, , counts]] of GLANCE.entries()) {
+    const item = $("glance").children[index], count = hosts.filter((host) => counts(host, last)).length;
+    item.querySelector("strong").textContent = String(count);
+    item.className = count > 0 && !["online", "healthy"].includes(key) ? "attention" : "";
+    item.querySelector("button").setAttribute("aria-pressed", String($("filter-health").value === `is:${key}`));
+  }
 }
 
 function renderDetail() {
@@ -234,11 +342,14 @@ function diffView(detail, action) {
 function renderImages() {
   const images = Object.values(state.images).map(obj)
     .sort((a, b) => (Number(b.uploaded_at) || 0) - (Number(a.uploaded_at) || 0));
+  // Each cell says what it is: on a phone each image is a card of labelled lines (hub.css).
+  const labelled = (label, value) => el("td", { "data-label": label }, value);
   $("images").tBodies[0].replaceChildren(...images.map((image) => el("tr", { "data-image": text(image.id) },
-    el("td", {}, text(image.id)), el("td", {}, text(image.profile)), el("td", {}, text(image.version)),
-    el("td", {}, image.delta === true ? `delta from ${text(image.parent)}` : "full"), el("td", {}, size(image.size)),
-    el("td", {}, `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
-    el("td", {}, `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
+    el("td", {}, text(image.id)), labelled("Profile", text(image.profile)), labelled("Version", text(image.version)),
+    labelled("Kind", image.delta === true ? `delta from ${text(image.parent)}` : "full"),
+    labelled("Size", size(image.size)),
+    labelled("Key", `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
+    labelled("Uploaded", `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
     el("td", {}, may("DELETE /api/v1/images/{id}")
       ? el("button", { onclick: () => act(`/api/v1/images/${encodeURIComponent(text(image.id))}`, "images-error",
                                           "DELETE") }, "Remove")
@@ -397,5 +508,7 @@ $("logout").onclick = async () => {
   }
 };
 
+for (const th of $("hosts").tHead.rows[0].cells) th.querySelector("button").onclick = () => sortBy(th.dataset.sort);
+for (const id of ["filter-group", "filter-health", "filter-text"]) $(id).oninput = () => state && render();
 initRunForm();
 connect();
