@@ -62,13 +62,17 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
     agent.call(MANAGER, "Apply", "sst", "hostname", json.dumps({"hostname": "renamed-on-host"}), "0")
     expect(row.locator("td").nth(2)).to_have_text("renamed-on-host", timeout=30_000)
 
-    # An op dispatched from the UI: its run, its host's command and the job's output appear live.
+    # An op dispatched from the form its schema makes: its run, its host's command and the job's
+    # output appear live.
     page.select_option("#target-kind", "hosts")
     page.fill("#target-value", "web-1")
-    page.fill("#steps", json.dumps([{"op": "motd", "params": {"text": "set from the web UI"}}]))
-    page.click("#dispatch button")
+    expect(page.locator("#target-count")).to_have_text("1 host")
+    step = page.locator("#step-list .step").first
+    step.locator("select.op").select_option("motd")
+    step.locator('[name="text"]').fill("set from the web UI")
+    page.click("#run-button")
     run = page.locator("#runs .run").first
-    expect(run).to_contain_text("motd")
+    expect(run).to_contain_text("motd on hosts web-1")
     expect(run.locator(".badge").first).to_have_text("complete", timeout=60_000)
     expect(run.locator("tr").first).to_contain_text("done")
     row.click()
@@ -76,9 +80,24 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
     expect(page.locator("#jobs")).to_contain_text("wrote /etc/motd", timeout=30_000)
     expect(page.locator("#snapshots tbody tr").first).to_be_visible()
 
-    # A bad dispatch is refused with the field named, in the page.
+    # A dry run: the host plans and changes nothing, and its plan, with the diff, shows under the run.
+    page.check("#dry-run")
+    step.locator('[name="text"]').fill("planned in a dry run")
+    page.click("#run-button")
+    dry = page.locator("#runs .run").first
+    expect(dry.locator(".badge.dry-run")).to_have_text("dry run")
+    expect(dry.locator(".badge").first).to_have_text("complete", timeout=60_000)
+    plan = dry.locator(".plan")
+    expect(plan).to_contain_text("would modify /etc/motd")
+    expect(plan.locator(".diff .del")).to_have_text(["-set from the web UI"])
+    expect(plan.locator(".diff .add")).to_have_text(["+planned in a dry run"])
+    page.uncheck("#dry-run")
+
+    # Steps written as JSON (the advanced mode): the hub refuses a bad one, naming the field, in the page.
+    page.check("#advanced")
+    assert json.loads(page.input_value("#steps")) == [{"op": "motd", "params": {"text": "planned in a dry run"}}]
     page.fill("#steps", json.dumps([{"op": "No Such Op"}]))
-    page.click("#dispatch button")
+    page.click("#run-button")
     expect(page.locator("#dispatch-error")).to_contain_text("steps.0.op")
     assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
     assert (agent.scratch.root / "etc/motd").read_text() == "set from the web UI\n"

@@ -12,6 +12,8 @@
 // The page shows only the forms and buttons of those (elements with data-needs, and the buttons drawn
 // below); the hub checks each call again, whatever the page shows. A role changed meanwhile closes the
 // stream, and the reconnect asks again.
+//
+// The run form (its steps made from the ops' schemas) is runform.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -42,8 +44,13 @@ const size = (bytes) => {
   return unit === 0 ? `${bytes} bytes` : `${bytes.toFixed(1)} ${units[unit]}`;
 };
 const may = (operation) => me !== null && list(me.may).includes(operation);
-const badge = (value) => el("span", { class: `badge ${text(value).replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-")}` },
-  text(value));
+// A state's badge stays on one line: what an agent calls a health can be 4,096 characters, cut here.
+const BADGE_CHARS = 40;
+const badge = (value) => {
+  const whole = text(value), cut = whole.length > BADGE_CHARS;
+  return el("span", { class: `badge ${whole.replace(/[^A-Za-z0-9 _-]/g, "").replace(/\s+/g, "-").slice(0, 80)}`,
+                      ...(cut ? { title: whole.slice(0, 2000) } : {}) }, cut ? `${whole.slice(0, BADGE_CHARS)}…` : whole);
+};
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -83,6 +90,7 @@ async function whoAmI() {
 function showRole() {
   $("who").textContent = me ? `${text(me.name)} (${text(me.role)})` : "";
   for (const node of document.querySelectorAll("[data-needs]")) node.hidden = !may(node.dataset.needs);
+  if (may("POST /api/v1/runs")) loadOps();
 }
 
 async function loggedIn() {
@@ -136,6 +144,7 @@ function render() {
   $("version").textContent = `state version ${version}`;
   showRole();
   renderHosts();
+  renderTarget();
   renderDetail();
   renderRuns();
   renderImages();
@@ -143,20 +152,123 @@ function render() {
   renderEvents();
 }
 
+// Hosts: counts of what needs a look, then the table, sorted and filtered in the page. A count is
+// also a filter: choosing it shows those hosts.
+
+let sorting = { key: "name", descending: false };
+
+// Each host's command in the newest run that has one: its last run, as the table and counts show it.
+function lastCommands() {
+  const last = new Map();
+  const runs = Object.values(state.runs).map(obj).sort((a, b) => (Number(a.created) || 0) - (Number(b.created) || 0));
+  for (const run of runs) for (const command of list(run.commands).map(obj)) last.set(text(command.host), command);
+  return last;
+}
+
+const FAILED_COMMANDS = ["failed", "interrupted"];
+const GLANCE = [
+  ["online", "online", (host) => host.online === true],
+  ["offline", "offline", (host) => host.online !== true],
+  ["healthy", "healthy", (host) => host.health === "good"],
+  ["fallback", "in fallback", (host) => obj(obj(host.facts).boot_state).kind === "fallback"],
+  ["failed-run", "failed last run", (host, last) => FAILED_COMMANDS.includes(text(obj(last.get(text(host.name))).state))],
+];
+
+// What an agent says can be 4,096 characters long: a cell shows its start, and the rest on hover.
+const CELL_CHARS = 100;
+const short = (value) => {
+  const whole = text(value);
+  return whole.length <= CELL_CHARS ? whole : el("span", { title: whole.slice(0, EVENT_DETAIL_CHARS) },
+    `${whole.slice(0, CELL_CHARS)}…`);
+};
+const bootText = (boot) => boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : "";
+const SORT_KEYS = {
+  name: (host) => text(host.name),
+  health: (host) => text(host.health),
+  hostname: (host) => text(obj(host.facts).hostname),
+  boot: (host) => bootText(obj(obj(host.facts).boot_state)),
+  image: (host) => text(obj(obj(host.facts).boot_state).image_version),
+  run: (host, last) => text(obj(last.get(text(host.name))).state),
+  rollback: (host) => Number(obj(host.last_rollback).time) || 0,
+  groups: (host) => list(host.groups).map(text).join(", "),
+  seen: (host) => Number(host.last_seen) || 0,
+};
+
+function compareHosts(last) {
+  const value = SORT_KEYS[sorting.key] || SORT_KEYS.name, sign = sorting.descending ? -1 : 1;
+  const compare = (a, b) => typeof a === "number" && typeof b === "number" ? a - b
+    : String(a).localeCompare(String(b), undefined, { numeric: true });
+  return (a, b) => sign * compare(value(a, last), value(b, last)) || compare(text(a.name), text(b.name));
+}
+
+function sortBy(key) {
+  sorting = { key, descending: sorting.key === key ? !sorting.descending : false };
+  render();
+}
+
+function hostFilter(last) {
+  const group = $("filter-group").value, health = $("filter-health").value;
+  const words = $("filter-text").value.toLowerCase().split(/\s+/).filter(Boolean);
+  const glance = GLANCE.find(([key]) => `is:${key}` === health);
+  return (host) => {
+    if (group && !list(host.groups).map(text).includes(group)) return false;
+    if (glance ? !glance[2](host, last) : health && `health:${text(host.health)}` !== health) return false;
+    const facts = obj(host.facts), boot = obj(facts.boot_state);
+    const haystack = [host.name, host.health, facts.hostname, boot.kind, boot.root, boot.image_version,
+                      ...list(host.groups)].map(text).join(" ").toLowerCase();
+    return words.every((word) => haystack.includes(word));
+  };
+}
+
 function renderHosts() {
-  const hosts = Object.values(state.hosts).map(obj);
-  const rows = hosts.sort((a, b) => text(a.name).localeCompare(text(b.name))).map((host) => {
+  const hosts = Object.values(state.hosts).map(obj), last = lastCommands();
+  keepOptions($("filter-group"), [["", "any"], ...[...new Set(hosts.flatMap((host) => list(host.groups).map(text)))]
+    .sort().map((group) => [group, group])]);
+  const healths = [...new Set(hosts.map((host) => text(host.health)))].sort();
+  keepOptions($("filter-health"), [["", "any"], ...GLANCE.map(([key, label]) => [`is:${key}`, label]),
+    ...healths.map((health) => [`health:${health}`, `health: ${health}`])]);
+  renderGlance(hosts, last);
+  const header = $("hosts").tHead.rows[0].cells;
+  for (const th of header) {
+    th.setAttribute("aria-sort", th.dataset.sort !== sorting.key ? "none" : sorting.descending ? "descending" : "ascending");
+  }
+  const shown = hosts.filter(hostFilter(last)).sort(compareHosts(last));
+  $("hosts-shown").textContent = shown.length === hosts.length ? `${hosts.length} hosts`
+    : `${shown.length} of ${hosts.length} hosts`;
+  const rows = shown.map((host) => {
     const name = text(host.name), facts = obj(host.facts), boot = obj(facts.boot_state);
-    const rollback = host.last_rollback ? obj(host.last_rollback) : null;
+    const rollback = host.last_rollback ? obj(host.last_rollback) : null, command = last.get(name);
+    const cells = [el("button", { type: "button", class: "link" }, name), badge(host.health), short(facts.hostname),
+      short(bootText(boot)), short(boot.image_version), command ? badge(command.state) : "",
+      rollback ? `${text(rollback.method)} ${when(rollback.time)}` : "", short(list(host.groups).map(text).join(", ")),
+      when(host.last_seen)];
+    // Each cell says what it is: on a phone each host is a card of labelled lines (hub.css).
     return el("tr", { class: `selectable ${name === selected ? "selected" : ""}`, "data-host": name,
                       onclick: () => { selected = name; render(); } },
-      el("td", {}, name), el("td", {}, badge(host.health)), el("td", {}, text(facts.hostname)),
-      el("td", {}, boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : ""),
-      el("td", {}, text(boot.image_version)),
-      el("td", {}, rollback ? `${text(rollback.method)} ${when(rollback.time)}` : ""),
-      el("td", {}, list(host.groups).map(text).join(", ")), el("td", {}, when(host.last_seen)));
+      ...cells.map((cell, index) => el("td", index < 2 ? {} : { "data-label": header[index].textContent }, cell)));
   });
+  if (hosts.length && !shown.length) {
+    rows.push(el("tr", { class: "none" }, el("td", { colspan: "9" }, "No host matches these filters.")));
+  }
   $("hosts").tBodies[0].replaceChildren(...rows);
+}
+
+// The count buttons are made once and updated in place: one the keyboard is on keeps its focus as
+// the fleet changes.
+function renderGlance(hosts, last) {
+  if (!$("glance").children.length) {
+    $("glance").replaceChildren(...GLANCE.map(([key, label]) => el("li", { "data-glance": key },
+      el("button", { type: "button", onclick: () => {
+        $("filter-health").value = $("filter-health").value === `is:${key}` ? "" : `is:${key}`;
+        render();
+      } }, el("strong"), ` ${label}`))));
+  }
+  for (const [index, [key, , counts]] of GLANCE.entries()) {
+    const item = $("glance").children[index], count = hosts.filter((host) => counts(host, last)).length;
+    item.querySelector("strong").textContent = String(count);
+    item.className = count > 0 && !["online", "healthy"].includes(key) ? "attention" : "";
+    item.querySelector("button").setAttribute("aria-pressed", String($("filter-health").value === `is:${key}`));
+  }
 }
 
 function renderDetail() {
@@ -177,18 +289,52 @@ function renderDetail() {
   $("jobs").replaceChildren(...jobs);
 }
 
+const DRY_RUN = 1;  // a run's flags: dry-run 1, no-snapshot 2, restore 4 (hub/api.py)
+const planOpen = new Map();  // command id -> its plan shown or not, as the admin left it, across renders
+
 function renderRuns() {
   const runs = Object.values(state.runs).map(obj).sort((a, b) => (Number(b.created) || 0) - (Number(a.created) || 0));
-  $("runs").replaceChildren(...runs.map((run) => el("div", { class: "run" },
-    el("div", {}, badge(run.state),
-      ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${text(run.target)}`,
-      ` by ${text(run.admin)}, ${when(run.created)} `,
-      run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
-        ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
-        : ""),
-    el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).map((c) => el("tr", {},
-      el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
-      el("td", {}, text(obj(c.result).error)))))))));
+  $("runs").replaceChildren(...runs.map((run) => {
+    const dry = (Number(run.flags) & DRY_RUN) !== 0;
+    return el("div", { class: "run", "data-run": text(run.id) },
+      el("div", {}, badge(run.state), dry ? " " : "", dry ? el("span", { class: "badge dry-run" }, "dry run") : "",
+        ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${targetText(run.target)}`,
+        ` by ${text(run.admin)}, ${when(run.created)} `,
+        run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
+          ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
+          : ""),
+      el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).flatMap((c) => [
+        el("tr", { class: "command", "data-host": text(c.host) },
+          el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
+          el("td", {}, text(obj(c.result).error))),
+        ...planRow(c, dry)]))));
+  }));
+}
+
+// What each step of a host's command planned (a dry run) or changed, with the diffs, as its result
+// carries them; nothing when it carries none.
+function planRow(command, dry) {
+  const result = obj(command.result), id = text(command.id);
+  const steps = list(result.steps).map(obj).filter((step) => step.state === "planned" || list(step.changes).length);
+  if (!steps.length) return [];
+  const changes = steps.reduce((sum, step) => sum + list(step.changes).length, 0);
+  const details = el("details", { class: "plan", ontoggle: () => planOpen.set(id, details.open) },
+    el("summary", {}, `${dry ? "plan" : "changes"}: ${changes === 1 ? "1 change" : `${changes} changes`}`),
+    result.note ? el("p", { class: "help" }, text(result.note)) : "",
+    ...steps.map((step) => el("div", { class: "plan-step" },
+      el("div", {}, `${text(step.op)}: `, badge(step.state), list(step.changes).length ? "" : " nothing to change"),
+      ...list(step.changes).map(obj).map((change) => el("div", { class: "change" },
+        el("div", {}, `${dry ? "would " : ""}${text(change.action)} ${text(change.subject)}`),
+        change.detail ? diffView(text(change.detail), text(change.action)) : "")))));
+  details.open = planOpen.get(id) ?? dry;
+  return [el("tr", { class: "plan-row" }, el("td", { colspan: "4" }, details))];
+}
+
+function diffView(detail, action) {
+  if (action === "run") return el("pre", {}, `$ ${detail}`);
+  const kind = (line) => line.startsWith("+") && !line.startsWith("+++") ? "add"
+    : line.startsWith("-") && !line.startsWith("---") ? "del" : "";
+  return el("pre", { class: "diff" }, ...detail.split("\n").map((line) => el("span", { class: kind(line) }, `${line}\n`)));
 }
 
 // Images and rollouts (docs/updates.md): the bundles the hub keeps, and each rollout wave by wave.
@@ -196,11 +342,14 @@ function renderRuns() {
 function renderImages() {
   const images = Object.values(state.images).map(obj)
     .sort((a, b) => (Number(b.uploaded_at) || 0) - (Number(a.uploaded_at) || 0));
+  // Each cell says what it is: on a phone each image is a card of labelled lines (hub.css).
+  const labelled = (label, value) => el("td", { "data-label": label }, value);
   $("images").tBodies[0].replaceChildren(...images.map((image) => el("tr", { "data-image": text(image.id) },
-    el("td", {}, text(image.id)), el("td", {}, text(image.profile)), el("td", {}, text(image.version)),
-    el("td", {}, image.delta === true ? `delta from ${text(image.parent)}` : "full"), el("td", {}, size(image.size)),
-    el("td", {}, `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
-    el("td", {}, `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
+    el("td", {}, text(image.id)), labelled("Profile", text(image.profile)), labelled("Version", text(image.version)),
+    labelled("Kind", image.delta === true ? `delta from ${text(image.parent)}` : "full"),
+    labelled("Size", size(image.size)),
+    labelled("Key", `${text(image.key_id)}${image.signature_checked === true ? " (checked)" : ""}`),
+    labelled("Uploaded", `${when(image.uploaded_at)} by ${text(image.uploaded_by)}`),
     el("td", {}, may("DELETE /api/v1/images/{id}")
       ? el("button", { onclick: () => act(`/api/v1/images/${encodeURIComponent(text(image.id))}`, "images-error",
                                           "DELETE") }, "Remove")
@@ -317,21 +466,6 @@ $("login").onsubmit = async (event) => {
   }
 };
 
-$("dispatch").onsubmit = async (event) => {
-  event.preventDefault();
-  const kind = $("target-kind").value, value = $("target-value").value.trim();
-  const target = kind === "all" ? { all: true }
-    : kind === "group" ? { group: value } : { hosts: value.split(/[\s,]+/).filter(Boolean) };
-  try {
-    const steps = JSON.parse($("steps").value);
-    await post("/api/v1/runs", { target, steps, flags: $("dry-run").checked ? 1 : 0,
-                                 parallelism: Number($("parallelism").value) });
-    $("dispatch-error").textContent = "";
-  } catch (error) {
-    $("dispatch-error").textContent = error.message;
-  }
-};
-
 $("image-upload").onsubmit = async (event) => {
   event.preventDefault();
   const file = $("bundle").files[0];
@@ -374,4 +508,7 @@ $("logout").onclick = async () => {
   }
 };
 
+for (const th of $("hosts").tHead.rows[0].cells) th.querySelector("button").onclick = () => sortBy(th.dataset.sort);
+for (const id of ["filter-group", "filter-health", "filter-text"]) $(id).oninput = () => state && render();
+initRunForm();
 connect();
