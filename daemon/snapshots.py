@@ -23,7 +23,7 @@ from pathlib import Path
 import btrfsutil
 
 from daemon.boot import BootEntries, readonly_entry_id, rollback_generation, snapshot_of_root
-from daemon.errors import BootConfigError, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
+from daemon.errors import BootConfigError, InvalidParams, NoSuchSnapshot, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
 from daemon.store import SnapshotRow, StateStore
 from ops.rootfs import Root
@@ -32,6 +32,16 @@ log = logging.getLogger("rastosd.snapshots")
 
 KINDS = ("pre", "post", "manual")
 DEPLOYMENT = "deployment"
+MAX_DESCRIPTION = 200
+
+
+def check_description(description: str) -> None:
+    """A manual snapshot's description, as Snapshots.Create and the hub's `action` frame take it: it
+    is a boot menu entry's title too, so one short printable line."""
+    if not 1 <= len(description) <= MAX_DESCRIPTION:
+        raise InvalidParams("description", f"must be 1 to {MAX_DESCRIPTION} characters, got {len(description)}")
+    if not description.isprintable():
+        raise InvalidParams("description", "must be one line of printable characters")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from daemon.bus.interfaces import (
 from daemon.core import Daemon
 from daemon.errors import InvalidParams, NoSuchJob
 from daemon.jobs import Job, check_flags, parse_params
+from daemon.snapshots import check_description
 from ops import OPS
 from ops.params import INT_MAX, json_schema
 from ops.steps import parse_steps, step_from
@@ -299,13 +300,6 @@ def confirmation_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
 def published_ops() -> list[tuple[str, str, str]]:
     """The registry does not change while the daemon runs: its JSON Schemas are made once."""
     return [(op.name, op.description, json.dumps(json_schema(op.schema))) for op in OPS.values()]
-
-
-def check_description(description: str) -> None:
-    if not 1 <= len(description) <= 200:
-        raise InvalidParams("description", f"must be 1 to 200 characters, got {len(description)}")
-    if not description.isprintable():
-        raise InvalidParams("description", "must be one line of printable characters")
 
 
 class BusFace:
