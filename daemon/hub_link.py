@@ -7,7 +7,9 @@ What it sends (messages in hub/protocol.py):
   them, keeps each one single however often it is resent;
 - facts (host name, boot state, snapshots, ops) whenever they changed;
 - the state of each job run for a hub command;
-- the state of each image update the hub asked for (`update_status`).
+- the state of each image update the hub asked for (`update_status`);
+- the outcome of each action the hub asked for (`action_status`: a snapshot taken, a rollback or a
+  one-shot boot prepared; daemon/hub_actions.py), which the event log carries too.
 Commands from the hub carry an id that the job records (a unique column): a command that arrives
 again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
 
@@ -51,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from daemon.boot import BootState
 from daemon.errors import DaemonError
+from daemon.hub_actions import ActionCore, action_id, carry_out, parse_action, refused
 from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
@@ -123,9 +126,9 @@ class HubRefused(Exception):
     """The hub answered, but not as a WebSocket: a wrong token or URL, worth a longer wait."""
 
 
-class DaemonCore(Protocol):
+class DaemonCore(ActionCore, Protocol):
     """What the link needs of the daemon (core.py's Daemon, which holds the link): its state, its
-    jobs, its facts."""
+    jobs, its facts, and what the hub's actions call (daemon/hub_actions.py)."""
 
     target: Target
     store: StateStore
@@ -165,6 +168,9 @@ class HubLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._updates: dict[str, dict[str, Any]] = {}  # hub update id -> its last update_status
         self._stagings: dict[int, list[str]] = {}  # the daemon's staging id -> the hub's update ids it answers
+        # hub action id -> its action_status (None while under way): an id sent again is never done twice
+        self._actions: dict[str, dict[str, Any] | None] = {}
+        self._action_tasks: set[asyncio.Task[None]] = set()
         self.state = "connecting"  # then connected, or why not: refused, unreachable, disconnected, failed
         self.error: str | None = None  # what the last failure was, as logged
         self.since = time.time()  # when the state last changed
@@ -315,6 +321,8 @@ class HubLink:
             self._confirm(message.get("job"))
         elif kind == "update":
             self._take_update(message.get("update"))
+        elif kind == "action":
+            self._take_action(message)
         elif kind == "error":
             log.error("the hub refused a message: %s", message.get("message"))
         elif kind != "ack":
@@ -414,6 +422,34 @@ class HubLink:
         job = self.daemon.jobs.submit(kind, steps, flags, HUB_UID, "HubCommand", hub_command=command_id)
         log.info("hub command %s is job %d", command_id, job.id)
         self._report(command_id, job.state, job.id, None)
+
+    def _take_action(self, message: dict[str, Any]) -> None:
+        found = action_id(message)
+        if found is not None and found in self._actions:  # sent again: answered with how it went, if it has
+            if (status := self._actions[found]) is not None:
+                self._send(status)
+            return
+        try:
+            action = parse_action(message)
+        except DaemonError as error:
+            log.warning("refused hub action %s: %s", found, error)
+            if found is not None:
+                self._actions[found] = status = refused(self.daemon.store, found, error, HUB_UID)
+                self._send(status)
+            return
+        self._actions[action.id] = None
+        # On a task of its own: a rollback's btrfs and ESP writes must not hold up this link's reading.
+        task = asyncio.create_task(self._carry_out(action.id, lambda: carry_out(self.daemon, action, HUB_UID)))
+        self._action_tasks.add(task)
+        task.add_done_callback(self._action_tasks.discard)
+
+    async def _carry_out(self, found: str, work: Callable[[], dict[str, Any]]) -> None:
+        self._actions[found] = status = await asyncio.to_thread(work)
+        self._send(status)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._outgoing.put_nowait(message)
+        self.wake()
 
     def _cancel(self, command_id: str) -> None:
         row = self.daemon.store.job_for_command(command_id)

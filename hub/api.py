@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 
 from hub import strictjson
 from hub.errors import HubError
+from hub.protocol import ACTION_KINDS, MAX_DESCRIPTION, MAX_SNAPSHOT_ID
 from hub.roles import RANKS, Access
 from rastos import __version__
 
@@ -27,6 +28,8 @@ JSON_VALUE = {
 }
 SCHEMAS = {"JsonValue": JSON_VALUE}
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}
+MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+EVENT_METHOD = {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_.-]{0,63}$"}
 STEP = {
     "type": "object",
     "properties": {
@@ -94,12 +97,51 @@ LOGIN = {
 }
 
 
+HOST_ACTION_FIELDS = {
+    "type": "object",
+    "description": "snapshot (with a description), or rollback or boot_once (with a snapshot)",
+    "properties": {
+        "action": {"enum": list(ACTION_KINDS), "description": "take a snapshot of the running root; make a "
+                   "snapshot's writable copy the next boot's default (rollback); boot a snapshot read-only, "
+                   "the next boot only (boot_once)"},
+        "snapshot": {"type": "integer", "minimum": 1, "maximum": MAX_SNAPSHOT_ID,
+                     "description": "the snapshot's id, as the host's facts list it (rollback, boot_once)"},
+        "description": {"type": "string", "minLength": 1, "maxLength": MAX_DESCRIPTION,
+                        "pattern": "^[^\\x00-\\x1f\\x7f]*$",
+                        "description": "the new snapshot's, one printable line (snapshot)"},
+    },
+    "required": ["action"],
+    "additionalProperties": False,
+}  # fmt: skip
+# What the document says: the fields, and which action takes which. The hub checks the fields by the
+# schema, and which action takes which in check_host_action, where a refusal can name the field. (The
+# host's rastosd checks a description again as Snapshots.Create does: one it refuses fails the action.)
+HOST_ACTION = {**HOST_ACTION_FIELDS, "allOf": [
+    {"if": {"properties": {"action": {"const": "snapshot"}}},
+     "then": {"required": ["description"], "not": {"required": ["snapshot"]}},
+     "else": {"required": ["snapshot"], "not": {"required": ["description"]}}},
+]}  # fmt: skip
+
+
+def check_host_action(body: dict[str, Any]) -> dict[str, Any]:
+    """A host action's body (checked against HOST_ACTION_FIELDS) whose action has what it takes."""
+    action = body["action"]
+    needed, unwanted = ("description", "snapshot") if action == "snapshot" else ("snapshot", "description")
+    if needed not in body:
+        raise HubError(f"{needed}: required for the action {action}")
+    if unwanted in body:
+        raise HubError(f"{unwanted}: the action {action} takes none")
+    return body
+
+
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     """A validator of `schema` whose references resolve as in the OpenAPI document (#/components/...)."""
     return Draft202012Validator({"$ref": "#/$defs/body", "$defs": {"body": schema}, "components": {"schemas": SCHEMAS}})
 
 
-_VALIDATORS = {id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, ROTATION, LOGIN)}
+_VALIDATORS = {
+    id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, ROTATION, LOGIN, HOST_ACTION_FIELDS)
+}
 MAX_MESSAGE_CHARS = 300  # jsonschema's messages hold the value they are about, which may be large
 
 
@@ -151,6 +193,27 @@ ME = {
 }  # fmt: skip
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 _OBJECT_OR_NULL = {"type": ["object", "null"]}
+HOST_ACTION_STATE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "time": {"type": "number"},
+        "admin": {"type": "string", "description": "who asked"},
+        "action": {"enum": list(ACTION_KINDS)},
+        "snapshot": {"type": ["integer", "null"]},
+        "description": {"type": ["string", "null"]},
+        "state": {"enum": ["sent", "done", "failed", "lost"],
+                  "description": "lost: the connection ended before an answer; the host's event log still "
+                                 "brings its outcome if it carried it out"},
+        "result": {"type": ["object", "null"], "properties": {
+            "snapshot": {"type": ["integer", "null"], "description": "the snapshot taken, or named"},
+            "entry": {"type": ["string", "null"], "description": "the boot entry written"},
+            "reboot_needed": {"type": ["boolean", "null"]},
+            "error": {"type": ["string", "null"], "description": "the daemon's word on a failure"}}},
+        "finished": _NUMBER_OR_NULL,
+    },
+    "required": ["id", "time", "admin", "action", "snapshot", "description", "state", "result", "finished"],
+}  # fmt: skip
 HOST = {
     "type": "object",
     "properties": {
@@ -162,8 +225,9 @@ HOST = {
         "facts": {**_OBJECT_OR_NULL, "description": "the agent's newest report (hub/protocol.py)"},
         "last_rollback": _OBJECT_OR_NULL,
         "jobs": {"type": "array", "items": {"type": "object"}},
+        "actions": {"type": "array", "items": HOST_ACTION_STATE, "description": "the newest 10, oldest first"},
     },
-    "required": ["name", "groups", "online", "last_seen", "health", "facts", "last_rollback", "jobs"],
+    "required": ["name", "groups", "online", "last_seen", "health", "facts", "last_rollback", "jobs", "actions"],
 }
 COMMAND = {
     "type": "object",
@@ -379,6 +443,17 @@ PATHS: dict[str, dict[str, Any]] = {
         "summary": "End the host's token now: its agent is disconnected and refused until the host is "
                    "given a new token (rotate) or removed",
         "responses": {"204": {"description": "revoked"}, **NOT_FOUND}}},
+    "/api/v1/hosts/{name}/actions": {"parameters": [HOST_NAME], "post": {
+        "summary": "Take a snapshot on the host, roll it back to one, or boot one once: sent to its agent at once",
+        "description": "Only to a host online: an action is never queued. The request is in the event log "
+                       "(HostActionRequested, naming the admin) before it is sent; the answer is the action as "
+                       "sent, and its outcome (done or failed, the snapshot taken, the boot entry written, "
+                       "whether a reboot is needed, the daemon's error) follows in the host's `actions` (the "
+                       "stream, GET /api/v1/hosts/{name}) and as the host's HubAction event. A rollback or a "
+                       "one-shot boot takes effect at the host's next boot; the hub reboots nothing.",
+        "requestBody": _body(HOST_ACTION),
+        "responses": {"202": _answer("the action, sent", HOST_ACTION_STATE), **BODY_ERRORS, **NOT_FOUND,
+                      "409": _error("the host is offline: name: host NAME is offline; ...")}}},
     "/api/v1/runs": {
         "get": {"summary": "Recent runs with their commands",
                 "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},
@@ -401,14 +476,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "summary": "The ops hosts run, each with its parameters as JSON Schema: what a run's steps are checked by",
         "responses": {"200": _answer("ops", {"type": "array", "items": OP})}}},
     "/api/v1/events": {"get": {
-        "summary": "The event log, newest last: a page of at most `limit` events and 4 MiB; the next page "
-                   "back is `before` the first id of this one",
+        "summary": "The event log, newest last: a page of at most `limit` events and 4 MiB that match every "
+                   "filter given; the next page back is `before` the first id of this one",
         "parameters": [
             {"name": "host", "in": "query", "schema": NAME},
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                                         "default": 100}},
             {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                          "maximum": 2**63 - 1}},
+            {"name": "actor", "in": "query", "description": "an admin's name, agent or hub",
+             "schema": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]{1,64}$"}},
+            {"name": "method", "in": "query", "description": "the event's kind: HostAdded, JobFinished, ...",
+             "schema": EVENT_METHOD},
+            *({"name": name, "in": "query", "description": f"{word} this time (seconds since 1970)",
+               "schema": {"type": "number", "minimum": 0, "maximum": MAX_SECONDS}}
+              for name, word in (("since", "at or after"), ("until", "at or before"))),
         ],
         "responses": {"200": _answer("events", {"type": "array", "items": EVENT})},
     }},

@@ -39,6 +39,7 @@ MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
 MAX_EVENT_ID = 2**63 - 1
+ACTOR = r"[^\x00-\x1f\x7f\ud800-\udfff]{1,64}"  # an admin's name (any), agent or hub
 DEFAULT_DATA_DIR = Path("/var/lib/rastos-hub")
 DEFAULT_MAX_IMAGE_BYTES = 16 << 30
 TICK = 1.0  # seconds between rollout checks (health timeouts)
@@ -211,6 +212,16 @@ async def _revoke_host(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+async def _host_action(request: web.Request) -> web.StreamResponse:
+    admin = caller(request).name
+    body = api.check_host_action(await edge.json_body(request, api.HOST_ACTION_FIELDS))
+    fleet, name = request.app[FLEET], request.match_info["name"]
+    # JSON Schema counts 1.0 as an integer; the agent takes ids as integers only.
+    snapshot = None if body.get("snapshot") is None else int(body["snapshot"])
+    action = await fleet.host_action(name, admin, body["action"], snapshot, body.get("description"))
+    return respond(action, status=202)
+
+
 async def _runs(request: web.Request) -> web.StreamResponse:
     return respond(list(request.app[FLEET].runs.values()))
 
@@ -245,10 +256,31 @@ async def _events(request: web.Request) -> web.StreamResponse:
     query = request.query
     limit = _integer(query, "limit", 1, MAX_EVENTS_PAGE) or DEFAULT_EVENTS_PAGE
     before = _integer(query, "before", 1, MAX_EVENT_ID)
-    host = query.get("host")
+    host, actor, method = query.get("host"), query.get("actor"), query.get("method")
     if host is not None and not re.fullmatch(api.NAME["pattern"], host):
         raise HubError(f"host: {host[:100]!r} is not a host name")
-    return respond(await request.app[FLEET].store.events(limit, host=host, before=before))
+    if actor is not None and not re.fullmatch(ACTOR, actor):
+        raise HubError(f"actor: {actor[:100]!r} is not an actor's name (1 to 64 characters, no control ones)")
+    if method is not None and not re.fullmatch(api.EVENT_METHOD["pattern"], method):
+        raise HubError(f"method: {method[:100]!r} is not an event's name")
+    since, until = _seconds(query, "since"), _seconds(query, "until")
+    found = await request.app[FLEET].store.events(
+        limit, host=host, before=before, actor=actor, method=method, since=since, until=until
+    )
+    return respond(found)
+
+
+def _seconds(query: Any, key: str) -> float | None:
+    text = query.get(key)
+    if text is None:
+        return None
+    try:
+        value = float(text) if len(text) <= 40 else -1.0
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= api.MAX_SECONDS:  # NaN too
+        raise HubError(f"{key}: must be seconds since 1970 (as 1700000000 or 1700000000.5), got {text[:40]!r}")
+    return value
 
 
 def _integer(query: Any, key: str, low: int, high: int) -> int | None:
@@ -273,6 +305,7 @@ ROUTES = (
     Route("DELETE", "/api/v1/hosts/{name}", _remove_host, ADMIN),
     Route("POST", "/api/v1/hosts/{name}/rotate", _rotate_host, ADMIN),
     Route("POST", "/api/v1/hosts/{name}/revoke", _revoke_host, ADMIN),
+    Route("POST", "/api/v1/hosts/{name}/actions", _host_action, OPERATOR),
     Route("GET", "/api/v1/runs", _runs, VIEWER),
     Route("POST", "/api/v1/runs", _start_run, OPERATOR),  # dry runs too: flags are the run's
     Route("GET", "/api/v1/runs/{id}", _run, VIEWER),

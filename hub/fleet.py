@@ -10,6 +10,12 @@ Runs: a run sends the same steps to each of its hosts as one daemon pipeline, so
 `parallelism` commands of a run are in flight at once. A command's id is its idempotency key: the
 agent runs a command id once however often it is sent, which is what makes a hub restart safe.
 
+Host actions (a snapshot taken, a rollback or a one-shot boot prepared on one host): sent only to an
+agent online, at once and once, never queued; the request is in the event log (HostActionRequested,
+naming the admin) before it is sent, and its outcome comes back twice, live (action_status) and
+through the agent's event log (HubAction), whichever is first; a host's recent actions are rebuilt
+from the log when the hub starts.
+
 Image rollouts (hub/rollouts.py) run under the same lock: the fleet passes on what concerns them (an
 agent's welcome, its facts while an update is under way there, its update_status, the clock).
 """
@@ -27,7 +33,7 @@ from typing import Any
 
 from hub.errors import Conflict, NotFound
 from hub.images import ImageFiles
-from hub.protocol import AgentEvent, CommandStatus, UpdateStatus
+from hub.protocol import ActionStatus, AgentEvent, CommandStatus, UpdateStatus, action_frame
 from hub.rollout_store import RolloutStore
 from hub.rollouts import Rollouts
 from hub.store import FINAL_COMMAND_STATES, Store
@@ -38,6 +44,8 @@ IN_FLIGHT = frozenset({"sent", "queued", "running"})
 KEPT_EVENTS = 100  # the event log a UI gets with init; older ones through the REST API, a page at a time
 KEPT_RUNS = 50
 KEPT_JOBS = 20  # per host
+KEPT_ACTIONS = 10  # per host
+ACTION_FINAL = frozenset({"done", "failed"})  # and "lost": the connection ended before an answer came
 ROLLBACK_METHODS = frozenset({"Rollback", "BootFallback"})
 SUBSCRIBER_QUEUE = 1000  # deltas a slow UI may lag behind before it is sent a fresh init instead
 INIT_NEEDED: dict[str, Any] = {"type": "init_needed"}  # queued for a UI that must get the whole state
@@ -78,6 +86,7 @@ class Fleet:
             host = self._host_view(row)
             for item in await self.store.events(KEPT_EVENTS, host=row["name"]):
                 _note_host_event(host, item)
+            _lose_actions(host)  # sent by a hub before this one, over a connection gone with it
             self.hosts[row["name"]] = host
         run_rows = await self.store.runs(KEPT_RUNS)
         commands = await self.store.commands([run["id"] for run in run_rows])
@@ -141,7 +150,8 @@ class Fleet:
 
     def _host_view(self, row: dict[str, Any]) -> dict[str, Any]:
         view = {"name": row["name"], "groups": row["groups"], "online": row["name"] in self.agents,
-                "last_seen": row["last_seen"], "facts": row["facts"], "last_rollback": None, "jobs": []}  # fmt: skip
+                "last_seen": row["last_seen"], "facts": row["facts"], "last_rollback": None, "jobs": [],
+                "actions": []}  # fmt: skip
         view["health"] = _health(view)
         return view
 
@@ -228,6 +238,7 @@ class Fleet:
             del self.agents[link.host]
             if (host := self.hosts.get(link.host)) is not None:
                 host["online"] = False
+                _lose_actions(host)
                 self._publish_host(link.host)
 
     async def facts(self, name: str, facts: dict[str, Any]) -> None:
@@ -258,6 +269,41 @@ class Fleet:
                 host["last_seen"] = time.time()
                 self._publish_host(name)
             return self.cursors[name]
+
+    # Host actions
+
+    async def host_action(
+        self, name: str, admin: str, action: str, snapshot: int | None, description: str | None
+    ) -> dict[str, Any]:
+        async with self.lock:
+            host = self.hosts.get(name)
+            if host is None:
+                raise NotFound(f"name: no host named {name!r}")
+            link = self.agents.get(name)
+            if link is None:
+                raise Conflict(f"name: host {name} is offline; an action goes only to a host online, and is never "
+                               "queued: try again once it is")  # fmt: skip
+            action_id = secrets.token_hex(16)
+            frame = action_frame(action_id, action, snapshot, description)
+            detail = {"id": action_id, "action": action, "snapshot": snapshot, "description": description}
+            logged = await self._log(admin, "HostActionRequested", detail, host=name)
+            _note_host_event(host, logged)
+            self.publish_event(logged)
+            try:
+                await link.send(frame)
+            except (ConnectionError, RuntimeError) as error:
+                log.info("could not send action %s to %s: %s", action_id, name, error)
+                _lose_actions(host)
+            self._publish_host(name)
+            return next(item for item in host["actions"] if item["id"] == action_id)
+
+    def action_status(self, name: str, status: ActionStatus) -> None:
+        """An agent's live answer; its HubAction event may have come first, and then this changes nothing."""
+        host = self.hosts[name]
+        if _finish_action(host, status.action, status.state, status.result()):
+            self._publish_host(name)
+        else:
+            log.info("%s answered action %s, which is not one of its own waiting for an answer", name, status.action)
 
     # Runs
 
@@ -397,9 +443,9 @@ class Fleet:
         await self.store.update_command(command["id"], **values)
         command.update(values)
 
-    async def _log(self, actor: str, method: str, detail: dict[str, Any]) -> dict[str, Any]:
+    async def _log(self, actor: str, method: str, detail: dict[str, Any], host: str | None = None) -> dict[str, Any]:
         async with self.store.transaction() as db:
-            return await self.store.log(db, actor, method, detail)
+            return await self.store.log(db, actor, method, detail, host=host)
 
     def _command_message(self, command: dict[str, Any]) -> dict[str, Any]:
         run = self.runs[command["run_id"]]
@@ -423,14 +469,43 @@ class Fleet:
 
 
 def _note_host_event(host: dict[str, Any], item: dict[str, Any]) -> None:
-    """What a host's row in the UI shows of its events: its last rollback and its recent jobs."""
-    if item["method"] in ROLLBACK_METHODS:
+    """What a host's row in the UI shows of its events: its last rollback, its recent jobs and actions."""
+    detail = item["detail"]
+    if item["method"] == "HostActionRequested" and item["actor"] != "agent":
+        action = {"id": detail.get("id"), "time": item["time"], "admin": item["actor"], "action": detail.get("action"),
+                  "snapshot": detail.get("snapshot"), "description": detail.get("description"), "state": "sent",
+                  "result": None, "finished": None}  # fmt: skip
+        host["actions"] = [*host["actions"], action][-KEPT_ACTIONS:]
+    elif item["method"] == "HubAction" and item["actor"] == "agent":
+        result = {key: detail.get(key) for key in ("snapshot", "entry", "reboot_needed", "error")}
+        _finish_action(host, detail.get("action"), str(detail.get("state")), result, item["time"])
+        if detail.get("kind") == "rollback" and detail.get("state") == "done":
+            host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": detail}
+    elif item["method"] in ROLLBACK_METHODS:
         host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": item["detail"]}
     elif item["method"] == "JobFinished" and item["actor"] == "agent":
-        detail = item["detail"]
         summary = {"id": detail.get("job"), "time": item["time"], "state": detail.get("state"),
                    "kind": detail.get("kind"), "ops": detail.get("ops"), "result": detail.get("result")}  # fmt: skip
         host["jobs"] = [*host["jobs"], summary][-KEPT_JOBS:]
+
+
+def _finish_action(
+    host: dict[str, Any], action_id: object, state: str, result: dict[str, Any], when: float | None = None
+) -> bool:
+    """Record how an action ended, unless an answer came before (one lost may still get its outcome)."""
+    for action in host["actions"]:
+        if action["id"] == action_id and action["state"] not in ACTION_FINAL:
+            final = state if state in ACTION_FINAL else "failed"
+            action.update(state=final, result=result, finished=when or time.time())
+            return True
+    return False
+
+
+def _lose_actions(host: dict[str, Any]) -> None:
+    """The connection is gone: actions sent over it and not answered will not be answered live."""
+    for action in host["actions"]:
+        if action["state"] == "sent":
+            action["state"] = "lost"
 
 
 def _health(host: dict[str, Any]) -> str:

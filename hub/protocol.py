@@ -8,6 +8,10 @@ Each frame is one JSON object with a `type`. Agent -> hub:
   update_status   {"update", "state", "version", "detail"}: where an image update the hub sent stands:
                   staging, staged (the host reboots into it if asked), failed or cancelled; `detail`
                   (a string, at most 4096 characters, or null) is the daemon's word on a failure
+  action_status   {"action", "state", "snapshot", "entry", "reboot_needed", "error"}: how an action the
+                  hub sent ended: done or failed; `snapshot` the one taken (or named), `entry` the boot
+                  entry a rollback or one-shot boot wrote, `reboot_needed` whether it waits for a reboot,
+                  `error` (at most 4096 characters) the daemon's word on a failure
 Hub -> agent:
   welcome         {"host", "last_event", "commands": [...]}: who the agent is, the newest of its
                   events the hub has, and the commands the hub thinks are in flight there
@@ -29,6 +33,12 @@ Hub -> agent:
                   again after it; one to the version staged already (after a restart of rastosd,
                   which forgot the id) with staged, and a reboot into it if asked; one to the version
                   staging with staging, then as that staging ends
+  action          {"action": {"id", "kind", "snapshot", "description"}}: take a snapshot (kind
+                  `snapshot`, with a description), roll back to one (`rollback`) or boot one once
+                  (`boot_once`), each with the snapshot's id. Sent once, only to an agent online, never
+                  queued nor sent again: the id is the key the agent does it once by, and its answer
+                  comes as action_status, and as the HubAction event in its log (detail.action), which
+                  reaches the hub even if the answer was lost with the connection
   ack             {"last_event": N}
   error           {"message": "FIELD: reason"}: the agent's last frame was refused
 A message that breaks these rules is answered with `error` naming the field, and the connection is
@@ -73,6 +83,46 @@ UPDATE_STATUS = {
     "required": ["type", "update", "state", "version"],
 }
 _UPDATE_STATUS = Draft202012Validator(UPDATE_STATUS)
+ACTION_KINDS = ("snapshot", "rollback", "boot_once")
+ACTION_STATES = ("done", "failed")
+ACTION_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+MAX_SNAPSHOT_ID = 2**62
+_SNAPSHOT_ID = {"type": "integer", "minimum": 1, "maximum": MAX_SNAPSHOT_ID}
+MAX_DESCRIPTION = 200  # a snapshot's description: a boot menu entry's title too (daemon/snapshots.py)
+ACTION = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "action"},
+        "action": {"type": "object", "properties": {
+            "id": ACTION_ID, "kind": {"enum": list(ACTION_KINDS)},
+            "snapshot": {"oneOf": [{"type": "null"}, _SNAPSHOT_ID]},
+            "description": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_DESCRIPTION,
+                            "pattern": "^[^\\x00-\\x1f\\x7f]*$"},
+        }, "required": ["id", "kind", "snapshot", "description"], "additionalProperties": False,
+           # a snapshot is taken with a description; a rollback or a one-shot boot names a snapshot
+           "if": {"properties": {"kind": {"const": "snapshot"}}},
+           "then": {"properties": {"snapshot": {"type": "null"}, "description": {"type": "string"}}},
+           "else": {"properties": {"snapshot": {"type": "integer"}, "description": {"type": "null"}}}},
+    },
+    "required": ["type", "action"],
+    "additionalProperties": False,
+}  # fmt: skip
+_ACTION = Draft202012Validator(ACTION)
+ACTION_STATUS = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "action_status"},
+        "action": ACTION_ID,
+        "state": {"enum": list(ACTION_STATES)},
+        "snapshot": {"oneOf": [{"type": "null"}, {**_SNAPSHOT_ID, "minimum": 0}]},
+        "entry": {"type": ["string", "null"], "maxLength": 255},
+        "reboot_needed": {"type": "boolean"},
+        "error": {"type": ["string", "null"], "maxLength": MAX_UPDATE_DETAIL},
+    },
+    "required": ["type", "action", "state", "snapshot", "entry", "reboot_needed", "error"],
+    "additionalProperties": False,
+}
+_ACTION_STATUS = Draft202012Validator(ACTION_STATUS)
 FACT_KEYS = {"hostname": str, "version": str, "boot_state": dict, "snapshots": list, "ops": list, "jobs": list}
 _TEXT = {"type": "string", "maxLength": 4096}
 FACTS = {
@@ -129,7 +179,21 @@ class UpdateStatus:
     detail: str | None
 
 
-AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus
+@dataclass(frozen=True)
+class ActionStatus:
+    action: str
+    state: str
+    snapshot: int | None
+    entry: str | None
+    reboot_needed: bool
+    error: str | None
+
+    def result(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "entry": self.entry, "reboot_needed": self.reboot_needed,
+                "error": self.error}  # fmt: skip
+
+
+AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus | ActionStatus
 
 
 def decode(text: str) -> object:
@@ -153,8 +217,10 @@ def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
         return kind, _command_status(message)
     if kind == "update_status":
         return kind, _update_status(message)
+    if kind == "action_status":
+        return kind, _action_status(message)
     raise ProtocolError(
-        f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status"
+        f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status, action_status"
     )
 
 
@@ -250,6 +316,21 @@ def _command_status(message: dict[str, Any]) -> CommandStatus:
 def _update_status(message: dict[str, Any]) -> UpdateStatus:
     _checked(_UPDATE_STATUS, message, "message")
     return UpdateStatus(message["update"], message["state"], message["version"], message.get("detail"))
+
+
+def _action_status(message: dict[str, Any]) -> ActionStatus:
+    _checked(_ACTION_STATUS, message, "message")
+    return ActionStatus(message["action"], message["state"], message["snapshot"], message["entry"],
+                        message["reboot_needed"], message["error"])  # fmt: skip
+
+
+def action_frame(action_id: str, kind: str, snapshot: int | None, description: str | None) -> dict[str, Any]:
+    """The `action` frame for an agent, checked against its schema as the agent checks it on arrival
+    (daemon/hub_actions.py): the hub sends nothing it would refuse from an agent."""
+    frame = {"type": "action", "action": {"id": action_id, "kind": kind, "snapshot": snapshot,
+                                          "description": description}}  # fmt: skip
+    _checked(_ACTION, frame, "action")
+    return frame
 
 
 def _checked(validator: Draft202012Validator, document: dict[str, Any], where: str) -> None:

@@ -26,6 +26,7 @@ from hub.errors import HubError, RoleRefused
 from hub.fleet import AgentLink, Fleet
 from hub.protocol import (
     MAX_MESSAGE_BYTES,
+    ActionStatus,
     CommandStatus,
     ProtocolError,
     UpdateStatus,
@@ -188,6 +189,9 @@ async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse,
         elif kind == "update_status":
             assert isinstance(body, UpdateStatus)
             await fleet.update_status(host, body)
+        elif kind == "action_status":
+            assert isinstance(body, ActionStatus)
+            fleet.action_status(host, body)
         else:
             assert isinstance(body, CommandStatus)
             await fleet.command_status(host, body)

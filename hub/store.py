@@ -482,12 +482,22 @@ class Store:
             oldest_kept = newest.offset(KEPT_AGENT_EVENTS - 1).limit(1).scalar_subquery()
             await db.execute(delete(events).where(own, events.c.agent_event < oldest_kept))
 
-    async def events(self, limit: int, host: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
+    async def events(
+        self, limit: int, host: str | None = None, before: int | None = None, *, actor: str | None = None,
+        method: str | None = None, since: float | None = None, until: float | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The newest `limit` events (and at most PAGE_BYTES) that match every filter given, oldest
+        first: of a host, before an id, by an actor, of a method, from `since` to `until` (seconds)."""
         query = select(events).order_by(events.c.id.desc()).limit(limit)
-        if host is not None:
-            query = query.where(events.c.host == host)
+        for column, value in ((events.c.host, host), (events.c.actor, actor), (events.c.method, method)):
+            if value is not None:
+                query = query.where(column == value)
         if before is not None:
             query = query.where(events.c.id < before)
+        if since is not None:
+            query = query.where(events.c.time >= since)
+        if until is not None:
+            query = query.where(events.c.time <= until)
         async with self.engine.connect() as db:
             rows = (await db.execute(query)).mappings().all()
         page: list[dict[str, Any]] = []

@@ -150,6 +150,10 @@ EXAMPLES: dict[tuple[str, str], Example] = {
     ("POST", "/api/v1/hosts/{name}/revoke"): lambda w, a: Call(
         f"/api/v1/hosts/{w.fresh_host() if a else 'web-1'}/revoke", ok=204
     ),
+    # web-1 has no agent: an action allowed is refused as offline, never queued.
+    ("POST", "/api/v1/hosts/{name}/actions"): lambda w, a: Call(
+        "/api/v1/hosts/web-1/actions", {"action": "snapshot", "description": "x"}, ok=409
+    ),
     ("GET", "/api/v1/runs"): lambda w, a: Call("/api/v1/runs", ok=200),
     ("GET", "/api/v1/runs/{id}"): lambda w, a: Call(f"/api/v1/runs/{w.run}", ok=200),
     ("POST", "/api/v1/runs"): lambda w, a: Call(
