@@ -78,7 +78,7 @@ def test_the_ui_follows_the_fleet_live_and_dispatches_an_op(hub: Hub, fleet: Fle
     row.click()
     expect(page.locator("#detail-name")).to_have_text("web-1")
     expect(page.locator("#jobs")).to_contain_text("wrote /etc/motd", timeout=30_000)
-    expect(page.locator("#snapshots tbody tr").first).to_be_visible()
+    expect(page.locator("#snapshots li.snapshot").first).to_be_visible()
 
     # A dry run: the host plans and changes nothing, and its plan, with the diff, shows under the run.
     page.check("#dry-run")
@@ -252,6 +252,13 @@ def test_the_ui_offers_each_role_only_what_it_may_do(hub: Hub, browser: Browser,
         expect(page.locator("#runs button")).to_have_count(1 if runs else 0)  # Cancel
         expect(page.locator("#rollouts button")).to_have_count(2 if rollouts else 0)  # Pause, Abort
         expect(page.locator("#images button")).to_have_count(1 if images else 0)  # Remove
+        # A host's page: taking a snapshot (and the rest of its actions) is an operator's.
+        page.locator('#hosts tr[data-host="web-1"]').click()
+        expect(page.locator("#detail-name")).to_have_text("web-1")
+        if runs:
+            expect(page.locator("#snapshot-form")).to_be_visible()
+        else:
+            expect(page.locator("#snapshot-form")).to_be_hidden()
 
     for role, allowed in (("admin", (True, True, True)), ("operator", (True, True, False))):
         page = logged_in(role)

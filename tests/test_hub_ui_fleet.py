@@ -27,11 +27,12 @@ pytestmark = pytest.mark.root
 
 
 class Agent(SimAgent):
-    """A simulated agent that keeps the commands the hub sends it, and reports on them as told."""
+    """A simulated agent that keeps the commands and actions the hub sends it, and reports on them as told."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.commands: list[dict[str, Any]] = []
+        self.actions: list[dict[str, Any]] = []
 
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         async for message in socket:
@@ -40,11 +41,19 @@ class Agent(SimAgent):
             frame = json.loads(message.data)
             if frame["type"] == "command":
                 self.commands.append(frame["command"])
+            elif frame["type"] == "action":
+                self.actions.append(frame["action"])
 
     async def status(self, state: str, job: int | None = None, result: dict[str, Any] | None = None) -> None:
         """Where the last command sent stands, as rastosd's hub link reports it."""
         await self.send({"type": "command_status", "command": self.commands[-1]["id"], "state": state, "job": job,
                          "result": result})  # fmt: skip
+
+    async def answer(self, state: str, **result: Any) -> None:
+        """How the last action sent ended, as rastosd's hub link answers (daemon/hub_actions.py)."""
+        outcome = {"snapshot": self.actions[-1]["snapshot"], "entry": None, "reboot_needed": False, "error": None}
+        await self.send({"type": "action_status", "action": self.actions[-1]["id"], "state": state,
+                         **outcome, **result})  # fmt: skip
 
 
 class Agents:
@@ -315,6 +324,174 @@ def test_the_fleet_at_a_glance_counts_sorts_and_filters_live_whatever_agents_rep
         assert page.evaluate("window.pwned") is None
         expect(page.locator('#hosts tr[data-host="db-1"]')).to_be_visible()
         screenshots(page, tmp_path, "fleet")
+        assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
+        assert errors == [], errors
+        page.close()
+
+
+SNAPSHOTS = [
+    {"id": 1, "created": 1_700_000_000.0, "description": "first boot", "kind": "manual", "known_good": True},
+    {"id": 2, "created": 1_700_086_400.0, "description": "before motd", "kind": "pre", "known_good": False},
+    {"id": 3, "created": 1_700_172_800.0, "description": "x" * 300, "kind": "manual", "known_good": False},
+]
+
+
+def test_a_hosts_snapshots_are_a_timeline_acted_on_after_a_confirmation(
+    hub: Hub, browser: Browser, tmp_path: Path
+) -> None:
+    with agents(hub) as fleet:
+        web1 = fleet.add("web-1", ["web"], snapshot="2", kind="rollback", root="@snapshots/2/deployment")
+        fleet.add("db-1", ["db"])
+        fleet.run(web1.send({"type": "facts", "facts": {"hostname": "web-1", "boot_state": web1.boot,
+                                                         "snapshots": SNAPSHOTS}}))  # fmt: skip
+        page, errors = logged_in(hub, browser, hub.admin_token)
+        page.locator('#hosts tr[data-host="web-1"]').click()
+        timeline = page.locator("#snapshots li.snapshot")
+        # Newest first; the booted one and the known-good one marked; a long description cut.
+        expect(timeline).to_have_count(3)
+        assert [item.get_attribute("data-snapshot") for item in timeline.all()] == ["3", "2", "1"]
+        expect(timeline.nth(1).locator(".badge")).to_have_text(["booted"])
+        expect(timeline.nth(2).locator(".badge")).to_have_text(["known good"])
+        expect(timeline.nth(0).locator(".description")).to_have_text("x" * 100 + "…")
+        expect(page.locator("#detail-boot")).to_contain_text("Running rollback @snapshots/2/deployment (snapshot 2)")
+
+        # Asked first, in a dialog naming the host and the snapshot; Escape or Cancel send nothing.
+        dialog = page.locator("#confirm")
+        rollback = timeline.nth(2).get_by_role("button", name="Roll back…")
+        rollback.click()
+        expect(dialog).to_be_visible()
+        expect(dialog.locator("#confirm-title")).to_have_text("Roll web-1 back to snapshot 1?")
+        expect(dialog.locator("#confirm-text")).to_contain_text("snapshot 1 (manual,")
+        expect(dialog.locator("#confirm-cancel")).to_be_focused()
+        for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+            page.set_viewport_size(viewport)
+            page.screenshot(path=tmp_path / f"host-dialog-{size}.png")
+        page.set_viewport_size(DESKTOP)
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        rollback.click()
+        dialog.get_by_role("button", name="Cancel").click()
+        expect(dialog).to_be_hidden()
+        assert web1.actions == [], "nothing was sent"
+        assert not [e for e in hub.api("GET", "/api/v1/events?method=HostActionRequested")], "nor logged"
+
+        # Confirmed (by the keyboard): sent to the agent, and its answer shows live.
+        rollback.click()
+        page.keyboard.press("Tab")
+        expect(dialog.locator("#confirm-ok")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(dialog).to_be_hidden()
+        fleet.run(eventually(lambda: web1.actions, "the action reached the agent"))
+        assert {k: web1.actions[0][k] for k in ("kind", "snapshot", "description")} == {
+            "kind": "rollback", "snapshot": 1, "description": None}  # fmt: skip
+        action = page.locator("#actions li").first
+        expect(action.locator(".badge")).to_have_text("sent")
+        expect(action).to_contain_text("roll back snapshot 1 by alice")
+        fleet.run(web1.answer("done", entry="rastos-snapshot-1.conf", reboot_needed=True))
+        expect(action.locator(".badge")).to_have_text("done")
+        expect(action.locator(".outcome")).to_have_text(" boots next (entry rastos-snapshot-1.conf): reboot needed")
+        expect(timeline.nth(2).locator(".badge")).to_have_text(["known good", "next boot"])
+
+        # A snapshot, with its description; the daemon's refusal shows as the action's error.
+        page.fill("#snapshot-description", "before <b>the</b> upgrade")
+        page.click("#snapshot-button")
+        expect(dialog.locator("#confirm-text")).to_have_text(
+            "Host web-1 snapshots its running root as “before <b>the</b> upgrade”."
+        )
+        dialog.get_by_role("button", name="Take the snapshot").click()
+        fleet.run(eventually(lambda: len(web1.actions) == 2, "the snapshot action reached the agent"))
+        assert web1.actions[1]["description"] == "before <b>the</b> upgrade"
+        fleet.run(web1.answer("failed", error="snapshots are off: / is not a btrfs subvolume"))
+        expect(page.locator("#actions li").first.locator(".error")).to_have_text(
+            " snapshots are off: / is not a btrfs subvolume"
+        )
+        expect(page.locator("#snapshot-description")).to_have_value("")
+        expect(page.locator("#host-detail b")).to_have_count(0)
+        screenshots(page, tmp_path, "host")
+        for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+            page.set_viewport_size(viewport)
+            page.locator("#host-detail").screenshot(path=tmp_path / f"host-page-{size}.png")
+        page.set_viewport_size(DESKTOP)
+
+        # Offline, the host's actions are still shown, but not offered.
+        fleet.run(web1.disconnect())
+        expect(page.locator("#detail-online")).to_have_text("offline")
+        expect(rollback).to_be_disabled()
+        expect(page.locator("#snapshot-button")).to_be_disabled()
+        assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
+        assert errors == [], errors
+        page.close()
+
+
+def test_the_event_log_is_filtered_by_host_actor_kind_and_time_and_shows_details_as_fields(
+    hub: Hub, browser: Browser, tmp_path: Path
+) -> None:
+    with agents(hub) as fleet:
+        web1, db1 = fleet.add("web-1", ["web"]), fleet.add("db-1", ["db"])
+        now = time.time()
+        detail = {"state": "done", "kind": "apply", "ops": ["motd"], "note": "y" * 500,
+                  "result": {"steps": [{"op": "motd", "state": "changed", "output": ["wrote /etc/motd"]}]}}  # fmt: skip
+        fleet.run(web1.send({"type": "events", "events": [
+            {"id": 1, "time": now - 7200, "uid": 0, "method": "Rollback", "job": None, "detail": {"snapshot": 4}},
+            {"id": 2, "time": now - 60, "uid": 0, "method": "JobFinished", "job": 7, "detail": detail},
+        ]}))  # fmt: skip
+        fleet.run(db1.send({"type": "events", "events": [
+            {"id": 1, "time": now - 30, "uid": 1000, "method": "Create", "job": None, "detail": {"snapshot": 9}},
+        ]}))  # fmt: skip
+        page, errors = logged_in(hub, browser, hub.admin_token)
+        rows = page.locator("#events tbody tr")
+
+        def methods() -> list[str]:
+            return [row.locator("td").nth(3).inner_text() for row in rows.all()]
+
+        # Unfiltered: every event, newest first (the hub's own, each host added, among them).
+        expect(rows.first.locator("td").nth(3)).to_have_text("Create")
+        assert {"HostAdded", "Rollback", "JobFinished", "Create"} <= set(methods())
+        page.select_option("#event-host", "web-1")
+        expect(page.locator("#events-shown")).to_have_text("3 matching")
+        assert methods() == ["JobFinished", "Rollback", "HostAdded"]
+        page.fill("#event-kind", "Rollback")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator("td").nth(3)).to_have_text("Rollback")
+        page.fill("#event-kind", "")
+        page.fill("#event-actor", "alice")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator("td").nth(3)).to_have_text("HostAdded")
+        page.fill("#event-actor", "agent")
+        page.select_option("#event-range", "3600")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator("td").nth(3)).to_have_text("JobFinished")
+        page.select_option("#event-range", "range")
+        page.fill("#event-from", "2001-01-01T00:00")
+        page.fill("#event-to", "2001-01-02T00:00")
+        expect(rows).to_have_text(["No event matches these filters."])
+        page.select_option("#event-range", "")
+        expect(rows).to_have_count(2)
+
+        # A detail is fields, never JSON: a key and its value a line, nested ones indented, a long value
+        # cut with the whole on hover.
+        job = page.locator("#events tbody tr", has_text="JobFinished").locator("td.detail")
+        top = job.locator(":scope > dl.fields")
+        expect(top.locator(":scope > dt")).to_have_text(["state", "kind", "ops", "note", "result", "uid", "job"])
+        expect(top.locator(":scope > dd").nth(2)).to_have_text("motd")
+        note = top.locator(":scope > dd").nth(3).locator(".cut")
+        expect(note).to_have_text("y" * 120 + "…")
+        expect(note).to_have_attribute("title", "y" * 500)
+        step = top.locator(":scope > dd").nth(4).locator("dl.fields dl.fields dl.fields")
+        expect(step.locator(":scope > dt")).to_have_text(["op", "state", "output"])
+        expect(step.locator(":scope > dd")).to_have_text(["motd", "changed", "wrote /etc/motd"])
+        assert "{" not in job.inner_text() and '"' not in job.inner_text(), job.inner_text()
+        screenshots(page, tmp_path, "events")
+        for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+            page.set_viewport_size(viewport)
+            page.locator("#events").locator("xpath=..").screenshot(path=tmp_path / f"event-log-{size}.png")
+        page.set_viewport_size(DESKTOP)
+
+        # Filtered, the log still follows: a new event that matches shows without a reload.
+        fleet.run(web1.send({"type": "events", "events": [
+            {"id": 3, "time": time.time(), "uid": 0, "method": "MarkGood", "job": None, "detail": {}}]}))  # fmt: skip
+        expect(rows.first.locator("td").nth(3)).to_have_text("MarkGood")
+        expect(rows.first.locator("td.detail")).to_have_text("uid0jobnone")
         assert page.evaluate("window.notReloaded") is True, "nothing above needed a reload"
         assert errors == [], errors
         page.close()

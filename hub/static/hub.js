@@ -13,7 +13,8 @@
 // below); the hub checks each call again, whatever the page shows. A role changed meanwhile closes the
 // stream, and the reconnect asks again.
 //
-// The run form (its steps made from the ops' schemas) is runform.js.
+// The run form (its steps made from the ops' schemas) is runform.js; a host's page (its snapshots and
+// the actions on them) is hostpage.js; the event log with its filters is eventlog.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -174,8 +175,9 @@ const GLANCE = [
   ["failed-run", "failed last run", (host, last) => FAILED_COMMANDS.includes(text(obj(last.get(text(host.name))).state))],
 ];
 
-// What an agent says can be 4,096 characters long: a cell shows its start, and the rest on hover.
-const CELL_CHARS = 100;
+// What an agent says can be 4,096 characters long: a cell shows its start, and the rest on hover (up to
+// EVENT_DETAIL_CHARS of it).
+const CELL_CHARS = 100, EVENT_DETAIL_CHARS = 2000;
 const short = (value) => {
   const whole = text(value);
   return whole.length <= CELL_CHARS ? whole : el("span", { title: whole.slice(0, EVENT_DETAIL_CHARS) },
@@ -269,24 +271,6 @@ function renderGlance(hosts, last) {
     item.className = count > 0 && !["online", "healthy"].includes(key) ? "attention" : "";
     item.querySelector("button").setAttribute("aria-pressed", String($("filter-health").value === `is:${key}`));
   }
-}
-
-function renderDetail() {
-  const host = selected && state.hosts[selected] ? obj(state.hosts[selected]) : null;
-  $("host-detail").hidden = !host;
-  if (!host) return;
-  $("detail-name").textContent = text(host.name);
-  const snapshots = list(obj(host.facts).snapshots).map(obj).map((s) =>
-    el("tr", {}, el("td", {}, text(s.id)), el("td", {}, text(s.kind)), el("td", {}, when(s.created)),
-      el("td", {}, text(s.description)), el("td", {}, s.known_good === true ? "yes" : "")));
-  $("snapshots").tBodies[0].replaceChildren(...snapshots);
-  const jobs = list(host.jobs).map(obj).reverse().map((job) => el("div", { class: "run" },
-    el("div", {}, `job ${text(job.id)} `, badge(job.state),
-      ` ${list(job.ops).map(text).join(" && ")} · ${when(job.time)}`),
-    ...list(obj(job.result).steps).map(obj).map((step) => el("div", {},
-      `${text(step.op)}: `, badge(step.state), step.error ? el("span", { class: "error" }, ` ${text(step.error)}`) : "",
-      list(step.output).length ? el("pre", {}, list(step.output).map(text).join("\n")) : ""))));
-  $("jobs").replaceChildren(...jobs);
 }
 
 const DRY_RUN = 1;  // a run's flags: dry-run 1, no-snapshot 2, restore 4 (hub/api.py)
@@ -425,19 +409,6 @@ async function act(path, errorId, method = "POST") {
   }
 }
 
-// A detail shows its first lines (hub.css clamps them) and, on hover, up to this many characters.
-const EVENT_DETAIL_CHARS = 2000;
-
-function renderEvents() {
-  const rows = list(state.events).map(obj).reverse().slice(0, 100).map((e) => {
-    const detail = text(e.detail).slice(0, EVENT_DETAIL_CHARS);
-    return el("tr", {},
-      el("td", {}, when(e.time)), el("td", {}, text(e.host)), el("td", {}, text(e.actor)),
-      el("td", {}, text(e.method)), el("td", { class: "detail" }, el("div", { title: detail }, detail)));
-  });
-  $("events").tBodies[0].replaceChildren(...rows);
-}
-
 const post = (path, body) => request("POST", path, body === undefined ? "{}" : JSON.stringify(body));
 
 async function request(method, path, body, type = "application/json") {
@@ -511,4 +482,6 @@ $("logout").onclick = async () => {
 for (const th of $("hosts").tHead.rows[0].cells) th.querySelector("button").onclick = () => sortBy(th.dataset.sort);
 for (const id of ["filter-group", "filter-health", "filter-text"]) $(id).oninput = () => state && render();
 initRunForm();
+initHostPage();
+initEventLog();
 connect();
