@@ -147,14 +147,22 @@ def test_a_malformed_body_is_refused_naming_the_field(shared_hub: Hub, body: obj
 
 
 DOCUMENTED = Draft202012Validator(HOST_ACTION)
-BODY = st.fixed_dictionaries(
-    {},
-    optional={
-        "action": st.sampled_from(["snapshot", "rollback", "boot_once", "reboot"]) | st.integers(),
-        "snapshot": st.integers(-1, 3) | st.text(max_size=3) | st.none() | st.floats(0, 3),
-        "description": st.text(max_size=5) | st.integers(),
-        "extra": st.booleans(),
-    },
+VALID = st.one_of(
+    st.fixed_dictionaries({"action": st.just("snapshot"), "description": st.text(min_size=1, max_size=5)}),
+    st.fixed_dictionaries({"action": st.sampled_from(["rollback", "boot_once"]), "snapshot": st.integers(1, 3)}),
+)
+VALUE = (
+    st.sampled_from(["snapshot", "rollback", "reboot"])
+    | st.integers(-1, 3)
+    | st.text(max_size=3)
+    | st.none()
+    | (st.floats(0, 3) | st.booleans())
+)
+FIELD = st.sampled_from(["action", "snapshot", "description", "extra"])
+# A valid body, then as often as not a field or two set to something else, or one taken away.
+BODY = st.builds(
+    lambda valid, changes, removed: {key: value for key, value in {**valid, **changes}.items() if key not in removed},
+    VALID, st.dictionaries(FIELD, VALUE, max_size=2), st.lists(FIELD, max_size=1),
 ) | st.lists(st.integers(-9, 9), max_size=2) | st.none()  # fmt: skip
 
 
