@@ -480,7 +480,8 @@ def _note_host_event(host: dict[str, Any], item: dict[str, Any]) -> None:
         result = {key: detail.get(key) for key in ("snapshot", "entry", "reboot_needed", "error")}
         _finish_action(host, detail.get("action"), str(detail.get("state")), result, item["time"])
         if detail.get("kind") == "rollback" and detail.get("state") == "done":
-            host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": detail}
+            # Named as the daemon's own Rollback is: the host's row shows what happened, not how it was asked.
+            host["last_rollback"] = {"time": item["time"], "method": "Rollback", "detail": detail}
     elif item["method"] in ROLLBACK_METHODS:
         host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": item["detail"]}
     elif item["method"] == "JobFinished" and item["actor"] == "agent":

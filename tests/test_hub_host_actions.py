@@ -73,7 +73,8 @@ def test_a_snapshot_a_rollback_and_a_one_shot_boot_from_the_hub_reach_the_daemon
     deployment = agent.scratch.snapshots / str(snapshot) / "deployment"
     assert btrfsutil.is_subvolume(deployment) and not btrfsutil.get_subvolume_read_only(deployment)
     assert (agent.scratch.root / "etc/motd").read_text() == "after the snapshot\n", "the running root is untouched"
-    assert hub.api("GET", "/api/v1/hosts/web-1")["last_rollback"]["detail"]["snapshot"] == snapshot
+    last_rollback = hub.api("GET", "/api/v1/hosts/web-1")["last_rollback"]
+    assert last_rollback["method"] == "Rollback" and last_rollback["detail"]["snapshot"] == snapshot, last_rollback
 
     # A one-shot boot: the daemon writes the snapshot's read-only entry and asks bootctl to boot it next;
     # with no EFI here bootctl refuses, and that refusal is the action's outcome, word for word.
