@@ -10,15 +10,17 @@ import re
 import signal
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
-from hub.store import token_hash
+from hub.store import database_url, token_hash, with_driver
 from tests.hub_fixtures import Hub, any_hub, database_at, free_port, hub, postgresql_server
+from tests.hub_fixtures import _serving as serving
 from tests.test_hub_tokens import agent, refused, still_open
 
 __all__ = ["any_hub", "hub"]  # fixtures
@@ -134,10 +136,16 @@ def test_a_restore_is_refused_while_a_sqlite_hub_serves_even_with_force(hub: Hub
     ok(hub, "db", "restore", str(backup))
 
 
-def test_a_restore_on_postgresql_is_refused_while_a_hub_serves_unless_forced(any_hub: Hub, tmp_path: Path) -> None:
-    hub = any_hub
-    if hub.database_url is None:
-        pytest.skip("SQLite refuses it even when forced: the test above")
+@pytest.fixture
+def postgresql_hub(tmp_path: Path) -> Iterator[Hub]:
+    with postgresql_server() as url:
+        yield from serving(Hub(tmp_path / "hub", database_url=url))
+
+
+def test_a_restore_on_postgresql_is_refused_while_a_hub_serves_unless_forced(
+    postgresql_hub: Hub, tmp_path: Path
+) -> None:
+    hub = postgresql_hub
     web1 = hub.api("POST", "/api/v1/hosts", {"name": "web-1"})["token"]
     backup = tmp_path / "hub.pgdump"
     ok(hub, "db", "backup", str(backup))
@@ -189,7 +197,7 @@ def test_a_backup_of_a_newer_schema_is_refused_naming_both_revisions(any_hub: Hu
     hub.api("POST", "/api/v1/hosts", {"name": "web-1"})
     backup = tmp_path / "newer.backup"
     hub.stop()
-    with _revision_set(hub, "0099"):
+    with revision_set(hub, "0099"):
         ok(hub, "db", "backup", str(backup))
     message = refusal(hub, "db", "restore", str(backup))
     assert f"FILE: {backup} is at schema revision 0099, newer than this hub's 0006" in message, message
@@ -197,29 +205,20 @@ def test_a_backup_of_a_newer_schema_is_refused_naming_both_revisions(any_hub: Hu
     assert list(hub.state()["hosts"]) == ["web-1"]
 
 
-class _revision_set:
+@contextlib.contextmanager
+def revision_set(hub: Hub, revision: str) -> Iterator[None]:
     """The hub's database marked as of `revision`, as a newer hub would leave it; put back after."""
-
-    def __init__(self, hub: Hub, revision: str) -> None:
-        from sqlalchemy import create_engine
-
-        from hub.store import database_url, with_driver
-
-        self.engine = create_engine(with_driver(database_url(hub.database), asynchronous=False))
-        self.revision = revision
-
-    def set(self, revision: str) -> str:
-        with self.engine.begin() as db:
+    engine = create_engine(with_driver(database_url(hub.database), asynchronous=False))
+    query = text("UPDATE alembic_version SET version_num = :r")
+    try:
+        with engine.begin() as db:
             before = str(db.execute(text("SELECT version_num FROM alembic_version")).scalar_one())
-            db.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
-        return before
-
-    def __enter__(self) -> None:
-        self.before = self.set(self.revision)
-
-    def __exit__(self, *_exc: object) -> None:
-        self.set(self.before)
-        self.engine.dispose()
+            db.execute(query, {"r": revision})
+        yield
+        with engine.begin() as db:
+            db.execute(query, {"r": before})
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
