@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import logging
 import sys
@@ -35,13 +36,20 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "over_api", False):  # a client of a running hub (rastos-hub run): no database here
             over_api: int = args.action(args)
             return over_api
+        from hub.holders import serving
         from hub.store import database_url, migrate
 
         url = database_url(args.database)
-        revision = migrate(url)
-        logging.getLogger("rastos-hub").debug("database at schema revision %s", revision)
-        result: int = args.action(args, url)
-        return result
+        if getattr(args, "as_it_is", False):  # db backup and restore: what they copy is never migrated first
+            copied: int = args.action(args, url)
+            return copied
+        with contextlib.ExitStack() as held:
+            if getattr(args, "serves", False):  # before migrating: a second hub must not migrate under the first
+                held.enter_context(serving(url))
+            revision = migrate(url)
+            logging.getLogger("rastos-hub").debug("database at schema revision %s", revision)
+            result: int = args.action(args, url)
+            return result
     except RastosError as error:
         print(f"rastos-hub: {error}", file=sys.stderr)
         return int(getattr(error, "exit_status", 1))
@@ -90,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_IMAGE_BYTES,
         help=f"the largest bundle an upload may carry (default {DEFAULT_MAX_IMAGE_BYTES})",
     )
-    serve.set_defaults(action=_serve)
+    serve.set_defaults(action=_serve, serves=True)
 
     host = commands.add_parser("host", help="hosts the hub accepts").add_subparsers(required=True, metavar="ACTION")
     add = host.add_parser("add", help="add a host and print its agent token (shown this once)")
@@ -211,7 +219,47 @@ def _parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="migrate to the newest schema (serve does it too)").set_defaults(
         action=lambda _args, _url: 0
     )
+    db_backup = db.add_parser(
+        "backup", help="copy the whole database to a file of mode 600 (it holds token hashes), also while the hub "
+        "serves: SQLite's online backup, or pg_dump"
+    )  # fmt: skip
+    db_backup.add_argument(
+        "file", type=Path, metavar="FILE", help="the backup; a directory: a new file in it, rastos-hub-TIME.sqlite "
+        "(or .pgdump)"
+    )  # fmt: skip
+    db_backup.add_argument(
+        "--keep", type=int, metavar="N", help="FILE is a directory: keep only the newest N backups named so in it"
+    )
+    db_backup.set_defaults(action=_db_backup, as_it_is=True)
+    db_restore = db.add_parser(
+        "restore", help="replace the whole database with a backup's contents, then migrate them to this hub's "
+        "schema; refused while a hub serves from it"
+    )  # fmt: skip
+    db_restore.add_argument("file", type=Path, metavar="FILE", help="a file `db backup` wrote")
+    db_restore.add_argument(
+        "--force",
+        action="store_true",
+        help="PostgreSQL: restore while hubs serve from it (restart them after); SQLite refuses it all the same",
+    )
+    db_restore.set_defaults(action=_db_restore, as_it_is=True)
     return parser
+
+
+def _db_backup(args: argparse.Namespace, url: str) -> int:
+    from hub.backup import backup
+
+    written = backup(url, args.file, args.keep)
+    print(f"backup written to {written}")
+    return 0
+
+
+def _db_restore(args: argparse.Namespace, url: str) -> int:
+    from hub.backup import restore
+
+    restored = restore(url, args.file, args.force)
+    moved = "" if restored.revision == restored.backup_revision else f", migrated to {restored.revision}"
+    print(f"database restored from {args.file} (schema revision {restored.backup_revision}{moved})")
+    return 0
 
 
 def _serve(args: argparse.Namespace, url: str) -> int:

@@ -53,7 +53,7 @@ def database_url(value: str) -> str:
     return value
 
 
-def _with_driver(url: str, asynchronous: bool) -> str:
+def with_driver(url: str, asynchronous: bool) -> str:
     parsed = make_url(url)
     driver = DRIVERS[parsed.get_backend_name()][1 if asynchronous else 0]
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
@@ -72,7 +72,7 @@ def migrate(url: str) -> str:
     """Bring the database to the newest schema; returns the revision it is at."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(_with_driver(url, asynchronous=False))
+    engine = create_engine(with_driver(url, asynchronous=False))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
@@ -129,7 +129,7 @@ class Store:
         # Nothing non-finite is written (PostgreSQL refuses it, and it is not JSON); what an older hub
         # wrote to SQLite reads back as null.
         self.engine: AsyncEngine = create_async_engine(
-            _with_driver(url, asynchronous=True),
+            with_driver(url, asynchronous=True),
             json_serializer=strictjson.dumps_strict,
             json_deserializer=strictjson.loads_stored,
         )

@@ -50,6 +50,9 @@ PACKAGE_OF_PROGRAM: dict[str, str] = {
     "xz": "xz-utils",
     "zstd": "zstd",
     "rsync": "rsync",
+    "pg_dump": "postgresql-client",
+    "pg_restore": "postgresql-client",
+    "psql": "postgresql-client",
 }
 
 TAIL_LINES = 25
