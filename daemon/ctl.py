@@ -75,6 +75,7 @@ from daemon.ctl_output import (
     format_update_status,
     table,
 )
+from daemon.ctl_polkit import allow_interactive_authorization, password_agent, wants_password_prompt
 from daemon.ctl_target import Target, Unreachable, Via, connect, parse_destination, parse_machine
 from daemon.inventory import InventoryHost, load_inventory
 from daemon.jobs import FINAL_STATES
@@ -454,8 +455,11 @@ async def run_on(
     try:
         if target.via is not Via.LOCAL:
             await connection.reach(args.connect_timeout)
+        prompt = wants_password_prompt(args.command, target.via is Via.LOCAL, args.ask_password)
+        prompt = prompt and allow_interactive_authorization(connection.bus)
         try:
-            return await dispatch(Client(connection.bus, out, variables, target.via is not Via.LOCAL), args)
+            with password_agent() if prompt else contextlib.nullcontext():
+                return await dispatch(Client(connection.bus, out, variables, target.via is not Via.LOCAL), args)
         except (DbusNoReplyError, SdBusLibraryError) as error:
             raise (connection.lost(error) or error) from None
     finally:

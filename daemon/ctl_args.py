@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", type=number(1, MAX_PARALLEL), metavar="N",
                         help=f"at most N hosts at once (default {DEFAULT_PARALLEL})")  # fmt: skip
     parser.add_argument("--fail-fast", action="store_true", help="start no more hosts once one failed")
+    parser.add_argument("--no-ask-password", dest="ask_password", action="store_false",
+                        help="never ask for a password here: a change polkit wants one for is refused")  # fmt: skip
     parser.add_argument("--connect-timeout", type=number(1, 3600), default=int(CONNECT_TIMEOUT), metavar="SECONDS",
                         help=f"give up on a host silent this long (default {CONNECT_TIMEOUT:g})")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

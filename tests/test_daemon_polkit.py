@@ -9,9 +9,13 @@ A password typed into an authentication agent needs a terminal and a session: th
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,6 +240,57 @@ def test_rastosctl_tells_a_plain_user_which_action_it_needs(daemon: Rastosd) -> 
         f"rastosctl: {INTERACTIVE_REQUIRED}: Apply: polkit action org.rastos.Daemon1.apply needs an administrator's "
         "authentication (call it with interactive authorization allowed and an authentication agent running)\n"
     )
+
+
+def on_a_terminal(argv: list[str], answer: bytes, timeout: float = 60) -> tuple[int, str]:
+    """`argv` in a session of its own whose controlling terminal is a pty, as a person's shell runs it;
+    `answer` is typed at the first password prompt. Its exit status and everything the terminal showed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(["setsid", "--ctty", *argv], stdin=terminal, stdout=terminal, stderr=terminal,
+                               cwd=CHECKOUT)  # fmt: skip
+    os.close(terminal)
+    seen, answered = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # every end of the terminal closed: the command is done
+                    chunk = b""
+                seen += chunk
+                if not chunk and process.poll() is not None:
+                    break
+            if not answered and b"Password: " in seen:
+                os.write(controller, answer + b"\n")
+                answered = True
+            if process.poll() is not None and not ready:
+                break
+        return process.wait(5), seen.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(controller)
+
+
+def test_rastosctl_on_a_terminal_allows_polkit_to_ask(daemon: Rastosd) -> None:
+    """A plain user's rastosctl on a terminal lets polkit ask for a password (its call's flag, with
+    pkttyagent started for rastosctl's own process); with --no-ask-password, or with no terminal, it does
+    not. polkitd here has no login session to put a prompt in, so each call is still refused and nothing
+    changes: the prompt itself, answered, is qemu-tests/test_polkit.py's."""
+    before = len(polkit_questions(daemon))
+    motd = daemon.scratch.root / "etc" / "motd"
+    kept = motd.read_bytes() if motd.exists() else None
+    status, shown = on_a_terminal([*daemon.ctl_argv(PLAIN_USER), "apply", "motd", "text=asked"], b"not the password")
+    assert status == 1 and f"{INTERACTIVE_REQUIRED}: Apply: polkit action org.rastos.Daemon1.apply" in shown, shown
+    status, shown = on_a_terminal([*daemon.ctl_argv(PLAIN_USER), "--no-ask-password", "apply", "motd", "text=x"], b"")
+    assert status == 1 and f"{INTERACTIVE_REQUIRED}: Apply: polkit action org.rastos.Daemon1.apply" in shown, shown
+    assert daemon.ctl("apply", "motd", "text=piped", user=PLAIN_USER).returncode == 1
+    asked = [question.rsplit(" ", 1)[1] for question in polkit_questions(daemon)[before:]]
+    assert asked == ["yes)", "no)", "no)"], polkit_questions(daemon)[before:]
+    assert (motd.read_bytes() if motd.exists() else None) == kept
 
 
 def test_a_question_polkit_does_not_answer_is_a_no(tmp_path: Path) -> None:
