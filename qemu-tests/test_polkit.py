@@ -1,7 +1,8 @@
 """Who may change a host, decided by polkit, and rastosd's sandbox as systemd rates it, in a booted guest
 of the `server` profile (which has polkitd; remote_guests.py): a plain user refused naming the action, a
 member of the admin group let in by the shipped rule, a sudoer let in once she types her password to
-pkttyagent, and `systemd-analyze security` within its bounds."""
+the agent her rastosctl starts, her answer kept for a while in a session at the machine and not over
+SSH, and `systemd-analyze security` within its bounds."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def apply_motd(text: str, interactive: bool) -> str:
 
 
 PASSWORD = "correct horse battery staple"
+# chvt without the kbd package: VT_ACTIVATE, then VT_WAITACTIVE, on the console.
+BRING_TO_FRONT = ("python3 -c 'import fcntl, os; console = os.open(\"/dev/tty0\", os.O_RDWR); "
+                  "fcntl.ioctl(console, 0x5606, {0}); fcntl.ioctl(console, 0x5607, {0})'")  # fmt: skip
 # The bounds tests/test_units_security.py holds the units to, rated offline on the build host; here by
 # the guest's own systemd, on the units as installed.
 EXPOSURE = {"rastosd.service": 6.0, "rastos-health.service": 4.0, "rastos-boot-report.service": 4.0,
@@ -106,20 +110,85 @@ def test_polkit_decides_who_may_change_the_host_and_the_units_are_sandboxed(
         assert done.endswith("EXIT=0"), done
         assert ssh(ssh_client, port, "cat /etc/motd") == "dave"
 
-        # A sudoer, polkit's administrator on Debian: asked for her password on her terminal by pkttyagent,
-        # and let in once she gives it. polkit asks the agent registered for the calling process, so the
-        # agent is started for this shell's process, which then becomes busctl (exec keeps the process).
-        script = f"pkttyagent --process $$ --fallback < /dev/tty &\nsleep 3\nexec {apply_motd('alice', True)}\n"
-        ssh(ssh_client, port, f"cat > /home/alice/ask <<'EOF'\n{script}EOF")
-        shown = on_a_terminal(ssh_client, port, "alice", "sh /home/alice/ask; echo EXIT=$?",
+        # A sudoer, polkit's administrator on Debian: her rastosctl, on her terminal, starts polkit's text
+        # agent for itself as systemctl does; she is asked for her password there, and let in once she
+        # gives it.
+        shown = on_a_terminal(ssh_client, port, "alice", "rastosctl apply motd text=alice; echo EXIT=$?",
                               {b"Password: ": PASSWORD.encode()})  # fmt: skip
-        assert "org.rastos.Daemon1.apply" in shown and "EXIT=0" in shown, shown
-        job = re.search(r'o "/org/rastos/Daemon1/job/(\d+)"', shown)
-        assert job is not None, shown
-        assert json.loads(ssh(ssh_client, port, f"rastosctl --json job {job.group(1)}"))["state"] == "done"
+        assert "AUTHENTICATING FOR org.rastos.Daemon1.apply" in shown and "EXIT=0" in shown, shown
         assert ssh(ssh_client, port, "cat /etc/motd") == "alice"
         alice = int(ssh(ssh_client, port, "id -u alice"))
         events = json.loads(ssh(ssh_client, port, "rastosctl --json log --limit 50"))
         assert "Apply" in [e["method"] for e in events if e["uid"] == alice], events
+        # Over SSH her session is not local, so polkit keeps nothing (auth_admin): her next call that may
+        # not ask is refused.
+        again = ssh(ssh_client, port, f"runuser -u alice -- {apply_motd('again', False)} 2>&1; echo EXIT=$?")
+        assert "org.rastos.Daemon1.apply" in again and "EXIT=1" in again, again
+
+        # At the machine (a session on its seat's foreground virtual terminal) polkit keeps her answer
+        # (auth_admin_keep): asked once, then let in without a prompt.
+        keep_time_in_a_local_session(ssh_client, port)
     finally:
         guest.close(artifacts / "console.log")
+
+
+# A client that stays (a UI, a script): one process, two calls. polkit keeps an answer for the process
+# that gave it, so the second call, which may not ask, goes through only on the kept answer.
+TWO_CALLS = """
+import json, os, pathlib, sys, time
+sys.path.insert(0, "/usr/lib/rastos/python")
+from sdbus import sd_bus_open_system
+from daemon.ctl_polkit import allow_interactive_authorization
+
+def wait_for(name):
+    while not pathlib.Path(name).exists():
+        time.sleep(0.2)
+
+def apply(text):
+    call = bus.new_method_call_message("org.rastos.Daemon1", "/org/rastos/Daemon1", "org.rastos.Daemon1.Manager",
+                                       "Apply")
+    call.append_data("sst", "motd", json.dumps({"text": text}), 0)
+    try:
+        print("JOB", bus.call(call).get_contents(), flush=True)
+    except Exception as error:
+        print("REFUSED", type(error).__name__, error, flush=True)
+
+bus = sd_bus_open_system()
+pathlib.Path("/tmp/caller.pid").write_text(str(os.getpid()))
+wait_for("/tmp/agent.ready")
+assert allow_interactive_authorization(bus, True)
+apply("local-first")
+pathlib.Path("/tmp/first.done").touch()
+wait_for("/tmp/agent.gone")
+assert allow_interactive_authorization(bus, False)
+apply("local-second")
+pathlib.Path("/tmp/second.done").touch()
+"""
+
+
+def keep_time_in_a_local_session(client: SshClient, port: int) -> None:
+    """Alice's session on tty2, the foreground terminal of seat0, as a login there makes it (PAM's `login`
+    service, so pam_systemd registers it with logind), with no keyboard needed. Her client's first call
+    is asked for her password by pkttyagent, registered for that process from her SSH terminal; the agent
+    is then stopped, and the client's second call, which may not ask, is let in on the kept answer."""
+    ssh(client, port, f"cat > /home/alice/two-calls.py <<'EOF'\n{TWO_CALLS}EOF")
+    ssh(client, port, "systemd-run --unit=alice-at-the-machine --property=PAMName=login --property=TTYPath=/dev/tty2"
+                      " --property=StandardInput=tty --property=StandardOutput=file:/tmp/two-calls.out"
+                      " --property=StandardError=file:/tmp/two-calls.out --uid=alice python3 /home/alice/two-calls.py"
+                      f" && {BRING_TO_FRONT.format(2)}")  # fmt: skip
+    waited = "for i in $(seq 300); do [ -e {0} ] && break; sleep 0.2; done; cat {0}"
+    pid = ssh(client, port, waited.format("/tmp/caller.pid"))
+    # Her session as polkit sees it, found from the process logind placed in it.
+    session = ssh(client, port, f"loginctl show-session $(ps -o lsession= -p {pid}) --property=Seat"
+                                " --property=Active --property=Remote --property=TTY")  # fmt: skip
+    assert "Seat=seat0" in session and "Active=yes" in session and "Remote=no" in session, session
+    agent = (f"pkttyagent --process {pid} --fallback < /dev/tty & sleep 3; touch /tmp/agent.ready; "
+             f"{waited.format('/tmp/first.done')}; kill $!; wait; touch /tmp/agent.gone")  # fmt: skip
+    shown = on_a_terminal(client, port, "alice", agent, {b"Password: ": PASSWORD.encode()})
+    assert "org.rastos.Daemon1.apply" in shown, shown
+    said = ssh(client, port, f"{waited.format('/tmp/second.done')}; cat /tmp/two-calls.out")
+    jobs = re.findall(r"^JOB /org/rastos/Daemon1/job/(\d+)$", said, re.MULTILINE)
+    assert len(jobs) == 2 and "REFUSED" not in said, said
+    for job in jobs:
+        assert json.loads(ssh(client, port, f"rastosctl --json job {job}"))["state"] == "done"
+    assert ssh(client, port, "cat /etc/motd") == "local-second"
