@@ -54,17 +54,34 @@ NEW_HOST = {
     "required": ["name"],
     "additionalProperties": False,
 }
-NEW_RUN = {
+WORKFLOW_NAME = {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,40}$"}
+RUN_WORKFLOW = {
     "type": "object",
+    "description": "a workflow (GET /api/v1/workflows) the hub expands into the run's steps",
+    "properties": {
+        "name": WORKFLOW_NAME,
+        "variables": {"type": "object", "maxProperties": 64, "description": "variable name -> value",
+                      "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    },
+    "required": ["name"],
+    "additionalProperties": False,
+}  # fmt: skip
+NEW_RUN_FIELDS = {
+    "type": "object",
+    "description": "steps, or a workflow: exactly one",
     "properties": {
         "target": TARGET,
         "steps": {"type": "array", "items": STEP, "minItems": 1, "maxItems": 256},
+        "workflow": RUN_WORKFLOW,
         "flags": {"type": "integer", "minimum": 0, "maximum": 7, "description": "dry-run 1, no-snapshot 2, restore 4"},
         "parallelism": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10},
     },
-    "required": ["target", "steps"],
+    "required": ["target"],
     "additionalProperties": False,
 }
+# What the document says; the hub checks the fields by the schema and "exactly one" in check_new_run,
+# where a refusal can name the field.
+NEW_RUN = {**NEW_RUN_FIELDS, "oneOf": [{"required": ["steps"]}, {"required": ["workflow"]}]}
 NEW_ROLLOUT = {
     "type": "object",
     "properties": {
@@ -134,13 +151,23 @@ def check_host_action(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def check_new_run(body: dict[str, Any]) -> dict[str, Any]:
+    """A run's body (checked against NEW_RUN_FIELDS) with steps or a workflow, not both."""
+    if "steps" in body and "workflow" in body:
+        raise HubError("workflow: a run has steps or a workflow, not both")
+    if "steps" not in body and "workflow" not in body:
+        raise HubError("steps: required (or a workflow)")
+    return body
+
+
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     """A validator of `schema` whose references resolve as in the OpenAPI document (#/components/...)."""
     return Draft202012Validator({"$ref": "#/$defs/body", "$defs": {"body": schema}, "components": {"schemas": SCHEMAS}})
 
 
 _VALIDATORS = {
-    id(schema): _validator(schema) for schema in (NEW_HOST, NEW_RUN, NEW_ROLLOUT, ROTATION, LOGIN, HOST_ACTION_FIELDS)
+    id(schema): _validator(schema)
+    for schema in (NEW_HOST, NEW_RUN_FIELDS, NEW_ROLLOUT, ROTATION, LOGIN, HOST_ACTION_FIELDS)
 }
 MAX_MESSAGE_CHARS = 300  # jsonschema's messages hold the value they are about, which may be large
 
@@ -267,6 +294,20 @@ OP = {
                    "schema": {"type": "object", "description": "its params, as JSON Schema (draft 2020-12)"}},
     "required": ["name", "description", "schema"],
 }  # fmt: skip
+WORKFLOW = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "description": {"type": "string"},
+        "variables": {"type": "array", "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "required": {"type": "boolean"},
+                           "fills": {"type": "array", "items": {"type": "string"}, "description": "OP.PARAM"},
+                           "schema": {"type": "object", "description": "JSON Schema (draft 2020-12)"}},
+            "required": ["name", "required", "fills", "schema"]}},
+    },
+    "required": ["name", "description", "variables"],
+}  # fmt: skip
 EVENT = {
     "type": "object",
     "properties": {
@@ -381,9 +422,14 @@ BODY_ERRORS = {
     "413": _error("a body over 1 MiB"),
     "415": _error("a body that is not application/json"),
 }
-NOT_FOUND = {"404": _error("no such host or run")}
+NOT_FOUND = {"404": _error("no such host, run or (workflow.name) workflow")}
 CONFLICT = {"409": _error("in conflict with the hub's state (a host of that name exists; a run ended already)")}
-BAD_STEP = {"422": _error("a step its op refuses, as rastosd would, the field named: steps[I].params.FIELD: reason")}
+BAD_STEP = {
+    "422": _error(
+        "a step its op refuses, as rastosd would, the field named: steps[I].params.FIELD: "
+        "reason; or a workflow's variable: workflow.variables.NAME: reason"
+    )
+}
 IMAGE_ERRORS = {
     "404": _error("no such image"),
     "409": _error("another bundle is this version already"),
@@ -472,6 +518,10 @@ PATHS: dict[str, dict[str, Any]] = {
                    "changed), command {command} for each change of one of its commands, end {run} once it "
                    "has ended; then the hub closes it",
         "responses": {"101": {"description": "switching protocols"}, **NOT_FOUND}}},
+    "/api/v1/workflows": {"get": {
+        "summary": "The workflows a run may name (workflow: {name, variables}), each variable with the JSON "
+                   "Schema of the parameter it fills (its default the variable's) and the OP.PARAM it fills",
+        "responses": {"200": _answer("workflows", {"type": "array", "items": WORKFLOW})}}},
     "/api/v1/ops": {"get": {
         "summary": "The ops hosts run, each with its parameters as JSON Schema: what a run's steps are checked by",
         "responses": {"200": _answer("ops", {"type": "array", "items": OP})}}},

@@ -235,8 +235,11 @@ async def _run(request: web.Request) -> web.StreamResponse:
 
 async def _start_run(request: web.Request) -> web.StreamResponse:
     admin = caller(request).name
-    body = await edge.json_body(request, api.NEW_RUN)
-    steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
+    body = api.check_new_run(await edge.json_body(request, api.NEW_RUN_FIELDS))
+    if "workflow" in body:
+        steps = runs_api.workflow_run_steps(body["workflow"])
+    else:
+        steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
     try:  # the op library's own checks, as each host's rastosd will make them: refused before sending
         checked_steps(steps)
     except ExpectedError as error:
