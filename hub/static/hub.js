@@ -285,14 +285,60 @@ function renderRuns() {
         ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${targetText(run.target)}`,
         ` by ${text(run.admin)}, ${when(run.created)} `,
         run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
-          ? el("button", { onclick: () => post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`) }, "Cancel")
+          ? el("button", { class: "cancel-run", onclick: () => confirmCancel(run) }, "Cancel")
           : ""),
+      runProgress(run),
       el("table", {}, el("tbody", {}, ...list(run.commands).map(obj).flatMap((c) => [
         el("tr", { class: "command", "data-host": text(c.host) },
           el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
-          el("td", {}, text(obj(c.result).error))),
+          el("td", {}, text(obj(c.result).error)), el("td", { class: "steps-done" }, hostProgress(run, c))),
         ...planRow(c, dry)]))));
   }));
+}
+
+// The states a command ends in (hub/store.py FINAL_COMMAND_STATES): its host is finished with the run.
+const FINAL_COMMAND = new Set(["done", "failed", "cancelled", "interrupted"]);
+// A step the host reports as got through, whether it changed anything or not (a dry run's: planned).
+const STEP_THROUGH = new Set(["changed", "unchanged", "planned", "done"]);
+
+function bar(label, done, total) {
+  return el("span", { class: "progress" },
+    el("progress", { max: String(Math.max(total, 1)), value: String(Math.min(done, total)), "aria-label": label }),
+    ` ${Math.min(done, total)}/${total}`);
+}
+
+// Hosts finished of hosts: only the hub's own command states, which every agent reports.
+function runProgress(run) {
+  const commands = list(run.commands).map(obj);
+  const finished = commands.filter((command) => FINAL_COMMAND.has(text(command.state))).length;
+  return el("div", { class: "run-progress" }, "hosts finished", bar("hosts finished", finished, commands.length));
+}
+
+// Steps done of steps: all once its command is done; before, those its result reports got through.
+function hostProgress(run, command) {
+  const total = list(run.steps).length;
+  const done = command.state === "done" ? total
+    : list(obj(command.result).steps).filter((step) => STEP_THROUGH.has(text(obj(step).state))).length;
+  return bar(`${text(command.host)}: steps done`, done, total);
+}
+
+// Like a host action's (hostpage.js): the modal dialog names what ends; only its OK button sends.
+function confirmCancel(run) {
+  const dialog = $("confirm"), what = list(run.steps).map((s) => text(obj(s).op)).join(" && ");
+  $("confirm-title").textContent = "Cancel this run?";
+  $("confirm-text").textContent = `${what} on ${targetText(run.target)}: hosts that have not started it never `
+    + "will; those running it are asked to stop, and what they changed so far stays.";
+  $("confirm-ok").textContent = "Cancel the run";
+  dialog.returnValue = "";
+  dialog.onclose = async () => {
+    if (dialog.returnValue !== "ok") return;
+    try {
+      await post(`/api/v1/runs/${encodeURIComponent(text(run.id))}/cancel`);
+    } catch (error) {
+      $("dispatch-error").textContent = error.message;
+    }
+  };
+  dialog.showModal();
 }
 
 // What each step of a host's command planned (a dry run) or changed, with the diffs, as its result
@@ -311,7 +357,7 @@ function planRow(command, dry) {
         el("div", {}, `${dry ? "would " : ""}${text(change.action)} ${text(change.subject)}`),
         change.detail ? diffView(text(change.detail), text(change.action)) : "")))));
   details.open = planOpen.get(id) ?? dry;
-  return [el("tr", { class: "plan-row" }, el("td", { colspan: "4" }, details))];
+  return [el("tr", { class: "plan-row" }, el("td", { colspan: "5" }, details))];
 }
 
 function diffView(detail, action) {

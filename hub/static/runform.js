@@ -6,6 +6,10 @@
 // which names the field too, shows under the form. The steps as raw JSON stay as an advanced mode, for
 // what a form cannot say (an empty required text, a parameter of no simple type).
 //
+// A run may instead name a workflow (GET /api/v1/workflows): its variables get the same forms, made
+// from the schema of the parameter each fills, and the hub expands it into steps, checking the
+// variables itself and naming the one it refuses.
+//
 // Loaded before hub.js, whose helpers (el, obj, list, text, $) it uses once the page runs;
 // hub.js calls initRunForm() at its end.
 "use strict";
@@ -14,6 +18,8 @@ let ops = null;  // op name -> {description, schema}, once /api/v1/ops answered
 let opsLoading = null;
 let stepCount = 0;  // ids of each step's inputs, never reused: a label stays tied to its input
 const steps = [];  // the steps in the form, in order: {id, node, op, fields}
+let workflows = null;  // workflow name -> {description, variables}, once /api/v1/workflows answered
+let workflowFields = [];  // the chosen workflow's variables, as paramField makes them
 
 function initRunForm() {
   $("target-kind").onchange = renderTarget;
@@ -22,6 +28,17 @@ function initRunForm() {
   $("add-step").onclick = () => addStep().choice.focus();
   $("advanced").onchange = switchMode;
   $("dispatch").onsubmit = dispatch;
+  for (const radio of document.getElementsByName("run-kind")) radio.onchange = showRunKind;
+  $("workflow-name").onchange = showWorkflow;
+}
+
+const workflowChosen = () => $("kind-workflow").checked;
+
+function showRunKind() {
+  $("dispatch-error").textContent = "";
+  $("workflow-form").hidden = !workflowChosen();
+  $("ops-form").hidden = workflowChosen();
+  if (workflowChosen()) loadWorkflows();
 }
 
 // Asked for once a role that may start runs is logged in; until it answers, only the JSON mode works.
@@ -36,6 +53,45 @@ function loadOps() {
     showMode();
   });
   return opsLoading;
+}
+
+// Asked for when a workflow is first chosen; a failure says so and leaves the ops to choose.
+function loadWorkflows() {
+  if (workflows) return;
+  request("GET", "/api/v1/workflows").then((answer) => {
+    workflows = Object.fromEntries(list(answer).map(obj).map((workflow) => [text(workflow.name), workflow]));
+    keepOptions($("workflow-name"), Object.keys(workflows).sort().map((name) => [name, name]));
+    showWorkflow();
+  }).catch((error) => {
+    $("dispatch-error").textContent = `the hub's workflows: ${error.message}`;
+  });
+}
+
+function showWorkflow() {
+  const workflow = obj(workflows && workflows[$("workflow-name").value]);
+  $("workflow-help").textContent = text(workflow.description);
+  workflowFields = list(workflow.variables).map(obj).map((variable) => {
+    const schema = obj(variable.schema), fills = list(variable.fills).map(text).join(", ");
+    const spec = { ...schema, description: `${text(schema.description)}${fills ? `; fills ${fills}` : ""}` };
+    return paramField(`variable-${text(variable.name)}`, text(variable.name), spec, variable.required === true);
+  });
+  $("workflow-variables").replaceChildren(...workflowFields.map((field) => field.node));
+}
+
+// The chosen workflow and the variables the form sets (those equal to their default left out, as a
+// step's params are); `errors` names each refused variable.
+function formWorkflow() {
+  const name = $("workflow-name").value, variables = {}, errors = [];
+  if (!name) return { errors: [{ message: "workflow: choose one", input: $("workflow-name") }] };
+  for (const field of workflowFields) {
+    const got = field.read(), error = got.error || (field.required && empty(got.value) ? "required" : "");
+    field.show(error);
+    if (error) errors.push({ message: `workflow ${name}: ${field.name}: ${error}`, input: field.input });
+    else if (got.value !== undefined && JSON.stringify(got.value) !== JSON.stringify(field.spec.default)) {
+      variables[field.name] = got.value;
+    }
+  }
+  return { workflow: { name, variables }, errors };
 }
 
 // Target
@@ -373,8 +429,12 @@ async function dispatch(event) {
   if (!Number.isInteger(parallelism) || parallelism < 1) {
     errors.push({ message: "parallelism: must be a whole number of at least 1", input: $("parallelism") });
   }
-  let chosen;
-  if ($("advanced").checked) {
+  let chosen, workflow;
+  if (workflowChosen()) {
+    const form = formWorkflow();
+    errors.push(...form.errors);
+    workflow = form.workflow;
+  } else if ($("advanced").checked) {
     try {
       chosen = JSON.parse($("steps").value);
     } catch (error) {
@@ -392,7 +452,8 @@ async function dispatch(event) {
   }
   $("run-button").disabled = true;  // a second click while the first is on its way would start a second run
   try {
-    await post("/api/v1/runs", { target, steps: chosen, flags: $("dry-run").checked ? 1 : 0, parallelism });
+    const what = workflow ? { workflow } : { steps: chosen };
+    await post("/api/v1/runs", { target, ...what, flags: $("dry-run").checked ? 1 : 0, parallelism });
     $("dispatch-error").textContent = "";
   } catch (error) {
     $("dispatch-error").textContent = error.message;
