@@ -503,7 +503,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/runs": {
         "get": {"summary": "Recent runs with their commands",
                 "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},
-        "post": {"summary": "Run an op or a pipeline on hosts (&& per host, parallelism limit)",
+        "post": {"summary": "Run ops or a workflow on hosts (&& per host, parallelism limit)",
                  "requestBody": _body(NEW_RUN),
                  "responses": {"201": _answer("the run", RUN), **BODY_ERRORS, **BAD_STEP, **NOT_FOUND,
                                **CONFLICT}},
