@@ -51,7 +51,9 @@ def test_a_workflow_runs_from_the_form_and_is_followed_and_cancelled(
         assert status == 422 and answer["error"].startswith("workflow.variables.users: required"), answer
 
         # Set, the hub expands it: the agent gets the workflow's steps with the variable in place.
+        expect(users).to_have_attribute("aria-invalid", "true")
         users.fill("alice\nbob")
+        expect(users).to_have_attribute("aria-invalid", "false")  # filled in, it no longer says "required"
         screenshots(page, tmp_path, "run-form-workflow")
         page.click("#run-button")
         expect(page.locator("#dispatch-error")).to_have_text("")

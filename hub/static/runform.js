@@ -234,6 +234,9 @@ function paramField(id, name, spec, required, value) {
     error.textContent = message;
     input.setAttribute("aria-invalid", message ? "true" : "false");
   };
+  // A field's complaint is about what was there at the last Run: once the person changes it, it goes
+  // (it is checked again at the next Run), so a filled-in field never still says "required".
+  for (const kind of ["input", "change"]) node.addEventListener(kind, () => { if (error.textContent) show(""); });
   return { name, spec, required, input, node, read, show };
 }
 
