@@ -33,6 +33,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from hub import holders
+from hub.files import sync_directory
 from hub.schema import metadata
 from hub.store import MIGRATIONS, migrate, with_driver
 from rastos.errors import RastosError
@@ -124,17 +125,9 @@ def _atomic(target: Path) -> Iterator[Path]:
         finally:
             os.close(descriptor)
         temporary.replace(target)
-        _fsync_directory(target.parent)
+        sync_directory(target.parent)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _sqlite_backup(database: Path, temporary: Path) -> None:

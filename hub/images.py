@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hub.errors import HubError, Unprocessable
+from hub.files import sync_directory
 from rastos.bundle import (
     SUFFIX,
     BundleError,
@@ -178,7 +179,7 @@ class ImageFiles:
         it is added."""
         kept = self.path(checked.sha256)
         checked.path.replace(kept)
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
         return kept
 
     def remove(self, sha256: str) -> None:
@@ -197,14 +198,6 @@ def _finish(file: IO[bytes], rest: bytes) -> None:
     file.write(rest)
     file.flush()
     os.fsync(file.fileno())
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _without_path(message: str, path: Path) -> str:
