@@ -32,6 +32,7 @@ from daemon.boot import (
 from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
+from daemon.followups import run_owed
 from daemon.hub_join import Joined, join
 from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted, load_settings
 from daemon.jobs import Job, JobListener, JobManager, parse_params
@@ -70,7 +71,12 @@ class Daemon:
         self.entries = BootEntries(config.esp, config.boot_tries)
         self.boot_id = current_boot_id()
         self._booted_entry = config.booted_entry or read_loader_variable("LoaderEntrySelected") or ""
-        self.fallback = self._find_fallback()
+        self._fallback: Fallback | None = None
+        self._fallback_known = False
+        self._fallback_lock = threading.Lock()
+        # Set once what a start repairs and owes is done (settle()): calls that change the host or show
+        # its snapshots and updates wait for it, the rest are answered as soon as rastosd is on the bus.
+        self.settled = asyncio.Event()
         # A read-only snapshot boot runs on an overlay: its root is named by the kernel command line.
         self.overlay_root = overlay_boot(config.boot_cmdline())
         layout = SnapshotLayout(config.root, config.snapshot_directory)
@@ -204,12 +210,40 @@ class Daemon:
             reason = "the hub's settings cannot be used (the token file cannot be read?): the journal says why"
         return {"state": "off", "url": self.config.hub_url, "error": reason, "since": None}
 
+    @property
+    def fallback(self) -> Fallback | None:
+        """The entry this boot fell back from, if it did. Read from the ESP's entries when first
+        needed, not while rastosd starts: the ESP is an automount whose device udev announces late in
+        a busy boot, and waiting for it held up rastosd's first answer (in a loaded emulated boot,
+        past the unit's start timeout)."""
+        with self._fallback_lock:
+            if not self._fallback_known:
+                self._fallback = self._find_fallback()
+                self._fallback_known = True
+            return self._fallback
+
     def _find_fallback(self) -> Fallback | None:
         try:
             return find_fallback(self.entries, self._booted_entry)
         except (BootConfigError, OSError) as error:
             log.warning("cannot tell whether this boot fell back: %s", error)
             return None
+
+    async def settle(self) -> None:
+        """What a start repairs and owes, done once rastosd answers on the bus: repairs after a crash
+        between two steps, updates a good boot lets go, follow-ups owed by jobs, pending
+        confirmations' timers, and the report of a fallback. Off the event loop: these touch the disk
+        and the ESP, and the loop meanwhile answers what need not wait for them."""
+        # Whether this boot fell back is read before the repairs, which may rewrite the entries it is
+        # read from; a BootState read before then reads it itself, from the same entries.
+        await asyncio.to_thread(lambda: self.fallback)
+        await asyncio.to_thread(self.reconcile)
+        if (await asyncio.to_thread(self.boot_state)).health == "good":  # restarted on a boot known good
+            await asyncio.to_thread(self.collect_updates, "rastosd started on a boot known good")
+        await asyncio.to_thread(run_owed, self.store, self.target)
+        self.jobs.confirmations.resume()
+        self.report_fallback()
+        self.settled.set()
 
     def report_fallback(self) -> None:
         """Once per boot: the event log, the journal and a signal say what failed and what booted."""

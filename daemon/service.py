@@ -16,7 +16,6 @@ from daemon.bus.objects import BusFace
 from daemon.bus.polkit import find_polkit
 from daemon.config import DaemonConfig
 from daemon.core import Daemon
-from daemon.followups import run_owed
 from ops import OP_CLASSES
 from rastos import __version__
 
@@ -40,24 +39,22 @@ async def serve(config: DaemonConfig) -> None:
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
     daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
-    daemon.reconcile()
-    if daemon.boot_state().health == "good":  # rastosd restarted on a boot known good already
-        await asyncio.to_thread(daemon.collect_updates, "rastosd started on a boot known good")
-    await asyncio.to_thread(run_owed, daemon.store, daemon.target)
-    daemon.jobs.confirmations.resume()
     face.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
-    daemon.report_fallback()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    worker = asyncio.create_task(daemon.jobs.run_forever())
     watchdog = asyncio.create_task(_watchdog())
+    log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
+    # On the bus before the start's repairs: reads are answered meanwhile, and what changes the host or
+    # shows its snapshots and updates waits for them (daemon.settled). systemd counts rastosd started,
+    # jobs run and the hub hears of this host only once they are done, so "started" still means repaired.
+    await daemon.settle()
+    worker = asyncio.create_task(daemon.jobs.run_forever())
     daemon.start_hub()
     snapshots = "on" if daemon.snapshots else "off"
     _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OP_CLASSES)} ops; snapshots {snapshots}")
-    log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
     await stop.wait()
     _notify("STOPPING=1")
     log.info("stopping")

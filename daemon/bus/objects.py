@@ -200,6 +200,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def confirm(self, job_id: int) -> None:
         caller = await self._face.callers.authorize("Manager.Confirm")
+        await self._daemon.settled.wait()
         self._daemon.jobs.confirmations.confirm(job_id, caller.uid)
 
     # Snapshots
@@ -207,6 +208,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @dbus_method_async_override()
     @guarded
     async def list_snapshots(self) -> list[tuple[int, float, str, str, int, int, bool]]:
+        await self._daemon.settled.wait()
         rows = await asyncio.to_thread(self._daemon.require_snapshots().existing)
         return [(r.id, r.created, r.description, r.kind, r.job_id or 0, r.pre_id or 0, r.known_good) for r in rows]
 
@@ -214,6 +216,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def create_snapshot(self, description: str) -> int:
         caller = await self._face.callers.authorize("Snapshots.Create")
+        await self._daemon.settled.wait()
         check_description(description)
         snapshots = self._daemon.require_snapshots()
         return await asyncio.to_thread(snapshots.create, description, "manual", uid=caller.uid, method="Create")
@@ -222,6 +225,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def delete_snapshot(self, snapshot_id: int) -> None:
         caller = await self._face.callers.authorize("Snapshots.Delete")
+        await self._daemon.settled.wait()
         snapshots = self._daemon.require_snapshots()
         booted = self._daemon.booted_snapshot
         await asyncio.to_thread(snapshots.delete, snapshot_id, uid=caller.uid, method="Delete", booted_snapshot=booted)
@@ -230,6 +234,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def rollback(self, snapshot_id: int) -> str:
         caller = await self._face.callers.authorize("Snapshots.Rollback")
+        await self._daemon.settled.wait()
         entry = await asyncio.to_thread(self._daemon.prepare_rollback, snapshot_id)
         self._daemon.store.record(caller.uid, "Rollback", None, snapshot=snapshot_id, entry=entry)
         return entry
@@ -238,6 +243,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def boot_once(self, snapshot_id: int) -> str:
         caller = await self._face.callers.authorize("Snapshots.BootOnce")
+        await self._daemon.settled.wait()
         entry = await asyncio.to_thread(self._daemon.boot_once, snapshot_id)
         self._daemon.store.record(caller.uid, "BootOnce", None, snapshot=snapshot_id, entry=entry)
         return entry
@@ -246,6 +252,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def mark_good(self) -> None:
         caller = await self._face.callers.authorize("Snapshots.MarkGood")
+        await self._daemon.settled.wait()
         self._daemon.mark_good(caller.uid)
         # A boot known good is when what the updates before it left can go (retention).
         await asyncio.to_thread(self._daemon.collect_updates, "this boot was marked good")
@@ -256,6 +263,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def stage_update(self, source: str, reboot: bool) -> int:
         caller = await self._face.callers.authorize("Updates.Stage")
+        await self._daemon.settled.wait()
         updates = self._daemon.updates
         # Opening a path and recording the update touch the disk: off the loop.
         return await asyncio.to_thread(updates.stage, source, uid=caller.uid, method="Stage", reboot=reboot)
@@ -264,11 +272,13 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def cancel_update(self) -> None:
         caller = await self._face.callers.authorize("Updates.Cancel")
+        await self._daemon.settled.wait()
         self._daemon.updates.cancel(uid=caller.uid, method="Cancel")
 
     @dbus_method_async_override()
     @guarded
     async def get_update_status(self) -> str:
+        await self._daemon.settled.wait()
         return json.dumps(self._daemon.updates.status())
 
     @dbus_property_async_override()
@@ -281,6 +291,7 @@ class RootObject(DbusObjectManagerInterfaceAsync, ManagerInterface, SnapshotsInt
     @guarded
     async def join_hub(self, url: str, token: str, ca_pem: str) -> str:
         caller = await self._face.callers.authorize("Hub.Join")
+        await self._daemon.settled.wait()
         joined = await self._daemon.join_hub(url, token, ca_pem, caller.uid)
         return json.dumps(joined.as_json())
 
