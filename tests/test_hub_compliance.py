@@ -58,7 +58,7 @@ class ComplianceAgent(Agent):
 
 
 async def add(agents: Agents, name: str, groups: tuple[str, ...] = (), **kwargs: Any) -> ComplianceAgent:
-    token = (await asyncio.to_thread(agents.hub.api, "POST", "/api/v1/hosts", {"name": name, "groups": list(groups)}))
+    token = await asyncio.to_thread(agents.hub.api, "POST", "/api/v1/hosts", {"name": name, "groups": list(groups)})
     agent = agents.agents[name] = ComplianceAgent(agents.hub, name, token["token"], agents.session, "done", **kwargs)
     await agent.connect()
     return agent
