@@ -32,9 +32,10 @@ def test_openapi_document_lists_every_route_and_the_api_needs_an_admin(hub: Hub)
         document["paths"]
     )
     run_schema = document["paths"]["/api/v1/runs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    # A run names its steps or a workflow, exactly one of them.
+    # A run names its steps, a workflow or a compliance scan, exactly one of them.
     assert run_schema["required"] == ["target"], run_schema
-    assert run_schema["oneOf"] == [{"required": ["steps"]}, {"required": ["workflow"]}], run_schema
+    assert run_schema["oneOf"] == [{"required": ["steps"]}, {"required": ["workflow"]}, {"required": ["compliance"]}]
+    assert run_schema["properties"]["compliance"]["properties"]["action"] == {"enum": ["scan", "remediate"]}
     for method, path in (("GET", "/api/v1/hosts"), ("POST", "/api/v1/runs"), ("GET", "/api/v1/state")):
         status, answer = hub.request(method, path, {}, token="not-a-token")
         assert status == 401 and answer["error"].startswith("authorization:"), (path, answer)
