@@ -512,7 +512,7 @@ class HubLink:
         self._send(status)
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        """Work of the link's own, on a task kept until it ends (a scan must not hold up the reading)."""
+        """Work of the link's own (an action, a scan), on a task kept until it ends."""
         task = asyncio.create_task(work)
         self._action_tasks.add(task)
         task.add_done_callback(self._action_tasks.discard)
@@ -533,9 +533,7 @@ class HubLink:
             return
         self._actions[action.id] = None
         # On a task of its own: a rollback's btrfs and ESP writes must not hold up this link's reading.
-        task = asyncio.create_task(self._carry_out(action.id, lambda: carry_out(self.daemon, action, HUB_UID)))
-        self._action_tasks.add(task)
-        task.add_done_callback(self._action_tasks.discard)
+        self._start(self._carry_out(action.id, lambda: carry_out(self.daemon, action, HUB_UID)))
 
     async def _carry_out(self, found: str, work: Callable[[], dict[str, Any]]) -> None:
         self._actions[found] = status = await asyncio.to_thread(work)

@@ -44,7 +44,8 @@ def test_a_real_agent_scans_remediates_the_checks_named_and_scans_again(hub: Hub
     assert hub_jobs(agent) == [], "a scan changes nothing, and is no job"
 
     # A remediation of one check: one job on the host (a pipeline with its snapshots), then a scan again.
-    body = {"target": {"group": "web"}, "compliance": {"action": "remediate", "checks": ["kernel-aslr"]}}
+    body: dict[str, Any] = {"target": {"group": "web"},
+                            "compliance": {"action": "remediate", "checks": ["kernel-aslr"]}}  # fmt: skip
     run = ended(hub, hub.api("POST", "/api/v1/runs", body))
     command = run["commands"][0]
     assert run["state"] == "complete" and command["job_id"] is not None, run
