@@ -51,6 +51,8 @@ def test_a_scan_started_from_the_form_shows_each_hosts_score_live_and_its_failed
         expect(page.locator("#compliance-checks")).to_be_focused()
         assert hub.api("GET", "/api/v1/runs") == [], "nothing was sent"
         screenshots(page, tmp_path, "run-form-remediate")
+        page.fill("#compliance-checks", "ssh-no-root-login")
+        expect(page.locator("#compliance-checks-error")).to_have_text("")  # changed: its complaint goes
 
         page.select_option("#compliance-action", "scan")
         screenshots(page, tmp_path, "run-form-compliance")

@@ -34,6 +34,8 @@ function initRunForm() {
   for (const radio of document.getElementsByName("run-kind")) radio.onchange = showRunKind;
   $("workflow-name").onchange = showWorkflow;
   $("compliance-action").onchange = showRunKind;
+  // As with a step's field: its complaint goes once the person changes it.
+  $("compliance-checks").oninput = () => { $("compliance-checks-error").textContent = ""; };
 }
 
 const workflowChosen = () => $("kind-workflow").checked;
