@@ -45,7 +45,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 from daemon.boot import BootState
 from daemon.errors import DaemonError
 from daemon.hub_actions import ActionCore, action_id, carry_out, parse_action, refused
+from daemon.hub_compliance import ComplianceRequest, parse_request, remediation_steps, report_frame, summary
 from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
@@ -65,6 +66,7 @@ from rastos import __version__
 if TYPE_CHECKING:
     import aiohttp
 
+    from daemon.compliance.model import Report
     from daemon.updates import StageAnswer
 
 log = logging.getLogger("rastosd.hub")
@@ -171,6 +173,10 @@ class HubLink:
         # hub action id -> its action_status (None while under way): an id sent again is never done twice
         self._actions: dict[str, dict[str, Any] | None] = {}
         self._action_tasks: set[asyncio.Task[None]] = set()
+        # hub command id -> its command_status, for a compliance scan (no job records it); a repeat is
+        # answered with it, or (after a restart of rastosd) scanned again: a scan changes nothing
+        self._scans: dict[str, dict[str, Any] | None] = {}
+        self._remediations: set[str] = set()  # hub commands whose job is a remediation: scanned again at its end
         self.state = "connecting"  # then connected, or why not: refused, unreachable, disconnected, failed
         self.error: str | None = None  # what the last failure was, as logged
         self.since = time.time()  # when the state last changed
@@ -189,6 +195,11 @@ class HubLink:
         self._wake.set()
 
     def job_changed(self, job: Job) -> None:
+        if job.hub_command in self._remediations and job.state in FINAL_STATES:
+            # Its end is reported with the scan after it, which shows what the remediation fixed.
+            self._remediations.discard(job.hub_command)
+            self._start(self._rescan(job.hub_command, job.state, job.id, job.result or None))
+            return
         if self.connected and job.hub_command is not None:
             self._report(job.hub_command, job.state, job.id, job.result or None)
         else:
@@ -404,6 +415,9 @@ class HubLink:
             log.warning("the hub sent a command without an id: %.200r", command)
             return
         command_id = command["id"]
+        if "compliance" in command:
+            self._take_compliance(command_id, command)
+            return
         row = self.daemon.store.job_for_command(command_id)
         if row is not None:  # sent again: report, never run twice
             self._report(command_id, row.state, row.id, row.result)
@@ -423,6 +437,86 @@ class HubLink:
         log.info("hub command %s is job %d", command_id, job.id)
         self._report(command_id, job.state, job.id, None)
 
+    # Compliance scans and remediations (daemon/hub_compliance.py)
+
+    def _take_compliance(self, command_id: str, command: dict[str, Any]) -> None:
+        if command_id in self._scans:  # sent again: answered with its end, if it has one
+            if (status := self._scans[command_id]) is not None:
+                self._send(status)
+            return
+        row = self.daemon.store.job_for_command(command_id)
+        if row is not None:  # a remediation sent again: its job stands for it, never made twice
+            if row.state in FINAL_STATES:
+                self._start(self._rescan(command_id, row.state, row.id, row.result))
+            else:
+                self._remediations.add(command_id)
+                self._report(command_id, row.state, row.id, None)
+            return
+        try:
+            request = parse_request(command)
+            flags = command.get("flags", 0)
+            if not isinstance(flags, int) or isinstance(flags, bool):
+                raise TypeError("flags: must be an integer")
+            check_flags(flags)
+        except (DaemonError, TypeError) as error:
+            log.warning("refused hub compliance command %s: %s", command_id, error)
+            self._report(command_id, "rejected", None, {"error": str(error)})
+            return
+        self._scans[command_id] = None
+        self._start(self._compliance(command_id, request, flags))
+
+    async def _compliance(self, command_id: str, request: ComplianceRequest, flags: int) -> None:
+        report = await self._scan(command_id)
+        if report is None:
+            self._end_scan(command_id, "failed", {"error": "the compliance scan failed: rastosd's journal has why"})
+            return
+        if request.action == "scan":
+            self._end_scan(command_id, "done", {"compliance": summary(report)})
+            return
+        try:
+            wanted = remediation_steps(report, request.checks)
+            steps = parse_steps(self.daemon.target, json.dumps(wanted)) if wanted else []
+        except DaemonError as error:
+            self._end_scan(command_id, "rejected", {"error": str(error), "compliance": summary(report)})
+            return
+        if not steps:
+            note = "nothing an op can remediate among the checks that fail"
+            self._end_scan(command_id, "done", {"compliance": summary(report), "steps": [], "note": note})
+            return
+        del self._scans[command_id]  # from here its job answers for it
+        self._remediations.add(command_id)
+        job = self.daemon.jobs.submit("pipeline", steps, flags, HUB_UID, "HubCommand", hub_command=command_id)
+        log.info("hub compliance remediation %s is job %d", command_id, job.id)
+        self._report(command_id, job.state, job.id, None)
+
+    async def _scan(self, command_id: str) -> Report | None:
+        """Scan the host and send the hub its report; None (logged) if the scan itself failed."""
+        from daemon.compliance import scan  # 65 checks: imported when first asked for, as ComplianceScan does
+
+        try:
+            report = await asyncio.to_thread(scan, self.daemon.target)  # sshd -T, many files: off the loop
+        except Exception:
+            log.exception("hub compliance scan %s failed", command_id)
+            return None
+        self._send(report_frame(report, command_id))
+        return report
+
+    async def _rescan(self, command_id: str, state: str, job_id: int, result: dict[str, Any] | None) -> None:
+        report = await self._scan(command_id)
+        extra = {} if report is None else {"compliance": summary(report)}
+        self._report(command_id, state, job_id, {**(result or {}), **extra})
+
+    def _end_scan(self, command_id: str, state: str, result: dict[str, Any]) -> None:
+        status = {"type": "command_status", "command": command_id, "state": state, "job": None, "result": result}
+        self._scans[command_id] = status
+        self._send(status)
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Work of the link's own (an action, a scan), on a task kept until it ends."""
+        task = asyncio.create_task(work)
+        self._action_tasks.add(task)
+        task.add_done_callback(self._action_tasks.discard)
+
     def _take_action(self, message: dict[str, Any]) -> None:
         found = action_id(message)
         if found is not None and found in self._actions:  # sent again: answered with how it went, if it has
@@ -439,9 +533,7 @@ class HubLink:
             return
         self._actions[action.id] = None
         # On a task of its own: a rollback's btrfs and ESP writes must not hold up this link's reading.
-        task = asyncio.create_task(self._carry_out(action.id, lambda: carry_out(self.daemon, action, HUB_UID)))
-        self._action_tasks.add(task)
-        task.add_done_callback(self._action_tasks.discard)
+        self._start(self._carry_out(action.id, lambda: carry_out(self.daemon, action, HUB_UID)))
 
     async def _carry_out(self, found: str, work: Callable[[], dict[str, Any]]) -> None:
         self._actions[found] = status = await asyncio.to_thread(work)

@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 
 from hub import strictjson
 from hub.errors import HubError
-from hub.protocol import ACTION_KINDS, MAX_DESCRIPTION, MAX_SNAPSHOT_ID
+from hub.protocol import ACTION_KINDS, MAX_DESCRIPTION, MAX_SNAPSHOT_ID, RUN_COMPLIANCE
 from hub.roles import RANKS, Access
 from rastos import __version__
 
@@ -68,11 +68,12 @@ RUN_WORKFLOW = {
 }  # fmt: skip
 NEW_RUN_FIELDS = {
     "type": "object",
-    "description": "steps, or a workflow: exactly one",
+    "description": "steps, a workflow, or a compliance scan or remediation: exactly one",
     "properties": {
         "target": TARGET,
         "steps": {"type": "array", "items": STEP, "minItems": 1, "maxItems": 256},
         "workflow": RUN_WORKFLOW,
+        "compliance": RUN_COMPLIANCE,
         "flags": {"type": "integer", "minimum": 0, "maximum": 7, "description": "dry-run 1, no-snapshot 2, restore 4"},
         "parallelism": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10},
     },
@@ -81,7 +82,8 @@ NEW_RUN_FIELDS = {
 }
 # What the document says; the hub checks the fields by the schema and "exactly one" in check_new_run,
 # where a refusal can name the field.
-NEW_RUN = {**NEW_RUN_FIELDS, "oneOf": [{"required": ["steps"]}, {"required": ["workflow"]}]}
+RUN_KINDS = ("steps", "workflow", "compliance")
+NEW_RUN = {**NEW_RUN_FIELDS, "oneOf": [{"required": [kind]} for kind in RUN_KINDS]}
 NEW_ROLLOUT = {
     "type": "object",
     "properties": {
@@ -152,11 +154,15 @@ def check_host_action(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_new_run(body: dict[str, Any]) -> dict[str, Any]:
-    """A run's body (checked against NEW_RUN_FIELDS) with steps or a workflow, not both."""
-    if "steps" in body and "workflow" in body:
-        raise HubError("workflow: a run has steps or a workflow, not both")
-    if "steps" not in body and "workflow" not in body:
-        raise HubError("steps: required (or a workflow)")
+    """A run's body (checked against NEW_RUN_FIELDS) with exactly one of steps, a workflow and compliance."""
+    given = [kind for kind in RUN_KINDS if kind in body]
+    if len(given) > 1:
+        raise HubError(f"{given[1]}: a run has one of steps, a workflow or compliance, not {' and '.join(given)}")
+    if not given:
+        raise HubError("steps: required (or a workflow, or compliance)")
+    compliance = body.get("compliance")
+    if compliance is not None and compliance.get("checks") and compliance["action"] != "remediate":
+        raise HubError("compliance.checks: only a remediation takes checks; a scan runs them all")
     return body
 
 
@@ -241,6 +247,23 @@ HOST_ACTION_STATE = {
     },
     "required": ["id", "time", "admin", "action", "snapshot", "description", "state", "result", "finished"],
 }  # fmt: skip
+COMPLIANCE_STATE = {
+    "description": "the host's newest compliance scan (null before its first)",
+    "properties": {
+        "time": {"type": "number", "description": "when the host scanned, by its clock"},
+        "received": {"type": "number"},
+        "passed": {"type": "integer"},
+        "failed": {"type": "integer"},
+        "not_applicable": {"type": "integer"},
+        "score": {"type": ["number", "null"], "description": "passed / (passed + failed), from 0 to 1; null when "
+                  "no check applies"},
+        "failed_checks": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "title": {"type": "string"}, "severity": {"enum": ["low", "medium", "high"]},
+            "finding": {"type": "string"}}, "required": ["id", "title", "severity", "finding"]}},
+        "command": {"type": ["string", "null"], "description": "the run's command that asked for it"},
+    },
+    "required": ["time", "received", "passed", "failed", "not_applicable", "score", "failed_checks", "command"],
+}  # fmt: skip
 HOST = {
     "type": "object",
     "properties": {
@@ -253,8 +276,20 @@ HOST = {
         "last_rollback": _OBJECT_OR_NULL,
         "jobs": {"type": "array", "items": {"type": "object"}},
         "actions": {"type": "array", "items": HOST_ACTION_STATE, "description": "the newest 10, oldest first"},
+        "compliance": {**COMPLIANCE_STATE, "type": ["object", "null"]},
     },
-    "required": ["name", "groups", "online", "last_seen", "health", "facts", "last_rollback", "jobs", "actions"],
+    "required": [
+        "name",
+        "groups",
+        "online",
+        "last_seen",
+        "health",
+        "facts",
+        "last_rollback",
+        "jobs",
+        "actions",
+        "compliance",
+    ],
 }
 COMMAND = {
     "type": "object",
@@ -278,7 +313,8 @@ RUN = {
         "created": {"type": "number"},
         "admin": {"type": "string"},
         "target": {"type": "object"},
-        "steps": {"type": "array", "items": {"type": "object"}},
+        "steps": {"type": "array", "items": {"type": "object"}, "description": "[] for a compliance run"},
+        "compliance": {**RUN_COMPLIANCE, "type": ["object", "null"]},
         "flags": {"type": "integer"},
         "parallelism": {"type": "integer"},
         "state": {"enum": ["running", "complete", "partial", "failed", "cancelled"]},
@@ -503,7 +539,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/runs": {
         "get": {"summary": "Recent runs with their commands",
                 "responses": {"200": _answer("runs", {"type": "array", "items": RUN})}},
-        "post": {"summary": "Run ops or a workflow on hosts (&& per host, parallelism limit)",
+        "post": {"summary": "Run ops, a workflow, or a compliance scan or remediation on hosts (&& per host, "
+                            "parallelism limit)",
+                 "description": "A compliance run's hosts each scan themselves (scan), or scan, run the failed "
+                                "checks' remediations as one job and scan again (remediate); each scan becomes "
+                                "the host's `compliance` report.",
                  "requestBody": _body(NEW_RUN),
                  "responses": {"201": _answer("the run", RUN), **BODY_ERRORS, **BAD_STEP, **NOT_FOUND,
                                **CONFLICT}},

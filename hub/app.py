@@ -236,17 +236,22 @@ async def _run(request: web.Request) -> web.StreamResponse:
 async def _start_run(request: web.Request) -> web.StreamResponse:
     admin = caller(request).name
     body = api.check_new_run(await edge.json_body(request, api.NEW_RUN_FIELDS))
-    if "workflow" in body:
+    compliance = None
+    if "compliance" in body:  # no steps: each host builds its remediation from its own scan
+        steps: list[dict[str, Any]] = []
+        compliance = {"action": body["compliance"]["action"], "checks": list(body["compliance"].get("checks", []))}
+    elif "workflow" in body:
         steps = runs_api.workflow_run_steps(body["workflow"])
     else:
         steps = [{"op": step["op"], "params": step.get("params", {})} for step in body["steps"]]
     try:  # the op library's own checks, as each host's rastosd will make them: refused before sending
-        checked_steps(steps)
+        if steps:
+            checked_steps(steps)
     except ExpectedError as error:
         raise Unprocessable(str(error)) from None
     # JSON Schema counts 1.0 as an integer; the columns (PostgreSQL's at least) take only ints.
     flags, parallelism = int(body.get("flags", 0)), int(body.get("parallelism", 10))
-    run = await request.app[FLEET].start_run(admin, body["target"], steps, flags, parallelism)
+    run = await request.app[FLEET].start_run(admin, body["target"], steps, flags, parallelism, compliance)
     return respond(run, status=201)
 
 

@@ -29,11 +29,19 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, overload
 
 from hub.errors import Conflict, NotFound
 from hub.images import ImageFiles
-from hub.protocol import ActionStatus, AgentEvent, CommandStatus, UpdateStatus, action_frame
+from hub.protocol import (
+    ActionStatus,
+    AgentEvent,
+    CommandStatus,
+    ComplianceReport,
+    UpdateStatus,
+    action_frame,
+    command_frame,
+)
 from hub.rollout_store import RolloutStore
 from hub.rollouts import Rollouts
 from hub.store import FINAL_COMMAND_STATES, Store
@@ -81,9 +89,11 @@ class Fleet:
         self.rollouts = Rollouts(self, RolloutStore(store), images)
 
     async def load(self) -> None:
+        reports = await self.store.compliance_reports()
         for row in await self.store.hosts():
             self.cursors[row["name"]] = row["last_event"]
             host = self._host_view(row)
+            host["compliance"] = _compliance_view(reports.get(row["name"]))
             for item in await self.store.events(KEPT_EVENTS, host=row["name"]):
                 _note_host_event(host, item)
             _lose_actions(host)  # sent by a hub before this one, over a connection gone with it
@@ -151,7 +161,7 @@ class Fleet:
     def _host_view(self, row: dict[str, Any]) -> dict[str, Any]:
         view = {"name": row["name"], "groups": row["groups"], "online": row["name"] in self.agents,
                 "last_seen": row["last_seen"], "facts": row["facts"], "last_rollback": None, "jobs": [],
-                "actions": []}  # fmt: skip
+                "actions": [], "compliance": None}  # fmt: skip
         view["health"] = _health(view)
         return view
 
@@ -270,6 +280,17 @@ class Fleet:
                 self._publish_host(name)
             return self.cursors[name]
 
+    async def compliance(self, name: str, report: ComplianceReport) -> None:
+        """A host's newest compliance scan: stored (replacing the one before), then shown."""
+        lock = self._report_locks.setdefault(name, asyncio.Lock())
+        async with lock:  # two reports of one host stored in the order they came
+            view = _compliance_view(report.as_json(time.time()))
+            logged = await self.store.save_compliance(name, view)
+            if (host := self.hosts.get(name)) is not None:
+                host["compliance"] = view
+                self._publish_host(name)
+            self.publish_event(logged)
+
     # Host actions
 
     async def host_action(
@@ -308,13 +329,16 @@ class Fleet:
     # Runs
 
     async def start_run(
-        self, admin: str, target: dict[str, Any], steps: list[dict[str, Any]], flags: int, parallelism: int
-    ) -> dict[str, Any]:
+        self, admin: str, target: dict[str, Any], steps: list[dict[str, Any]], flags: int, parallelism: int,
+        compliance: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A run of steps, or (`compliance`, with no steps) a compliance scan or remediation."""
         async with self.lock:
             names = self.resolve(target)
             run: dict[str, Any] = {
                 "id": secrets.token_hex(16), "created": time.time(), "admin": admin, "target": target,
-                "steps": steps, "flags": flags, "parallelism": parallelism, "state": "running", "finished": None,
+                "steps": steps, "compliance": compliance, "flags": flags, "parallelism": parallelism,
+                "state": "running", "finished": None,
             }  # fmt: skip
             commands, logged = await self.store.add_run(run, names)
             run["commands"] = commands
@@ -449,7 +473,7 @@ class Fleet:
 
     def _command_message(self, command: dict[str, Any]) -> dict[str, Any]:
         run = self.runs[command["run_id"]]
-        return {"id": command["id"], "steps": run["steps"], "flags": run["flags"]}
+        return command_frame(command["id"], run["steps"], run["flags"], run.get("compliance"))
 
     def _commands_of(self, host: str) -> list[dict[str, Any]]:
         return [command for run in self.runs.values() for command in run["commands"] if command["host"] == host]
@@ -507,6 +531,19 @@ def _lose_actions(host: dict[str, Any]) -> None:
     for action in host["actions"]:
         if action["state"] == "sent":
             action["state"] = "lost"
+
+
+@overload
+def _compliance_view(report: dict[str, Any]) -> dict[str, Any]: ...
+@overload
+def _compliance_view(report: None) -> None: ...
+def _compliance_view(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored report as hosts show it: with its score, passed over the checks that apply (the
+    not-applicable ones count neither way), None when none applies."""
+    if report is None:
+        return None
+    applied = report["passed"] + report["failed"]
+    return {**report, "score": None if applied == 0 else report["passed"] / applied}
 
 
 def _health(host: dict[str, Any]) -> str:

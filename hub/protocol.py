@@ -12,10 +12,18 @@ Each frame is one JSON object with a `type`. Agent -> hub:
                   hub sent ended: done or failed; `snapshot` the one taken (or named), `entry` the boot
                   entry a rollback or one-shot boot wrote, `reboot_needed` whether it waits for a reboot,
                   `error` (at most 4096 characters) the daemon's word on a failure
+  compliance      {"command", "report": {"time", "passed", "failed", "not_applicable", "failed_checks":
+                  [{"id", "title", "severity", "finding"}]}}: the host's newest compliance scan, as a
+                  run's command asked for it (`command`, or null for one the agent sends unasked); it
+                  replaces the host's report before. `failed` is the number of `failed_checks`
 Hub -> agent:
   welcome         {"host", "last_event", "commands": [...]}: who the agent is, the newest of its
                   events the hub has, and the commands the hub thinks are in flight there
-  command         {"command": {"id", "steps", "flags"}}: run these steps once (the id is the key)
+  command         {"command": {"id", "steps", "flags"}}: run these steps once (the id is the key); or
+                  {"command": {"id", "compliance": {"action", "checks"}, "flags"}}: scan the host
+                  (`scan`), or scan it and run the failed checks' remediations as one job (`remediate`,
+                  only the `checks` named when there are any), then scan again; each scan is answered
+                  with a `compliance` frame, the command with command_status as ever
   cancel          {"command": ID}
   confirm         {"job": N}: the agent's risky change made by job N stands (daemon/confirm.py). The hub
                   sends it when a command's final status arrives with a change pending: that the status
@@ -123,6 +131,45 @@ ACTION_STATUS = {
     "additionalProperties": False,
 }
 _ACTION_STATUS = Draft202012Validator(ACTION_STATUS)
+COMPLIANCE_ACTIONS = ("scan", "remediate")
+CHECK_ID = {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,63}$"}
+MAX_CHECKS = 1000  # a scan's checks (65 today): what a report may count or list
+MAX_CHECK_TITLE = 200
+MAX_FINDING = 1000  # a finding quotes the host's own files: what the hub keeps of one
+RUN_COMPLIANCE = {
+    "type": "object",
+    "description": "a compliance scan, or a remediation of the failed checks (only those named in checks, if any)",
+    "properties": {
+        "action": {"enum": list(COMPLIANCE_ACTIONS)},
+        "checks": {"type": "array", "items": CHECK_ID, "maxItems": 100, "uniqueItems": True,
+                   "description": "remediate only: the checks to fix (every failed one an op fixes when empty)"},
+    },
+    "required": ["action"],
+    "additionalProperties": False,
+}  # fmt: skip
+_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_CHECKS}
+COMPLIANCE = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "compliance"},
+        "command": {"oneOf": [{"type": "null"}, {"type": "string", "minLength": 1, "maxLength": 64}]},
+        "report": {"type": "object", "properties": {
+            "time": {"type": "number", "minimum": 0, "maximum": 253402300799},
+            "passed": _COUNT, "failed": _COUNT, "not_applicable": _COUNT,
+            "failed_checks": {"type": "array", "maxItems": MAX_CHECKS, "items": {
+                "type": "object", "properties": {
+                    "id": CHECK_ID,
+                    "title": {"type": "string", "maxLength": MAX_CHECK_TITLE},
+                    "severity": {"enum": ["low", "medium", "high"]},
+                    "finding": {"type": "string", "maxLength": MAX_FINDING},
+                }, "required": ["id", "title", "severity", "finding"], "additionalProperties": False}},
+        }, "required": ["time", "passed", "failed", "not_applicable", "failed_checks"],
+           "additionalProperties": False},
+    },
+    "required": ["type", "command", "report"],
+    "additionalProperties": False,
+}  # fmt: skip
+_COMPLIANCE = Draft202012Validator(COMPLIANCE)
 FACT_KEYS = {"hostname": str, "version": str, "boot_state": dict, "snapshots": list, "ops": list, "jobs": list}
 _TEXT = {"type": "string", "maxLength": 4096}
 FACTS = {
@@ -193,7 +240,22 @@ class ActionStatus:
                 "error": self.error}  # fmt: skip
 
 
-AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus | ActionStatus
+@dataclass(frozen=True)
+class ComplianceReport:
+    command: str | None
+    time: float
+    passed: int
+    failed: int
+    not_applicable: int
+    failed_checks: list[dict[str, str]]
+
+    def as_json(self, received: float) -> dict[str, Any]:
+        return {"time": self.time, "received": received, "passed": self.passed, "failed": self.failed,
+                "not_applicable": self.not_applicable, "failed_checks": self.failed_checks,
+                "command": self.command}  # fmt: skip
+
+
+AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus | ActionStatus | ComplianceReport
 
 
 def decode(text: str) -> object:
@@ -219,8 +281,11 @@ def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
         return kind, _update_status(message)
     if kind == "action_status":
         return kind, _action_status(message)
+    if kind == "compliance":
+        return kind, _compliance(message)
     raise ProtocolError(
-        f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status, action_status"
+        f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status, "
+        "action_status, compliance"
     )
 
 
@@ -322,6 +387,30 @@ def _action_status(message: dict[str, Any]) -> ActionStatus:
     _checked(_ACTION_STATUS, message, "message")
     return ActionStatus(message["action"], message["state"], message["snapshot"], message["entry"],
                         message["reboot_needed"], message["error"])  # fmt: skip
+
+
+def _compliance(message: dict[str, Any]) -> ComplianceReport:
+    _checked(_COMPLIANCE, message, "message")
+    report = message["report"]
+    checks = report["failed_checks"]
+    if report["failed"] != len(checks):
+        raise ProtocolError(f"message.report.failed: {report['failed']}, but failed_checks lists {len(checks)}")
+    if report["passed"] + report["failed"] + report["not_applicable"] > MAX_CHECKS:
+        raise ProtocolError(f"message.report: more than the {MAX_CHECKS} checks a scan may count")
+    ids = [check["id"] for check in checks]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("message.report.failed_checks: a check is listed twice")
+    # int(): JSON Schema counts 1.0 as an integer, and PostgreSQL's integer columns take only ints
+    return ComplianceReport(message["command"], float(report["time"]), int(report["passed"]),
+                            int(report["failed"]), int(report["not_applicable"]), checks)  # fmt: skip
+
+
+def command_frame(command_id: str, steps: list[dict[str, Any]], flags: int,
+                  compliance: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What a command carries: its steps, or for a compliance run what to do instead."""
+    if compliance is not None:
+        return {"id": command_id, "compliance": compliance, "flags": flags}
+    return {"id": command_id, "steps": steps, "flags": flags}
 
 
 def action_frame(action_id: str, kind: str, snapshot: int | None, description: str | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from hub.run_params import OpLibrary, Step, op_step, pipeline_steps, workflow_st
 from hub.run_view import Follower, run_text, runs_table, steps_text, tally
 from rastos.errors import RastosError
 
+COMPLIANCE_ACTIONS = ("scan", "remediate")  # as hub/protocol.py's RUN_COMPLIANCE takes them
+CHECK_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 RUN_ENDED_BADLY = 3
 INTERRUPTED = 130  # as a shell says a command ended by Ctrl-C
 Action = Callable[[HubClient, argparse.Namespace], Awaitable[int]]
@@ -57,7 +60,12 @@ def add_commands(commands: Any) -> None:
     what.add_argument("--pipeline", type=Path, metavar="FILE",
                       help='steps: a JSON list of {"op", "params"}, or TOML with a [[step]] table each')  # fmt: skip
     what.add_argument("--workflow", metavar="NAME", help="a workflow (ops/workflows, /etc/rastos/workflows here)")
+    what.add_argument("--compliance", choices=COMPLIANCE_ACTIONS,
+                      help="scan each host against its compliance checks, or remediate: fix the failed ones an "
+                           "op can fix (as one job), then scan again")  # fmt: skip
     start.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a workflow's variable")
+    start.add_argument("--check", action="append", default=[], metavar="ID",
+                       help="--compliance remediate: only this failed check (repeatable; default: all)")  # fmt: skip
     start.add_argument("--dry-run", action="store_true", help="plan every step, change nothing")
     start.add_argument("--no-snapshot", action="store_true", help="take no pre/post snapshots")
     start.add_argument("--restore-on-failure", action="store_true", help="put changed files back if a step fails")
@@ -102,9 +110,17 @@ def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
 async def _start(hub: HubClient, args: argparse.Namespace) -> int:
     if args.var and args.workflow is None:
         raise UsageError("--var: only with --workflow")
-    library = OpLibrary.from_json(await hub.get("/api/v1/ops"))
-    body = {"target": await _target(hub, args), "steps": _steps(library, args), "flags": _flags(args),
-            "parallelism": args.parallelism}  # fmt: skip
+    if args.check and args.compliance != "remediate":
+        raise UsageError("--check: only with --compliance remediate (a scan runs every check)")
+    for check in args.check:
+        if not CHECK_ID.fullmatch(check):
+            raise UsageError(f"--check: {check[:80]!r} is not a check's id (lower case, digits and -)")
+    body: dict[str, Any] = {"target": await _target(hub, args), "flags": _flags(args),
+                            "parallelism": args.parallelism}  # fmt: skip
+    if args.compliance is not None:
+        body["compliance"] = {"action": args.compliance, "checks": list(dict.fromkeys(args.check))}
+    else:
+        body["steps"] = _steps(OpLibrary.from_json(await hub.get("/api/v1/ops")), args)
     run = await hub.post("/api/v1/runs", body)
     started = f"run {run['id']} started: {steps_text(run)} on {len(run['commands'])} host(s)"
     if not args.follow:

@@ -27,6 +27,10 @@ def target_text(target: dict[str, Any]) -> str:
 
 
 def steps_text(run: dict[str, Any]) -> str:
+    compliance = run.get("compliance")
+    if isinstance(compliance, dict):
+        checks = compliance.get("checks") or []
+        return f"compliance {compliance.get('action')}" + (f" ({', '.join(map(str, checks))})" if checks else "")
     return " && ".join(step["op"] for step in run["steps"])
 
 
@@ -77,7 +81,18 @@ def command_lines(command: dict[str, Any], with_result: bool) -> list[str]:
     lines = [f"{command['host']}: {command['state']}{job}{error}"]
     if with_result:
         lines += step_lines(result)
+        if isinstance(found := result.get("compliance"), dict):
+            lines.append(f"  compliance: {compliance_text(found)}")
     return lines
+
+
+def compliance_text(counts: dict[str, Any]) -> str:
+    """A scan's counts and its score: passed over the checks that apply."""
+    passed, failed = counts.get("passed"), counts.get("failed")
+    text = f"{passed} passed, {failed} failed, {counts.get('not_applicable')} not applicable"
+    if isinstance(passed, int) and isinstance(failed, int) and passed + failed:
+        text += f" (score {100 * passed // (passed + failed)}%)"
+    return text
 
 
 def step_lines(result: dict[str, Any]) -> list[str]:

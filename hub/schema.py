@@ -61,7 +61,9 @@ runs = Table(
     Column("created", Float, nullable=False),
     Column("admin", String(64), nullable=False),
     Column("target", JSON, nullable=False),  # {"hosts": [...]}, {"group": NAME} or {"all": true}
-    Column("steps", JSON, nullable=False),  # [{"op": ..., "params": {...}}]
+    Column("steps", JSON, nullable=False),  # [{"op": ..., "params": {...}}]; [] for a compliance run
+    # A compliance run's {"action": "scan" | "remediate", "checks": [...]}; None for a run of steps.
+    Column("compliance", JSON),
     Column("flags", Integer, nullable=False),
     Column("parallelism", Integer, nullable=False),
     Column("state", String(16), nullable=False),  # running, complete, partial, failed, cancelled
@@ -81,6 +83,20 @@ commands = Table(
     Column("created", Float, nullable=False),
     Column("sent", Float),
     Column("finished", Float),
+)
+
+# Each host's newest compliance report (the agent's `compliance` frame): what its score is made of.
+compliance_reports = Table(
+    "compliance_reports",
+    metadata,
+    Column("host", String(64), ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True),
+    Column("time", Float, nullable=False),  # when the host scanned, by its clock
+    Column("received", Float, nullable=False),  # when the hub stored it
+    Column("passed", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("not_applicable", Integer, nullable=False),
+    Column("failed_checks", JSON, nullable=False),  # [{"id", "title", "severity", "finding"}]
+    Column("command", String(36)),  # the command of the run that asked for it; None for one unasked
 )
 
 events = Table(

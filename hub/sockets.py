@@ -28,6 +28,7 @@ from hub.protocol import (
     MAX_MESSAGE_BYTES,
     ActionStatus,
     CommandStatus,
+    ComplianceReport,
     ProtocolError,
     UpdateStatus,
     decode,
@@ -192,6 +193,9 @@ async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse,
         elif kind == "action_status":
             assert isinstance(body, ActionStatus)
             fleet.action_status(host, body)
+        elif kind == "compliance":
+            assert isinstance(body, ComplianceReport)
+            await fleet.compliance(host, body)
         else:
             assert isinstance(body, CommandStatus)
             await fleet.command_status(host, body)

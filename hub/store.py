@@ -28,7 +28,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from hub import strictjson
 from hub.errors import Conflict, HubError, NotFound
 from hub.roles import Admin, Role
-from hub.schema import admins, commands, credential_changes, events, hosts, rollout_hosts, runs, sessions
+from hub.schema import (
+    admins,
+    commands,
+    compliance_reports,
+    credential_changes,
+    events,
+    hosts,
+    rollout_hosts,
+    runs,
+    sessions,
+)
 
 log = logging.getLogger("rastos-hub.store")
 
@@ -121,6 +131,9 @@ def new_token() -> tuple[str, str]:
 def token_hash(token: str) -> str:
     # The tokens are 256 random bits, so a plain hash is as strong as a slow one here.
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+COMPLIANCE_COLUMNS = ("time", "received", "passed", "failed", "not_applicable", "failed_checks", "command")
 
 
 class Store:
@@ -509,6 +522,23 @@ class Store:
             page.append(dict(row))
         return page[::-1]
 
+    # Compliance reports: each host's newest
+
+    async def save_compliance(self, host: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Replace the host's report with this one and log it (ComplianceReport), in one transaction."""
+        row = {key: report[key] for key in COMPLIANCE_COLUMNS}
+        async with self.transaction() as db:
+            await db.execute(delete(compliance_reports).where(compliance_reports.c.host == host))
+            await db.execute(insert(compliance_reports).values(host=host, **row))
+            detail = {key: report[key] for key in ("passed", "failed", "not_applicable", "score", "command")}
+            detail["failed_checks"] = [check["id"] for check in report["failed_checks"]]
+            return await self.log(db, "agent", "ComplianceReport", detail, host=host)
+
+    async def compliance_reports(self) -> dict[str, dict[str, Any]]:
+        async with self.engine.connect() as db:
+            rows = (await db.execute(select(compliance_reports))).mappings().all()
+        return {row["host"]: {key: row[key] for key in COMPLIANCE_COLUMNS} for row in rows}
+
     # Runs and commands
 
     async def add_run(self, run: dict[str, Any], host_names: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -525,12 +555,10 @@ class Store:
                     await db.execute(insert(commands), made)
             except IntegrityError:  # `rastos-hub host remove` ran beside this hub
                 raise Conflict("target: a host of this run was removed meanwhile; try again") from None
-            logged = await self.log(
-                db,
-                run["admin"],
-                "RunStarted",
-                {"run": run["id"], "hosts": host_names, "ops": [s["op"] for s in run["steps"]]},
-            )
+            detail = {"run": run["id"], "hosts": host_names, "ops": [s["op"] for s in run["steps"]]}
+            if run.get("compliance") is not None:
+                detail["compliance"] = run["compliance"]["action"]
+            logged = await self.log(db, run["admin"], "RunStarted", detail)
         return made, logged
 
     async def update_command(self, command_id: str, **values: Any) -> None:

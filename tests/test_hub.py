@@ -32,9 +32,10 @@ def test_openapi_document_lists_every_route_and_the_api_needs_an_admin(hub: Hub)
         document["paths"]
     )
     run_schema = document["paths"]["/api/v1/runs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    # A run names its steps or a workflow, exactly one of them.
+    # A run names its steps, a workflow or a compliance scan, exactly one of them.
     assert run_schema["required"] == ["target"], run_schema
-    assert run_schema["oneOf"] == [{"required": ["steps"]}, {"required": ["workflow"]}], run_schema
+    assert run_schema["oneOf"] == [{"required": ["steps"]}, {"required": ["workflow"]}, {"required": ["compliance"]}]
+    assert run_schema["properties"]["compliance"]["properties"]["action"] == {"enum": ["scan", "remediate"]}
     for method, path in (("GET", "/api/v1/hosts"), ("POST", "/api/v1/runs"), ("GET", "/api/v1/state")):
         status, answer = hub.request(method, path, {}, token="not-a-token")
         assert status == 401 and answer["error"].startswith("authorization:"), (path, answer)
@@ -232,8 +233,8 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
             url = database_url(str(tmp_path / "hub.db"))
         else:
             url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0006"
-        assert migrate(url) == "0006", "a second upgrade changes nothing"
+        assert migrate(url) == "0007"
+        assert migrate(url) == "0007", "a second upgrade changes nothing"
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as connection:
@@ -265,7 +266,7 @@ def test_migration_0004_gives_rollouts_made_before_it_their_history_from_the_eve
                     text("INSERT INTO events (time, actor, method, detail) VALUES (:time, :actor, :method, :detail)"),
                     {"time": number, "actor": actor, "method": method, "detail": json.dumps(detail)},
                 )
-        assert migrate(url) == "0006"
+        assert migrate(url) == "0007"
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT id, history FROM rollouts ORDER BY id")).all()
     histories = {row[0]: row[1] if isinstance(row[1], list) else json.loads(row[1]) for row in rows}

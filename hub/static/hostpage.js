@@ -33,6 +33,20 @@ function renderDetail() {
       `${text(step.op)}: `, badge(step.state), step.error ? el("span", { class: "error" }, ` ${text(step.error)}`) : "",
       list(step.output).length ? el("pre", {}, list(step.output).map(text).join("\n")) : ""))));
   $("jobs").replaceChildren(...jobs);
+  renderCompliance(host);
+}
+
+// The host's newest compliance report: its score, when it was scanned, and each failed check.
+function renderCompliance(host) {
+  const report = host.compliance ? obj(host.compliance) : null;
+  $("detail-compliance").textContent = !report ? "Not scanned yet."
+    : `Score ${complianceText(host)}: ${text(report.passed)} passed, ${text(report.failed)} failed, `
+      + `${text(report.not_applicable)} not applicable; scanned ${when(report.time)}`;
+  $("failed-checks").replaceChildren(...list(report && report.failed_checks).map(obj).map((check) =>
+    el("li", { class: "check", "data-check": text(check.id) },
+      el("span", { class: `badge severity-${text(check.severity)}` }, text(check.severity)), " ",
+      el("code", {}, text(check.id)), ` ${text(check.title)}`,
+      el("div", { class: "help" }, short(check.finding)))));
 }
 
 // The snapshot the next boot starts, as far as the hub knows: the newest rollback or one-shot boot

@@ -194,7 +194,23 @@ const SORT_KEYS = {
   rollback: (host) => Number(obj(host.last_rollback).time) || 0,
   groups: (host) => list(host.groups).map(text).join(", "),
   seen: (host) => Number(host.last_seen) || 0,
+  // Hosts never scanned first (ascending), then by score: the least compliant are the ones to look at.
+  compliance: (host) => complianceScore(host) ?? -1,
 };
+
+// A host's compliance score (0 to 1) if its report has one; the hub sends it, the page trusts only numbers.
+function complianceScore(host) {
+  const score = obj(host.compliance).score;
+  return typeof score === "number" && score >= 0 && score <= 1 ? score : null;
+}
+
+// "90% (1 failed)", or what stands for no score: never scanned, or no check applies there.
+function complianceText(host) {
+  if (!host.compliance) return "";
+  const score = complianceScore(host), failed = Number(obj(host.compliance).failed) || 0;
+  if (score === null) return "no check applies";
+  return `${Math.floor(score * 100)}%${failed ? ` (${failed} failed)` : ""}`;
+}
 
 function compareHosts(last) {
   const value = SORT_KEYS[sorting.key] || SORT_KEYS.name, sign = sorting.descending ? -1 : 1;
@@ -241,7 +257,7 @@ function renderHosts() {
     const name = text(host.name), facts = obj(host.facts), boot = obj(facts.boot_state);
     const rollback = host.last_rollback ? obj(host.last_rollback) : null, command = last.get(name);
     const cells = [el("button", { type: "button", class: "link" }, name), badge(host.health), short(facts.hostname),
-      short(bootText(boot)), short(boot.image_version), command ? badge(command.state) : "",
+      short(bootText(boot)), short(boot.image_version), complianceText(host), command ? badge(command.state) : "",
       rollback ? `${text(rollback.method)} ${when(rollback.time)}` : "", short(list(host.groups).map(text).join(", ")),
       when(host.last_seen)];
     // Each cell says what it is: on a phone each host is a card of labelled lines (hub.css).
@@ -250,7 +266,7 @@ function renderHosts() {
       ...cells.map((cell, index) => el("td", index < 2 ? {} : { "data-label": header[index].textContent }, cell)));
   });
   if (hosts.length && !shown.length) {
-    rows.push(el("tr", { class: "none" }, el("td", { colspan: "9" }, "No host matches these filters.")));
+    rows.push(el("tr", { class: "none" }, el("td", { colspan: "10" }, "No host matches these filters.")));
   }
   $("hosts").tBodies[0].replaceChildren(...rows);
 }
@@ -282,7 +298,7 @@ function renderRuns() {
     const dry = (Number(run.flags) & DRY_RUN) !== 0;
     return el("div", { class: "run", "data-run": text(run.id) },
       el("div", {}, badge(run.state), dry ? " " : "", dry ? el("span", { class: "badge dry-run" }, "dry run") : "",
-        ` ${list(run.steps).map((s) => text(obj(s).op)).join(" && ")} on ${targetText(run.target)}`,
+        ` ${runWhat(run)} on ${targetText(run.target)}`,
         ` by ${text(run.admin)}, ${when(run.created)} `,
         run.state === "running" && may("POST /api/v1/runs/{id}/cancel")
           ? el("button", { class: "cancel-run", onclick: () => confirmCancel(run) }, "Cancel")
@@ -314,8 +330,21 @@ function runProgress(run) {
   return el("div", { class: "run-progress" }, "hosts finished", bar("hosts finished", finished, commands.length));
 }
 
-// Steps done of steps: all once its command is done; before, those its result reports got through.
+// What a run does: its steps, or its compliance scan or remediation.
+function runWhat(run) {
+  if (!run.compliance) return list(run.steps).map((s) => text(obj(s).op)).join(" && ");
+  const compliance = obj(run.compliance), checks = list(compliance.checks).map(text);
+  return `compliance ${text(compliance.action)}${checks.length ? ` (${checks.join(", ")})` : ""}`;
+}
+
+// Steps done of steps: all once its command is done; before, those its result reports got through. A
+// compliance run has no steps of its own: its hosts' scans say how it went.
 function hostProgress(run, command) {
+  const counts = obj(obj(command.result).compliance);
+  if (run.compliance && command.result) {
+    return Object.keys(counts).length ? `${text(counts.passed)} passed, ${text(counts.failed)} failed` : "";
+  }
+  if (run.compliance) return "";
   const total = list(run.steps).length;
   const done = command.state === "done" ? total
     : list(obj(command.result).steps).filter((step) => STEP_THROUGH.has(text(obj(step).state))).length;
@@ -324,7 +353,7 @@ function hostProgress(run, command) {
 
 // Like a host action's (hostpage.js): the modal dialog names what ends; only its OK button sends.
 function confirmCancel(run) {
-  const dialog = $("confirm"), what = list(run.steps).map((s) => text(obj(s).op)).join(" && ");
+  const dialog = $("confirm"), what = runWhat(run);
   $("confirm-title").textContent = "Cancel this run?";
   $("confirm-text").textContent = `${what} on ${targetText(run.target)}: hosts that have not started it never `
     + "will; those running it are asked to stop, and what they changed so far stays.";

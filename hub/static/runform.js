@@ -10,6 +10,9 @@
 // from the schema of the parameter each fills, and the hub expands it into steps, checking the
 // variables itself and naming the one it refuses.
 //
+// Or a run may be a compliance scan or remediation: no steps, each host scans itself (and remediates
+// the failed checks an op can fix, only those named if any) and its report comes back to the fleet.
+//
 // Loaded before hub.js, whose helpers (el, obj, list, text, $) it uses once the page runs;
 // hub.js calls initRunForm() at its end.
 "use strict";
@@ -30,15 +33,35 @@ function initRunForm() {
   $("dispatch").onsubmit = dispatch;
   for (const radio of document.getElementsByName("run-kind")) radio.onchange = showRunKind;
   $("workflow-name").onchange = showWorkflow;
+  $("compliance-action").onchange = showRunKind;
+  // As with a step's field: its complaint goes once the person changes it.
+  $("compliance-checks").oninput = () => { $("compliance-checks-error").textContent = ""; };
 }
 
 const workflowChosen = () => $("kind-workflow").checked;
+const complianceChosen = () => $("kind-compliance").checked;
+const CHECK_ID = /^[a-z0-9][a-z0-9-]{0,63}$/;  // a compliance check's id (hub/protocol.py)
 
 function showRunKind() {
   $("dispatch-error").textContent = "";
+  $("compliance-checks-error").textContent = "";
   $("workflow-form").hidden = !workflowChosen();
-  $("ops-form").hidden = workflowChosen();
+  $("compliance-form").hidden = !complianceChosen();
+  $("compliance-checks-field").hidden = $("compliance-action").value !== "remediate";
+  $("ops-form").hidden = workflowChosen() || complianceChosen();
   if (workflowChosen()) loadWorkflows();
+}
+
+// The compliance run the form describes; `errors` names a check id that cannot be one.
+function formCompliance() {
+  const action = $("compliance-action").value;
+  if (action !== "remediate") return { compliance: { action }, errors: [] };
+  const checks = [...new Set($("compliance-checks").value.split(/[\s,]+/).filter(Boolean))];
+  const bad = checks.find((check) => !CHECK_ID.test(check));
+  const message = bad === undefined ? "" : `compliance.checks: ${JSON.stringify(bad)} is not a check's id `
+    + "(lower case letters, digits and -)";
+  $("compliance-checks-error").textContent = message;
+  return { compliance: { action, checks }, errors: message ? [{ message, input: $("compliance-checks") }] : [] };
 }
 
 // Asked for once a role that may start runs is logged in; until it answers, only the JSON mode works.
@@ -432,8 +455,12 @@ async function dispatch(event) {
   if (!Number.isInteger(parallelism) || parallelism < 1) {
     errors.push({ message: "parallelism: must be a whole number of at least 1", input: $("parallelism") });
   }
-  let chosen, workflow;
-  if (workflowChosen()) {
+  let chosen, workflow, compliance;
+  if (complianceChosen()) {
+    const form = formCompliance();
+    errors.push(...form.errors);
+    compliance = form.compliance;
+  } else if (workflowChosen()) {
     const form = formWorkflow();
     errors.push(...form.errors);
     workflow = form.workflow;
@@ -455,7 +482,7 @@ async function dispatch(event) {
   }
   $("run-button").disabled = true;  // a second click while the first is on its way would start a second run
   try {
-    const what = workflow ? { workflow } : { steps: chosen };
+    const what = compliance ? { compliance } : workflow ? { workflow } : { steps: chosen };
     await post("/api/v1/runs", { target, ...what, flags: $("dry-run").checked ? 1 : 0, parallelism });
     $("dispatch-error").textContent = "";
   } catch (error) {
