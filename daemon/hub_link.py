@@ -6,7 +6,8 @@ What it sends (messages in hub/protocol.py):
   delivered after the next connect, and the hub's cursor, moved in the same transaction that stores
   them, keeps each one single however often it is resent;
 - facts (host name, boot state, snapshots, ops) whenever they changed;
-- the state of each job run for a hub command;
+- the state of each job run for a hub command, and its steps' output while it runs (`output`
+  frames, in batches: daemon/hub_output.py);
 - the state of each image update the hub asked for (`update_status`);
 - the outcome of each action the hub asked for (`action_status`: a snapshot taken, a rollback or a
   one-shot boot prepared; daemon/hub_actions.py), which the event log carries too.
@@ -54,6 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 from daemon.boot import BootState
 from daemon.errors import DaemonError
 from daemon.hub_actions import ActionCore, action_id, carry_out, parse_action, refused
+from daemon.hub_output import OutputForwarder
 from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
@@ -171,6 +173,7 @@ class HubLink:
         # hub action id -> its action_status (None while under way): an id sent again is never done twice
         self._actions: dict[str, dict[str, Any] | None] = {}
         self._action_tasks: set[asyncio.Task[None]] = set()
+        self.output = OutputForwarder(self._send, lambda: self._outgoing.qsize())
         self.state = "connecting"  # then connected, or why not: refused, unreachable, disconnected, failed
         self.error: str | None = None  # what the last failure was, as logged
         self.since = time.time()  # when the state last changed
@@ -188,7 +191,13 @@ class HubLink:
         """Something worth telling happened (an event, a job's state): send it now, not at the next poll."""
         self._wake.set()
 
+    def job_output(self, job: Job, step: int, line: str) -> None:
+        if job.hub_command is not None:
+            self.output.line(job.hub_command, step, line, live=self.connected)
+
     def job_changed(self, job: Job) -> None:
+        if job.hub_command is not None and job.state in FINAL_STATES:
+            self.output.finished(job.hub_command)  # its last lines go before its end
         if self.connected and job.hub_command is not None:
             self._report(job.hub_command, job.state, job.id, job.result or None)
         else:
