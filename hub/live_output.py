@@ -58,7 +58,7 @@ class _HostOutput:
         return _cost(line)
 
 
-@dataclass
+@dataclass(eq=False)  # each follower is its own, however alike two are
 class Watch:
     """One follower of a run: where it is in each host's steps, and whether it was told to pull."""
 

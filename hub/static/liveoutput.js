@@ -74,7 +74,7 @@ function outputRow(run, command) {
   const details = el("details", { class: "output", ontoggle: () => {
     outputOpen.set(id, details.open);
     if (details.open) keepScroll();
-  } }, el("summary", {}, live ? "output (live)" : "output"), ...sections);
+  } }, el("summary", {}, run.state === "running" && live ? "output (live)" : "output"), ...sections);
   details.open = outputOpen.get(id) ?? (run.state === "running" || Boolean(live));
   return [el("tr", { class: "output-row", "data-host": host }, el("td", { colspan: "5" }, details))];
 }
