@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from playwright.sync_api import Browser, expect
 
+from daemon.hub_output import OUTPUT_INTERVAL, OutputForwarder
 from hub.live_output import HOST_BYTES, HOST_LINES, LINE_OVERHEAD, RUN_BYTES, TOTAL_BYTES, LiveOutput
 from hub.protocol import OUTPUT_FRAME_LINES, OUTPUT_LINE_CHARS
 from hub.run_view import Follower
@@ -72,6 +73,7 @@ def test_a_real_rastosd_forwards_a_steps_lines_before_the_step_ends(hub: Hub, fl
     async def follow() -> tuple[dict[int, list[str]], dict[str, Any]]:
         headers = {"Authorization": f"Bearer {hub.admin_token}"}
         lines: dict[int, list[str]] = {}
+        first_of_step: dict[int, list[str]] = {}
         async with (
             aiohttp.ClientSession(headers=headers) as session,
             session.ws_connect(stream_url(hub, run["id"])) as ws,
@@ -82,6 +84,9 @@ def test_a_real_rastosd_forwards_a_steps_lines_before_the_step_ends(hub: Hub, fl
                 if message["type"] == "output":
                     assert message["host"] == "web-1" and message["first"] == len(lines.get(message["step"], []))
                     lines.setdefault(message["step"], []).extend(message["lines"])
+                    first_of_step.setdefault(message["step"], message["lines"])
+            # Printed together, they came together: one batch, not a frame a line.
+            assert first_of_step[1] == ["preparing the account", "checking the groups"], first_of_step
             # The step has printed, and not ended: the daemon's job still runs it.
             assert hub.api("GET", f"/api/v1/runs/{run['id']}")["commands"][0]["state"] == "running"
             release.touch()
@@ -98,6 +103,29 @@ def test_a_real_rastosd_forwards_a_steps_lines_before_the_step_ends(hub: Hub, fl
     # The stored run keeps the step's output as the job's end carries it.
     stored = ended["commands"][0]["result"]["steps"][1]["output"]
     assert stored[:2] == ["preparing the account", "checking the groups"], stored
+
+
+def test_the_agent_batches_a_chatty_steps_lines_and_numbers_what_it_skips() -> None:
+    frames: list[dict[str, Any]] = []
+
+    async def chatter() -> None:
+        forwarder = OutputForwarder(frames.append, lambda: 0)
+        for number in range(1200):  # far more than an interval forwards
+            forwarder.line("c1", 0, f"line {number}", live=True)
+        assert frames == [], "nothing before the interval is up"
+        await asyncio.sleep(OUTPUT_INTERVAL * 2)
+        forwarder.line("c1", 0, "x" * 5000, live=True)
+        forwarder.line("c1", 1, "printed while the link was down", live=False)
+        forwarder.line("c1", 1, "next step", live=True)
+        forwarder.finished("c1")  # the job's end: what waits goes at once
+
+    asyncio.run(chatter())
+    assert [(f["step"], f["first"], len(f["lines"])) for f in frames] == [
+        (0, 0, OUTPUT_FRAME_LINES), (0, 1200, 1), (1, 1, 1)]  # fmt: skip
+    assert frames[0]["lines"][-1] == f"line {OUTPUT_FRAME_LINES - 1}"
+    assert frames[1]["lines"] == ["x" * 1000 + " (line cut)"]
+    assert all(len(line) <= OUTPUT_LINE_CHARS for frame in frames for line in frame["lines"]), "the hub takes each"
+    assert all(set(frame) == {"type", "command", "step", "first", "lines"} for frame in frames)
 
 
 # The hub's relay, with simulated agents
