@@ -253,6 +253,44 @@ def test_bad_output_frames_are_refused_a_flood_is_cut_off_and_too_many_lines_are
     assert "agent web-1 sent a bad message: output: more than 50 frames a second" in log
 
 
+FLOOD_HOSTS, FLOOD_FRAMES = 4, 40  # each host 40 frames of 500 lines of 1,000 characters: 84 MB in all
+FLOOD_GROWTH = 32 << 20  # what the hub's resident memory may grow by (8 MiB seen), for 84 MB sent, ~1 MB kept
+
+
+def test_a_flood_of_output_with_followers_that_never_read_leaves_the_hubs_memory_bounded(hub: Hub) -> None:
+    async def body(agents: Agents) -> None:
+        runs = []
+        for host in range(FLOOD_HOSTS):
+            await agents.add(f"h{host}", "held")
+            runs.append(await started_on(hub, agents, f"h{host}", "x"))
+        headers = {"Authorization": f"Bearer {hub.admin_token}"}
+        stuck = [await agents.session.ws_connect(stream_url(hub, run_id), headers=headers) for run_id, _ in runs]
+        before = hub.memory()
+        line = "z" * 1000
+
+        frames = [[json.dumps(output(runs[host][1], 0, n * 500, [line] * 500)) for n in range(FLOOD_FRAMES)]
+                  for host in range(FLOOD_HOSTS)]  # fmt: skip
+        for agent in agents.agents.values():
+            await agent.close()  # its command stays in flight; its frames come on a link read below
+        # Each host's frames, then a probe whose ack says the hub has read every frame before it.
+        answers = await asyncio.gather(*(exchange(hub, agents.agents[f"h{host}"].token, *frames[host])
+                                         for host in range(FLOOD_HOSTS)))  # fmt: skip
+        assert answers == [[{"type": "ack", "last_event": 0}]] * FLOOD_HOSTS, answers
+        after = hub.memory()
+        print(f"output flood: RSS {before['VmRSS'] >> 20} -> {after['VmRSS'] >> 20} MiB, peak {after['VmHWM'] >> 20}")
+        assert after["VmRSS"] - before["VmRSS"] < FLOOD_GROWTH, (before, after)
+        # A follower that reads now gets what is kept: the newest lines, after a gap.
+        async with agents.session.ws_connect(stream_url(hub, runs[0][0]), headers=headers) as late:
+            assert (await late.receive_json(timeout=10))["type"] == "run"
+            kept = await late.receive_json(timeout=10)
+            assert kept["type"] == "output" and kept["first"] > 0 and len(kept["lines"]) <= HOST_LINES
+        for socket in stuck:
+            await socket.close()
+
+    scenario(hub, body)
+    assert hub.log.read_text().count("lines dropped, not relayed") >= FLOOD_HOSTS
+
+
 def test_the_hubs_memory_for_output_is_bounded_per_host_per_run_and_in_all() -> None:
     live = LiveOutput()
     line = "y" * 1000
