@@ -84,6 +84,7 @@ class Fleet:
         self._closing: set[asyncio.Future[Any]] = set()
         self.rollouts = Rollouts(self, RolloutStore(store), images)
         self.live = LiveOutput()
+        self._output_commands: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # in flight, with output
 
     async def load(self) -> None:
         for row in await self.store.hosts():
@@ -188,6 +189,9 @@ class Fleet:
                 kept = [command for command in run["commands"] if command["host"] != name]
                 if len(kept) == len(run["commands"]):
                     continue
+                for command in run["commands"]:
+                    if command["host"] == name:
+                        self._output_commands.pop(command["id"], None)
                 run["commands"] = kept
                 if not kept and run["state"] == "running":
                     run["cancel_requested"] = True
@@ -391,19 +395,23 @@ class Fleet:
                 await self._pump_all()
             self._publish_run(run)
 
-    def output(self, name: str, frame: OutputLines, allowed: int) -> None:
+    def output(self, name: str, frame: OutputLines, allowed: int) -> bool:
         """Lines a step of one of the host's commands in flight printed: kept (the first `allowed` of
-        them) for the run's followers, who are told to pull them. No lock and no store: nothing waits."""
-        found = self._find_command(frame.command)
+        them) for the run's followers, who are told to pull them; False when the command is not one of
+        the host's own in flight. No lock and no store: nothing waits."""
+        found = self._output_commands.get(frame.command) or self._find_command(frame.command)
         if found is None or found[1]["host"] != name or found[1]["state"] not in IN_FLIGHT:
-            log.info("%s sent output of command %s, which is not one of its own in flight", name, frame.command[:64])
-            return
+            self._output_commands.pop(frame.command, None)
+            return False
+        # Found once, not by a walk through every run's commands for each of a fleet's frames.
+        self._output_commands[frame.command] = found
         run, command = found
         if frame.step >= len(run["steps"]):
             raise ProtocolError(f"output.step: {frame.step} is not a step of the run (it has {len(run['steps'])})")
         lines = frame.lines[:allowed]
         if self.live.add(run["id"], name, command["id"], frame.step, frame.first, lines, len(frame.lines)):
             self.live.wake(run["id"])
+        return True
 
     # Rollouts (hub/rollouts.py): every step under the lock, as dispatch is
 
@@ -456,6 +464,8 @@ class Fleet:
             outcome = "failed"
         run["state"] = outcome
         run["finished"] = time.time()
+        for command in run["commands"]:
+            self._output_commands.pop(command["id"], None)
         # Its followers pull what is left before they send its end; later ones read the stored run.
         asyncio.get_running_loop().call_later(OUTPUT_LINGER, self.live.forget, run["id"])
         self.publish_event(await self.store.finish_run(run["id"], outcome, "hub"))

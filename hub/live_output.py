@@ -169,6 +169,7 @@ class OutputGate:
         now = time.monotonic()
         self._frames, self._lines, self._at = FRAME_BURST, LINE_BURST, now
         self.dropped = 0  # lines dropped since the last time it was logged
+        self.stray = False  # output of a command not the agent's own in flight came, and was logged
         self.logged = 0.0  # when that was (monotonic)
 
     def take(self, lines: int) -> int | None:

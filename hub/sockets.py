@@ -183,7 +183,10 @@ async def _output(fleet: Fleet, host: str, socket: web.WebSocketResponse, body: 
     if dropped := gate.report():
         log.warning("agent %s sends output faster than %.0f lines a second: %d lines dropped, not relayed",
                     host, LINES_PER_SECOND, dropped)  # fmt: skip
-    fleet.output(host, body, allowed)
+    if not fleet.output(host, body, allowed) and not gate.stray:
+        gate.stray = True  # said once a connection: a late frame after a cancel is no news, a stream of them none
+        log.info("agent %s sent output of command %s, which is not one of its own in flight: dropped", host,
+                 body.command[:64])  # fmt: skip
     return True
 
 
