@@ -6,7 +6,8 @@ What it sends (messages in hub/protocol.py):
   delivered after the next connect, and the hub's cursor, moved in the same transaction that stores
   them, keeps each one single however often it is resent;
 - facts (host name, boot state, snapshots, ops) whenever they changed;
-- the state of each job run for a hub command;
+- the state of each job run for a hub command, and its steps' output while it runs (`output`
+  frames, in batches: daemon/hub_output.py);
 - the state of each image update the hub asked for (`update_status`);
 - the outcome of each action the hub asked for (`action_status`: a snapshot taken, a rollback or a
   one-shot boot prepared; daemon/hub_actions.py), which the event log carries too.
@@ -55,6 +56,7 @@ from daemon.boot import BootState
 from daemon.errors import DaemonError
 from daemon.hub_actions import ActionCore, action_id, carry_out, parse_action, refused
 from daemon.hub_compliance import ComplianceRequest, parse_request, remediation_steps, report_frame, summary
+from daemon.hub_output import OutputForwarder
 from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
@@ -177,6 +179,7 @@ class HubLink:
         # answered with it, or (after a restart of rastosd) scanned again: a scan changes nothing
         self._scans: dict[str, dict[str, Any] | None] = {}
         self._remediations: set[str] = set()  # hub commands whose job is a remediation: scanned again at its end
+        self.output = OutputForwarder(self._send, lambda: self._outgoing.qsize())
         self.state = "connecting"  # then connected, or why not: refused, unreachable, disconnected, failed
         self.error: str | None = None  # what the last failure was, as logged
         self.since = time.time()  # when the state last changed
@@ -194,7 +197,13 @@ class HubLink:
         """Something worth telling happened (an event, a job's state): send it now, not at the next poll."""
         self._wake.set()
 
+    def job_output(self, job: Job, step: int, line: str) -> None:
+        if job.hub_command is not None:
+            self.output.line(job.hub_command, step, line, live=self.connected)
+
     def job_changed(self, job: Job) -> None:
+        if job.hub_command is not None and job.state in FINAL_STATES:
+            self.output.finished(job.hub_command)  # its last lines go before its end
         if job.hub_command in self._remediations and job.state in FINAL_STATES:
             # Its end is reported with the scan after it, which shows what the remediation fixed.
             self._remediations.discard(job.hub_command)

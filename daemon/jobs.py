@@ -72,7 +72,7 @@ class JobListener(Protocol):
 
     def job_added(self, job: Job) -> None: ...
     def job_changed(self, job: Job, what: str) -> None: ...
-    def job_output(self, job: Job, line: str) -> None: ...
+    def job_output(self, job: Job, step: int, line: str) -> None: ...  # step: its index in the job
     def job_finished(self, job: Job) -> None: ...
 
 
@@ -282,7 +282,7 @@ class _PipelineRun:
         plan = run_step(
             step,
             self.target,
-            lambda line: self._output(output, line),
+            lambda line: self._output(output, index, line),
             before_changes=lambda plan: self._before_changes(step, plan, record, output),
             follow_ups=JobFollowUps(self.manager.store, self.job.id),
         )
@@ -307,12 +307,12 @@ class _PipelineRun:
             self.risky_ops += [step.op.name] if step.op.name not in self.risky_ops else []
             self.confirm_timeout = max(self.confirm_timeout, timeout)
 
-    def _output(self, kept: list[str], line: str) -> None:
+    def _output(self, kept: list[str], step: int, line: str) -> None:
         shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " (line cut)"
         if len(kept) < MAX_OUTPUT_LINES and self.output_kept + len(shown) <= MAX_JOB_OUTPUT:
             kept.append(shown)
             self.output_kept += len(shown)
-        self.manager.notify(self.manager.listener.job_output, self.job, line)
+        self.manager.notify(self.manager.listener.job_output, self.job, step, line)
 
     def _describe_failure(self, index: int, step: Step, failure: Exception) -> str:
         if isinstance(failure, DaemonError):

@@ -555,8 +555,10 @@ PATHS: dict[str, dict[str, Any]] = {
         "responses": {"200": _answer("the run", RUN), **NOT_FOUND, **CONFLICT}}},
     "/api/v1/runs/{id}/stream": {"parameters": [RUN_ID], "get": {
         "summary": "WebSocket following one run: run {run} at once (and whenever the hub cannot say what "
-                   "changed), command {command} for each change of one of its commands, end {run} once it "
-                   "has ended; then the hub closes it",
+                   "changed), command {command} for each change of one of its commands, output {host, "
+                   "command, step, first, lines} with the lines its steps print as they run (first: the "
+                   "number of the first among all its step printed on that host), end {run} once it has "
+                   "ended; then the hub closes it",
         "responses": {"101": {"description": "switching protocols"}, **NOT_FOUND}}},
     "/api/v1/workflows": {"get": {
         "summary": "The workflows a run may name (workflow: {name, variables}), each variable with the JSON "

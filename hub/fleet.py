@@ -16,6 +16,9 @@ naming the admin) before it is sent, and its outcome comes back twice, live (act
 through the agent's event log (HubAction), whichever is first; a host's recent actions are rebuilt
 from the log when the hub starts.
 
+Step output (agents' `output` frames) is not state: it is kept apart, in memory and bounded
+(hub/live_output.py), and goes only to the followers of its run, never into the UIs' deltas.
+
 Image rollouts (hub/rollouts.py) run under the same lock: the fleet passes on what concerns them (an
 agent's welcome, its facts while an update is under way there, its update_status, the clock).
 """
@@ -33,11 +36,14 @@ from typing import Any, overload
 
 from hub.errors import Conflict, NotFound
 from hub.images import ImageFiles
+from hub.live_output import OUTPUT_LINGER, LiveOutput
 from hub.protocol import (
     ActionStatus,
     AgentEvent,
     CommandStatus,
     ComplianceReport,
+    OutputLines,
+    ProtocolError,
     UpdateStatus,
     action_frame,
     command_frame,
@@ -87,6 +93,8 @@ class Fleet:
         self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
         self._closing: set[asyncio.Future[Any]] = set()
         self.rollouts = Rollouts(self, RolloutStore(store), images)
+        self.live = LiveOutput()
+        self._output_commands: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # in flight, with output
 
     async def load(self) -> None:
         reports = await self.store.compliance_reports()
@@ -193,6 +201,9 @@ class Fleet:
                 kept = [command for command in run["commands"] if command["host"] != name]
                 if len(kept) == len(run["commands"]):
                     continue
+                for command in run["commands"]:
+                    if command["host"] == name:
+                        self._output_commands.pop(command["id"], None)
                 run["commands"] = kept
                 if not kept and run["state"] == "running":
                     run["cancel_requested"] = True
@@ -410,6 +421,24 @@ class Fleet:
                 await self._pump_all()
             self._publish_run(run)
 
+    def output(self, name: str, frame: OutputLines, allowed: int) -> bool:
+        """Lines a step of one of the host's commands in flight printed: kept (the first `allowed` of
+        them) for the run's followers, who are told to pull them; False when the command is not one of
+        the host's own in flight. No lock and no store: nothing waits."""
+        found = self._output_commands.get(frame.command) or self._find_command(frame.command)
+        if found is None or found[1]["host"] != name or found[1]["state"] not in IN_FLIGHT:
+            self._output_commands.pop(frame.command, None)
+            return False
+        # Found once, not by a walk through every run's commands for each of a fleet's frames.
+        self._output_commands[frame.command] = found
+        run, command = found
+        if frame.step >= len(run["steps"]):
+            raise ProtocolError(f"output.step: {frame.step} is not a step of the run (it has {len(run['steps'])})")
+        lines = frame.lines[:allowed]
+        if self.live.add(run["id"], name, command["id"], frame.step, frame.first, lines, len(frame.lines)):
+            self.live.wake(run["id"])
+        return True
+
     # Rollouts (hub/rollouts.py): every step under the lock, as dispatch is
 
     async def update_status(self, name: str, status: UpdateStatus) -> None:
@@ -461,6 +490,10 @@ class Fleet:
             outcome = "failed"
         run["state"] = outcome
         run["finished"] = time.time()
+        for command in run["commands"]:
+            self._output_commands.pop(command["id"], None)
+        # Its followers pull what is left before they send its end; later ones read the stored run.
+        asyncio.get_running_loop().call_later(OUTPUT_LINGER, self.live.forget, run["id"])
         self.publish_event(await self.store.finish_run(run["id"], outcome, "hub"))
 
     async def _set_command(self, command: dict[str, Any], **values: Any) -> None:
@@ -489,6 +522,7 @@ class Fleet:
         finished = [run_id for run_id, run in self.runs.items() if run["state"] != "running"]
         for run_id in finished[: max(0, len(self.runs) - KEPT_RUNS)]:
             del self.runs[run_id]
+            self.live.forget(run_id)
             self.publish({"kind": "run_removed", "id": run_id})
 
 

@@ -16,6 +16,12 @@ Each frame is one JSON object with a `type`. Agent -> hub:
                   [{"id", "title", "severity", "finding"}]}}: the host's newest compliance scan, as a
                   run's command asked for it (`command`, or null for one the agent sends unasked); it
                   replaces the host's report before. `failed` is the number of `failed_checks`
+  output          {"command", "step", "first", "lines"}: lines a step of a command's job printed, while it
+                  runs, in batches (daemon/hub_output.py): `step` its index in the run's steps, `first`
+                  the number of the first line among all the step printed (a jump is lines skipped),
+                  at most OUTPUT_FRAME_LINES lines of at most OUTPUT_LINE_CHARS characters. Relayed
+                  to the run's followers and kept only in memory, bounded (hub/live_output.py);
+                  what the stored run keeps of a step's output comes with the job's end, as before
 Hub -> agent:
   welcome         {"host", "last_event", "commands": [...]}: who the agent is, the newest of its
                   events the hub has, and the commands the hub thinks are in flight there
@@ -170,6 +176,24 @@ COMPLIANCE = {
     "additionalProperties": False,
 }  # fmt: skip
 _COMPLIANCE = Draft202012Validator(COMPLIANCE)
+OUTPUT_FRAME_LINES = 500
+OUTPUT_LINE_CHARS = 1100  # the agent cuts a line at 1,000 and says so
+MAX_RUN_STEPS = 256  # as a run's body takes them (hub/api.py)
+MAX_LINE_NUMBER = 2**53  # a step printing a line a nanosecond would take a century to get there
+OUTPUT = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "output"},
+        "command": {"type": "string", "minLength": 1, "maxLength": 64},
+        "step": {"type": "integer", "minimum": 0, "maximum": MAX_RUN_STEPS - 1},
+        "first": {"type": "integer", "minimum": 0, "maximum": MAX_LINE_NUMBER},
+        "lines": {"type": "array", "minItems": 1, "maxItems": OUTPUT_FRAME_LINES,
+                  "items": {"type": "string", "maxLength": OUTPUT_LINE_CHARS}},
+    },
+    "required": ["type", "command", "step", "first", "lines"],
+    "additionalProperties": False,
+}  # fmt: skip
+_OUTPUT = Draft202012Validator(OUTPUT)
 FACT_KEYS = {"hostname": str, "version": str, "boot_state": dict, "snapshots": list, "ops": list, "jobs": list}
 _TEXT = {"type": "string", "maxLength": 4096}
 FACTS = {
@@ -255,7 +279,17 @@ class ComplianceReport:
                 "command": self.command}  # fmt: skip
 
 
-AgentMessage = dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus | ActionStatus | ComplianceReport
+@dataclass(frozen=True)
+class OutputLines:
+    command: str
+    step: int
+    first: int
+    lines: list[str]
+
+
+AgentMessage = (
+    dict[str, Any] | list[AgentEvent] | CommandStatus | UpdateStatus | ActionStatus | ComplianceReport | OutputLines
+)
 
 
 def decode(text: str) -> object:
@@ -283,9 +317,12 @@ def parse_agent_message(message: object) -> tuple[str, AgentMessage]:
         return kind, _action_status(message)
     if kind == "compliance":
         return kind, _compliance(message)
+    if kind == "output":
+        _checked(_OUTPUT, message, "output")
+        return kind, OutputLines(message["command"], message["step"], message["first"], message["lines"])
     raise ProtocolError(
         f"type: unknown message type {_shown(kind)}; known: facts, events, command_status, update_status, "
-        "action_status, compliance"
+        "action_status, compliance, output"
     )
 
 

@@ -1,5 +1,6 @@
 """How runs read in a terminal and in JSON lines: a run's summary, each host's command with its steps
-and output, and a follower that turns a run's stream (hub/runs_api.py) into one line per change."""
+and output, and a follower that turns a run's stream (hub/runs_api.py) into one line per change and
+one per line of output, as the steps print it."""
 
 from __future__ import annotations
 
@@ -73,14 +74,15 @@ def run_text(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def command_lines(command: dict[str, Any], with_result: bool) -> list[str]:
-    """A host's command: its state (and job), then, once it has a result, each step with its output."""
+def command_lines(command: dict[str, Any], with_result: bool, shown: frozenset[int] = frozenset()) -> list[str]:
+    """A host's command: its state (and job), then, once it has a result, each step with its output
+    (but for the steps in `shown`, whose output was followed as they printed it)."""
     job = f" (job {command['job_id']})" if command["job_id"] is not None else ""
     result = command["result"] if isinstance(command["result"], dict) else {}
     error = f": {result['error']}" if command["state"] in FINAL and result.get("error") else ""
     lines = [f"{command['host']}: {command['state']}{job}{error}"]
     if with_result:
-        lines += step_lines(result)
+        lines += step_lines(result, shown)
         if isinstance(found := result.get("compliance"), dict):
             lines.append(f"  compliance: {compliance_text(found)}")
     return lines
@@ -95,7 +97,7 @@ def compliance_text(counts: dict[str, Any]) -> str:
     return text
 
 
-def step_lines(result: dict[str, Any]) -> list[str]:
+def step_lines(result: dict[str, Any], shown: frozenset[int] = frozenset()) -> list[str]:
     lines = []
     steps = result.get("steps")
     for index, step in enumerate(steps if isinstance(steps, list) else [], 1):
@@ -104,19 +106,31 @@ def step_lines(result: dict[str, Any]) -> list[str]:
         error = f": {step['error']}" if step.get("error") else ""
         lines.append(f"  {index}. {step.get('op')}: {step.get('state')}{error}")
         output = step.get("output")
-        lines += [f"       {line}" for line in (output if isinstance(output, list) else [])]
+        if index - 1 not in shown:
+            lines += [f"       {line}" for line in (output if isinstance(output, list) else [])]
     return lines
+
+
+def output_prefix(run: dict[str, Any], host: str, step: int) -> str:
+    """`web-1 [2 user]`: the host, and the step by its number and op."""
+    given = run.get("steps")
+    steps: list[Any] = given if isinstance(given, list) else []
+    op = steps[step].get("op") if 0 <= step < len(steps) and isinstance(steps[step], dict) else "?"
+    return f"{host} [{step + 1} {op}]"
 
 
 @dataclass
 class Follower:
     """Follows a run's stream and says each change of a host's command once: as a line of text, or as
-    a JSON line {"type": "command", "host", "command", "state", "job"[, "result"]}."""
+    a JSON line {"type": "command", "host", "command", "state", "job"[, "result"]}; and each line of
+    output once, as the steps print it: `web-1 [2 user] LINE`, or {"type": "output", "host",
+    "command", "step", "first", "lines"}. Lines the hub did not keep or relay are said as a gap."""
 
     say: Callable[[str], None]
     as_json: Callable[[dict[str, Any]], None] | None = None  # JSON lines instead of text
     run: dict[str, Any] = field(default_factory=dict)
     _said: dict[str, tuple[str, Any, bool]] = field(default_factory=dict)
+    _next: dict[tuple[str, int], int] = field(default_factory=dict)  # (host, step) -> next line's number
 
     def take(self, message: dict[str, Any]) -> bool:
         """Take one message of the stream; True once the run has ended."""
@@ -133,6 +147,8 @@ class Follower:
             else:
                 commands[index] = command
             self._changed(command)
+        elif message["type"] == "output":
+            self._output(message)
         if message["type"] != "end":
             return False
         if self.as_json is not None:
@@ -140,6 +156,24 @@ class Follower:
         else:
             self.say(f"run {self.run['id']}: {self.run['state']} ({tally(self.run)})")
         return True
+
+    def _output(self, message: dict[str, Any]) -> None:
+        host, step, first, lines = message["host"], message["step"], message["first"], message["lines"]
+        expected = self._next.get((host, step), 0)
+        fresh = lines[max(0, expected - first) :]  # a stream opened again sends what it kept again
+        if not fresh:
+            return
+        start = max(first, expected)
+        self._next[(host, step)] = start + len(fresh)
+        if self.as_json is not None:
+            self.as_json({"type": "output", "host": host, "command": message["command"], "step": step,
+                          "first": start, "lines": fresh})  # fmt: skip
+            return
+        prefix = output_prefix(self.run, host, step)
+        if start > expected:
+            self.say(f"{prefix} ... ({start - expected} lines not shown)")
+        for line in fresh:
+            self.say(f"{prefix} {line}")
 
     def _changed(self, command: dict[str, Any]) -> None:
         has_result = command["state"] in FINAL and command["result"] is not None
@@ -152,5 +186,6 @@ class Follower:
                       "state": command["state"], "job": command["job_id"]}  # fmt: skip
             self.as_json({**change, "result": command["result"]} if has_result else change)
             return
-        for line in command_lines(command, with_result=has_result):
+        shown = frozenset(step for host, step in self._next if host == command["host"])
+        for line in command_lines(command, with_result=has_result, shown=shown):
             self.say(line)

@@ -12,7 +12,10 @@ refusal names the variable, not the step it lands in.
 
 `GET /api/v1/runs/{id}/stream` follows one run: `run` (the whole run, at once and whenever the hub
 cannot say what changed), `command` for each change of one of its commands (state, job, result),
-and `end` with the whole run once it has ended, after which the hub closes the socket (1000). The
+`output` {"host", "command", "step", "first", "lines"} with the lines its steps print while they run
+(hub/live_output.py: `first` numbers the first line among all its step printed on that host, so a
+jump is lines not kept or not sent), and `end` with the whole run once it has ended, after which the
+hub closes the socket (1000). A host's lines come before the change that ends its command. The
 UIs' stream carries the same changes, but with the whole fleet's state first and every change of
 every host after it: too much to follow one run from a shell.
 """
@@ -33,6 +36,7 @@ from hub.credentials import CREDENTIALS
 from hub.edge import respond
 from hub.errors import NotFound, Unprocessable
 from hub.fleet import INIT_NEEDED, Fleet
+from hub.live_output import OUTPUT_READY, Watch
 from hub.roles import VIEWER
 from hub.sockets import FLEET, HEARTBEAT, SOCKETS
 from ops import OPS
@@ -171,6 +175,7 @@ async def _forward(
     fleet: Fleet, run_id: str, queue: asyncio.Queue[dict[str, Any]], socket: web.WebSocketResponse
 ) -> None:
     sent = _Sent()
+    watch = fleet.live.watch(run_id, queue)
     try:
         run = fleet.runs.get(run_id)
         if run is None:  # forgotten between the check and now: fifty newer runs ended meanwhile
@@ -178,23 +183,36 @@ async def _forward(
             return
         sent.changed(run)
         await socket.send_str(strictjson.dumps({"type": "run", "run": run}))
+        await _send_output(fleet, watch, socket)
         while run["state"] == "running":
             message = await queue.get()
+            if message is OUTPUT_READY:
+                await _send_output(fleet, watch, socket)
+                continue
             if message is INIT_NEEDED:  # too far behind to know what changed: the whole run again
                 run = fleet.runs.get(run_id, run)
                 sent.changed(run)
                 await socket.send_str(strictjson.dumps({"type": "run", "run": run}))
+                await _send_output(fleet, watch, socket)
                 continue
             change = message.get("change", {})
             if change.get("kind") != "run" or change["run"]["id"] != run_id:
                 continue
             run = change["run"]
+            await _send_output(fleet, watch, socket)  # a host's last lines before its end
             for command in sent.changed(run):
                 await socket.send_str(strictjson.dumps({"type": "command", "command": command}))
         await socket.send_str(strictjson.dumps({"type": "end", "run": run}))
         await socket.close()
     except (ConnectionError, RuntimeError):
         return  # the follower went away, or its socket is closing
+    finally:
+        fleet.live.unwatch(watch)
+
+
+async def _send_output(fleet: Fleet, watch: Watch, socket: web.WebSocketResponse) -> None:
+    for message in fleet.live.pull(watch):
+        await socket.send_str(strictjson.dumps(message))
 
 
 ROUTES = (

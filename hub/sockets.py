@@ -24,11 +24,13 @@ from hub.access import GENERATION, Caller, agent, caller
 from hub.credentials import CREDENTIALS
 from hub.errors import HubError, RoleRefused
 from hub.fleet import AgentLink, Fleet
+from hub.live_output import FRAME_BURST, FRAMES_PER_SECOND, LINES_PER_SECOND, OutputGate
 from hub.protocol import (
     MAX_MESSAGE_BYTES,
     ActionStatus,
     CommandStatus,
     ComplianceReport,
+    OutputLines,
     ProtocolError,
     UpdateStatus,
     decode,
@@ -147,6 +149,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
 async def _serve_agent(request: web.Request, fleet: Fleet, host: str, socket: _AgentSocket) -> web.StreamResponse:
     request.app[SOCKETS].add(socket)
     link = AgentLink(host, lambda message: socket.send_str(strictjson.dumps(message)), socket.close)
+    gate = OutputGate()
     try:
         await link.send(await fleet.agent_connected(link))
         await fleet.agent_ready(link)
@@ -156,7 +159,7 @@ async def _serve_agent(request: web.Request, fleet: Fleet, host: str, socket: _A
                 break
             if message.type != WSMsgType.TEXT:
                 break  # errors (an oversized frame: see _AgentSocket) and closes end the connection
-            if not await _agent_message(fleet, host, socket, message.data):
+            if not await _agent_message(fleet, host, socket, message.data, gate):
                 break
     finally:
         await fleet.agent_disconnected(link)
@@ -170,7 +173,25 @@ async def _refuse(socket: web.WebSocketResponse, host: str, text: str) -> None:
         await socket.close(code=1008, message=text.encode()[:120])
 
 
-async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse, data: str) -> bool:
+async def _output(fleet: Fleet, host: str, socket: web.WebSocketResponse, body: OutputLines, gate: OutputGate) -> bool:
+    """Step output, within the connection's pace: lines over it are dropped (and logged), frames over
+    it end the connection."""
+    allowed = gate.take(len(body.lines))
+    if allowed is None:
+        await _refuse(socket, host, f"output: more than {FRAMES_PER_SECOND:.0f} frames a second (bursts of "
+                                    f"{FRAME_BURST:.0f}); the hub closes this connection")  # fmt: skip
+        return False
+    if dropped := gate.report():
+        log.warning("agent %s sends output faster than %.0f lines a second: %d lines dropped, not relayed",
+                    host, LINES_PER_SECOND, dropped)  # fmt: skip
+    if not fleet.output(host, body, allowed) and not gate.stray:
+        gate.stray = True  # said once a connection: a late frame after a cancel is no news, a stream of them none
+        log.info("agent %s sent output of command %s, which is not one of its own in flight: dropped", host,
+                 body.command[:64])  # fmt: skip
+    return True
+
+
+async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse, data: str, gate: OutputGate) -> bool:
     """Handle one agent message; False (after telling the agent why) ends the connection."""
     try:
         kind, body = parse_agent_message(decode(data))
@@ -196,6 +217,9 @@ async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse,
         elif kind == "compliance":
             assert isinstance(body, ComplianceReport)
             await fleet.compliance(host, body)
+        elif kind == "output":
+            assert isinstance(body, OutputLines)
+            return await _output(fleet, host, socket, body, gate)
         else:
             assert isinstance(body, CommandStatus)
             await fleet.command_status(host, body)

@@ -160,9 +160,8 @@ class RunCommand(Action):
 
     def execute(self, target: Target, output: Output) -> None:
         argv = [arg.replace("{root}", str(target.root)) for arg in self.argv]
-        result = run(argv, capture=True)
-        for line in result.stdout.splitlines():
-            output(line)
+        # Each line as the program prints it (stderr too): a long one is followed while it runs.
+        run(argv, on_line=output)
         output(f"ran {argv[0]} for {self.subject}")
 
     @property

@@ -78,7 +78,7 @@ async def burst(bus: PrivateBus, scratch: ScratchRoot, state_dir: Path) -> None:
 
     # The burst: no await in between, so nothing drains until it is all queued.
     for number in range(SIGNALS):
-        daemon.job_output(job, f"{number:06d} ".ljust(LINE, "x"))
+        daemon.job_output(job, 0, f"{number:06d} ".ljust(LINE, "x"))
         job.progress = (number * 100 // SIGNALS, f"line {number}")
         daemon.job_changed(job, "Progress")
 

@@ -662,6 +662,10 @@ FRAMES = st.one_of(
     st.fixed_dictionaries({"type": st.just("update_status")}, optional={
         "update": st.text(max_size=10) | VALUES, "state": st.sampled_from(["staged", "failed", "exploded"]) | VALUES,
         "version": st.text(max_size=10) | VALUES, "detail": st.none() | st.text(max_size=10) | VALUES}),
+    st.fixed_dictionaries({"type": st.just("output")}, optional={
+        "command": st.text(max_size=10) | VALUES, "step": st.integers(-1, 300) | VALUES,
+        "first": st.integers(-1, 2**60) | VALUES,
+        "lines": st.lists(st.text(max_size=20) | VALUES, max_size=3) | VALUES}),
     VALUES,
 )  # fmt: skip
 

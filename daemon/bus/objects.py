@@ -357,7 +357,7 @@ class BusFace:
         value: Any = {"State": job.state, "Progress": job.progress, "Result": json.dumps(job.result)}[what]
         emit_changed(job_object, JOB_INTERFACE, what, {"State": "s", "Progress": "(us)", "Result": "s"}[what], value)
 
-    def job_output(self, job: Job, line: str) -> None:
+    def job_output(self, job: Job, step: int, line: str) -> None:
         if (job_object := self.job_objects.get(job.id)) is not None:
             job_object.output.emit(line)
 

@@ -14,7 +14,8 @@
 // stream, and the reconnect asks again.
 //
 // The run form (its steps made from the ops' schemas) is runform.js; a host's page (its snapshots and
-// the actions on them) is hostpage.js; the event log with its filters is eventlog.js.
+// the actions on them) is hostpage.js; the event log with its filters is eventlog.js; the steps' output
+// in the runs' view, live while a run executes, is liveoutput.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -308,8 +309,9 @@ function renderRuns() {
         el("tr", { class: "command", "data-host": text(c.host) },
           el("td", {}, text(c.host)), el("td", {}, badge(c.state)), el("td", {}, c.job_id ? `job ${text(c.job_id)}` : ""),
           el("td", {}, text(obj(c.result).error)), el("td", { class: "steps-done" }, hostProgress(run, c))),
-        ...planRow(c, dry)]))));
+        ...planRow(c, dry), ...outputRow(run, c)]))));
   }));
+  runsRendered(runs);
 }
 
 // The states a command ends in (hub/store.py FINAL_COMMAND_STATES): its host is finished with the run.
