@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rastosd")
 
+BOOT_TEXT = 255  # characters of each text of a boot report (the hub keeps as many: hub/fleet.py)
+
 
 class Listener(JobListener, Protocol):
     """What the bus face hears of the core, besides jobs (all on the event loop's thread)."""
@@ -137,6 +139,17 @@ class Daemon:
         # The image version is read once, at start (updates.running_version): it is fixed for the boot.
         version = self.updates.running_version
         return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback, version)
+
+    def boot_report(self) -> dict[str, Any]:
+        """What the `Booted` event says of this boot, once, at rastosd's first start in it (the hub's
+        boot history of the host): what booted, and the entry it fell back from if it did. Each text
+        at most BOOT_TEXT characters, as the hub keeps them."""
+        state = self.boot_state()
+        failed = state.fallback
+        texts = {"root": state.root, "kind": state.kind, "entry": state.entry, "image_version": state.image_version,
+                 "failed_entry": failed.failed_entry if failed else "",
+                 "failed_root": failed.failed_root if failed else ""}  # fmt: skip
+        return {"snapshot": state.snapshot, **{key: value[:BOOT_TEXT] for key, value in texts.items()}}
 
     # Image updates (docs/updates.md)
 

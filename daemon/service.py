@@ -39,7 +39,7 @@ async def serve(config: DaemonConfig) -> None:
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
-    daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
+    daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume, daemon.boot_report())
     daemon.reconcile()
     if daemon.boot_state().health == "good":  # rastosd restarted on a boot known good already
         await asyncio.to_thread(daemon.collect_updates, "rastosd started on a boot known good")
