@@ -257,11 +257,12 @@ HOST_BOOT = {
 }  # fmt: skip
 HOST_CHANGE = {
     "type": "object",
-    "description": "the newest run (that changed something, not a dry run) or rollback or one-shot boot from "
-                   "the hub that changed the host",
+    "description": "the newest run (that changed something, not a dry run), rollback or one-shot boot, or "
+                   "rollout's update, from the hub, that changed the host",
     "properties": {
         "time": {"type": "number"}, "by": {"type": "string", "description": "the admin"},
-        "kind": {"enum": ["run", "action"]}, "id": {"type": "string", "description": "the run's or action's id"},
+        "kind": {"enum": ["run", "action", "rollout"]},
+        "id": {"type": "string", "description": "the run's, action's or rollout's id"},
         "what": {"type": "string"},
     },
     "required": ["time", "by", "kind", "id", "what"],

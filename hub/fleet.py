@@ -35,7 +35,7 @@ from hub.errors import Conflict, NotFound
 from hub.images import ImageFiles
 from hub.protocol import ActionStatus, AgentEvent, CommandStatus, UpdateStatus, action_frame
 from hub.rollout_store import RolloutStore
-from hub.rollouts import Rollouts
+from hub.rollouts import Rollouts, host_change
 from hub.store import FINAL_COMMAND_STATES, Store
 
 log = logging.getLogger("rastos-hub.fleet")
@@ -105,6 +105,10 @@ class Fleet:
             self.runs[run["id"]] = {**run, "commands": [c for c in commands if c["run_id"] == run["id"]]}
         self.events.extend(await self.store.events(KEPT_EVENTS))
         await self.rollouts.load()
+        for rollout in self.rollouts.rollouts.values():  # the active ones and the newest 50 finished
+            for item in rollout["hosts"]:
+                if item["state"] == "done" and item["host"] in self.hosts:
+                    _note_change(self.hosts[item["host"]], host_change(rollout, item))
 
     # What UIs see
 
@@ -281,6 +285,11 @@ class Fleet:
                 host["last_seen"] = time.time()
                 self._publish_host(name)
             return self.cursors[name]
+
+    def note_change(self, name: str, change: dict[str, Any]) -> None:
+        """A change the hub made there, as the host's last change unless a later one is known."""
+        if (host := self.hosts.get(name)) is not None and _note_change(host, change):
+            self._publish_host(name)
 
     # Host actions
 

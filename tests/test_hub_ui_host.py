@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, Locator, expect
 
 from tests.hub_fixtures import Hub
 from tests.hub_fixtures import hub as hub
@@ -117,9 +117,8 @@ SNAPSHOTS = [
 
 def test_a_hosts_boots_are_listed_newest_first_with_its_fallbacks(hub: Hub, browser: Browser, tmp_path: Path) -> None:
     with agents(hub) as fleet:
-        boot = {"root": "@snapshots/3/deployment", "kind": "rollback", "snapshot": "3", "health": "good",
-                "entry": "rastos-snapshot-3+2-1.conf"}  # fmt: skip
-        web1 = fleet.add("web-1", ["web"], **boot)
+        web1 = fleet.add("web-1", ["web"], root="@snapshots/3/deployment", kind="rollback", snapshot="3",
+                         health="good", entry="rastos-snapshot-3+2-1.conf")  # fmt: skip
         fleet.run(web1.send({"type": "facts", "facts": {"hostname": "web-1", "boot_state": web1.boot,
                                                          "snapshots": SNAPSHOTS}}))  # fmt: skip
         # The image it was installed with, confirmed good; an update that did not boot, so 1.0 again;
@@ -189,7 +188,10 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
         page, errors = logged_in(hub, browser, added.stdout.strip().splitlines()[-1])
         hosts = page.locator("#hosts tbody tr")
         expect(hosts).to_have_count(4)
-        cell = lambda host, column: page.locator(f'#hosts tr[data-host="{host}"] td').nth(column)  # noqa: E731
+
+        def cell(host: str, column: int) -> Locator:
+            return page.locator(f'#hosts tr[data-host="{host}"] td').nth(column)
+
         expect(cell("web-1", 3).locator(".badge")).to_have_text("on trial")
         expect(cell("web-2", 3).locator(".badge")).to_have_text("fell back")
         expect(cell("db-1", 3).locator(".badge")).to_have_text("healthy")
@@ -219,7 +221,10 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
         expect(cell("web-1", 7)).to_have_text("")
 
         # Sorted by the last change (none first), by the boot's state; found by who made it.
-        shown = lambda: [row.get_attribute("data-host") for row in hosts.all()]  # noqa: E731
+
+        def shown() -> list[str | None]:
+            return [row.get_attribute("data-host") for row in hosts.all()]
+
         page.locator('#hosts th[data-sort="change"] button').click()
         assert shown() == ["db-2", "web-1", "db-1", "web-2"], shown()
         page.locator('#hosts th[data-sort="change"] button').press("Enter")
