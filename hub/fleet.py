@@ -403,8 +403,8 @@ class Fleet:
                     await _send_quietly(link, {"type": "confirm", "job": status.job})
                     self.publish_event(await self._log("hub", "ConfirmSent", {"host": name, "job": status.job}))
             if state in FINAL_COMMAND_STATES:
-                if _note_change(self.hosts[name], _run_change(command, run)):
-                    self._publish_host(name)
+                if (change := _run_change(command, run)) is not None:
+                    self.note_change(name, change)
                 await self._maybe_finish(run)
                 await self._pump_all()
             self._publish_run(run)
@@ -507,6 +507,8 @@ def _note_host_event(host: dict[str, Any], item: dict[str, Any]) -> None:
             host["last_rollback"] = {"time": item["time"], "method": "Rollback", "detail": detail}
     elif item["method"] in ROLLBACK_METHODS:
         host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": item["detail"]}
+        if item["method"] in BOOT_METHODS and item["actor"] == "agent":  # a fallback: a boot as well
+            _note_boot(host, item)
     elif item["method"] in BOOT_METHODS and item["actor"] == "agent":
         _note_boot(host, item)
     elif item["method"] == "JobFinished" and item["actor"] == "agent":

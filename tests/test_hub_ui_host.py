@@ -241,6 +241,7 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
         expect(cell("web-2", 7)).to_have_attribute("data-label", "Last change")
         expect(cell("web-2", 3)).to_have_attribute("data-label", "Boot")
         assert cell("web-2", 7).evaluate("(td) => getComputedStyle(td).display") == "block", "a line of its card"
+        page.locator("#fleet").screenshot(path=tmp_path / "fleet-cards-phone.png")
         page.set_viewport_size(DESKTOP)
         screenshots(page, tmp_path, "fleet-changes")
 
@@ -270,6 +271,9 @@ def test_malformed_jobs_and_boots_from_an_agent_never_break_the_views(
             {"method": "Booted", "detail": {}},
             {"method": "MarkGood", "detail": {"boot": {"b": 1}}},
             {"method": "BootFallback", "detail": {"failed_entry": [HOSTILE], "failed_root": 7}},
+            # As a daemon older than `Booted` reports a fallback: a boot of its own.
+            {"method": "BootFallback", "detail": {"failed_entry": "rastos-update-3.0.conf",
+                                                  "failed_root": "@deployments/3.0"}},
         ]  # fmt: skip
         hostile_jobs = [
             {"method": "JobFinished", "job": 1, "detail": {"state": [HOSTILE], "ops": HOSTILE, "result": HOSTILE,
@@ -286,10 +290,12 @@ def test_malformed_jobs_and_boots_from_an_agent_never_break_the_views(
         page.locator('#hosts tr[data-host="evil"] button.link').click()
         expect(page.locator("#detail-name")).to_have_text("evil")
         boots = page.locator("#boots li.boot")
-        # Three boots: the BootFallback names no entry the hub can keep, so it adds none.
-        expect(boots).to_have_count(3)
-        expect(boots.nth(2).locator(".what strong")).to_have_text(f"image {HOSTILE}")
-        expect(boots.nth(2).locator(".error")).to_contain_text("…")  # 255 characters of it, cut in the page
+        # Four boots: the first BootFallback names no entry the hub can keep, so it adds none.
+        expect(boots).to_have_count(4)
+        expect(boots.nth(0).locator(".what")).to_have_text("the deployment before fell back")
+        expect(boots.nth(0).locator(".error")).to_contain_text("rastos-update-3.0.conf (@deployments/3.0) did not boot")
+        expect(boots.nth(3).locator(".what strong")).to_have_text(f"image {HOSTILE}")
+        expect(boots.nth(3).locator(".error")).to_contain_text("…")  # 255 characters of it, cut in the page
         jobs = page.locator("#jobs .job")
         expect(jobs).to_have_count(3)
         for index in range(3):
@@ -305,7 +311,7 @@ def test_malformed_jobs_and_boots_from_an_agent_never_break_the_views(
         expect(page.locator('#hosts tr[data-host="good"]')).to_be_visible()
         screenshots(page, tmp_path, "host-hostile")
         state = hub.api("GET", "/api/v1/hosts/evil")
-        assert [b["snapshot"] for b in state["boots"]] == [None, None, None], state["boots"]
+        assert [b["snapshot"] for b in state["boots"]] == [None, None, None, None], state["boots"]
         assert all(len(b["failed_entry"]) <= 255 for b in state["boots"]), "each text cut as the hub keeps it"
         assert errors == [], errors
         page.close()
