@@ -574,7 +574,7 @@ def _note_boot(host: dict[str, Any], item: dict[str, Any]) -> None:
         for boot in boots:
             if boot["boot"] and boot["boot"] == detail.get("boot"):
                 boot["health"] = "good"
-    elif not any(boot["failed_entry"] == _text(detail.get("failed_entry")) for boot in boots[-1:]):
+    elif (failed := _text(detail.get("failed_entry"))) and not any(b["failed_entry"] == failed for b in boots[-1:]):
         # A fallback the boot before did not report (its daemon sent no `Booted`): a boot of its own.
         boot = _boot_record(item["time"], {**detail, "kind": "fallback"})
         host["boots"] = [*boots, boot][-KEPT_BOOTS:]

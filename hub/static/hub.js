@@ -14,7 +14,8 @@
 // stream, and the reconnect asks again.
 //
 // The run form (its steps made from the ops' schemas) is runform.js; a host's page (its snapshots and
-// the actions on them) is hostpage.js; the event log with its filters is eventlog.js.
+// the actions on them, its boots, its jobs with their diffs) is hostpage.js; the event log with its
+// filters is eventlog.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -221,7 +222,8 @@ function hostFilter(last) {
     if (glance ? !glance[2](host, last) : health && `health:${text(host.health)}` !== health) return false;
     const facts = obj(host.facts), boot = obj(facts.boot_state);
     const haystack = [host.name, host.health, host.boot_status, facts.hostname, boot.kind, boot.root,
-                      boot.image_version, obj(host.last_change).by, ...list(host.groups)].map(text).join(" ").toLowerCase();
+                      boot.image_version, obj(host.last_change).by, ...list(host.groups)]
+      .map(text).join(" ").toLowerCase();
     return words.every((word) => haystack.includes(word));
   };
 }
