@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rastosd")
 
+BOOT_TEXT = 255  # characters of each text of a boot report (the hub keeps as many: hub/fleet.py)
+
 
 class Listener(JobListener, Protocol):
     """What the bus face hears of the core, besides jobs (all on the event loop's thread)."""
@@ -144,6 +146,17 @@ class Daemon:
         version = self.updates.running_version
         return BootState(self.root_subvolume, self.booted_snapshot, entry, health, self.fallback, version)
 
+    def boot_report(self) -> dict[str, Any]:
+        """What the `Booted` event says of this boot, once, at rastosd's first start in it (the hub's
+        boot history of the host): what booted, and the entry it fell back from if it did. Each text
+        at most BOOT_TEXT characters, as the hub keeps them."""
+        state = self.boot_state()
+        failed = state.fallback
+        texts = {"root": state.root, "kind": state.kind, "entry": state.entry, "image_version": state.image_version,
+                 "failed_entry": failed.failed_entry if failed else "",
+                 "failed_root": failed.failed_root if failed else ""}  # fmt: skip
+        return {"snapshot": state.snapshot, **{key: value[:BOOT_TEXT] for key, value in texts.items()}}
+
     # Image updates (docs/updates.md)
 
     def _prepare_deployment(self, new_root: Path, running_root: Path, pristine_image: Path | None) -> dict[str, Any]:
@@ -230,13 +243,15 @@ class Daemon:
             return None
 
     async def settle(self) -> None:
-        """What a start repairs and owes, done once rastosd answers on the bus: repairs after a crash
+        """What a start records, repairs and owes, done once rastosd answers on the bus: the boot (and
+        what booted, for the hub's history of the host), repairs after a crash
         between two steps, updates a good boot lets go, follow-ups owed by jobs, pending
         confirmations' timers, and the report of a fallback. Off the event loop: these touch the disk
         and the ESP, and the loop meanwhile answers what need not wait for them."""
         # Whether this boot fell back is read before the repairs, which may rewrite the entries it is
         # read from; a BootState read before then reads it itself, from the same entries.
         await asyncio.to_thread(lambda: self.fallback)
+        self.store.record_boot(self.boot_id, self.root_subvolume, await asyncio.to_thread(self.boot_report))
         await asyncio.to_thread(self.reconcile)
         if (await asyncio.to_thread(self.boot_state)).health == "good":  # restarted on a boot known good
             await asyncio.to_thread(self.collect_updates, "rastosd started on a boot known good")

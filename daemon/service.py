@@ -38,7 +38,6 @@ async def serve(config: DaemonConfig) -> None:
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:
         log.warning("jobs interrupted when rastosd last stopped: %s", ", ".join(map(str, interrupted)))
-    daemon.store.record_boot(daemon.boot_id, daemon.root_subvolume)
     face.root.export_to_dbus(ROOT_PATH, bus)
     await bus.request_name_async(BUS_NAME, 0)
     stop = asyncio.Event()

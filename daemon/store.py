@@ -11,7 +11,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,11 +341,17 @@ class StateStore:
 
     # Boots
 
-    def record_boot(self, boot_id: str, root: str) -> None:
+    def record_boot(self, boot_id: str, root: str, booted: Mapping[str, Any] | None = None) -> bool:
+        """Record the boot once (a rastosd restarted within it finds it recorded: False), with the
+        `Booted` event saying what booted (`booted`), which tells the hub the host's boot history."""
         with self.transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "INSERT OR IGNORE INTO boots (boot_id, started, root) VALUES (?, ?, ?)", (boot_id, time.time(), root)
             )
+            first = cursor.rowcount == 1
+            if first and booted is not None:
+                self._event(db, DAEMON_UID, "Booted", None, boot=boot_id, **booted)
+        return first
 
     def boots(self) -> list[BootRow]:
         with self._lock:

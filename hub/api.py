@@ -264,6 +264,32 @@ COMPLIANCE_STATE = {
     },
     "required": ["time", "received", "passed", "failed", "not_applicable", "score", "failed_checks", "command"],
 }  # fmt: skip
+HOST_BOOT = {
+    "type": "object",
+    "description": "one boot as the host's agent reported it (its `Booted` event), each text at most 255 "
+                   "characters; `failed_entry` and `failed_root` name a new deployment that did not boot, when "
+                   "this boot fell back from it",
+    "properties": {
+        "time": {"type": "number"}, "boot": {"type": "string"}, "root": {"type": "string"},
+        "kind": {"type": "string"}, "snapshot": {"type": ["integer", "null"]}, "entry": {"type": "string"},
+        "image_version": {"type": "string"}, "failed_entry": {"type": "string"}, "failed_root": {"type": "string"},
+        "health": {"enum": ["pending", "good"], "description": "good once the boot was marked or blessed good"},
+    },
+    "required": ["time", "boot", "root", "kind", "snapshot", "entry", "image_version", "failed_entry",
+                 "failed_root", "health"],
+}  # fmt: skip
+HOST_CHANGE = {
+    "type": "object",
+    "description": "the newest run (that changed something, not a dry run), rollback or one-shot boot, or "
+                   "rollout's update, from the hub, that changed the host",
+    "properties": {
+        "time": {"type": "number"}, "by": {"type": "string", "description": "the admin"},
+        "kind": {"enum": ["run", "action", "rollout"]},
+        "id": {"type": "string", "description": "the run's, action's or rollout's id"},
+        "what": {"type": "string"},
+    },
+    "required": ["time", "by", "kind", "id", "what"],
+}  # fmt: skip
 HOST = {
     "type": "object",
     "properties": {
@@ -277,20 +303,14 @@ HOST = {
         "jobs": {"type": "array", "items": {"type": "object"}},
         "actions": {"type": "array", "items": HOST_ACTION_STATE, "description": "the newest 10, oldest first"},
         "compliance": {**COMPLIANCE_STATE, "type": ["object", "null"]},
+        "boot_status": {"enum": ["healthy", "on trial", "fell back", "unknown"],
+                        "description": "how the host's last boot reported stands"},
+        "boots": {"type": "array", "items": HOST_BOOT, "description": "its boot history, the newest 20, oldest first"},
+        "last_change": {"oneOf": [{"type": "null"}, HOST_CHANGE]},
     },
-    "required": [
-        "name",
-        "groups",
-        "online",
-        "last_seen",
-        "health",
-        "facts",
-        "last_rollback",
-        "jobs",
-        "actions",
-        "compliance",
-    ],
-}
+    "required": ["name", "groups", "online", "last_seen", "health", "facts", "last_rollback", "jobs", "actions",
+                 "compliance", "boot_status", "boots", "last_change"],
+}  # fmt: skip
 COMMAND = {
     "type": "object",
     "properties": {

@@ -49,7 +49,7 @@ from hub.protocol import (
     command_frame,
 )
 from hub.rollout_store import RolloutStore
-from hub.rollouts import Rollouts
+from hub.rollouts import Rollouts, host_change
 from hub.store import FINAL_COMMAND_STATES, Store
 
 log = logging.getLogger("rastos-hub.fleet")
@@ -59,6 +59,11 @@ KEPT_EVENTS = 100  # the event log a UI gets with init; older ones through the R
 KEPT_RUNS = 50
 KEPT_JOBS = 20  # per host
 KEPT_ACTIONS = 10  # per host
+KEPT_BOOTS = 20  # per host: its boot history, newest last
+BOOT_TEXT = 255  # characters kept of each field of a boot the agent reported (a root, an entry, a version)
+BOOT_METHODS = ("Booted", "MarkGood", "BootFallback")  # the events a host's boot history is made of
+CHANGING_ACTIONS = frozenset({"rollback", "boot_once"})  # a snapshot taken changes nothing that runs
+DRY_RUN = 1  # a run's flags: dry-run 1 (hub/api.py)
 ACTION_FINAL = frozenset({"done", "failed"})  # and "lost": the connection ended before an answer came
 ROLLBACK_METHODS = frozenset({"Rollback", "BootFallback"})
 SUBSCRIBER_QUEUE = 1000  # deltas a slow UI may lag behind before it is sent a fresh init instead
@@ -102,9 +107,15 @@ class Fleet:
             self.cursors[row["name"]] = row["last_event"]
             host = self._host_view(row)
             host["compliance"] = _compliance_view(reports.get(row["name"]))
-            for item in await self.store.events(KEPT_EVENTS, host=row["name"]):
+            # The boot history reaches further back than the newest events: each event once, in order.
+            boots = await self.store.host_events_of(row["name"], BOOT_METHODS, 3 * KEPT_BOOTS)
+            recent = await self.store.events(KEPT_EVENTS, host=row["name"])
+            for item in sorted({item["id"]: item for item in [*boots, *recent]}.values(), key=lambda e: e["id"]):
                 _note_host_event(host, item)
             _lose_actions(host)  # sent by a hub before this one, over a connection gone with it
+            for command in await self.store.finished_commands(row["name"], KEPT_JOBS):
+                _note_change(host, _run_change(command, command["run"]))
+            host["health"], host["boot_status"] = _health(host), _boot_status(host)
             self.hosts[row["name"]] = host
         run_rows = await self.store.runs(KEPT_RUNS)
         commands = await self.store.commands([run["id"] for run in run_rows])
@@ -112,6 +123,10 @@ class Fleet:
             self.runs[run["id"]] = {**run, "commands": [c for c in commands if c["run_id"] == run["id"]]}
         self.events.extend(await self.store.events(KEPT_EVENTS))
         await self.rollouts.load()
+        for rollout in self.rollouts.rollouts.values():  # the active ones and the newest 50 finished
+            for item in rollout["hosts"]:
+                if item["state"] == "done" and item["host"] in self.hosts:
+                    _note_change(self.hosts[item["host"]], host_change(rollout, item))
 
     # What UIs see
 
@@ -157,6 +172,7 @@ class Fleet:
         """Every change of a host goes out through here, so its derived health is refreshed here."""
         host = self.hosts[name]
         host["health"] = _health(host)
+        host["boot_status"] = _boot_status(host)
         self.publish({"kind": "host", "host": host})
 
     def _publish_run(self, run: dict[str, Any]) -> None:
@@ -169,8 +185,8 @@ class Fleet:
     def _host_view(self, row: dict[str, Any]) -> dict[str, Any]:
         view = {"name": row["name"], "groups": row["groups"], "online": row["name"] in self.agents,
                 "last_seen": row["last_seen"], "facts": row["facts"], "last_rollback": None, "jobs": [],
-                "actions": [], "compliance": None}  # fmt: skip
-        view["health"] = _health(view)
+                "actions": [], "compliance": None, "boots": [], "last_change": None}  # fmt: skip
+        view["health"], view["boot_status"] = _health(view), _boot_status(view)
         return view
 
     # Hosts
@@ -302,6 +318,11 @@ class Fleet:
                 self._publish_host(name)
             self.publish_event(logged)
 
+    def note_change(self, name: str, change: dict[str, Any]) -> None:
+        """A change the hub made there, as the host's last change unless a later one is known."""
+        if (host := self.hosts.get(name)) is not None and _note_change(host, change):
+            self._publish_host(name)
+
     # Host actions
 
     async def host_action(
@@ -417,6 +438,8 @@ class Fleet:
                     await _send_quietly(link, {"type": "confirm", "job": status.job})
                     self.publish_event(await self._log("hub", "ConfirmSent", {"host": name, "job": status.job}))
             if state in FINAL_COMMAND_STATES:
+                if (change := _run_change(command, run)) is not None:
+                    self.note_change(name, change)
                 await self._maybe_finish(run)
                 await self._pump_all()
             self._publish_run(run)
@@ -542,9 +565,15 @@ def _note_host_event(host: dict[str, Any], item: dict[str, Any]) -> None:
             host["last_rollback"] = {"time": item["time"], "method": "Rollback", "detail": detail}
     elif item["method"] in ROLLBACK_METHODS:
         host["last_rollback"] = {"time": item["time"], "method": item["method"], "detail": item["detail"]}
+        if item["method"] in BOOT_METHODS and item["actor"] == "agent":  # a fallback: a boot as well
+            _note_boot(host, item)
+    elif item["method"] in BOOT_METHODS and item["actor"] == "agent":
+        _note_boot(host, item)
     elif item["method"] == "JobFinished" and item["actor"] == "agent":
         summary = {"id": detail.get("job"), "time": item["time"], "state": detail.get("state"),
-                   "kind": detail.get("kind"), "ops": detail.get("ops"), "result": detail.get("result")}  # fmt: skip
+                   "kind": detail.get("kind"), "ops": detail.get("ops"), "result": detail.get("result"),
+                   "uid": detail.get("uid"), "hub_command": detail.get("hub_command"),
+                   "result_omitted": detail.get("result_omitted")}  # fmt: skip
         host["jobs"] = [*host["jobs"], summary][-KEPT_JOBS:]
 
 
@@ -556,8 +585,73 @@ def _finish_action(
         if action["id"] == action_id and action["state"] not in ACTION_FINAL:
             final = state if state in ACTION_FINAL else "failed"
             action.update(state=final, result=result, finished=when or time.time())
+            if final == "done" and action["action"] in CHANGING_ACTIONS:
+                words = "roll back to" if action["action"] == "rollback" else "boot once"
+                _note_change(host, {"time": action["finished"], "by": action["admin"], "kind": "action",
+                                    "id": action["id"], "what": f"{words} snapshot {action['snapshot']}"})  # fmt: skip
             return True
     return False
+
+
+# The last change: the newest run or action from the hub that changed the host, by whom and when.
+
+
+def _run_change(command: dict[str, Any], run: dict[str, Any]) -> dict[str, Any] | None:
+    """What a host's finished command changed, as its last change; None when it changed nothing (a
+    dry run, every step unchanged, or its changes restored after a failure)."""
+    result = command.get("result")
+    if not isinstance(result, dict) or int(run.get("flags") or 0) & DRY_RUN or "restored" in result:
+        return None
+    steps = result.get("steps")
+    if not isinstance(steps, list) or not any(isinstance(s, dict) and s.get("state") == "changed" for s in steps):
+        return None
+    ops = [str(step.get("op")) for step in run.get("steps") or [] if isinstance(step, dict)]
+    return {"time": command.get("finished") or time.time(), "by": run.get("admin"), "kind": "run",
+            "id": run.get("id"), "what": " && ".join(ops)}  # fmt: skip
+
+
+def _note_change(host: dict[str, Any], change: dict[str, Any] | None) -> bool:
+    last = host.get("last_change")
+    if change is None or (last is not None and last["time"] > change["time"]):
+        return False
+    host["last_change"] = change
+    return True
+
+
+# A host's boot history, from its agent's events: `Booted` once per boot (what booted), `MarkGood`
+# (the boot was confirmed good), `BootFallback` (from a daemon older than `Booted`: a boot that fell back).
+
+
+def _note_boot(host: dict[str, Any], item: dict[str, Any]) -> None:
+    detail, boots = item["detail"], host["boots"]
+    if item["method"] == "Booted":
+        boot = _boot_record(item["time"], detail)
+        if not any(boot["boot"] and other["boot"] == boot["boot"] for other in boots):
+            host["boots"] = [*boots, boot][-KEPT_BOOTS:]
+    elif item["method"] == "MarkGood":
+        for boot in boots:
+            if boot["boot"] and boot["boot"] == detail.get("boot"):
+                boot["health"] = "good"
+    elif (failed := _text(detail.get("failed_entry"))) and not any(b["failed_entry"] == failed for b in boots[-1:]):
+        # A fallback the boot before did not report (its daemon sent no `Booted`): a boot of its own.
+        boot = _boot_record(item["time"], {**detail, "kind": "fallback"})
+        host["boots"] = [*boots, boot][-KEPT_BOOTS:]
+
+
+def _boot_record(when: float, detail: dict[str, Any]) -> dict[str, Any]:
+    """A boot as the hub keeps it: only the fields it knows, each of its type and cut to BOOT_TEXT; an
+    agent's malformed report leaves a field empty, never a view broken."""
+    snapshot = detail.get("snapshot")
+    if isinstance(snapshot, str) and snapshot.isdigit() and len(snapshot) < 19:
+        snapshot = int(snapshot)
+    if not isinstance(snapshot, int) or isinstance(snapshot, bool) or not 0 <= snapshot < 2**62:
+        snapshot = None
+    fields = ("boot", "root", "kind", "entry", "image_version", "failed_entry", "failed_root")
+    return {"time": when, "snapshot": snapshot, "health": "pending", **{key: _text(detail.get(key)) for key in fields}}
+
+
+def _text(value: object) -> str:
+    return value[:BOOT_TEXT] if isinstance(value, str) else ""
 
 
 def _lose_actions(host: dict[str, Any]) -> None:
@@ -587,6 +681,26 @@ def _health(host: dict[str, Any]) -> str:
     if boot.get("kind") == "fallback":
         return "fell back"
     return str(boot.get("health") or "unknown")
+
+
+def _boot_status(host: dict[str, Any]) -> str:
+    """How the host's last boot reported stands: healthy, on trial (its boot counter not yet blessed),
+    fell back (a new deployment did not boot, and the one before booted again), or unknown. The
+    newest boot of its history takes the same word's health."""
+    facts = host.get("facts")
+    boot = facts.get("boot_state") if isinstance(facts, dict) else None
+    if not isinstance(boot, dict) or not boot:
+        return "unknown"
+    status = "fell back" if boot.get("kind") == "fallback" else BOOT_WORDS.get(str(boot.get("health")), "unknown")
+    boots = host.get("boots") or []
+    if status in ("healthy", "fell back") and boot.get("health") == "good" and boots:
+        newest = boots[-1]
+        if newest["root"] == boot.get("root") and newest["entry"] == boot.get("entry"):
+            newest["health"] = "good"  # blessed by systemd-boot's counter, with or without MarkGood
+    return status
+
+
+BOOT_WORDS = {"good": "healthy", "pending": "on trial"}
 
 
 def _pending_confirmation(result: dict[str, Any] | None) -> bool:

@@ -73,6 +73,13 @@ class FleetFace(Protocol):
     def publish(self, change: dict[str, Any]) -> None: ...
     def publish_event(self, item: dict[str, Any]) -> None: ...
     def resolve(self, target: dict[str, Any]) -> list[str]: ...
+    def note_change(self, name: str, change: dict[str, Any]) -> None: ...
+
+
+def host_change(rollout: Mapping[str, Any], host: Mapping[str, Any]) -> dict[str, Any]:
+    """A host done in a rollout, as its last change (hub/fleet.py): updated to the rollout's version."""
+    return {"time": host.get("finished") or time.time(), "by": rollout["admin"], "kind": "rollout",
+            "id": rollout["id"], "what": f"update to {rollout['version']}"}  # fmt: skip
 
 
 def image_view(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,6 +312,7 @@ class Rollouts:
             )
         elif boot.get("image_version") == rollout["version"] and boot.get("health") == "good":
             await self._set_host(rollout, host, {"state": "done", "finished": time.time()})
+            self.fleet.note_change(host["host"], host_change(rollout, host))
             await self._advance(rollout)
 
     async def update_status(self, name: str, status: UpdateStatus) -> None:

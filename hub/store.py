@@ -12,7 +12,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,6 +539,13 @@ class Store:
             rows = (await db.execute(select(compliance_reports))).mappings().all()
         return {row["host"]: {key: row[key] for key in COMPLIANCE_COLUMNS} for row in rows}
 
+    async def host_events_of(self, host: str, methods: Collection[str], limit: int) -> list[dict[str, Any]]:
+        """A host's newest `limit` events of these methods, oldest first (its boot history, at start)."""
+        query = select(events).where(events.c.host == host, events.c.method.in_(list(methods)))
+        async with self.engine.connect() as db:
+            rows = (await db.execute(query.order_by(events.c.id.desc()).limit(limit))).mappings().all()
+        return [dict(row) for row in reversed(rows)]
+
     # Runs and commands
 
     async def add_run(self, run: dict[str, Any], host_names: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -578,6 +585,25 @@ class Store:
             running = (await db.execute(select(runs).where(runs.c.state == "running"))).mappings().all()
         by_id = {row["id"]: dict(row) for row in [*running, *newest]}
         return sorted(by_id.values(), key=lambda run: run["created"])
+
+    async def finished_commands(self, host: str, limit: int) -> list[dict[str, Any]]:
+        """A host's newest `limit` commands that ended done or failed, newest first, each with its run
+        (`run`: id, admin, steps, flags): where the host's last change is found at start."""
+        query = (
+            select(commands, runs.c.admin, runs.c.steps, runs.c.flags)
+            .join(runs, runs.c.id == commands.c.run_id)
+            .where(commands.c.host == host, commands.c.state.in_(["done", "failed"]))
+            .order_by(commands.c.finished.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as db:
+            rows = (await db.execute(query)).mappings().all()
+        found = []
+        for row in rows:
+            item = {column.key: row[column.key] for column in commands.c}
+            item["run"] = {"id": row["run_id"], "admin": row["admin"], "steps": row["steps"], "flags": row["flags"]}
+            found.append(item)
+        return found
 
     async def commands(self, run_ids: list[str]) -> list[dict[str, Any]]:
         if not run_ids:

@@ -89,7 +89,9 @@ def wait_ended(daemon: Rastosd, update_id: int, timeout: float = 60) -> dict[str
 
 
 def events(daemon: Rastosd) -> list[tuple[int, str, dict[str, Any]]]:
-    return [(e[2], e[3], json.loads(e[5])) for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]]
+    """The daemon's events but each boot's own record (`Booted`, logged at the first start in a boot)."""
+    logged = [(e[2], e[3], json.loads(e[5])) for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]]
+    return [event for event in logged if event[1] != "Booted"]
 
 
 def test_rastosctl_stages_a_bundle_and_follows_it_to_its_end(updating: Rastosd, bundles: Bundles) -> None:
@@ -400,6 +402,14 @@ def test_a_deployment_that_failed_its_tries_is_kept_in_the_boot_that_fell_back_o
         assert sorted(p.name for p in (esp / "rastos").iterdir()) == [KERNEL]
         cleanups = [detail for _, method, detail in events(daemon) if method == "UpdateCleanup"]
         assert [detail["why"] for detail in cleanups] == ["rastosd started on a boot known good"], cleanups
+        # Each boot said once what booted, at rastosd's first start in it: the last one, what it fell back from.
+        booted = [detail for e in daemon.call(MANAGER, "GetEventLog", "tu", "0", "1000")[0]
+                  if e[3] == "Booted" for detail in [json.loads(e[5])]]  # fmt: skip
+        assert len(booted) == 2, booted
+        assert {key: booted[-1][key] for key in ("root", "kind", "snapshot", "entry", "image_version", "failed_entry",
+                                                  "failed_root")} == {
+            "root": "@", "kind": "fallback", "snapshot": None, "entry": "rastos-test.conf", "image_version": "1",
+            "failed_entry": "rastos-update-2.conf", "failed_root": "@deployments/2"}, booted  # fmt: skip
 
 
 # Rollbacks on a host whose deployments each have a kernel of their own

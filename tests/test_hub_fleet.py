@@ -117,6 +117,10 @@ def test_a_pipeline_runs_on_a_group_with_and_semantics_per_host(hub: Hub, fleet:
     hosts = hub.wait_state(lambda s: s["hosts"]["one"]["jobs"] and s["hosts"]["two"]["jobs"], "job history")["hosts"]
     assert hosts["one"]["jobs"][-1]["ops"] == ["motd", "sysctl"] and hosts["one"]["jobs"][-1]["state"] == "done"
     assert "wrote /etc/motd" in hosts["one"]["jobs"][-1]["result"]["steps"][0]["output"]
+    # One's last change is the run, by its admin; two's changed nothing before its step failed.
+    assert {k: hosts["one"]["last_change"][k] for k in ("by", "kind", "id", "what")} == {
+        "by": "alice", "kind": "run", "id": run["id"], "what": "motd && sysctl"}  # fmt: skip
+    assert hosts["two"]["last_change"] is None
     # The facts follow the event log: the pipeline's snapshots reach the hub among them.
     hub.wait_state(lambda s: bool(s["hosts"]["one"]["facts"].get("snapshots")), "the pipeline's snapshots in the facts")
 
@@ -173,6 +177,11 @@ def test_a_fallback_boot_reaches_the_hub_and_a_cancelled_run_ends_its_pending_co
     assert host["health"] == "fell back" and host["facts"]["boot_state"]["kind"] == "fallback"
     assert host["last_rollback"]["method"] == "BootFallback"
     assert host["last_rollback"]["detail"]["failed_entry"] == "rastos-snapshot-4.conf"
+    # rastosd said what booted once, at its start: the boot history shows the fallback, newest last.
+    boots = hub.wait_state(lambda s: s["hosts"]["broken"]["boots"], "the boot reported")["hosts"]["broken"]["boots"]
+    assert [(b["kind"], b["entry"], b["failed_entry"], b["failed_root"]) for b in boots] == [
+        ("fallback", "rastos-0.conf", "rastos-snapshot-4.conf", "@snapshots/4/deployment")], boots  # fmt: skip
+    assert host["boot_status"] == "fell back"
     assert state["hosts"]["away"]["health"] == "offline"
 
     run = hub.api(

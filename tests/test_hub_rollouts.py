@@ -735,6 +735,15 @@ def test_a_restarted_hub_goes_on_with_its_rollouts(any_hub: Hub, keys: Path, tmp
             for name in ("web-2", "web-3"):
                 await fleet.agents[name].update()
             await rollout_where(hub, rollout["id"], lambda r: r["state"] == "complete", "complete")
+            # Each host's last change is the update, by the admin who rolled it out; a restart keeps it.
+            for restart in (False, True):
+                if restart:
+                    await asyncio.to_thread(hub.stop)
+                    await asyncio.to_thread(hub.start)
+                hosts = await api(hub, "GET", "/api/v1/hosts")
+                changes = {host["name"]: host["last_change"] for host in hosts}
+                assert all(change["kind"] == "rollout" and change["id"] == rollout["id"] and change["by"] == "alice"
+                           and change["what"] == "update to 2.0" for change in changes.values()), changes  # fmt: skip
 
     run(scenario)
 

@@ -1,5 +1,6 @@
 // A host's page: its boot, its snapshots as a timeline (newest first, the booted one and the known-good
-// ones marked), and what an operator may do with them: take a snapshot, roll back to one, boot one
+// ones marked), its jobs with each step's changes and diffs, its boot history, and what an operator
+// may do with its snapshots: take a snapshot, roll back to one, boot one
 // once. Each asks first in a dialog naming the host and the snapshot; the hub sends it to the host's
 // agent (POST /api/v1/hosts/{name}/actions) and its outcome comes back in the host's `actions`, on the
 // stream like every other change. The helpers (el, obj, text, badge, may, post...) are hub.js's.
@@ -26,13 +27,10 @@ function renderDetail() {
   const actions = list(host.actions).map(obj);
   $("snapshots").replaceChildren(...snapshotItems(name, online, acting, facts, actions));
   $("actions").replaceChildren(...actions.slice().reverse().map(actionItem));
-  const jobs = list(host.jobs).map(obj).reverse().map((job) => el("div", { class: "run" },
-    el("div", {}, `job ${text(job.id)} `, badge(job.state),
-      ` ${list(job.ops).map(text).join(" && ")} · ${when(job.time)}`),
-    ...list(obj(job.result).steps).map(obj).map((step) => el("div", {},
-      `${text(step.op)}: `, badge(step.state), step.error ? el("span", { class: "error" }, ` ${text(step.error)}`) : "",
-      list(step.output).length ? el("pre", {}, list(step.output).map(text).join("\n")) : ""))));
-  $("jobs").replaceChildren(...jobs);
+  const jobs = list(host.jobs).map(obj).reverse().map(jobItem);
+  $("jobs").replaceChildren(...(jobs.length ? jobs : [el("p", { class: "none" }, "No jobs reported yet.")]));
+  const boots = list(host.boots).map(obj).reverse().map((boot, index) => bootItem(boot, index === 0));
+  $("boots").replaceChildren(...(boots.length ? boots : [el("li", { class: "none" }, "No boots reported yet.")]));
   renderCompliance(host);
 }
 
@@ -47,6 +45,74 @@ function renderCompliance(host) {
       el("span", { class: `badge severity-${text(check.severity)}` }, text(check.severity)), " ",
       el("code", {}, text(check.id)), ` ${text(check.title)}`,
       el("div", { class: "help" }, short(check.finding)))));
+}
+
+// A job as its agent reported its end: who asked (a run of the hub's, or someone on the host), each step
+// with its state, what it changed or (a dry run) planned with the diffs, its error and its output.
+const jobOpen = new Map();  // host and job -> its steps shown or not, as the admin left them, across renders
+
+function jobItem(job) {
+  const result = obj(job.result), steps = list(result.steps).map(obj), key = `${selected} ${text(job.id)}`;
+  const dry = result.dry_run === true, changes = steps.reduce((sum, step) => sum + list(step.changes).length, 0);
+  const details = el("details", { class: "job-steps", ontoggle: () => jobOpen.set(key, details.open) },
+    el("summary", {}, `${steps.length === 1 ? "1 step" : `${steps.length} steps`}, `
+      + `${changes === 1 ? "1 change" : `${changes} changes`}${dry ? " planned" : ""}`),
+    result.note ? el("p", { class: "help" }, text(result.note)) : "",
+    ...steps.map((step) => el("div", { class: "plan-step", "data-op": text(step.op) },
+      el("div", {}, `${text(step.op)}: `, badge(step.state),
+        step.error ? el("span", { class: "error" }, ` ${short(step.error)}`) : "",
+        list(step.changes).length || !["changed", "unchanged", "planned"].includes(text(step.state))
+          ? "" : " nothing to change"),
+      ...list(step.changes).map(obj).map((change) => el("div", { class: "change" },
+        el("div", {}, `${dry ? "would " : ""}${text(change.action)} ${text(change.subject)}`),
+        change.detail ? diffView(text(change.detail), text(change.action)) : "")),
+      list(step.output).length ? el("pre", { class: "output" }, list(step.output).map(text).join("\n")) : "")));
+  details.open = jobOpen.get(key) ?? false;
+  return el("div", { class: "run job", "data-job": text(job.id) },
+    el("div", {}, `job ${text(job.id)} `, badge(job.state), dry ? " " : "",
+      dry ? el("span", { class: "badge dry-run" }, "dry run") : "",
+      ` ${list(job.ops).map(text).join(" && ")} · ${when(job.time)} · ${jobAuthor(job)}`),
+    result.error ? el("div", { class: "error" }, short(result.error)) : "",
+    job.result_omitted || result.omitted
+      ? el("p", { class: "help" }, `steps not kept: ${text(job.result_omitted || result.omitted)}`) : "",
+    steps.length ? details : "");
+}
+
+// Who asked for a job: the run of the hub's that sent it (by its admin) when the hub still has it,
+// a run of the hub's, or the uid that asked on the host itself.
+function jobAuthor(job) {
+  if (job.hub_command) {
+    const run = Object.values(state.runs).map(obj)
+      .find((r) => list(r.commands).some((c) => text(obj(c).id) === text(job.hub_command)));
+    return run ? `run by ${text(run.admin)}` : "a run of the hub's";
+  }
+  if (job.uid === undefined || job.uid === null) return "on the host";
+  return job.uid === 0 ? "on the host, by root" : `on the host, by uid ${text(job.uid)}`;
+}
+
+// A boot as the agent reported it, newest first: what booted (an image version's deployment, a
+// rollback to a snapshot, a read-only snapshot), whether it was confirmed good, and what it fell back
+// from when a new deployment did not come up.
+const BOOT_KINDS = { deployment: "deployment", rollback: "rollback to snapshot", snapshot: "read-only snapshot",
+                     fallback: "fallback" };
+
+function bootItem(boot, newest) {
+  const kind = text(boot.kind), fell = Boolean(boot.failed_entry), named = kind === "rollback" || kind === "snapshot";
+  const what = named ? `${BOOT_KINDS[kind]} ${text(boot.snapshot)}`
+    : boot.image_version ? `image ${text(boot.image_version)}`
+    : kind === "fallback" ? "the deployment before" : BOOT_KINDS[kind] || kind || "a boot";
+  const health = fell ? el("span", { class: "badge fell-back" }, "fell back")
+    : boot.health === "good" ? el("span", { class: "badge good" }, "good")
+    : el("span", { class: "badge pending" }, newest ? "on trial" : "not confirmed good");
+  const version = boot.image_version && named ? ` (image ${text(boot.image_version)})` : "";
+  return el("li", { class: fell ? "boot fell" : "boot", "data-kind": kind },
+    el("div", { class: "when" }, when(boot.time)),
+    el("div", { class: "what" }, el("strong", {}, what), version, " ", health),
+    el("div", { class: "description" }, boot.root ? "root " : "", boot.root ? short(boot.root) : "",
+      boot.entry ? ", entry " : "", boot.entry ? short(boot.entry) : ""),
+    fell ? el("div", { class: "error" }, short(boot.failed_entry), boot.failed_root ? " (" : "",
+      boot.failed_root ? short(boot.failed_root) : "", boot.failed_root ? ")" : "",
+      " did not boot: its tries were used up, and the deployment before it booted again") : "");
 }
 
 // The snapshot the next boot starts, as far as the hub knows: the newest rollback or one-shot boot
@@ -74,7 +140,8 @@ function snapshotItems(name, online, acting, facts, actions) {
       el("div", { class: "when" }, when(snapshot.created)),
       el("div", { class: "what" }, el("strong", {}, `#${id}`), ` ${text(snapshot.kind)} `, ...marks),
       el("div", { class: "description" }, short(snapshot.description)),
-      acting ? el("div", { class: "snapshot-buttons" }, button("rollback", "Roll back…"), " ",
+      // The booted snapshot runs already: a rollback to it is not offered (booting it once read-only is).
+      acting ? el("div", { class: "snapshot-buttons" }, booted ? "" : button("rollback", "Roll back…"), " ",
         button("boot_once", "Boot once…")) : "");
   });
 }

@@ -14,8 +14,8 @@
 // stream, and the reconnect asks again.
 //
 // The run form (its steps made from the ops' schemas) is runform.js; a host's page (its snapshots and
-// the actions on them) is hostpage.js; the event log with its filters is eventlog.js; the steps' output
-// in the runs' view, live while a run executes, is liveoutput.js.
+// the actions on them, its boots, its jobs with their diffs) is hostpage.js; the event log with its
+// filters is eventlog.js; the steps' output in the runs' view, live while a run executes, is liveoutput.js.
 "use strict";
 
 let state = null, version = -1, epoch = "", socket = null, selected = null, retry = 500, me = null;
@@ -184,15 +184,19 @@ const short = (value) => {
   return whole.length <= CELL_CHARS ? whole : el("span", { title: whole.slice(0, EVENT_DETAIL_CHARS) },
     `${whole.slice(0, CELL_CHARS)}…`);
 };
-const bootText = (boot) => boot.kind ? `${text(boot.kind)} ${text(boot.root)} (${text(boot.health)})` : "";
+const bootText = (boot) => boot.kind ? `${text(boot.kind)} ${text(boot.root)}` : "";
+// The last change the hub made there: what, by whom and when (hub/fleet.py's last_change).
+const changeText = (change) => change.what === undefined ? ""
+  : `${text(change.what)} by ${text(change.by)}, ${when(change.time)}`;
 const SORT_KEYS = {
   name: (host) => text(host.name),
   health: (host) => text(host.health),
   hostname: (host) => text(obj(host.facts).hostname),
-  boot: (host) => bootText(obj(obj(host.facts).boot_state)),
+  boot: (host) => `${text(host.boot_status)} ${bootText(obj(obj(host.facts).boot_state))}`,
   image: (host) => text(obj(obj(host.facts).boot_state).image_version),
   run: (host, last) => text(obj(last.get(text(host.name))).state),
   rollback: (host) => Number(obj(host.last_rollback).time) || 0,
+  change: (host) => Number(obj(host.last_change).time) || 0,
   groups: (host) => list(host.groups).map(text).join(", "),
   seen: (host) => Number(host.last_seen) || 0,
   // Hosts never scanned first (ascending), then by score: the least compliant are the ones to look at.
@@ -233,8 +237,9 @@ function hostFilter(last) {
     if (group && !list(host.groups).map(text).includes(group)) return false;
     if (glance ? !glance[2](host, last) : health && `health:${text(host.health)}` !== health) return false;
     const facts = obj(host.facts), boot = obj(facts.boot_state);
-    const haystack = [host.name, host.health, facts.hostname, boot.kind, boot.root, boot.image_version,
-                      ...list(host.groups)].map(text).join(" ").toLowerCase();
+    const haystack = [host.name, host.health, host.boot_status, facts.hostname, boot.kind, boot.root,
+                      boot.image_version, obj(host.last_change).by, ...list(host.groups)]
+      .map(text).join(" ").toLowerCase();
     return words.every((word) => haystack.includes(word));
   };
 }
@@ -257,17 +262,19 @@ function renderHosts() {
   const rows = shown.map((host) => {
     const name = text(host.name), facts = obj(host.facts), boot = obj(facts.boot_state);
     const rollback = host.last_rollback ? obj(host.last_rollback) : null, command = last.get(name);
+    const status = text(host.boot_status), where = bootText(boot);
     const cells = [el("button", { type: "button", class: "link" }, name), badge(host.health), short(facts.hostname),
-      short(bootText(boot)), short(boot.image_version), complianceText(host), command ? badge(command.state) : "",
-      rollback ? `${text(rollback.method)} ${when(rollback.time)}` : "", short(list(host.groups).map(text).join(", ")),
-      when(host.last_seen)];
+      el("span", {}, status ? badge(status) : "", status && where ? " " : "", short(where)),
+      short(boot.image_version), complianceText(host), command ? badge(command.state) : "",
+      rollback ? `${text(rollback.method)} ${when(rollback.time)}` : "", short(changeText(obj(host.last_change))),
+      short(list(host.groups).map(text).join(", ")), when(host.last_seen)];
     // Each cell says what it is: on a phone each host is a card of labelled lines (hub.css).
     return el("tr", { class: `selectable ${name === selected ? "selected" : ""}`, "data-host": name,
                       onclick: () => { selected = name; render(); } },
       ...cells.map((cell, index) => el("td", index < 2 ? {} : { "data-label": header[index].textContent }, cell)));
   });
   if (hosts.length && !shown.length) {
-    rows.push(el("tr", { class: "none" }, el("td", { colspan: "10" }, "No host matches these filters.")));
+    rows.push(el("tr", { class: "none" }, el("td", { colspan: "11" }, "No host matches these filters.")));
   }
   $("hosts").tBodies[0].replaceChildren(...rows);
 }
