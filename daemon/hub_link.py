@@ -55,7 +55,6 @@ from urllib.parse import urlsplit, urlunsplit
 from daemon.boot import BootState
 from daemon.errors import DaemonError
 from daemon.hub_actions import ActionCore, action_id, carry_out, parse_action, refused
-from daemon.hub_compliance import ComplianceRequest, parse_request, remediation_steps, report_frame, summary
 from daemon.hub_output import OutputForwarder
 from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
@@ -69,6 +68,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from daemon.compliance.model import Report
+    from daemon.hub_compliance import ComplianceRequest
     from daemon.updates import StageAnswer
 
 log = logging.getLogger("rastosd.hub")
@@ -461,6 +461,9 @@ class HubLink:
                 self._remediations.add(command_id)
                 self._report(command_id, row.state, row.id, None)
             return
+        # The compliance checks load the op modules: imported when a hub first asks, not at every start.
+        from daemon.hub_compliance import parse_request
+
         try:
             request = parse_request(command)
             flags = command.get("flags", 0)
@@ -475,6 +478,8 @@ class HubLink:
         self._start(self._compliance(command_id, request, flags))
 
     async def _compliance(self, command_id: str, request: ComplianceRequest, flags: int) -> None:
+        from daemon.hub_compliance import remediation_steps, summary
+
         report = await self._scan(command_id)
         if report is None:
             self._end_scan(command_id, "failed", {"error": "the compliance scan failed: rastosd's journal has why"})
@@ -501,6 +506,7 @@ class HubLink:
     async def _scan(self, command_id: str) -> Report | None:
         """Scan the host and send the hub its report; None (logged) if the scan itself failed."""
         from daemon.compliance import scan  # 65 checks: imported when first asked for, as ComplianceScan does
+        from daemon.hub_compliance import report_frame
 
         try:
             report = await asyncio.to_thread(scan, self.daemon.target)  # sshd -T, many files: off the loop
@@ -511,6 +517,8 @@ class HubLink:
         return report
 
     async def _rescan(self, command_id: str, state: str, job_id: int, result: dict[str, Any] | None) -> None:
+        from daemon.hub_compliance import summary
+
         report = await self._scan(command_id)
         extra = {} if report is None else {"compliance": summary(report)}
         self._report(command_id, state, job_id, {**(result or {}), **extra})

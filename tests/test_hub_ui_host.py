@@ -197,8 +197,8 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
         expect(cell("db-1", 3).locator(".badge")).to_have_text("healthy")
         expect(cell("db-1", 3)).to_have_text("healthy deployment @")
         expect(cell("web-1", 4)).to_have_text("2.0")
-        expect(cell("db-1", 7)).to_contain_text("motd by alice, ")
-        expect(cell("web-2", 7)).to_have_text("")
+        expect(cell("db-1", 8)).to_contain_text("motd by alice, ")
+        expect(cell("web-2", 8)).to_have_text("")
 
         # An operator's rollback from the host's page is the host's last change once done.
         fleet.run(web2.send({"type": "facts", "facts": {"hostname": "web-2", "boot_state": web2.boot,
@@ -212,13 +212,13 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
         outcome = {"action": web2.actions[-1]["id"], "kind": "rollback", "state": "done", "snapshot": 1,
                    "entry": "rastos-snapshot-1.conf", "reboot_needed": True, "error": None}  # fmt: skip
         events(web2, fleet, {"method": "HubAction", "detail": outcome})
-        expect(cell("web-2", 7)).to_contain_text("roll back to snapshot 1 by otto, ")
+        expect(cell("web-2", 8)).to_contain_text("roll back to snapshot 1 by otto, ")
         body = {"target": {"hosts": ["web-1"]}, "steps": [{"op": "motd", "params": {"text": "x"}}], "flags": 1}
         hub.api("POST", "/api/v1/runs", body)
         fleet.run(eventually(lambda: web1.commands, "the dry run reached web-1"))
         fleet.run(web1.status("done", 1, {"steps": [{**CHANGED, "state": "planned"}], "dry_run": True}))
         expect(page.locator("#runs .run").first.locator(".badge").first).to_have_text("complete")
-        expect(cell("web-1", 7)).to_have_text("")
+        expect(cell("web-1", 8)).to_have_text("")
 
         # Sorted by the last change (none first), by the boot's state; found by who made it.
 
@@ -237,10 +237,10 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
 
         # On a phone each host is a card, its boot state and last change labelled.
         page.set_viewport_size(PHONE)
-        expect(cell("web-2", 7)).to_be_visible()
-        expect(cell("web-2", 7)).to_have_attribute("data-label", "Last change")
+        expect(cell("web-2", 8)).to_be_visible()
+        expect(cell("web-2", 8)).to_have_attribute("data-label", "Last change")
         expect(cell("web-2", 3)).to_have_attribute("data-label", "Boot")
-        assert cell("web-2", 7).evaluate("(td) => getComputedStyle(td).display") == "block", "a line of its card"
+        assert cell("web-2", 8).evaluate("(td) => getComputedStyle(td).display") == "block", "a line of its card"
         page.locator("#fleet").screenshot(path=tmp_path / "fleet-cards-phone.png")
         page.set_viewport_size(DESKTOP)
         screenshots(page, tmp_path, "fleet-changes")
@@ -303,7 +303,7 @@ def test_malformed_jobs_and_boots_from_an_agent_never_break_the_views(
             if summary.count():
                 summary.click()
         expect(jobs.nth(1).locator(".change pre.diff")).to_contain_text(HOSTILE)
-        expect(page.locator('#hosts tr[data-host="evil"] td').nth(7)).to_contain_text("motd by alice")
+        expect(page.locator('#hosts tr[data-host="evil"] td').nth(8)).to_contain_text("motd by alice")
         for area in ("#main img", "#main script", "#main b"):
             expect(page.locator(area)).to_have_count(0)
         assert page.evaluate("window.pwned") is None
