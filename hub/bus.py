@@ -21,6 +21,7 @@ pg_stat_activity has died, and the agents it held are offline until they connect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -51,9 +52,20 @@ class Bus:
 
     async def start(self) -> None:
         self._work = await self._engine.connect()
+        await self.listen()
+
+    async def listen(self) -> None:
+        """Listen, on a session of its own, unless it listens already (called again at each tick: a
+        session lost with the database comes back, and rows written meanwhile are read at once)."""
+        if self._listen is not None:
+            if not (await self._listen.get_raw_connection()).driver_connection.is_closed():  # type: ignore[union-attr]
+                return
+            with contextlib.suppress(Exception):
+                await self._listen.close()
         self._listen = await self._engine.connect()
         raw = await self._listen.get_raw_connection()
         await raw.driver_connection.add_listener(CHANNEL, self._notified)  # type: ignore[union-attr]
+        self.woken.set()
 
     def _notified(self, *_args: Any) -> None:
         self.woken.set()
@@ -66,6 +78,13 @@ class Bus:
 
     async def _raw(self) -> Any:
         assert self._work is not None, "started"
+        raw = (await self._work.get_raw_connection()).driver_connection
+        if raw is not None and not raw.is_closed():
+            return raw
+        # The session was lost (the database restarted, say), and any lock it held with it: a new one.
+        with contextlib.suppress(Exception):
+            await self._work.close()
+        self._work = await self._engine.connect()
         return (await self._work.get_raw_connection()).driver_connection
 
     async def lock(self) -> None:

@@ -607,6 +607,7 @@ class Fleet:
         async with self.lock:
             await self.rollouts.tick()
             if self.bus is not None:
+                await self.bus.listen()
                 await self._sweep()
                 if secrets.randbelow(PRUNE_ODDS) == 0:
                     await self.bus.prune()

@@ -9,18 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.hub_fixtures import Hub, UiClient, postgresql_server
+from tests.hub_fixtures import Hub, UiClient, postgresql_server, shared_hubs
 
 RETRY = 0.2  # seconds between an agent's attempts to connect
 
@@ -125,24 +122,8 @@ def cluster() -> Iterator[str]:
 
 @pytest.fixture
 def hubs(cluster: str, tmp_path: Path) -> Iterator[tuple[Hub, Hub]]:
-    name = f"hub_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster, autocommit=True) as db:
-        db.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(cluster).set(database=name).render_as_string(hide_password=False)
-    first, second = Hub(tmp_path / "a", database_url=url), Hub(tmp_path / "b", database_url=url)
-    for hub in (first, second):
-        hub.directory.mkdir()
-    created = first.cli("admin", "add", "alice")
-    assert created.returncode == 0, created.stderr
-    first.admin_token = second.admin_token = created.stdout.strip().splitlines()[-1]
-    first.start()
-    second.start()
-    try:
-        yield first, second
-    finally:
-        for hub in (first, second):
-            if hub.process is not None:
-                assert hub.stop() == 0, hub.log.read_text()
+    with shared_hubs(cluster, tmp_path) as pair:
+        yield pair
 
 
 def run_of(state: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:

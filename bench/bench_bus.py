@@ -1,0 +1,73 @@
+"""Benchmark of the hubs' bus (hub/bus.py; printed, never asserted): how soon a change one hub writes
+reaches another, woken by NOTIFY or polling the table, on a private PostgreSQL server on this machine.
+
+Two `Bus` objects, as two hub processes hold them: one writes a row (one change) and commits, the other
+reads it, either as soon as the NOTIFY wakes it or at its next poll. The latency is from just before
+the write to the row read. A poll costs a query per interval per hub whether anything changed or not.
+
+    .venv/bin/python -m bench.bench_bus --samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+from hub.bus import Bus
+from hub.store import database_url, migrate
+from tests.hub_fixtures import postgresql_server
+
+PAUSE = 0.02  # seconds between two writes, at a random phase against a poll
+
+
+async def measure(url: str, samples: int, interval: float | None) -> list[float]:
+    """Latencies in ms: woken by NOTIFY (interval None), or polling every `interval` seconds."""
+    writer, reader = Bus(url), Bus(url)
+    await writer.start()
+    await reader.start()
+    seen = await reader.last()
+    latencies: list[float] = []
+    try:
+        for _ in range(samples):
+            await asyncio.sleep(PAUSE + random.random() * (interval or 0))
+            reader.woken.clear()
+            began = time.perf_counter()
+            await writer.write([{"kind": "change", "change": {"kind": "event", "event": {"n": 1}}}])
+            wait: Callable[[], Awaitable[object]] = reader.woken.wait if interval is None else _sleep(interval)
+            while True:
+                await wait()
+                rows = await reader.read(seen)
+                if rows:
+                    seen = rows[-1][0]
+                    break
+            latencies.append((time.perf_counter() - began) * 1000)
+    finally:
+        await writer.close()
+        await reader.close()
+    return latencies
+
+
+def _sleep(interval: float) -> Callable[[], Awaitable[None]]:
+    return lambda: asyncio.sleep(interval)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200)
+    args = parser.parse_args()
+    with postgresql_server() as server:
+        url = database_url(server)
+        migrate(url)
+        for name, interval in (("NOTIFY", None), ("poll 50 ms", 0.05), ("poll 250 ms", 0.25), ("poll 1 s", 1.0)):
+            found = sorted(asyncio.run(measure(url, args.samples if interval is None else args.samples // 4, interval)))
+            p50, p99 = statistics.median(found), found[min(len(found) - 1, int(len(found) * 0.99))]
+            cost = "on change only" if interval is None else f"{1 / interval:.0f} queries/s per hub, idle or not"
+            print(f"{name:12} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  max {found[-1]:7.1f} ms  ({cost})")
+
+
+if __name__ == "__main__":
+    main()
