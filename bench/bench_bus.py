@@ -15,7 +15,6 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 
 from hub.bus import Bus
 from hub.store import database_url, migrate
@@ -25,34 +24,39 @@ PAUSE = 0.02  # seconds between two writes, at a random phase against a poll
 
 
 async def measure(url: str, samples: int, interval: float | None) -> list[float]:
-    """Latencies in ms: woken by NOTIFY (interval None), or polling every `interval` seconds."""
+    """Latencies in ms: woken by NOTIFY (interval None), or polling every `interval` seconds on a
+    clock of its own, as a hub would, while the writes come at random moments."""
     writer, reader = Bus(url), Bus(url)
     await writer.start()
     await reader.start()
-    seen = await reader.last()
+    began: dict[int, float] = {}
     latencies: list[float] = []
+    seen = await reader.last()
+
+    async def read() -> None:
+        nonlocal seen
+        while len(latencies) < samples:
+            if interval is None:
+                await reader.woken.wait()
+                reader.woken.clear()
+            else:
+                await asyncio.sleep(interval)
+            for row_id, _origin, body in await reader.read(seen):
+                seen = row_id
+                latencies.append((time.perf_counter() - began[body["n"]]) * 1000)
+
+    reading = asyncio.create_task(read())
     try:
-        for _ in range(samples):
-            await asyncio.sleep(PAUSE + random.random() * (interval or 0))
-            reader.woken.clear()
-            began = time.perf_counter()
-            await writer.write([{"kind": "change", "change": {"kind": "event", "event": {"n": 1}}}])
-            wait: Callable[[], Awaitable[object]] = reader.woken.wait if interval is None else _sleep(interval)
-            while True:
-                await wait()
-                rows = await reader.read(seen)
-                if rows:
-                    seen = rows[-1][0]
-                    break
-            latencies.append((time.perf_counter() - began) * 1000)
+        for n in range(samples):
+            await asyncio.sleep(PAUSE + random.random() * (interval or PAUSE))
+            began[n] = time.perf_counter()
+            await writer.write([{"kind": "change", "n": n}])
+        await asyncio.wait_for(reading, 30)
     finally:
+        reading.cancel()
         await writer.close()
         await reader.close()
     return latencies
-
-
-def _sleep(interval: float) -> Callable[[], Awaitable[None]]:
-    return lambda: asyncio.sleep(interval)
 
 
 def main() -> None:
