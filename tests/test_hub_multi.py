@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.hub_fixtures import Hub, UiClient, postgresql_server, shared_hubs
+from rastos.bundle import generate_key
+from tests.hub_fixtures import Hub, UiClient, make_bundle, postgresql_server, shared_hubs, upload
 
 RETRY = 0.2  # seconds between an agent's attempts to connect
 
@@ -34,6 +35,7 @@ class Agent:
         self.received: Counter[str] = Counter()  # command id -> times the hub sent it (welcomes too)
         self.cancels: list[str] = []
         self.actions: list[dict[str, Any]] = []
+        self.updates: list[dict[str, Any]] = []
         self.hold = False  # leave commands running until release()
         self.connected_to: Hub | None = None
         self.connects = 0
@@ -77,6 +79,13 @@ class Agent:
             elif frame["type"] == "cancel":
                 self.cancels.append(frame["command"])
                 await self._finish(socket, frame["command"], "cancelled")
+            elif frame["type"] == "update":  # staged, and booted healthy at once: what the hub judges by
+                self.updates.append(frame["update"])
+                for state in ("staging", "staged"):
+                    await socket.send_json({"type": "update_status", "update": frame["update"]["id"], "state": state,
+                                            "version": frame["update"]["version"], "detail": None})  # fmt: skip
+                boot = {"kind": "deployment", "health": "good", "image_version": frame["update"]["version"]}
+                await socket.send_json({"type": "facts", "facts": {"hostname": self.name, "boot_state": boot}})
             elif frame["type"] == "action":
                 self.actions.append(frame["action"])
                 answer = {"action": frame["action"]["id"], "state": "done", "snapshot": 7, "entry": None,
@@ -182,6 +191,31 @@ def test_runs_cancels_and_actions_reach_agents_on_another_hub_and_every_ui_sees_
             await two.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_rollout_started_on_one_hub_updates_a_host_connected_to_another(
+    hubs: tuple[Hub, Hub], tmp_path: Path
+) -> None:
+    a, b = hubs
+    generate_key(tmp_path / "key")
+    status, image = upload(a, make_bundle(tmp_path, tmp_path / "key", "2.0").read_bytes())
+    assert status == 201, image
+    one = add_agent(a, "one", [a])
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session, UiClient(a) as ui_a:
+            one.start(session)
+            await ui_a.until(lambda s: s["hosts"]["one"]["online"], "one online")
+            body = {"image": image["id"], "target": {"all": True}, "canary": 1, "wave_percent": 100}
+            rollout = await asyncio.to_thread(b.api, "POST", "/api/v1/rollouts", body)  # b: its image from a
+            await ui_a.until(lambda s: s["rollouts"].get(rollout["id"], {}).get("state") == "complete", "complete")
+            assert [update["version"] for update in one.updates] == ["2.0"], "sent once, through hub a"
+            await ui_a.assert_converged()
+            await one.stop()
+
+    asyncio.run(scenario())
+    (done,) = b.api("GET", "/api/v1/rollouts")
+    assert done["state"] == "complete" and [h["state"] for h in done["hosts"]] == ["done"], "b saw it end too"
 
 
 def test_a_hub_killed_mid_run_its_agents_move_to_another_and_each_command_runs_exactly_once(
