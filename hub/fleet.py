@@ -155,8 +155,10 @@ class Fleet:
             return
         await self.bus.lock()  # no hub changes anything while this one reads the fleet
         try:
-            self.seen = await self.bus.last()
             await self._load()
+            # Which agents are connected to which hub is in the hubs' memory only: they say again.
+            await self.bus.write([{"kind": "hello"}])
+            self.seen = await self.bus.last()
         finally:
             await self.bus.unlock()
 
@@ -299,6 +301,11 @@ class Fleet:
             self._publish_here(body["change"])
         elif kind == "link":
             self._apply_link(host, body["hub"], body.get("connected", 0.0))
+        elif kind == "hello":  # a hub started: it learns this one's agents, and their hosts as shown here
+            for name, local in self.agents.items():
+                if isinstance(local, AgentLink) and name in self.hosts:
+                    self.share({"kind": "link", "host": name, "hub": self.bus_id, "connected": local.connected})
+                    self._publish_host(name)
         elif body["hub"] == self.bus_id and isinstance(link := self.agents.get(host), AgentLink):
             if kind == "send":
                 await _send_quietly(link, body["message"])
