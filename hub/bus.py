@@ -14,7 +14,8 @@ database is the source of truth and the bus keeps their memories equal. Two thin
   read at once; it only wakes them, the rows carry the payload (a NOTIFY holds under 8000 bytes, a
   run of many hosts does not fit).
 
-Each hub process names its bus session `rastos-hub bus ID`: a hub whose session has gone from
+Which agent is connected to which hub lives only in the hubs' memory: a hub that starts says `hello`,
+and the others announce their agents again. Each hub process names its bus session `rastos-hub bus ID`: a hub whose session has gone from
 pg_stat_activity has died, and the agents it held are offline until they connect again.
 """
 
