@@ -59,6 +59,28 @@ async def measure(url: str, samples: int, interval: float | None) -> list[float]
     return latencies
 
 
+async def turns(url: str, samples: int) -> list[float]:
+    """Milliseconds of one turn of the shared lock as a change takes it: lock, read the others' rows,
+    write this one's with its NOTIFY, note the newest id, unlock. The hubs' changes are serial: this
+    bounds how many a second they make together."""
+    bus = Bus(url)
+    await bus.start()
+    seen = await bus.last()
+    took: list[float] = []
+    try:
+        for _ in range(samples):
+            began = time.perf_counter()
+            await bus.lock()
+            await bus.read(seen)
+            await bus.write([{"kind": "change", "n": 0}])
+            seen = await bus.last()
+            await bus.unlock()
+            took.append((time.perf_counter() - began) * 1000)
+    finally:
+        await bus.close()
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=200)
@@ -71,6 +93,10 @@ def main() -> None:
             p50, p99 = statistics.median(found), found[min(len(found) - 1, int(len(found) * 0.99))]
             cost = "on change only" if interval is None else f"{1 / interval:.0f} queries/s per hub, idle or not"
             print(f"{name:12} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  max {found[-1]:7.1f} ms  ({cost})")
+        took = sorted(asyncio.run(turns(url, args.samples)))
+        p50 = statistics.median(took)
+        print(f"a turn of the lock: p50 {p50:.1f} ms, p99 {took[int(len(took) * 0.99)]:.1f} ms "
+              f"(at most {1000 / p50:.0f} changes a second, all hubs together)")  # fmt: skip
 
 
 if __name__ == "__main__":
