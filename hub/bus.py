@@ -15,8 +15,9 @@ database is the source of truth and the bus keeps their memories equal. Two thin
   run of many hosts does not fit).
 
 Which agent is connected to which hub lives only in the hubs' memory: a hub that starts says `hello`,
-and the others announce their agents again. Each hub process names its bus session `rastos-hub bus ID`: a hub whose session has gone from
-pg_stat_activity has died, and the agents it held are offline until they connect again.
+and the others announce their agents again. Each hub process names its bus session `rastos-hub bus
+ID`: a hub whose session has gone from pg_stat_activity has died, and the agents it held are offline
+until they connect again.
 """
 
 from __future__ import annotations
@@ -104,12 +105,15 @@ class Bus:
 
     async def write(self, bodies: list[dict[str, Any]]) -> None:
         now = time.time()
+        rows = []
+        for body in bodies:
+            try:
+                rows.append((self.id, now, strictjson.dumps_strict(body)))
+            except ValueError:  # a non-finite number: the edge refuses them, so never; kept out, not retried
+                log.error("a %s for the other hubs held a non-finite number: not sent", body.get("kind"))
         raw = await self._raw()
         async with raw.transaction():
-            await raw.executemany(
-                "INSERT INTO bus (origin, time, body) VALUES ($1, $2, $3::json)",
-                [(self.id, now, strictjson.dumps_strict(body)) for body in bodies],
-            )
+            await raw.executemany("INSERT INTO bus (origin, time, body) VALUES ($1, $2, $3::json)", rows)
             await raw.execute("SELECT pg_notify($1, $2)", CHANNEL, self.id)
 
     async def prune(self) -> None:
