@@ -20,6 +20,7 @@ from aiohttp import WSCloseCode, web
 
 from hub import access, api, edge, runs_api, updates_api
 from hub.access import STORE, Route, caller
+from hub.bus import Bus
 from hub.credentials import CREDENTIALS, CredentialWatch
 from hub.edge import respond
 from hub.errors import HubError, NotFound, Unauthorized, Unprocessable
@@ -82,7 +83,12 @@ def openapi_document() -> dict[str, Any]:
 
 async def _fleet_context(app: web.Application) -> Any:
     store = Store(app[SETTINGS].database)
-    fleet = Fleet(store, app[IMAGES])
+    # PostgreSQL may be shared by several hub processes (hub/holders.py lets them): they keep in step over
+    # the bus. SQLite is this process's alone.
+    bus = Bus(app[SETTINGS].database) if store.engine.dialect.name == "postgresql" else None
+    if bus is not None:
+        await bus.start()
+    fleet = Fleet(store, app[IMAGES], bus)
     await fleet.load()
     app[IMAGES].clean({image["sha256"] for image in fleet.rollouts.images.values()})
     app[FLEET] = fleet
@@ -92,13 +98,18 @@ async def _fleet_context(app: web.Application) -> Any:
     beacon = asyncio.create_task(_beacons(fleet, app[SETTINGS].sync_interval))
     ticks = asyncio.create_task(_ticks(fleet))
     polls = asyncio.create_task(watch.run())
+    follows = asyncio.create_task(fleet.follow()) if bus is not None else None
     yield
     beacon.cancel()
     ticks.cancel()
     polls.cancel()
+    if follows is not None:
+        follows.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await polls  # a read of the revision it was making ends before the store closes
     await watch.stop()
+    if bus is not None:
+        await bus.close()
     await store.close()
 
 

@@ -21,6 +21,11 @@ Step output (agents' `output` frames) is not state: it is kept apart, in memory 
 
 Image rollouts (hub/rollouts.py) run under the same lock: the fleet passes on what concerns them (an
 agent's welcome, its facts while an update is under way there, its update_status, the clock).
+
+Several hub processes on one PostgreSQL database (hub/bus.py): the lock is then theirs together, and
+each one, taking it, first applies what the others changed; what it changes goes to the others when it
+lets go. `agents` holds every agent connected to any of them: one connected to another hub is a
+RemoteLink, whose frames go over the bus to that hub, which sends them on.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, overload
 
+from hub.bus import Bus
 from hub.errors import Conflict, NotFound
 from hub.images import ImageFiles
 from hub.live_output import OUTPUT_LINGER, LiveOutput
@@ -68,6 +74,7 @@ ACTION_FINAL = frozenset({"done", "failed"})  # and "lost": the connection ended
 ROLLBACK_METHODS = frozenset({"Rollback", "BootFallback"})
 SUBSCRIBER_QUEUE = 1000  # deltas a slow UI may lag behind before it is sent a fresh init instead
 INIT_NEEDED: dict[str, Any] = {"type": "init_needed"}  # queued for a UI that must get the whole state
+PRUNE_ODDS = 60  # ticks (about a second each) between prunings of the bus, on average, per hub
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -82,17 +89,79 @@ class AgentLink:
         self.connected = time.time()  # a rollout takes only facts of a connection newer than its update
 
 
+class RemoteLink:
+    """An agent connected to another hub process: what is sent to it goes over the bus to that hub."""
+
+    def __init__(self, fleet: Fleet, host: str, hub: str, connected: float) -> None:
+        self.host = host
+        self.hub = hub
+        self.connected = connected
+        self._fleet = fleet
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self._fleet.share({"kind": "send", "hub": self.hub, "host": self.host, "message": message})
+
+    async def close(self) -> None:
+        self._fleet.share({"kind": "close", "hub": self.hub, "host": self.host})
+
+
+class FleetLock:
+    """The fleet's lock: an asyncio lock, and with a bus, the hubs' shared one too. Taken, the fleet has
+    applied what the other hubs changed; let go, what this hub changed has gone to them."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.local = asyncio.Lock()
+        self.held = False  # the shared lock, by this process
+        self._fleet = fleet
+
+    def locked(self) -> bool:
+        return self.local.locked()
+
+    async def __aenter__(self) -> None:
+        await self.local.acquire()
+        bus = self._fleet.bus
+        if bus is None:
+            return
+        try:
+            await bus.lock()
+        except BaseException:
+            self.local.release()
+            raise
+        self.held = True
+        try:
+            await self._fleet.catch_up()
+        except BaseException:
+            await self.__aexit__()
+            raise
+
+    async def __aexit__(self, *_exc: object) -> None:
+        try:
+            if self.held:
+                self.held = False
+                assert self._fleet.bus is not None
+                try:
+                    await self._fleet.flush()
+                finally:
+                    await self._fleet.bus.unlock()
+        finally:
+            self.local.release()
+
+
 class Fleet:
-    def __init__(self, store: Store, images: ImageFiles) -> None:
+    def __init__(self, store: Store, images: ImageFiles, bus: Bus | None = None) -> None:
         self.store = store
+        self.bus = bus
+        self.seen = 0  # the newest bus row applied
+        self._outbox: list[dict[str, Any]] = []  # for the other hubs, written when the lock is let go
         self.epoch = secrets.token_hex(8)  # a restarted hub starts a new epoch: UIs take a fresh init
         self.version = 0
         self.hosts: dict[str, dict[str, Any]] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=KEPT_EVENTS)
-        self.agents: dict[str, AgentLink] = {}
+        self.agents: dict[str, AgentLink | RemoteLink] = {}
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.lock = asyncio.Lock()  # dispatch and membership; agents' reports do not take it
+        # Dispatch and membership; agents' reports do not take it, but for their publishing on a bus.
+        self.lock = FleetLock(self)
         # The newest event of each host stored: kept here so a report needs no read before its write.
         self.cursors: dict[str, int] = {}
         self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
@@ -102,6 +171,19 @@ class Fleet:
         self._output_commands: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # in flight, with output
 
     async def load(self) -> None:
+        if self.bus is None:
+            await self._load()
+            return
+        await self.bus.lock()  # no hub changes anything while this one reads the fleet
+        try:
+            await self._load()
+            # Which agents are connected to which hub is in the hubs' memory only: they say again.
+            await self.bus.write([{"kind": "hello"}])
+            self.seen = await self.bus.last()
+        finally:
+            await self.bus.unlock()
+
+    async def _load(self) -> None:
         reports = await self.store.compliance_reports()
         for row in await self.store.hosts():
             self.cursors[row["name"]] = row["last_event"]
@@ -149,6 +231,11 @@ class Fleet:
         self.subscribers.discard(queue)
 
     def publish(self, change: dict[str, Any]) -> None:
+        self._publish_here(change)
+        if self.bus is not None:
+            self.share({"kind": "change", "change": change})
+
+    def _publish_here(self, change: dict[str, Any]) -> None:
         self.version += 1
         message = {"type": "delta", "epoch": self.epoch, "version": self.version, "change": change}
         for queue in list(self.subscribers):
@@ -189,6 +276,129 @@ class Fleet:
         view["health"], view["boot_status"] = _health(view), _boot_status(view)
         return view
 
+    # The other hub processes on the database (hub/bus.py)
+
+    def share(self, body: dict[str, Any]) -> None:
+        """Tell the other hubs, when the lock is let go: at once if this hub does not hold it."""
+        self._outbox.append(body)
+        if not self.lock.held:
+            task = asyncio.ensure_future(self._share_soon())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _share_soon(self) -> None:
+        try:
+            async with self.lock:
+                pass
+        except Exception:  # the database away: the next lock taken writes them
+            log.exception("could not take the hubs' lock to tell the others of a change")
+
+    async def flush(self) -> None:
+        """Write what this hub changed for the others (called with the shared lock held)."""
+        if not self._outbox or self.bus is None:
+            return
+        bodies, self._outbox = self._outbox, []
+        try:
+            await self.bus.write(bodies)
+        except Exception:
+            self._outbox[:0] = bodies
+            log.exception("could not tell the other hubs of %d changes: the next lock taken tries again", len(bodies))
+            return
+        self.seen = await self.bus.last()  # this hub's own rows are not read again
+
+    async def catch_up(self) -> None:
+        """Apply what the other hubs changed since this one last looked."""
+        assert self.bus is not None
+        for row_id, origin, body in await self.bus.read(self.seen):
+            self.seen = row_id
+            if origin != self.bus.id:
+                await self._apply(body)
+
+    async def follow(self) -> None:
+        """Woken by the others' NOTIFYs: their changes reach this hub's UIs and agents at once, not at
+        its next turn of the lock."""
+        assert self.bus is not None
+        while True:
+            await self.bus.woken.wait()
+            self.bus.woken.clear()
+            try:
+                async with self.lock.local:
+                    await self.catch_up()
+            except Exception:  # the database away, say: the next wake or tick reads again
+                log.exception("could not read the other hubs' changes")
+                await asyncio.sleep(1)
+
+    async def _apply(self, body: dict[str, Any]) -> None:
+        kind, host = body["kind"], body.get("host", "")
+        if kind == "change":
+            self._apply_change(body["change"])
+            self._publish_here(body["change"])
+        elif kind == "link":
+            self._apply_link(host, body["hub"], body.get("connected", 0.0))
+        elif kind == "hello":  # a hub started: it learns this one's agents, and their hosts as shown here
+            for name, local in self.agents.items():
+                if isinstance(local, AgentLink) and name in self.hosts:
+                    self.share({"kind": "link", "host": name, "hub": self.bus_id, "connected": local.connected})
+                    self._publish_host(name)
+        elif body["hub"] == self.bus_id and isinstance(link := self.agents.get(host), AgentLink):
+            if kind == "send":
+                await _send_quietly(link, body["message"])
+            elif kind == "close":
+                self._close_later(link)
+
+    def _apply_change(self, change: dict[str, Any]) -> None:
+        kind = change["kind"]
+        if kind == "host":
+            self.hosts[change["host"]["name"]] = change["host"]
+            self.cursors.setdefault(change["host"]["name"], 0)
+        elif kind == "host_removed":
+            self.hosts.pop(change["name"], None)
+            self.cursors.pop(change["name"], None)
+            if (link := self.agents.pop(change["name"], None)) is not None and isinstance(link, AgentLink):
+                self._close_later(link)
+        elif kind == "run":
+            self.runs[change["run"]["id"]] = change["run"]
+        elif kind == "run_removed":
+            self.runs.pop(change["id"], None)
+        elif kind == "event":
+            self.events.append(change["event"])
+        else:
+            self.rollouts.apply(change)
+
+    def _apply_link(self, host: str, hub: str | None, connected: float) -> None:
+        old = self.agents.get(host)
+        if hub is None:
+            if isinstance(old, RemoteLink):
+                del self.agents[host]
+            return
+        self.agents[host] = RemoteLink(self, host, hub, connected)
+        if isinstance(old, AgentLink):  # it connected to another hub: this one's link is stale
+            self._close_later(old)
+
+    @property
+    def bus_id(self) -> str:
+        return "" if self.bus is None else self.bus.id
+
+    def _shared(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The lock, for what only needs it when the fleet's state is shared by several hubs."""
+        return self.lock if self.bus is not None else contextlib.nullcontext()
+
+    async def _sweep(self) -> None:
+        """Agents of a hub process that died (its bus session gone) are offline until they connect again."""
+        assert self.bus is not None
+        hubs = {link.hub for link in self.agents.values() if isinstance(link, RemoteLink)}
+        if not hubs or not (dead := hubs - await self.bus.alive()):
+            return
+        for name, link in list(self.agents.items()):
+            if isinstance(link, RemoteLink) and link.hub in dead:
+                log.info("%s was connected to a hub that is gone", name)
+                del self.agents[name]
+                self.share({"kind": "link", "host": name, "hub": None})
+                if (host := self.hosts.get(name)) is not None:
+                    host["online"] = False
+                    _lose_actions(host)
+                    self._publish_host(name)
+
     # Hosts
 
     async def add_host(self, name: str, groups: list[str], admin: str) -> str:
@@ -228,7 +438,7 @@ class Fleet:
                 self._publish_run(run)
             await self.rollouts.host_removed(name)
 
-    def _close_later(self, link: AgentLink) -> None:
+    def _close_later(self, link: AgentLink | RemoteLink) -> None:
         """Close a link without waiting under the lock for its peer to answer the close (a stale
         peer would hold every dispatch up for the close's whole timeout)."""
         task = asyncio.ensure_future(link.close())
@@ -242,11 +452,14 @@ class Fleet:
             self.agents[link.host] = link
             if old is not None:  # the same host connected again (a stale connection): keep the new one
                 self._close_later(old)
-            if link.host not in self.hosts:  # added by `rastos-hub host add` while the hub ran
+            if link.host not in self.hosts or self.bus is not None:
+                # Added by `rastos-hub host add` while the hub ran; or its events went to another hub.
                 row = await self.store.host(link.host)
                 assert row is not None
                 self.cursors[link.host] = row["last_event"]
-                self.hosts[link.host] = self._host_view(row)
+                self.hosts.setdefault(link.host, self._host_view(row))
+            if self.bus is not None:
+                self.share({"kind": "link", "host": link.host, "hub": self.bus.id, "connected": link.connected})
             host = self.hosts[link.host]
             host["online"] = True
             host["last_seen"] = time.time()
@@ -273,6 +486,8 @@ class Fleet:
             if self.agents.get(link.host) is not link:
                 return  # replaced by a newer connection already
             del self.agents[link.host]
+            if self.bus is not None:
+                self.share({"kind": "link", "host": link.host, "hub": None})
             if (host := self.hosts.get(link.host)) is not None:
                 host["online"] = False
                 _lose_actions(host)
@@ -281,10 +496,11 @@ class Fleet:
     async def facts(self, name: str, facts: dict[str, Any]) -> None:
         """Facts are the agent's state now, sent again on every connect: shown at once, stored with
         the next group commit, and not waited for."""
-        host = self.hosts[name]
-        host["facts"] = facts
-        host["last_seen"] = time.time()
-        self._publish_host(name)
+        async with self._shared():
+            host = self.hosts[name]
+            host["facts"] = facts
+            host["last_seen"] = time.time()
+            self._publish_host(name)
         self.store.save_facts(name, facts)
         if self.rollouts.watching(name):  # an update under way there: its facts may end it
             async with self.lock:
@@ -299,12 +515,13 @@ class Fleet:
                 return self.cursors[name]
             stored = await self.store.add_agent_events(name, fresh)
             self.cursors[name] = fresh[-1]["id"]
-            if (host := self.hosts.get(name)) is not None:
-                for item in stored:
-                    _note_host_event(host, item)
-                    self.publish_event(item)
-                host["last_seen"] = time.time()
-                self._publish_host(name)
+            async with self._shared():
+                if (host := self.hosts.get(name)) is not None:
+                    for item in stored:
+                        _note_host_event(host, item)
+                        self.publish_event(item)
+                    host["last_seen"] = time.time()
+                    self._publish_host(name)
             return self.cursors[name]
 
     async def compliance(self, name: str, report: ComplianceReport) -> None:
@@ -350,13 +567,14 @@ class Fleet:
             self._publish_host(name)
             return next(item for item in host["actions"] if item["id"] == action_id)
 
-    def action_status(self, name: str, status: ActionStatus) -> None:
+    async def action_status(self, name: str, status: ActionStatus) -> None:
         """An agent's live answer; its HubAction event may have come first, and then this changes nothing."""
-        host = self.hosts[name]
-        if _finish_action(host, status.action, status.state, status.result()):
-            self._publish_host(name)
-        else:
-            log.info("%s answered action %s, which is not one of its own waiting for an answer", name, status.action)
+        async with self._shared():
+            host = self.hosts.get(name)
+            if host is not None and _finish_action(host, status.action, status.state, status.result()):
+                self._publish_host(name)
+                return
+        log.info("%s answered action %s, which is not one of its own waiting for an answer", name, status.action)
 
     # Runs
 
@@ -471,6 +689,11 @@ class Fleet:
     async def tick(self) -> None:
         async with self.lock:
             await self.rollouts.tick()
+            if self.bus is not None:
+                await self.bus.listen()
+                await self._sweep()
+                if secrets.randbelow(PRUNE_ODDS) == 0:
+                    await self.bus.prune()
 
     # Dispatch internals (called with the lock held)
 
@@ -708,7 +931,7 @@ def _pending_confirmation(result: dict[str, Any] | None) -> bool:
     return isinstance(confirmation, dict) and "deadline" in confirmation
 
 
-async def _send_quietly(link: AgentLink, message: dict[str, Any]) -> None:
+async def _send_quietly(link: AgentLink | RemoteLink, message: dict[str, Any]) -> None:
     """A send to an agent that has just gone is not an error: its reconnect's welcome resends."""
     try:
         await link.send(message)

@@ -32,7 +32,7 @@ import math
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from hub.errors import Conflict, NotFound, Unprocessable
@@ -60,7 +60,8 @@ class Link(Protocol):
 
     host: str
     connected: float  # when this connection was made (time.time())
-    send: Callable[[dict[str, Any]], Awaitable[None]]
+
+    def send(self, message: dict[str, Any], /) -> Awaitable[None]: ...
 
 
 class FleetFace(Protocol):
@@ -140,6 +141,20 @@ class Rollouts:
             rollout["hosts"].sort(key=_order)
             self.rollouts[rollout["id"]] = rollout
             self._in_flight.update(host["host"] for host in rollout["hosts"] if host["state"] in IN_FLIGHT)
+
+    def apply(self, change: dict[str, Any]) -> None:
+        """A change another hub process published (hub/bus.py)."""
+        kind = change["kind"]
+        if kind == "image":
+            self.images[change["image"]["id"]] = change["image"]
+        elif kind == "image_removed":
+            self.images.pop(change["id"], None)
+        elif kind == "rollout":
+            self.rollouts[change["rollout"]["id"]] = change["rollout"]
+        elif kind == "rollout_removed":
+            self.rollouts.pop(change["id"], None)
+        self._in_flight = Counter(host["host"] for rollout in self.rollouts.values() for host in rollout["hosts"]
+                                  if host["state"] in IN_FLIGHT)  # fmt: skip
 
     # Images
 

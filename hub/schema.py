@@ -188,3 +188,15 @@ rollout_hosts = Table(
     # The entry a boot had fallen back from when the update was sent: that fallback is not this update's.
     Column("fallback_before", String(4096)),
 )
+
+# What one hub process tells the others that share a PostgreSQL database (hub/bus.py): each change it
+# published to its UIs, each agent link made or lost, each frame for an agent connected elsewhere.
+# Written only under the hubs' shared dispatch lock, so ids are committed in order; kept minutes.
+bus = Table(
+    "bus",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("origin", String(32), nullable=False),  # the hub process that wrote it (its bus id)
+    Column("time", Float, nullable=False, index=True),
+    Column("body", JSON, nullable=False),
+)

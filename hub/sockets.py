@@ -213,7 +213,7 @@ async def _agent_message(fleet: Fleet, host: str, socket: web.WebSocketResponse,
             await fleet.update_status(host, body)
         elif kind == "action_status":
             assert isinstance(body, ActionStatus)
-            fleet.action_status(host, body)
+            await fleet.action_status(host, body)
         elif kind == "compliance":
             assert isinstance(body, ComplianceReport)
             await fleet.compliance(host, body)

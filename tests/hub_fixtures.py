@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -32,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
 
 from hub.store import MIGRATIONS, database_url
 from ops import pki
@@ -274,6 +276,30 @@ def _serving(server: Hub) -> Iterator[Hub]:
     yield server
     if server.process is not None:
         assert server.stop() == 0, server.log.read_text()
+
+
+@contextlib.contextmanager
+def shared_hubs(cluster: str, directory: Path) -> Iterator[tuple[Hub, Hub]]:
+    """Two `rastos-hub serve` processes on one PostgreSQL database, a new one on `cluster` (a server
+    as postgresql_server yields it): one admin, whose token both take."""
+    name = f"hub_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster, autocommit=True) as db:
+        db.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(cluster).set(database=name).render_as_string(hide_password=False)
+    first, second = Hub(directory / "a", database_url=url), Hub(directory / "b", database_url=url)
+    for each in (first, second):
+        each.directory.mkdir(parents=True)
+    created = first.cli("admin", "add", "alice")
+    assert created.returncode == 0, created.stderr
+    first.admin_token = second.admin_token = created.stdout.strip().splitlines()[-1]
+    first.start()
+    second.start()
+    try:
+        yield first, second
+    finally:
+        for each in (first, second):
+            if each.process is not None:
+                assert each.stop() == 0, each.log.read_text()
 
 
 class UiClient:

@@ -233,8 +233,8 @@ def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, ba
             url = database_url(str(tmp_path / "hub.db"))
         else:
             url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0007"
-        assert migrate(url) == "0007", "a second upgrade changes nothing"
+        assert migrate(url) == "0008"
+        assert migrate(url) == "0008", "a second upgrade changes nothing"
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             with engine.connect() as connection:
@@ -266,7 +266,7 @@ def test_migration_0004_gives_rollouts_made_before_it_their_history_from_the_eve
                     text("INSERT INTO events (time, actor, method, detail) VALUES (:time, :actor, :method, :detail)"),
                     {"time": number, "actor": actor, "method": method, "detail": json.dumps(detail)},
                 )
-        assert migrate(url) == "0007"
+        assert migrate(url) == "0008"
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT id, history FROM rollouts ORDER BY id")).all()
     histories = {row[0]: row[1] if isinstance(row[1], list) else json.loads(row[1]) for row in rows}

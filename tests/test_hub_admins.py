@@ -148,7 +148,7 @@ def test_migration_0006_makes_every_admin_there_was_an_admin(tmp_path: Path, bac
                                    {"n": name, "h": token_hash(f"{name}-token")})  # fmt: skip
             connection.execute(text("INSERT INTO sessions (id_hash, admin, created, expires) VALUES (:h, 'bo', 1, :e)"),
                                {"h": token_hash("bo-session"), "e": time.time() + 3600})  # fmt: skip
-        assert migrate(url) == "0007"
+        assert migrate(url) == "0008"
 
         async def lookups() -> tuple[object, ...]:
             store = Store(url)

@@ -111,7 +111,7 @@ def test_a_restore_brings_back_hosts_tokens_admins_runs_and_events(any_hub: Hub,
     hub.stop()
 
     restored = ok(hub, "db", "restore", str(written))
-    assert restored.startswith(f"database restored from {written} (schema revision 0007)"), restored
+    assert restored.startswith(f"database restored from {written} (schema revision 0008)"), restored
     hub.start()
     assert snapshot(hub) == before
     (run_id,) = before["runs"]
@@ -200,7 +200,7 @@ def test_a_backup_of_a_newer_schema_is_refused_naming_both_revisions(any_hub: Hu
     with revision_set(hub, "0099"):
         ok(hub, "db", "backup", str(backup))
     message = refusal(hub, "db", "restore", str(backup))
-    assert f"FILE: {backup} is at schema revision 0099, newer than this hub's 0007" in message, message
+    assert f"FILE: {backup} is at schema revision 0099, newer than this hub's 0008" in message, message
     hub.start()
     assert list(hub.state()["hosts"]) == ["web-1"]
 
@@ -238,7 +238,7 @@ def test_an_older_backup_is_restored_and_migrated_up_leaving_no_newer_table_behi
         ok(old, "db", "upgrade")
         ok(old, "host", "add", "new")
         restored = ok(old, "db", "restore", str(tmp_path / "old.backup"))
-        assert "(schema revision 0002, migrated to 0007)" in restored, restored
+        assert "(schema revision 0002, migrated to 0008)" in restored, restored
         assert re.findall(r"^(\S+)\t", ok(old, "host", "list"), re.MULTILINE) == ["old"]
 
 

@@ -23,7 +23,7 @@ from tests.daemon_fixtures import (
     require_root,
     scratch_root,
 )
-from tests.hub_fixtures import Hub, UiClient
+from tests.hub_fixtures import Hub, UiClient, postgresql_server, shared_hubs
 from tests.hub_fixtures import hub as hub
 
 pytestmark = pytest.mark.root
@@ -156,6 +156,47 @@ def test_hub_killed_mid_run_and_agent_changed_while_it_was_away_converge_exactly
             assert time.monotonic() < deadline, (name, delivered, expected)
             time.sleep(0.2)
     assert any(method == "Apply" for _, method in hub_events(hub, "one")), "the offline change reached the hub"
+
+
+def test_a_hub_of_two_killed_mid_run_its_agents_move_to_the_other_and_the_run_completes_exactly_once(
+    tmp_path: Path,
+) -> None:
+    """The twin of the test above with two hubs on one PostgreSQL database: hub a is killed, and the
+    agents, told of hub b only, go on there; b knows the run a started and which command a sent."""
+    require_root()
+    with (
+        postgresql_server() as cluster,
+        shared_hubs(cluster, tmp_path / "hubs") as (a, b),
+        contextlib.ExitStack() as stack,
+    ):
+        fleet = Fleet(a, tmp_path / "agents", stack)
+        one, two = fleet.add("one"), fleet.add("two", start=False)
+        a.wait_state(online("one"), "agent one online on hub a")
+        steps = [{"op": "motd", "params": {"text": "exactly once"}}]
+        run = a.api("POST", "/api/v1/runs", {"target": {"all": True}, "parallelism": 1, "steps": steps})
+        b.wait_state(lambda s: any(c["state"] != "pending" for c in s["runs"][run["id"]]["commands"]), "one sent, on b")
+        assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+        for name, daemon in (("one", one), ("two", two)):
+            config = fleet.directory / name / "daemon.toml"
+            config.write_text(config.read_text().replace(a.agent_url, b.agent_url))
+            if daemon.process is not None:
+                daemon.stop()
+            daemon.start()
+
+        async def watch() -> None:
+            async with UiClient(b) as ui:
+                await ui.until(lambda s: s["runs"][run["id"]]["state"] == "complete", "the run complete", timeout=120)
+                await ui.assert_converged()
+
+        asyncio.run(watch())
+        for daemon in (one, two):
+            assert len(hub_jobs(daemon)) == 1 and hub_jobs(daemon)[0][2] == "done", "each command ran exactly once"
+            assert (daemon.scratch.root / "etc/motd").read_text() == "exactly once\n"
+        for name, daemon in (("one", one), ("two", two)):
+            deadline = time.monotonic() + 30
+            while (delivered := hub_events(b, name)) != (expected := daemon_events(daemon)):
+                assert time.monotonic() < deadline, (name, delivered, expected)
+                time.sleep(0.2)
 
 
 def test_a_fallback_boot_reaches_the_hub_and_a_cancelled_run_ends_its_pending_commands(hub: Hub, fleet: Fleet) -> None:

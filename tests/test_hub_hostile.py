@@ -296,7 +296,7 @@ def test_migration_0002_widens_the_ids_of_a_postgresql_database_in_use(postgresq
                                     "('old', 'h', '[]', 1), ('new', 'i', '[]', 1)"))  # fmt: skip
             connection.execute(text("INSERT INTO events (time, host, agent_event, actor, method, detail) "
                                     "VALUES (1, 'old', 7, 'agent', 'M', '{}')"))  # fmt: skip
-        assert migrate(database_url(url)) == "0007"
+        assert migrate(database_url(url)) == "0008"
         with engine.begin() as connection:
             connection.execute(text("UPDATE hosts SET last_event = 4611686018427387904 WHERE name = 'new'"))
             connection.execute(text("SELECT setval('events_id_seq', 3000000000)"))

@@ -262,7 +262,7 @@ def test_tokens_made_before_the_lifecycle_migration_keep_working(tmp_path: Path)
         connection.execute(text("INSERT INTO admins (name, token_hash, created) VALUES ('ada', :h, 1)"),
                            {"h": token_hash("admin-token")})  # fmt: skip
     engine.dispose()
-    assert migrate(url) == "0006"
+    assert migrate(url) == "0008"
 
     async def lookups() -> tuple[str | None, Admin | None, str | None]:
         store = Store(url)
