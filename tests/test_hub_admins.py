@@ -139,9 +139,11 @@ def test_a_role_change_closes_the_admins_streams_and_the_next_one_has_the_new_ro
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migration_0006_makes_every_admin_there_was_an_admin(tmp_path: Path, backend: str) -> None:
+def test_migration_0006_makes_every_admin_there_was_an_admin(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """Admins, and the sessions they had, from before roles keep doing everything they did."""
-    with database_at("0005", backend, tmp_path) as (url, engine):
+    with database_at("0005", backend, tmp_path, request) as (url, engine):
         with engine.begin() as connection:
             for name in ("ada", "bo"):
                 connection.execute(text("INSERT INTO admins (name, token_hash, created) VALUES (:n, :h, 1)"),
