@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,21 +189,27 @@ class Hub:
 
     def call(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The same command as `cli`, run by rastos-hub's main() in this process: for a command whose own
-        process is not what a test checks, without the 0.6 s a new interpreter takes to start and import
-        the hub. Its exit status, stdout and stderr as `cli` returns them; what main() logs goes to
-        pytest's log capture, not to stderr (a root handler stands in, so main's basicConfig adds none)."""
+        process is not what a test checks, without the 0.6 s (2 s on a busy machine) a new interpreter
+        takes to start and import the hub. Its exit status, stdout and stderr as `cli` returns them;
+        what main() logs goes to pytest's log capture, not to stderr (a root handler stands in, so
+        main's basicConfig adds none). In a thread of its own: main() may call asyncio.run, which a
+        thread whose event loop runs (sync Playwright's) refuses."""
         from hub.cli import main
 
         argv = [*self.options, *args]
         stdout, stderr, root = io.StringIO(), io.StringIO(), logging.getLogger()
+
+        def command() -> int:
+            try:
+                return main(argv)
+            except SystemExit as stopped:  # argparse's usage errors
+                return stopped.code if isinstance(stopped.code, int) else 1
+
         stand_in = logging.NullHandler()
         root.addHandler(stand_in)
         try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                try:
-                    code = main(argv)
-                except SystemExit as stopped:  # argparse's usage errors
-                    code = stopped.code if isinstance(stopped.code, int) else 1
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), ThreadPoolExecutor(1) as pool:
+                code = pool.submit(command).result(timeout=60)
         finally:
             root.removeHandler(stand_in)
         return subprocess.CompletedProcess(["rastos-hub", *argv], code, stdout.getvalue(), stderr.getvalue())
