@@ -98,6 +98,33 @@ def new_database(server: str) -> str:
     return server.replace("/postgres?", f"/{name}?")
 
 
+def call_main(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`rastos-hub ARGV` run by rastos-hub's main() in this process: for a command whose own process is
+    not what a test checks, without the 0.6 s (2 s on a busy machine) a new interpreter takes to start
+    and import the hub. Its exit status, stdout and stderr as a process of its own gives them; what
+    main() logs goes to pytest's log capture, not to stderr (a root handler stands in, so main's
+    basicConfig adds none). In a thread of its own: main() may call asyncio.run, which a thread whose
+    event loop runs (sync Playwright's) refuses."""
+    from hub.cli import main
+
+    stdout, stderr, root = io.StringIO(), io.StringIO(), logging.getLogger()
+
+    def command() -> int:
+        try:
+            return main(argv)
+        except SystemExit as stopped:  # argparse's usage errors
+            return stopped.code if isinstance(stopped.code, int) else 1
+
+    stand_in = logging.NullHandler()
+    root.addHandler(stand_in)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), ThreadPoolExecutor(1) as pool:
+            code = pool.submit(command).result(timeout=60)
+    finally:
+        root.removeHandler(stand_in)
+    return subprocess.CompletedProcess(["rastos-hub", *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
 @dataclass(frozen=True)
 class Pki:
     """A CA, and a certificate and key it issued for the hub (as the certs op makes them: ops/pki.py),
@@ -188,31 +215,8 @@ class Hub:
         )  # fmt: skip
 
     def call(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """The same command as `cli`, run by rastos-hub's main() in this process: for a command whose own
-        process is not what a test checks, without the 0.6 s (2 s on a busy machine) a new interpreter
-        takes to start and import the hub. Its exit status, stdout and stderr as `cli` returns them;
-        what main() logs goes to pytest's log capture, not to stderr (a root handler stands in, so
-        main's basicConfig adds none). In a thread of its own: main() may call asyncio.run, which a
-        thread whose event loop runs (sync Playwright's) refuses."""
-        from hub.cli import main
-
-        argv = [*self.options, *args]
-        stdout, stderr, root = io.StringIO(), io.StringIO(), logging.getLogger()
-
-        def command() -> int:
-            try:
-                return main(argv)
-            except SystemExit as stopped:  # argparse's usage errors
-                return stopped.code if isinstance(stopped.code, int) else 1
-
-        stand_in = logging.NullHandler()
-        root.addHandler(stand_in)
-        try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), ThreadPoolExecutor(1) as pool:
-                code = pool.submit(command).result(timeout=60)
-        finally:
-            root.removeHandler(stand_in)
-        return subprocess.CompletedProcess(["rastos-hub", *argv], code, stdout.getvalue(), stderr.getvalue())
+        """The same command as `cli`, run by rastos-hub's main() in this process (`call_main`)."""
+        return call_main([*self.options, *args])
 
     def start(self, timeout: float = 30) -> None:
         self.starts += 1
