@@ -158,3 +158,23 @@ def minimal_build_via_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 from tests.daemon_fixtures import configured_rastosd, daemon_env, rastosd  # noqa: E402, F401  (fixtures for the daemon tests)
 from tests.op_tree import op_root, op_tree_base  # noqa: E402, F401  (a real Debian root for op tests)
 from tests.update_fixtures import bundles  # noqa: E402, F401  (signed update bundles, made once)
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[str]:
+    """One private PostgreSQL server for the whole session of this process (each xdist worker has its
+    own), started when a test first needs it: its start (initdb and the server, about 1.5 s) was paid
+    by every PostgreSQL test. Tests take a database of their own on it (`postgresql_database`), so none
+    sees another's tables, sessions or advisory locks. Yields the server's URL (database postgres)."""
+    from tests.hub_fixtures import postgresql_server
+
+    with postgresql_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgresql_database(postgresql: str) -> str:
+    """A new, empty database on the session's PostgreSQL server; its URL."""
+    from tests.hub_fixtures import new_database
+
+    return new_database(postgresql)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import io
+import itertools
 import json
+import logging
 import resource
 import shutil
 import signal
@@ -20,6 +23,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from alembic.config import Config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from hub.store import MIGRATIONS, database_url
@@ -79,6 +83,48 @@ def postgresql_server() -> Iterator[str]:
         server.terminate()
         server.wait(30)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+DATABASES = itertools.count()
+
+
+def new_database(server: str) -> str:
+    """A new database on the PostgreSQL server at `server` (as postgresql_server yields it); its URL."""
+    name = f"hub_{next(DATABASES)}"
+    engine = create_engine(server.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    finally:
+        engine.dispose()
+    return server.replace("/postgres?", f"/{name}?")
+
+
+def call_main(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`rastos-hub ARGV` run by rastos-hub's main() in this process: for a command whose own process is
+    not what a test checks, without the 0.6 s (2 s on a busy machine) a new interpreter takes to start
+    and import the hub. Its exit status, stdout and stderr as a process of its own gives them; what
+    main() logs goes to pytest's log capture, not to stderr (a root handler stands in, so main's
+    basicConfig adds none). In a thread of its own: main() may call asyncio.run, which a thread whose
+    event loop runs (sync Playwright's) refuses."""
+    from hub.cli import main
+
+    stdout, stderr, root = io.StringIO(), io.StringIO(), logging.getLogger()
+
+    def command() -> int:
+        try:
+            return main(argv)
+        except SystemExit as stopped:  # argparse's usage errors
+            return stopped.code if isinstance(stopped.code, int) else 1
+
+    stand_in = logging.NullHandler()
+    root.addHandler(stand_in)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), ThreadPoolExecutor(1) as pool:
+            code = pool.submit(command).result(timeout=60)
+    finally:
+        root.removeHandler(stand_in)
+    return subprocess.CompletedProcess(["rastos-hub", *argv], code, stdout.getvalue(), stderr.getvalue())
 
 
 @dataclass(frozen=True)
@@ -170,6 +216,10 @@ class Hub:
             capture_output=True, text=True, check=False, timeout=60, cwd=CHECKOUT,
         )  # fmt: skip
 
+    def call(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The same command as `cli`, run by rastos-hub's main() in this process (`call_main`)."""
+        return call_main([*self.options, *args])
+
     def start(self, timeout: float = 30) -> None:
         self.starts += 1
         tls = ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)] if self.tls else []
@@ -259,20 +309,24 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
-    """The hub on each database it supports: the same schema and behaviour on both."""
-    if request.param == "sqlite":
-        yield from _serving(Hub(tmp_path / "hub"))
-        return
-    with postgresql_server() as url:
-        yield from _serving(Hub(tmp_path / "hub", database_url=url))
+    """The hub on each database it supports: the same schema and behaviour on both (PostgreSQL in a new
+    database of the session's server)."""
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgresql_database")
+    yield from _serving(Hub(tmp_path / "hub", database_url=url))
+
+
+def made(server: Hub) -> Hub:
+    """The hub's directory and database, with its first admin, alice (her token in `admin_token`); not
+    started."""
+    server.directory.mkdir()
+    created = server.call("admin", "add", "alice")
+    assert created.returncode == 0, created.stderr
+    server.admin_token = created.stdout.strip().splitlines()[-1]
+    return server
 
 
 def _serving(server: Hub) -> Iterator[Hub]:
-    server.directory.mkdir()
-    created = server.cli("admin", "add", "alice")
-    assert created.returncode == 0, created.stderr
-    server.admin_token = created.stdout.strip().splitlines()[-1]
-    server.start()
+    made(server).start()
     yield server
     if server.process is not None:
         assert server.stop() == 0, server.log.read_text()
@@ -431,12 +485,20 @@ def upload(hub: Hub, data: bytes, content_type: str = "application/octet-stream"
         return error.code, json.loads(error.read())
 
 
+def scratch_database(backend: str, folder: Path, request: pytest.FixtureRequest) -> str:
+    """A database for a hub to make: SQLite in `folder`, or a new database of the session's PostgreSQL
+    server. What `--database` takes."""
+    return str(folder / "hub.db") if backend == "sqlite" else str(request.getfixturevalue("postgresql_database"))
+
+
 @contextlib.contextmanager
-def database_at(revision: str, backend: str, folder: Path) -> Iterator[tuple[str, Engine]]:
-    """A hub database migrated only to `revision` (SQLite in `folder`, or a PostgreSQL server of its
-    own): a test fills it as a hub of that age left it, then migrates it on. Its URL and an engine."""
+def database_at(
+    revision: str, backend: str, folder: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, Engine]]:
+    """A hub database migrated only to `revision` (SQLite in `folder`, or a new PostgreSQL database):
+    a test fills it as a hub of that age left it, then migrates it on. Its URL and an engine."""
     with contextlib.ExitStack() as stack:
-        url = database_url(str(folder / "hub.db") if backend == "sqlite" else stack.enter_context(postgresql_server()))
+        url = database_url(scratch_database(backend, folder, request))
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         stack.callback(engine.dispose)
         with engine.begin() as connection:

@@ -7,7 +7,6 @@ speak the real protocol (tests/test_hub_fleet.py runs real rastosd agents).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from sqlalchemy import create_engine, text
 
 from hub.schema import metadata
 from hub.store import database_url, migrate
-from tests.hub_fixtures import Hub, UiClient, database_at, postgresql_server
+from tests.hub_fixtures import Hub, UiClient, database_at, scratch_database
 from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 
@@ -227,27 +226,25 @@ def test_the_ui_stream_starts_with_init_then_follows_deltas_and_beacons(any_hub:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_the_migrations_make_exactly_the_schema_the_code_uses(tmp_path: Path, backend: str) -> None:
-    with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            url = database_url(str(tmp_path / "hub.db"))
-        else:
-            url = database_url(stack.enter_context(postgresql_server()))
-        assert migrate(url) == "0008"
-        assert migrate(url) == "0008", "a second upgrade changes nothing"
-        engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
-        try:
-            with engine.connect() as connection:
-                assert compare_metadata(MigrationContext.configure(connection), metadata) == []
-        finally:
-            engine.dispose()
+def test_the_migrations_make_exactly_the_schema_the_code_uses(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = database_url(scratch_database(backend, tmp_path, request))
+    assert migrate(url) == "0008"
+    assert migrate(url) == "0008", "a second upgrade changes nothing"
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_migration_0004_gives_rollouts_made_before_it_their_history_from_the_event_log(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    with database_at("0003", backend, tmp_path) as (url, engine):
+    with database_at("0003", backend, tmp_path, request) as (url, engine):
         with engine.begin() as connection:
             connection.execute(
                 text("INSERT INTO rollouts (id, created, admin, image, profile, version, target, canary, "

@@ -23,26 +23,26 @@ CLOSED_BY_POLL = 3.0  # seconds: the hub polls the database every second for cha
 
 def added(hub: Hub, *args: str) -> str:
     """The token `rastos-hub admin add ARGS` printed."""
-    result = hub.cli("admin", "add", *args)
+    result = hub.call("admin", "add", *args)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
 def listed(hub: Hub) -> dict[str, str]:
-    result = hub.cli("admin", "list")
+    result = hub.call("admin", "list")
     assert result.returncode == 0, result.stderr
     return {name: role for name, role, _added in (line.split("\t") for line in result.stdout.splitlines())}
 
 
 def refused(hub: Hub, *args: str) -> str:
-    result = hub.cli(*args)
+    result = hub.call(*args)
     assert result.returncode != 0, (args, result.stdout)
     return result.stderr
 
 
 def test_admin_add_takes_a_role_and_admin_list_shows_each(hub: Hub) -> None:
     viewer = added(hub, "vera", "--role", "viewer")
-    result = hub.cli("admin", "add", "otto", "--role", "operator")
+    result = hub.call("admin", "add", "otto", "--role", "operator")
     assert result.returncode == 0 and "admin otto added with the role operator" in result.stdout, result.stderr
     operator = result.stdout.strip().splitlines()[-1]
     # Without --role: an admin, as the command always made (docs/hub.md says why).
@@ -64,14 +64,14 @@ def test_admin_add_takes_a_role_and_admin_list_shows_each(hub: Hub) -> None:
 def test_set_role_changes_what_an_admin_may_do_at_once(hub: Hub) -> None:
     vera = added(hub, "vera", "--role", "viewer")
     assert hub.request("POST", "/api/v1/hosts", {"name": "web-1"}, token=vera)[0] == 403
-    result = hub.cli("admin", "set-role", "vera", "admin")
+    result = hub.call("admin", "set-role", "vera", "admin")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("admin vera: the role admin (was viewer)"), result.stdout
     assert listed(hub)["vera"] == "role=admin"
     assert hub.request("POST", "/api/v1/hosts", {"name": "web-1"}, token=vera)[0] == 201
-    again = hub.cli("admin", "set-role", "vera", "admin")
+    again = hub.call("admin", "set-role", "vera", "admin")
     assert again.returncode == 0 and again.stdout.strip() == "admin vera has the role admin already"
-    assert hub.cli("admin", "set-role", "vera", "viewer").returncode == 0
+    assert hub.call("admin", "set-role", "vera", "viewer").returncode == 0
     status, answer = hub.request("DELETE", "/api/v1/hosts/web-1", token=vera)
     assert status == 403 and answer["role"] == "viewer", answer
     assert refused(hub, "admin", "set-role", "nobody", "viewer").startswith("rastos-hub: name: no admin named 'nobody'")
@@ -98,9 +98,9 @@ def test_the_last_admin_can_be_neither_removed_nor_demoted(hub: Hub) -> None:
     assert listed(hub) == {"alice": "role=admin", "vera": "role=viewer"}
     assert hub.request("POST", "/api/v1/hosts", {"name": "web-1"})[0] == 201, "alice still does everything"
     # A viewer is no admin to keep: removing one is not refused, nor is the demotion of one of two admins.
-    assert hub.cli("admin", "remove", "vera").returncode == 0
+    assert hub.call("admin", "remove", "vera").returncode == 0
     added(hub, "ada")
-    assert hub.cli("admin", "set-role", "alice", "viewer").returncode == 0
+    assert hub.call("admin", "set-role", "alice", "viewer").returncode == 0
     assert refused(hub, "admin", "remove", "ada").startswith("rastos-hub: name: ada is the hub's last admin")
     assert listed(hub) == {"ada": "role=admin", "alice": "role=viewer"}
 
@@ -117,7 +117,7 @@ def test_a_role_change_closes_the_admins_streams_and_the_next_one_has_the_new_ro
                 f"{hub.url}/api/v1/stream", headers={"Authorization": f"Bearer {hub.admin_token}"}
             )
             assert (await alices.receive_json(timeout=10))["type"] == "init"
-            changed = await asyncio.to_thread(hub.cli, "admin", "set-role", "vera", "operator")
+            changed = await asyncio.to_thread(hub.call, "admin", "set-role", "vera", "operator")
             assert changed.returncode == 0, changed.stderr
             started = time.monotonic()
             while (message := await stream.receive(timeout=CLOSED_BY_POLL)).type == aiohttp.WSMsgType.TEXT:
@@ -139,9 +139,11 @@ def test_a_role_change_closes_the_admins_streams_and_the_next_one_has_the_new_ro
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migration_0006_makes_every_admin_there_was_an_admin(tmp_path: Path, backend: str) -> None:
+def test_migration_0006_makes_every_admin_there_was_an_admin(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """Admins, and the sessions they had, from before roles keep doing everything they did."""
-    with database_at("0005", backend, tmp_path) as (url, engine):
+    with database_at("0005", backend, tmp_path, request) as (url, engine):
         with engine.begin() as connection:
             for name in ("ada", "bo"):
                 connection.execute(text("INSERT INTO admins (name, token_hash, created) VALUES (:n, :h, 1)"),

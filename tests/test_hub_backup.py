@@ -1,6 +1,9 @@
 """Backups and restores of the hub's database (`rastos-hub db backup`, `db restore`), on SQLite and on a
-private PostgreSQL server, and the lock that keeps SQLite to one hub process: all with the real
-`rastos-hub` commands, in processes of their own, beside a real `rastos-hub serve`."""
+private PostgreSQL server, and the lock that keeps SQLite to one hub process: beside a real `rastos-hub
+serve` in a process of its own. On each backend one backup and its restore are made by the real command
+in a process of its own, as are a second `serve` and a backup whose argv is checked; every other command
+runs rastos-hub's main() in the test's process (`Hub.call`), the same code without a new interpreter's
+start for each."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import re
 import signal
 import sqlite3
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from hub.store import database_url, token_hash, with_driver
-from tests.hub_fixtures import Hub, any_hub, database_at, free_port, hub, postgresql_server
+from tests.hub_fixtures import Hub, any_hub, database_at, free_port, hub, made
 from tests.hub_fixtures import _serving as serving
 from tests.test_hub_tokens import agent, refused, still_open
 
@@ -28,16 +32,28 @@ __all__ = ["any_hub", "hub"]  # fixtures
 STEP = {"target": {"hosts": ["web-1"]}, "steps": [{"op": "motd", "params": {"text": "hi"}}]}
 
 
-def ok(hub: Hub, *args: str) -> str:
-    done = hub.cli(*args)
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    """The output of a command (`hub.cli(...)` or `hub.call(...)`) that succeeded."""
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def refusal(hub: Hub, *args: str) -> str:
-    done = hub.cli(*args)
+def refusal(done: subprocess.CompletedProcess[str]) -> str:
+    """The message of a command that was refused."""
     assert done.returncode == 1, (done.stdout, done.stderr)
     return done.stderr
+
+
+@pytest.fixture
+def unserved_hub(tmp_path: Path) -> Hub:
+    """A hub's SQLite database with its first admin, and no hub serving: for what needs no server."""
+    return made(Hub(tmp_path / "hub"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_unserved_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Hub:
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgresql_database")
+    return made(Hub(tmp_path / "hub", database_url=url))
 
 
 def names(folder: Path) -> list[str]:
@@ -91,7 +107,7 @@ def test_a_restore_brings_back_hosts_tokens_admins_runs_and_events(any_hub: Hub,
     hub = any_hub
     web1 = hub.api("POST", "/api/v1/hosts", {"name": "web-1", "groups": ["web"]})["token"]
     web2 = hub.api("POST", "/api/v1/hosts", {"name": "web-2"})["token"]
-    bob = token_of(ok(hub, "admin", "add", "bob", "--role", "viewer"))
+    bob = token_of(ok(hub.call("admin", "add", "bob", "--role", "viewer")))
     agents_work(hub, [web1], report=True)  # an event of the agent's own, acknowledged
     hub.api("POST", "/api/v1/runs", STEP)
     before = snapshot(hub)
@@ -99,18 +115,18 @@ def test_a_restore_brings_back_hosts_tokens_admins_runs_and_events(any_hub: Hub,
 
     folder = tmp_path / "backups"
     folder.mkdir()
-    written = Path(ok(hub, "db", "backup", str(folder)).split()[-1])  # while the hub serves
+    written = Path(ok(hub.cli("db", "backup", str(folder))).split()[-1])  # while the hub serves
     assert written.parent == folder and stat.S_IMODE(written.stat().st_mode) == 0o600
     assert names(folder) == [written.name], "no temporary file is left"
 
     hub.api("DELETE", "/api/v1/hosts/web-1")
     web3 = hub.api("POST", "/api/v1/hosts", {"name": "web-3"})["token"]
-    ok(hub, "host", "rotate", "web-2")
-    ok(hub, "admin", "remove", "bob")
+    ok(hub.call("host", "rotate", "web-2"))
+    ok(hub.call("admin", "remove", "bob"))
     assert agent_refused(hub, web2) == 401 and hub.request("GET", "/api/v1/hosts", token=bob)[0] == 401
     hub.stop()
 
-    restored = ok(hub, "db", "restore", str(written))
+    restored = ok(hub.cli("db", "restore", str(written)))
     assert restored.startswith(f"database restored from {written} (schema revision 0008)"), restored
     hub.start()
     assert snapshot(hub) == before
@@ -126,20 +142,19 @@ def test_a_restore_brings_back_hosts_tokens_admins_runs_and_events(any_hub: Hub,
 def test_a_restore_is_refused_while_a_sqlite_hub_serves_even_with_force(hub: Hub, tmp_path: Path) -> None:
     hub.api("POST", "/api/v1/hosts", {"name": "web-1"})
     backup = tmp_path / "hub.backup"
-    ok(hub, "db", "backup", str(backup))
+    ok(hub.call("db", "backup", str(backup)))
     assert hub.process is not None
     for force in ([], ["--force"]):
-        message = refusal(hub, "db", "restore", str(backup), *force)
+        message = refusal(hub.call("db", "restore", str(backup), *force))
         assert f"database: {hub.database} is in use by a rastos-hub process (PID {hub.process.pid})" in message
         assert "stop the hub" in message
     hub.stop()
-    ok(hub, "db", "restore", str(backup))
+    ok(hub.call("db", "restore", str(backup)))
 
 
 @pytest.fixture
-def postgresql_hub(tmp_path: Path) -> Iterator[Hub]:
-    with postgresql_server() as url:
-        yield from serving(Hub(tmp_path / "hub", database_url=url))
+def postgresql_hub(tmp_path: Path, postgresql_database: str) -> Iterator[Hub]:
+    yield from serving(Hub(tmp_path / "hub", database_url=postgresql_database))
 
 
 def test_a_restore_on_postgresql_is_refused_while_a_hub_serves_unless_forced(
@@ -148,15 +163,15 @@ def test_a_restore_on_postgresql_is_refused_while_a_hub_serves_unless_forced(
     hub = postgresql_hub
     web1 = hub.api("POST", "/api/v1/hosts", {"name": "web-1"})["token"]
     backup = tmp_path / "hub.pgdump"
-    ok(hub, "db", "backup", str(backup))
+    ok(hub.call("db", "backup", str(backup)))
     hub.api("DELETE", "/api/v1/hosts/web-1")
     assert hub.process is not None
-    message = refusal(hub, "db", "restore", str(backup))
+    message = refusal(hub.call("db", "restore", str(backup)))
     assert re.search(rf"database: rastos-hub processes use it \(rastos-hub serve {hub.process.pid}@\S+\)", message)
-    ok(hub, "db", "restore", str(backup), "--force")
+    ok(hub.call("db", "restore", str(backup), "--force"))
     hub.stop()  # a forced restore wants the hubs restarted
     hub.start()
-    agents_work(hub, [web1])
+    agents_work(hub, [web1], report=True)
 
 
 def test_a_second_hub_on_one_sqlite_file_is_refused_and_a_killed_ones_lock_is_gone(hub: Hub) -> None:
@@ -168,11 +183,13 @@ def test_a_second_hub_on_one_sqlite_file_is_refused_and_a_killed_ones_lock_is_go
     assert hub.state()["hosts"] == {}, "the first one serves on"
     hub.stop(signal.SIGKILL)  # no cleanup at all: the kernel drops its lock
     hub.start()
-    ok(hub, "db", "backup", str(hub.directory / "while-it-serves.backup"))
+    ok(hub.call("db", "backup", str(hub.directory / "while-it-serves.backup")))
 
 
-def test_a_restore_refuses_what_is_not_a_backup_of_its_kind_naming_what_is_wrong(hub: Hub, tmp_path: Path) -> None:
-    hub.stop()
+def test_a_restore_refuses_what_is_not_a_backup_of_its_kind_naming_what_is_wrong(
+    unserved_hub: Hub, tmp_path: Path
+) -> None:
+    hub = unserved_hub
     before = Path(hub.database).read_bytes()
     cases: dict[str, tuple[bytes | None, str]] = {
         "notes.txt": (b"not a backup", "is not a rastos-hub backup (neither an SQLite database nor a pg_dump"),
@@ -187,22 +204,20 @@ def test_a_restore_refuses_what_is_not_a_backup_of_its_kind_naming_what_is_wrong
             sqlite3.connect(path).execute("CREATE TABLE notes (line TEXT)").connection.close()
         else:
             path.write_bytes(content)
-        message = refusal(hub, "db", "restore", str(path))
+        message = refusal(hub.call("db", "restore", str(path)))
         assert f"FILE: {path} {expected}" in message, message
     assert Path(hub.database).read_bytes() == before, "nothing was written"
 
 
-def test_a_backup_of_a_newer_schema_is_refused_naming_both_revisions(any_hub: Hub, tmp_path: Path) -> None:
-    hub = any_hub
-    hub.api("POST", "/api/v1/hosts", {"name": "web-1"})
+def test_a_backup_of_a_newer_schema_is_refused_naming_both_revisions(any_unserved_hub: Hub, tmp_path: Path) -> None:
+    hub = any_unserved_hub
+    ok(hub.call("host", "add", "web-1"))
     backup = tmp_path / "newer.backup"
-    hub.stop()
     with revision_set(hub, "0099"):
-        ok(hub, "db", "backup", str(backup))
-    message = refusal(hub, "db", "restore", str(backup))
+        ok(hub.call("db", "backup", str(backup)))
+    message = refusal(hub.call("db", "restore", str(backup)))
     assert f"FILE: {backup} is at schema revision 0099, newer than this hub's 0008" in message, message
-    hub.start()
-    assert list(hub.state()["hosts"]) == ["web-1"]
+    assert host_names(hub) == ["web-1"], "the database is as it was, and still migrates and serves"
 
 
 @contextlib.contextmanager
@@ -223,26 +238,32 @@ def revision_set(hub: Hub, revision: str) -> Iterator[None]:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_an_older_backup_is_restored_and_migrated_up_leaving_no_newer_table_behind(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A backup from revision 0002, before the images and rollouts tables: restored over a database at
     the newest revision, which has them, and migrated up again, as `serve` would at start."""
-    with database_at("0002", backend, tmp_path) as (url, engine):
+    with database_at("0002", backend, tmp_path, request) as (url, engine):
         with engine.begin() as db:
             db.execute(text("INSERT INTO hosts (name, token_hash, groups, created) VALUES ('old', :h, '[]', 1)"),
                        {"h": token_hash("host-token")})  # fmt: skip
         engine.dispose()
         old = Hub(tmp_path / "old", database_url=url if backend == "postgresql" else str(tmp_path / "hub.db"))
         old.directory.mkdir()
-        ok(old, "db", "backup", str(tmp_path / "old.backup"))
-        ok(old, "db", "upgrade")
-        ok(old, "host", "add", "new")
-        restored = ok(old, "db", "restore", str(tmp_path / "old.backup"))
+        ok(old.call("db", "backup", str(tmp_path / "old.backup")))
+        ok(old.call("db", "upgrade"))
+        ok(old.call("host", "add", "new"))
+        restored = ok(old.call("db", "restore", str(tmp_path / "old.backup")))
         assert "(schema revision 0002, migrated to 0008)" in restored, restored
-        assert re.findall(r"^(\S+)\t", ok(old, "host", "list"), re.MULTILINE) == ["old"]
+        assert host_names(old) == ["old"]
 
 
-def test_keep_removes_only_the_oldest_backups_it_named(hub: Hub, tmp_path: Path) -> None:
+def host_names(hub: Hub) -> list[str]:
+    """The hosts `rastos-hub host list` names (which migrates the database first, as `serve` does)."""
+    return re.findall(r"^(\S+)\t", ok(hub.call("host", "list")), re.MULTILINE)
+
+
+def test_keep_removes_only_the_oldest_backups_it_named(unserved_hub: Hub, tmp_path: Path) -> None:
+    hub = unserved_hub
     folder = tmp_path / "backups"
     folder.mkdir()
     older = ["rastos-hub-20240101T000000Z.sqlite", "rastos-hub-20240102T000000Z.pgdump",
@@ -250,27 +271,33 @@ def test_keep_removes_only_the_oldest_backups_it_named(hub: Hub, tmp_path: Path)
     others = ["notes.txt", "rastos-hub-manual.sqlite", "rastos-hub-20240101T000000Z.sqlite.old"]
     for name in [*older, *others]:
         (folder / name).write_text(name)
-    written = Path(ok(hub, "db", "backup", "--keep", "2", str(folder)).split()[-1])
-    assert names(folder) == sorted([older[-1], written.name, *others])
-    message = refusal(hub, "db", "backup", "--keep", "2", str(folder / "one.sqlite"))
+    # The refusals first: a backup named for this second would be refused as one that exists already.
+    message = refusal(hub.call("db", "backup", "--keep", "2", str(folder / "one.sqlite")))
     assert "--keep: needs FILE to be a directory" in message
-    assert refusal(hub, "db", "backup", "--keep", "0", str(folder)).startswith("rastos-hub: --keep: must be at least 1")
+    message = refusal(hub.call("db", "backup", "--keep", "0", str(folder)))
+    assert message.startswith("rastos-hub: --keep: must be at least 1")
+    assert names(folder) == sorted([*older, *others]), "a refused backup removes nothing"
+    written = Path(ok(hub.call("db", "backup", "--keep", "2", str(folder))).split()[-1])
+    assert names(folder) == sorted([older[-1], written.name, *others])
 
 
-def test_a_backup_that_fails_leaves_no_file_and_its_password_is_on_no_command_line(tmp_path: Path) -> None:
+def test_a_backup_that_fails_leaves_no_file_and_its_password_is_on_no_command_line(
+    tmp_path: Path, postgresql: str
+) -> None:
     """pg_dump of a database that does not exist fails; nothing is left where the backup was to be.
-    The password (wrong for a server that trusts everyone) goes in a passfile, never in argv."""
-    with postgresql_server() as url:
-        missing = url.replace("postgres@/postgres?", "postgres:s3cret@/no_such_db?")
-        broken = Hub(tmp_path / "hub", database_url=missing)
-        broken.directory.mkdir()
-        folder = tmp_path / "backups"
-        folder.mkdir()
-        message = refusal(broken, "--debug", "db", "backup", str(folder))
-        assert 'database "no_such_db" does not exist' in message, message
-        assert "+ pg_dump --format=custom" in message and "s3cret" not in message
-        assert names(folder) == []
+    The password (wrong for a server that trusts everyone) goes in a passfile, never in argv: the
+    command runs in a process of its own, whose --debug log on stderr shows the pg_dump it ran."""
+    missing = postgresql.replace("postgres@/postgres?", "postgres:s3cret@/no_such_db?")
+    assert missing != postgresql
+    broken = Hub(tmp_path / "hub", database_url=missing)
+    broken.directory.mkdir()
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    message = refusal(broken.cli("--debug", "db", "backup", str(folder)))
+    assert 'database "no_such_db" does not exist' in message, message
+    assert "+ pg_dump --format=custom" in message and "s3cret" not in message
+    assert names(folder) == []
     unserved = Hub(tmp_path / "none")
     unserved.directory.mkdir()
-    assert f"database: {unserved.database} does not exist" in refusal(unserved, "db", "backup", str(folder))
+    assert f"database: {unserved.database} does not exist" in refusal(unserved.call("db", "backup", str(folder)))
     assert names(folder) == [] and not Path(unserved.database).exists()

@@ -109,7 +109,7 @@ def shared_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 
 def test_actions_are_refused_to_a_viewer_for_an_offline_host_and_for_no_host(shared_hub: Hub) -> None:
     hub = shared_hub
-    added = hub.cli("admin", "add", "vera", "--role", "viewer")
+    added = hub.call("admin", "add", "vera", "--role", "viewer")
     assert added.returncode == 0, added.stderr
     before = hub.api("GET", "/api/v1/events?limit=1000")
     body = {"action": "rollback", "snapshot": 1}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import itertools
 import json
 import socket
 import sqlite3
@@ -35,7 +34,8 @@ from sqlalchemy import create_engine, text
 
 from hub.protocol import KEPT_DETAIL_BYTES, MAX_EVENT_ID, MAX_MESSAGE_BYTES
 from hub.store import KEPT_AGENT_EVENTS, MIGRATIONS, PRUNE_EVERY, Store, database_url, migrate
-from tests.hub_fixtures import Hub, _serving, postgresql_server
+from tests.hub_fixtures import Hub, _serving
+from tests.hub_fixtures import any_hub as any_hub
 from tests.hub_fixtures import hub as hub
 from tests.test_hub_ui import browser as browser
 
@@ -110,34 +110,6 @@ async def send_each(hub: Hub, token: str, frames: list[str]) -> list[dict[str, A
                 await link.send_str(frame)
                 answers.append(strict_json(await link.receive_str(timeout=30)))
             return answers
-
-
-@pytest.fixture(scope="module")
-def postgresql() -> Iterator[str]:
-    """One PostgreSQL server for this module's tests, each of which takes a database of its own."""
-    with postgresql_server() as url:
-        yield url
-
-
-def new_database(server: str) -> str:
-    name = f"hub_{next(DATABASES)}"
-    engine = create_engine(server.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-    finally:
-        engine.dispose()
-    return server.replace("/postgres?", f"/{name}?")
-
-
-DATABASES = itertools.count()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def both_hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
-    """The hub on each database, PostgreSQL in a fresh database of the module's server."""
-    url = None if request.param == "sqlite" else new_database(request.getfixturevalue("postgresql"))
-    yield from _serving(Hub(tmp_path / "hub", database_url=url))
 
 
 def cursor(hub: Hub, token: str) -> int:
@@ -241,8 +213,8 @@ def _authorized(hub: Hub, path: str) -> urllib.request.Request:
     return urllib.request.Request(f"{hub.url}{path}", headers={"Authorization": f"Bearer {hub.admin_token}"})
 
 
-def test_agent_ids_up_to_2_to_the_62_fit_both_databases_and_larger_ones_are_refused(both_hub: Hub) -> None:
-    hub = both_hub
+def test_agent_ids_up_to_2_to_the_62_fit_both_databases_and_larger_ones_are_refused(any_hub: Hub) -> None:
+    hub = any_hub
     token = hub.api("POST", "/api/v1/hosts", {"name": "one"})["token"]
     run = hub.api(
         "POST", "/api/v1/runs", {"target": {"hosts": ["one"]}, "steps": [{"op": "motd", "params": {"text": "x"}}]}
@@ -281,10 +253,10 @@ def test_each_host_keeps_its_newest_events_only(hub: Hub) -> None:
     assert KEPT_AGENT_EVENTS <= count < KEPT_AGENT_EVENTS + PRUNE_EVERY, count
 
 
-def test_migration_0002_widens_the_ids_of_a_postgresql_database_in_use(postgresql: str) -> None:
+def test_migration_0002_widens_the_ids_of_a_postgresql_database_in_use(postgresql_database: str) -> None:
     """A hub at revision 0001 with rows in it: after the upgrade its ids take 2**62, and the event id
     sequence goes past 2**31 too."""
-    url = new_database(postgresql)
+    url = postgresql_database
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     try:
         with engine.begin() as connection:
@@ -317,7 +289,7 @@ def test_a_poisoned_host_fails_only_its_own_part_of_a_group_commit(
     if backend == "sqlite":
         url = database_url(str(tmp_path / "hub.db"))
     else:
-        url = database_url(new_database(request.getfixturevalue("postgresql")))
+        url = database_url(request.getfixturevalue("postgresql_database"))
     migrate(url)
 
     async def scenario() -> None:
@@ -352,8 +324,8 @@ def test_a_poisoned_host_fails_only_its_own_part_of_a_group_commit(
     asyncio.run(scenario())
 
 
-def test_one_agent_sending_poison_disturbs_no_other_agent_streaming(both_hub: Hub) -> None:
-    hub = both_hub
+def test_one_agent_sending_poison_disturbs_no_other_agent_streaming(any_hub: Hub) -> None:
+    hub = any_hub
     tokens = {f"good-{n}": hub.api("POST", "/api/v1/hosts", {"name": f"good-{n}"})["token"] for n in range(5)}
     poisoner = hub.api("POST", "/api/v1/hosts", {"name": "poisoner"})["token"]
     poison = [

@@ -85,7 +85,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for hub in _serving(Hub(directory / "hub")):
         tokens = {Role.admin: hub.admin_token}
         for role in (Role.viewer, Role.operator):
-            added = hub.cli("admin", "add", NAMES[role], "--role", role)
+            added = hub.call("admin", "add", NAMES[role], "--role", role)
             assert added.returncode == 0, added.stderr
             tokens[role] = added.stdout.strip().splitlines()[-1]
         for name in ("web-1", "web-2", "db-1"):

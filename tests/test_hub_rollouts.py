@@ -142,7 +142,7 @@ def test_with_trusted_keys_the_hub_refuses_a_bundle_signed_by_another(keys: Path
         status, answer = upload(served, bytes(40001))
         assert status == 413 and "larger than the 40000 bytes" in answer["error"], answer
         # The command line checks the same way, against the same keys.
-        refused = served.cli("image", "add", str(make_bundle(tmp_path, keys / "other", "2.2")))
+        refused = served.call("image", "add", str(make_bundle(tmp_path, keys / "other", "2.2")))
         assert refused.returncode == 1 and f"signed by key {other_id}" in refused.stderr, refused.stderr
         assert [i["version"] for i in served.api("GET", "/api/v1/images")] == ["2.1"]
         assert kept_files(served) == [f"{image['sha256']}.rbundle"]
@@ -150,19 +150,19 @@ def test_with_trusted_keys_the_hub_refuses_a_bundle_signed_by_another(keys: Path
 
 def test_the_command_line_adds_lists_and_removes_images(hub: Hub, keys: Path, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, keys / "one", "3.0")
-    done = hub.cli("image", "add", str(bundle))
+    done = hub.call("image", "add", str(bundle))
     assert done.returncode == 0, done.stderr
     image_id = hashlib.sha256(bundle.read_bytes()).hexdigest()[:16]
     assert done.stdout.startswith(f"image {image_id}: minimal 3.0 (full), ")
-    assert "(there already)" in hub.cli("image", "add", str(bundle)).stdout
+    assert "(there already)" in hub.call("image", "add", str(bundle)).stdout
     assert [image["id"] for image in hub.api("GET", "/api/v1/images")] == [image_id], "the running hub sees it"
     cut = tmp_path / "cut.rbundle"
     cut.write_bytes(bundle.read_bytes()[:5000])
-    refused = hub.cli("image", "add", str(cut))
+    refused = hub.call("image", "add", str(cut))
     assert refused.returncode == 1 and refused.stderr.startswith("rastos-hub: bundle: "), refused.stderr
-    assert hub.cli("image", "list").stdout.startswith(f"{image_id}\tminimal 3.0")
+    assert hub.call("image", "list").stdout.startswith(f"{image_id}\tminimal 3.0")
     hub.wait_state(lambda state: image_id in state["images"], "the image in the UIs' state", timeout=30)
-    assert hub.cli("image", "remove", image_id).returncode == 0
+    assert hub.call("image", "remove", image_id).returncode == 0
     assert kept_files(hub) == [] and hub.api("GET", "/api/v1/images") == []
 
 
@@ -620,7 +620,7 @@ def test_an_image_is_removed_only_when_no_rollout_needs_it(any_hub: Hub, keys: P
         def check() -> None:
             answer = hub.request("DELETE", path)
             assert answer[0] == status and answer[1]["error"] == f"id: {error}", answer
-            cli = hub.cli("image", "remove", image["id"])
+            cli = hub.call("image", "remove", image["id"])
             assert cli.returncode == 1 and cli.stderr == f"rastos-hub: image: {error}\n", cli.stderr
             assert hub.api("GET", path)["id"] == image["id"] and f"{image['sha256']}.rbundle" in kept_files(hub)
 
@@ -671,16 +671,16 @@ def test_an_image_is_removed_only_when_no_rollout_needs_it(any_hub: Hub, keys: P
         ("2.1", "rastos-hub: image: no image with the id or version '2.1'\n"),
         ("", "rastos-hub: image: no image with the id or version ''\n"),
     ):
-        cli = hub.cli("image", "remove", name)
+        cli = hub.call("image", "remove", name)
         assert cli.returncode == 1 and cli.stderr == expected, cli.stderr
     assert added(hub, make_bundle(tmp_path, keys / "one", "2.0"))["id"] == image["id"], "the same bundle again"
-    cli = hub.cli("image", "remove", "2.0")
+    cli = hub.call("image", "remove", "2.0")
     assert cli.returncode == 1 and cli.stderr == (
         f"rastos-hub: image: version '2.0' names 2 images: {delta['id']} (minimal 2.0, delta from 1.0); "
         f"{image['id']} (minimal 2.0, full); give the id of the one meant\n"
     ), cli.stderr
     # A delta's parent version may go: a host applies the delta to the deployment it runs.
-    cli = hub.cli("image", "remove", "1.0")
+    cli = hub.call("image", "remove", "1.0")
     assert cli.returncode == 0 and cli.stdout == f"image {parent['id']} removed, and its bundle\n", cli.stderr
     assert {left["id"] for left in hub.api("GET", "/api/v1/images")} == {delta["id"], image["id"]}
     assert kept_files(hub) == sorted(f"{left['sha256']}.rbundle" for left in (delta, image))

@@ -1,6 +1,7 @@
 """`rastos-hub run` against a real hub: the CLI as its own process, talking HTTP and WebSocket to
 `rastos-hub serve`, with simulated agents (the real protocol over real WebSockets) that carry out the
-commands they are sent as the test says: done, failed, or held until released or cancelled."""
+commands they are sent as the test says: done, failed, or held until released or cancelled. Of the
+refusals, most run main() in the test's process: they differ only in what it checks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import os
 import re
+import unittest.mock
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from hub.run_view import Follower
 from hub.runs_api import published_ops
 from ops.declared import load_workflow
 from rastos.errors import RastosError
-from tests.hub_fixtures import CHECKOUT, HUB_CLI, Hub, Pki, _serving, free_port
+from tests.hub_fixtures import CHECKOUT, HUB_CLI, Hub, Pki, _serving, call_main, free_port
 from tests.hub_fixtures import hub as hub
 
 FAILURE = "a directory is in the way"
@@ -394,13 +396,22 @@ def test_each_error_is_said_with_its_exit_status_and_nothing_is_sent(hub: Hub, t
         (["run", "start", "--all", "--op", "nosuch"], {}, 2, "rastos-hub: --op: the hub knows no op 'nosuch'"),
         (["run", "start", "--all", *op, "--var", "a=1"], {}, 2, "rastos-hub: --var: only with --workflow"),
     ]  # fmt: skip
-    for args, env, status, expected in cases:
+    for number, (args, env, status, expected) in enumerate(cases):
         given = environment(hub, **env)
         port = given["RASTOS_HUB_URL"].rpartition(":")[2]
-        finished = now(hub, *args, env=given)
+        # The first three (each way the hub or its token fails, exit statuses 1 and 2) as processes of
+        # their own; the rest, which differ only in what main() checks, in this process.
+        finished = now(hub, *args, env=given) if number < 3 else in_process(*args, env=given)
         assert (finished.status, finished.out) == (status, ""), (args, finished)
         assert finished.err.startswith(expected.replace("{port}", port)), (args, finished.err)
     assert runs(hub) == [], "nothing refused made a run"
+
+
+def in_process(*args: str, env: dict[str, str]) -> Finished:
+    """`rastos-hub ARGS` run to its end by main() in this process (call_main), in environment `env`."""
+    with unittest.mock.patch.dict(os.environ, env, clear=True):
+        done = call_main(list(args))
+    return Finished(done.returncode, done.stdout, done.stderr)
 
 
 def test_the_token_is_never_in_argv_output_or_a_log(hub: Hub, tmp_path: Path) -> None:

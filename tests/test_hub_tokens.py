@@ -85,12 +85,12 @@ def test_a_rotated_host_token_works_through_its_grace_then_stops_and_its_agent_i
     async def scenario() -> None:
         async with aiohttp.ClientSession() as session:
             before = await agent(hub, session, old)
-            rotated = await asyncio.to_thread(hub.cli, "host", "rotate", "web-1", "--grace", "2")
+            rotated = await asyncio.to_thread(hub.call, "host", "rotate", "web-1", "--grace", "2")
             assert rotated.returncode == 0, rotated.stderr
             assert "the old token works until" in rotated.stdout and "(2 s)" in rotated.stdout, rotated.stdout
             new = rotated.stdout.strip().splitlines()[-1]
             assert new != old and len(new) == 43
-            listed = await asyncio.to_thread(hub.cli, "host", "list")
+            listed = await asyncio.to_thread(hub.call, "host", "list")
             assert "token=rotated (the old one works until" in listed.stdout, listed.stdout
             # Within the grace: both tokens work (a host token's REST route answers 404, not 401, for
             # an image it was not sent), and the connection made before the rotation goes on.
@@ -107,7 +107,7 @@ def test_a_rotated_host_token_works_through_its_grace_then_stops_and_its_agent_i
             await current.close()
 
     run(scenario())
-    assert "token=valid" in hub.cli("host", "list").stdout
+    assert "token=valid" in hub.call("host", "list").stdout
     assert ("cli", "HostTokenRotated", {"grace_s": 2}) in host_events(hub, "web-1")
 
 
@@ -123,7 +123,7 @@ def test_a_revoked_host_is_disconnected_at_once_and_refused_until_given_a_new_to
             assert await closed_within(sockets["web-1"], 1.0) < 1.0
             assert await refused(hub, session, "/api/v1/agent", tokens["web-1"]) == 401
             # From the command line beside the hub: at its next poll.
-            revoked = await asyncio.to_thread(hub.cli, "host", "revoke", "web-2")
+            revoked = await asyncio.to_thread(hub.call, "host", "revoke", "web-2")
             assert revoked.returncode == 0 and "token revoked" in revoked.stdout, revoked.stderr
             assert await closed_within(sockets["web-2"], CLOSED_BY_POLL) < CLOSED_BY_POLL
             assert await refused(hub, session, "/api/v1/agent", tokens["web-2"]) == 401
@@ -139,7 +139,7 @@ def test_a_revoked_host_is_disconnected_at_once_and_refused_until_given_a_new_to
             await sockets["db-1"].close()
 
     run(scenario())
-    listed = hub.cli("host", "list").stdout
+    listed = hub.call("host", "list").stdout
     assert "web-2\t" in listed and "token=revoked" in listed.split("web-2\t")[1].splitlines()[0], listed
     assert hub.state()["hosts"]["web-2"]["online"] is False, "a revoked host is offline, and still listed"
     assert [(actor, method) for actor, method, _ in host_events(hub, "web-1")] == [
@@ -176,12 +176,12 @@ def test_a_rotation_without_grace_ends_the_old_token_now_and_bad_requests_name_t
         (["admin", "rotate", "bob"], "rastos-hub: name: no admin named 'bob'"),
         (["admin", "remove", "bob"], "rastos-hub: name: no admin named 'bob'"),
     ):
-        result = hub.cli(*args)
+        result = hub.call(*args)
         assert result.returncode == 1 and result.stderr.startswith(expected), (args, result.stderr)
 
 
 def test_a_rotated_or_removed_admins_token_sessions_and_streams_stop_working(hub: Hub) -> None:
-    added = hub.cli("admin", "add", "bob")
+    added = hub.call("admin", "add", "bob")
     assert added.returncode == 0, added.stderr
     bob = added.stdout.strip().splitlines()[-1]
 
@@ -206,7 +206,7 @@ def test_a_rotated_or_removed_admins_token_sessions_and_streams_stop_working(hub
             cookie = await login(session, bob)
             by_token, by_cookie = await stream(session, token=bob), await stream(session, cookie=cookie)
             alices = await stream(session, token=hub.admin_token)
-            rotated = await asyncio.to_thread(hub.cli, "admin", "rotate", "bob")
+            rotated = await asyncio.to_thread(hub.call, "admin", "rotate", "bob")
             assert rotated.returncode == 0, rotated.stderr
             new = rotated.stdout.strip().splitlines()[-1]
             # The old token, and the session it opened, stop; so do the streams they opened.
@@ -223,7 +223,7 @@ def test_a_rotated_or_removed_admins_token_sessions_and_streams_stop_working(hub
             assert await closed_within(by_cookie, CLOSED_BY_POLL) < CLOSED_BY_POLL
             # Removed: the newest token stops, and its stream is closed.
             by_token = await stream(session, token=new)
-            removed = await asyncio.to_thread(hub.cli, "admin", "remove", "bob")
+            removed = await asyncio.to_thread(hub.call, "admin", "remove", "bob")
             assert removed.returncode == 0 and "admin bob removed" in removed.stdout, removed.stderr
             assert await closed_within(by_token, CLOSED_BY_POLL) < CLOSED_BY_POLL
             assert await status_of(session, token=new) == 401
@@ -233,7 +233,7 @@ def test_a_rotated_or_removed_admins_token_sessions_and_streams_stop_working(hub
             await alices.close()
 
     run(scenario())
-    assert [line.split("\t")[0] for line in hub.cli("admin", "list").stdout.splitlines()] == ["alice"]
+    assert [line.split("\t")[0] for line in hub.call("admin", "list").stdout.splitlines()] == ["alice"]
     logged = [(e["actor"], e["method"], e["detail"]) for e in hub.api("GET", "/api/v1/events?limit=20")]
     assert ("cli", "AdminTokenRotated", {"admin": "bob"}) in logged and (
         "cli",

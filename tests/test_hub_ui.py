@@ -216,7 +216,7 @@ def test_the_ui_offers_each_role_only_what_it_may_do(hub: Hub, browser: Browser,
     changed while it is open, and the hub refuses what a page sends anyway."""
     tokens = {"admin": hub.admin_token}
     for name, role in (("vera", "viewer"), ("otto", "operator")):
-        added = hub.cli("admin", "add", name, "--role", role)
+        added = hub.call("admin", "add", name, "--role", role)
         assert added.returncode == 0, added.stderr
         tokens[role] = added.stdout.strip().splitlines()[-1]
     generate_key(tmp_path / "key")
@@ -278,7 +278,7 @@ def test_the_ui_offers_each_role_only_what_it_may_do(hub: Hub, browser: Browser,
     assert refused == [403, {"error": "role: POST /api/v1/runs needs the role operator; vera has the role viewer",
                              "needed_role": "operator", "role": "viewer"}], refused  # fmt: skip
     # Made an operator while the page is open: it reconnects and offers runs and rollouts, unreloaded.
-    changed = hub.cli("admin", "set-role", "vera", "operator")
+    changed = hub.call("admin", "set-role", "vera", "operator")
     assert changed.returncode == 0, changed.stderr
     expect(page.locator("#who")).to_have_text("vera (operator)", timeout=10_000)
     offers(page, True, True, False)

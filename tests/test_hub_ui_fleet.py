@@ -112,7 +112,7 @@ def screenshots(page: Page, directory: Path, name: str) -> None:
 
 
 def test_runs_start_from_forms_made_from_the_ops_schemas(hub: Hub, browser: Browser, tmp_path: Path) -> None:
-    added = hub.cli("admin", "add", "otto", "--role", "operator")
+    added = hub.call("admin", "add", "otto", "--role", "operator")
     assert added.returncode == 0, added.stderr
     with agents(hub) as fleet:
         web1, web2, db1 = fleet.add("web-1", ["web"]), fleet.add("web-2", ["web"]), fleet.add("db-1", ["db"])

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.root
 
 
 def token(hub: Hub, name: str, role: str) -> str:
-    added = hub.cli("admin", "add", name, "--role", role)
+    added = hub.call("admin", "add", name, "--role", role)
     assert added.returncode == 0, added.stderr
     return added.stdout.strip().splitlines()[-1]
 
