@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -100,7 +101,9 @@ def test_rastosctl_stages_a_bundle_and_follows_it_to_its_end(updating: Rastosd, 
     assert staged.returncode == 0, staged
     assert staged.stdout.startswith("update 1 staged: version 2 boots next, on trial\n"), staged.stdout
     assert "entry:      rastos-update-2.conf (kernel /rastos/2)" in staged.stdout
-    assert staged.stderr.startswith("[verifying]"), "progress is followed (the signal test sees every phase)"
+    # Progress is read as it comes; a small bundle may be past verifying by the first read under load
+    # (the signal test sees every phase).
+    assert re.match(r"\[(verifying|receiving|reapplying|installing)\] ", staged.stderr), "progress is followed"
     document = json.loads(updating.ctl("--json", "update", "status").stdout)
     assert (document["state"], document["staged_version"], document["running_version"]) == ("staged", "2", "1")
     assert document["result"]["deployment"] == "@deployments/2"

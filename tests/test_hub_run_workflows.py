@@ -50,9 +50,9 @@ def test_a_refused_variable_is_named(chosen: dict[str, object], error: type[HubE
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"target": {"all": True}}, "steps: required (or a workflow)"),
+        ({"target": {"all": True}}, "steps: required (or a workflow, or compliance)"),
         ({"target": {"all": True}, "steps": [{"op": "motd"}], "workflow": {"name": "essential"}},
-         "workflow: a run has steps or a workflow, not both"),
+         "workflow: a run has one of steps, a workflow or compliance, not steps and workflow"),
         ({"target": {"all": True}, "workflow": {"name": "Essential"}}, "workflow.name: 'Essential' does not match"),
         ({"target": {"all": True}, "workflow": {"name": "essential", "vars": {}}}, "workflow: Additional properties"),
         ({"target": {"all": True}, "workflow": {"name": "essential", "variables": []}},
