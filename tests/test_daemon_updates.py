@@ -103,7 +103,7 @@ def test_rastosctl_stages_a_bundle_and_follows_it_to_its_end(updating: Rastosd, 
     assert "entry:      rastos-update-2.conf (kernel /rastos/2)" in staged.stdout
     # Progress is read as it comes; a small bundle may be past verifying by the first read under load
     # (the signal test sees every phase).
-    assert re.match(r"\[(verifying|receiving|reapplying|installing)\] ", staged.stderr), "progress is followed"
+    assert re.match(r"\[(verifying|receiving|reapplying|installing)\]", staged.stderr), "progress is followed"
     document = json.loads(updating.ctl("--json", "update", "status").stdout)
     assert (document["state"], document["staged_version"], document["running_version"]) == ("staged", "2", "1")
     assert document["result"]["deployment"] == "@deployments/2"
