@@ -14,8 +14,8 @@ key, only what will be made and why ("create CA", "SANs changed", "renew: expire
 host certificate is issued again, with a new key, when it does not chain to the CA (a CA made anew),
 its names differ from `hostnames`, or it expires within `renew_before_days`; the CA is made anew when
 it is missing, unreadable, named otherwise, or would expire before a certificate issued now. While
-none of that holds, the plan is empty. Services that read the certificate are not reloaded by this op:
-it does not know them.
+none of that holds, the plan is empty. Services that read the host certificate are not reloaded by
+this op: it does not know them.
 
 With `hub_names` (the DNS names and IP addresses agents reach the hub by; an address becomes an
 iPAddress entry, which is what a client that reaches the hub by address checks), the CA also issues
@@ -112,7 +112,8 @@ def normal_names(names: list[str]) -> list[str]:
 class CertsOp(Op):
     name = "certs"
     description = (
-        "A local CA and a host certificate it issues (renewed before it expires), the CA trusted by the system"
+        "A local CA and a host certificate it issues (renewed before it expires), the CA trusted by the system;"
+        " with hub_names, the fleet hub's certificate too"
     )
     after = ("hostname", "update")  # the names default to the host's; update-ca-certificates is a package's
     schema = (
@@ -183,9 +184,9 @@ class CertsOp(Op):
         if (problem := trust_problem(target, params)) is not None:
             problems.append(f"trust store: {problem}")
         if params["hub_names"]:
-            hub = hub_actions(target, ca, None, params, now)
-            problems += [f"hub: {change.subject}: {change.detail}" for change in map(Action.describe, hub)
-                         if not change.subject.startswith("unit ")]  # fmt: skip
+            owed = [action.describe() for action in hub_actions(target, ca, None, params, now)
+                    if not isinstance(action, FollowUp)]  # fmt: skip
+            problems += [f"hub: {change.subject}: {change.detail}" for change in owed]
         return problems
 
 
