@@ -2,9 +2,10 @@
 on SIGHUP, and the rule that plain HTTP, which carries every token in the clear, is served only on
 a loopback address unless `--insecure-listen` says so (a TLS proxy in front, on a network of its own).
 
-The certificate may be any a CA issued for the names agents reach the hub by; the certs op issues one
-from the host's own CA (/etc/ssl/certs/rastos-host.crt and /etc/ssl/private/rastos-host.key), and the
-agents are given that CA's certificate (/etc/rastos/ca/ca.crt) as `hub.ca`.
+The certificate may be any a CA issued for the names agents reach the hub by; the certs op's
+`hub_names` issues one from the host's own CA (/var/lib/rastos-hub/tls/hub.crt and hub.key, the
+hub's user's), and the agents are given that CA's certificate (/var/lib/rastos-hub/tls/ca.crt) as
+`hub.ca`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The certs op's X.509 work, apart from any target: reading a key and certificate pair, making a CA,
-issuing a host certificate, what a certificate says (its names, its issuer). cryptography is imported
+issuing a host certificate, what a certificate says (its names, its issuer). A name that is an IP
+address goes in a certificate as an iPAddress entry: a client reaching a host by its address checks
+that entry, never a DNS one. cryptography is imported
 at its first use, not at every start of the daemon (it is ~9 MB)."""
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,11 +71,27 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def sans(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate is for, in its order (an address as `ip_address`
+    writes it)."""
     try:
         extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
-    return list(extension.value.get_values_for_type(x509.DNSName))
+    kinds = (x509.DNSName, x509.IPAddress)
+    return [str(name.value) for name in extension.value if isinstance(name, kinds)]
+
+
+def ip_address(name: str) -> str | None:
+    """`name` as the one spelling of an IP address, or None when it is not one."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return None
+
+
+def general_name(name: str) -> x509.GeneralName:
+    address = ip_address(name)
+    return x509.IPAddress(ipaddress.ip_address(address)) if address is not None else x509.DNSName(name)
 
 
 def pem_bodies(text: str) -> list[str]:
@@ -121,7 +140,8 @@ def make_ca(name: str, now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateK
 def issue(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, names: tuple[str, ...], not_after: datetime.datetime
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A server (and client) certificate for `names`, signed by the CA; valid at most as long as it."""
+    """A server (and client) certificate for `names` (DNS names and IP addresses), signed by the CA;
+    valid at most as long as it."""
     key = new_key()
     now = datetime.datetime.now(datetime.UTC)
     first = names[0].removeprefix("*.")
@@ -137,7 +157,7 @@ def issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - SKEW)
         .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([general_name(name) for name in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage, critical=True)
         .add_extension(

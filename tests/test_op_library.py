@@ -57,6 +57,13 @@ CASES = [
         {"hostnames": ["Web_1"]},
         "params.hostnames[0]: 'Web_1' is not valid",
     ),
+    Case(
+        "certs",
+        {"hub_names": ["hub.example.org", "192.0.2.10"], "trust": False},
+        {"hub_names": ["hub.example.org", "192.0.2.300"]},
+        "params.hub_names[1]: '192.0.2.300' is not valid",
+        before=(("user", {"name": "rastos-hub"}),),  # the hub's user (units/hub/rastos-hub.sysusers)
+    ),
     Case("ssh", {"port": 2222}, {"port": 0}, "params.port: must be at least 1", before=(("user", ADMIN),)),
     Case(
         "network",
