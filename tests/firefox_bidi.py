@@ -208,14 +208,17 @@ class Page:
             time.sleep(0.05)
         return value
 
-    def _element(self, selector: str) -> dict[str, Any]:
-        """The element, scrolled into view: a pointer acts only where it can reach."""
-        found = self._call(
-            "(s) => { const e = document.querySelector(s); e?.scrollIntoView({block: 'center'}); return e; }",
-            (selector,),
-        )
-        if found["type"] != "node":
-            raise AssertionError(f"in Firefox, no element matches {selector}")
+    def _element(self, selector: str, timeout: float = 10) -> dict[str, Any]:
+        """The element once it is shown, scrolled into view: a pointer acts only where it can reach. Like
+        Playwright's actions, this waits for it (a form the page shows a moment later, say)."""
+        find = """(s) => { const e = document.querySelector(s);
+                           if (!e?.checkVisibility()) return null;
+                           e.scrollIntoView({block: "center"}); return e; }"""
+        deadline = time.monotonic() + timeout
+        while (found := self._call(find, (selector,)))["type"] != "node":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"in Firefox, no element shown matches {selector} after {timeout} s")
+            time.sleep(0.05)
         return {"type": "element", "element": {"sharedId": found["sharedId"]}}
 
     def click(self, selector: str) -> None:
