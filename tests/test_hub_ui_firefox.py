@@ -1,8 +1,8 @@
 """The hub's web UI in Debian's firefox-esr (headless, driven over WebDriver BiDi: tests/firefox_bidi.py)
 against a real hub with simulated agents: the fleet table follows an agent's facts live, a run started
-from the form its op's schema makes reaches both agents and its progress shows as they report it, and a
-host's page opens. The pages are saved under the test's tmp_path, on a desktop and on a phone, to look
-at for what only Firefox lays out wrong."""
+from the form its op's schema makes reaches both agents and its progress and output show as they report
+them, and a host's page opens. The pages are saved under the test's tmp_path, on a desktop and on a
+phone, to look at for what only Firefox lays out wrong."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from tests.firefox_bidi import Firefox, Page, firefox, installed
 from tests.hub_fixtures import Hub
 from tests.hub_fixtures import hub as hub
+from tests.test_hub_live_output import output
 from tests.test_hub_rollouts import eventually
 from tests.test_hub_ui import DESKTOP, PHONE
 from tests.test_hub_ui_fleet import agents
@@ -80,6 +81,11 @@ def test_the_fleet_a_run_and_a_host_page_work_in_firefox(hub: Hub, browser: Fire
         page.eventually(lambda: "motd on group web" in (page.text(run) or ""), "the run is listed")
         fleet.run(web1.status("running", 7))
         page.eventually(lambda: "job 7" in (page.text(f'{run} tr[data-host="web-1"]') or ""), "web-1's job shows")
+        # Its output, on the run's own stream (a second WebSocket), as the agent sends it.
+        fleet.run(web1.send(output(web1.commands[0]["id"], 0, 0, ["<b>not bold</b>", "line 1"])))
+        pane = f'{run} .output-step[data-step="0"] pre'
+        page.eventually(lambda: page.text(pane) == "<b>not bold</b>\nline 1\n", "web-1's output shows live")
+        screenshots(page, tmp_path, "run-output-live")
         create = {"subject": "/etc/motd", "action": "create", "detail": "+set from Firefox"}
         changed = {"op": "motd", "state": "changed", "changes": [create]}
         for agent in (web1, web2):
@@ -93,6 +99,7 @@ def test_the_fleet_a_run_and_a_host_page_work_in_firefox(hub: Hub, browser: Fire
         assert page.evaluate("() => document.getElementById('host-detail').getBoundingClientRect().height") > 0
         screenshots(page, tmp_path, "host")
         assert page.evaluate("() => window.notReloaded") is True, "nothing above needed a reload"
+        assert page.evaluate("() => document.querySelectorAll('#main b').length") == 0, "an agent's words are text"
         assert page.errors == [], page.errors
         # The page's stream was refused once, before the login (that is how the page learns it must
         # ask for one), and never cut after it.
