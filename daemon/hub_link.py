@@ -14,6 +14,11 @@ What it sends (messages in hub/protocol.py):
 Commands from the hub carry an id that the job records (a unique column): a command that arrives
 again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
 
+Several hubs: `hub.url` may name several processes of one hub (one database, docs/hub.md). The link
+connects to one at a time, starting with the first; a connection refused, unreachable or dropped
+moves it to the next, round the list, after the backoff it would have waited for the same hub, and the
+one that answered stays in use until it fails. All are ws:// or all wss://: one CA verifies each.
+
 TLS: a wss:// hub is verified against the CA file of `hub.ca` (daemon.toml, or the image profile's
 `[hub] ca`), or the system's store without one, TLS 1.2 at least; a bundle's download from the hub is
 verified the same way. A hub that fails the check (another CA, an expired certificate, another name)
