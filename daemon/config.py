@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rastos.errors import RastosError
+from rastos.hub_settings import HubUrlProblem, hub_urls
 
 DEFAULT_CONFIG = Path("/etc/rastos/daemon.toml")
 IMAGE_INFO = Path("/etc/rastos/image.json")
@@ -30,7 +31,8 @@ class DaemonConfig:
     booted_entry: str | None = None  # test seam: the entry systemd-boot selected (default: its EFI variable)
     critical_units: tuple[str, ...] = ()  # a boot with one of these failed is not good (health check)
     kernel_cmdline: str | None = None  # test seam: this boot's kernel command line (default: /proc/cmdline)
-    hub_url: str | None = None  # ws:// or wss:// URL of the hub's agent socket; None: no hub
+    # ws:// or wss:// URLs of the hub's agent socket, one per hub process, tried in order; (): no hub
+    hub_urls: tuple[str, ...] = ()
     hub_token_file: Path = Path("/etc/rastos/hub-token")  # this host's token (rastos-hub host add)
     hub_ca: Path | None = None  # the CA a wss:// hub's certificate must chain to; None: the system's store
     # Test seam: the scratch root's kernel and services are the ones beside the daemon (a test runs it
@@ -47,6 +49,11 @@ class DaemonConfig:
             return Path("/proc/cmdline").read_text()
         except OSError:
             return ""
+
+    @property
+    def hub_url(self) -> str | None:
+        """The first hub URL; None: no hub."""
+        return self.hub_urls[0] if self.hub_urls else None
 
     @property
     def snapshot_directory(self) -> Path:
@@ -71,7 +78,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "paths.state_dir": ("state_dir", Path),
     "paths.snapshots_dir": ("snapshots_dir", Path),
     "health.critical_units": ("critical_units", tuple),
-    "hub.url": ("hub_url", str),
+    "hub.url": ("hub_urls", list),
     "hub.token_file": ("hub_token_file", Path),
     "hub.ca": ("hub_ca", Path),
     "updates.directory": ("updates_dir", Path),
@@ -102,7 +109,12 @@ def parse_config(text: str, source: Path) -> DaemonConfig:
         if key not in _KEYS:
             raise RastosError(f"{source}: unknown key {key!r}", hint=f"known keys: {', '.join(_KEYS)}")
         field, kind = _KEYS[key]
-        if kind is tuple:
+        if kind is list:  # hub.url: one URL or a list of them
+            try:
+                value = hub_urls(value)
+            except HubUrlProblem as problem:
+                raise RastosError(f"{source}: {key}{problem.at} {problem.problem}") from None
+        elif kind is tuple:
             if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
                 raise RastosError(f"{source}: {key} must be a list of unit names, got {value!r}")
             value = tuple(value)
@@ -114,8 +126,6 @@ def parse_config(text: str, source: Path) -> DaemonConfig:
             raise RastosError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
         changes[field] = value
     config = replace(config, **changes)
-    if config.hub_url is not None and not config.hub_url.startswith(("ws://", "wss://")):
-        raise RastosError(f"{source}: hub.url must be a ws:// or wss:// URL, got {config.hub_url!r}")
     if config.hub_ca is not None and config.hub_url is not None and not config.hub_url.startswith("wss://"):
         raise RastosError(f"{source}: hub.ca needs a wss:// hub.url (TLS), got {config.hub_url!r}")
     if config.keep_pairs < 1 or not 1 <= config.boot_tries <= 9:

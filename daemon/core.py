@@ -188,7 +188,7 @@ class Daemon:
 
     def start_hub(self) -> None:
         """Connect to the hub the settings name, if any (on the event loop)."""
-        settings = load_settings(self.config.hub_url, self.config.hub_token_file, self.credentials,
+        settings = load_settings(self.config.hub_urls, self.config.hub_token_file, self.credentials,
                                  self.config.hub_ca)  # fmt: skip
         if settings is None:
             return
@@ -210,7 +210,7 @@ class Daemon:
             joined = await asyncio.to_thread(join, self.config, self.credentials, url, token, ca_pem)
             self.store.record(uid, "HubJoin", None, **joined.as_json())
             log.info("joined the hub at %s (token in %s)", url, joined.token_file)
-            self.config = replace(self.config, hub_url=url, hub_token_file=joined.token_file, hub_ca=joined.ca_file)
+            self.config = replace(self.config, hub_urls=(url,), hub_token_file=joined.token_file, hub_ca=joined.ca_file)
             await self.stop_hub()
             self.start_hub()
             return joined
@@ -221,7 +221,8 @@ class Daemon:
         reason = None
         if self.config.hub_url is not None:
             reason = "the hub's settings cannot be used (the token file cannot be read?): the journal says why"
-        return {"state": "off", "url": self.config.hub_url, "error": reason, "since": None}
+        return {"state": "off", "url": self.config.hub_url, "urls": list(self.config.hub_urls), "error": reason,
+                "since": None}  # fmt: skip
 
     @property
     def fallback(self) -> Fallback | None:

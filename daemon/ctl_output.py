@@ -123,6 +123,8 @@ def format_hub_status(status: dict[str, Any]) -> str:
                                        if since else ""),
         f"hub:   {status.get('url') or '-'}",
     ]  # fmt: skip
+    if len(urls := status.get("urls", [])) > 1:  # the hubs it fails over between, in the order tried
+        lines.append(f"hubs:  {', '.join(urls)}")
     if status.get("error"):
         lines.append(f"error: {status['error']}")
     return "\n".join(lines)

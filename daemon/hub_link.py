@@ -14,6 +14,11 @@ What it sends (messages in hub/protocol.py):
 Commands from the hub carry an id that the job records (a unique column): a command that arrives
 again, after a reconnect or a hub restart, is answered with its job's state and never run twice.
 
+Several hubs: `hub.url` may name several processes of one hub (one database, docs/hub.md). The link
+connects to one at a time, starting with the first; a connection refused, unreachable or dropped
+moves it to the next, round the list, after the backoff it would have waited for the same hub, and the
+one that answered stays in use until it fails. All are ws:// or all wss://: one CA verifies each.
+
 TLS: a wss:// hub is verified against the CA file of `hub.ca` (daemon.toml, or the image profile's
 `[hub] ca`), or the system's store without one, TLS 1.2 at least; a bundle's download from the hub is
 verified the same way. A hub that fails the check (another CA, an expired certificate, another name)
@@ -63,6 +68,7 @@ from ops import OPS
 from ops.steps import parse_steps
 from ops.target import Target
 from rastos import __version__
+from rastos.hub_settings import HubUrlProblem, hub_urls
 
 if TYPE_CHECKING:
     import aiohttp
@@ -99,10 +105,15 @@ UpdateCompleted = Callable[[int, bool, dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class HubSettings:
-    url: str
+    url: str  # the first hub
     token: str
     ca: Path | None = None  # the CA file a wss:// hub's certificate must chain to; None: the system's store
     token_file: Path | None = None  # read again before each connect; None: `token` (a credential) stays
+    others: tuple[str, ...] = ()  # more processes of the same hub (one database), tried after `url` in order
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.others)
 
     @property
     def verified_against(self) -> str:
@@ -164,6 +175,8 @@ class HubLink:
         self.settings = settings
         self.token = settings.token
         self.tls: ssl.SSLContext | None = None  # what the hub was verified with at the last connect
+        # The hub URL tried next, or connected to: the one that last worked stays until it fails.
+        self._at = 0
         self.connected = False
         self._closed_with = ""  # the hub's reason for its last close
         self._wake = asyncio.Event()
@@ -185,9 +198,16 @@ class HubLink:
         self.since = time.time()  # when the state last changed
         daemon.on_update_completed(self._update_completed)
 
+    @property
+    def url(self) -> str:
+        """The hub URL in use: connected to, or tried next."""
+        return self.settings.urls[self._at]
+
     def status(self) -> dict[str, Any]:
-        """What Hub.GetStatus tells: the state, the URL, the last failure and since when."""
-        return {"state": self.state, "url": self.settings.url, "error": self.error, "since": self.since}
+        """What Hub.GetStatus tells: the state, the URL in use and every one known, the last failure
+        and since when."""
+        return {"state": self.state, "url": self.url, "urls": list(self.settings.urls), "error": self.error,
+                "since": self.since}  # fmt: skip
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if (state, error) != (self.state, self.error):
@@ -226,11 +246,11 @@ class HubLink:
                 async with (
                     aiohttp.ClientSession() as session,
                     session.ws_connect(
-                        self.settings.url, headers={"Authorization": f"Bearer {self._current_token()}"},
+                        self.url, headers={"Authorization": f"Bearer {self._current_token()}"},
                         heartbeat=20.0, max_msg_size=1 << 20, ssl=self.tls or True,
                     ) as socket,
                 ):  # fmt: skip
-                    log.info("connected to the hub at %s", self.settings.url)
+                    log.info("connected to the hub at %s", self.url)
                     delay = BACKOFF_FIRST
                     self._closed_with = ""
                     await self._serve(socket)
@@ -250,16 +270,16 @@ class HubLink:
                 # A hub this host cannot trust: another CA, an expired certificate, another name.
                 problem = error.certificate_error
                 reason = getattr(problem, "verify_message", None) or str(problem)
-                self._set_state("untrusted", f"the hub at {self.settings.url} failed TLS verification against "
+                self._set_state("untrusted", f"the hub at {self.url} failed TLS verification against "
                                 f"{self.settings.verified_against}: {reason}")  # fmt: skip
                 log.error("%s", self.error)
                 delay = BACKOFF_MAX
             except aiohttp.ClientSSLError as error:  # no verification to speak of: a hub not speaking TLS, say
-                self._set_state("unreachable", f"TLS with the hub at {self.settings.url} failed: {error}")
+                self._set_state("unreachable", f"TLS with the hub at {self.url} failed: {error}")
                 log.error("%s", self.error)
                 delay = BACKOFF_MAX
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as error:
-                self._set_state("unreachable", f"hub at {self.settings.url} unreachable: "
+                self._set_state("unreachable", f"hub at {self.url} unreachable: "
                                 f"{error or type(error).__name__}")  # fmt: skip
                 log.warning("%s", self.error)
                 if no_route_yet(error):
@@ -270,9 +290,17 @@ class HubLink:
                 log.exception("the link to the hub failed")
             finally:
                 self.connected = False
+            self._next_hub()
             # Jitter keeps a fleet that lost its hub from coming back all in the same second.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, BACKOFF_MAX) if grow else delay
+
+    def _next_hub(self) -> None:
+        """After a failed or dropped connection, the next hub of the list (the same one if it is the
+        only one): the backoff's delay goes on growing across them until one answers."""
+        if len(self.settings.urls) > 1:
+            self._at = (self._at + 1) % len(self.settings.urls)
+            log.info("trying the next hub: %s", self.url)
 
     def _current_token(self) -> str:
         """The token file's token now (rotated on the hub, it may have been replaced); the one before
@@ -639,7 +667,7 @@ class HubLink:
     def hub_base(self) -> str:
         """The hub's http(s) base as this host reaches it: the agent URL without its /api/v1/agent
         (a hub behind a proxy under a path keeps that path), with http(s) for ws(s)."""
-        parts = urlsplit(self.settings.url)
+        parts = urlsplit(self.url)
         path = parts.path.rstrip("/").removesuffix(AGENT_PATH)
         return urlunsplit(("https" if parts.scheme == "wss" else "http", parts.netloc, path, "", ""))
 
@@ -671,17 +699,24 @@ CREDENTIAL_TOKEN = "rastos.hub.token"
 
 
 def load_settings(
-    url: str | None, token_file: Path, credentials: Path | None, ca: Path | None = None
+    urls: tuple[str, ...] | str | None, token_file: Path, credentials: Path | None, ca: Path | None = None
 ) -> HubSettings | None:
     """The link's settings, or None when no hub is configured or its token cannot be read (logged).
     Credentials given to the machine at boot (`rastos-image boot --credential`, or any systemd
-    credential source) come before /etc/rastos/daemon.toml and the token file."""
-    url = _credential(credentials, CREDENTIAL_URL) or url
-    if url is None:
+    credential source) come before /etc/rastos/daemon.toml and the token file. The credential
+    rastos.hub.url holds one URL or several separated by whitespace (a space, a newline)."""
+    given = _credential(credentials, CREDENTIAL_URL)
+    if given is not None:
+        words = given.split()
+        try:
+            urls = hub_urls(words if len(words) > 1 else given)
+        except HubUrlProblem as problem:
+            log.error("credential %s%s %s: not connecting", CREDENTIAL_URL, problem.at, problem.problem)
+            return None
+    urls = (urls,) if isinstance(urls, str) else urls
+    if not urls:
         return None
-    if not url.startswith(("ws://", "wss://")):
-        log.error("credential %s: must be a ws:// or wss:// URL, got %r: not connecting", CREDENTIAL_URL, url)
-        return None
+    url = urls[0]
     if ca is not None and not url.startswith("wss://"):
         log.warning("hub.ca is set but the hub's URL %s is not wss://: the hub is reached without TLS", url)
     token = _credential(credentials, CREDENTIAL_TOKEN)
@@ -695,7 +730,7 @@ def load_settings(
     if not token:
         log.error("hub.token_file: %s is empty: not connecting to the hub", token_file)
         return None
-    settings = HubSettings(url, token, ca, token_file if from_file else None)
+    settings = HubSettings(url, token, ca, token_file if from_file else None, urls[1:])
     try:
         settings.tls()
     except TlsSetupError as error:  # said now, at start; the link says it again at each try

@@ -6,6 +6,9 @@ writes them (`org.rastos.Daemon1.Hub.Join`) and by `rastos-hub host enrol` befor
 - the token: a bearer token (RFC 6750's b64token), never echoed in an error;
 - the CA: PEM certificates only (a private key is refused: it must not leave the hub), each valid now.
 
+And, for daemon.toml, an image profile and the credential rastos.hub.url, the hubs a host may connect
+to: one URL or several (`hub_urls`), several being the processes of one hub on one database.
+
 A problem is a `ValueError` whose text says what is wrong; the caller names the field.
 """
 
@@ -65,6 +68,42 @@ def agent_url(text: str) -> str:
     if parts.scheme in ("http", "https", "ws", "wss") and not path.endswith(AGENT_PATH):
         path += AGENT_PATH
     return check_agent_url(urlunsplit((scheme, parts.netloc, path, parts.query, parts.fragment)))
+
+
+class HubUrlProblem(ValueError):
+    """What is wrong with a hub URL setting; `at` is "[i]" for the i-th of a list, "" for one URL."""
+
+    def __init__(self, at: str, problem: str) -> None:
+        super().__init__(f"{at} {problem}" if at else problem)
+        self.at = at
+        self.problem = problem
+
+
+def hub_urls(value: object) -> tuple[str, ...]:
+    """The hubs a host may connect to, tried in order: one URL (a string) or several (a list), each
+    ws:// or wss://, all of one scheme (one hub.ca verifies every hub); HubUrlProblem naming the item.
+    A URL holds no whitespace: the credential rastos.hub.url separates several with it."""
+    if isinstance(value, list):
+        if not value:
+            raise HubUrlProblem("", "must name at least one hub: a URL or a list of URLs")
+        urls: tuple[object, ...] = tuple(value)
+    elif isinstance(value, str):
+        urls = (value,)
+    else:
+        raise HubUrlProblem("", f"must be a URL or a list of URLs, got {type(value).__name__}")
+    for index, url in enumerate(urls):
+        at = f"[{index}]" if isinstance(value, list) else ""
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")) or any(c.isspace() for c in url):
+            got = shown(url) if isinstance(url, str) else type(url).__name__
+            raise HubUrlProblem(at, f"must be a ws:// or wss:// URL, got {got}")
+        if url.count("://") > 1:  # "ws://a/api/v1/agent,ws://b/api/v1/agent", say
+            raise HubUrlProblem(at, "holds more than one URL: give several as a list (in the credential "
+                                "rastos.hub.url, separated by whitespace)")  # fmt: skip
+        first = str(urls[0]).split(":", 1)[0]
+        if url.split(":", 1)[0] != first:
+            raise HubUrlProblem(at, f"must start with {first}:// as [0] does: every hub is reached the same way "
+                                "(one hub.ca verifies them all)")  # fmt: skip
+    return tuple(str(url) for url in urls)
 
 
 def check_token(token: str) -> str:

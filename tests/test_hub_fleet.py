@@ -28,6 +28,8 @@ from tests.hub_fixtures import hub as hub
 
 pytestmark = pytest.mark.root
 
+HUB = "org.rastos.Daemon1.Hub"
+
 
 class Fleet:
     """Real agents, made on demand, all torn down at the end."""
@@ -40,15 +42,18 @@ class Fleet:
 
     def add(
         self, name: str, groups: list[str] = [], extra: list[str] = [], start: bool = True,  # noqa: B006
-        ca: Path | Literal["hub"] | None = "hub",
+        ca: Path | Literal["hub"] | None = "hub", hubs: list[Hub] | None = None,
     ) -> Rastosd:  # fmt: skip
         """A real agent of host `name`; with a TLS hub it verifies the hub against `ca`: by default the
-        hub's own CA, None for the system's store."""
+        hub's own CA, None for the system's store. `hubs`: the hub processes it knows, in order (by
+        default the fleet's hub only)."""
         token = self.hub.api("POST", "/api/v1/hosts", {"name": name, "groups": groups})["token"]
         home = self.directory / name
         home.mkdir(parents=True)
         (home / "token").write_text(token + "\n")
-        config = f'[hub]\nurl = "{self.hub.agent_url}"\ntoken_file = "{home / "token"}"\n'
+        urls = [each.agent_url for each in hubs or [self.hub]]
+        url = json.dumps(urls[0] if len(urls) == 1 else urls)  # a TOML string or list: one or several hubs
+        config = f'[hub]\nurl = {url}\ntoken_file = "{home / "token"}"\n'
         if ca == "hub":
             ca = self.hub.tls.ca if self.hub.tls else None
         if ca is not None:
@@ -76,6 +81,12 @@ def hub_jobs(daemon: Rastosd) -> list[tuple[int, str, str]]:
     with contextlib.closing(sqlite3.connect(daemon.state_dir / "state.db")) as db:
         rows = db.execute("SELECT id, hub_command, state FROM jobs WHERE hub_command IS NOT NULL ORDER BY id")
         return [(int(a), str(b), str(c)) for a, b, c in rows]
+
+
+def hub_status(daemon: Rastosd) -> dict[str, Any]:
+    """Hub.GetStatus: the link's state and the hub URL it uses."""
+    status: dict[str, Any] = json.loads(daemon.call(HUB, "GetStatus")[0])
+    return status
 
 
 def daemon_events(daemon: Rastosd) -> list[tuple[int, str]]:
@@ -161,8 +172,10 @@ def test_hub_killed_mid_run_and_agent_changed_while_it_was_away_converge_exactly
 def test_a_hub_of_two_killed_mid_run_its_agents_move_to_the_other_and_the_run_completes_exactly_once(
     tmp_path: Path,
 ) -> None:
-    """The twin of the test above with two hubs on one PostgreSQL database: hub a is killed, and the
-    agents, told of hub b only, go on there; b knows the run a started and which command a sent."""
+    """The twin of the test above with two hubs on one PostgreSQL database, each agent given both
+    hubs' URLs (hub.url as a list): hub a is killed, and the agents move to hub b by themselves, one
+    connected to a until then, two started after a is gone; b knows the run a started and which
+    command a sent, and a run started on b reaches them there."""
     require_root()
     with (
         postgresql_server() as cluster,
@@ -170,18 +183,16 @@ def test_a_hub_of_two_killed_mid_run_its_agents_move_to_the_other_and_the_run_co
         contextlib.ExitStack() as stack,
     ):
         fleet = Fleet(a, tmp_path / "agents", stack)
-        one, two = fleet.add("one"), fleet.add("two", start=False)
+        one, two = fleet.add("one", hubs=[a, b]), fleet.add("two", start=False, hubs=[a, b])
         a.wait_state(online("one"), "agent one online on hub a")
+        urls = [a.agent_url, b.agent_url]
+        assert hub_status(one) | {"since": 0} == {"state": "connected", "url": a.agent_url, "urls": urls,
+                                                  "error": None, "since": 0}, "the first hub of the list"  # fmt: skip
         steps = [{"op": "motd", "params": {"text": "exactly once"}}]
         run = a.api("POST", "/api/v1/runs", {"target": {"all": True}, "parallelism": 1, "steps": steps})
         b.wait_state(lambda s: any(c["state"] != "pending" for c in s["runs"][run["id"]]["commands"]), "one sent, on b")
         assert a.stop(signal.SIGKILL) == -signal.SIGKILL
-        for name, daemon in (("one", one), ("two", two)):
-            config = fleet.directory / name / "daemon.toml"
-            config.write_text(config.read_text().replace(a.agent_url, b.agent_url))
-            if daemon.process is not None:
-                daemon.stop()
-            daemon.start()
+        two.start()  # tries hub a first, refused, then b
 
         async def watch() -> None:
             async with UiClient(b) as ui:
@@ -192,6 +203,15 @@ def test_a_hub_of_two_killed_mid_run_its_agents_move_to_the_other_and_the_run_co
         for daemon in (one, two):
             assert len(hub_jobs(daemon)) == 1 and hub_jobs(daemon)[0][2] == "done", "each command ran exactly once"
             assert (daemon.scratch.root / "etc/motd").read_text() == "exactly once\n"
+            status = hub_status(daemon)
+            assert (status["state"], status["url"], status["urls"]) == ("connected", b.agent_url, urls), status
+        assert one.process is not None and one.process.poll() is None, "one moved without a restart"
+        steps = [{"op": "motd", "params": {"text": "from hub b"}}]
+        later = b.api("POST", "/api/v1/runs", {"target": {"all": True}, "steps": steps})
+        b.wait_state(lambda s: s["runs"][later["id"]]["state"] == "complete", "b's own run complete")
+        for daemon in (one, two):
+            assert [state for _, _, state in hub_jobs(daemon)] == ["done", "done"]
+            assert (daemon.scratch.root / "etc/motd").read_text() == "from hub b\n"
         for name, daemon in (("one", one), ("two", two)):
             deadline = time.monotonic() + 30
             while (delivered := hub_events(b, name)) != (expected := daemon_events(daemon)):

@@ -205,7 +205,7 @@ def test_bad_arguments_are_refused_naming_the_field_and_change_nothing(configure
     assert "ca_pem: holds a private key" in text
     assert etc(configured_rastosd) == before
     assert [e for e in configured_rastosd.call(MANAGER, "GetEventLog", "tu", "0", "100")[0] if e[3] == "HubJoin"] == []
-    assert hub_status(configured_rastosd) == {"state": "off", "url": None, "error": None, "since": None}
+    assert hub_status(configured_rastosd) == {"state": "off", "url": None, "urls": [], "error": None, "since": None}
 
 
 @pytest.mark.root

@@ -81,8 +81,9 @@ def _resolve_hub_ca(profile: Profile, origins: Origins) -> Profile:
     if not profile.hub.ca:
         return profile
     named_in = origins.of("hub.ca")
-    if not profile.hub.url.startswith("wss://"):
-        raise ProfileError(f"{named_in}: key 'hub.ca': needs a wss:// hub.url, got {profile.hub.url or 'none'}")
+    if not profile.hub.url or not profile.hub.url[0].startswith("wss://"):  # all are of one scheme
+        shown = ", ".join(profile.hub.url) or "none"
+        raise ProfileError(f"{named_in}: key 'hub.ca': needs a wss:// hub.url, got {shown}")
     path = (named_in.parent / profile.hub.ca).resolve()
     from cryptography import x509
 

@@ -19,6 +19,7 @@ from ops import get_op
 from ops.errors import InvalidParams
 from ops.params import check_param
 from rastos.bundle import VERSION
+from rastos.hub_settings import HubUrlProblem, hub_urls
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -387,14 +388,43 @@ HUB_CA_IN_IMAGE = "/etc/rastos/hub-ca.pem"
 _HUB_URL = re.compile(r"^wss?://[A-Za-z0-9.:\[\]-]+(:\d+)?(/[A-Za-z0-9._~/-]*)?$")
 
 
+def parse_hub_urls(value: object) -> tuple[str, ...]:
+    """hub.url: '' or [] (no hub), one URL, or a list of them (the processes of one hub, tried in order)."""
+    if value in ("", []):
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(url, str) for url in value):
+        return tuple(value)
+    raise ValueError("expected a URL or a list of URLs")
+
+
+def _check_hub_urls(urls: tuple[str, ...]) -> str | None:
+    def at(index: int) -> str:
+        return f"[{index}]" if len(urls) > 1 else ""
+
+    for index, url in enumerate(urls):
+        if not _HUB_URL.match(url):
+            raise KeyProblem(at(index), f"not a ws:// or wss:// URL: {url!r}")
+    if not urls:
+        return None
+    try:
+        hub_urls(list(urls))  # all of one scheme, as rastosd checks them
+    except HubUrlProblem as problem:
+        raise KeyProblem(problem.at if len(urls) > 1 else "", problem.problem) from None
+    return None
+
+
 @dataclass(frozen=True)
 class HubConfig:
-    url: str = field(
-        default="",
+    url: tuple[str, ...] = field(
+        default=(),
         metadata=_meta(
-            "ws:// or wss:// URL of the hub's agent socket ('' for none); the host's token is not baked in: "
-            "give it as the credential rastos.hub.token or in /etc/rastos/hub-token",
-            check=lambda v: None if v == "" or _HUB_URL.match(v) else f"not a ws:// or wss:// URL: {v!r}",
+            "ws:// or wss:// URL of the hub's agent socket ('' for none), or a list of them, one per process of "
+            "a hub on one database, all ws:// or all wss://: the host fails over between them in order; the "
+            "host's token is not baked in: give it as the credential rastos.hub.token or in /etc/rastos/hub-token",
+            parse=parse_hub_urls,
+            check=_check_hub_urls,
         ),
     )
     ca: str = field(

@@ -11,6 +11,7 @@ run there through bubblewrap.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -139,7 +140,9 @@ def write_daemon_config(root: Path, profile: Profile) -> None:
     credential at boot or in /etc/rastos."""
     if not profile.hub.url:
         return
-    body = f'[hub]\nurl = "{profile.hub.url}"\n'
+    urls = profile.hub.url
+    # One URL as before; several as a TOML list (json.dumps of a list of plain URLs is one).
+    body = f"[hub]\nurl = {json.dumps(urls[0]) if len(urls) == 1 else json.dumps(list(urls))}\n"
     if profile.hub.ca:
         write_file(root / HUB_CA_IN_IMAGE.lstrip("/"), Path(profile.hub.ca).read_text())
         body += f'ca = "{HUB_CA_IN_IMAGE}"\n'
