@@ -193,6 +193,7 @@ def test_the_hosts_table_shows_image_boot_state_and_the_last_change_by_whom(
             return page.locator(f'#hosts tr[data-host="{host}"] td').nth(column)
 
         expect(cell("web-1", 3).locator(".badge")).to_have_text("on trial")
+        expect(page.locator('#glance [data-glance="trial"]')).to_have_text("1 pending confirmation")
         expect(cell("web-2", 3).locator(".badge")).to_have_text("fell back")
         expect(cell("db-1", 3).locator(".badge")).to_have_text("healthy")
         expect(cell("db-1", 3)).to_have_text("healthy deployment @")

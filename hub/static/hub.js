@@ -173,6 +173,8 @@ const GLANCE = [
   ["offline", "offline", (host) => host.online !== true],
   ["healthy", "healthy", (host) => host.health === "good"],
   ["fallback", "in fallback", (host) => obj(obj(host.facts).boot_state).kind === "fallback"],
+  // A new deployment or rollback booted on trial: it falls back by itself unless its boot is confirmed good.
+  ["trial", "pending confirmation", (host) => host.boot_status === "on trial"],
   ["failed-run", "failed last run", (host, last) => FAILED_COMMANDS.includes(text(obj(last.get(text(host.name))).state))],
 ];
 
