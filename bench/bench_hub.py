@@ -54,6 +54,7 @@ from tests.hub_fixtures import Hub, postgresql_server
 
 GOAL_AGENTS = 5000
 GOAL_P99_MS = 1000.0
+START_TIMEOUT = 600.0  # seconds: a hub reads every host's recent events at its start (over 30 s for 10,000)
 WAVE = 200  # agents connecting at once, as a fleet after a hub restart would
 SETUPS = {"sqlite": ("sqlite", 1), "pg1": ("postgresql", 1), "pg2": ("postgresql", 2)}
 
@@ -289,7 +290,9 @@ class Setup:
     def serving(self) -> Iterator[list[Hub]]:
         try:
             for hub in self.hubs:
-                hub.start()
+                started = time.monotonic()
+                hub.start(timeout=START_TIMEOUT)
+                print(f"  {self.name} {hub.directory.name} answered {time.monotonic() - started:.1f}s after its start")
             yield self.hubs
         finally:
             for hub in self.hubs:
