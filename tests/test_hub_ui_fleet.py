@@ -268,8 +268,9 @@ def test_the_fleet_at_a_glance_counts_sorts_and_filters_live_whatever_agents_rep
 
         # The counts: web-3 never came online; evil's health is whatever its agent said.
         glance = page.locator("#glance li")
-        expect(glance).to_have_text(["4 online", "1 offline", "2 healthy", "1 in fallback", "0 pending confirmation",
-                                     "1 failed last run"])
+        expect(glance).to_have_text(
+            ["4 online", "1 offline", "2 healthy", "1 in fallback", "0 pending confirmation", "1 failed last run"]
+        )
         expect(hosts).to_have_count(5)
         assert shown() == ["db-1", "evil", "web-1", "web-2", "web-3"], "by name at first"
 
@@ -277,8 +278,9 @@ def test_the_fleet_at_a_glance_counts_sorts_and_filters_live_whatever_agents_rep
         offline = page.locator('#glance [data-glance="offline"] button')
         offline.focus()
         fleet.run(web1.disconnect())
-        expect(glance).to_have_text(["3 online", "2 offline", "1 healthy", "1 in fallback", "0 pending confirmation",
-                                     "1 failed last run"])
+        expect(glance).to_have_text(
+            ["3 online", "2 offline", "1 healthy", "1 in fallback", "0 pending confirmation", "1 failed last run"]
+        )
         expect(offline).to_be_focused()
 
         # Sorted by a click on a column's header, the other way by a second; by the keyboard too.
