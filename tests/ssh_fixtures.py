@@ -161,6 +161,16 @@ def silent_listener() -> Iterator[int]:
         yield port
 
 
+# Sockets bound for closed_port(), kept until the test process ends.
+_HELD_PORTS: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    """A port nothing listens on: connections to it are refused."""
-    return free_port()
+    """A port nothing listens on: connections to it are refused. It stays bound (never listening) for
+    the rest of the run: a port only probed free could meanwhile become a listener's, or the source
+    port the kernel picks for a connection on loopback, which then connects to itself."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(held)
+    port: int = held.getsockname()[1]
+    return port
