@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,13 +181,22 @@ def test_a_connection_lost_during_a_command_is_named(
             argv = [*CTL, "-H", server.destination(), "apply", "motd", "text=cut"]
             with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=CHECKOUT,
                                   env=client.env(), start_new_session=True) as following:  # fmt: skip
+                # The step's progress crosses the bridge after the daemon reaches its failpoint, so the
+                # connection is cut only once rastosctl has printed it: the client's own view, read as it comes.
+                lines: list[str] = []
+                reader = threading.Thread(target=lambda: lines.extend(iter(following.stderr.readline, "")))  # type: ignore[union-attr]
+                reader.start()
                 deadline = time.monotonic() + 30
-                while "rastos failpoint snapshot-written reached" not in daemon.log_text():
-                    assert time.monotonic() < deadline, daemon.log_text()
+                while "rastos failpoint snapshot-written reached" not in daemon.log_text() or not any(
+                    "step 1/1: motd" in line for line in lines
+                ):
+                    assert time.monotonic() < deadline, (daemon.log_text(), lines)
                     time.sleep(0.05)
                 for session in children(server.process.pid):  # sshd's process for this connection
                     os.kill(session, signal.SIGTERM)
-                _, stderr = following.communicate(timeout=30)
+                following.wait(timeout=30)
+                reader.join(timeout=30)
+                stderr = "".join(lines)
         assert following.returncode == 1, stderr
         assert "[  0%] step 1/1: motd" in stderr, "it was following the job"
         assert f"\nrastosctl: {server.destination()}: the connection was lost during the command" in stderr
