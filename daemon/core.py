@@ -249,9 +249,9 @@ class Daemon:
         between two steps, updates a good boot lets go, follow-ups owed by jobs, pending
         confirmations' timers, and the report of a fallback. Off the event loop: these touch the disk
         and the ESP, and the loop meanwhile answers what need not wait for them."""
-        # Whether this boot fell back is read before the repairs, which may rewrite the entries it is
-        # read from; a BootState read before then reads it itself, from the same entries.
-        await asyncio.to_thread(lambda: self.fallback)
+        # Whether this boot fell back, and which update boots next, are read before the repairs, which
+        # may rewrite the entries they are read from; a BootState read before then reads it itself.
+        await asyncio.to_thread(lambda: (self.fallback, self.updates.staged_version))
         self.store.record_boot(self.boot_id, self.root_subvolume, await asyncio.to_thread(self.boot_report))
         await asyncio.to_thread(self.reconcile)
         if (await asyncio.to_thread(self.boot_state)).health == "good":  # restarted on a boot known good

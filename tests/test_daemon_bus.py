@@ -515,6 +515,52 @@ def test_the_op_modules_load_at_the_first_call_that_needs_them_not_at_start(
         assert daemon.stop() == 0
 
 
+# Loaded into rastosd through sitecustomize: every read of the ESP (a listing or an open under it) waits
+# until the test lets it go, as a read of an ESP automount waits for its device at boot.
+SLOW_ESP_HOOK = """
+import os, sys, time
+esp, touched, release = os.environ["SLOW_ESP"], os.environ["SLOW_ESP_TOUCHED"], os.environ["SLOW_ESP_RELEASE"]
+def hook(event, args):
+    if event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, os.PathLike)):
+        path = os.fspath(args[0])
+        if (path == esp or path.startswith(esp + "/")) and not os.path.exists(release):
+            os.close(os.open(touched, os.O_CREAT | os.O_WRONLY))
+            while not os.path.exists(release):
+                time.sleep(0.02)
+sys.addaudithook(hook)
+"""
+
+
+def test_rastosd_answers_on_the_bus_before_it_reads_the_esp(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    """At boot the ESP is an automount whose device udev announces late: rastosd takes its name and
+    answers reads first, and what needs the ESP (the fallback, the staged update, READY=1) follows."""
+    bus, scratch, state_dir = daemon_env
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(SLOW_ESP_HOOK)
+    touched, release = tmp_path / "esp-touched", tmp_path / "esp-release"
+    env = {"SLOW_ESP": str(scratch.esp), "SLOW_ESP_TOUCHED": str(touched), "SLOW_ESP_RELEASE": str(release)}
+    daemon = Rastosd(bus, scratch, state_dir, env=env, wrapper=["env", f"PYTHONPATH={hook_dir}:{CHECKOUT}"])
+    starting = threading.Thread(target=daemon.start)
+    starting.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not touched.exists():
+            assert time.monotonic() < deadline, f"rastosd never read the ESP:\n{daemon.log_text()}"
+            time.sleep(0.05)
+        assert daemon.call(MANAGER, "ListJobs") == [[]], "a read is answered while the ESP is not there"
+        assert starting.is_alive(), "no READY=1 before the ESP was read"
+    finally:
+        release.touch()
+        starting.join(60)
+    assert daemon.process is not None and daemon.process.poll() is None
+    status = json.loads(daemon.call(UPDATES, "GetStatus")[0])
+    assert status["staged_version"] == ""
+    assert daemon.stop() == 0
+
+
 def slow_pipeline(count: int) -> str:
     """Steps that each run useradd: slow enough to act on a job while it runs."""
     return json.dumps([{"op": "user", "params": {"name": f"slow{n}"}} for n in range(count)])

@@ -93,7 +93,7 @@ class Updates:
         self.on_progress: list[ProgressListener] = []
         self.progress: Progress = ("idle", 0, 0)
         self.running_version = image_version(config.root)
-        self.staged_version = self._staged_from_entries()
+        self._staged_version: str | None = None  # read from the ESP when first asked (staged_version)
         self._lock = threading.Lock()
         # Held while a staging or retention changes subvolumes and entries: never both at once.
         self._disk = threading.Lock()
@@ -397,6 +397,19 @@ class Updates:
     def _last_result(self) -> dict[str, Any] | None:
         last = self.store.last_update()
         return None if last is None else (last.result or {"id": last.id, "source": last.source})
+
+    @property
+    def staged_version(self) -> str:
+        """The version that boots next, if one was staged. Read from the ESP's entries when first asked,
+        not when rastosd starts: the ESP is an automount whose device may not be there yet, and rastosd
+        takes its bus name before it waits for anything that slow (Daemon.settle reads it)."""
+        if self._staged_version is None:
+            self._staged_version = self._staged_from_entries()
+        return self._staged_version
+
+    @staged_version.setter
+    def staged_version(self, version: str) -> None:
+        self._staged_version = version
 
     def _staged_from_entries(self) -> str:
         """The version whose entry boots next, if one was staged and not booted yet."""
