@@ -65,6 +65,7 @@ from daemon.jobs import FINAL_STATES, Job, JobManager, check_flags
 from daemon.snapshots import Snapshots
 from daemon.store import StateStore
 from ops import OPS
+from ops.params import json_type
 from ops.steps import parse_steps
 from ops.target import Target
 from rastos import __version__
@@ -461,10 +462,7 @@ class HubLink:
             return
         try:
             steps = parse_steps(self.daemon.target, json.dumps(command.get("steps")))
-            flags = command.get("flags", 0)
-            if not isinstance(flags, int):
-                raise TypeError("flags: must be an integer")
-            check_flags(flags)
+            flags = command_flags(command)
         except (DaemonError, TypeError) as error:
             log.warning("refused hub command %s: %s", command_id, error)
             self._report(command_id, "rejected", None, {"error": str(error)})
@@ -494,10 +492,7 @@ class HubLink:
 
         try:
             request = parse_request(command)
-            flags = command.get("flags", 0)
-            if not isinstance(flags, int) or isinstance(flags, bool):
-                raise TypeError("flags: must be an integer")
-            check_flags(flags)
+            flags = command_flags(command)
         except (DaemonError, TypeError) as error:
             log.warning("refused hub compliance command %s: %s", command_id, error)
             self._report(command_id, "rejected", None, {"error": str(error)})
@@ -692,6 +687,16 @@ class HubLink:
         self._updates[update_id] = status
         self._outgoing.put_nowait(status)
         self.wake()
+
+
+def command_flags(command: dict[str, Any]) -> int:
+    """A hub command's job flags (dry run, no snapshot, restore), as Apply's: an integer of known bits.
+    JSON's true is an int to Python, and would be taken as dry run: refused like any other non-integer."""
+    flags = command.get("flags", 0)
+    if not isinstance(flags, int) or isinstance(flags, bool):
+        raise TypeError(f"flags: must be an integer, got {json_type(flags)}")
+    check_flags(flags)
+    return flags
 
 
 CREDENTIAL_URL = "rastos.hub.url"  # systemd credentials (ImportCredential=rastos.hub.* in rastosd.service)

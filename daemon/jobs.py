@@ -57,6 +57,8 @@ MAX_JOB_OUTPUT = 512 * 1024  # characters of output kept for a whole job: GetJob
 
 
 def check_flags(flags: int) -> None:
+    if flags < 0:  # from a hub's JSON: D-Bus carries them unsigned
+        raise InvalidParams("flags", f"must not be negative, got {flags}")
     if flags & ~KNOWN_FLAGS:
         raise InvalidParams(
             "flags", f"unknown bits {flags & ~KNOWN_FLAGS:#x}; known: dry-run 1, no-snapshot 2, restore 4"

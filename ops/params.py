@@ -189,7 +189,7 @@ def shown(value: str, quote: bool = True) -> str:
 
 def validate(schema: Schema, value: object, where: str = "params") -> Params:
     if not isinstance(value, Mapping):
-        raise InvalidParams(where, f"must be a JSON object, got {_json_type(value)}")
+        raise InvalidParams(where, f"must be a JSON object, got {json_type(value)}")
     known = {param.name: param for param in schema}
     for key in value:
         if key not in known:
@@ -220,7 +220,7 @@ def _check_value(param: Param, value: object, field: str) -> Any:
         return _check_string(param, value, field, param.pattern)
     if param.kind is Kind.INTEGER:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidParams(field, f"must be an integer, got {_json_type(value)}")
+            raise InvalidParams(field, f"must be an integer, got {json_type(value)}")
         if param.minimum is not None and value < param.minimum:
             raise InvalidParams(field, f"must be at least {param.minimum}, got {value}")
         if param.maximum is not None and value > param.maximum:
@@ -228,16 +228,16 @@ def _check_value(param: Param, value: object, field: str) -> Any:
         checked: Any = value
     elif param.kind is Kind.BOOLEAN:
         if not isinstance(value, bool):
-            raise InvalidParams(field, f"must be true or false, got {_json_type(value)}")
+            raise InvalidParams(field, f"must be true or false, got {json_type(value)}")
         checked = value
     elif param.kind is Kind.STRING_LIST:
         if not isinstance(value, list):
-            raise InvalidParams(field, f"must be a list of strings, got {_json_type(value)}")
+            raise InvalidParams(field, f"must be a list of strings, got {json_type(value)}")
         _check_items(param, value, field)
         checked = [_check_string(param, item, f"{field}[{i}]", param.pattern) for i, item in enumerate(value)]
     else:
         if not isinstance(value, Mapping):
-            raise InvalidParams(field, f"must be an object of strings, got {_json_type(value)}")
+            raise InvalidParams(field, f"must be an object of strings, got {json_type(value)}")
         _check_items(param, value, field)
         checked = {}
         for key, item in value.items():
@@ -257,7 +257,7 @@ def _check_items(param: Param, value: list[Any] | Mapping[Any, Any], field: str)
 
 def _check_string(param: Param, value: object, field: str, pattern: str | None) -> str:
     if not isinstance(value, str):
-        raise InvalidParams(field, f"must be a string, got {_json_type(value)}")
+        raise InvalidParams(field, f"must be a string, got {json_type(value)}")
     if "\0" in value:
         raise InvalidParams(field, "must not contain a NUL character")
     if len(value) > param.string_length:
@@ -272,7 +272,7 @@ def _check_string(param: Param, value: object, field: str, pattern: str | None) 
     return value
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
