@@ -18,6 +18,7 @@ from daemon.config import DaemonConfig
 from daemon.core import Daemon
 from ops import OP_CLASSES
 from rastos import __version__
+from rastos.sdnotify import notify, watchdog
 
 log = logging.getLogger("rastosd")
 
@@ -44,7 +45,7 @@ async def serve(config: DaemonConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    watchdog = asyncio.create_task(_watchdog())
+    pings = asyncio.create_task(watchdog())
     log.info("rastosd %s serving %s (root %s)", __version__, BUS_NAME, config.root)
     # On the bus before the start's repairs: reads are answered meanwhile, and what changes the host or
     # shows its snapshots and updates waits for them (daemon.settled). systemd counts rastosd started,
@@ -53,34 +54,13 @@ async def serve(config: DaemonConfig) -> None:
     worker = asyncio.create_task(daemon.jobs.run_forever())
     daemon.start_hub()
     snapshots = "on" if daemon.snapshots else "off"
-    _notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OP_CLASSES)} ops; snapshots {snapshots}")
+    notify(f"READY=1\nSTATUS=serving {BUS_NAME}; {len(OP_CLASSES)} ops; snapshots {snapshots}")
     await stop.wait()
-    _notify("STOPPING=1")
+    notify("STOPPING=1")
     log.info("stopping")
     await daemon.jobs.shutdown(STOP_TIMEOUT)
     await asyncio.to_thread(daemon.updates.shutdown, UPDATE_STOP_TIMEOUT)
-    watchdog.cancel()
+    pings.cancel()
     worker.cancel()
     await daemon.stop_hub()
     daemon.store.close()
-
-
-async def _watchdog() -> None:
-    """Ping systemd's watchdog from the event loop: a loop that hangs stops the pings."""
-    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-    if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
-        return
-    while True:
-        _notify("WATCHDOG=1")
-        await asyncio.sleep(usec / 2 / 1_000_000)
-
-
-def _notify(message: str) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    from systemd import daemon as systemd_daemon
-
-    try:
-        systemd_daemon.notify(message)
-    except OSError as error:  # the manager went away; serving matters more than telling it
-        log.debug("sd_notify %r failed: %s", message.split("=")[0], error)

@@ -31,6 +31,7 @@ from yarl import URL
 from hub.edge import TRUST
 from hub.tls import TlsFiles
 from rastos.errors import RastosError
+from rastos.sdnotify import notify, watchdog
 
 log = logging.getLogger("rastos-hub.guard")
 
@@ -269,7 +270,13 @@ async def serve(app: web.Application, host: str, port: int, tls: TlsFiles | None
         site = GuardedSite(runner, host, port, guard, context)
         await site.start()
         log.info("serving on %s (open-file limit %d, at most %d connections)", site.name, limit, guard.max_connections)
+        # Ready for systemd (Type=notify) once the port takes connections; pinged from this loop, so a
+        # hub whose loop hangs, holding the fleet's dispatch lock perhaps, is killed and its lock freed.
+        notify(f"READY=1\nSTATUS=serving on {site.name}")
+        pings = asyncio.create_task(watchdog())
         await stop.wait()
+        notify("STOPPING=1")
+        pings.cancel()
     finally:
         await runner.cleanup()
 
