@@ -166,6 +166,7 @@ class Fleet:
         self.cursors: dict[str, int] = {}
         self._report_locks: dict[str, asyncio.Lock] = {}  # one host's reports in order, even over two links
         self._closing: set[asyncio.Future[Any]] = set()
+        self._sharing: asyncio.Future[None] | None = None  # the turn of the lock that will share the outbox
         self.rollouts = Rollouts(self, RolloutStore(store), images)
         self.live = LiveOutput()
         self._output_commands: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # in flight, with output
@@ -279,17 +280,20 @@ class Fleet:
     # The other hub processes on the database (hub/bus.py)
 
     def share(self, body: dict[str, Any]) -> None:
-        """Tell the other hubs, when the lock is let go: at once if this hub does not hold it."""
+        """Tell the other hubs, when the lock is let go: at once if this hub does not hold it. One turn
+        of the lock at a time carries all that was shared meanwhile (step output comes as often as
+        four frames a second from each agent)."""
         self._outbox.append(body)
-        if not self.lock.held:
-            task = asyncio.ensure_future(self._share_soon())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        if not self.lock.held and (self._sharing is None or self._sharing.done()):
+            self._sharing = asyncio.ensure_future(self._share_soon())
+            self._closing.add(self._sharing)
+            self._sharing.add_done_callback(self._closing.discard)
 
     async def _share_soon(self) -> None:
         try:
-            async with self.lock:
-                pass
+            while self._outbox:  # what came while the lock was let go goes at the next turn
+                async with self.lock:
+                    pass
         except Exception:  # the database away: the next lock taken writes them
             log.exception("could not take the hubs' lock to tell the others of a change")
 
@@ -335,6 +339,10 @@ class Fleet:
             self._publish_here(body["change"])
         elif kind == "link":
             self._apply_link(host, body["hub"], body.get("connected", 0.0))
+        elif kind == "output":  # kept as this hub keeps its own agents' lines, bounded the same way
+            run = body["run"]
+            if self.live.add(run, host, body["command"], body["step"], body["first"], body["lines"], body["sent"]):
+                self.live.wake(run)
         elif kind == "hello":  # a hub started: it learns this one's agents, and their hosts as shown here
             for name, local in self.agents.items():
                 if isinstance(local, AgentLink) and name in self.hosts:
@@ -357,7 +365,11 @@ class Fleet:
             if (link := self.agents.pop(change["name"], None)) is not None and isinstance(link, AgentLink):
                 self._close_later(link)
         elif kind == "run":
-            self.runs[change["run"]["id"]] = change["run"]
+            run = change["run"]
+            if run["state"] != "running" and self.runs.get(run["id"], {}).get("state") == "running":
+                # Ended on another hub: its lines here go as that hub's go, once followers had them.
+                asyncio.get_running_loop().call_later(OUTPUT_LINGER, self.live.forget, run["id"])
+            self.runs[run["id"]] = run
         elif kind == "run_removed":
             self.runs.pop(change["id"], None)
         elif kind == "event":
@@ -678,6 +690,9 @@ class Fleet:
         lines = frame.lines[:allowed]
         if self.live.add(run["id"], name, command["id"], frame.step, frame.first, lines, len(frame.lines)):
             self.live.wake(run["id"])
+            if self.bus is not None:  # the run's followers on the other hubs see it live too
+                where = {"run": run["id"], "host": name, "command": command["id"], "step": frame.step}
+                self.share({"kind": "output", **where, "first": frame.first, "lines": lines, "sent": len(frame.lines)})
         return True
 
     # Rollouts (hub/rollouts.py): every step under the lock, as dispatch is

@@ -208,6 +208,48 @@ def test_runs_cancels_and_actions_reach_agents_on_another_hub_and_every_ui_sees_
     asyncio.run(scenario())
 
 
+def test_step_output_of_an_agent_on_one_hub_reaches_a_runs_followers_on_another(hubs: tuple[Hub, Hub]) -> None:
+    """Lines a step prints go from the agent's hub to the others (through the bus) and to the run's
+    followers there, live, once each, and a follower who comes late there is sent what was kept."""
+    a, b = hubs
+    two = add_agent(a, "two", [b])
+    two.hold = True
+    headers = {"Authorization": f"Bearer {a.admin_token}"}
+
+    def stream(hub: Hub, run_id: str) -> str:
+        return hub.url.replace("http", "ws", 1) + f"/api/v1/runs/{run_id}/stream"
+
+    async def next_output(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+        while (message := await ws.receive_json(timeout=10))["type"] != "output":
+            pass
+        return dict(message)
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as session, UiClient(a) as ui_a:
+            two.start(session)
+            await ui_a.until(lambda s: s["hosts"]["two"]["online"], "two online, on hub b")
+            body = {"target": {"hosts": ["two"]}, "steps": [{"op": "motd", "params": {"text": "x"}}]}
+            run = await asyncio.to_thread(a.api, "POST", "/api/v1/runs", body)
+            command = run["commands"][0]["id"]
+            await ui_a.until(lambda s: run_of(s, run)["commands"][0]["state"] == "running", "two running it")
+            async with session.ws_connect(stream(a, run["id"]), headers=headers) as on_a:
+                assert (await on_a.receive_json(timeout=10))["type"] == "run"
+                assert two._socket is not None and two.connected_to is b
+                chunk = {"command": command, "step": 0, "first": 0, "lines": ["from hub b", "<b>two</b>"]}
+                await two._socket.send_json({"type": "output", **chunk})
+                assert await next_output(on_a) == {"type": "output", "host": "two", **chunk}
+                await two._socket.send_json({"type": "output", **chunk, "lines": [*chunk["lines"], "third"]})
+                assert (await next_output(on_a))["lines"] == ["third"], "a repeat's lines not said twice"
+                async with session.ws_connect(stream(a, run["id"]), headers=headers) as late:
+                    assert (await late.receive_json(timeout=10))["type"] == "run"
+                    assert (await next_output(late))["lines"] == ["from hub b", "<b>two</b>", "third"]
+            await two.release()
+            await ui_a.until(lambda s: run_of(s, run)["state"] == "complete", "the run complete")
+            await two.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_rollout_started_on_one_hub_updates_a_host_connected_to_another(
     hubs: tuple[Hub, Hub], tmp_path: Path
 ) -> None:
