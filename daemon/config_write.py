@@ -23,7 +23,7 @@ ANY_HEADER = re.compile(r"^\s*\[")
 REWRITTEN = "# Written by rastosd (Hub.Join): the settings of the file before, without its comments.\n"
 
 
-def with_hub_keys(text: str, source: Path, changes: Mapping[str, str | None]) -> str:
+def with_hub_keys(text: str, source: Path, changes: Mapping[str, str | list[str] | None]) -> str:
     """`text` (the file `source`) with each [hub] key of `changes` set to its value, or removed for
     None. The text must be a valid configuration already (RastosError naming the key otherwise)."""
     parse_config(text, source)
@@ -49,7 +49,7 @@ def _reads_as(text: str, wanted: dict[str, Any]) -> bool:
         return False
 
 
-def _edit_lines(text: str, changes: Mapping[str, str | None]) -> str:
+def _edit_lines(text: str, changes: Mapping[str, str | list[str] | None]) -> str:
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"

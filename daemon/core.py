@@ -209,8 +209,9 @@ class Daemon:
         async with self._join_lock:
             joined = await asyncio.to_thread(join, self.config, self.credentials, url, token, ca_pem)
             self.store.record(uid, "HubJoin", None, **joined.as_json())
-            log.info("joined the hub at %s (token in %s)", url, joined.token_file)
-            self.config = replace(self.config, hub_urls=(url,), hub_token_file=joined.token_file, hub_ca=joined.ca_file)
+            log.info("joined the hub at %s (token in %s)", joined.url, joined.token_file)
+            self.config = replace(self.config, hub_urls=tuple(joined.url.split()), hub_token_file=joined.token_file,
+                                  hub_ca=joined.ca_file)  # fmt: skip
             await self.stop_hub()
             self.start_hub()
             return joined

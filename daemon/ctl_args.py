@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     join = hub_commands.add_parser(
         "join", help="connect to the hub at --url with the token read from standard input (never an argument)"
     )
-    join.add_argument("--url", required=True, help="the hub as this host reaches it: ws(s)://HUB[:PORT]/api/v1/agent, "
-                      "or its http(s):// base")  # fmt: skip
+    join.add_argument("--url", required=True, action="append", help="the hub as this host reaches it: "
+                      "ws(s)://HUB[:PORT]/api/v1/agent, or its http(s):// base; again for each hub of several "
+                      "on one database, tried in that order")  # fmt: skip
     join.add_argument("--ca", type=Path, metavar="FILE", help="PEM certificate(s) a wss:// hub is verified with "
                       "(read here, installed there as hub-ca.pem beside daemon.toml)")  # fmt: skip
     for command in (join, hub_commands.add_parser("status", help="whether the link is connected, and if not, why")):

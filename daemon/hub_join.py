@@ -23,7 +23,7 @@ from daemon.errors import DaemonError, HubCredentials, InvalidParams
 from daemon.hub_link import CREDENTIAL_TOKEN, CREDENTIAL_URL
 from ops.rootfs import Root
 from rastos.errors import RastosError
-from rastos.hub_settings import CheckedCa, check_agent_url, check_ca, check_token
+from rastos.hub_settings import CheckedCa, check_agent_urls, check_ca, check_token
 
 CA_NAME = "hub-ca.pem"  # beside daemon.toml: /etc/rastos/hub-ca.pem
 
@@ -32,7 +32,7 @@ CA_NAME = "hub-ca.pem"  # beside daemon.toml: /etc/rastos/hub-ca.pem
 class Joined:
     """What Join wrote; as the caller and the event log see it (the token is not in it)."""
 
-    url: str
+    url: str  # the hubs' URLs, separated by a space when there are several (as Join takes them)
     config_file: Path
     token_file: Path
     ca_file: Path | None  # what hub.ca names now; None: a wss:// hub is checked against the system's store
@@ -47,25 +47,27 @@ class Joined:
         }  # fmt: skip
 
 
-def check_arguments(url: str, token: str, ca_pem: str) -> CheckedCa | None:
-    """The checked CA (None when none is given); InvalidParams naming the first bad argument."""
+def check_arguments(url: str, token: str, ca_pem: str) -> tuple[tuple[str, ...], CheckedCa | None]:
+    """The hubs' URLs (`url` holds one, or several separated by whitespace, tried in that order) and the
+    checked CA (None when none is given); InvalidParams naming the first bad argument."""
     try:
-        check_agent_url(url)
+        urls = check_agent_urls(url)
     except ValueError as error:
-        raise InvalidParams("url", str(error)) from None
+        at = str(error).partition(" ")[0] if str(error).startswith("[") else ""
+        raise InvalidParams(f"url{at}", str(error).removeprefix(at).lstrip()) from None
     try:
         check_token(token)
     except ValueError as error:
         raise InvalidParams("token", str(error)) from None
     if not ca_pem:
-        return None
+        return urls, None
     try:
         checked = check_ca(ca_pem)
     except ValueError as error:
         raise InvalidParams("ca_pem", str(error)) from None
-    if not url.startswith("wss://"):
+    if not urls[0].startswith("wss://"):
         raise InvalidParams("ca_pem", "a CA is for a wss:// hub (TLS); the url is ws://: give none, or a wss:// url")
-    return checked
+    return urls, checked
 
 
 def refuse_credentials(credentials: Path | None) -> None:
@@ -85,7 +87,7 @@ def refuse_credentials(credentials: Path | None) -> None:
 def join(config: DaemonConfig, credentials: Path | None, url: str, token: str, ca_pem: str) -> Joined:
     """Check, then write the CA, the token and daemon.toml (module docstring). Not on the event loop:
     it reads and fsyncs files."""
-    ca = check_arguments(url, token, ca_pem)
+    urls, ca = check_arguments(url, token, ca_pem)
     refuse_credentials(credentials)
     files = Root(Path("/"))
     source = config.config_file
@@ -93,10 +95,10 @@ def join(config: DaemonConfig, credentials: Path | None, url: str, token: str, c
         before = _read(files, source)
         token_file = parse_config(before, source).hub_token_file
         ca_file = source.parent / CA_NAME
-        changes: dict[str, str | None] = {"url": url}
+        changes: dict[str, str | list[str] | None] = {"url": urls[0] if len(urls) == 1 else list(urls)}
         if ca is not None:
             changes["ca"] = str(ca_file)
-        elif not url.startswith("wss://"):
+        elif not urls[0].startswith("wss://"):
             changes["ca"] = None
         after = with_hub_keys(before, source, changes)
     except RastosError as error:  # daemon.toml was edited since rastosd started, and is not valid now
@@ -105,7 +107,7 @@ def join(config: DaemonConfig, credentials: Path | None, url: str, token: str, c
         _write(files, ca_file, ca.pem, 0o644)
     _write(files, token_file, token + "\n", 0o600)
     _write(files, source, after, _mode_of(files, source))
-    return Joined(url, source, token_file, parse_config(after, source).hub_ca, ca)
+    return Joined(" ".join(urls), source, token_file, parse_config(after, source).hub_ca, ca)
 
 
 def _read(files: Root, path: Path) -> str:

@@ -135,8 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     enrol.add_argument(
         "--hub-url",
         required=True,
+        action="append",
         metavar="URL",
-        help="the hub as the host reaches it: its http(s):// or ws(s):// base, or its agent socket",
+        help="the hub as the host reaches it: its http(s):// or ws(s):// base, or its agent socket; again for "
+        "each hub of several on one database, which the host tries in that order",
     )
     enrol.add_argument("--group", action="append", default=[], help="a group it belongs to (repeatable)")
     enrol.add_argument("--name", help="the host's name on the hub (default: the first label of HOST)")

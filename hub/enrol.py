@@ -31,7 +31,7 @@ from typing import Any
 
 from hub.store import Store
 from rastos.errors import RastosError
-from rastos.hub_settings import agent_url, check_ca
+from rastos.hub_settings import agent_url, check_agent_urls, check_ca
 from rastos.process import run
 
 CTL = [sys.executable, "-m", "daemon.ctl"]
@@ -43,7 +43,7 @@ class Enrolment:
     destination: str  # [USER@]HOST[:PORT], as rastosctl -H takes it
     name: str
     groups: list[str]
-    agent_url: str
+    agent_url: str  # the hubs' agent sockets, separated by spaces when there are several
     ca: Path | None
     timeout: int
     connect_timeout: int
@@ -59,10 +59,17 @@ def plan_from(args: argparse.Namespace) -> Enrolment:
         raise RastosError(f"--name: needed: {args.destination} is an address, which names no host on the hub")
     groups = list(dict.fromkeys(args.group))
     validate(NEW_HOST, {"name": name, "groups": groups})
+    urls = []
+    for url in args.hub_url:
+        try:
+            urls.append(agent_url(url))
+        except ValueError as error:
+            raise RastosError(f"--hub-url: {error}") from None
     try:
-        hub_url = agent_url(args.hub_url)
+        hub_url = " ".join(check_agent_urls(" ".join(urls)))  # several: separated by spaces, as Join takes them
     except ValueError as error:
-        raise RastosError(f"--hub-url: {error}") from None
+        at, _, problem = str(error).partition(" ") if str(error).startswith("[") else ("", "", str(error))
+        raise RastosError(f"--hub-url{at}: {problem}") from None
     if args.ca is not None:
         try:
             check_ca(args.ca.read_text(errors="replace"))
@@ -109,7 +116,8 @@ class Enrol:
                  f"(host name {status['hostname']})")  # fmt: skip
         token, undo, new = await self.token()
         try:
-            joined = await self.rastosctl("hub", "join", "--url", plan.agent_url,
+            urls = [option for url in plan.agent_url.split() for option in ("--url", url)]
+            joined = await self.rastosctl("hub", "join", *urls,
                                           *(["--ca", str(plan.ca)] if plan.ca else []), token=token)  # fmt: skip
         except RastosError as error:
             told = await undo()

@@ -106,6 +106,24 @@ def hub_urls(value: object) -> tuple[str, ...]:
     return tuple(str(url) for url in urls)
 
 
+def check_agent_urls(text: str) -> tuple[str, ...]:
+    """The hubs' agent sockets in `text`, one URL or several separated by whitespace (as the credential
+    rastos.hub.url holds them), each checked as check_agent_url does, all of one scheme; ValueError
+    saying why not, naming the item ("[1] ...") when there are several."""
+    urls = text.split()
+    if len(urls) <= 1:
+        return (check_agent_url(urls[0] if urls else ""),)
+    for index, url in enumerate(urls):
+        try:
+            check_agent_url(url)
+        except ValueError as error:
+            raise ValueError(f"[{index}] {error}") from None
+    try:
+        return hub_urls(urls)
+    except HubUrlProblem as problem:
+        raise ValueError(str(problem)) from None
+
+
 def check_token(token: str) -> str:
     """The token if it has a bearer token's form; ValueError saying why not, without repeating it."""
     form = f"a hub agent token ({MIN_TOKEN} to {MAX_TOKEN} characters of letters, digits, '-._~+/', '=' at the end)"

@@ -170,9 +170,14 @@ def test_a_host_on_the_hub_already_is_refused_unless_rotated_and_the_new_token_r
     other_groups = enrol(hub, client, remote.destination(), "--name", "web-1", "--group", "db", "--rotate",
                          "--hub-url", hub.url)  # fmt: skip
     assert other_groups.returncode == 1 and "--rotate keeps a host's groups" in other_groups.stderr
-    rotated = enrol(hub, client, remote.destination(), "--name", "web-1", "--rotate", "--hub-url", hub.url)
+    # Rotated, and given every hub of several on one database: it connects to the first that answers.
+    elsewhere = f"ws://127.0.0.2:{hub.port}/api/v1/agent"  # nothing listens there (the hub, on 127.0.0.1 only)
+    rotated = enrol(hub, client, remote.destination(), "--name", "web-1", "--rotate", "--hub-url", elsewhere,
+                    "--hub-url", hub.url)  # fmt: skip
     assert rotated.returncode == 0, rotated.stderr
     assert "web-1: a new token on the hub; the one before ends now" in rotated.stdout
+    settings = tomllib.loads((host.scratch.root / "etc/rastos/daemon.toml").read_text())
+    assert settings["hub"]["url"] == [elsewhere, hub.agent_url]
     token = (host.scratch.root / "etc/rastos/hub-token").read_text().strip()
     assert token_hash(hub, "web-1") == hashlib.sha256(token.encode()).hexdigest() != first
     hub.wait_state(online("web-1"), "web-1 online with its new token")

@@ -181,6 +181,10 @@ BAD_JOINS = [
     ("ws://hub/api/v1/agent", "short", "", "token: must be a hub agent token"),
     ("wss://hub/api/v1/agent", TOKEN, "not a certificate", "ca_pem: holds no PEM certificate"),
     ("ws://hub/api/v1/agent", TOKEN, ca(), "ca_pem: a CA is for a wss:// hub (TLS); the url is ws://"),
+    # Several hubs, separated by whitespace as in the credential rastos.hub.url: each checked, by its place.
+    ("ws://a/api/v1/agent ws://b:8470", TOKEN, "", "url[1]: must be the hub's agent socket, a path ending in"),
+    ("ws://a/api/v1/agent\nwss://b/api/v1/agent", TOKEN, "", "url[1]: must start with ws:// as [0] does"),
+    ("  ", TOKEN, "", "url: is required"),
 ]
 
 
@@ -244,10 +248,16 @@ def test_join_writes_the_token_the_ca_and_the_url_and_the_link_starts_at_once(co
     assert "ca" not in tomllib.loads(etc(configured_rastosd)["daemon.toml"][1])["hub"]
     assert etc(configured_rastosd)["hub-token"] == (0o600, "t" * 43 + "\n")
     assert hub_status(configured_rastosd)["url"] == "ws://127.0.0.1:9/api/v1/agent", "the link was made anew"
+    # Several hubs on one database: a list, tried in that order.
+    urls = ["ws://127.0.0.1:9/api/v1/agent", "ws://127.0.0.2:9/api/v1/agent"]
+    several = json.loads(configured_rastosd.call(HUB, "Join", "sss", "\n".join(urls), "t" * 43, "")[0])
+    assert several["url"] == " ".join(urls)
+    assert tomllib.loads(etc(configured_rastosd)["daemon.toml"][1])["hub"]["url"] == urls
+    assert hub_status(configured_rastosd)["urls"] == urls
     # What was written is what rastosd starts on.
     assert configured_rastosd.stop() == 0
     configured_rastosd.start()
-    assert hub_status(configured_rastosd)["url"] == "ws://127.0.0.1:9/api/v1/agent"
+    assert hub_status(configured_rastosd)["urls"] == urls
     assert "TOKEN" not in configured_rastosd.log_text() and "t" * 43 not in configured_rastosd.log_text()
 
 
@@ -337,6 +347,8 @@ def test_rastosctl_hub_join_reads_the_token_from_stdin_and_waits_for_the_link(co
     assert empty.returncode == 2 and "rastosctl: the token on standard input must be a hub agent token" in empty.stderr
     bad_url = ctl("hub", "join", "--url", "ftp://127.0.0.1:9", stdin=TOKEN)
     assert bad_url.returncode == 2 and "rastosctl: --url: must start with ws:// or wss://" in bad_url.stderr
+    mixed = ctl("hub", "join", "--url", "http://127.0.0.1:9", "--url", "https://127.0.0.2:9", stdin=TOKEN)
+    assert mixed.returncode == 2 and "rastosctl: --url[1]: must start with ws:// as [0] does" in mixed.stderr, mixed
     joined = ctl("--json", "hub", "join", "--url", "http://127.0.0.1:9", "--wait", "1", stdin=TOKEN + "\n")
     assert joined.returncode == 5, joined
     document = json.loads(joined.stdout)
