@@ -186,17 +186,22 @@ class Fleet:
 
     async def _load(self) -> None:
         reports = await self.store.compliance_reports()
-        for row in await self.store.hosts():
-            self.cursors[row["name"]] = row["last_event"]
+        rows = await self.store.hosts()
+        names = [row["name"] for row in rows]
+        # The boot history reaches further back than the newest events: each event once, in order.
+        boots = await self.store.host_events_of_each(names, BOOT_METHODS, 3 * KEPT_BOOTS)
+        recent = await self.store.newest_events_per_host(names, KEPT_EVENTS)
+        finished = await self.store.finished_commands(names, KEPT_JOBS)
+        for row in rows:
+            name = row["name"]
+            self.cursors[name] = row["last_event"]
             host = self._host_view(row)
-            host["compliance"] = _compliance_view(reports.get(row["name"]))
-            # The boot history reaches further back than the newest events: each event once, in order.
-            boots = await self.store.host_events_of(row["name"], BOOT_METHODS, 3 * KEPT_BOOTS)
-            recent = await self.store.events(KEPT_EVENTS, host=row["name"])
-            for item in sorted({item["id"]: item for item in [*boots, *recent]}.values(), key=lambda e: e["id"]):
+            host["compliance"] = _compliance_view(reports.get(name))
+            both = {item["id"]: item for item in [*boots[name], *recent[name]]}
+            for item in sorted(both.values(), key=lambda e: e["id"]):
                 _note_host_event(host, item)
             _lose_actions(host)  # sent by a hub before this one, over a connection gone with it
-            for command in await self.store.finished_commands(row["name"], KEPT_JOBS):
+            for command in finished[name]:
                 _note_change(host, _run_change(command, command["run"]))
             host["health"], host["boot_status"] = _health(host), _boot_status(host)
             self.hosts[row["name"]] = host

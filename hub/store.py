@@ -12,7 +12,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,21 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Connection, bindparam, create_engine, delete, event, insert, select, update
+from sqlalchemy import (
+    JSON,
+    BindParameter,
+    Connection,
+    Select,
+    String,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.engine import RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -50,7 +64,24 @@ FINAL_COMMAND_STATES = frozenset({"done", "failed", "cancelled", "interrupted"})
 KEPT_AGENT_EVENTS = 5000  # per host, the newest: older ones are deleted as new ones arrive
 PRUNE_EVERY = 500  # events stored for a host between two prunings of its oldest
 PAGE_BYTES = 4 << 20  # an /events page holds at most this much (and at least one event)
+# Hosts per statement when a hub starts and reads each host's newest events and jobs: one statement
+# is a union of per-host queries, each on the host index with its own limit (a window over the whole
+# events table would read every kept event of every host). Below SQLite's 500 terms of a union.
+LOAD_CHUNK = 250
 SECRET_COLUMNS = frozenset({"token_hash", "old_token_hash"})
+
+
+def _page(rows: Collection[RowMapping | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events given newest first as an /events page: oldest first, at most PAGE_BYTES (and at least one
+    event): a page too large loses its oldest events."""
+    page: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        size += len(strictjson.dumps(row["detail"])) + 200
+        if page and size > PAGE_BYTES:
+            break
+        page.append(dict(row))
+    return page[::-1]
 
 
 def database_url(value: str) -> str:
@@ -513,14 +544,48 @@ class Store:
             query = query.where(events.c.time <= until)
         async with self.engine.connect() as db:
             rows = (await db.execute(query)).mappings().all()
-        page: list[dict[str, Any]] = []
-        size = 0
-        for row in rows:  # newest first: a page too large for PAGE_BYTES loses its oldest events
-            size += len(strictjson.dumps(row["detail"])) + 200
-            if page and size > PAGE_BYTES:
-                break
-            page.append(dict(row))
-        return page[::-1]
+        return _page(rows)
+
+    async def newest_per_host(
+        self, names: list[str], query: Callable[[BindParameter[str]], Select[Any]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """What `query(host)` (a limited query with a `host` column, the host a bound parameter) finds
+        for each host, in as few statements as LOAD_CHUNK allows, on one connection: a hub's start reads
+        each host's newest events and jobs, and a statement for each host made that start take half a
+        minute for 10,000. A chunk's statement is built once and run with each chunk's names."""
+        found: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        statements: dict[int, Any] = {}
+        async with self.engine.connect() as db:
+            for start in range(0, len(names), LOAD_CHUNK):
+                chunk = names[start : start + LOAD_CHUNK]
+                if len(chunk) not in statements:
+                    parts = [query(bindparam(f"host_{i}", type_=String)).subquery().select() for i in range(len(chunk))]
+                    statements[len(chunk)] = parts[0] if len(parts) == 1 else union_all(*parts)
+                values = {f"host_{i}": name for i, name in enumerate(chunk)}
+                for row in (await db.execute(statements[len(chunk)], values)).mappings():
+                    found[row["host"]].append(dict(row))
+        return found
+
+    async def newest_events_per_host(self, names: list[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+        """Each host's newest `limit` events (and at most PAGE_BYTES), oldest first, as `events(limit,
+        host=name)` gives them one host at a time."""
+        found = await self.newest_per_host(
+            names, lambda host: select(events).where(events.c.host == host).order_by(events.c.id.desc()).limit(limit)
+        )
+        return {name: _page(sorted(rows, key=lambda row: -row["id"])) for name, rows in found.items()}
+
+    async def host_events_of_each(
+        self, names: list[str], methods: Collection[str], limit: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each host's newest `limit` events of these methods, oldest first (its boot history, at start)."""
+        wanted = list(methods)
+
+        def newest(host: BindParameter[str]) -> Select[Any]:
+            query = select(events).where(events.c.host == host, events.c.method.in_(wanted))
+            return query.order_by(events.c.id.desc()).limit(limit)
+
+        found = await self.newest_per_host(names, newest)
+        return {name: sorted(rows, key=lambda row: row["id"]) for name, rows in found.items()}
 
     # Compliance reports: each host's newest
 
@@ -538,13 +603,6 @@ class Store:
         async with self.engine.connect() as db:
             rows = (await db.execute(select(compliance_reports))).mappings().all()
         return {row["host"]: {key: row[key] for key in COMPLIANCE_COLUMNS} for row in rows}
-
-    async def host_events_of(self, host: str, methods: Collection[str], limit: int) -> list[dict[str, Any]]:
-        """A host's newest `limit` events of these methods, oldest first (its boot history, at start)."""
-        query = select(events).where(events.c.host == host, events.c.method.in_(list(methods)))
-        async with self.engine.connect() as db:
-            rows = (await db.execute(query.order_by(events.c.id.desc()).limit(limit))).mappings().all()
-        return [dict(row) for row in reversed(rows)]
 
     # Runs and commands
 
@@ -586,24 +644,28 @@ class Store:
         by_id = {row["id"]: dict(row) for row in [*running, *newest]}
         return sorted(by_id.values(), key=lambda run: run["created"])
 
-    async def finished_commands(self, host: str, limit: int) -> list[dict[str, Any]]:
-        """A host's newest `limit` commands that ended done or failed, newest first, each with its run
-        (`run`: id, admin, steps, flags): where the host's last change is found at start."""
-        query = (
-            select(commands, runs.c.admin, runs.c.steps, runs.c.flags)
-            .join(runs, runs.c.id == commands.c.run_id)
-            .where(commands.c.host == host, commands.c.state.in_(["done", "failed"]))
-            .order_by(commands.c.finished.desc())
-            .limit(limit)
-        )
-        async with self.engine.connect() as db:
-            rows = (await db.execute(query)).mappings().all()
-        found = []
-        for row in rows:
-            item = {column.key: row[column.key] for column in commands.c}
-            item["run"] = {"id": row["run_id"], "admin": row["admin"], "steps": row["steps"], "flags": row["flags"]}
-            found.append(item)
-        return found
+    async def finished_commands(self, names: list[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+        """Each host's newest `limit` commands that ended done or failed, newest first, each with its
+        run (`run`: id, admin, steps, flags): where a host's last change is found at start."""
+
+        def newest(host: BindParameter[str]) -> Select[Any]:
+            return (
+                select(commands, runs.c.admin, runs.c.steps, runs.c.flags)
+                .join(runs, runs.c.id == commands.c.run_id)
+                .where(commands.c.host == host, commands.c.state.in_(["done", "failed"]))
+                .order_by(commands.c.finished.desc())
+                .limit(limit)
+            )
+
+        found = await self.newest_per_host(names, newest)
+        commands_of: dict[str, list[dict[str, Any]]] = {}
+        for name, rows in found.items():
+            commands_of[name] = []
+            for row in sorted(rows, key=lambda row: -(row["finished"] or 0)):
+                item = {column.key: row[column.key] for column in commands.c}
+                item["run"] = {"id": row["run_id"], "admin": row["admin"], "steps": row["steps"], "flags": row["flags"]}
+                commands_of[name].append(item)
+        return commands_of
 
     async def commands(self, run_ids: list[str]) -> list[dict[str, Any]]:
         if not run_ids:
