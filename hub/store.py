@@ -20,7 +20,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Connection, bindparam, create_engine, delete, event, insert, select, update
+from sqlalchemy import JSON, Connection, bindparam, create_engine, delete, event, insert, select, text, update
 from sqlalchemy.engine import RowMapping, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -78,6 +78,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+MIGRATION_LOCK_KEY = 0x7261736D  # b"rasm"; hub/bus.py's and hub/holders.py's locks are other keys
+
+
 def migrate(url: str) -> str:
     """Bring the database to the newest schema; returns the revision it is at."""
     if url.startswith("sqlite:///"):
@@ -87,6 +90,10 @@ def migrate(url: str) -> str:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # Two migrations at once (a hub starting, the admin's first `host add`) would both create
+                # Alembic's table, and one fail; the second waits, then finds the schema at its head.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection

@@ -321,3 +321,15 @@ def test_the_admins_commands_default_to_the_database_the_service_serves(
     if text is not None:
         env.write_text(text)
     assert default_database(env) == database
+
+
+def test_migrations_at_once_on_a_new_postgresql_database_wait_for_each_other(postgresql_database: str) -> None:
+    """A hub's first start and the admin's first command race on an empty database (the appliance's
+    first boot): without the lock, both create Alembic's table and one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hub.store import migrate
+
+    with ThreadPoolExecutor(8) as pool:
+        revisions = list(pool.map(migrate, [database_url(postgresql_database)] * 8))
+    assert len(set(revisions)) == 1, revisions
