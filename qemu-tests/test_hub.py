@@ -10,6 +10,7 @@ import asyncio
 import base64
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,16 +51,20 @@ class Phases:
 
 def set_up(appliance: GuestConsole) -> tuple[str, str, str]:
     """On the appliance's console, as its operator would: the hub's certificate from the appliance's CA
-    for the agents' and the test's addresses, TLS on every address, a host and an admin. Returns the
-    CA (PEM), the host's token and the admin's token."""
+    for the agents' and the test's addresses, a host and an admin. Returns the CA (PEM), the host's
+    token and the admin's token: what the second VM needs to boot."""
     certs = 'rastosctl apply certs hub_names=\'["10.0.2.2", "127.0.0.1"]\' trust=false >/dev/null'
     ca = appliance.run(f"{certs} && echo CA=$(base64 -w0 {TLS}/ca.crt)", "CA", 180)
-    tls = f"sed -i 's|^RASTOS_HUB_OPTIONS=.*|RASTOS_HUB_OPTIONS={TLS_OPTIONS}|' /etc/rastos-hub/hub.env"
-    assert appliance.run(f"{tls} && systemctl restart rastos-hub && echo TLS=done", "TLS", 120) == "done"
     hub_cli = "runuser -u rastos-hub -- rastos-hub"
     token = appliance.run(f"echo TOKEN=$({hub_cli} host add vm-1 --group vms | tail -1)", "TOKEN", 120)
     admin = appliance.run(f"echo ADMIN=$({hub_cli} admin add tester | tail -1)", "ADMIN", 120)
     return base64.b64decode(ca).decode(), token, admin
+
+
+def serve_tls(appliance: GuestConsole) -> None:
+    """The hub on every address, over TLS with the certs op's pair: hub.env's options, and a restart."""
+    tls = f"sed -i 's|^RASTOS_HUB_OPTIONS=.*|RASTOS_HUB_OPTIONS={TLS_OPTIONS}|' /etc/rastos-hub/hub.env"
+    assert appliance.run(f"echo TLS=$({tls} && systemctl restart rastos-hub && echo done)", "TLS", 120) == "done"
 
 
 def wait_answering(hub: Hub, timeout: float) -> None:
@@ -90,13 +95,14 @@ def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
         chain = "systemd-analyze critical-chain rastos-hub.service --no-pager | tail -n +3 | tr -s ' \\n' ' '"
         print("appliance: the hub's critical chain:", appliance.run(f"echo CHAIN=$({chain})", "CHAIN"))
         ca, token, admin = set_up(appliance)
-        phases.done("appliance: certificate, TLS, host and admin set up")
+        phases.done("appliance: certificate, host and admin made")
         (tmp_path / "ca.crt").write_text(ca)
         hub = ApplianceHub(tmp_path / "hub", port=port, admin_token=admin)
         hub.client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
         url = f"wss://10.0.2.2:{port}/api/v1/agent"
         credentials = (("rastos.hub.url", url), ("rastos.hub.token", token), ("rastos.hub.ca", ca))
-        agent(hub, VmOptions(image=minimal_image, snapshot=True, credentials=credentials), artifacts, phases)
+        options = VmOptions(image=minimal_image, snapshot=True, credentials=credentials)
+        agent(hub, lambda: serve_tls(appliance), options, artifacts, phases)
         backup_and_restore(appliance, hub)
         phases.done("appliance: backup, restore, the hub back")
         state = appliance.run("echo STATE=$(systemctl is-system-running)", "STATE")
@@ -106,13 +112,17 @@ def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
         appliance.close(artifacts / "appliance-console.log")
 
 
-def agent(hub: Hub, options: VmOptions, artifacts: Path, phases: Phases) -> None:
-    """The second VM boots while the appliance's hub restarts on TLS; the checks of a host on the
-    hub, from its facts to its going offline at powerdown."""
+def agent(hub: Hub, serve_tls: Callable[[], None], options: VmOptions, artifacts: Path, phases: Phases) -> None:
+    """The second VM boots while the appliance's hub restarts on TLS (`serve_tls`); the checks of a
+    host on the hub, from its facts to its going offline at powerdown."""
+
+    def serving() -> None:
+        serve_tls()
+        wait_answering(hub, 120)
 
     async def scenario() -> int:
         async with running_vm(options, artifacts / "console.log") as vm:
-            answering = asyncio.create_task(asyncio.to_thread(wait_answering, hub, 120))
+            answering = asyncio.create_task(asyncio.to_thread(serving))
             report = await vm.wait_ready(300)
             assert report["state"] == "running", report["failed_units"]
             await answering

@@ -65,7 +65,7 @@ def install_rastos(ctx: BuildContext) -> str:
     chroot_run(root, ["systemd-sysusers", "/usr/lib/sysusers.d/rastos.conf"])
     write_file(root / "etc/rastos/image.json", image_info(ctx))
     trust_signing_key(ctx)
-    packages = PYTHON_PACKAGES
+    packages: tuple[str, ...] = PYTHON_PACKAGES
     if ctx.profile.hub_server.enable:
         packages += (HUB_PACKAGE,)
         install_python(root, (HUB_PACKAGE,), HUB_ENTRY_POINTS)
