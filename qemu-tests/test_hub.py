@@ -12,6 +12,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_console import GuestConsole
@@ -143,9 +144,8 @@ def agent(hub: Hub, serve_tls: Callable[[], None], options: VmOptions, artifacts
             command = state["runs"][run["id"]]["commands"][0]
             assert state["runs"][run["id"]]["state"] == "complete", command
             assert [step["state"] for step in command["result"]["steps"]] == ["changed", "changed"]
-            state = await asyncio.to_thread(
-                hub.wait_state, lambda s: s["hosts"]["vm-1"]["facts"]["hostname"] == "fleet-vm-1", "new name", 60
-            )
+            # The facts with the new name may come before those with the job's post snapshot: both are waited for.
+            state = await asyncio.to_thread(hub.wait_state, renamed_and_snapshotted, "new name, pre and post", 60)
             facts = state["hosts"]["vm-1"]["facts"]
             assert [s["kind"] for s in facts["snapshots"]][-2:] == ["pre", "post"], "the job's snapshots"
             phases.done("agent: a run dispatched and complete, its facts back")
@@ -155,6 +155,11 @@ def agent(hub: Hub, serve_tls: Callable[[], None], options: VmOptions, artifacts
     state = hub.wait_state(lambda s: not s["hosts"]["vm-1"]["online"], "the VM gone offline", 60)
     assert state["hosts"]["vm-1"]["health"] == "offline"
     phases.done("agent: powered down, offline on the hub")
+
+
+def renamed_and_snapshotted(state: dict[str, Any]) -> bool:
+    facts = state["hosts"]["vm-1"]["facts"]
+    return bool(facts["hostname"] == "fleet-vm-1" and [s["kind"] for s in facts["snapshots"]][-2:] == ["pre", "post"])
 
 
 def backup_and_restore(appliance: GuestConsole, hub: Hub) -> None:
