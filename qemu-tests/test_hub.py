@@ -52,13 +52,18 @@ class Phases:
 
 def set_up(appliance: GuestConsole) -> tuple[str, str, str]:
     """On the appliance's console, as its operator would: the hub's certificate from the appliance's CA
-    for the agents' and the test's addresses, a host and an admin. Returns the CA (PEM), the host's
-    token and the admin's token: what the second VM needs to boot."""
+    for the agents' and the test's addresses, a host and an admin, the three at once (each is a process
+    that starts Python under emulation; the hub's migrations wait for each other). Returns the CA (PEM),
+    the host's token and the admin's token: what the second VM needs to boot."""
     certs = 'rastosctl apply certs hub_names=\'["10.0.2.2", "127.0.0.1"]\' trust=false >/dev/null'
-    ca = appliance.run(f"{certs} && echo CA=$(base64 -w0 {TLS}/ca.crt)", "CA", 180)
     hub_cli = "runuser -u rastos-hub -- rastos-hub"
-    token = appliance.run(f"echo TOKEN=$({hub_cli} host add vm-1 --group vms | tail -1)", "TOKEN", 120)
-    admin = appliance.run(f"echo ADMIN=$({hub_cli} admin add tester | tail -1)", "ADMIN", 120)
+    # At the prompt the boot may not have made the hub's database yet: starting its unit waits for it.
+    hub = (f"systemctl start rastos-hub-postgresql && {{ {hub_cli} host add vm-1 --group vms >/run/host & h=$!; "
+           f"{hub_cli} admin add tester >/run/admin && wait $h; }}")  # fmt: skip
+    at_once = f"{certs} & c=$!; {hub} && wait $c"
+    made = appliance.run(f"echo MADE=$({at_once} && echo $(tail -1 /run/host) $(tail -1 /run/admin) "
+                         f"$(base64 -w0 {TLS}/ca.crt))", "MADE", 240)  # fmt: skip
+    token, admin, ca = made.split()
     return base64.b64decode(ca).decode(), token, admin
 
 
@@ -89,14 +94,14 @@ def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
     try:
         assert appliance.wait_for(APPLIANCE_PROMPT, 300), "root is logged in on the appliance's console"
         phases.done("appliance: QEMU start to its root prompt")
+        ca, token, admin = set_up(appliance)
+        phases.done("appliance: certificate, host and admin made (its hub starting meanwhile)")
         # The hub serves on loopback from the first boot: when, from the kernel's start.
         serving = appliance.run(f"{UNTIL_SERVING}; echo SERVING=$({SERVING} | head -1 | tr -d '[' | cut -d] -f1)",
                                 "SERVING", 150)  # fmt: skip
         print(f"appliance: kernel start to its hub serving on loopback: {float(serving):.1f}s")
         chain = "systemd-analyze critical-chain rastos-hub.service --no-pager | tail -n +3 | tr -s ' \\n' ' '"
         print("appliance: the hub's critical chain:", appliance.run(f"echo CHAIN=$({chain})", "CHAIN"))
-        ca, token, admin = set_up(appliance)
-        phases.done("appliance: certificate, host and admin made")
         (tmp_path / "ca.crt").write_text(ca)
         hub = ApplianceHub(tmp_path / "hub", port=port, admin_token=admin)
         hub.client = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
