@@ -20,7 +20,7 @@ from typing import Any
 from daemon.config import DaemonConfig, parse_config
 from daemon.config_write import with_hub_keys
 from daemon.errors import DaemonError, HubCredentials, InvalidParams
-from daemon.hub_link import CREDENTIAL_TOKEN, CREDENTIAL_URL
+from daemon.hub_link import CREDENTIAL_CA, CREDENTIAL_TOKEN, CREDENTIAL_URL
 from ops.rootfs import Root
 from rastos.errors import RastosError
 from rastos.hub_settings import CheckedCa, check_agent_urls, check_ca, check_token
@@ -75,7 +75,7 @@ def refuse_credentials(credentials: Path | None) -> None:
     ignored at the next start. Refused rather than undone unseen."""
     if credentials is None:
         return
-    present = [name for name in (CREDENTIAL_URL, CREDENTIAL_TOKEN) if (credentials / name).exists()]
+    present = [name for name in (CREDENTIAL_URL, CREDENTIAL_TOKEN, CREDENTIAL_CA) if (credentials / name).exists()]
     if present:
         raise HubCredentials(
             f"this host takes its hub settings from the systemd credentials {' and '.join(present)}, which come "

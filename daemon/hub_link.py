@@ -69,7 +69,7 @@ from ops.params import json_type
 from ops.steps import parse_steps
 from ops.target import Target
 from rastos import __version__
-from rastos.hub_settings import HubUrlProblem, hub_urls
+from rastos.hub_settings import HubUrlProblem, check_ca, hub_urls
 
 if TYPE_CHECKING:
     import aiohttp
@@ -701,6 +701,8 @@ def command_flags(command: dict[str, Any]) -> int:
 
 CREDENTIAL_URL = "rastos.hub.url"  # systemd credentials (ImportCredential=rastos.hub.* in rastosd.service)
 CREDENTIAL_TOKEN = "rastos.hub.token"
+# PEM of the CA a wss:// hub's certificate chains to: one agent image pointed at a TLS hub at boot.
+CREDENTIAL_CA = "rastos.hub.ca"
 
 
 def load_settings(
@@ -709,7 +711,8 @@ def load_settings(
     """The link's settings, or None when no hub is configured or its token cannot be read (logged).
     Credentials given to the machine at boot (`rastos-image boot --credential`, or any systemd
     credential source) come before /etc/rastos/daemon.toml and the token file. The credential
-    rastos.hub.url holds one URL or several separated by whitespace (a space, a newline)."""
+    rastos.hub.url holds one URL or several separated by whitespace (a space, a newline); rastos.hub.ca,
+    PEM, comes before hub.ca (the file is used where systemd keeps it, for the life of the service)."""
     given = _credential(credentials, CREDENTIAL_URL)
     if given is not None:
         words = given.split()
@@ -722,6 +725,14 @@ def load_settings(
     if not urls:
         return None
     url = urls[0]
+    if _credential(credentials, CREDENTIAL_CA) is not None:
+        assert credentials is not None
+        ca = credentials / CREDENTIAL_CA
+        try:
+            check_ca(ca.read_text())
+        except (OSError, ValueError) as error:
+            log.error("credential %s %s: not connecting", CREDENTIAL_CA, error)
+            return None
     if ca is not None and not url.startswith("wss://"):
         log.warning("hub.ca is set but the hub's URL %s is not wss://: the hub is reached without TLS", url)
     token = _credential(credentials, CREDENTIAL_TOKEN)

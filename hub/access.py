@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 from aiohttp import web
 
@@ -52,10 +53,21 @@ class Agent:
 Operation = tuple[str, str]  # (method, path): ("POST", "/api/v1/runs")
 ACCESS: web.AppKey[dict[Operation, Access]] = web.AppKey("access")
 STORE = web.AppKey("store", Store)
-CALLER = web.RequestKey("caller", Caller)
-AGENT_CALLER = web.RequestKey("agent", Agent)
+
+T = TypeVar("T")
+
+
+def _request_key(name: str, kind: type[T]) -> web.RequestKey[T]:
+    """A typed key of a request's own values. web.RequestKey came with aiohttp 3.12; before it (Debian
+    trixie's 3.11, which the hub appliance runs on) a request is keyed by the name alone."""
+    maker = getattr(web, "RequestKey", None)
+    return maker(name, kind) if maker is not None else cast("web.RequestKey[T]", name)
+
+
+CALLER = _request_key("caller", Caller)
+AGENT_CALLER = _request_key("agent", Agent)
 # The credential watch's generation before the caller was looked up (see CredentialWatch.add).
-GENERATION = web.RequestKey("generation", int)
+GENERATION = _request_key("generation", int)
 
 
 def register(app: web.Application, routes: Iterable[Route]) -> None:

@@ -23,6 +23,22 @@ DEFAULT_DATABASE = "/var/lib/rastos-hub/hub.db"
 DEFAULT_DATA_DIR = "/var/lib/rastos-hub"
 DEFAULT_LISTEN = "127.0.0.1:8470"
 DEFAULT_MAX_IMAGE_BYTES = 16 << 30
+# rastos-hub.service's EnvironmentFile: the admin's commands on the hub's machine default to the database
+# the service serves, so `runuser -u rastos-hub -- rastos-hub host add web-1` adds the host there.
+HUB_ENV = Path("/etc/rastos-hub/hub.env")
+
+
+def default_database(env_file: Path = HUB_ENV) -> str:
+    """RASTOS_HUB_DATABASE as the service's environment file sets it, else the SQLite file."""
+    try:
+        lines = env_file.read_text().splitlines()
+    except OSError:  # none, or not ours to read: the service's own default
+        return DEFAULT_DATABASE
+    for line in lines:
+        key, separator, value = line.strip().partition("=")
+        if separator and key.strip() == "RASTOS_HUB_DATABASE":
+            return value.strip().strip("'\"") or DEFAULT_DATABASE
+    return DEFAULT_DATABASE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rastos-hub", description="rastOS fleet hub")
-    parser.add_argument("--database", default=DEFAULT_DATABASE, help=f"SQLite file or postgresql:// URL "
-                        f"(default {DEFAULT_DATABASE})")  # fmt: skip
+    parser.add_argument("--database", default=default_database(), help=f"SQLite file or postgresql:// URL "
+                        f"(default: RASTOS_HUB_DATABASE in {HUB_ENV}, else {DEFAULT_DATABASE})")  # fmt: skip
     parser.add_argument(
         "--data-dir",
         type=Path,

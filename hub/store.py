@@ -32,6 +32,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     union_all,
     update,
 )
@@ -109,6 +110,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+MIGRATION_LOCK_KEY = 0x7261736D  # b"rasm"; hub/bus.py's and hub/holders.py's locks are other keys
+
+
 def migrate(url: str) -> str:
     """Bring the database to the newest schema; returns the revision it is at."""
     if url.startswith("sqlite:///"):
@@ -118,6 +122,10 @@ def migrate(url: str) -> str:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # Two migrations at once (a hub starting, the admin's first `host add`) would both create
+                # Alembic's table, and one fail; the second waits, then finds the schema at its head.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection

@@ -49,6 +49,12 @@ def minimal_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hub_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fleet hub appliance (profiles/hub.toml): rastos-hub on PostgreSQL, loopback only until told."""
+    return build_qcow2("hub", tmp_path_factory.mktemp("hub-image"))
+
+
+@pytest.fixture(scope="session")
 def server_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The server profile (Debian's own initramfs, OpenSSH), on a smaller disk to build faster."""
     folder = tmp_path_factory.mktemp("server")

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import create_engine, text
 
+from hub.cli import DEFAULT_DATABASE, default_database
 from hub.store import database_url, token_hash, with_driver
 from tests.hub_fixtures import Hub, any_hub, database_at, free_port, hub, made
 from tests.hub_fixtures import _serving as serving
@@ -301,3 +302,34 @@ def test_a_backup_that_fails_leaves_no_file_and_its_password_is_on_no_command_li
     unserved.directory.mkdir()
     assert f"database: {unserved.database} does not exist" in refusal(unserved.call("db", "backup", str(folder)))
     assert names(folder) == [] and not Path(unserved.database).exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "database"),
+    [
+        ("RASTOS_HUB_DATABASE=postgresql://rastos-hub@/rastos-hub?host=/run/postgresql\n",
+         "postgresql://rastos-hub@/rastos-hub?host=/run/postgresql"),
+        ('# a comment\nRASTOS_HUB_OPTIONS=--listen 0.0.0.0:8470\nRASTOS_HUB_DATABASE="/srv/hub.db"\n', "/srv/hub.db"),
+        ("RASTOS_HUB_OPTIONS=--listen 0.0.0.0:8470\n", DEFAULT_DATABASE),
+        (None, DEFAULT_DATABASE),
+    ],
+)  # fmt: skip
+def test_the_admins_commands_default_to_the_database_the_service_serves(
+    tmp_path: Path, text: str | None, database: str
+) -> None:
+    env = tmp_path / "hub.env"
+    if text is not None:
+        env.write_text(text)
+    assert default_database(env) == database
+
+
+def test_migrations_at_once_on_a_new_postgresql_database_wait_for_each_other(postgresql_database: str) -> None:
+    """A hub's first start and the admin's first command race on an empty database (the appliance's
+    first boot): without the lock, both create Alembic's table and one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hub.store import migrate
+
+    with ThreadPoolExecutor(8) as pool:
+        revisions = list(pool.map(migrate, [database_url(postgresql_database)] * 8))
+    assert len(set(revisions)) == 1, revisions

@@ -18,6 +18,7 @@ from imagebuilder.profile.merge import ProfileError
 from imagebuilder.stages.configure import write_daemon_config
 from rastos.errors import RastosError
 from rastos.hub_settings import HubUrlProblem, hub_urls
+from tests.hub_fixtures import Pki
 
 A, B = "ws://hub-a:8470/api/v1/agent", "ws://hub-b:8470/api/v1/agent"
 SOURCE = Path("/etc/rastos/daemon.toml")
@@ -113,6 +114,42 @@ def test_a_bad_credential_is_logged_naming_the_item_and_the_token_never(
         assert load_settings((B,), tmp_path / "none", credentials(tmp_path, url)) is None
     assert logged in caplog.text and "not connecting" in caplog.text, caplog.text
     assert TOKEN not in caplog.text
+
+
+WSS = "wss://hub-a:8470/api/v1/agent"
+
+
+def test_the_ca_credential_comes_before_hub_ca_and_verifies_the_hub(tmp_path: Path) -> None:
+    given = credentials(tmp_path, WSS)
+    (given / "rastos.hub.ca").write_text(Pki.make(tmp_path / "pki").ca.read_text())
+    settings = load_settings((B,), tmp_path / "none", given, tmp_path / "from-daemon-toml.pem")
+    assert settings is not None and settings.url == WSS and settings.ca == given / "rastos.hub.ca"
+    context = settings.tls()
+    assert context is not None and (("commonName", "ca-pki"),) in context.get_ca_certs()[0]["subject"]
+
+
+@pytest.mark.parametrize(
+    ("pem", "logged"),
+    [
+        ("no certificate here\n", "holds no PEM certificate"),
+        ("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "holds a private key"),
+    ],
+)
+def test_a_ca_credential_that_verifies_nothing_is_logged_and_not_connected_with(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, pem: str, logged: str
+) -> None:
+    given = credentials(tmp_path, WSS)
+    (given / "rastos.hub.ca").write_text(pem)
+    with caplog.at_level(logging.ERROR, "rastosd.hub"):
+        assert load_settings(None, tmp_path / "none", given) is None
+    assert f"credential rastos.hub.ca {logged}" in caplog.text and "not connecting" in caplog.text, caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_no_ca_credential_leaves_hub_ca_as_daemon_toml_has_it(tmp_path: Path) -> None:
+    ca = tmp_path / "hub-ca.pem"
+    settings = load_settings(None, tmp_path / "none", credentials(tmp_path, WSS), ca)
+    assert settings is not None and settings.ca == ca
 
 
 class Core:

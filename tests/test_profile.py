@@ -215,6 +215,8 @@ def test_profile_field_help_is_documented() -> None:
         model.DiskConfig,
         model.BtrfsConfig,
         model.BootConfig,
+        model.HubConfig,
+        model.HubServerConfig,
     ]
     for table in tables:
         for field in dataclasses.fields(table):

@@ -198,3 +198,23 @@ def test_skipped_generators_are_linked_to_dev_null_and_unknown_ones_refused(tmp_
     skip_generators(tmp_path, profile)
     for name in profile.system.skip_generators:
         assert (tmp_path / "etc/systemd/system-generators" / name).readlink() == Path("/dev/null"), name
+
+
+def test_only_the_hub_appliance_gets_the_hub_its_database_and_settings(tmp_path: Path) -> None:
+    from imagebuilder.stages.hub_server import DATABASE_URL, HUB_PACKAGES, hub_env
+
+    hub = package_set(load_profile("hub"))
+    assert set(HUB_PACKAGES) <= set(hub) and "postgresql" in hub
+    for other in ("minimal", "server", "base"):
+        assert "postgresql" not in package_set(load_profile(other)) and not load_profile(other).hub_server.enable
+    env = dict(line.split("=", 1) for line in hub_env().splitlines() if not line.startswith("#"))
+    assert env == {"RASTOS_HUB_OPTIONS": "--listen 127.0.0.1:8470", "RASTOS_HUB_DATABASE": DATABASE_URL}
+
+
+def test_the_hub_appliance_is_debian_only(tmp_path: Path) -> None:
+    from imagebuilder.profile.merge import ProfileError
+
+    path = tmp_path / "arch-hub.toml"
+    path.write_text('[distribution]\nname = "arch"\n[hub_server]\nenable = true\n')
+    with pytest.raises(ProfileError, match=r"hub_server\.enable"):
+        load_profile(path)

@@ -35,6 +35,8 @@ BOUNDS = {
     # host but its state directory and its sockets. Rated 1.4 on 252.
     "hub/rastos-hub.service": 2.0,
     "hub/rastos-hub-backup.service": 2.0,
+    # It only runs psql over the Unix socket, as postgres: rated 0.6 on 252.
+    "hub/rastos-hub-postgresql.service": 1.0,
 }
 OVERALL = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 
@@ -74,7 +76,12 @@ def test_the_rating_sees_the_sandbox(tmp_path: Path) -> None:
     assert exposure(without_sandbox(UNITS / "rastosd.service", tmp_path)) >= 9.0
 
 
-HUB_UNITS = ("rastos-hub.service", "rastos-hub-backup.service", "rastos-hub-backup.timer")
+HUB_UNITS = (
+    "rastos-hub.service",
+    "rastos-hub-backup.service",
+    "rastos-hub-backup.timer",
+    "rastos-hub-postgresql.service",
+)
 
 
 def test_the_hub_units_are_valid_for_systemd(tmp_path: Path) -> None:

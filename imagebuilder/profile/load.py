@@ -132,6 +132,7 @@ _DEBIAN_ONLY = {
     "distribution.suite": "Arch Linux is a rolling release and has no suites: remove the key",
     "distribution.components": "archive components are Debian's; Arch's are distribution.repositories",
     "kernel.build": "builds from Debian's linux-source; an Arch image takes a kernel package (kernel.package)",
+    "hub_server.enable": "the hub appliance is made of Debian's packages (PostgreSQL, the hub's Python libraries)",
 }
 
 

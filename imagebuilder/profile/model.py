@@ -437,6 +437,18 @@ class HubConfig:
 
 
 @dataclass(frozen=True)
+class HubServerConfig:
+    enable: bool = field(
+        default=False,
+        metadata=_meta(
+            "make the image a fleet hub appliance: rastos-hub as rastos-hub.service (units/hub/), on a local "
+            "PostgreSQL database from the distribution, backed up each night; serves on 127.0.0.1:8470 until "
+            "/etc/rastos-hub/hub.env says otherwise (Debian only)"
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str = field(default="", metadata=_meta("one line shown by `rastos-image profiles`"))
@@ -458,4 +470,5 @@ class Profile:
     btrfs: BtrfsConfig = field(default_factory=BtrfsConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    hub_server: HubServerConfig = field(default_factory=HubServerConfig)
     sources: tuple[str, ...] = field(default=(), metadata={"internal": True})

@@ -21,6 +21,7 @@ from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import in_private_mount_namespace
 from imagebuilder.context import BuildContext, KernelInfo
 from imagebuilder.profile.model import InitramfsModules, Profile
+from imagebuilder.stages.hub_server import HUB_PACKAGES
 from rastos.errors import CommandError, RastosError
 from rastos.process import run
 
@@ -90,7 +91,8 @@ def package_set(profile: Profile) -> list[str]:
         extra.append("busybox-static")  # the shell and tools of rastOS's own initrd
     # A kernel built from a kernel profile comes as a package file of its own (mmdebstrap_argv).
     kernel = [] if profile.kernel.build else [profile.kernel.package]
-    wanted = [*BASE_PACKAGES, *DAEMON_PACKAGES, *kernel, *profile.packages.include, *extra]
+    hub = HUB_PACKAGES if profile.hub_server.enable else ()
+    wanted = [*BASE_PACKAGES, *DAEMON_PACKAGES, *kernel, *profile.packages.include, *hub, *extra]
     return sorted(set(wanted))
 
 

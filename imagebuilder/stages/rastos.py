@@ -19,6 +19,7 @@ from imagebuilder.checkout import CHECKOUT
 from imagebuilder.chroot import chroot_run
 from imagebuilder.context import BuildContext
 from imagebuilder.files import write_file
+from imagebuilder.stages.hub_server import install_hub_server
 from rastos import __version__
 
 PYTHON_PACKAGES = ("rastos", "ops", "daemon")
@@ -47,21 +48,14 @@ ENTRY_POINTS = {
     "rastosd": ("daemon.cli", "daemon_main"),
     "rastosctl": ("daemon.cli", "ctl_main"),
 }
+# The hub appliance's (hub_server.enable) only: no other image holds hub code.
+HUB_PACKAGE = "hub"
+HUB_ENTRY_POINTS = {"rastos-hub": ("hub.cli", "main")}
 
 
 def install_rastos(ctx: BuildContext) -> str:
     root = ctx.rootfs
-    for package in PYTHON_PACKAGES:
-        target = root / SITE_PACKAGES / package
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(CHECKOUT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name, (module, function) in ENTRY_POINTS.items():
-        write_file(
-            root / "usr/bin" / name,
-            f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/{SITE_PACKAGES}')\n"
-            f"from {module} import {function}\nsys.exit({function}())\n",
-            mode=0o755,
-        )
+    install_python(root, PYTHON_PACKAGES, ENTRY_POINTS)
     for helper in sorted(GUEST_FILES.iterdir()):
         if helper.is_file():
             write_file(root / "usr/lib/rastos" / helper.name, helper.read_text(), mode=0o755)
@@ -71,9 +65,29 @@ def install_rastos(ctx: BuildContext) -> str:
     chroot_run(root, ["systemd-sysusers", "/usr/lib/sysusers.d/rastos.conf"])
     write_file(root / "etc/rastos/image.json", image_info(ctx))
     trust_signing_key(ctx)
+    packages: tuple[str, ...] = PYTHON_PACKAGES
+    if ctx.profile.hub_server.enable:
+        packages += (HUB_PACKAGE,)
+        install_python(root, (HUB_PACKAGE,), HUB_ENTRY_POINTS)
+        enabled += install_units(root, CHECKOUT / "units" / "hub")
+        install_hub_server(root)
     # Byte-compile now: the first start of the daemon on a slow VM should not pay for it.
-    chroot_run(root, ["python3", "-m", "compileall", "-q", *[f"/{SITE_PACKAGES}/{p}" for p in PYTHON_PACKAGES]])
+    chroot_run(root, ["python3", "-m", "compileall", "-q", *[f"/{SITE_PACKAGES}/{p}" for p in packages]])
     return f"rastos {__version__}, {len(enabled)} units enabled"
+
+
+def install_python(root: Path, packages: tuple[str, ...], entry_points: dict[str, tuple[str, str]]) -> None:
+    for package in packages:
+        target = root / SITE_PACKAGES / package
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CHECKOUT / package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, (module, function) in entry_points.items():
+        write_file(
+            root / "usr/bin" / name,
+            f"#!/usr/bin/python3 -I\nimport sys\nsys.path.insert(0, '/{SITE_PACKAGES}')\n"
+            f"from {module} import {function}\nsys.exit({function}())\n",
+            mode=0o755,
+        )
 
 
 def trust_signing_key(ctx: BuildContext) -> None:
