@@ -81,7 +81,7 @@ from daemon.inventory import InventoryHost, load_inventory
 from daemon.jobs import FINAL_STATES
 from ops.declared import DESIRED_STATE, REQUIRED, desired_state_steps, list_workflows, load_workflow
 from rastos.errors import RastosError
-from rastos.hub_settings import agent_url, check_agent_urls, check_ca, check_token
+from rastos.hub_settings import HubUrlProblem, agent_urls, check_ca, check_token
 
 EXIT_BUS_ERROR = 1
 EXIT_JOB_FAILED = 3
@@ -510,17 +510,10 @@ def prepare_join(args: argparse.Namespace) -> None:
     if args.inventory is not None:
         raise RastosError("hub join takes one host: each host has a token of its own",
                           hint="rastos-hub host enrol makes a host's token and installs it there")  # fmt: skip
-    urls = []
-    for url in args.url:
-        try:
-            urls.append(agent_url(url))
-        except ValueError as error:
-            raise RastosError(f"--url: {error}") from None
     try:
-        args.agent_url = " ".join(check_agent_urls(" ".join(urls)))  # Join takes several separated by spaces
-    except ValueError as error:
-        at, _, problem = str(error).partition(" ") if str(error).startswith("[") else ("", "", str(error))
-        raise RastosError(f"--url{at}: {problem}") from None
+        args.agent_url = agent_urls(args.url)
+    except HubUrlProblem as error:
+        raise RastosError(f"--url{error.at}: {error.problem}") from None
     args.ca_pem = ""
     if args.ca is not None:
         try:

@@ -23,7 +23,7 @@ from daemon.errors import DaemonError, HubCredentials, InvalidParams
 from daemon.hub_link import CREDENTIAL_CA, CREDENTIAL_TOKEN, CREDENTIAL_URL
 from ops.rootfs import Root
 from rastos.errors import RastosError
-from rastos.hub_settings import CheckedCa, check_agent_urls, check_ca, check_token
+from rastos.hub_settings import CheckedCa, HubUrlProblem, check_agent_urls, check_ca, check_token
 
 CA_NAME = "hub-ca.pem"  # beside daemon.toml: /etc/rastos/hub-ca.pem
 
@@ -52,9 +52,8 @@ def check_arguments(url: str, token: str, ca_pem: str) -> tuple[tuple[str, ...],
     checked CA (None when none is given); InvalidParams naming the first bad argument."""
     try:
         urls = check_agent_urls(url)
-    except ValueError as error:
-        at = str(error).partition(" ")[0] if str(error).startswith("[") else ""
-        raise InvalidParams(f"url{at}", str(error).removeprefix(at).lstrip()) from None
+    except HubUrlProblem as error:
+        raise InvalidParams(f"url{error.at}", error.problem) from None
     try:
         check_token(token)
     except ValueError as error:

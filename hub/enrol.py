@@ -31,7 +31,7 @@ from typing import Any
 
 from hub.store import Store
 from rastos.errors import RastosError
-from rastos.hub_settings import agent_url, check_agent_urls, check_ca
+from rastos.hub_settings import HubUrlProblem, agent_urls, check_ca
 from rastos.process import run
 
 CTL = [sys.executable, "-m", "daemon.ctl"]
@@ -59,17 +59,10 @@ def plan_from(args: argparse.Namespace) -> Enrolment:
         raise RastosError(f"--name: needed: {args.destination} is an address, which names no host on the hub")
     groups = list(dict.fromkeys(args.group))
     validate(NEW_HOST, {"name": name, "groups": groups})
-    urls = []
-    for url in args.hub_url:
-        try:
-            urls.append(agent_url(url))
-        except ValueError as error:
-            raise RastosError(f"--hub-url: {error}") from None
     try:
-        hub_url = " ".join(check_agent_urls(" ".join(urls)))  # several: separated by spaces, as Join takes them
-    except ValueError as error:
-        at, _, problem = str(error).partition(" ") if str(error).startswith("[") else ("", "", str(error))
-        raise RastosError(f"--hub-url{at}: {problem}") from None
+        hub_url = agent_urls(args.hub_url)
+    except HubUrlProblem as error:
+        raise RastosError(f"--hub-url{error.at}: {error.problem}") from None
     if args.ca is not None:
         try:
             check_ca(args.ca.read_text(errors="replace"))

@@ -108,20 +108,32 @@ def hub_urls(value: object) -> tuple[str, ...]:
 
 def check_agent_urls(text: str) -> tuple[str, ...]:
     """The hubs' agent sockets in `text`, one URL or several separated by whitespace (as the credential
-    rastos.hub.url holds them), each checked as check_agent_url does, all of one scheme; ValueError
-    saying why not, naming the item ("[1] ...") when there are several."""
+    rastos.hub.url holds them), each checked as check_agent_url does, all of one scheme; HubUrlProblem
+    saying why not, its `at` naming the item ("[1]") when there are several."""
     urls = text.split()
     if len(urls) <= 1:
-        return (check_agent_url(urls[0] if urls else ""),)
+        try:
+            return (check_agent_url(urls[0] if urls else ""),)
+        except ValueError as error:
+            raise HubUrlProblem("", str(error)) from None
     for index, url in enumerate(urls):
         try:
             check_agent_url(url)
         except ValueError as error:
-            raise ValueError(f"[{index}] {error}") from None
-    try:
-        return hub_urls(urls)
-    except HubUrlProblem as problem:
-        raise ValueError(str(problem)) from None
+            raise HubUrlProblem(f"[{index}]", str(error)) from None
+    return hub_urls(urls)
+
+
+def agent_urls(texts: list[str]) -> str:
+    """The agent sockets for what an admin typed for each hub (agent_url's forms), separated by spaces
+    as Hub.Join takes them; HubUrlProblem naming the item as check_agent_urls does."""
+    urls = []
+    for text in texts:
+        try:
+            urls.append(agent_url(text))
+        except ValueError as error:
+            raise HubUrlProblem("", str(error)) from None
+    return " ".join(check_agent_urls(" ".join(urls)))
 
 
 def check_token(token: str) -> str:
