@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,3 +378,12 @@ def _running(daemon: Rastosd) -> Iterator[Rastosd]:
     yield daemon
     if daemon.process is not None:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """check()'s first true answer, asked every 0.1 s; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.1)
+    return found

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from tests.daemon_fixtures import MANAGER, PrivateBus, Rastosd, ScratchRoot
+from tests.daemon_fixtures import MANAGER, PrivateBus, Rastosd, ScratchRoot, until
 from tests.hub_fixtures import free_port
 
 pytestmark = pytest.mark.root
@@ -34,14 +32,6 @@ HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"compliance": {"action": "scan"}, "flags": 8}, "flags: unknown bits 0x8"),
     ({"compliance": {"action": "delete"}}, "compliance.action: must be scan or remediate"),
 ]
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.1)
-    return found
 
 
 def test_hostile_hub_commands_are_refused_each_naming_its_field(

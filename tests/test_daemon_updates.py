@@ -39,6 +39,7 @@ from tests.daemon_fixtures import (
     ensure_test_users,
     private_bus,
     require_root,
+    until,
 )
 from tests.hub_fixtures import Hub, free_port, upload
 from tests.hub_fixtures import hub as hub
@@ -477,14 +478,6 @@ def test_a_rollback_boots_the_kernel_its_snapshot_was_taken_with(tmp_path: Path,
 def hub_settings(url: str, directory: Path, token: str) -> str:
     (directory / "hub-token").write_text(token + "\n")
     return f'[hub]\nurl = "{url}"\ntoken_file = "{directory / "hub-token"}"\n'
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.1)
-    return found
 
 
 def first_event(daemon: Rastosd, method: str) -> dict[str, Any]:
