@@ -439,6 +439,9 @@ def test_the_event_log_is_filtered_by_host_actor_kind_and_time_and_shows_details
             {"id": 1, "time": now - 7200, "uid": 0, "method": "Rollback", "job": None, "detail": {"snapshot": 4}},
             {"id": 2, "time": now - 60, "uid": 0, "method": "JobFinished", "job": 7, "detail": detail},
         ]}))  # fmt: skip
+        # The log is in the hub's order of arrival, and two agents' sockets race: web-1's events are
+        # stored before db-1 sends, so db-1's is the newest.
+        fleet.run(eventually(lambda: hub.api("GET", "/api/v1/events?method=JobFinished"), "web-1's events stored"))
         fleet.run(db1.send({"type": "events", "events": [
             {"id": 1, "time": now - 30, "uid": 1000, "method": "Create", "job": None, "detail": {"snapshot": 9}},
         ]}))  # fmt: skip
