@@ -1,21 +1,27 @@
 """The hub appliance (profiles/hub.toml) in one VM serves a fleet over TLS, and rastosd in a second VM,
 pointed at it at boot by systemd credentials (URL, token, CA), connects and carries out what it
-dispatches. QEMU's user network shows the host's loopback as 10.0.2.2: the appliance's hub port is
-forwarded to the host, so the second VM reaches it at 10.0.2.2, and the test's own requests at
-127.0.0.1, both names in the hub's certificate."""
+dispatches. Then the appliance is updated to its next version and keeps its fleet: the database and
+the hub's state are on subvolumes of their own, and its settings come over. QEMU's user network shows
+the host's loopback as 10.0.2.2: the appliance's hub port is forwarded to the host, so the second VM
+reaches it at 10.0.2.2, and the test's own requests at 127.0.0.1, both names in the hub's certificate."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_console import GuestConsole
+from conftest import CACHE_DIR, CHECKOUT
+from guest_console import GuestConsole, settled
+from test_updates import served
 
 from imagebuilder.vm import VmOptions, free_port, running_vm
 from tests.hub_fixtures import Hub
@@ -84,10 +90,26 @@ def wait_answering(hub: Hub, timeout: float) -> None:
             time.sleep(0.2)
 
 
+def next_version(hub_image: Path, folder: Path) -> Path:
+    """The appliance's next version, as a delta bundle from `hub_image`'s: the same profile, rebuilt."""
+    built = json.loads((hub_image.parent / "manifest.json").read_text())["outputs"]
+    full = [hub_image.parent / str(o["file"]) for o in built.values() if str(o["file"]).endswith(".rbundle")]
+    assert len(full) == 1, built
+    argv = [sys.executable, "-m", "imagebuilder", "build", "hub", "--image-version", "2", "--output-dir", str(folder),
+            "--cache-dir", str(CACHE_DIR), "--delta-from", str(full[0]), "--json"]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=CHECKOUT, check=False)
+    assert result.returncode == 0, result.stderr
+    outputs = json.loads((folder / "manifest.json").read_text())["outputs"].values()
+    (delta,) = [folder / str(o["file"]) for o in outputs if "-from-" in str(o["file"])]
+    return delta
+
+
 def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
     hub_image: Path, minimal_image: Path, artifacts: Path, tmp_path: Path
 ) -> None:
     phases = Phases()
+    update = next_version(hub_image, tmp_path / "v2")
+    phases.done("appliance: its next version built")
     port = free_port()
     appliance = GuestConsole(hub_image, boot_args=("--forward", f"{port}:8470"))
     appliance.prompt = APPLIANCE_PROMPT
@@ -111,6 +133,8 @@ def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
         agent(hub, lambda: serve_tls(appliance), options, artifacts, phases)
         backup_and_restore(appliance, hub)
         phases.done("appliance: backup, restore, the hub back")
+        update_keeps_the_fleet(appliance, hub, update)
+        phases.done("appliance: updated to its next version, its fleet kept")
         state = appliance.run("echo STATE=$(systemctl is-system-running)", "STATE")
         failed = appliance.run("echo FAILED=$(systemctl --failed --plain --no-legend | tr '\\n' ' ')", "FAILED")
         assert state == "running", failed
@@ -180,3 +204,31 @@ def backup_and_restore(appliance: GuestConsole, hub: Hub) -> None:
     assert appliance.run(f"echo RESTORED=$({restore} && echo yes)", "RESTORED", 180) == "yes"
     wait_answering(hub, 120)
     assert sorted(hub.state()["hosts"]) == ["vm-1"]
+
+
+def update_keeps_the_fleet(appliance: GuestConsole, hub: Hub, update: Path) -> None:
+    """The appliance stages its next version and reboots into it: the hub serves the same fleet over TLS
+    (its database and certificate on their subvolumes, hub.env carried), even with the accounts that
+    own them numbered otherwise than before (as a new image may number them), which the units give back."""
+    before = hub.state()
+    renumber = ("systemctl stop rastos-hub postgresql && "
+                "chown -R 4242:4242 /var/lib/postgresql && chown -R 4243:4243 /var/lib/rastos-hub")  # fmt: skip
+    assert appliance.run(f"echo RENUMBERED=$({renumber} && echo yes)", "RENUMBERED", 120) == "yes"
+    with served(update.parent) as port:
+        stage = f"rastosctl update stage --reboot http://10.0.2.2:{port}/{update.name} >/dev/null 2>&1 &"
+        appliance.type(stage)
+        assert appliance.wait_for_new(b"BdsDxe: starting", 900), "the appliance staged its next version and rebooted"
+    assert appliance.wait_for_new(APPLIANCE_PROMPT, 400), "the next version boots to its console"
+    settled(appliance)
+    booted = appliance.run(
+        'echo "BOOTED=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
+        'org.rastos.Daemon1.Manager BootState | base64 -w0)"', "BOOTED"
+    )  # fmt: skip
+    boot = json.loads(base64.b64decode(booted))["data"]
+    assert boot["image_version"] == "2" and boot["root"] == "@deployments/2" and boot["health"] == "good", boot
+    owners = appliance.run("echo OWNERS=$(stat -c %U:%G /var/lib/postgresql /var/lib/rastos-hub/tls/hub.key)", "OWNERS")
+    assert owners == "postgres:postgres rastos-hub:rastos-hub", owners
+    wait_answering(hub, 180)
+    after = hub.state()
+    assert sorted(after["hosts"]) == sorted(before["hosts"]) == ["vm-1"]
+    assert sorted(after["runs"]) == sorted(before["runs"]) and after["runs"], "the runs the hub had, kept"

@@ -15,7 +15,7 @@ from imagebuilder.profile.model import MiB
 from imagebuilder.stages.bootloader import boot_entry, entry_filename, kernel_cmdline, loader_conf
 from imagebuilder.stages.bootstrap import cache_key, describe_change, package_set
 from imagebuilder.stages.configure import GENERATORS, fstab, skip_generators, write_daemon_config
-from imagebuilder.stages.disk import plan_layout
+from imagebuilder.stages.disk import plan_layout, stage_subvolumes
 from rastos.errors import RastosError
 
 
@@ -105,6 +105,33 @@ def test_fstab_mounts_every_subvolume_by_uuid_and_leaves_root_to_the_boot_entry(
         assert f"subvol=/{subvolume}," in by_mountpoint[mountpoint][3]
     assert by_mountpoint["/efi"][0] == f"UUID={ctx.ids.esp_fs_uuid}"
     assert "x-systemd.automount" in by_mountpoint["/efi"][3]
+
+
+def test_the_hub_appliance_keeps_its_database_and_state_on_subvolumes_of_their_own(tmp_path: Path) -> None:
+    ctx = context("hub")
+    mounts = {fields[1]: fields[3] for fields in (line.split("\t") for line in fstab(ctx).splitlines()[3:])}
+    assert "subvol=/@postgresql," in mounts["/var/lib/postgresql"]
+    assert "subvol=/@rastos-hub," in mounts["/var/lib/rastos-hub"]
+    assert "/var/lib/postgresql" not in fstab(context("minimal")), "only the appliance has them"
+    # The build moves what the packages put there (the cluster PostgreSQL's package made) out of the root.
+    ctx.work_dir = tmp_path
+    cluster = ctx.rootfs / "var/lib/postgresql/17/main"
+    cluster.mkdir(parents=True)
+    (cluster / "PG_VERSION").write_text("17\n")
+    (ctx.rootfs / "var/lib/rastos-hub").mkdir(parents=True)
+    stage_subvolumes(ctx)
+    assert (ctx.fs_tree / "@postgresql/17/main/PG_VERSION").read_text() == "17\n"
+    assert (ctx.fs_tree / "@rastos-hub").is_dir()
+    assert list((ctx.rootfs / "var/lib/postgresql").iterdir()) == [], "an empty mount point in the root"
+
+
+def test_a_hub_subvolume_named_as_another_is_refused(tmp_path: Path) -> None:
+    from imagebuilder.profile.merge import ProfileError
+
+    path = tmp_path / "clash.toml"
+    path.write_text('extends = "hub"\n[hub_server]\nstate = "@rastos"\n')
+    with pytest.raises(ProfileError, match=r"clash.toml: table 'hub_server': subvolume '@rastos' is named for two"):
+        load_profile(path)
 
 
 def test_boot_entry_names_its_subvolume_and_counts_tries() -> None:

@@ -46,6 +46,9 @@ IMAGE_DAEMON_TOML = "[snapshots]\nkeep_pairs = 10\n"
 HOST_UPDATE_KEY = "-----BEGIN PUBLIC KEY-----\nhost's own\n-----END PUBLIC KEY-----\n"
 IMAGE_UPDATE_KEY = "-----BEGIN PUBLIC KEY-----\nbuilder\n-----END PUBLIC KEY-----\n"
 IMAGE_HUB_CA = "-----BEGIN CERTIFICATE-----\nthe image's\n-----END CERTIFICATE-----\n"
+# A hub appliance's: the image's listens on loopback; the host's serves the fleet over TLS.
+IMAGE_HUB_ENV = "RASTOS_HUB_OPTIONS=--listen 127.0.0.1:8470\n"
+HUB_ENV = "RASTOS_HUB_OPTIONS=--listen 0.0.0.0:8470 --tls-cert /var/lib/rastos-hub/tls/hub.crt\n"
 HUB_CA = "-----BEGIN CERTIFICATE-----\nenrolment's\n-----END CERTIFICATE-----\n"
 DECLARED = '[motd]\ntext = "Declared in rastos.toml"\n'
 SECRET = "carry-test-secret-31c7"
@@ -99,6 +102,7 @@ def make_image(base: Path, top: Path) -> Path:
     btrfs("subvolume", "snapshot", base, image)
     write(image, "/etc/rastos/daemon.toml", IMAGE_DAEMON_TOML)
     write(image, "/etc/rastos/hub-ca.pem", IMAGE_HUB_CA)
+    write(image, "/etc/rastos-hub/hub.env", IMAGE_HUB_ENV, 0o640)
     write(image, "/etc/rastos/update-keys.d/builder.pub", IMAGE_UPDATE_KEY)
     write(image, "/etc/fstab", fstab(*HOST_IDS))
     write(image, "/etc/kernel/cmdline", cmdline(HOST_IDS[0]))
@@ -130,6 +134,7 @@ def make_host_files(root: Path) -> None:
     write(root, "/etc/rastos/hub-token", HUB_TOKEN, 0o600)
     write(root, "/etc/rastos/daemon.toml", DAEMON_TOML, 0o640)
     write(root, "/etc/rastos/hub-ca.pem", HUB_CA)  # enrolment's (Hub.Join); the image's is another
+    write(root, "/etc/rastos-hub/hub.env", HUB_ENV, 0o640)
     write(root, "/etc/rastos/update-keys.d/host.pub", HOST_UPDATE_KEY)
     write(root, "/etc/rastos/rastos.toml", DECLARED, 0o640)
 
@@ -298,7 +303,8 @@ def test_identity_and_secrets_are_carried_byte_for_byte(host: Host, prepared: Pr
     carried = {entry["path"] for entry in result["carried"] if entry["action"] == "copied"}
     for path in ("/etc/machine-id", "/etc/rastos/hub-token", "/etc/ssh/ssh_host_ed25519_key",
                  "/etc/ssh/ssh_host_ed25519_key.pub", "/etc/rastos/rastos.toml", "/etc/rastos/daemon.toml",
-                 "/etc/rastos/hub-ca.pem", "/etc/rastos/update-keys.d/host.pub"):  # fmt: skip
+                 "/etc/rastos/hub-ca.pem", "/etc/rastos/update-keys.d/host.pub",
+                 "/etc/rastos-hub/hub.env"):  # fmt: skip
         assert path in carried
         source, copy = host.running / path.lstrip("/"), new_root / path.lstrip("/")
         assert copy.read_bytes() == source.read_bytes(), path

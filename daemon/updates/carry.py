@@ -23,7 +23,8 @@ The new tree is a fresh image; the running root is the host. Three things bring 
    such a step installed that the new tree lacks are named instead.
 3. Hand changes under /etc reported (hand_changes.py), never merged.
 
-Not carried, on purpose: /home, /var/log and /var/lib/rastos are subvolumes every deployment shares;
+Not carried, on purpose: /home, /var/log and /var/lib/rastos (and a hub appliance's /var/lib/postgresql
+and /var/lib/rastos-hub) are subvolumes every deployment shares;
 volatile files (adjtime, resolv.conf, ld.so.cache, passwd- and the like) are the system's to rewrite.
 """
 
@@ -69,8 +70,14 @@ ALWAYS = ("/etc/machine-id", DECLARED, CA_KEY, CA_CERT, TLS_KEY, TLS_CERT)
 # Shipped by the image and changed by an admin: the host's when it differs from the image it ran. A
 # daemon.toml holds the hub's URL, and hub-ca.pem the CA enrolment installed beside it (Hub.Join):
 # losing either would cut the host off its fleet. root's keys are not in @home: without them an admin
-# who logs in as root would be locked out.
-WHEN_CHANGED = ("/etc/rastos/daemon.toml", "/etc/rastos/hub-ca.pem", "/root/.ssh/authorized_keys")
+# who logs in as root would be locked out. A hub appliance's hub.env says where it listens and with
+# which certificate: the image's own serves loopback only, which would cut the fleet off its hub.
+WHEN_CHANGED = (
+    "/etc/rastos/daemon.toml",
+    "/etc/rastos/hub-ca.pem",
+    "/root/.ssh/authorized_keys",
+    "/etc/rastos-hub/hub.env",
+)
 
 Output = Callable[[str], None]
 

@@ -196,11 +196,12 @@ def _check_whole(profile: Profile, origins: Origins) -> None:
             f"{origins.of('disk.size')}: key 'disk.size': {format_size(profile.disk.size)} leaves less "
             f"than 256M for the root file system beside a {format_size(profile.disk.esp_size)} ESP"
         )
-    names = [name for name, _ in profile.btrfs.layout()]
+    names = [name for name, _ in profile.layout()]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
+        table = "hub_server" if duplicate in dict(profile.hub_server.layout()) else "btrfs"
         raise ProfileError(
-            f"{origins.of('btrfs')}: table 'btrfs': subvolume '{duplicate}' is named for two mount points"
+            f"{origins.of(table)}: table '{table}': subvolume '{duplicate}' is named for two mount points"
         )
     users = [u.name for u in profile.users]
     if len(set(users)) != len(users):

@@ -446,6 +446,18 @@ class HubServerConfig:
             "/etc/rastos-hub/hub.env says otherwise (Debian only)"
         ),
     )
+    # The appliance's state lives outside its root, as the daemon's does on @rastos: an image update
+    # makes a new root, and a rollback goes back to an old one, while the fleet's database must stay.
+    database: str = _subvolume(
+        "@postgresql", "subvolume for PostgreSQL's clusters, /var/lib/postgresql (kept across updates and rollbacks)"
+    )
+    state: str = _subvolume(
+        "@rastos-hub", "subvolume for the hub's state, /var/lib/rastos-hub (kept across updates and rollbacks)"
+    )
+
+    def layout(self) -> list[tuple[str, str]]:
+        """(subvolume, mount point) pairs of the appliance's state; none unless the image is one."""
+        return [(self.database, "/var/lib/postgresql"), (self.state, "/var/lib/rastos-hub")] if self.enable else []
 
 
 @dataclass(frozen=True)
@@ -472,3 +484,11 @@ class Profile:
     hub: HubConfig = field(default_factory=HubConfig)
     hub_server: HubServerConfig = field(default_factory=HubServerConfig)
     sources: tuple[str, ...] = field(default=(), metadata={"internal": True})
+
+    def layout(self) -> list[tuple[str, str]]:
+        """Every (subvolume, mount point) of the image, the root first; names may repeat in an invalid profile."""
+        return self.btrfs.layout() + self.hub_server.layout()
+
+    def subvolumes(self) -> dict[str, str]:
+        """Subvolume name -> where it is mounted. The root comes first."""
+        return dict(self.layout())

@@ -103,7 +103,7 @@ def fstab(ctx: BuildContext) -> str:
         "# (rootflags=subvol=...), so / names none here: any deployment or snapshot can boot.",
         f"UUID={uuid}\t/\tbtrfs\t{options}\t0 0",
     ]
-    for subvolume, mountpoint in btrfs.subvolumes().items():
+    for subvolume, mountpoint in ctx.profile.subvolumes().items():
         if mountpoint != "/":
             lines.append(f"UUID={uuid}\t{mountpoint}\tbtrfs\tsubvol=/{subvolume},{options}\t0 0")
     # The ESP is mounted on first use only: nothing at boot waits for it.

@@ -64,7 +64,7 @@ def _move_contents(source: Path, destination: Path) -> None:
 def stage_subvolumes(ctx: BuildContext) -> None:
     """Give each subvolume its directory at the top of the tree, moving its files out of the root."""
     rootfs = ctx.rootfs
-    for subvolume, mountpoint in ctx.profile.btrfs.subvolumes().items():
+    for subvolume, mountpoint in ctx.profile.subvolumes().items():
         if mountpoint != "/":
             _move_contents(rootfs / mountpoint.lstrip("/"), ctx.fs_tree / subvolume)
     (rootfs / "efi").mkdir(exist_ok=True)
@@ -114,7 +114,7 @@ def _mkfs_argv(ctx: BuildContext) -> list[str | Path]:
 
 def _others(ctx: BuildContext) -> list[str]:
     """The subvolumes made with the file system: all but the root, which is received later."""
-    return [name for name in ctx.profile.btrfs.subvolumes() if name != ctx.profile.btrfs.root]
+    return [name for name in ctx.profile.subvolumes() if name != ctx.profile.btrfs.root]
 
 
 def _make_with_rootdir(ctx: BuildContext, image: Path) -> None:

@@ -143,7 +143,7 @@ def manifest(ctx: BuildContext, images: dict[str, Path], packages: list[dict[str
             "default_subvolume": btrfs.root,
             "images": IMAGES,
             "compression": btrfs.compression,
-            "subvolumes": [{"name": name, "mountpoint": mp} for name, mp in btrfs.subvolumes().items()],
+            "subvolumes": [{"name": name, "mountpoint": mp} for name, mp in ctx.profile.subvolumes().items()],
         },
         "outputs": {
             kind: {"file": path.name, "size": path.stat().st_size, "sha256": digests[path]}
