@@ -134,8 +134,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
     credentials = tuple(parse_credential(text) for text in args.credential)
     forwards = tuple(parse_forward(text) for text in args.forward)
     options = VmOptions(
-        image=args.image, accel=args.accel, memory=args.memory, cpus=args.cpus, snapshot=args.snapshot,
+        image=args.image, accel=args.accel, memory=args.memory, snapshot=args.snapshot,
         credentials=credentials, forwards=forwards, **({"ssh_port": args.ssh_port} if args.ssh_port else {}),
+        **({"cpus": args.cpus} if args.cpus is not None else {}),
     )  # fmt: skip
     if args.until_ready:
         return _boot_until_ready(options, args.json, args.timeout)
@@ -259,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     boot.add_argument("--json", action="store_true", help="with --until-ready: print the report as JSON")
     boot.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     boot.add_argument("--memory", default="1G")
-    boot.add_argument("--cpus", type=int, default=2)
+    boot.add_argument("--cpus", type=int, help="vCPUs (default: 2, or $RASTOS_VM_CPUS)")
     boot.add_argument(
         "--credential", action="append", default=[], metavar="NAME=VALUE",
         help="a systemd credential for the guest, e.g. rastos.hub.url=ws://10.0.2.2:8470/api/v1/agent (repeatable)",

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -111,12 +112,25 @@ def efivars_path(image: Path) -> Path:
     return image.with_name(image.name + ".efivars")
 
 
+CPUS_VARIABLE = "RASTOS_VM_CPUS"
+
+
+def default_cpus() -> int:
+    """Two vCPUs, or $RASTOS_VM_CPUS: where several VMs share a few cores under TCG (the boot tests on
+    two workers), one vCPU each boots faster than two, whose threads preempt each other and a vCPU
+    holding a guest spinlock."""
+    text = os.environ.get(CPUS_VARIABLE, "2")
+    if not re.fullmatch(r"[0-9]{1,2}", text) or not 1 <= int(text) <= 64:
+        raise RastosError(f"${CPUS_VARIABLE} is {text!r}, not a number of vCPUs from 1 to 64")
+    return int(text)
+
+
 @dataclass
 class VmOptions:
     image: Path
     accel: str = "auto"  # auto, kvm or tcg
     memory: str = "1G"
-    cpus: int = 2
+    cpus: int = field(default_factory=default_cpus)
     snapshot: bool = False  # leave the image (and its UEFI variables) unchanged
     ssh_port: int = field(default_factory=free_port)
     # systemd credentials for the guest (NAME -> value), e.g. rastos.hub.token: how one image is given
