@@ -31,9 +31,12 @@ from typing import Any
 
 import sdbus.sd_bus_internals
 
+from daemon.bus.polkit import AUTHENTICATION_TIMEOUT_USEC
+
 log = logging.getLogger("rastosctl")
 
 AGENT_READY_TIMEOUT = 10.0  # seconds for pkttyagent to register with polkit
+CLIENT_MARGIN_USEC = 15_000_000  # over rastosd's wait for polkit: its answer's way back, on a busy host
 # Commands that only read: rastosd asks polkit nothing for them, so no prompt is ever wanted.
 READ_ONLY = frozenset({"status", "ops", "plan", "jobs", "job", "log"})
 
@@ -55,7 +58,9 @@ def _sd_bus() -> Any:
 
 
 def allow_interactive_authorization(bus: Any, allowed: bool = True) -> bool:
-    """Set the flag on every call `bus` makes from now on; False when it could not be set for sure."""
+    """Set the flag on every call `bus` makes from now on; False when it could not be set for sure.
+    Allowed, the calls also wait for a person at a password prompt: longer than rastosd waits for polkit,
+    so its answer, a refusal included, arrives rather than a time-out."""
     if not isinstance(bus, sdbus.sd_bus_internals.SdBus):
         return False
     pointer = _BusObject.from_address(id(bus)).bus
@@ -68,7 +73,11 @@ def allow_interactive_authorization(bus: Any, allowed: bool = True) -> bool:
     if address.value.decode(errors="replace") != bus.address:
         log.warning("sdbus's bus objects are not laid out as expected: calls go out without asking for a password")
         return False
-    return bool(library.sd_bus_set_allow_interactive_authorization(pointer, int(allowed)) >= 0)
+    if library.sd_bus_set_allow_interactive_authorization(pointer, int(allowed)) < 0:
+        return False
+    if allowed:
+        bus.method_call_timeout_usec = AUTHENTICATION_TIMEOUT_USEC + CLIENT_MARGIN_USEC
+    return True
 
 
 def wants_password_prompt(command: str, local: bool, ask_password: bool) -> bool:

@@ -13,7 +13,7 @@ from sdbus import sd_bus_open_system
 
 from daemon.bus.interfaces import BUS_NAME, ROOT_PATH
 from daemon.bus.objects import BusFace
-from daemon.bus.polkit import find_polkit
+from daemon.bus.polkit import AUTHENTICATION_TIMEOUT_USEC, find_polkit
 from daemon.config import DaemonConfig
 from daemon.core import Daemon
 from ops import OP_CLASSES
@@ -35,6 +35,7 @@ async def serve(config: DaemonConfig) -> None:
     daemon = Daemon(config, Path(credentials) if credentials else None)
     face = BusFace(daemon, bus)
     face.callers.polkit = await find_polkit(bus)
+    bus.method_call_timeout_usec = AUTHENTICATION_TIMEOUT_USEC
     log.info("access: %s", face.callers.describe())
     interrupted = daemon.store.interrupt_unfinished_jobs()
     if interrupted:

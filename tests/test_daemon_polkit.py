@@ -313,3 +313,25 @@ def test_a_question_polkit_does_not_answer_is_a_no(tmp_path: Path) -> None:
             assert apply_as_root(rastosd, "root needs no polkit")[1] == "done"
         finally:
             assert rastosd.stop() == 0
+
+
+def test_a_client_that_lets_polkit_ask_waits_longer_than_rastosd_waits_for_polkit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A person typing a password may take more than sd-bus's default 25 s: rastosd waits for polkit up
+    to AUTHENTICATION_TIMEOUT_USEC, and a client that lets polkit ask waits longer, to hear its answer."""
+    from sdbus import sd_bus_open_system
+
+    from daemon.bus.polkit import AUTHENTICATION_TIMEOUT_USEC
+    from daemon.ctl_polkit import allow_interactive_authorization
+
+    require_root()
+    with private_bus(STRICT_POLICY) as bus:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+        client = sd_bus_open_system()
+        default = client.method_call_timeout_usec
+        assert default < AUTHENTICATION_TIMEOUT_USEC, "sd-bus's own default is the shorter"
+        assert allow_interactive_authorization(client, False)
+        assert client.method_call_timeout_usec == default, "a client that may not be asked keeps the default"
+        assert allow_interactive_authorization(client, True)
+        assert client.method_call_timeout_usec > AUTHENTICATION_TIMEOUT_USEC

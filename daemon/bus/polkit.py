@@ -23,6 +23,11 @@ log = logging.getLogger("rastosd.bus")
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 PREFIX = "org.rastos.Daemon1."
 ALLOW_USER_INTERACTION = 1
+# polkit answers a check that may ask only once a person has typed a password into an agent, which
+# takes longer than sd-bus's default 25 s at times (a long password, a slow machine, a distracted
+# admin), so rastosd waits up to this for any call of its own (its others go to the bus driver, which
+# answers at once); a client that lets polkit ask waits longer still, to hear rastosd's answer.
+AUTHENTICATION_TIMEOUT_USEC = 120_000_000
 
 # Method (as the caller names it, interface.member) -> its action. Read-only methods have none.
 ACTIONS: dict[str, str] = {
