@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import ssl
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import CACHE_DIR, CHECKOUT
 from guest_console import GuestConsole, settled
-from test_updates import served
+from test_updates import boot_state, bundle_of, manifest_of, served
 
 from imagebuilder.vm import VmOptions, free_port, running_vm
 from tests.hub_fixtures import Hub
@@ -92,16 +91,12 @@ def wait_answering(hub: Hub, timeout: float) -> None:
 
 def next_version(hub_image: Path, folder: Path) -> Path:
     """The appliance's next version, as a delta bundle from `hub_image`'s: the same profile, rebuilt."""
-    built = json.loads((hub_image.parent / "manifest.json").read_text())["outputs"]
-    full = [hub_image.parent / str(o["file"]) for o in built.values() if str(o["file"]).endswith(".rbundle")]
-    assert len(full) == 1, built
+    full = bundle_of(manifest_of(hub_image.parent), delta=False)
     argv = [sys.executable, "-m", "imagebuilder", "build", "hub", "--image-version", "2", "--output-dir", str(folder),
-            "--cache-dir", str(CACHE_DIR), "--delta-from", str(full[0]), "--json"]  # fmt: skip
+            "--cache-dir", str(CACHE_DIR), "--delta-from", str(full), "--json"]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, cwd=CHECKOUT, check=False)
     assert result.returncode == 0, result.stderr
-    outputs = json.loads((folder / "manifest.json").read_text())["outputs"].values()
-    (delta,) = [folder / str(o["file"]) for o in outputs if "-from-" in str(o["file"])]
-    return delta
+    return bundle_of(manifest_of(folder), delta=True)
 
 
 def test_a_vm_joins_the_hub_appliance_over_tls_and_runs_what_it_dispatches(
@@ -220,11 +215,7 @@ def update_keeps_the_fleet(appliance: GuestConsole, hub: Hub, update: Path) -> N
         assert appliance.wait_for_new(b"BdsDxe: starting", 900), "the appliance staged its next version and rebooted"
     assert appliance.wait_for_new(APPLIANCE_PROMPT, 400), "the next version boots to its console"
     settled(appliance)
-    booted = appliance.run(
-        'echo "BOOTED=$(busctl --json=short get-property org.rastos.Daemon1 /org/rastos/Daemon1 '
-        'org.rastos.Daemon1.Manager BootState | base64 -w0)"', "BOOTED"
-    )  # fmt: skip
-    boot = json.loads(base64.b64decode(booted))["data"]
+    boot = boot_state(appliance)
     assert boot["image_version"] == "2" and boot["root"] == "@deployments/2" and boot["health"] == "good", boot
     owners = appliance.run("echo OWNERS=$(stat -c %U:%G /var/lib/postgresql /var/lib/rastos-hub/tls/hub.key)", "OWNERS")
     assert owners == "postgres:postgres rastos-hub:rastos-hub", owners

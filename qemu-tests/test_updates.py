@@ -62,10 +62,17 @@ def build(folder: Path, key: Path, version: str, *, packages: str = "", swappine
     result = subprocess.run(argv, capture_output=True, text=True, cwd=CHECKOUT, check=False)
     assert result.returncode == 0, result.stderr
     print(f"v{version} built in {time.monotonic() - started:.1f}s")
-    manifest: dict[str, Any] = json.loads((folder / "out" / "manifest.json").read_text())
+    manifest = manifest_of(folder / "out")
     for kind, output in manifest["outputs"].items():
-        output["path"] = folder / "out" / output["file"]
         print(f"  {kind}: {output['file']} {output['size'] / 2**20:.1f} MiB")
+    return manifest
+
+
+def manifest_of(out: Path) -> dict[str, Any]:
+    """A build's manifest.json in `out`, each output with its "path"."""
+    manifest: dict[str, Any] = json.loads((out / "manifest.json").read_text())
+    for output in manifest["outputs"].values():
+        output["path"] = out / output["file"]
     return manifest
 
 

@@ -347,10 +347,6 @@ class BtrfsConfig:
             (self.state, "/var/lib/rastos"),
         ]
 
-    def subvolumes(self) -> dict[str, str]:
-        """Subvolume name -> where it is mounted. The root comes first."""
-        return dict(self.layout())
-
 
 @dataclass(frozen=True)
 class BootConfig:
