@@ -69,6 +69,9 @@ def test_boots_to_multi_user_on_its_subvolume_and_blesses_its_entry(minimal_imag
     assert report["root"]["fstype"] == "btrfs"
     assert report["root"]["fsroot"] == "/@"
     assert "subvol=/@" in report["root"]["options"]
+    # fstab's options for / were applied by the initrd, systemd's remount of / being masked.
+    assert "compress=zstd:1" in report["root"]["options"].split(","), report["root"]
+    assert "noatime" in report["root"]["mount_options"].split(","), report["root"]
     assert report["btrfs_mounts"] == {
         "/": "/@",
         "/home": "/@home",

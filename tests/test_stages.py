@@ -14,7 +14,7 @@ from imagebuilder.profile import load_profile
 from imagebuilder.profile.model import MiB
 from imagebuilder.stages.bootloader import boot_entry, entry_filename, kernel_cmdline, loader_conf
 from imagebuilder.stages.bootstrap import cache_key, describe_change, package_set
-from imagebuilder.stages.configure import GENERATORS, fstab, skip_generators, write_daemon_config
+from imagebuilder.stages.configure import GENERATORS, fstab, implied_masks, skip_generators, write_daemon_config
 from imagebuilder.stages.disk import plan_layout, stage_subvolumes
 from rastos.errors import RastosError
 
@@ -225,6 +225,12 @@ def test_skipped_generators_are_linked_to_dev_null_and_unknown_ones_refused(tmp_
     skip_generators(tmp_path, profile)
     for name in profile.system.skip_generators:
         assert (tmp_path / "etc/systemd/system-generators" / name).readlink() == Path("/dev/null"), name
+
+
+def test_systemds_remount_of_root_is_masked_only_where_rastos_initrd_mounts_it_with_its_fstab_options() -> None:
+    assert implied_masks(load_profile("minimal")) == ("systemd-remount-fs.service",)
+    # Debian's initramfs mounts / read-only: systemd-remount-fs makes it writable.
+    assert implied_masks(load_profile("server")) == ()
 
 
 def test_only_the_hub_appliance_gets_the_hub_its_database_and_settings(tmp_path: Path) -> None:
