@@ -33,8 +33,7 @@ from daemon.config import DaemonConfig
 from daemon.errors import BootConfigError, SnapshotProtected, SnapshotsUnavailable
 from daemon.failpoints import failpoint
 from daemon.followups import run_owed
-from daemon.hub_join import Joined, join
-from daemon.hub_link import HUB_UID, HubLink, UpdateCompleted, load_settings
+from daemon.hub_link_settings import HUB_UID, load_settings
 from daemon.jobs import Job, JobListener, JobManager, parse_params
 from daemon.snapshots import SnapshotLayout, Snapshots, subvolume_path
 from daemon.store import SnapshotRow, StateStore
@@ -46,6 +45,9 @@ from rastos.process import run
 
 if TYPE_CHECKING:
     import ssl
+
+    from daemon.hub_join import Joined
+    from daemon.hub_link import HubLink, UpdateCompleted
 
 log = logging.getLogger("rastosd")
 
@@ -192,6 +194,8 @@ class Daemon:
                                  self.config.hub_ca)  # fmt: skip
         if settings is None:
             return
+        from daemon.hub_link import HubLink  # only a host with a hub needs the link's modules
+
         self.hub = HubLink(self, settings)
         self._hub_task = asyncio.create_task(self.hub.run_forever())
 
@@ -206,6 +210,8 @@ class Daemon:
     async def join_hub(self, url: str, token: str, ca_pem: str, uid: int) -> Joined:
         """Hub.Join (hub_join.py): check, write, record (never the token), then a new link at once.
         One at a time: two would write the same files and start a link each."""
+        from daemon.hub_join import join
+
         async with self._join_lock:
             joined = await asyncio.to_thread(join, self.config, self.credentials, url, token, ca_pem)
             self.store.record(uid, "HubJoin", None, **joined.as_json())

@@ -20,7 +20,7 @@ from typing import Any
 from daemon.config import DaemonConfig, parse_config
 from daemon.config_write import with_hub_keys
 from daemon.errors import DaemonError, HubCredentials, InvalidParams
-from daemon.hub_link import CREDENTIAL_CA, CREDENTIAL_TOKEN, CREDENTIAL_URL
+from daemon.hub_link_settings import CREDENTIAL_CA, CREDENTIAL_TOKEN, CREDENTIAL_URL
 from ops.rootfs import Root
 from rastos.errors import RastosError
 from rastos.hub_settings import CheckedCa, HubUrlProblem, check_agent_urls, check_ca, check_token

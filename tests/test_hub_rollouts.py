@@ -32,7 +32,8 @@ import pytest
 from aiohttp import web
 
 from daemon.boot import BootState
-from daemon.hub_link import HubLink, HubSettings, UpdateCompleted
+from daemon.hub_link import HubLink, UpdateCompleted
+from daemon.hub_link_settings import HubSettings
 from daemon.store import StateStore
 from daemon.updates import StageAnswer
 from rastos.bundle import SigningKey, generate_key, part_offsets

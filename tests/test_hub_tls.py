@@ -24,7 +24,8 @@ import pytest
 from cryptography import x509
 
 from daemon.errors import UpdateFailed
-from daemon.hub_link import HubLink, HubSettings
+from daemon.hub_link import HubLink
+from daemon.hub_link_settings import HubSettings
 from daemon.updates.fetch import Download
 from daemon.updates.source import parse_source
 from hub.tls import MINIMUM_VERSION, TlsFiles
@@ -325,7 +326,7 @@ def test_the_daemon_configuration_takes_hub_ca_only_as_an_absolute_path_with_a_w
 
 
 def test_a_ca_file_the_agent_cannot_use_is_said_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from daemon.hub_link import TlsSetupError, load_settings
+    from daemon.hub_link_settings import TlsSetupError, load_settings
 
     token = tmp_path / "token"
     token.write_text("secret\n")

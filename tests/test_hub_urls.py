@@ -12,7 +12,8 @@ import pytest
 from daemon.config import load_config, parse_config
 from daemon.config_write import with_hub_keys
 from daemon.ctl_output import format_hub_status
-from daemon.hub_link import HubLink, HubSettings, load_settings
+from daemon.hub_link import HubLink
+from daemon.hub_link_settings import HubSettings, load_settings
 from imagebuilder.profile.load import load_profile
 from imagebuilder.profile.merge import ProfileError
 from imagebuilder.stages.configure import write_daemon_config

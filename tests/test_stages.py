@@ -66,7 +66,7 @@ def test_the_hub_url_goes_into_the_image_and_the_daemon_reads_it(tmp_path: Path)
 
 
 def test_the_hubs_ca_goes_into_the_image_and_the_daemon_verifies_the_hub_with_it(tmp_path: Path) -> None:
-    from daemon.hub_link import HubSettings
+    from daemon.hub_link_settings import HubSettings
     from tests.hub_fixtures import Pki
 
     pki = Pki.make(tmp_path / "pki")

@@ -1,0 +1,23 @@
+"""What rastosd's start imports: under emulation each module is tens of milliseconds of a boot
+before the daemon answers, so what a call may never need is imported when it is first needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from ops import OP_CLASSES
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def test_rastosd_s_start_imports_neither_an_op_nor_the_hub_link() -> None:
+    code = "import sys, daemon.cli, daemon.service; print(' '.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, capture_output=True, text=True, check=True)
+    imported = set(result.stdout.split())
+    assert "daemon.service" in imported and "daemon.hub_link_settings" in imported  # what it does need
+    # The link (its protocol, actions, output) only on a host with a hub; Hub.Join's checks when called.
+    assert not imported & {"daemon.hub_link", "daemon.hub_join", "daemon.hub_actions", "daemon.hub_output"}
+    # The op modules when a call first names an op (ops/__init__.py's registry).
+    assert not imported & {module for module, _ in OP_CLASSES.values()}
