@@ -59,7 +59,9 @@ def on_a_terminal(client: SshClient, port: int, user: str, command: str, answers
     )  # fmt: skip
     os.close(terminal)
     seen, pending = b"", dict(answers)
-    deadline = time.monotonic() + 120
+    # A first login starts the user's systemd, then Python, polkit's agent, a password hash and a
+    # snapshot: with two VMs on two cores, more than two minutes once in CI. The wait ends with the session.
+    deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([controller], [], [], 1.0)

@@ -29,11 +29,12 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ssh_image(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path) -> Path:
-    """The minimal image with OpenSSH and nftables, and an admin whose key the test holds."""
+    """The minimal image with OpenSSH and nftables, and an admin whose key the test holds; iproute2
+    for `ss`, with which the test sees what listens in the guest."""
     folder = tmp_path_factory.mktemp("ssh-image")
     public = ssh_key.with_suffix(".pub").read_text().strip()
     (folder / "ssh.toml").write_text(
-        'extends = "minimal"\n[packages]\ninclude = ["openssh-server", "nftables", "sudo"]\n'
+        'extends = "minimal"\n[packages]\ninclude = ["openssh-server", "nftables", "sudo", "iproute2"]\n'
         # The host name stays the default, set by the hostname op all the same: the console's prompt has it.
         '[system]\nenable = ["ssh.service"]\n[kernel.sysctl]\n"vm.swappiness" = 13\n'
         f'[[users]]\nname = "admin"\nsudo = true\nauthorized_keys = ["{public}"]\n'
