@@ -178,7 +178,9 @@ def keep_time_in_a_local_session(client: SshClient, port: int) -> None:
                       " --property=StandardInput=tty --property=StandardOutput=file:/tmp/two-calls.out"
                       " --property=StandardError=file:/tmp/two-calls.out --uid=alice python3 /home/alice/two-calls.py"
                       f" && {BRING_TO_FRONT.format(2)}")  # fmt: skip
-    waited = "for i in $(seq 300); do [ -e {0} ] && break; sleep 0.2; done; cat {0}"
+    # Up to 300 s each, ended by the file: with two VMs on two cores, her first call (Python, polkit's
+    # agent, the password's hash, a snapshot) once took more than the 60 s this wait had been.
+    waited = "for i in $(seq 1500); do [ -e {0} ] && break; sleep 0.2; done; cat {0}"
     pid = ssh(client, port, waited.format("/tmp/caller.pid"))
     # Her session as polkit sees it, found from the process logind placed in it.
     session = ssh(client, port, f"loginctl show-session $(ps -o lsession= -p {pid}) --property=Seat"
