@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from ops import OP_CLASSES
-
-CHECKOUT = Path(__file__).resolve().parents[1]
+from tests.conftest import CHECKOUT
 
 
 def test_rastosd_s_start_imports_neither_an_op_nor_the_hub_link() -> None:
