@@ -59,6 +59,10 @@ def on_a_terminal(client: SshClient, port: int, user: str, command: str, answers
     )  # fmt: skip
     os.close(terminal)
     seen, pending = b"", dict(answers)
+    # polkit's agent prints its prompt, then turns echo off with TCSAFLUSH, which throws away whatever was
+    # typed in between: an answer that shows on the terminal came too early, was echoed and discarded.
+    # It is typed again until one goes in unseen (CI once waited out polkit's 120 s for a lost answer).
+    given: dict[bytes, int] = {}
     # A first login starts the user's systemd, then Python, polkit's agent, a password hash and a
     # snapshot: with two VMs on two cores, more than two minutes once in CI. The wait ends with the session.
     deadline = time.monotonic() + 300
@@ -74,7 +78,13 @@ def on_a_terminal(client: SshClient, port: int, user: str, command: str, answers
                     break
                 seen += chunk
             for prompt in [p for p in pending if p in seen]:
-                os.write(controller, pending.pop(prompt) + b"\n")
+                answer = pending.pop(prompt)
+                os.write(controller, answer + b"\n")
+                given[answer] = seen.count(answer)
+            for answer, echoed in given.items():
+                if seen.count(answer) > echoed:
+                    os.write(controller, answer + b"\n")
+                    given[answer] = seen.count(answer)
             if process.poll() is not None and not ready:
                 break
         return seen.decode(errors="replace")
