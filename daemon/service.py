@@ -31,10 +31,13 @@ async def serve(config: DaemonConfig) -> None:
     if config.bus_address is not None:
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = config.bus_address  # sd-bus reads it when it connects
     bus = sd_bus_open_system()
+    # The first call on the bus, before anything is read from the host: at boot rastosd starts beside
+    # sysinit.target's work, and dbus.service, ordered after basic.target, answers only once it is done.
+    polkit = await find_polkit(bus)
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     daemon = Daemon(config, Path(credentials) if credentials else None)
     face = BusFace(daemon, bus)
-    face.callers.polkit = await find_polkit(bus)
+    face.callers.polkit = polkit
     bus.method_call_timeout_usec = AUTHENTICATION_TIMEOUT_USEC
     log.info("access: %s", face.callers.describe())
     interrupted = daemon.store.interrupt_unfinished_jobs()

@@ -244,21 +244,8 @@ class Rastosd:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.bind(str(notify_path))
         listener.settimeout(timeout)
-        log = self.state_dir.parent / f"rastosd-{len(self.logs)}.log"
-        self.logs.append(log)
-        argv = [
-            *self.wrapper, sys.executable, "-m", "daemon", "--root", str(self.scratch.root),
-            "--snapshots-dir", str(self.scratch.snapshots), "--esp", str(self.scratch.esp),
-            "--state-dir", str(self.state_dir), "--bus-address", self.bus.address, "--debug",
-        ]  # fmt: skip
-        if self.config is not None:
-            argv += ["--config", str(self.config)]
-        argv += self.extra
-        env = {**os.environ, **self.env, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(CHECKOUT)}
-        with log.open("w") as output:
-            self.process = subprocess.Popen(
-                argv, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, cwd=CHECKOUT
-            )
+        self.launch({"NOTIFY_SOCKET": str(notify_path)})
+        log = self.logs[-1]
         try:
             while True:
                 message = listener.recv(4096).decode()
@@ -270,6 +257,24 @@ class Rastosd:
         finally:
             listener.close()
             notify_path.unlink()
+
+    def launch(self, env: dict[str, str], bus_address: str | None = None) -> None:
+        """The daemon's process started, its output in a log of its own; nothing waited for."""
+        log = self.state_dir.parent / f"rastosd-{len(self.logs)}.log"
+        self.logs.append(log)
+        argv = [
+            *self.wrapper, sys.executable, "-m", "daemon", "--root", str(self.scratch.root),
+            "--snapshots-dir", str(self.scratch.snapshots), "--esp", str(self.scratch.esp),
+            "--state-dir", str(self.state_dir), "--bus-address", bus_address or self.bus.address, "--debug",
+        ]  # fmt: skip
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        argv += self.extra
+        env = {**os.environ, **self.env, **env, "PYTHONPATH": str(CHECKOUT)}
+        with log.open("w") as output:
+            self.process = subprocess.Popen(
+                argv, stdout=output, stderr=subprocess.STDOUT, text=True, env=env, cwd=CHECKOUT
+            )
 
     def killed_at(self, point: str, timeout: float = 60) -> None:
         """Wait until the daemon stops at failpoint `point` (daemon/failpoints.py), then kill it there

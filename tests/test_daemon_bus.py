@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -559,6 +560,38 @@ def test_rastosd_answers_on_the_bus_before_it_reads_the_esp(
     status = json.loads(daemon.call(UPDATES, "GetStatus")[0])
     assert status["staged_version"] == ""
     assert daemon.stop() == 0
+
+
+def test_rastosd_reads_nothing_of_the_host_before_the_bus_first_answers(
+    daemon_env: tuple[PrivateBus, ScratchRoot, Path], tmp_path: Path
+) -> None:
+    """At boot rastosd starts beside sysinit.target's work, and the bus (dbus.service, after
+    basic.target) answers only once that work is done: its first message goes out before it opens its
+    state or reads anything of the host. A bus of the test's own that takes the connection and holds
+    the first message shows the point: sd-bus sends that message (Hello) at the event loop's first turn."""
+    bus, scratch, state_dir = daemon_env
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+        held.bind(str(tmp_path / "held-bus"))
+        held.listen(1)
+        held.settimeout(60)
+        daemon = Rastosd(bus, scratch, state_dir)
+        daemon.launch({}, bus_address=f"unix:path={tmp_path / 'held-bus'}")
+        try:
+            connection, _ = held.accept()
+            with connection:
+                connection.settimeout(60)
+                said = b""
+                while b"BEGIN\r\n" not in said:  # sd-bus sends its whole side of the authentication at once
+                    said += connection.recv(4096) or pytest.fail(f"no authentication: {said!r}")
+                # dbus-daemon's answers to AUTH EXTERNAL with no initial response, DATA and NEGOTIATE_UNIX_FD
+                connection.sendall(b"DATA\r\nOK 0123456789abcdef0123456789abcdef\r\nAGREE_UNIX_FD\r\n")
+                message = said.split(b"BEGIN\r\n", 1)[1]
+                while b"Hello" not in message:
+                    message += connection.recv(4096) or pytest.fail(f"no Hello:\n{daemon.log_text()}")
+                assert not state_dir.exists(), "rastosd opened its state before the bus answered"
+                assert daemon.process is not None and daemon.process.poll() is None
+        finally:
+            assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
 
 def slow_pipeline(count: int) -> str:
