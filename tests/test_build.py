@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,13 @@ def test_manifest_matches_the_image(any_build: BuildRun, tmp_path: Path) -> None
                 assert f"UUID={root['fs_uuid']}\t{sub['mountpoint']}\tbtrfs\tsubvol=/{sub['name']}," in fstab
         assert f"UUID={esp['fs_uuid']}\t/efi\tvfat" in fstab
         assert (rootfs / "usr/lib/rastos/python/daemon/cli.py").is_file()
+        # What the initrd reads ahead for rastosd's start: files of the image, the daemon's own modules
+        # (byte-compiled) and the interpreter among them.
+        ahead = (rootfs / "usr/lib/rastos/readahead.list").read_text().splitlines()
+        assert all((rootfs / path).is_file() for path in ahead), [p for p in ahead if not (rootfs / p).is_file()]
+        service = r"usr/lib/rastos/python/daemon/__pycache__/service\.cpython-\d+\.pyc"
+        assert any(re.fullmatch(service, p) for p in ahead), ahead
+        assert any(re.fullmatch(r"usr/bin/python3\.\d+", p) for p in ahead), ahead
         assert (rootfs / "etc/systemd/system/multi-user.target.wants/rastosd.service").is_symlink()
         assert "rastos:" in (rootfs / "etc/group").read_text()
         assert (rootfs / "etc/systemd/system/multi-user.target.wants/rastos-boot-report.service").is_symlink()

@@ -29,7 +29,7 @@ from rastos.process import run
 INIT_SCRIPT = CHECKOUT / "imagebuilder" / "initrd" / "init"
 BUSYBOX = "usr/bin/busybox"
 APPLETS = (
-    "sh", "mount", "insmod", "findfs", "switch_root", "sleep", "cat", "reboot", "echo", "[", "test", "mkdir",
+    "sh", "mount", "insmod", "findfs", "switch_root", "sleep", "cat", "reboot", "echo", "[", "test", "mkdir", "nice",
 )  # fmt: skip
 # What the root needs, in the order given; dependencies are added before each. Also efivarfs:
 # Debian builds it as a module, and systemd-bless-boot-generator decides whether a boot is counted by
