@@ -6,13 +6,11 @@ Every key is consumed; an unknown key or a wrong type is an error naming it, nev
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rastos.errors import RastosError
-from rastos.hub_settings import HubUrlProblem, hub_urls
 
 DEFAULT_CONFIG = Path("/etc/rastos/daemon.toml")
 IMAGE_INFO = Path("/etc/rastos/image.json")
@@ -99,6 +97,12 @@ def load_config(path: Path | None) -> DaemonConfig:
 
 def parse_config(text: str, source: Path) -> DaemonConfig:
     """The configuration `text` (the file `source`) says, over the defaults; RastosError naming the key."""
+    # Imported here, where there is a file to read: most hosts have none, and under emulation each
+    # module is tens of milliseconds of rastosd's start at boot.
+    import tomllib
+
+    from rastos.hub_settings import HubUrlProblem, hub_urls
+
     config = DaemonConfig(boot_tries=_image_boot_tries(), config_file=source)
     try:
         document = tomllib.loads(text)

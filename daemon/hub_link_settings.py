@@ -13,8 +13,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from rastos.hub_settings import HubUrlProblem, check_ca, hub_urls
-
 log = logging.getLogger("rastosd.hub")
 
 HUB_UID = 0  # jobs run for the hub are the daemon's own (the hub's admin is in the hub's event log)
@@ -69,6 +67,12 @@ def load_settings(
     rastos.hub.url holds one URL or several separated by whitespace (a space, a newline); rastos.hub.ca,
     PEM, comes before hub.ca (the file is used where systemd keeps it, for the life of the service)."""
     given = _credential(credentials, CREDENTIAL_URL)
+    if given is None and not urls:
+        return None
+    # Only a host with a hub gets here: the checks' modules (URL parsing among them) are no part of the
+    # start of a host without one, where under emulation each module costs the boot tens of milliseconds.
+    from rastos.hub_settings import HubUrlProblem, check_ca, hub_urls
+
     if given is not None:
         words = given.split()
         try:

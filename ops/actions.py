@@ -5,7 +5,6 @@ link-refusing file access; programs of the target run on its files (bwrap on a s
 
 from __future__ import annotations
 
-import difflib
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -233,6 +232,8 @@ MAX_DIFF = 64 * 1024  # of a plan's diff, kept in the job and shown: a huge file
 
 
 def _diff(path: str, old: str, new: str) -> str:
+    import difflib  # here: a plan's diff is rare, and rastosd's start imports this module
+
     lines = difflib.unified_diff(
         old.splitlines(keepends=True), new.splitlines(keepends=True), f"a{path}", f"b{path}", n=1
     )

@@ -12,7 +12,6 @@ calling Plan, gets an answer within milliseconds, and nothing an op writes can f
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -193,6 +192,8 @@ def validate(schema: Schema, value: object, where: str = "params") -> Params:
     known = {param.name: param for param in schema}
     for key in value:
         if key not in known:
+            import difflib  # here, for the rare mistake: rastosd's start imports this module
+
             close = difflib.get_close_matches(str(key)[:MAX_KEY_LENGTH], known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known) or 'none'}"
             raise InvalidParams(f"{where}.{shown_key(str(key))}", f"unknown parameter{hint}")

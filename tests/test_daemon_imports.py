@@ -10,7 +10,7 @@ from ops import OP_CLASSES
 from tests.conftest import CHECKOUT
 
 
-def test_rastosd_s_start_imports_neither_an_op_nor_the_hub_link() -> None:
+def test_rastosd_s_start_imports_only_what_every_start_needs() -> None:
     code = "import sys, daemon.cli, daemon.service; print(' '.join(sorted(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, capture_output=True, text=True, check=True)
     imported = set(result.stdout.split())
@@ -19,3 +19,5 @@ def test_rastosd_s_start_imports_neither_an_op_nor_the_hub_link() -> None:
     assert not imported & {"daemon.hub_link", "daemon.hub_join", "daemon.hub_actions", "daemon.hub_output"}
     # The op modules when a call first names an op (ops/__init__.py's registry).
     assert not imported & {module for module, _ in OP_CLASSES.values()}
+    # A configuration file's parser, a hub's URL and CA checks, a plan's diff: where there is one.
+    assert not imported & {"tomllib", "rastos.hub_settings", "difflib"}
