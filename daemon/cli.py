@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from rastos.errors import RastosError
 
 
-def daemon_main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class DaemonArguments:
+    """rastosd's command line; what is None is left to the configuration's default."""
+
+    config: Path | None = None
+    root: Path | None = None
+    state_dir: Path | None = None
+    snapshots_dir: Path | None = None
+    esp: Path | None = None
+    bus_address: str | None = None
+    booted_entry: str | None = None
+    root_runtime: bool | None = None
+    kernel_cmdline: str | None = None
+    debug: bool = False
+
+
+def parse_daemon_arguments(argv: list[str]) -> DaemonArguments:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="rastosd", description="rastOS host daemon (org.rastos.Daemon1)")
     parser.add_argument("--config", type=Path, help="configuration file (default /etc/rastos/daemon.toml)")
     # Test seams: run the real daemon against a scratch root, a private state and a private bus.
@@ -30,7 +48,14 @@ def daemon_main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--kernel-cmdline", help="the kernel command line of this boot (default /proc/cmdline)")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
-    args = parser.parse_args(argv)
+    return DaemonArguments(**vars(parser.parse_args(argv)))
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # systemd starts rastosd with no arguments: the parser (argparse, with gettext) is for the test seams
+    # and --help, and is not imported at boot, where under emulation it is a tenth of a second.
+    args = parse_daemon_arguments(argv) if argv else DaemonArguments()
 
     from daemon.config import load_config
     from daemon.logs import setup_logging
@@ -39,7 +64,7 @@ def daemon_main(argv: list[str] | None = None) -> int:
     try:
         # Absolute: Hub.Join writes this file back through the file access that takes absolute paths only.
         config = load_config(args.config.absolute() if args.config is not None else None)
-        overrides = {
+        overrides: dict[str, Any] = {
             "root": args.root, "state_dir": args.state_dir, "snapshots_dir": args.snapshots_dir,
             "esp": args.esp, "bus_address": args.bus_address, "booted_entry": args.booted_entry,
             "kernel_cmdline": args.kernel_cmdline, "root_runtime": args.root_runtime,

@@ -21,3 +21,5 @@ def test_rastosd_s_start_imports_only_what_every_start_needs() -> None:
     assert not imported & {module for module, _ in OP_CLASSES.values()}
     # A configuration file's parser, a hub's URL and CA checks, a plan's diff: where there is one.
     assert not imported & {"tomllib", "rastos.hub_settings", "difflib"}
+    # systemd starts it with no arguments: no command-line parser.
+    assert "argparse" not in imported
