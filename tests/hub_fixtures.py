@@ -456,6 +456,20 @@ class UiClient:
 # Update bundles, small but complete, and their upload
 
 
+async def the_close(
+    socket: aiohttp.ClientWebSocketResponse, timeout: float, passing: tuple[str, ...] | None = None
+) -> aiohttp.WSMessage:
+    """The first message on `socket` that is not text (nor a ping or a pong): the hub's close, where a
+    test expects one. Text before it is what the hub had on its way already (a periodic sync, a delta);
+    with `passing`, each must be of one of those types."""
+    while (message := await socket.receive(timeout=timeout)).type in (
+        aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG
+    ):  # fmt: skip
+        if passing is not None and message.type == aiohttp.WSMsgType.TEXT:
+            assert json.loads(message.data)["type"] in passing, message.data
+    return message
+
+
 def make_bundle(directory: Path, key_file: Path, version: str, parent: str | None = None) -> Path:
     """A small but complete bundle of profile `minimal` (parts of a few kilobytes each)."""
     parts = {}

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from hub.credentials import ROLE_CHANGED
 from hub.roles import Admin, Role
 from hub.store import Store, migrate, token_hash
-from tests.hub_fixtures import Hub, database_at
+from tests.hub_fixtures import Hub, database_at, the_close
 from tests.hub_fixtures import hub as hub
 
 CLOSED_BY_POLL = 3.0  # seconds: the hub polls the database every second for changes made beside it
@@ -120,8 +120,7 @@ def test_a_role_change_closes_the_admins_streams_and_the_next_one_has_the_new_ro
             changed = await asyncio.to_thread(hub.call, "admin", "set-role", "vera", "operator")
             assert changed.returncode == 0, changed.stderr
             started = time.monotonic()
-            while (message := await stream.receive(timeout=CLOSED_BY_POLL)).type == aiohttp.WSMsgType.TEXT:
-                pass  # deltas and beacons sent before the close
+            message = await the_close(stream, CLOSED_BY_POLL)  # past deltas and beacons sent before it
             assert message.type == aiohttp.WSMsgType.CLOSE and message.extra == ROLE_CHANGED.decode(), message
             assert time.monotonic() - started < CLOSED_BY_POLL
             async with session.get(f"{hub.url}/api/v1/me", headers=headers) as answer:

@@ -34,7 +34,7 @@ from hub.roles import RANKS, Access, Role
 from hub.sockets import ui_action
 from hub.store import database_url, migrate
 from rastos.bundle import generate_key
-from tests.hub_fixtures import Hub, _serving, make_bundle, upload
+from tests.hub_fixtures import Hub, _serving, make_bundle, the_close, upload
 
 NAMES = {Role.viewer: "vera", Role.operator: "otto", Role.admin: "alice"}
 MOTD = [{"op": "motd", "params": {"text": "x"}}]
@@ -313,8 +313,7 @@ def test_the_stream_takes_every_role_and_its_actions_are_checked(world: World, r
                 assert message["type"] in ("delta", "sync"), message
             await socket.send_json({"type": "start_run"})  # no such action: the stream is closed
             # The hub's periodic sync (or a delta) may be on its way already: the close comes after it.
-            while (closed := await socket.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
-                assert json.loads(closed.data)["type"] in ("delta", "sync"), closed.data
+            closed = await the_close(socket, 10, passing=("delta", "sync"))
             assert closed.type == aiohttp.WSMsgType.CLOSE and closed.extra == 'only {"type": "get_state"} is understood'
 
     asyncio.run(scenario())

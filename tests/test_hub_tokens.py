@@ -22,7 +22,7 @@ from hub.credentials import CLOSE_REASON
 from hub.roles import Admin, Role
 from hub.store import Store, database_url, token_hash
 from tests.daemon_fixtures import require_root
-from tests.hub_fixtures import Hub
+from tests.hub_fixtures import Hub, the_close
 from tests.hub_fixtures import hub as hub
 from tests.test_hub_fleet import Fleet, online
 from tests.test_hub_fleet import fleet as fleet
@@ -58,9 +58,7 @@ async def closed_within(socket: aiohttp.ClientWebSocketResponse, seconds: float)
     """Wait for the hub to close `socket` for its credentials; returns how long it took. (The close
     frame says why; the socket's close code may say 1006 if the hub hung up before the reply.)"""
     started = time.monotonic()
-    message = await socket.receive(timeout=seconds)
-    while message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
-        message = await socket.receive(timeout=seconds)
+    message = await the_close(socket, seconds)
     assert message.type == aiohttp.WSMsgType.CLOSE, message
     assert (message.data, message.extra) == (1008, CLOSE_REASON.decode()), message
     return time.monotonic() - started
