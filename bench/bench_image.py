@@ -6,30 +6,37 @@ Measures, on this machine, in one run:
   - qcow2 size, and the size of its update bundle (the root's send stream, kernel and initrd),
   - QEMU start to rastosd answering the boot's first call to it, and to the boot report (the whole
     boot finished), with the guest's own breakdown and where its CPU time went,
-and a baseline measured in the same run: a bare mmdebstrap of the same package set, the part of a
-cold build no builder can avoid. Run as root: `.venv/bin/python -m bench.bench_image`.
+and baselines measured in the same run: a bare mmdebstrap of the same package set, the part of a
+cold build no builder can avoid; OVMF alone, how fast this machine emulates at the time; and mkosi's
+smallest bootable trixie image, its cold build and QEMU start to its login prompt, booted in turn
+with rastOS's image (bench/mkosi_baseline.py). Run as root: `.venv/bin/python -m bench.bench_image`
+(`--boots N`, `--without-mkosi`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from bench import mkosi_baseline
+from bench.serial import seconds_until
 from imagebuilder.profile import load_profile
 from imagebuilder.stages.bootstrap import package_set
 from imagebuilder.vm import (
     MACHINE,
+    Firmware,
     VmOptions,
     accelerator_args,
     choose_accel,
@@ -64,28 +71,34 @@ def bare_mmdebstrap(target: Path) -> float:
     return time.monotonic() - started
 
 
-def firmware_seconds() -> float:
-    """QEMU start to OVMF's boot manager (its first console line): pure firmware under the same
-    accelerator, so the ratio of a boot to it cancels out how fast this machine emulates today."""
-    firmware = find_firmware()
-    accel = choose_accel("auto", firmware)
+@contextlib.contextmanager
+def fresh_vars(firmware: Firmware) -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         vars_file = Path(tmp) / "vars.fd"
         vars_file.write_bytes(firmware.vars_template.read_bytes())
+        yield vars_file
+
+
+def firmware_seconds(firmware: Firmware, accel: str) -> float:
+    """QEMU start to OVMF's boot manager (its first console line): pure firmware under the same
+    accelerator, so the ratio of a boot to it cancels out how fast this machine emulates today."""
+    with fresh_vars(firmware) as vars_file:
         argv = [
             "qemu-system-x86_64", *MACHINE, *accelerator_args(accel), "-smp", "2", "-m", "1G",
             "-nodefaults", "-display", "none", "-serial", "stdio", *firmware_args(firmware, vars_file),
         ]  # fmt: skip
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert proc.stdout is not None
-        seen = b""
-        while b"BdsDxe" not in seen and time.monotonic() - started < 120:
-            seen += os.read(proc.stdout.fileno(), 4096)
-        elapsed = time.monotonic() - started
-        proc.kill()
-        proc.wait()
-        return elapsed
+        return seconds_until(argv, b"BdsDxe", 120)
+
+
+def mkosi_login_seconds(image: Path, firmware: Firmware, accel: str) -> float:
+    """QEMU start to the login prompt of mkosi's image, on rastOS's machine (as many vCPUs and as
+    much memory as VmOptions gives rastOS's image)."""
+    options = VmOptions(image=image)
+    with fresh_vars(firmware) as vars_file:
+        argv = mkosi_baseline.boot_argv(
+            image, accel=accel, cpus=options.cpus, memory=options.memory, firmware=firmware, vars_file=vars_file
+        )
+        return seconds_until(argv, b"login: ", 600)
 
 
 async def boot(image: Path, console: Path) -> dict[str, Any]:
@@ -100,8 +113,18 @@ async def boot(image: Path, console: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--boots", type=int, default=BOOTS, help=f"boots to take the median of (default {BOOTS})")
-    boots = parser.parse_args().boots
-    console = Console()
+    parser.add_argument(
+        "--without-mkosi", action="store_true", help="leave out mkosi's build and boots (about 5 minutes)"
+    )
+    args = parser.parse_args()
+    boots = args.boots
+    # Wide enough for the table's rows even when the output goes to a file (rich takes 80 there).
+    console = Console(width=max(Console().width, 140))
+    firmware = find_firmware()
+    accel = choose_accel("auto", firmware)
+    mirror = load_profile("minimal").distribution.mirror
+    mkosi_build: float | None = None
+    mkosi_logins: list[float] = []
     with tempfile.TemporaryDirectory(prefix="rastos-bench-") as tmp:
         work = Path(tmp)
         baseline = bare_mmdebstrap(work / "baseline.tar")
@@ -113,14 +136,21 @@ def main() -> int:
         qcow2 = work / "out" / manifest["outputs"]["qcow2"]["file"]
         qcow2_mb = qcow2.stat().st_size / 1e6
         bundle_mb = manifest["outputs"]["bundle"]["size"] / 1e6
+        mkosi_image = None
+        if not args.without_mkosi:
+            mkosi_baseline.tools_tree(work / "mkosi-tools", mirror)
+            mkosi_build, mkosi_image = mkosi_baseline.build(work / "mkosi-tools", mirror)
         # Emulation speed on this machine varies by up to a factor of two over an hour: take the
-        # median of several boots, each beside a firmware-only run measured just before it.
+        # median of several boots, each beside a firmware-only run and a boot of mkosi's image
+        # measured in turn with it, so a slow spell hits all three alike.
         reports = []
         for _ in range(boots):
-            firmware = firmware_seconds()
+            firmware_alone = firmware_seconds(firmware, accel)
             report = asyncio.run(boot(qcow2, work / "console.log"))
-            report["firmware_baseline"] = firmware
+            report["firmware_baseline"] = firmware_alone
             reports.append(report)
+            if mkosi_image is not None:
+                mkosi_logins.append(mkosi_login_seconds(mkosi_image, firmware, accel))
         reports.sort(key=lambda r: float(r["host_seconds_to_daemon"]))
     report = reports[len(reports) // 2]
     stamps = report["timestamps"]
@@ -138,6 +168,14 @@ def main() -> int:
         f"{baseline:.1f} s (bare mmdebstrap)",
         f"{cold / baseline:.2f}x",
     )
+    if mkosi_build is not None:
+        table.add_row(
+            "  against mkosi's cold build of its image",
+            f"{cold:.1f} s",
+            "",
+            f"{mkosi_build:.1f} s (mkosi)",
+            f"{cold / mkosi_build:.2f}x",
+        )
     table.add_row(
         "warm rebuild (sysctl changed)",
         f"{warm:.1f} s",
@@ -148,20 +186,21 @@ def main() -> int:
     table.add_row("qcow2 size", f"{qcow2_mb:.0f} MB", f"<= {TARGETS['qcow2_mb']:.0f} MB", "", "")
     ratio = f"{bundle_mb / qcow2_mb:.2f}x"
     table.add_row("update bundle size", f"{bundle_mb:.0f} MB", "", f"{qcow2_mb:.0f} MB (qcow2)", ratio)
-    firmware = float(report["firmware_baseline"])
+    firmware_alone = float(report["firmware_baseline"])
     table.add_row(
         f"QEMU start to rastosd answering (median of {boots}: {all_boots})",
         f"{to_daemon:.1f} s",
         f"<= {TARGETS['daemon']:.0f} s",
-        f"{firmware:.1f} s (OVMF alone)",
-        f"{to_daemon / firmware:.1f}x",
+        f"{firmware_alone:.1f} s (OVMF alone)",
+        f"{to_daemon / firmware_alone:.1f}x",
     )
+    mkosi_login = sorted(mkosi_logins)[len(mkosi_logins) // 2] if mkosi_logins else None
     table.add_row(
         "  QEMU start to the boot report (the whole boot finished)",
         f"{to_ready:.1f} s",
         f"<= {TARGETS['boot']:.0f} s",
-        "",
-        "",
+        f"{mkosi_login:.1f} s (mkosi's image to login)" if mkosi_login else "",
+        f"{to_ready / mkosi_login:.2f}x" if mkosi_login else "",
     )
     table.add_row(
         "  QEMU start to multi-user.target", f"{float(report['host_seconds_to_multi_user']):.1f} s", "", "", ""
@@ -177,6 +216,10 @@ def main() -> int:
     finish = stamps.get("finish_usec", 0) / 1e6
     table.add_row("  guest: kernel + initrd", f"{userspace:.1f} s", "", "", "")
     table.add_row("  guest: userspace to multi-user", f"{finish - userspace:.1f} s", "", "", "")
+    if mkosi_login:
+        logins = ", ".join(f"{seconds:.1f}" for seconds in sorted(mkosi_logins))
+        measure = f"mkosi's image: QEMU start to its login prompt (median of {boots}: {logins})"
+        table.add_row(measure, f"{mkosi_login:.1f} s", "", "", "")
     rss = [int(r.get("daemon", {}).get("rss_kb", 0)) / 1024 for r in reports]
     table.add_row(
         f"rastosd idle RSS in the guest (each boot: {', '.join(f'{mb:.1f}' for mb in rss)})",
