@@ -9,36 +9,38 @@ import subprocess
 import time
 from collections.abc import Sequence
 
+from rastos.process import start
+
+# Enough of the console for a marker split between two reads, and for an error's last lines; a
+# whole boot's console is long.
+KEPT = 4096
+
 
 def seconds_until(argv: Sequence[str], marker: bytes, timeout: float) -> float:
     """Seconds from starting `argv` (a QEMU with `-serial stdio`) until `marker` appears on its
     console; the process is killed then. Waits in select(), so a console that stays silent ends in
-    an error at the timeout rather than a read that blocks forever."""
+    an error at the timeout rather than a read that blocks for ever."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    seen = b""
-    try:
-        while True:
-            left = timeout - (time.monotonic() - started)
-            if left <= 0:
-                ending = tail(seen)
-                raise RuntimeError(f"{argv[0]}: no {marker!r} on the console after {timeout:.0f} s; its end:\n{ending}")
-            if select.select([proc.stdout], [], [], min(left, 1.0))[0]:
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                if not chunk:
-                    ending = tail(seen)
-                    raise RuntimeError(f"{argv[0]} ended (status {proc.wait()}) before {marker!r}; its end:\n{ending}")
-                seen += chunk
-                if marker in seen:
-                    break
-                # Only the last stretch is kept: enough for a marker split between reads, and for
-                # the error's tail; a whole boot's console is long.
-                seen = seen[-4096:]
-        return time.monotonic() - started
-    finally:
-        proc.kill()
-        proc.wait()
+    # QEMU's own complaints (a bad option, a missing file) go into the console text, so an error
+    # says why the marker never came.
+    with start(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        seen = b""
+        try:
+            while marker not in seen:
+                seen = seen[-KEPT:]
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise RuntimeError(f"{argv[0]}: no {marker!r} after {timeout:.0f} s; it ended:\n{tail(seen)}")
+                if select.select([proc.stdout], [], [], min(left, 1.0))[0]:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        status = proc.wait()
+                        raise RuntimeError(f"{argv[0]} exited ({status}) before {marker!r}; it ended:\n{tail(seen)}")
+                    seen += chunk
+            return time.monotonic() - started
+        finally:
+            proc.kill()
 
 
 def tail(console: bytes) -> str:

@@ -125,11 +125,14 @@ def default_cpus() -> int:
     return int(text)
 
 
+DEFAULT_MEMORY = "1G"
+
+
 @dataclass
 class VmOptions:
     image: Path
     accel: str = "auto"  # auto, kvm or tcg
-    memory: str = "1G"
+    memory: str = DEFAULT_MEMORY
     cpus: int = field(default_factory=default_cpus)
     snapshot: bool = False  # leave the image (and its UEFI variables) unchanged
     ssh_port: int = field(default_factory=free_port)
@@ -167,6 +170,16 @@ def firmware_args(firmware: Firmware, vars_file: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def machine_args(*, accel: str, cpus: int, memory: str, firmware: Firmware, vars_file: Path) -> list[str]:
+    """The emulated machine, without its disk and devices: one description for rastOS's VMs and the
+    benchmarks' baselines (OVMF alone, mkosi's image), so what they compare runs on the same machine."""
+    return [
+        *MACHINE, *accelerator_args(accel), "-smp", str(cpus), "-m", memory,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        *firmware_args(firmware, vars_file),
+    ]  # fmt: skip
+
+
 def qemu_argv(
     options: VmOptions,
     *,
@@ -185,12 +198,7 @@ def qemu_argv(
     return [
         QEMU,
         "-name", "rastos,process=rastos-vm",
-        *MACHINE,
-        *accelerator_args(accel),
-        "-smp", str(options.cpus),
-        "-m", options.memory,
-        "-nodefaults", "-no-user-config", "-display", "none",
-        *firmware_args(firmware, vars_file),
+        *machine_args(accel=accel, cpus=options.cpus, memory=options.memory, firmware=firmware, vars_file=vars_file),
         "-drive", drive,
         "-device", "virtio-blk-pci,drive=root,bootindex=0",
         "-netdev", "user,id=net0," + ",".join(
