@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from imagebuilder.profile import load_profile
 from imagebuilder.stages.bootstrap import package_set
 from imagebuilder.vm import (
     DEFAULT_MEMORY,
+    QEMU,
     Firmware,
     VmOptions,
     choose_accel,
@@ -76,7 +78,7 @@ def bare_mmdebstrap(target: Path) -> float:
 def fresh_vars(firmware: Firmware) -> Iterator[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         vars_file = Path(tmp) / "vars.fd"
-        vars_file.write_bytes(firmware.vars_template.read_bytes())
+        shutil.copyfile(firmware.vars_template, vars_file)
         yield vars_file
 
 
@@ -87,7 +89,7 @@ def firmware_seconds(firmware: Firmware, accel: str) -> float:
         machine = machine_args(
             accel=accel, cpus=default_cpus(), memory=DEFAULT_MEMORY, firmware=firmware, vars_file=vars_file
         )
-        return seconds_until(["qemu-system-x86_64", *machine, "-serial", "stdio"], b"BdsDxe", 120)
+        return seconds_until([QEMU, *machine, "-serial", "stdio"], b"BdsDxe", 120)
 
 
 def mkosi_login_seconds(image: Path, firmware: Firmware, accel: str) -> float:

@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from imagebuilder.vm import DEFAULT_MEMORY, Firmware, credential_args, default_cpus, machine_args
+from imagebuilder.vm import DEFAULT_MEMORY, QEMU, Firmware, credential_args, default_cpus, machine_args
 from rastos.process import run
 
 TOOLS = (
@@ -69,28 +69,15 @@ def tools_tree(tree: Path, mirror: str) -> None:
 def in_tree(tree: Path, argv: list[str]) -> None:
     passed = [f"{name}={os.environ[name]}" for name in PASSED_ENVIRONMENT if name in os.environ]
     environment = ["env", "-i", "PATH=/usr/sbin:/usr/bin", "HOME=/root", *passed]
-    run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--fork",
-            "sh",
-            "-c",
-            ENTER_TREE,
-            "sh",
-            tree,
-            *environment,
-            *argv,
-        ]
-    )
+    namespace = ["unshare", "--mount", "--propagation", "private", "--fork"]
+    run([*namespace, "sh", "-c", ENTER_TREE, "sh", tree, *environment, *argv])
 
 
 def build(tree: Path, mirror: str) -> tuple[float, Path]:
     """mkosi's cold build of its image (it downloads every package itself, as rastOS's cold build
     does): its time, and the image's path on the host."""
-    (tree / OUTPUT.lstrip("/")).mkdir(parents=True)
+    output = tree / OUTPUT.lstrip("/")
+    output.mkdir(parents=True)
     started = time.monotonic()
     in_tree(
         tree,
@@ -106,7 +93,7 @@ def build(tree: Path, mirror: str) -> tuple[float, Path]:
             "build",
         ],
     )  # fmt: skip
-    return time.monotonic() - started, tree / OUTPUT.lstrip("/") / "image.raw"
+    return time.monotonic() - started, output / "image.raw"
 
 
 def boot_argv(image: Path, *, accel: str, firmware: Firmware, vars_file: Path) -> list[str]:
@@ -115,7 +102,7 @@ def boot_argv(image: Path, *, accel: str, firmware: Firmware, vars_file: Path) -
     which mkosi's image has no use for."""
     extra = " ".join(CMDLINE_EXTRA).replace(",", ",,")
     return [
-        "qemu-system-x86_64",
+        QEMU,
         *machine_args(accel=accel, cpus=default_cpus(), memory=DEFAULT_MEMORY, firmware=firmware, vars_file=vars_file),
         "-serial", "stdio",
         "-drive", f"if=none,id=root,file={image},format=raw,snapshot=on",
